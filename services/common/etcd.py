@@ -1,0 +1,646 @@
+"""All etcd access of the platform, on top of `aetcd`'s channel and v3 stubs.
+
+What is here (each piece is what etcd's own `clientv3/concurrency` offers):
+
+- `Etcd`: get / range / put / delete / transactions, with keys as `str`.
+  `update()` is a compare-and-swap read-modify-write on `mod_revision`.
+- `Session`: a lease kept alive in the background; when it is lost (etcd
+  down longer than the TTL) a new one is granted and the keys registered with
+  `Session.keep()` are written again.
+- `Election`: leader election under a prefix (lowest create_revision wins),
+  with `run_as_leader()` to run a loop only while leading.
+- `PrefixWatcher` / `Mirror`: list-then-watch that resumes from the last seen
+  revision after a reconnect and lists again after a compaction.
+
+Key builders live with their owners (`services/<svc>/store.py`); every key
+starts with `/cloudml/<owner>/`.
+
+Every call carries a deadline. etcd being unreachable surfaces as
+`errors.Unavailable`, which the error interceptor maps to UNAVAILABLE.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable, Sequence
+
+import aetcd
+import grpc
+from aetcd import rpc
+
+from services.common import errors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 5.0
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The range end that selects every key starting with `prefix`."""
+    end = bytearray(prefix)
+    for i in range(len(end) - 1, -1, -1):
+        if end[i] < 0xFF:
+            end[i] += 1
+            return bytes(end[: i + 1])
+    return b"\0"
+
+
+def _b(key: str | bytes) -> bytes:
+    return key if isinstance(key, bytes) else key.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class KV:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+    @classmethod
+    def from_pb(cls, kv: Any) -> "KV":
+        return cls(kv.key.decode(), kv.value, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change: `kv.value` is empty and `deleted` true for a delete."""
+
+    kv: KV
+    deleted: bool
+
+
+# --- transaction building blocks -------------------------------------------------
+
+def cmp_mod_revision(key: str, revision: int) -> Any:
+    """True when the key's mod_revision equals `revision` (0: the key is absent)."""
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, key=_b(key), mod_revision=revision)
+
+
+def cmp_absent(key: str) -> Any:
+    return rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=_b(key), create_revision=0)
+
+
+def cmp_present(key: str) -> Any:
+    return rpc.Compare(result=rpc.Compare.GREATER, target=rpc.Compare.CREATE, key=_b(key), create_revision=0)
+
+
+def op_put(key: str, value: bytes, lease: int = 0) -> Any:
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=_b(key), value=value, lease=lease))
+
+
+def op_delete(key: str) -> Any:
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=_b(key)))
+
+
+def op_get(key: str) -> Any:
+    return rpc.RequestOp(request_range=rpc.RangeRequest(key=_b(key)))
+
+
+_UNAVAILABLE_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+@contextlib.contextmanager
+def _mapped():
+    """Maps etcd transport failures to `errors.Unavailable`."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as err:
+        if err.code() in _UNAVAILABLE_CODES:
+            raise errors.Unavailable(f"etcd unavailable: {err.code().name}") from err
+        raise
+
+
+class Etcd:
+    """A connection to etcd. Create with `await Etcd.connect("127.0.0.1:2379")`."""
+
+    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT):
+        host, _, port = endpoint.rpartition(":")
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._client = aetcd.Client(
+            host=host or "127.0.0.1",
+            port=int(port),
+            timeout=timeout,
+            options={
+                "grpc.keepalive_time_ms": 10_000,
+                "grpc.keepalive_timeout_ms": 5_000,
+                "grpc.initial_reconnect_backoff_ms": 200,
+                "grpc.max_reconnect_backoff_ms": 2_000,
+                "grpc.max_receive_message_length": 64 * 1024 * 1024,
+            },
+        )
+        self._kv = None
+        self._lease = None
+        self._watch = None
+        self._maintenance = None
+
+    @classmethod
+    async def connect(cls, endpoint: str, timeout: float = DEFAULT_TIMEOUT) -> "Etcd":
+        self = cls(endpoint, timeout)
+        await self._client.connect()
+        channel = self._client.channel
+        self._kv = rpc.KVStub(channel)
+        self._lease = rpc.LeaseStub(channel)
+        self._watch = rpc.WatchStub(channel)
+        self._maintenance = rpc.MaintenanceStub(channel)
+        return self
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    # --- health -------------------------------------------------------------------
+
+    async def ping(self, timeout: float = 1.0) -> int:
+        """Returns the store's revision; raises `errors.Unavailable` when down."""
+        with _mapped():
+            resp = await self._kv.Range(
+                rpc.RangeRequest(key=b"/cloudml/", count_only=True), timeout=timeout
+            )
+        return resp.header.revision
+
+    # --- reads ----------------------------------------------------------------------
+
+    async def get(self, key: str) -> KV | None:
+        with _mapped():
+            resp = await self._kv.Range(rpc.RangeRequest(key=_b(key)), timeout=self.timeout)
+        return KV.from_pb(resp.kvs[0]) if resp.kvs else None
+
+    async def get_prefix(
+        self,
+        prefix: str,
+        *,
+        start: str | None = None,
+        limit: int = 0,
+        keys_only: bool = False,
+        revision: int = 0,
+    ) -> tuple[list[KV], int, bool]:
+        """Keys under `prefix` in key order, from `start` (inclusive) on.
+
+        Returns (kvs, store revision, more) where `more` says the limit cut it.
+        """
+        key = _b(start) if start else _b(prefix)
+        with _mapped():
+            resp = await self._kv.Range(
+                rpc.RangeRequest(
+                    key=key,
+                    range_end=prefix_end(_b(prefix)),
+                    limit=limit,
+                    keys_only=keys_only,
+                    revision=revision,
+                    sort_order=rpc.RangeRequest.ASCEND,
+                    sort_target=rpc.RangeRequest.KEY,
+                ),
+                timeout=self.timeout,
+            )
+        return [KV.from_pb(kv) for kv in resp.kvs], resp.header.revision, resp.more
+
+    async def count_prefix(self, prefix: str) -> int:
+        with _mapped():
+            resp = await self._kv.Range(
+                rpc.RangeRequest(key=_b(prefix), range_end=prefix_end(_b(prefix)), count_only=True),
+                timeout=self.timeout,
+            )
+        return resp.count
+
+    # --- writes ---------------------------------------------------------------------
+
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        with _mapped():
+            resp = await self._kv.Put(rpc.PutRequest(key=_b(key), value=value, lease=lease), timeout=self.timeout)
+        return resp.header.revision
+
+    async def delete(self, key: str) -> bool:
+        with _mapped():
+            resp = await self._kv.DeleteRange(rpc.DeleteRangeRequest(key=_b(key)), timeout=self.timeout)
+        return resp.deleted > 0
+
+    async def delete_prefix(self, prefix: str) -> int:
+        with _mapped():
+            resp = await self._kv.DeleteRange(
+                rpc.DeleteRangeRequest(key=_b(prefix), range_end=prefix_end(_b(prefix))), timeout=self.timeout
+            )
+        return resp.deleted
+
+    async def txn(self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()) -> tuple[bool, Any]:
+        """One etcd transaction; returns (succeeded, raw TxnResponse)."""
+        with _mapped():
+            resp = await self._kv.Txn(
+                rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure)),
+                timeout=self.timeout,
+            )
+        return resp.succeeded, resp
+
+    async def create(self, key: str, value: bytes, lease: int = 0) -> bool:
+        """Puts `key` only if it does not exist; True if this call created it."""
+        ok, _ = await self.txn([cmp_absent(key)], [op_put(key, value, lease)])
+        return ok
+
+    async def update(
+        self,
+        key: str,
+        change: Callable[[KV | None], bytes | None],
+        *,
+        attempts: int = 50,
+    ) -> bytes | None:
+        """Compare-and-swap read-modify-write of one key.
+
+        `change(current)` returns the new value, or None to delete the key. It
+        may raise a typed error to abort. On a lost race the key is read again
+        and `change` called again, up to `attempts` times (then `Conflict`).
+        """
+        current = await self.get(key)
+        for attempt in range(attempts):
+            new = change(current)
+            revision = current.mod_revision if current else 0
+            op = op_delete(key) if new is None else op_put(key, new)
+            ok, resp = await self.txn([cmp_mod_revision(key, revision)], [op], [op_get(key)])
+            if ok:
+                return new
+            kvs = resp.responses[0].response_range.kvs
+            current = KV.from_pb(kvs[0]) if kvs else None
+            await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        raise errors.Conflict(f"too much contention updating {key}; retry")
+
+    # --- leases ---------------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        with _mapped():
+            resp = await self._lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout)
+        if resp.error:
+            raise errors.Unavailable(f"etcd lease grant failed: {resp.error}")
+        return resp.ID
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        with _mapped():
+            await self._lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout)
+
+    async def keepalive_once(self, lease_id: int) -> int:
+        """Refreshes a lease; returns its remaining TTL (<= 0: it is gone)."""
+        with _mapped():
+            call = self._lease.LeaseKeepAlive(timeout=self.timeout)
+            await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+            resp = await call.read()
+            await call.done_writing()
+            call.cancel()
+        if resp is grpc.aio.EOF:
+            raise errors.Unavailable("etcd closed the keep-alive stream")
+        return resp.TTL
+
+    # --- watches ----------------------------------------------------------------------
+
+    def watch_stream(self, prefix: str, start_revision: int):
+        """A raw bidi watch call on a prefix from `start_revision` (inclusive)."""
+        request = rpc.WatchRequest(
+            create_request=rpc.WatchCreateRequest(
+                key=_b(prefix),
+                range_end=prefix_end(_b(prefix)),
+                start_revision=start_revision,
+                progress_notify=True,
+            )
+        )
+
+        async def requests():
+            yield request
+            # Keep the request side open; the call is cancelled to stop.
+            await asyncio.Event().wait()
+
+        return self._watch.Watch(requests())
+
+
+class Session:
+    """A lease kept alive in the background, like etcd's concurrency.Session.
+
+    `keep(key, value)` writes a key bound to the lease and writes it again
+    whenever the lease had to be replaced. `lost` is set while no valid lease
+    is held (leaders must step down then).
+    """
+
+    def __init__(self, etcd: Etcd, ttl: int = 10):
+        self.etcd = etcd
+        self.ttl = ttl
+        self.lease_id = 0
+        self.lost = asyncio.Event()
+        self.renewed = asyncio.Event()
+        self._kept: dict[str, bytes] = {}
+        self._task: asyncio.Task | None = None
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Bumped each time a new lease replaces a lost one."""
+        return self._generation
+
+    async def start(self) -> "Session":
+        self.lease_id = await self.etcd.grant_lease(self.ttl)
+        self._task = asyncio.create_task(self._keepalive(), name="etcd-session-keepalive")
+        return self
+
+    async def keep(self, key: str, value: bytes) -> None:
+        self._kept[key] = value
+        await self.etcd.put(key, value, lease=self.lease_id)
+
+    async def forget(self, key: str) -> None:
+        self._kept.pop(key, None)
+        with contextlib.suppress(errors.Unavailable):
+            await self.etcd.delete(key)
+
+    async def _keepalive(self) -> None:
+        loop = asyncio.get_running_loop()
+        expires = loop.time() + self.ttl
+        while True:
+            await asyncio.sleep(max(self.ttl / 3, 0.2))
+            try:
+                remaining = await self.etcd.keepalive_once(self.lease_id)
+            except errors.Unavailable:
+                if loop.time() < expires:
+                    continue
+                remaining = 0
+            except Exception:  # noqa: BLE001 - keep the session alive whatever happens
+                log.exception("lease keep-alive failed")
+                continue
+            if remaining > 0:
+                expires = loop.time() + remaining
+                continue
+            # The lease is gone: say so, then get a new one and re-register.
+            self.lost.set()
+            log.warning("etcd lease %x lost; granting a new one", self.lease_id)
+            await self._renew()
+            expires = loop.time() + self.ttl
+
+    async def _renew(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                self.lease_id = await self.etcd.grant_lease(self.ttl)
+                for key, value in list(self._kept.items()):
+                    await self.etcd.put(key, value, lease=self.lease_id)
+                self._generation += 1
+                self.lost.clear()
+                self.renewed.set()
+                self.renewed = asyncio.Event()
+                return
+            except errors.Unavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.etcd.revoke_lease(self.lease_id)
+
+
+class Election:
+    """Leader election under `/cloudml/<owner>/election/<name>/`.
+
+    Each candidate writes a key bound to its session's lease; the one with the
+    lowest create_revision leads. A candidate waits for the deletion of the
+    key just before its own (no thundering herd), as etcd's recipe does.
+    """
+
+    def __init__(self, session: Session, prefix: str, value: bytes = b""):
+        self.session = session
+        self.etcd = session.etcd
+        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
+        self.value = value
+        self.key = ""
+
+    async def campaign(self) -> None:
+        """Returns once this candidate leads."""
+        while True:
+            try:
+                self.key = f"{self.prefix}{self.session.lease_id:016x}"
+                await self.etcd.create(self.key, self.value, lease=self.session.lease_id)
+                mine = await self.etcd.get(self.key)
+                if mine is None:  # lease lost between the two calls
+                    await asyncio.sleep(0.2)
+                    continue
+                while True:
+                    kvs, revision, _ = await self.etcd.get_prefix(self.prefix)
+                    ahead = [kv for kv in kvs if kv.create_revision < mine.create_revision]
+                    if all(kv.key != self.key for kv in kvs):
+                        break  # our key vanished (lease lost): campaign again
+                    if not ahead:
+                        return
+                    predecessor = max(ahead, key=lambda kv: kv.create_revision)
+                    await self._wait_deleted(predecessor.key, revision + 1)
+            except errors.Unavailable:
+                await asyncio.sleep(0.5)
+
+    async def _wait_deleted(self, key: str, start_revision: int) -> None:
+        call = self.etcd.watch_stream(key, start_revision)
+        try:
+            while True:
+                if await self.etcd.get(key) is None:
+                    return
+                try:
+                    resp = await asyncio.wait_for(call.read(), timeout=self.session.ttl)
+                except asyncio.TimeoutError:
+                    continue
+                if resp is grpc.aio.EOF or resp.canceled:
+                    return
+                if any(ev.type == ev.DELETE for ev in resp.events):
+                    return
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.5)
+        finally:
+            call.cancel()
+
+    async def leader(self) -> str | None:
+        """The current leader's value, or None when nobody leads."""
+        kvs, _, _ = await self.etcd.get_prefix(self.prefix)
+        if not kvs:
+            return None
+        return min(kvs, key=lambda kv: kv.create_revision).value.decode()
+
+    async def resign(self) -> None:
+        if self.key:
+            with contextlib.suppress(errors.Unavailable):
+                await self.etcd.delete(self.key)
+            self.key = ""
+
+
+async def run_as_leader(
+    election: Election,
+    work: Callable[[], Awaitable[None]],
+    *,
+    on_change: Callable[[bool], None] | None = None,
+) -> None:
+    """Runs `work()` only while `election` leads; restarts it after leadership
+    is regained. Never returns until cancelled (then it resigns)."""
+    session = election.session
+    try:
+        while True:
+            await election.campaign()
+            log.info("became leader for %s", election.prefix)
+            if on_change:
+                on_change(True)
+            task = asyncio.create_task(work(), name=f"leader:{election.prefix}")
+            lost = asyncio.create_task(session.lost.wait())
+            done, _ = await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if on_change:
+                on_change(False)
+            if task in done:
+                lost.cancel()
+                exc = task.exception()
+                if exc:
+                    log.error("leader loop for %s failed: %r; campaigning again", election.prefix, exc)
+                await election.resign()
+                await asyncio.sleep(0.5)
+                continue
+            log.warning("lost leadership for %s (lease lost)", election.prefix)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            await session.renewed.wait() if session.lost.is_set() else None
+    finally:
+        await election.resign()
+
+
+class PrefixWatcher:
+    """List-then-watch of a prefix that survives reconnects and compactions.
+
+    `on_reset(items, revision)` receives the full listing (the first time and
+    after every compaction or watch error that could have lost events);
+    `on_event(event)` each later change, in revision order.
+    """
+
+    def __init__(
+        self,
+        etcd: Etcd,
+        prefix: str,
+        on_reset: Callable[[dict[str, KV], int], Any],
+        on_event: Callable[[Event], Any],
+    ):
+        self.etcd = etcd
+        self.prefix = prefix
+        self.on_reset = on_reset
+        self.on_event = on_event
+        self.revision = 0
+        self.synced = asyncio.Event()
+
+    async def run(self) -> None:
+        delay = 0.1
+        relist = True
+        while True:
+            try:
+                if relist:
+                    kvs, revision, _ = await self.etcd.get_prefix(self.prefix)
+                    await _maybe_await(self.on_reset({kv.key: kv for kv in kvs}, revision))
+                    self.revision = revision
+                    self.synced.set()
+                    relist = False
+                relist = await self._watch()
+                delay = 0.1
+            except asyncio.CancelledError:
+                raise
+            except (errors.Unavailable, grpc.aio.AioRpcError) as err:
+                log.info("watch on %s interrupted (%s); resuming", self.prefix, getattr(err, "message", err))
+            except Exception:  # noqa: BLE001 - a callback bug must not kill the watch
+                log.exception("watch on %s failed; listing again", self.prefix)
+                relist = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _watch(self) -> bool:
+        """Streams events; returns True when a relist is needed."""
+        call = self.etcd.watch_stream(self.prefix, self.revision + 1)
+        try:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    return False
+                if resp.canceled or resp.compact_revision:
+                    log.info("watch on %s compacted at %d; listing again", self.prefix, resp.compact_revision)
+                    return True
+                for ev in resp.events:
+                    event = Event(KV.from_pb(ev.kv), ev.type == ev.DELETE)
+                    self.revision = ev.kv.mod_revision
+                    await _maybe_await(self.on_event(event))
+                if resp.header.revision > self.revision and not resp.events:
+                    # Progress notification: nothing under the prefix changed.
+                    self.revision = resp.header.revision
+        finally:
+            call.cancel()
+
+
+class Mirror:
+    """An in-memory copy of a prefix, kept current by a `PrefixWatcher`.
+
+    `decode(kv)` turns a stored value into whatever the owner wants to keep;
+    `listeners` are called with no arguments after each change.
+    """
+
+    def __init__(self, etcd: Etcd, prefix: str, decode: Callable[[KV], Any] = lambda kv: kv):
+        self.prefix = prefix
+        self.decode = decode
+        self.items: dict[str, Any] = {}
+        self.listeners: list[Callable[[], Any]] = []
+        self.watcher = PrefixWatcher(etcd, prefix, self._reset, self._event)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> "Mirror":
+        self._task = asyncio.create_task(self.watcher.run(), name=f"mirror:{self.prefix}")
+        return self
+
+    async def wait_synced(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self.watcher.synced.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _decode(self, kv: KV) -> Any:
+        try:
+            return self.decode(kv)
+        except Exception:  # noqa: BLE001 - skip one bad record, keep the rest
+            log.exception("cannot decode %s", kv.key)
+            return None
+
+    async def _reset(self, kvs: dict[str, KV], revision: int) -> None:
+        self.items = {k: v for k, v in ((k, self._decode(kv)) for k, kv in kvs.items()) if v is not None}
+        await self._notify()
+
+    async def _event(self, event: Event) -> None:
+        if event.deleted:
+            self.items.pop(event.kv.key, None)
+        else:
+            value = self._decode(event.kv)
+            if value is not None:
+                self.items[event.kv.key] = value
+        await self._notify()
+
+    async def _notify(self) -> None:
+        for listener in list(self.listeners):
+            await _maybe_await(listener())
+
+
+async def _maybe_await(value: Any) -> Any:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        return await value
+    return value
+
+
+def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
