@@ -1,0 +1,478 @@
+"""Auth domain logic: tenants, access keys, tokens, quotas and reservations.
+
+No gRPC here: methods take plain values and a `Principal`, return protobuf
+messages, and raise typed errors from `services.common.errors`.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import time
+from typing import AsyncIterator
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cloudml.auth.v1 import auth_service_pb2 as pb
+from cloudml.common.v1 import resources_pb2
+from services.auth import store
+from services.common import errors, validation
+from services.common.etcd import KV, Etcd, Mirror, cmp_absent, cmp_mod_revision, op_delete, op_get, op_put
+from services.common.tokens import ADMIN_TENANT, AUDIENCE, ISSUER, ROLE_ADMIN, ROLE_MEMBER, Principal, TokenVerifier
+
+log = logging.getLogger(__name__)
+
+RESOURCE_FIELDS = tuple(validation.RESOURCE_BOUNDS)
+
+DEFAULT_TTL = 3600
+MAX_TTL = 12 * 3600
+# Tokens live at most MAX_TTL, so a key revoked longer ago than that can have
+# no valid token left and drops off the revocation list.
+REVOCATION_MEMORY = MAX_TTL + 300
+
+DEFAULT_QUOTA = resources_pb2.Resources(
+    cpu_millis=4_000, memory_bytes=8 * 2**30, gpus=0, train_jobs=10, model_replicas=10, studies=5
+)
+ADMIN_QUOTA = resources_pb2.Resources(
+    cpu_millis=64_000, memory_bytes=256 * 2**30, gpus=8, train_jobs=100, model_replicas=100, studies=20
+)
+
+UNITS = {"cpu_millis": "m", "memory_bytes": " bytes"}
+LABELS = {
+    "cpu_millis": "cpu", "memory_bytes": "memory", "gpus": "gpus", "train_jobs": "train jobs",
+    "model_replicas": "model replicas", "studies": "studies",
+}
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _hash_secret(salt: str, secret: str) -> str:
+    return hashlib.sha256(f"{salt}:{secret}".encode()).hexdigest()
+
+
+def new_access_key_id() -> str:
+    return "AK" + base64.b32encode(secrets.token_bytes(15)).decode()[:20]
+
+
+def new_secret_key() -> str:
+    return secrets.token_urlsafe(30)
+
+
+def _amount(field: str, value: int) -> str:
+    return f"{value}{UNITS.get(field, '')}"
+
+
+class AuthCore:
+    def __init__(self, etcd: Etcd, verifier: TokenVerifier, clock=time.time):
+        self.etcd = etcd
+        self.verifier = verifier
+        self.clock = clock
+        self._signing: Mirror = Mirror(etcd, store.SIGNING, decode=lambda kv: json.loads(kv.value))
+        self._keys: Mirror = Mirror(etcd, store.KEYS, decode=lambda kv: store.KeyRecord.decode(kv.value))
+        self._signing.listeners.append(self._keys_changed)
+        self._keys.listeners.append(self._keys_changed)
+        self._snapshot = pb.VerificationKeys(issuer=ISSUER, audience=AUDIENCE)
+        self._changed = asyncio.Event()
+        self._tenant_locks: dict[str, asyncio.Lock] = {}
+        self._ready = False
+
+    # --- start-up -------------------------------------------------------------------
+
+    async def start(self, bootstrap_keys: list[dict]) -> None:
+        """Creates what the first start needs (idempotent, safe with two auth
+        processes racing), then loads the key mirrors."""
+        await self._ensure_signing_key()
+        await self._ensure_tenant(ADMIN_TENANT, "The platform's own tenant", ADMIN_QUOTA)
+        for entry in bootstrap_keys:
+            await self._ensure_key(entry)
+        self._signing.start()
+        self._keys.start()
+        await self._signing.wait_synced(10)
+        await self._keys.wait_synced(10)
+        self._ready = True
+
+    def ready(self) -> bool:
+        return self._ready
+
+    async def stop(self) -> None:
+        await self._signing.stop()
+        await self._keys.stop()
+
+    async def _ensure_signing_key(self) -> None:
+        kvs, _, _ = await self.etcd.get_prefix(store.SIGNING)
+        if kvs:
+            return
+        private = Ed25519PrivateKey.generate()
+        record = {
+            "private_pem": private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ).decode(),
+            "public_pem": private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode(),
+            "created": self.clock(),
+        }
+        # Only one signing key may be created even when two processes race:
+        # the first to create the marker wins.
+        kid = secrets.token_hex(8)
+        ok, _ = await self.etcd.txn(
+            [cmp_absent(store.PREFIX + "signing-initialized")],
+            [op_put(store.PREFIX + "signing-initialized", kid.encode()),
+             op_put(store.signing_key(kid), json.dumps(record).encode())],
+        )
+        if ok:
+            log.info("created token signing key %s", kid)
+
+    async def _ensure_tenant(self, name: str, description: str, quota) -> None:
+        tenant = pb.Tenant(name=name, description=description, create_time=_ts(self.clock()))
+        await self.etcd.txn(
+            [cmp_absent(store.tenant_key(name))],
+            [op_put(store.tenant_key(name), tenant.SerializeToString()),
+             op_put(store.quota_key(name), quota.SerializeToString()),
+             op_put(store.usage_key(name), resources_pb2.Resources().SerializeToString())],
+        )
+
+    async def _ensure_key(self, entry: dict) -> None:
+        tenant = entry.get("tenant", ADMIN_TENANT)
+        salt = secrets.token_hex(8)
+        record = store.KeyRecord(
+            access_key_id=entry["access_key"], tenant=tenant, salt=salt,
+            secret_hash=_hash_secret(salt, entry["secret_key"]),
+            description=entry.get("description", ""), created=self.clock(),
+        )
+        await self.etcd.create(store.access_key_key(record.access_key_id), record.encode())
+
+    # --- verification keys ------------------------------------------------------------
+
+    def _keys_changed(self) -> None:
+        now = self.clock()
+        public = {kid: rec["public_pem"] for kid, rec in
+                  ((k.rsplit("/", 1)[-1], v) for k, v in self._signing.items.items())}
+        revoked = sorted(
+            rec.access_key_id for rec in self._keys.items.values()
+            if rec.revoked and now - rec.revoked < REVOCATION_MEMORY
+        )
+        self.verifier.update(public, set(revoked))
+        self._snapshot = pb.VerificationKeys(
+            public_keys=[pb.PublicKey(key_id=k, public_key_pem=v) for k, v in sorted(public.items())],
+            revoked_access_key_ids=revoked, issuer=ISSUER, audience=AUDIENCE,
+        )
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def verification_snapshots(self) -> AsyncIterator[pb.VerificationKeys]:
+        """The current snapshot, then one after every change (and a repeat
+        every 30 s so that revocations age out)."""
+        if not self._ready:
+            raise errors.Unavailable("auth service is starting")
+        while True:
+            changed = self._changed
+            yield self._snapshot
+            try:
+                await asyncio.wait_for(changed.wait(), 30)
+            except asyncio.TimeoutError:
+                self._keys_changed()
+
+    # --- authorization helpers --------------------------------------------------------
+
+    @staticmethod
+    def _require_admin(caller: Principal) -> None:
+        if not caller.is_admin:
+            raise errors.PermissionDenied("only the admin tenant may do this")
+
+    async def _visible_tenant(self, caller: Principal, name: str) -> tuple[pb.Tenant, KV]:
+        """The tenant if it exists and the caller may see it; NOT_FOUND otherwise
+        (a member cannot tell another tenant from a missing one)."""
+        validation.check_name(name, "tenant")
+        if not caller.may_access(name):
+            raise errors.NotFound(f"tenant {name!r} not found")
+        kv = await self.etcd.get(store.tenant_key(name))
+        if kv is None:
+            raise errors.NotFound(f"tenant {name!r} not found")
+        return pb.Tenant.FromString(kv.value), kv
+
+    # --- tenants --------------------------------------------------------------------
+
+    async def create_tenant(self, caller: Principal, name: str, description: str) -> pb.Tenant:
+        self._require_admin(caller)
+        validation.check_name(name, "name")
+        tenant = pb.Tenant(name=name, description=description, create_time=_ts(self.clock()))
+        ok, _ = await self.etcd.txn(
+            [cmp_absent(store.tenant_key(name))],
+            [op_put(store.tenant_key(name), tenant.SerializeToString()),
+             op_put(store.quota_key(name), DEFAULT_QUOTA.SerializeToString()),
+             op_put(store.usage_key(name), resources_pb2.Resources().SerializeToString())],
+        )
+        if not ok:
+            raise errors.AlreadyExists(f"tenant {name!r} already exists")
+        return tenant
+
+    async def get_tenant(self, caller: Principal, name: str) -> pb.Tenant:
+        tenant, _ = await self._visible_tenant(caller, name)
+        return tenant
+
+    async def list_tenants(self, caller: Principal, page_size: int, page_token: str) -> tuple[list[pb.Tenant], str]:
+        size = validation.check_page_size(page_size)
+        if not caller.is_admin:
+            tenant, _ = await self._visible_tenant(caller, caller.tenant)
+            return ([tenant] if not page_token else []), ""
+        start = None
+        if page_token:
+            try:
+                after = base64.urlsafe_b64decode(page_token.encode()).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise errors.InvalidArgument("page_token is not one this service issued") from None
+            start = store.tenant_key(after) + "\0"
+        kvs, _, more = await self.etcd.get_prefix(store.TENANTS, start=start, limit=size)
+        tenants = [pb.Tenant.FromString(kv.value) for kv in kvs]
+        token = base64.urlsafe_b64encode(tenants[-1].name.encode()).decode() if more and tenants else ""
+        return tenants, token
+
+    async def delete_tenant(self, caller: Principal, name: str) -> None:
+        self._require_admin(caller)
+        validation.check_name(name, "name")
+        if name == ADMIN_TENANT:
+            raise errors.FailedPrecondition("the admin tenant cannot be deleted")
+        kv = await self.etcd.get(store.tenant_key(name))
+        if kv is None:
+            raise errors.NotFound(f"tenant {name!r} not found")
+        usage = await self.etcd.get(store.usage_key(name))
+        held = await self.etcd.count_prefix(store.reservations_prefix(name))
+        if held:
+            raise errors.FailedPrecondition(
+                f"tenant {name!r} still holds {held} reservation(s); stop its jobs, models and studies first"
+            )
+        # Revoke its keys first: once the tenant is gone nothing may act for it.
+        now = self.clock()
+        for record in [r for r in self._keys.items.values() if r.tenant == name and not r.revoked]:
+            await self._revoke(record.access_key_id, now)
+        ok, _ = await self.etcd.txn(
+            # A reservation made since the count would have changed usage.
+            [cmp_mod_revision(store.tenant_key(name), kv.mod_revision),
+             cmp_mod_revision(store.usage_key(name), usage.mod_revision if usage else 0)],
+            [op_delete(store.tenant_key(name)), op_delete(store.quota_key(name)), op_delete(store.usage_key(name))],
+        )
+        if not ok:
+            raise errors.Conflict(f"tenant {name!r} changed while being deleted; retry")
+
+    # --- access keys ------------------------------------------------------------------
+
+    @staticmethod
+    def _role_of(tenant: str) -> int:
+        return ROLE_ADMIN if tenant == ADMIN_TENANT else ROLE_MEMBER
+
+    def _key_message(self, record: store.KeyRecord) -> pb.AccessKey:
+        message = pb.AccessKey(
+            access_key_id=record.access_key_id, tenant=record.tenant, role=self._role_of(record.tenant),
+            description=record.description, revoked=bool(record.revoked), create_time=_ts(record.created),
+        )
+        if record.revoked:
+            message.revoke_time.CopyFrom(_ts(record.revoked))
+        return message
+
+    async def create_access_key(self, caller: Principal, tenant: str, description: str) -> tuple[pb.AccessKey, str]:
+        await self._visible_tenant(caller, tenant)
+        secret = new_secret_key()
+        salt = secrets.token_hex(8)
+        record = store.KeyRecord(
+            access_key_id=new_access_key_id(), tenant=tenant, salt=salt,
+            secret_hash=_hash_secret(salt, secret), description=description[:200], created=self.clock(),
+        )
+        if not await self.etcd.create(store.access_key_key(record.access_key_id), record.encode()):
+            raise errors.Conflict("access key id collision; retry")
+        return self._key_message(record), secret
+
+    async def list_access_keys(self, caller: Principal, tenant: str) -> list[pb.AccessKey]:
+        await self._visible_tenant(caller, tenant)
+        kvs, _, _ = await self.etcd.get_prefix(store.KEYS)
+        records = [store.KeyRecord.decode(kv.value) for kv in kvs]
+        return [self._key_message(r) for r in sorted(records, key=lambda r: r.created) if r.tenant == tenant]
+
+    async def revoke_access_key(self, caller: Principal, tenant: str, access_key_id: str) -> pb.AccessKey:
+        await self._visible_tenant(caller, tenant)
+        kv = await self.etcd.get(store.access_key_key(access_key_id)) if access_key_id else None
+        if kv is None or store.KeyRecord.decode(kv.value).tenant != tenant:
+            raise errors.NotFound(f"access key {access_key_id!r} not found in tenant {tenant!r}")
+        return self._key_message(await self._revoke(access_key_id, self.clock()))
+
+    async def _revoke(self, access_key_id: str, when: float) -> store.KeyRecord:
+        result: list[store.KeyRecord] = []
+
+        def change(kv: KV | None) -> bytes | None:
+            if kv is None:
+                raise errors.NotFound(f"access key {access_key_id!r} not found")
+            record = store.KeyRecord.decode(kv.value)
+            if not record.revoked:
+                record.revoked = when
+            result[:] = [record]
+            return record.encode()
+
+        await self.etcd.update(store.access_key_key(access_key_id), change)
+        # Reflect it locally at once rather than waiting for the watch.
+        self._keys.items[store.access_key_key(access_key_id)] = result[0]
+        self._keys_changed()
+        return result[0]
+
+    # --- tokens ---------------------------------------------------------------------
+
+    async def issue_token(self, access_key_id: str, secret_key: str, ttl_seconds: int, audience: str) -> tuple[str, float]:
+        if ttl_seconds < 0 or ttl_seconds > MAX_TTL:
+            raise errors.InvalidArgument(f"ttl_seconds must be within 1..{MAX_TTL} (0 for the default {DEFAULT_TTL})")
+        ttl = ttl_seconds or DEFAULT_TTL
+        refused = errors.Unauthenticated("invalid access key or secret key")
+        if not access_key_id or not secret_key:
+            raise refused
+        kv = await self.etcd.get(store.access_key_key(access_key_id))
+        if kv is None:
+            raise refused
+        record = store.KeyRecord.decode(kv.value)
+        if record.revoked or not hmac.compare_digest(record.secret_hash, _hash_secret(record.salt, secret_key)):
+            raise refused
+        kid, signing = self._current_signing_key()
+        now = self.clock()
+        expires = now + ttl
+        claims = {
+            "iss": ISSUER, "aud": audience or AUDIENCE, "sub": record.tenant,
+            "role": self._role_of(record.tenant), "akid": record.access_key_id,
+            "iat": int(now), "exp": int(expires), "jti": secrets.token_hex(8),
+        }
+        token = jwt.encode(claims, signing, algorithm="EdDSA", headers={"kid": kid})
+        return token, float(int(expires))
+
+    def _current_signing_key(self):
+        if not self._signing.items:
+            raise errors.Unavailable("no token signing key loaded yet; retry")
+        key, record = max(self._signing.items.items(), key=lambda item: item[1]["created"])
+        cache = getattr(self, "_signing_cache", None)
+        if cache is None or cache[0] != key:
+            private = serialization.load_pem_private_key(record["private_pem"].encode(), password=None)
+            self._signing_cache = (key, private)
+        return key.rsplit("/", 1)[-1], self._signing_cache[1]
+
+    # --- quotas -----------------------------------------------------------------------
+
+    async def get_quota(self, caller: Principal, tenant: str):
+        await self._visible_tenant(caller, tenant)
+        ok, resp = await self.etcd.txn([], [op_get(store.quota_key(tenant)), op_get(store.usage_key(tenant))])
+        limits, usage = (self._resources(r) for r in resp.responses)
+        return limits, usage
+
+    async def set_quota(self, caller: Principal, tenant: str, limits) -> tuple:
+        self._require_admin(caller)
+        validation.check_resources(limits, "limits")
+        await self._visible_tenant(caller, tenant)
+        await self.etcd.put(store.quota_key(tenant), limits.SerializeToString())
+        return await self.get_quota(caller, tenant)
+
+    @staticmethod
+    def _resources(range_response) -> resources_pb2.Resources:
+        kvs = range_response.response_range.kvs
+        return resources_pb2.Resources.FromString(kvs[0].value) if kvs else resources_pb2.Resources()
+
+    def _lock(self, tenant: str) -> asyncio.Lock:
+        lock = self._tenant_locks.get(tenant)
+        if lock is None:
+            lock = self._tenant_locks[tenant] = asyncio.Lock()
+        return lock
+
+    async def reserve(self, caller: Principal, tenant: str, owner_id: str, resources) -> tuple[pb.Reservation, bool]:
+        validation.check_owner_id(owner_id)
+        validation.check_resources(resources)
+        await self._visible_tenant(caller, tenant)
+        # The lock only spares this process needless CAS retries; correctness
+        # comes from the transaction's compares (other auth processes race too).
+        async with self._lock(tenant):
+            for _ in range(100):
+                rkey, ukey, qkey = store.reservation_key(tenant, owner_id), store.usage_key(tenant), store.quota_key(tenant)
+                _, snap = await self.etcd.txn([], [op_get(qkey), op_get(ukey), op_get(rkey)])
+                quota_r, usage_r, res_r = snap.responses
+                if not quota_r.response_range.kvs:
+                    raise errors.NotFound(f"tenant {tenant!r} not found")
+                limits, usage = self._resources(quota_r), self._resources(usage_r)
+                if res_r.response_range.kvs:
+                    existing = pb.Reservation.FromString(res_r.response_range.kvs[0].value)
+                    if existing.resources == resources:
+                        return existing, False
+                    raise errors.AlreadyExists(
+                        f"owner {owner_id!r} already holds a different reservation; release it first"
+                    )
+                self._check_fits(limits, usage, resources)
+                new_usage = resources_pb2.Resources(
+                    **{f: getattr(usage, f) + getattr(resources, f) for f in RESOURCE_FIELDS}
+                )
+                reservation = pb.Reservation(
+                    tenant=tenant, owner_id=owner_id, resources=resources, create_time=_ts(self.clock())
+                )
+                usage_rev = usage_r.response_range.kvs[0].mod_revision if usage_r.response_range.kvs else 0
+                ok, _ = await self.etcd.txn(
+                    [cmp_mod_revision(ukey, usage_rev), cmp_absent(rkey),
+                     cmp_mod_revision(qkey, quota_r.response_range.kvs[0].mod_revision)],
+                    [op_put(ukey, new_usage.SerializeToString()), op_put(rkey, reservation.SerializeToString())],
+                )
+                if ok:
+                    return reservation, True
+                await asyncio.sleep(0)
+        raise errors.Conflict("too much contention on the quota; retry")
+
+    @staticmethod
+    def _check_fits(limits, usage, wanted) -> None:
+        for field in RESOURCE_FIELDS:
+            want, limit = getattr(wanted, field), getattr(limits, field)
+            if want > limit:
+                raise errors.ResourceExhausted(
+                    f"quota exceeded: {LABELS[field]} requested {_amount(field, want)} is more than the "
+                    f"tenant's limit of {_amount(field, limit)}; it can never fit"
+                )
+        for field in RESOURCE_FIELDS:
+            want, limit, used = getattr(wanted, field), getattr(limits, field), getattr(usage, field)
+            if want and used + want > limit:
+                raise errors.QuotaBusy(
+                    f"quota busy: {LABELS[field]} in use {_amount(field, used)} + requested "
+                    f"{_amount(field, want)} > limit {_amount(field, limit)}; retry after a release"
+                )
+
+    async def release(self, caller: Principal, tenant: str, owner_id: str) -> bool:
+        validation.check_owner_id(owner_id)
+        await self._visible_tenant(caller, tenant)
+        async with self._lock(tenant):
+            for _ in range(100):
+                rkey, ukey = store.reservation_key(tenant, owner_id), store.usage_key(tenant)
+                _, snap = await self.etcd.txn([], [op_get(ukey), op_get(rkey)])
+                usage_r, res_r = snap.responses
+                if not res_r.response_range.kvs:
+                    return False
+                res_kv = res_r.response_range.kvs[0]
+                held = pb.Reservation.FromString(res_kv.value).resources
+                usage = self._resources(usage_r)
+                values = {}
+                for f in RESOURCE_FIELDS:
+                    value = getattr(usage, f) - getattr(held, f)
+                    if value < 0:
+                        log.error("usage of %s for %s would go negative (%d); clamping", f, tenant, value)
+                        value = 0
+                    values[f] = value
+                usage_rev = usage_r.response_range.kvs[0].mod_revision if usage_r.response_range.kvs else 0
+                ok, _ = await self.etcd.txn(
+                    [cmp_mod_revision(ukey, usage_rev), cmp_mod_revision(rkey, res_kv.mod_revision)],
+                    [op_put(ukey, resources_pb2.Resources(**values).SerializeToString()), op_delete(rkey)],
+                )
+                if ok:
+                    return True
+                await asyncio.sleep(0)
+        raise errors.Conflict("too much contention on the quota; retry")
+
+    async def list_reservations(self, caller: Principal, tenant: str) -> list[pb.Reservation]:
+        await self._visible_tenant(caller, tenant)
+        kvs, _, _ = await self.etcd.get_prefix(store.reservations_prefix(tenant))
+        return [pb.Reservation.FromString(kv.value) for kv in kvs]

@@ -1,0 +1,42 @@
+"""The auth service's app: the servicer plus bootstrap of the first start."""
+from __future__ import annotations
+
+import json
+import logging
+
+from cloudml.auth.v1 import auth_service_pb2 as pb
+from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
+from services.auth.core import AuthCore
+from services.auth.servicer import AuthServicer
+from services.common.server import Platform, ServiceApp
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["AuthService"].full_name
+
+
+class AuthApp(ServiceApp):
+    grpc_services = (SERVICE,)
+    public_methods = frozenset({f"/{SERVICE}/IssueToken", f"/{SERVICE}/WatchVerificationKeys"})
+    provides_verification_keys = True
+
+    def __init__(self, platform: Platform):
+        super().__init__(platform)
+        self.core = AuthCore(platform.etcd, platform.verifier)
+        self.bootstrap_file = getattr(platform.settings.extra, "bootstrap_file", None)
+
+    def add_to_server(self, server) -> None:
+        pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.core), server)
+
+    async def start(self) -> None:
+        keys = []
+        if self.bootstrap_file:
+            with open(self.bootstrap_file) as f:
+                keys = json.load(f).get("keys", [])
+        await self.core.start(keys)
+
+    def ready(self) -> bool:
+        return self.core.ready()
+
+    async def stop(self) -> None:
+        await self.core.stop()

@@ -1,0 +1,287 @@
+"""Server bootstrap shared by every service process.
+
+A service's `__main__` parses `Settings` (once), then calls
+`run(settings, factory)` with a factory that builds its `ServiceApp`. This
+module owns everything around the app:
+
+- a `grpc.aio` server with the interceptors (observability, errors, auth),
+  `grpc.health.v1` and reflection, bound on `--listen` (port 0 allowed: the
+  bound port is written to `--port-file`);
+- health NOT_SERVING until etcd answers and the app reports ready, and back
+  to NOT_SERVING whenever etcd stops answering;
+- an etcd session whose lease carries the registry entry;
+- the token verifier, fed by the auth service's key stream (the auth service
+  feeds its own);
+- Prometheus metrics on `--metrics-listen`;
+- SIGTERM/SIGINT: health off, `server.stop(grace)`, app stop, lease revoked.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from services.common import errors
+from services.common.etcd import Etcd, Session
+from services.common.identity import ServiceIdentity, follow_verification_keys
+from services.common.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    ObservabilityInterceptor,
+    ServerMetrics,
+)
+from services.common.registry import Directory, register
+from services.common.tokens import TokenVerifier
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclass
+class Settings:
+    """Everything a service process is told at start; read once in __main__."""
+
+    service: str
+    listen: str = "127.0.0.1:0"
+    etcd: str = "127.0.0.1:2379"
+    port_file: str | None = None
+    data_dir: str | None = None
+    credentials_file: str | None = None
+    metrics_listen: str | None = None
+    log_level: str = "INFO"
+    instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    lease_ttl: int = 10
+    grace_seconds: float = 5.0
+    extra: argparse.Namespace = field(default_factory=argparse.Namespace)
+
+
+def parse_settings(
+    service: str,
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> Settings:
+    parser = argparse.ArgumentParser(prog=f"python -m services.{service}", description=f"Cloud-ML {service} service")
+    parser.add_argument("--listen", default=os.environ.get("CLOUDML_LISTEN", "127.0.0.1:0"),
+                        help="host:port for gRPC (port 0 picks a free one)")
+    parser.add_argument("--etcd", default=os.environ.get("CLOUDML_ETCD", "127.0.0.1:2379"),
+                        help="etcd client endpoint host:port")
+    parser.add_argument("--port-file", help="write the bound ports as JSON here once listening")
+    parser.add_argument("--data-dir", help="the platform's data directory")
+    parser.add_argument("--credentials-file",
+                        help="JSON {access_key, secret_key} this service uses to call other services")
+    parser.add_argument("--metrics-listen", default=None, help="host:port for Prometheus metrics (port 0 ok)")
+    parser.add_argument("--log-level", default=os.environ.get("CLOUDML_LOG_LEVEL", "INFO"))
+    parser.add_argument("--lease-ttl", type=int, default=10, help="etcd session lease TTL, seconds")
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    known = {"listen", "etcd", "port_file", "data_dir", "credentials_file", "metrics_listen", "log_level", "lease_ttl"}
+    extra = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in known})
+    return Settings(
+        service=service, listen=args.listen, etcd=args.etcd, port_file=args.port_file,
+        data_dir=args.data_dir, credentials_file=args.credentials_file,
+        metrics_listen=args.metrics_listen, log_level=args.log_level.upper(),
+        lease_ttl=args.lease_ttl, extra=extra,
+    )
+
+
+@dataclass
+class Platform:
+    """What the bootstrap hands to a service app."""
+
+    settings: Settings
+    etcd: Etcd
+    session: Session
+    directory: Directory
+    verifier: TokenVerifier
+    identity: ServiceIdentity | None
+    metrics_registry: CollectorRegistry
+
+
+class ServiceApp:
+    """A service's application object (built in its server.py)."""
+
+    #: full gRPC service names, for health and reflection
+    grpc_services: tuple[str, ...] = ()
+    #: full method names ("/pkg.Service/Method") that need no token
+    public_methods: frozenset[str] = frozenset()
+    #: whether this app feeds the token verifier itself (the auth service)
+    provides_verification_keys: bool = False
+
+    def __init__(self, platform: Platform):
+        self.platform = platform
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError  # every app overrides it
+
+    async def start(self) -> None:
+        """Loads state from etcd and starts loops; raises `errors.Unavailable`
+        while etcd is down (the bootstrap retries)."""
+
+    def ready(self) -> bool:
+        return True
+
+    async def stop(self) -> None:
+        """Stops loops; the server is already draining."""
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aetcd").setLevel(logging.WARNING)
+
+
+def _write_port_file(path: str, ports: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(ports, f)
+    os.replace(tmp, path)
+
+
+async def _retry_until_done(what: str, action, stop: asyncio.Event) -> bool:
+    delay = 0.1
+    while not stop.is_set():
+        try:
+            await action()
+            return True
+        except errors.Unavailable as err:
+            log.info("%s waiting: %s", what, err.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - keep trying; the log says why
+            log.exception("%s failed; retrying", what)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+    return False
+
+
+async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -> None:
+    metrics_registry = CollectorRegistry()
+    etcd = await Etcd.connect(settings.etcd)
+    session = Session(etcd, ttl=settings.lease_ttl)
+    directory = Directory(etcd).start()
+    verifier = TokenVerifier()
+    identity = None
+    if settings.credentials_file:
+        identity = ServiceIdentity.from_file(settings.credentials_file, directory)
+    platform = Platform(settings, etcd, session, directory, verifier, identity, metrics_registry)
+    app = factory(platform)
+
+    server = grpc.aio.server(
+        interceptors=[
+            ObservabilityInterceptor(ServerMetrics(metrics_registry)),
+            ErrorInterceptor(),
+            AuthInterceptor(verifier, app.public_methods),
+        ],
+        options=SERVER_OPTIONS,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    app.add_to_server(server)
+    reflection.enable_server_reflection(
+        (*app.grpc_services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    names = ("", *app.grpc_services)
+
+    async def set_health(serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in names:
+            await health_servicer.set(name, status)
+
+    await set_health(False)
+    port = server.add_insecure_port(settings.listen)
+    await server.start()
+    host = settings.listen.rpartition(":")[0] or "127.0.0.1"
+    address = f"{host}:{port}"
+    ports = {"grpc": port, "pid": os.getpid(), "address": address}
+    if settings.metrics_listen:
+        mhost, _, mport = settings.metrics_listen.rpartition(":")
+        httpd, _ = start_http_server(int(mport), addr=mhost or "127.0.0.1", registry=metrics_registry)
+        ports["metrics"] = httpd.server_port
+    if settings.port_file:
+        _write_port_file(settings.port_file, ports)
+    log.info("%s listening on %s (instance %s)", settings.service, address, settings.instance)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    app_started = asyncio.Event()
+
+    async def start_session() -> None:
+        await session.start()
+        await register(session, settings.service, settings.instance, address)
+
+    async def start_app() -> None:
+        await app.start()
+        app_started.set()
+
+    async def health_loop() -> None:
+        serving = False
+        while not stop.is_set():
+            try:
+                await etcd.ping(timeout=1.0)
+                ok = app_started.is_set() and app.ready() and session.lease_id != 0 and verifier.loaded
+            except errors.Unavailable:
+                ok = False
+            if ok != serving:
+                serving = ok
+                log.info("health: %s", "SERVING" if ok else "NOT_SERVING")
+                await set_health(ok)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5 if ok else 0.1)
+
+    tasks = [
+        asyncio.create_task(_retry_until_done("etcd session", start_session, stop)),
+        asyncio.create_task(_retry_until_done(f"{settings.service} start", start_app, stop)),
+        asyncio.create_task(health_loop()),
+    ]
+    if not app.provides_verification_keys:
+        tasks.append(asyncio.create_task(follow_verification_keys(directory, verifier)))
+
+    await stop.wait()
+    log.info("%s shutting down", settings.service)
+    await set_health(False)
+    await server.stop(settings.grace_seconds)
+    with contextlib.suppress(Exception):
+        await app.stop()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await directory.close()
+    if session.lease_id:
+        await session.close()
+    await etcd.close()
+
+
+def run(settings: Settings, factory: Callable[[Platform], ServiceApp]) -> None:
+    """The body of every service's `__main__`."""
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings, factory))
+    except KeyboardInterrupt:
+        pass
