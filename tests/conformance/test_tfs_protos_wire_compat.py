@@ -169,12 +169,20 @@ def _describe(pool, file_names: list[str], strip_prefix: str) -> dict:
     return out
 
 
-def _build_samples(M, E) -> dict:
-    """Populated sample messages, built identically on both sides.
+def _sample_builders(M, E) -> dict:
+    """Builders of populated sample messages, run identically on both sides.
 
     M(full_name) -> message class; E(enum_full_name, value_name) -> number.
+    Returns {sample name: zero-argument builder}; each builder is separate so
+    that one failing sample does not hide the others.
     """
-    s = {}
+    builders = {}
+
+    def sample(name):
+        def register(fn):
+            builders[name] = fn
+            return fn
+        return register
 
     def float_tensor(t, shape, values):
         t.dtype = E("tensorflow.DataType", "DT_FLOAT")
@@ -182,179 +190,213 @@ def _build_samples(M, E) -> dict:
             t.tensor_shape.dim.add(size=size)
         t.float_val.extend(values)
 
-    req = M("tensorflow.serving.PredictRequest")()
-    req.model_spec.name = "mnist"
-    req.model_spec.version.value = 3
-    req.model_spec.signature_name = "serving_default"
-    float_tensor(req.inputs["images"], [2, 3], [0.0, 1.5, -2.25, 3.0e-8, 1.0e30, 7.0])
-    tokens = req.inputs["tokens"]
-    tokens.dtype = E("tensorflow.DataType", "DT_STRING")
-    tokens.tensor_shape.dim.add(size=2, name="batch")
-    tokens.string_val.extend([b"hello", b"\x00\xff\xfe"])
-    ids = req.inputs["ids"]
-    ids.dtype = E("tensorflow.DataType", "DT_INT64")
-    ids.tensor_shape.dim.add(size=-1)
-    ids.int64_val.extend([-1, 2**40, 0])
-    req.output_filter.extend(["scores", "classes"])
-    s["PredictRequest"] = req
-
-    req = M("tensorflow.serving.PredictRequest")()
-    req.model_spec.name = "bert"
-    req.model_spec.version_label = "stable"
-    raw = req.inputs["raw"]
-    raw.dtype = E("tensorflow.DataType", "DT_HALF")
-    raw.tensor_shape.dim.add(size=2)
-    raw.half_val.extend([15360, 0])
-    scalar = req.inputs["scalar"]
-    scalar.dtype = E("tensorflow.DataType", "DT_DOUBLE")
-    scalar.tensor_shape.SetInParent()
-    scalar.tensor_content = b"\x00\x00\x00\x00\x00\x00\xf0\x3f"
-    flags = req.inputs["flags"]
-    flags.dtype = E("tensorflow.DataType", "DT_BOOL")
-    flags.bool_val.extend([True, False, True])
-    flags.tensor_shape.unknown_rank = True
-    req.client_id = b"client-7"
-    req.predict_streamed_options.request_state = E(
-        "tensorflow.serving.PredictStreamedOptions.RequestState", "END_SPLIT")
-    req.predict_streamed_options.split_dimensions["raw"] = 1
-    req.predict_streamed_options.return_single_response = True
-    opts = req.request_options
-    opts.client_id = b""
-    opts.deterministic_mode = E(
-        "tensorflow.serving.PredictRequest.RequestOptions.DeterministicMode", "FIXED_DECODER_SLOT")
-    opts.return_additional_arrays_from_prefill = False
-    opts.return_stoptokens.extend([1, 2, 50256])
-    opts.return_all_stoptokens = True
-    opts.max_cache_length = 0
-    opts.handshake.estimated_payload_bytes = 1 << 20
-    s["PredictRequest.versionLabelAndOptions"] = req
-
-    resp = M("tensorflow.serving.PredictResponse")()
-    resp.model_spec.name = "mnist"
-    resp.model_spec.version.value = 3
-    resp.model_spec.signature_name = "serving_default"
-    float_tensor(resp.outputs["scores"], [2, 2], [0.25, 0.75, 0.5, 0.5])
-    s["PredictResponse"] = resp
-
     def example(e, age, height, name):
         e.features.feature["age"].int64_list.value.append(age)
         e.features.feature["height"].float_list.value.append(height)
         e.features.feature["name"].bytes_list.value.append(name)
 
-    req = M("tensorflow.serving.ClassificationRequest")()
-    req.model_spec.name = "iris"
-    req.model_spec.signature_name = "classify"
-    example(req.input.example_list.examples.add(), 42, 1.75, b"alice")
-    example(req.input.example_list.examples.add(), -3, 0.0, b"")
-    s["ClassificationRequest"] = req
+    @sample("PredictRequest")
+    def _():
+        req = M("tensorflow.serving.PredictRequest")()
+        req.model_spec.name = "mnist"
+        req.model_spec.version.value = 3
+        req.model_spec.signature_name = "serving_default"
+        float_tensor(req.inputs["images"], [2, 3], [0.0, 1.5, -2.25, 3.0e-8, 1.0e30, 7.0])
+        tokens = req.inputs["tokens"]
+        tokens.dtype = E("tensorflow.DataType", "DT_STRING")
+        tokens.tensor_shape.dim.add(size=2, name="batch")
+        tokens.string_val.extend([b"hello", b"\x00\xff\xfe"])
+        ids = req.inputs["ids"]
+        ids.dtype = E("tensorflow.DataType", "DT_INT64")
+        ids.tensor_shape.dim.add(size=-1)
+        ids.int64_val.extend([-1, 2**40, 0])
+        req.output_filter.extend(["scores", "classes"])
+        return req
 
-    resp = M("tensorflow.serving.ClassificationResponse")()
-    resp.model_spec.name = "iris"
-    resp.model_spec.version.value = 1
-    classes = resp.result.classifications.add()
-    classes.classes.add(label="setosa", score=0.9)
-    classes.classes.add(label="virginica", score=0.1)
-    s["ClassificationResponse"] = resp
+    @sample("PredictRequest.versionLabelAndOptions")
+    def _():
+        req = M("tensorflow.serving.PredictRequest")()
+        req.model_spec.name = "bert"
+        req.model_spec.version_label = "stable"
+        raw = req.inputs["raw"]
+        raw.dtype = E("tensorflow.DataType", "DT_HALF")
+        raw.tensor_shape.dim.add(size=2)
+        raw.half_val.extend([15360, 0])
+        scalar = req.inputs["scalar"]
+        scalar.dtype = E("tensorflow.DataType", "DT_DOUBLE")
+        scalar.tensor_shape.SetInParent()
+        scalar.tensor_content = b"\x00\x00\x00\x00\x00\x00\xf0\x3f"
+        flags = req.inputs["flags"]
+        flags.dtype = E("tensorflow.DataType", "DT_BOOL")
+        flags.bool_val.extend([True, False, True])
+        flags.tensor_shape.unknown_rank = True
+        req.client_id = b"client-7"
+        req.predict_streamed_options.request_state = E(
+            "tensorflow.serving.PredictStreamedOptions.RequestState", "END_SPLIT")
+        req.predict_streamed_options.split_dimensions["raw"] = 1
+        req.predict_streamed_options.return_single_response = True
+        opts = req.request_options
+        opts.client_id = b""  # proto3 `optional`: present although empty
+        opts.deterministic_mode = E(
+            "tensorflow.serving.PredictRequest.RequestOptions.DeterministicMode",
+            "FIXED_DECODER_SLOT")
+        opts.return_additional_arrays_from_prefill = False
+        opts.return_stoptokens.extend([1, 2, 50256])
+        opts.return_all_stoptokens = True
+        opts.max_cache_length = 0
+        opts.handshake.estimated_payload_bytes = 1 << 20
+        return req
 
-    req = M("tensorflow.serving.RegressionRequest")()
-    req.model_spec.name = "housing"
-    ctx = req.input.example_list_with_context
-    example(ctx.context, 1, 2.5, b"ctx")
-    example(ctx.examples.add(), 7, 3.5, b"row")
-    s["RegressionRequest"] = req
+    @sample("PredictResponse")
+    def _():
+        resp = M("tensorflow.serving.PredictResponse")()
+        resp.model_spec.name = "mnist"
+        resp.model_spec.version.value = 3
+        resp.model_spec.signature_name = "serving_default"
+        float_tensor(resp.outputs["scores"], [2, 2], [0.25, 0.75, 0.5, 0.5])
+        return resp
 
-    resp = M("tensorflow.serving.RegressionResponse")()
-    resp.model_spec.name = "housing"
-    resp.result.regressions.add(value=123.5)
-    s["RegressionResponse"] = resp
+    @sample("ClassificationRequest")
+    def _():
+        req = M("tensorflow.serving.ClassificationRequest")()
+        req.model_spec.name = "iris"
+        req.model_spec.signature_name = "classify"
+        example(req.input.example_list.examples.add(), 42, 1.75, b"alice")
+        example(req.input.example_list.examples.add(), -3, 0.0, b"")
+        return req
 
-    req = M("tensorflow.serving.MultiInferenceRequest")()
-    req.tasks.add(method_name="tensorflow/serving/classify").model_spec.name = "multi"
-    req.tasks.add(method_name="tensorflow/serving/regress").model_spec.name = "multi"
-    example(req.input.example_list.examples.add(), 5, 1.0, b"x")
-    s["MultiInferenceRequest"] = req
+    @sample("ClassificationResponse")
+    def _():
+        resp = M("tensorflow.serving.ClassificationResponse")()
+        resp.model_spec.name = "iris"
+        resp.model_spec.version.value = 1
+        classes = resp.result.classifications.add()
+        classes.classes.add(label="setosa", score=0.9)
+        classes.classes.add(label="virginica", score=0.1)
+        return resp
 
-    resp = M("tensorflow.serving.MultiInferenceResponse")()
-    r = resp.results.add()
-    r.model_spec.name = "multi"
-    r.classification_result.classifications.add().classes.add(label="a", score=1.0)
-    resp.results.add().regression_result.regressions.add(value=-1.0)
-    s["MultiInferenceResponse"] = resp
+    @sample("RegressionRequest")
+    def _():
+        req = M("tensorflow.serving.RegressionRequest")()
+        req.model_spec.name = "housing"
+        ctx = req.input.example_list_with_context
+        example(ctx.context, 1, 2.5, b"ctx")
+        example(ctx.examples.add(), 7, 3.5, b"row")
+        return req
 
-    req = M("tensorflow.serving.GetModelMetadataRequest")()
-    req.model_spec.name = "mnist"
-    req.model_spec.version.value = 3
-    req.metadata_field.append("signature_def")
-    s["GetModelMetadataRequest"] = req
+    @sample("RegressionResponse")
+    def _():
+        resp = M("tensorflow.serving.RegressionResponse")()
+        resp.model_spec.name = "housing"
+        resp.result.regressions.add(value=123.5)
+        return resp
 
-    sig_map = M("tensorflow.serving.SignatureDefMap")()
-    sig = sig_map.signature_def["serving_default"]
-    sig.method_name = "tensorflow/serving/predict"
-    x = sig.inputs["images"]
-    x.name = "serving_default_images:0"
-    x.dtype = E("tensorflow.DataType", "DT_FLOAT")
-    x.tensor_shape.dim.add(size=-1)
-    x.tensor_shape.dim.add(size=784)
-    y = sig.outputs["scores"]
-    y.coo_sparse.values_tensor_name = "v:0"
-    y.coo_sparse.indices_tensor_name = "i:0"
-    y.coo_sparse.dense_shape_tensor_name = "s:0"
-    y.dtype = E("tensorflow.DataType", "DT_FLOAT")
-    z = sig.outputs["ragged"]
-    z.composite_tensor.type_spec.type_spec_class = E(
-        "tensorflow.TypeSpecProto.TypeSpecClass", "RAGGED_TENSOR_SPEC")
-    z.composite_tensor.type_spec.type_state.tuple_value.values.add().int64_value = -2
-    z.composite_tensor.type_spec.num_flat_components = 2
-    z.composite_tensor.components.add(name="flat_values:0")
-    float_tensor(sig.defaults["temperature"], [], [0.7])
-    s["SignatureDefMap"] = sig_map
+    @sample("MultiInferenceRequest")
+    def _():
+        req = M("tensorflow.serving.MultiInferenceRequest")()
+        req.tasks.add(method_name="tensorflow/serving/classify").model_spec.name = "multi"
+        req.tasks.add(method_name="tensorflow/serving/regress").model_spec.name = "multi"
+        example(req.input.example_list.examples.add(), 5, 1.0, b"x")
+        return req
 
-    resp = M("tensorflow.serving.GetModelMetadataResponse")()
-    resp.model_spec.name = "mnist"
-    resp.model_spec.version.value = 3
-    packed = resp.metadata["signature_def"]
-    packed.type_url = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
-    packed.value = sig_map.SerializeToString(deterministic=True)
-    s["GetModelMetadataResponse"] = resp
+    @sample("MultiInferenceResponse")
+    def _():
+        resp = M("tensorflow.serving.MultiInferenceResponse")()
+        r = resp.results.add()
+        r.model_spec.name = "multi"
+        r.classification_result.classifications.add().classes.add(label="a", score=1.0)
+        resp.results.add().regression_result.regressions.add(value=-1.0)
+        return resp
 
-    req = M("tensorflow.serving.GetModelStatusRequest")()
-    req.model_spec.name = "mnist"
-    req.model_spec.version.value = 3
-    s["GetModelStatusRequest"] = req
+    @sample("GetModelMetadataRequest")
+    def _():
+        req = M("tensorflow.serving.GetModelMetadataRequest")()
+        req.model_spec.name = "mnist"
+        req.model_spec.version.value = 3
+        req.metadata_field.append("signature_def")
+        return req
 
-    resp = M("tensorflow.serving.GetModelStatusResponse")()
-    ok = resp.model_version_status.add(version=3)
-    ok.state = E("tensorflow.serving.ModelVersionStatus.State", "AVAILABLE")
-    ok.status.error_code = E("tensorflow.error.Code", "OK")
-    failed = resp.model_version_status.add(version=2)
-    failed.state = E("tensorflow.serving.ModelVersionStatus.State", "END")
-    failed.status.error_code = E("tensorflow.error.Code", "NOT_FOUND")
-    failed.status.error_message = "Could not find base path /models/mnist/2"
-    s["GetModelStatusResponse"] = resp
+    @sample("SignatureDefMap")
+    def signature_def_map():
+        sig_map = M("tensorflow.serving.SignatureDefMap")()
+        sig = sig_map.signature_def["serving_default"]
+        sig.method_name = "tensorflow/serving/predict"
+        x = sig.inputs["images"]
+        x.name = "serving_default_images:0"
+        x.dtype = E("tensorflow.DataType", "DT_FLOAT")
+        x.tensor_shape.dim.add(size=-1)
+        x.tensor_shape.dim.add(size=784)
+        y = sig.outputs["scores"]
+        y.coo_sparse.values_tensor_name = "v:0"
+        y.coo_sparse.indices_tensor_name = "i:0"
+        y.coo_sparse.dense_shape_tensor_name = "s:0"
+        y.dtype = E("tensorflow.DataType", "DT_FLOAT")
+        z = sig.outputs["ragged"]
+        z.composite_tensor.type_spec.type_spec_class = E(
+            "tensorflow.TypeSpecProto.TypeSpecClass", "RAGGED_TENSOR_SPEC")
+        z.composite_tensor.type_spec.type_state.tuple_value.values.add().int64_value = -2
+        z.composite_tensor.type_spec.num_flat_components = 2
+        z.composite_tensor.components.add(name="flat_values:0")
+        float_tensor(sig.defaults["temperature"], [], [0.7])
+        return sig_map
 
-    req = M("tensorflow.serving.ReloadConfigRequest")()
-    first = req.config.model_config_list.config.add(
-        name="mnist", base_path="/models/mnist", model_platform="tensorflow")
-    first.model_version_policy.specific.versions.extend([1, 3])
-    first.version_labels["stable"] = 1
-    first.logging_config.log_collector_config.type = "file"
-    first.logging_config.log_collector_config.filename_prefix = "/logs/mnist"
-    first.logging_config.sampling_config.sampling_rate = 0.25
-    first.logging_config.sampling_config.per_task_sampling_configs.add(
-        dc="local", task_index=0, sampling_rate=1.0)
-    second = req.config.model_config_list.config.add(name="bert", base_path="/models/bert")
-    second.model_version_policy.latest.num_versions = 2
-    third = req.config.model_config_list.config.add(name="all", base_path="/models/all")
-    third.model_version_policy.all.SetInParent()
-    req.metric_names.append("/tensorflow/serving/model_load_count")
-    s["ReloadConfigRequest"] = req
+    @sample("GetModelMetadataResponse")
+    def _():
+        resp = M("tensorflow.serving.GetModelMetadataResponse")()
+        resp.model_spec.name = "mnist"
+        resp.model_spec.version.value = 3
+        packed = resp.metadata["signature_def"]
+        packed.type_url = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
+        packed.value = signature_def_map().SerializeToString(deterministic=True)
+        return resp
 
-    resp = M("tensorflow.serving.ReloadConfigResponse")()
-    resp.status.error_code = E("tensorflow.error.Code", "INVALID_ARGUMENT")
-    resp.status.error_message = "bad config"
-    resp.metric.add(name="/tensorflow/serving/model_load_count", int64_value_increase=2)
-    s["ReloadConfigResponse"] = resp
-    return s
+    @sample("GetModelStatusRequest")
+    def _():
+        req = M("tensorflow.serving.GetModelStatusRequest")()
+        req.model_spec.name = "mnist"
+        req.model_spec.version.value = 3
+        return req
+
+    @sample("GetModelStatusResponse")
+    def _():
+        resp = M("tensorflow.serving.GetModelStatusResponse")()
+        ok = resp.model_version_status.add(version=3)
+        ok.state = E("tensorflow.serving.ModelVersionStatus.State", "AVAILABLE")
+        ok.status.error_code = E("tensorflow.error.Code", "OK")
+        failed = resp.model_version_status.add(version=2)
+        failed.state = E("tensorflow.serving.ModelVersionStatus.State", "END")
+        failed.status.error_code = E("tensorflow.error.Code", "NOT_FOUND")
+        failed.status.error_message = "Could not find base path /models/mnist/2"
+        return resp
+
+    @sample("ReloadConfigRequest")
+    def _():
+        req = M("tensorflow.serving.ReloadConfigRequest")()
+        first = req.config.model_config_list.config.add(
+            name="mnist", base_path="/models/mnist", model_platform="tensorflow")
+        first.model_version_policy.specific.versions.extend([1, 3])
+        first.version_labels["stable"] = 1
+        first.logging_config.log_collector_config.type = "file"
+        first.logging_config.log_collector_config.filename_prefix = "/logs/mnist"
+        first.logging_config.sampling_config.sampling_rate = 0.25
+        first.logging_config.sampling_config.per_task_sampling_configs.add(
+            dc="local", task_index=0, sampling_rate=1.0)
+        second = req.config.model_config_list.config.add(name="bert", base_path="/models/bert")
+        second.model_version_policy.latest.num_versions = 2
+        third = req.config.model_config_list.config.add(name="all", base_path="/models/all")
+        third.model_version_policy.all.SetInParent()
+        req.metric_names.append("/tensorflow/serving/model_load_count")
+        return req
+
+    @sample("ReloadConfigResponse")
+    def _():
+        resp = M("tensorflow.serving.ReloadConfigResponse")()
+        resp.status.error_code = E("tensorflow.error.Code", "INVALID_ARGUMENT")
+        resp.status.error_message = "bad config"
+        resp.metric.add(name="/tensorflow/serving/model_load_count", int64_value_increase=2)
+        return resp
+
+    return builders
 
 
 def _unknown_field_paths(msg, path: str = "") -> list[str]:
@@ -383,19 +425,30 @@ def _unknown_field_paths(msg, path: str = "") -> list[str]:
 
 
 def _reparse(M, encoded: dict, names_to_types: dict) -> tuple[dict, dict]:
-    """Parses foreign bytes with our-side classes and re-serializes them."""
-    reserialized, unknown = {}, {}
+    """Parses foreign bytes with this side's classes and re-serializes them.
+
+    Returns ({name: base64 bytes or None}, {name: [problems]}).
+    """
+    reserialized, problems = {}, {}
     for name, data in encoded.items():
-        msg = M(names_to_types[name])()
-        msg.ParseFromString(base64.b64decode(data))
-        reserialized[name] = base64.b64encode(msg.SerializeToString(deterministic=True)).decode()
-        unknown[name] = _unknown_field_paths(msg)
-        if names_to_types[name] == "tensorflow.serving.GetModelMetadataResponse":
-            # The Any payload must round-trip as well.
-            inner = M("tensorflow.serving.SignatureDefMap")()
-            inner.ParseFromString(msg.metadata["signature_def"].value)
-            unknown[name] += [f"metadata['signature_def'] -> {p}" for p in _unknown_field_paths(inner)]
-    return reserialized, unknown
+        reserialized[name], problems[name] = None, []
+        if data is None or name not in names_to_types:
+            continue  # the build failure is reported separately
+        try:
+            msg = M(names_to_types[name])()
+            msg.ParseFromString(base64.b64decode(data))
+            reserialized[name] = base64.b64encode(
+                msg.SerializeToString(deterministic=True)).decode()
+            problems[name] = [f"unknown fields: {p}" for p in _unknown_field_paths(msg)]
+            if names_to_types[name] == "tensorflow.serving.GetModelMetadataResponse":
+                # The Any payload must parse cleanly as well.
+                inner = M("tensorflow.serving.SignatureDefMap")()
+                inner.ParseFromString(msg.metadata["signature_def"].value)
+                problems[name] += [f"unknown fields: metadata['signature_def'] -> {p}"
+                                   for p in _unknown_field_paths(inner)]
+        except Exception as exc:  # noqa: BLE001 - reported per sample
+            problems[name].append(f"parse failed: {type(exc).__name__}: {exc}")
+    return reserialized, problems
 
 
 def _method_paths(module) -> dict:
@@ -454,17 +507,25 @@ def _probe_main(side: str) -> None:
     def E(enum_name, value_name):
         return pool.FindEnumTypeByName(enum_name).values_by_name[value_name].number
 
-    samples = _build_samples(M, E)
+    samples, types, build_errors = {}, {}, {}
+    for name, build in _sample_builders(M, E).items():
+        try:
+            msg = build()
+            samples[name] = base64.b64encode(msg.SerializeToString(deterministic=True)).decode()
+            types[name] = msg.DESCRIPTOR.full_name
+        except Exception as exc:  # noqa: BLE001 - reported per sample
+            samples[name] = None
+            build_errors[name] = f"{type(exc).__name__}: {exc}"
     out = {
         "side": side,
         "describe": _describe(pool, pool_files, strip),
         "method_paths": _method_paths(grpc_modules),
-        "samples": {k: base64.b64encode(v.SerializeToString(deterministic=True)).decode()
-                    for k, v in samples.items()},
-        "types": {k: v.DESCRIPTOR.full_name for k, v in samples.items()},
+        "samples": samples,
+        "types": types,
+        "build_errors": build_errors,
     }
     if "foreign" in request:
-        out["reserialized"], out["unknown"] = _reparse(M, request["foreign"], out["types"])
+        out["reserialized"], out["parse_problems"] = _reparse(M, request["foreign"], types)
     out["tensorflow_loaded"] = sorted(
         m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_serving"))
     print(json.dumps(out))
@@ -565,10 +626,13 @@ def _wire_lines(data: bytes, type_name: str, messages: dict, path: str = "") -> 
     return lines
 
 
-def _bytes_diff(name: str, type_name: str, expected: str, actual: str, messages: dict,
-                expected_label: str, actual_label: str) -> str:
-    exp_lines = _wire_lines(base64.b64decode(expected), type_name, messages)
-    act_lines = _wire_lines(base64.b64decode(actual), type_name, messages)
+def _bytes_diff(name: str, type_name: str, expected: str, actual: str,
+                expected_side: tuple[str, dict], actual_side: tuple[str, dict]) -> str:
+    """Field-by-field diff; each side's bytes are decoded with that side's schema."""
+    expected_label, expected_schema = expected_side
+    actual_label, actual_schema = actual_side
+    exp_lines = _wire_lines(base64.b64decode(expected), type_name, expected_schema)
+    act_lines = _wire_lines(base64.b64decode(actual), type_name, actual_schema)
     diff = "\n".join(difflib.unified_diff(
         exp_lines, act_lines, expected_label, actual_label, lineterm="", n=2))
     return f"{name} ({type_name}) bytes differ:\n{diff or '(same fields, different encoding/order)'}"
@@ -703,45 +767,57 @@ def test_services_identical(probes):
     assert "/tensorflow.serving.PredictionService/Predict" in ours_paths["PredictionService"]
 
 
+def _build_problems(probes) -> list[str]:
+    return [
+        f"{name}: building the sample with {side} classes failed: {error}"
+        for side, key in (("our", "project"), ("the official", "official"))
+        for name, error in sorted(probes[key]["build_errors"].items())
+    ]
+
+
 def test_samples_serialize_identically(probes):
     """The same sample, built with our classes and the official ones, is the same bytes."""
     ours, theirs = probes["project"], probes["official"]
-    messages = ours["describe"]["all_messages"]
     assert set(ours["samples"]) == set(theirs["samples"])
-    problems = [
-        _bytes_diff(name, ours["types"][name], theirs["samples"][name], ours["samples"][name],
-                    messages, "official-built", "ours-built")
-        for name in sorted(ours["samples"])
-        if ours["samples"][name] != theirs["samples"][name]
-    ]
+    problems = _build_problems(probes)
+    for name in sorted(ours["samples"]):
+        a, b = ours["samples"][name], theirs["samples"][name]
+        if a is not None and b is not None and a != b:
+            problems.append(_bytes_diff(
+                name, ours["types"][name], b, a,
+                ("official-built", _schema(probes, "official")),
+                ("ours-built", _schema(probes, "project"))))
     assert not problems, "\n\n".join(problems)
+
+
+def _schema(probes, side: str) -> dict:
+    return probes[side]["describe"]["all_messages"]
+
+
+def _round_trip_problems(probes, sent_by: str, parsed_by: str, labels: tuple[str, str]):
+    sender, parser = probes[sent_by], probes[parsed_by]
+    problems = _build_problems(probes)
+    for name, data in sorted(sender["samples"].items()):
+        if data is None:
+            continue
+        problems += [f"{name}: {p}" for p in parser["parse_problems"][name]]
+        again = parser["reserialized"][name]
+        if again is not None and again != data:
+            problems.append(_bytes_diff(name, sender["types"][name], data, again,
+                                        (labels[0], _schema(probes, sent_by)),
+                                        (labels[1], _schema(probes, parsed_by))))
+    return problems
 
 
 def test_our_bytes_parse_with_official_classes(probes):
     """Ours -> official parse -> official serialize gives back the very same bytes."""
-    ours, official = probes["project"], probes["official"]
-    messages = ours["describe"]["all_messages"]
-    problems = []
-    for name, data in sorted(ours["samples"].items()):
-        if official["unknown"][name]:
-            problems.append(f"{name}: official classes saw unknown fields: {official['unknown'][name]}")
-        if official["reserialized"][name] != data:
-            problems.append(_bytes_diff(name, ours["types"][name], data,
-                                        official["reserialized"][name], messages,
-                                        "ours", "official re-serialized"))
+    problems = _round_trip_problems(probes, "project", "official",
+                                    ("ours", "official re-serialized"))
     assert not problems, "\n\n".join(problems)
 
 
 def test_official_bytes_parse_with_our_classes(probes):
     """Official -> our parse -> our serialize gives back the very same bytes."""
-    official, reparse = probes["official"], probes["project_reparse"]
-    messages = reparse["describe"]["all_messages"]
-    problems = []
-    for name, data in sorted(official["samples"].items()):
-        if reparse["unknown"][name]:
-            problems.append(f"{name}: our classes saw unknown fields: {reparse['unknown'][name]}")
-        if reparse["reserialized"][name] != data:
-            problems.append(_bytes_diff(name, official["types"][name], data,
-                                        reparse["reserialized"][name], messages,
-                                        "official", "ours re-serialized"))
+    problems = _round_trip_problems(probes, "official", "project_reparse",
+                                    ("official", "ours re-serialized"))
     assert not problems, "\n\n".join(problems)

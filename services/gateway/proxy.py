@@ -1,0 +1,86 @@
+"""Forwards platform RPCs to their owning service as raw bytes.
+
+Requests and responses are never parsed: the gateway only authenticates
+(done by the auth interceptor before a handler runs), picks an instance of
+the owning service, and relays bytes, metadata, the deadline, the status
+code, its message and trailing metadata. Unary and streaming RPCs alike.
+"""
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from services.common.registry import Directory
+from services.gateway.routes import Route
+
+log = logging.getLogger(__name__)
+
+# Metadata that belongs to one hop and must not be forwarded.
+_HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-encoding",
+                          "grpc-timeout", "accept-encoding", "host", ":authority"})
+
+
+def forwarded_metadata(context) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple((k, v) for k, v in context.invocation_metadata() if k not in _HOP_HEADERS and not k.startswith(":"))
+
+
+class Proxy(grpc.GenericRpcHandler):
+    def __init__(self, routes: dict[str, Route], directory: Directory):
+        self.routes = routes
+        self.directory = directory
+        self._handlers = {path: self._handler(route) for path, route in routes.items()}
+        self._callables: dict[tuple[str, str], object] = {}
+
+    def service(self, handler_call_details):
+        return self._handlers.get(handler_call_details.method)
+
+    def _callable(self, route: Route):
+        channel = self.directory.channel(route.owner)  # raises Unavailable if none
+        key = (id(channel), route.method)
+        fn = self._callables.get(key)
+        if fn is None:
+            kind = {
+                (False, False): channel.unary_unary, (False, True): channel.unary_stream,
+                (True, False): channel.stream_unary, (True, True): channel.stream_stream,
+            }[(route.client_streaming, route.server_streaming)]
+            fn = kind(route.method, request_serializer=None, response_deserializer=None)
+            self._callables[key] = fn
+        return fn
+
+    def _handler(self, route: Route) -> grpc.RpcMethodHandler:
+        proxy = self
+
+        async def unary_response(request, context):
+            call = proxy._callable(route)(
+                request, metadata=forwarded_metadata(context), timeout=context.time_remaining()
+            )
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as err:
+                await context.abort(err.code(), err.details() or "", trailing_metadata=err.trailing_metadata() or ())
+            trailers = await call.trailing_metadata()
+            if trailers:
+                context.set_trailing_metadata(tuple(trailers))
+            return response
+
+        async def stream_response(request, context):
+            call = proxy._callable(route)(
+                request, metadata=forwarded_metadata(context), timeout=context.time_remaining()
+            )
+            try:
+                async for message in call:
+                    yield message
+            except grpc.aio.AioRpcError as err:
+                await context.abort(err.code(), err.details() or "", trailing_metadata=err.trailing_metadata() or ())
+            trailers = await call.trailing_metadata()
+            if trailers:
+                context.set_trailing_metadata(tuple(trailers))
+
+        if route.server_streaming:
+            factory = (grpc.stream_stream_rpc_method_handler if route.client_streaming
+                       else grpc.unary_stream_rpc_method_handler)
+            return factory(stream_response)
+        factory = (grpc.stream_unary_rpc_method_handler if route.client_streaming
+                   else grpc.unary_unary_rpc_method_handler)
+        return factory(unary_response)
