@@ -58,7 +58,7 @@ class Proxy(grpc.GenericRpcHandler):
             try:
                 response = await call
             except grpc.aio.AioRpcError as err:
-                await context.abort(err.code(), err.details() or "", trailing_metadata=err.trailing_metadata() or ())
+                await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(err.trailing_metadata() or ()))
             trailers = await call.trailing_metadata()
             if trailers:
                 context.set_trailing_metadata(tuple(trailers))
@@ -72,7 +72,7 @@ class Proxy(grpc.GenericRpcHandler):
                 async for message in call:
                     yield message
             except grpc.aio.AioRpcError as err:
-                await context.abort(err.code(), err.details() or "", trailing_metadata=err.trailing_metadata() or ())
+                await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(err.trailing_metadata() or ()))
             trailers = await call.trailing_metadata()
             if trailers:
                 context.set_trailing_metadata(tuple(trailers))
