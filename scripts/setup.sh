@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian machine (Python 3.11, root):
+#   - etcd from Debian's etcd-server package,
+#   - a virtualenv in .venv with the project (editable) and every dependency,
+#     TensorFlow included (model servers, trainers and tests need it).
+# Re-running it only checks what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if ! command -v etcd >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    log "etcd is missing and this is not root: run 'apt-get install -y etcd-server' as root"; exit 1
+  fi
+  log "installing etcd-server (apt)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
+fi
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if ! "$PYTHON" -m uv --version >/dev/null 2>&1 && ! command -v uv >/dev/null 2>&1; then
+  log "installing uv (pip)"
+  "$PYTHON" -m pip install -q --disable-pip-version-check uv
+fi
+UV="uv"
+command -v uv >/dev/null 2>&1 || UV="$PYTHON -m uv"
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  $UV venv -q .venv --python "$PYTHON"
+fi
+
+# Reinstall only when pyproject.toml changed since the last successful install.
+stamp=.venv/.cloudml-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "installing the project and its dependencies into .venv (TensorFlow is large: first time takes a few minutes)"
+  $UV pip install -q --python .venv/bin/python -e ".[all]"
+  echo "$want" > "$stamp"
+fi
+log "ready: $(.venv/bin/python --version), etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}')"
