@@ -1,0 +1,2 @@
+"""The `cloudml` command line: one module per command group under
+`cloudml.cli.commands`, assembled by `cloudml.cli.main`."""
