@@ -152,6 +152,41 @@ class ReplicaEndpoint(_message.Message):
     register_time: _timestamp_pb2.Timestamp
     def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., register_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
+class ModelRoute(_message.Message):
+    __slots__ = ("tenant", "model", "public", "default_version", "labels", "traffic_split", "versions")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    public: bool
+    default_version: int
+    labels: _containers.ScalarMap[str, int]
+    traffic_split: _containers.RepeatedCompositeFieldContainer[TrafficTarget]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionRoute]
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., public: _Optional[bool] = ..., default_version: _Optional[int] = ..., labels: _Optional[_Mapping[str, int]] = ..., traffic_split: _Optional[_Iterable[_Union[TrafficTarget, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[VersionRoute, _Mapping]]] = ...) -> None: ...
+
+class VersionRoute(_message.Message):
+    __slots__ = ("version", "state", "status")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    state: ModelVersionState
+    status: ErrorStatus
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., status: _Optional[_Union[ErrorStatus, _Mapping]] = ...) -> None: ...
+
 class CreateModelRequest(_message.Message):
     __slots__ = ("tenant", "name", "description", "public")
     TENANT_FIELD_NUMBER: _ClassVar[int]
