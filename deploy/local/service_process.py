@@ -74,14 +74,19 @@ class ServiceProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.service} exited with {self.process.returncode}{self._log_tail()}")
-            if not self.address:
-                ports = read_port_file(self.port_file)
-                if ports and ports.get("pid") == self.process.pid:
-                    self.address = ports["address"]
-            if self.address and health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
+            if self.poll_address() and health_status(self.address) == health_pb2.HealthCheckResponse.SERVING:
                 return self
             time.sleep(0.05)
         raise TimeoutError(f"{self.service} not SERVING within {timeout}s{self._log_tail()}")
+
+    def poll_address(self) -> str:
+        """The bound address once this process has written its port file
+        (a file left by an earlier process of the same service is ignored)."""
+        if not self.address and self.process is not None:
+            ports = read_port_file(self.port_file)
+            if ports and ports.get("pid") == self.process.pid:
+                self.address = ports["address"]
+        return self.address
 
     def _log_tail(self) -> str:
         if not self.log_path or not os.path.exists(self.log_path):

@@ -1,0 +1,387 @@
+"""The TF Serving front door of the gateway: `tensorflow.serving.PredictionService`
+and `ModelService`, routed to model-server replicas.
+
+The hot path reads only the request's `model_spec` (field 1 of every request,
+or of the first task of a MultiInference request) straight from the wire
+bytes, resolves it to a replica, and forwards the request bytes unparsed; the
+replica's response bytes come back unparsed too.
+
+Routing data comes from two registries in etcd, watched read-only (the one
+exception to "a service never reads another service's prefix", for the hot
+path): `/cloudml/models/routes/` (one `ModelRoute` per model, written by the
+models service) and `/cloudml/models/endpoints/` (one `ReplicaEndpoint` per
+loaded replica, written by the replica under its lease).
+
+Naming and tenancy
+------------------
+Model names are per tenant. A caller with a token names its own tenant's
+models plainly (`linear`). Any model may also be named `<tenant>.<model>`
+(names are DNS labels, so the dot is unambiguous): that is how callers from
+other tenants, and callers without a token, address a *public* model. A
+model that is not the caller's and not public answers exactly as a missing
+one (NOT_FOUND), so other tenants' models are never revealed. Admins reach
+every model by its qualified name.
+
+Version resolution (TF Serving's rules, plus the platform's traffic split):
+an explicit `version` must be AVAILABLE; a `version_label` must exist
+(INVALID_ARGUMENT otherwise, as TF Serving); with neither, the traffic split
+picks among its AVAILABLE versions, else the default version, else the
+highest AVAILABLE one.
+
+Balancing: least outstanding requests between two random choices
+(power of two choices) among the version's AVAILABLE replicas. A request that
+fails with UNAVAILABLE (the replica died or its queue is full) is retried
+once on another replica. The client's deadline travels with the request.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from cloudml.models.v1 import models_service_pb2 as models_pb
+from cloudml.tfs.tensorflow_serving.apis import get_model_status_pb2, model_pb2
+from services.common import errors
+from services.common.etcd import Etcd, Mirror
+from services.common.tokens import Principal, TokenVerifier, bearer_from_metadata
+
+log = logging.getLogger(__name__)
+
+ROUTES_PREFIX = "/cloudml/models/routes/"
+ENDPOINTS_PREFIX = "/cloudml/models/endpoints/"
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+FORWARDED_METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
+TFS_METHODS = frozenset(
+    {f"/{PREDICTION_SERVICE}/{m}" for m in FORWARDED_METHODS}
+    | {f"/{MODEL_SERVICE}/GetModelStatus", f"/{MODEL_SERVICE}/HandleReloadConfigRequest"}
+)
+
+AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
+
+# Metadata that belongs to one hop.
+_HOP = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-encoding",
+                  "grpc-timeout", "accept-encoding", "host"})
+
+
+# --- reading model_spec off the wire --------------------------------------------
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _field1(data: bytes) -> bytes | None:
+    """The bytes of the first length-delimited field number 1, or None."""
+    pos, end = 0, len(data)
+    while pos < end:
+        tag, pos = _varint(data, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            if number == 1:
+                return data[pos:pos + length]
+            pos += length
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    if pos > end:
+        raise ValueError("truncated message")
+    return None
+
+
+def model_spec_of(method: str, request: bytes) -> model_pb2.ModelSpec:
+    """The request's ModelSpec (for MultiInference: its first task's)."""
+    try:
+        spec_bytes = _field1(request)
+        if method == "MultiInference" and spec_bytes is not None:
+            spec_bytes = _field1(spec_bytes)
+        return model_pb2.ModelSpec.FromString(spec_bytes or b"")
+    except Exception:  # noqa: BLE001 - any malformed input is the caller's
+        raise errors.InvalidArgument("could not parse the request's model_spec") from None
+
+
+# --- the routing table ------------------------------------------------------------
+
+@dataclass(eq=False)
+class Backend:
+    key: str
+    address: str
+    version: int
+    outstanding: int = 0
+    callables: dict = field(default_factory=dict)
+
+
+class RoutingTable:
+    """Mirrors of the two registries, indexed for the hot path."""
+
+    def __init__(self, etcd: Etcd, channel_for):
+        self._channel_for = channel_for
+        self.routes_mirror = Mirror(etcd, ROUTES_PREFIX, decode=lambda kv: models_pb.ModelRoute.FromString(kv.value))
+        self.endpoints_mirror = Mirror(etcd, ENDPOINTS_PREFIX,
+                                       decode=lambda kv: models_pb.ReplicaEndpoint.FromString(kv.value))
+        self.routes_mirror.listeners.append(self._rebuild_routes)
+        self.endpoints_mirror.listeners.append(self._rebuild_endpoints)
+        self.routes: dict[tuple[str, str], models_pb.ModelRoute] = {}
+        self.backends: dict[tuple[str, str, int], list[Backend]] = {}
+        self._by_key: dict[str, Backend] = {}
+
+    def start(self) -> None:
+        self.routes_mirror.start()
+        self.endpoints_mirror.start()
+
+    async def wait_synced(self, timeout: float) -> None:
+        await self.routes_mirror.wait_synced(timeout)
+        await self.endpoints_mirror.wait_synced(timeout)
+
+    async def stop(self) -> None:
+        await self.routes_mirror.stop()
+        await self.endpoints_mirror.stop()
+
+    def _rebuild_routes(self) -> None:
+        self.routes = {(r.tenant, r.model): r for r in self.routes_mirror.items.values()}
+
+    def _rebuild_endpoints(self) -> None:
+        backends: dict[tuple[str, str, int], list[Backend]] = {}
+        by_key: dict[str, Backend] = {}
+        for key, ep in self.endpoints_mirror.items.items():
+            if ep.state != AVAILABLE or not ep.address:
+                continue
+            backend = self._by_key.get(key)
+            if backend is None or backend.address != ep.address:
+                backend = Backend(key, ep.address, ep.version)
+            by_key[key] = backend
+            backends.setdefault((ep.tenant, ep.model, ep.version), []).append(backend)
+        self._by_key = by_key
+        self.backends = backends
+
+    def available_versions(self, tenant: str, model: str) -> list[int]:
+        return sorted(v for (t, m, v) in self.backends if t == tenant and m == model)
+
+    def callable(self, backend: Backend, method: str):
+        fn = backend.callables.get(method)
+        if fn is None:
+            channel = self._channel_for(backend.address)
+            fn = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            backend.callables[method] = fn
+        return fn
+
+
+def _not_found(name: str, version: int | None) -> errors.NotFound:
+    if version is None:
+        return errors.NotFound(f"Servable not found for request: Latest({name})")
+    return errors.NotFound(f"Servable not found for request: Specific({name}, {version})")
+
+
+class PredictRouter:
+    def __init__(self, table: RoutingTable, verifier: TokenVerifier, registry: CollectorRegistry):
+        self.table = table
+        self.verifier = verifier
+        self.requests = Counter(
+            "cloudml_gateway_model_requests_total", "Model API requests through the gateway.",
+            ("model", "version", "api", "code"), registry=registry,
+        )
+        self.latency = Histogram(
+            "cloudml_gateway_model_request_seconds", "Latency of model API requests through the gateway.",
+            ("model", "version", "api"), registry=registry,
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+
+    # --- who and what ---------------------------------------------------------------
+
+    def caller(self, metadata) -> Principal | None:
+        token = bearer_from_metadata(metadata)
+        if token is None:
+            return None
+        if not self.verifier.loaded:
+            raise errors.Unavailable("token verification keys not loaded yet; retry")
+        return self.verifier.verify(token)
+
+    def route_for(self, caller: Principal | None, name: str, version_for_message: int | None):
+        """(tenant, model, route) for a requested name, or NOT_FOUND."""
+        if "." in name:
+            tenant, _, model = name.partition(".")
+        elif caller is not None:
+            tenant, model = caller.tenant, name
+        else:
+            raise errors.Unauthenticated(
+                "missing bearer token: send 'authorization: Bearer <token>', or name a public model "
+                "as <tenant>.<model>"
+            )
+        route = self.table.routes.get((tenant, model))
+        if route is None or not (route.public or (caller is not None and caller.may_access(tenant))):
+            raise _not_found(name, version_for_message)
+        return tenant, model, route
+
+    def resolve(self, caller: Principal | None, spec: model_pb2.ModelSpec) -> tuple[str, str, int]:
+        """(tenant, model, version) that should answer this spec."""
+        if not spec.name:
+            raise errors.InvalidArgument("Missing ModelSpec")
+        explicit = spec.version.value if spec.HasField("version") else None
+        tenant, model, route = self.route_for(caller, spec.name, explicit)
+        available = self.table.available_versions(tenant, model)
+        if explicit is not None:
+            if explicit not in available:
+                raise _not_found(spec.name, explicit)
+            return tenant, model, explicit
+        if spec.version_label:
+            version = route.labels.get(spec.version_label)
+            if version is None:
+                raise errors.InvalidArgument(f"Unrecognized servable version label: {spec.version_label}")
+            if version not in available:
+                raise _not_found(spec.name, version)
+            return tenant, model, version
+        if not available:
+            raise _not_found(spec.name, None)
+        split = [(t.version, t.percent) for t in route.traffic_split if t.version in available and t.percent > 0]
+        if split:
+            total = sum(p for _, p in split)
+            pick = random.uniform(0, total)
+            for version, percent in split:
+                pick -= percent
+                if pick <= 0:
+                    return tenant, model, version
+            return tenant, model, split[-1][0]
+        if route.default_version and route.default_version in available:
+            return tenant, model, route.default_version
+        return tenant, model, available[-1]
+
+    def pick(self, tenant: str, model: str, version: int, exclude: Backend | None = None) -> Backend | None:
+        candidates = self.table.backends.get((tenant, model, version), ())
+        if exclude is not None:
+            candidates = [b for b in candidates if b is not exclude]
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = random.sample(candidates, 2)
+        return a if a.outstanding <= b.outstanding else b
+
+    # --- forwarding -----------------------------------------------------------------
+
+    async def forward(self, api: str, request: bytes, metadata, timeout: float | None) -> bytes:
+        """Routes one request and returns the replica's response bytes.
+        Raises typed errors, or grpc.aio.AioRpcError relayed from the replica."""
+        started = time.perf_counter()
+        spec = model_spec_of(api, request)
+        label_model, label_version, code = spec.name or "-", "-", "OK"
+        try:
+            caller = self.caller(metadata)
+            tenant, model, version = self.resolve(caller, spec)
+            label_version = str(version)
+            method = f"/{PREDICTION_SERVICE}/{api}"
+            forwarded = tuple((k, v) for k, v in metadata if k not in _HOP and not k.startswith(":"))
+            backend = self.pick(tenant, model, version)
+            if backend is None:
+                raise _not_found(spec.name, version)
+            for attempt in (0, 1):
+                current = backend
+                current.outstanding += 1
+                try:
+                    return await self.table.callable(current, method)(request, metadata=forwarded, timeout=timeout)
+                except grpc.aio.AioRpcError as err:
+                    retry = self.pick(tenant, model, version, exclude=current) if attempt == 0 else None
+                    if err.code() != grpc.StatusCode.UNAVAILABLE or retry is None:
+                        raise
+                    log.info("replica %s unavailable (%s); retrying on %s", current.address,
+                             err.details(), retry.address)
+                    backend = retry
+                finally:
+                    current.outstanding -= 1
+            raise AssertionError("unreachable")
+        except errors.CloudMLError as err:
+            code = err.code.name
+            raise
+        except grpc.aio.AioRpcError as err:
+            code = err.code().name
+            raise
+        finally:
+            self.requests.labels(label_model, label_version, api, code).inc()
+            self.latency.labels(label_model, label_version, api).observe(time.perf_counter() - started)
+
+    # --- ModelService.GetModelStatus, answered from the registry ---------------------
+
+    def model_status(self, caller: Principal | None, spec: model_pb2.ModelSpec) -> get_model_status_pb2.GetModelStatusResponse:
+        if not spec.name:
+            raise errors.InvalidArgument("Missing ModelSpec")
+        explicit = spec.version.value if spec.HasField("version") else None
+        try:
+            _, _, route = self.route_for(caller, spec.name, explicit)
+        except errors.NotFound:
+            raise errors.NotFound(f"Could not find any versions of model {spec.name}") from None
+        versions = sorted(route.versions, key=lambda v: v.version)
+        if spec.version_label:
+            labelled = route.labels.get(spec.version_label)
+            if labelled is None:
+                raise errors.InvalidArgument(f"Unrecognized servable version label: {spec.version_label}")
+            explicit = labelled
+        if explicit is not None:
+            versions = [v for v in versions if v.version == explicit]
+            if not versions:
+                raise errors.NotFound(f"Could not find version {explicit} of model {spec.name}")
+        if not versions:
+            raise errors.NotFound(f"Could not find any versions of model {spec.name}")
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for v in versions:
+            status = response.model_version_status.add(version=v.version, state=int(v.state))
+            status.status.error_code = v.status.code
+            status.status.error_message = v.status.message
+        return response
+
+
+class TfServingHandler(grpc.GenericRpcHandler):
+    """gRPC handlers for the TF Serving services on the gateway's port."""
+
+    def __init__(self, router: PredictRouter):
+        self.router = router
+        self._handlers = {f"/{PREDICTION_SERVICE}/{api}": self._forwarder(api) for api in FORWARDED_METHODS}
+        self._handlers[f"/{MODEL_SERVICE}/GetModelStatus"] = grpc.unary_unary_rpc_method_handler(
+            self._get_model_status,
+            request_deserializer=get_model_status_pb2.GetModelStatusRequest.FromString,
+            response_serializer=get_model_status_pb2.GetModelStatusResponse.SerializeToString,
+        )
+        self._handlers[f"/{MODEL_SERVICE}/HandleReloadConfigRequest"] = grpc.unary_unary_rpc_method_handler(
+            self._reload_config, request_deserializer=None, response_serializer=None)
+
+    def service(self, handler_call_details):
+        return self._handlers.get(handler_call_details.method)
+
+    def _forwarder(self, api: str) -> grpc.RpcMethodHandler:
+        router = self.router
+
+        async def handle(request: bytes, context) -> bytes:
+            try:
+                return await router.forward(api, request, context.invocation_metadata(), context.time_remaining())
+            except grpc.aio.AioRpcError as err:
+                await context.abort(err.code(), err.details() or "",
+                                    trailing_metadata=tuple(err.trailing_metadata() or ()))
+
+        return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=None, response_serializer=None)
+
+    async def _get_model_status(self, request, context):
+        caller = self.router.caller(context.invocation_metadata())
+        return self.router.model_status(caller, request.model_spec)
+
+    async def _reload_config(self, request, context):
+        raise errors.Unimplemented(
+            "HandleReloadConfigRequest is not supported: deploy models with the platform's models API "
+            "(cloudml models create)"
+        )
