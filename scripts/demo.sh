@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The platform's main job, end to end, as a user runs it:
+#   start the platform, create a tenant and its access key, log in as that
+#   tenant and show its quota. (Train -> deploy -> Predict are added as the
+#   jobs and models services land.)
+# Idempotent: re-running reuses the data dir (state survives) and the tenant.
+#   CLOUDML_DEMO_DIR   data dir (default: ./.demo)
+#   CLOUDML_GRPC_PORT  gateway gRPC port (default 8500), CLOUDML_REST_PORT (8501)
+#   CLOUDML_DEMO_KEEP=1 leaves the platform running at the end
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+DATA="${CLOUDML_DEMO_DIR:-$PWD/.demo}"
+GRPC_PORT="${CLOUDML_GRPC_PORT:-8500}"
+REST_PORT="${CLOUDML_REST_PORT:-8501}"
+export PATH="$PWD/.venv/bin:$PATH"
+export CLOUDML_CONFIG="$DATA/cli-config.json"
+unset CLOUDML_ENDPOINT CLOUDML_ACCESS_KEY CLOUDML_SECRET_KEY
+
+step() { printf '\n==> %s\n' "$*"; }
+cleanup() {
+  if [ "${CLOUDML_DEMO_KEEP:-0}" != 1 ]; then
+    step "cloudml-platform down"
+    cloudml-platform down --data-dir "$DATA" || true
+  fi
+}
+trap cleanup EXIT
+
+step "cloudml-platform up --data-dir $DATA --grpc-port $GRPC_PORT --rest-port $REST_PORT --detach"
+cloudml-platform up --data-dir "$DATA" --grpc-port "$GRPC_PORT" --rest-port "$REST_PORT" --detach
+cloudml-platform status --data-dir "$DATA"
+
+step "cloudml configure --from-file $DATA/credentials.json   (the admin's credentials)"
+cloudml configure --from-file "$DATA/credentials.json"
+cloudml auth whoami
+
+step "cloudml tenants create demo"
+if ! cloudml tenants describe demo >/dev/null 2>&1; then
+  cloudml tenants create demo --description "the demo team"
+fi
+cloudml tenants list
+
+step "cloudml quota set --tenant demo --cpu 2 --memory 4Gi --train-jobs 4"
+cloudml quota set --tenant demo --cpu 2 --memory 4Gi --train-jobs 4
+
+step "cloudml keys create --tenant demo   (a key for the demo team)"
+key_json="$(cloudml keys create --tenant demo --description "demo script" -o json)"
+access_key="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["access_key"]["access_key_id"])' <<<"$key_json")"
+secret_key="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["secret_key"])' <<<"$key_json")"
+echo "access key: $access_key"
+
+step "log in as the demo tenant (CLOUDML_ACCESS_KEY / CLOUDML_SECRET_KEY)"
+export CLOUDML_ACCESS_KEY="$access_key" CLOUDML_SECRET_KEY="$secret_key"
+cloudml auth whoami
+token="$(cloudml auth print-access-token)"
+echo "bearer token: ${token:0:24}...(${#token} chars)"
+
+step "cloudml quota get   (as the demo tenant)"
+cloudml quota get
+
+step "a member cannot manage tenants (expected: PERMISSION_DENIED)"
+if cloudml tenants create not-allowed 2>&1; then
+  echo "unexpected: a member created a tenant" >&2; exit 1
+fi
+echo
+echo "demo finished: platform data in $DATA"
