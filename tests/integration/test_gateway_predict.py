@@ -1,0 +1,319 @@
+"""The gateway's Predict routing, as a real gateway process reading a real etcd
+registry, in front of stand-in replicas (real gRPC servers that answer with
+their own identity). The real model server behind the same gateway is
+covered by the conformance suite; this file pins the routing rules: naming
+and tenancy, versions, labels, traffic split, default version, balancing,
+retry on a dead replica, deadlines, and GetModelStatus."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import threading
+
+import grpc
+import pytest
+
+from cloudml.auth.v1 import auth_service_pb2 as auth_pb
+from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from cloudml.models.v1 import models_service_pb2 as models_pb
+from cloudml.tfs.tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+from deploy.local.etcd import EtcdProcess, free_port
+from deploy.local.service_process import ServiceProcess, service_command
+from services.common.etcd import Etcd, Session
+
+ADMIN = ("AKGWPREDICTADMIN0000", "admin-secret")
+SERVICE = ("AKGWPREDICTSERVICE00", "service-secret")
+AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
+
+
+class Replicas:
+    """Stand-in model-server replicas in one background event loop."""
+
+    def __init__(self, etcd_endpoint: str):
+        self.etcd_endpoint = etcd_endpoint
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.servers: dict[str, grpc.aio.Server] = {}
+        self.hits = collections.Counter()
+        self.etcd = self.run(Etcd.connect(etcd_endpoint))
+        self.session = self.run(Session(self.etcd, ttl=5).start())
+
+    def run(self, coro, timeout=10):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def add(self, tenant: str, model: str, version: int, replica: str, *, delay: float = 0.0,
+            register_as: str | None = None) -> str:
+        hits = self.hits
+
+        async def predict(request: bytes, context):
+            req = predict_pb2.PredictRequest.FromString(request)
+            hits[replica] += 1
+            if delay:
+                await asyncio.sleep(delay)
+            resp = predict_pb2.PredictResponse()
+            resp.model_spec.name = req.model_spec.name
+            resp.model_spec.version.value = version
+            resp.model_spec.signature_name = req.model_spec.signature_name or "serving_default"
+            resp.outputs["replica"].dtype = 7  # DT_STRING
+            resp.outputs["replica"].string_val.append(replica.encode())
+            return resp.SerializeToString()
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details):
+                if details.method == "/tensorflow.serving.PredictionService/Predict":
+                    return grpc.unary_unary_rpc_method_handler(predict)
+                return None
+
+        async def start():
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((Handler(),))
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            self.servers[replica] = server
+            endpoint = models_pb.ReplicaEndpoint(tenant=tenant, model=model, version=version,
+                                                 replica_id=replica, address=f"127.0.0.1:{port}", state=AVAILABLE)
+            key = register_as or f"/cloudml/models/endpoints/{tenant}/{model}/{version}/{replica}"
+            await self.session.keep(key, endpoint.SerializeToString())
+            return key
+
+        return self.run(start())
+
+    def kill(self, replica: str) -> None:
+        """Stops the server but leaves its registration (as a crash before the lease expires)."""
+        self.run(self.servers.pop(replica).stop(0))
+
+    def route(self, route: models_pb.ModelRoute) -> None:
+        self.run(self.etcd.put(f"/cloudml/models/routes/{route.tenant}/{route.model}", route.SerializeToString()))
+
+    def close(self):
+        for server in self.servers.values():
+            self.run(server.stop(0))
+        self.run(self.session.close())
+        self.run(self.etcd.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def versions(*pairs):
+    return [models_pb.VersionRoute(version=v, state=s) for v, s in pairs]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gwp")
+    etcd = EtcdProcess(str(d / "etcd")).start()
+    (d / "boot.json").write_text(json.dumps({"keys": [
+        {"access_key": ADMIN[0], "secret_key": ADMIN[1], "tenant": "admin"},
+        {"access_key": SERVICE[0], "secret_key": SERVICE[1], "tenant": "admin"},
+    ]}))
+    (d / "svc.json").write_text(json.dumps({"access_key": SERVICE[0], "secret_key": SERVICE[1]}))
+    auth = ServiceProcess("auth", service_command("auth", etcd.endpoint, str(d / "auth.port"),
+                                                  extra=["--bootstrap-file", str(d / "boot.json")]),
+                          str(d / "auth.port"), log_path=str(d / "auth.log")).start().wait_serving()
+    gateway = ServiceProcess(
+        "gateway", service_command("gateway", etcd.endpoint, str(d / "gw.port"), listen=f"127.0.0.1:{free_port()}",
+                                   credentials_file=str(d / "svc.json"),
+                                   extra=["--rest-listen", f"127.0.0.1:{free_port()}"]),
+        str(d / "gw.port"), log_path=str(d / "gw.log")).start().wait_serving()
+    channel = grpc.insecure_channel(gateway.address)
+    auth_stub = auth_grpc.AuthServiceStub(channel)
+    admin_token = auth_stub.IssueToken(auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token
+    admin_md = (("authorization", f"Bearer {admin_token}"),)
+    tokens = {}
+    for tenant in ("team-a", "team-b"):
+        auth_stub.CreateTenant(auth_pb.CreateTenantRequest(name=tenant), metadata=admin_md)
+        key = auth_stub.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant=tenant), metadata=admin_md)
+        tokens[tenant] = auth_stub.IssueToken(auth_pb.IssueTokenRequest(
+            access_key_id=key.access_key.access_key_id, secret_key=key.secret_key)).token
+    replicas = Replicas(etcd.endpoint)
+
+    # team-a/linear: v1 (two replicas) and v2, labels, default 1.
+    replicas.add("team-a", "linear", 1, "lin-1a")
+    replicas.add("team-a", "linear", 1, "lin-1b")
+    replicas.add("team-a", "linear", 2, "lin-2a")
+    replicas.route(models_pb.ModelRoute(tenant="team-a", model="linear", default_version=1,
+                                        labels={"stable": 1, "canary": 2, "ghost": 9},
+                                        versions=versions((1, AVAILABLE), (2, AVAILABLE))))
+    # team-a/public-model: public, one version.
+    replicas.add("team-a", "shared", 3, "shared-3")
+    replicas.route(models_pb.ModelRoute(tenant="team-a", model="shared", public=True,
+                                        versions=versions((3, AVAILABLE))))
+    # team-b/linear: same name in another tenant.
+    replicas.add("team-b", "linear", 7, "b-lin-7")
+    replicas.route(models_pb.ModelRoute(tenant="team-b", model="linear", versions=versions((7, AVAILABLE))))
+    import time
+    time.sleep(0.5)  # let the gateway's watch catch up
+    yield {"channel": channel, "replicas": replicas, "admin": admin_md,
+           "a": (("authorization", f"Bearer {tokens['team-a']}"),),
+           "b": (("authorization", f"Bearer {tokens['team-b']}"),)}
+    channel.close()
+    replicas.close()
+    gateway.stop()
+    auth.stop()
+    etcd.stop()
+
+
+def predict(env, name, metadata, version=None, label=None, timeout=5):
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = name
+    if version is not None:
+        req.model_spec.version.value = version
+    if label:
+        req.model_spec.version_label = label
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(env["channel"])
+    return stub.Predict(req, metadata=metadata, timeout=timeout)
+
+
+def replica_of(resp) -> str:
+    return resp.outputs["replica"].string_val[0].decode()
+
+
+def code_of(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as err:
+        fn()
+    return err.value.code(), err.value.details()
+
+
+def test_plain_name_resolves_in_callers_tenant(env):
+    assert replica_of(predict(env, "linear", env["a"])) in {"lin-1a", "lin-1b"}  # default version 1
+    assert replica_of(predict(env, "linear", env["b"])) == "b-lin-7"
+
+
+def test_response_echoes_model_spec(env):
+    resp = predict(env, "linear", env["a"], version=2)
+    assert resp.model_spec.name == "linear" and resp.model_spec.version.value == 2
+
+
+def test_explicit_version_and_label(env):
+    assert replica_of(predict(env, "linear", env["a"], version=2)) == "lin-2a"
+    assert replica_of(predict(env, "linear", env["a"], label="canary")) == "lin-2a"
+    assert replica_of(predict(env, "linear", env["a"], label="stable")) in {"lin-1a", "lin-1b"}
+
+
+def test_unknown_version_is_not_found_with_tf_serving_message(env):
+    code, details = code_of(lambda: predict(env, "linear", env["a"], version=5))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert details == "Servable not found for request: Specific(linear, 5)"
+
+
+def test_unknown_label_is_invalid_argument(env):
+    code, details = code_of(lambda: predict(env, "linear", env["a"], label="nope"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "Unrecognized servable version label: nope"
+
+
+def test_label_to_unavailable_version_is_not_found(env):
+    code, _ = code_of(lambda: predict(env, "linear", env["a"], label="ghost"))
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_model_is_not_found(env):
+    code, details = code_of(lambda: predict(env, "nope", env["a"]))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert details == "Servable not found for request: Latest(nope)"
+
+
+def test_other_tenants_private_model_looks_missing(env):
+    code_b, details_b = code_of(lambda: predict(env, "team-a.linear", env["b"]))
+    code_x, details_x = code_of(lambda: predict(env, "team-a.nothing", env["b"]))
+    assert code_b == code_x == grpc.StatusCode.NOT_FOUND
+    assert details_b.replace("linear", "X") == details_x.replace("nothing", "X")
+
+
+def test_public_model_by_qualified_name_without_token_and_from_other_tenant(env):
+    assert replica_of(predict(env, "team-a.shared", ())) == "shared-3"
+    assert replica_of(predict(env, "team-a.shared", env["b"])) == "shared-3"
+
+
+def test_no_token_and_plain_name_is_unauthenticated(env):
+    code, _ = code_of(lambda: predict(env, "linear", ()))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_bad_token_is_unauthenticated_even_for_public_model(env):
+    code, _ = code_of(lambda: predict(env, "team-a.shared", (("authorization", "Bearer x.y.z"),)))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_admin_reaches_any_model_by_qualified_name(env):
+    assert replica_of(predict(env, "team-b.linear", env["admin"])) == "b-lin-7"
+
+
+def test_empty_model_spec_is_invalid_argument(env):
+    code, _ = code_of(lambda: predict(env, "", env["a"]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_requests_spread_over_replicas(env):
+    seen = collections.Counter(replica_of(predict(env, "linear", env["a"], version=1)) for _ in range(40))
+    assert set(seen) == {"lin-1a", "lin-1b"} and min(seen.values()) >= 5
+
+
+def test_traffic_split_between_versions(env):
+    r = env["replicas"]
+    r.add("team-a", "split", 1, "s-1")
+    r.add("team-a", "split", 2, "s-2")
+    r.route(models_pb.ModelRoute(tenant="team-a", model="split",
+                                 traffic_split=[models_pb.TrafficTarget(version=1, percent=90),
+                                                models_pb.TrafficTarget(version=2, percent=10)],
+                                 versions=versions((1, AVAILABLE), (2, AVAILABLE))))
+    import time
+    time.sleep(0.3)
+    seen = collections.Counter(replica_of(predict(env, "split", env["a"])) for _ in range(300))
+    assert 0.8 < seen["s-1"] / 300 < 0.97, seen
+    assert replica_of(predict(env, "split", env["a"], version=2)) == "s-2"
+
+
+def test_dead_replica_is_retried_on_another(env):
+    r = env["replicas"]
+    r.add("team-a", "failover", 1, "f-1")
+    r.add("team-a", "failover", 1, "f-2")
+    r.route(models_pb.ModelRoute(tenant="team-a", model="failover", versions=versions((1, AVAILABLE))))
+    import time
+    time.sleep(0.3)
+    r.kill("f-1")  # registration stays: the gateway still routes to it
+    for _ in range(20):
+        assert replica_of(predict(env, "failover", env["a"])) == "f-2"
+
+
+def test_client_deadline_is_honoured(env):
+    r = env["replicas"]
+    r.add("team-a", "slow", 1, "slow-1", delay=2.0)
+    r.route(models_pb.ModelRoute(tenant="team-a", model="slow", versions=versions((1, AVAILABLE))))
+    import time
+    time.sleep(0.3)
+    start = time.monotonic()
+    code, _ = code_of(lambda: predict(env, "slow", env["a"], timeout=0.3))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - start < 1.0
+
+
+def test_get_model_status_from_registry(env):
+    stub = model_service_pb2_grpc.ModelServiceStub(env["channel"])
+    req = get_model_status_pb2.GetModelStatusRequest()
+    req.model_spec.name = "linear"
+    resp = stub.GetModelStatus(req, metadata=env["a"])
+    assert [(s.version, s.state) for s in resp.model_version_status] == [(1, 30), (2, 30)]
+    req.model_spec.version.value = 2
+    assert [s.version for s in stub.GetModelStatus(req, metadata=env["a"]).model_version_status] == [2]
+    req.model_spec.version.value = 9
+    code, details = code_of(lambda: stub.GetModelStatus(req, metadata=env["a"]))
+    assert code == grpc.StatusCode.NOT_FOUND and details == "Could not find version 9 of model linear"
+    req2 = get_model_status_pb2.GetModelStatusRequest()
+    req2.model_spec.name = "nothing"
+    code, details = code_of(lambda: stub.GetModelStatus(req2, metadata=env["a"]))
+    assert code == grpc.StatusCode.NOT_FOUND and details == "Could not find any versions of model nothing"
+
+
+def test_reload_config_is_unimplemented(env):
+    from cloudml.tfs.tensorflow_serving.apis import model_management_pb2
+    stub = model_service_pb2_grpc.ModelServiceStub(env["channel"])
+    code, _ = code_of(lambda: stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(),
+                                                             metadata=env["admin"]))
+    assert code == grpc.StatusCode.UNIMPLEMENTED
