@@ -86,6 +86,7 @@ class AuthCore:
         self._changed = asyncio.Event()
         self._tenant_locks: dict[str, asyncio.Lock] = {}
         self._ready = False
+        self._mirrors_loaded = False
 
     # --- start-up -------------------------------------------------------------------
 
@@ -100,6 +101,10 @@ class AuthCore:
         self._keys.start()
         await self._signing.wait_synced(10)
         await self._keys.wait_synced(10)
+        # Publish only now: with just the signing keys loaded, the verifier
+        # would accept tokens of revoked keys.
+        self._mirrors_loaded = True
+        self._keys_changed()
         self._ready = True
 
     def ready(self) -> bool:
@@ -156,6 +161,8 @@ class AuthCore:
     # --- verification keys ------------------------------------------------------------
 
     def _keys_changed(self) -> None:
+        if not self._mirrors_loaded:
+            return  # start() publishes once both mirrors are loaded
         now = self.clock()
         public = {kid: rec["public_pem"] for kid, rec in
                   ((k.rsplit("/", 1)[-1], v) for k, v in self._signing.items.items())}
@@ -230,8 +237,9 @@ class AuthCore:
         start = None
         if page_token:
             try:
-                after = base64.urlsafe_b64decode(page_token.encode()).decode()
-            except (ValueError, UnicodeDecodeError):
+                after = base64.b64decode(page_token.encode(), altchars=b"-_", validate=True).decode()
+                validation.check_name(after)
+            except (ValueError, UnicodeDecodeError, errors.InvalidArgument):
                 raise errors.InvalidArgument("page_token is not one this service issued") from None
             start = store.tenant_key(after) + "\0"
         kvs, _, more = await self.etcd.get_prefix(store.TENANTS, start=start, limit=size)
@@ -255,8 +263,7 @@ class AuthCore:
             )
         # Revoke its keys first: once the tenant is gone nothing may act for it.
         now = self.clock()
-        for record in [r for r in self._keys.items.values() if r.tenant == name and not r.revoked]:
-            await self._revoke(record.access_key_id, now)
+        await self._revoke_tenant_keys(name, now)
         ok, _ = await self.etcd.txn(
             # A reservation made since the count would have changed usage.
             [cmp_mod_revision(store.tenant_key(name), kv.mod_revision),
@@ -265,6 +272,17 @@ class AuthCore:
         )
         if not ok:
             raise errors.Conflict(f"tenant {name!r} changed while being deleted; retry")
+        # A key created between the first pass and the delete (creation
+        # compares the tenant's revision, so none can follow the delete).
+        await self._revoke_tenant_keys(name, now)
+
+    async def _revoke_tenant_keys(self, name: str, now: float) -> None:
+        # Read from etcd, not the mirror: a key created a moment ago may not
+        # have reached the mirror's watch yet.
+        kvs, _, _ = await self.etcd.get_prefix(store.KEYS)
+        for record in (store.KeyRecord.decode(kv.value) for kv in kvs):
+            if record.tenant == name and not record.revoked:
+                await self._revoke(record.access_key_id, now)
 
     # --- access keys ------------------------------------------------------------------
 
@@ -282,15 +300,22 @@ class AuthCore:
         return message
 
     async def create_access_key(self, caller: Principal, tenant: str, description: str) -> tuple[pb.AccessKey, str]:
-        await self._visible_tenant(caller, tenant)
+        _, tenant_kv = await self._visible_tenant(caller, tenant)
         secret = new_secret_key()
         salt = secrets.token_hex(8)
         record = store.KeyRecord(
             access_key_id=new_access_key_id(), tenant=tenant, salt=salt,
             secret_hash=_hash_secret(salt, secret), description=description[:200], created=self.clock(),
         )
-        if not await self.etcd.create(store.access_key_key(record.access_key_id), record.encode()):
-            raise errors.Conflict("access key id collision; retry")
+        key = store.access_key_key(record.access_key_id)
+        # Only while the tenant exists as read: a concurrent DeleteTenant must
+        # not leave a live key behind.
+        ok, _ = await self.etcd.txn(
+            [cmp_absent(key), cmp_mod_revision(store.tenant_key(tenant), tenant_kv.mod_revision)],
+            [op_put(key, record.encode())],
+        )
+        if not ok:
+            raise errors.Conflict(f"tenant {tenant!r} changed (or key id collision) while creating the key; retry")
         return self._key_message(record), secret
 
     async def list_access_keys(self, caller: Principal, tenant: str) -> list[pb.AccessKey]:

@@ -1,0 +1,154 @@
+"""Fixtures for integration tests that talk to a real auth service process.
+
+`auth_service` is one auth process for the whole session, on the session etcd
+(`tests/conftest.py`). Its keys are global under `/cloudml/auth/`, so there is
+one auth per etcd: tests share it and keep apart by using unique tenant names
+(`new_tenant`). Tests that kill or restart etcd or auth start their own with
+`start_auth` on their own `EtcdProcess`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from cloudml.auth.v1 import auth_service_pb2 as pb
+from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
+from deploy.local.service_process import ServiceProcess, service_command
+
+ADMIN_ACCESS_KEY = "AKTESTADMIN000000000"
+
+
+def start_auth(etcd_endpoint: str, workdir: str, *, admin_secret: str, wait: bool = True) -> ServiceProcess:
+    """Starts `python -m services.auth` on 127.0.0.1:0 with a bootstrap admin key."""
+    os.makedirs(workdir, exist_ok=True)
+    bootstrap = os.path.join(workdir, "bootstrap.json")
+    with open(bootstrap, "w") as f:
+        json.dump({"keys": [{"access_key": ADMIN_ACCESS_KEY, "secret_key": admin_secret, "tenant": "admin"}]}, f)
+    port_file = os.path.join(workdir, "auth.port")
+    proc = ServiceProcess(
+        "auth",
+        service_command("auth", etcd_endpoint, port_file, extra=["--bootstrap-file", bootstrap]),
+        port_file,
+        log_path=os.path.join(workdir, "auth.log"),
+    ).start()
+    if wait:
+        proc.wait_serving(20)
+    return proc
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass
+class Client:
+    """A sync AuthService stub acting as one principal."""
+
+    stub: pb_grpc.AuthServiceStub
+    access_key_id: str = ""
+    secret_key: str = ""
+    token: str = ""
+    tenant: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def md(self):
+        return bearer(self.token)
+
+    def call(self, method: str, request, timeout: float = 10.0):
+        return getattr(self.stub, method)(request, metadata=self.md, timeout=timeout)
+
+    def login(self, ttl_seconds: int = 0, audience: str = "") -> "Client":
+        self.token = self.stub.IssueToken(
+            pb.IssueTokenRequest(
+                access_key_id=self.access_key_id, secret_key=self.secret_key,
+                ttl_seconds=ttl_seconds, audience=audience,
+            ),
+            timeout=10,
+        ).token
+        return self
+
+
+@dataclass
+class AuthService:
+    process: ServiceProcess
+    channel: grpc.Channel
+    stub: pb_grpc.AuthServiceStub
+    admin: Client
+    admin_secret: str
+
+    @property
+    def address(self) -> str:
+        return self.process.address
+
+    def new_tenant(self, prefix: str = "t", description: str = "") -> Client:
+        """Creates a uniquely named tenant and returns a logged-in member client of it."""
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        self.admin.call("CreateTenant", pb.CreateTenantRequest(name=name, description=description))
+        return self.member_of(name)
+
+    def as_key(self, access_key_id: str, secret_key: str, tenant: str = "") -> Client:
+        """A logged-in client for an existing key (e.g. after a restart)."""
+        return Client(self.stub, access_key_id, secret_key, tenant=tenant).login()
+
+    def member_of(self, tenant: str, description: str = "") -> Client:
+        created = self.admin.call("CreateAccessKey", pb.CreateAccessKeyRequest(tenant=tenant, description=description))
+        return Client(self.stub, created.access_key.access_key_id, created.secret_key, tenant=tenant).login()
+
+
+def connect(process: ServiceProcess, admin_secret: str) -> AuthService:
+    channel = grpc.insecure_channel(process.address)
+    stub = pb_grpc.AuthServiceStub(channel)
+    admin = Client(stub, ADMIN_ACCESS_KEY, admin_secret, tenant="admin").login()
+    return AuthService(process, channel, stub, admin, admin_secret)
+
+
+class AuthLauncher:
+    """Starts auth processes for one test (on etcds of its own) and stops them after it."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.secret = secrets.token_urlsafe(24)
+        self.processes: list[ServiceProcess] = []
+        self.services: list[AuthService] = []
+
+    def start(self, etcd_endpoint: str, *, wait: bool = True) -> ServiceProcess:
+        # A directory per process (port file, log); all share the admin key.
+        workdir = os.path.join(self.workdir, str(len(self.processes)))
+        process = start_auth(etcd_endpoint, workdir, admin_secret=self.secret, wait=wait)
+        self.processes.append(process)
+        return process
+
+    def connect(self, process: ServiceProcess) -> AuthService:
+        service = connect(process, self.secret)
+        self.services.append(service)
+        return service
+
+    def close(self) -> None:
+        for service in self.services:
+            service.channel.close()
+        for process in self.processes:
+            process.kill()
+
+
+@pytest.fixture
+def auth_launcher(tmp_path):
+    launcher = AuthLauncher(str(tmp_path / "auth"))
+    yield launcher
+    launcher.close()
+
+
+@pytest.fixture(scope="session")
+def auth_service(etcd_server, tmp_path_factory):
+    secret = secrets.token_urlsafe(24)
+    process = start_auth(etcd_server.endpoint, str(tmp_path_factory.mktemp("auth")), admin_secret=secret)
+    service = connect(process, secret)
+    yield service
+    service.channel.close()
+    process.stop()
