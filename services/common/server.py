@@ -4,7 +4,7 @@ A service's `__main__` parses `Settings` (once), then calls
 `run(settings, factory)` with a factory that builds its `ServiceApp`. This
 module owns everything around the app:
 
-- a `grpc.aio` server with the interceptors (observability, errors, auth),
+- a `grpc.aio` server with the interceptor pipeline (observability, errors, auth),
   `grpc.health.v1` and reflection, bound on `--listen` (port 0 allowed: the
   bound port is written to `--port-file`);
 - health NOT_SERVING until etcd answers and the app reports ready, and back
@@ -38,12 +38,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from services.common import errors
 from services.common.etcd import Etcd, Session
 from services.common.identity import ServiceIdentity, follow_verification_keys
-from services.common.interceptors import (
-    AuthInterceptor,
-    ErrorInterceptor,
-    ObservabilityInterceptor,
-    ServerMetrics,
-)
+from services.common.interceptors import ServerMetrics, ServerPipeline
 from services.common.registry import Directory, register
 from services.common.tokens import TokenVerifier
 
@@ -190,11 +185,7 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
     app = factory(platform)
 
     server = grpc.aio.server(
-        interceptors=[
-            ObservabilityInterceptor(ServerMetrics(metrics_registry)),
-            ErrorInterceptor(),
-            AuthInterceptor(verifier, app.public_methods),
-        ],
+        interceptors=[ServerPipeline(ServerMetrics(metrics_registry), verifier, app.public_methods)],
         options=SERVER_OPTIONS,
     )
     health_servicer = health.aio.HealthServicer()

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pbg
 from services.common import errors
-from services.common.interceptors import AuthInterceptor, ErrorInterceptor, ObservabilityInterceptor, ServerMetrics
+from services.common.interceptors import ServerMetrics, ServerPipeline
 from services.common.tokens import TokenVerifier, principal
 
 
@@ -45,8 +45,7 @@ async def server():
     registry = CollectorRegistry()
     svc = "/cloudml.auth.v1.AuthService/"
     srv = grpc.aio.server(interceptors=[
-        ObservabilityInterceptor(ServerMetrics(registry)), ErrorInterceptor(),
-        AuthInterceptor(verifier, frozenset({svc + "IssueToken", svc + "WatchVerificationKeys"})),
+        ServerPipeline(ServerMetrics(registry), verifier, frozenset({svc + "IssueToken", svc + "WatchVerificationKeys"})),
     ])
     pbg.add_AuthServiceServicer_to_server(Fake(), srv)
     port = srv.add_insecure_port("127.0.0.1:0")
