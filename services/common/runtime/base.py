@@ -62,6 +62,9 @@ class ReplicaRequest:
     replica_id: str
     group: str
     argv: list[str]
+    # The replica's environment. `local` adds only a minimal base from the
+    # service's own (PATH, HOME, LANG, TMPDIR, ...; never its credentials)
+    # under these, and CUDA_VISIBLE_DEVICES over them.
     env: dict[str, str]
     workdir: str
     # Combined stdout+stderr of the replica, appended.
@@ -94,6 +97,9 @@ class ReplicaStatus:
     gpu_ids: tuple[int, ...] = ()
     started_at: float = 0.0
     finished_at: float = 0.0
+    # Human-readable detail for events, e.g. "exited with code 3",
+    # "memory limit exceeded: 312 MiB used, limit 100 MiB", "cannot run x: ...".
+    message: str = ""
 
     @property
     def ended(self) -> bool:
