@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Calls a model deployed on Cloud-ML through the gateway with the stock
+TensorFlow Serving gRPC client, unmodified, as any app would (the seed's
+client, with a bearer token added).
+
+    python examples/predict_client.py --endpoint 127.0.0.1:8500 --model linear \
+        --token "$(cloudml auth print-access-token)" \
+        --input keys:int32:1,2 --input X:float32:10,30
+
+Each --input is NAME:DTYPE:comma-separated values, sent as a column [n, 1].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--endpoint", default="127.0.0.1:8500")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--version", type=int)
+    parser.add_argument("--signature", default="serving_default")
+    parser.add_argument("--token", default="", help="bearer token (omit for a public model)")
+    parser.add_argument("--input", action="append", required=True, help="NAME:DTYPE:v1,v2,...")
+    parser.add_argument("--timeout", type=float, default=10.0)
+    args = parser.parse_args()
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = args.model
+    request.model_spec.signature_name = args.signature
+    if args.version:
+        request.model_spec.version.value = args.version
+    for item in args.input:
+        name, dtype, values = item.split(":", 2)
+        column = np.array([float(v) for v in values.split(",")], dtype=dtype).reshape(-1, 1)
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(column))
+
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    with grpc.insecure_channel(args.endpoint) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = stub.Predict(request, args.timeout, metadata=metadata)
+    result = {name: tf.make_ndarray(tensor).tolist() for name, tensor in response.outputs.items()}
+    print(json.dumps({"model_spec": {"name": response.model_spec.name,
+                                     "version": response.model_spec.version.value,
+                                     "signature_name": response.model_spec.signature_name},
+                      "outputs": result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

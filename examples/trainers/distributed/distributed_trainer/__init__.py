@@ -1,0 +1,1 @@
+"""Distributed linear regression trainer: `python -m distributed_trainer.task`."""

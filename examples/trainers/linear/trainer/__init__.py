@@ -1,0 +1,1 @@
+"""The linear regression demo trainer: `python -m trainer.task`."""

@@ -1,0 +1,463 @@
+"""Per-package Python environments for trainers, cached by content hash.
+
+Before a job's replicas start, the jobs service installs the job's trainer
+package (an sdist `.tar.gz` or a `.whl`) into an environment of its own:
+
+    env = await EnvCache(root).ensure("/jobs/j1/trainer-1.0.tar.gz", log)
+    # run replicas as: env.python -m trainer.task ...
+
+Layout: `root/<key>/` is a venv, `key` = sha256 of the package bytes and the
+base interpreter's path. `root/<key>/.cloudml-ready` is written (atomically)
+only after a successful install, so a directory without it is a half-built
+environment (a crash or a cancel mid-install) and is rebuilt. A per-key
+`flock` on `root/<key>.lock` makes concurrent `ensure` calls for the same
+package, in this process or another, install once; the others wait and then
+take the ready environment. A cache hit is one `stat` after hashing the file.
+
+The platform's packages (TensorFlow, `cloudml` for `cloudml.report`, ...) are
+visible in every environment without being reinstalled:
+
+- The platform's interpreter is usually itself a venv, so `--system-site-packages`
+  would expose the *base* interpreter, not the platform's packages. Instead the
+  new env gets `zzz_cloudml_platform.pth` with one line per platform
+  site-packages directory, `import site; site.addsitedir(DIR)`. `addsitedir`
+  appends DIR after the env's own site-packages (the trainer's packages win)
+  and also processes the `.pth` files there (the platform's editable install
+  of `cloudml`).
+- uv decides what is installed by scanning the target env's own site-packages,
+  so it would not see those packages and would download TensorFlow again for a
+  trainer that declares `tensorflow`. The install therefore passes
+  `--excludes` with every distribution the platform provides: uv resolves and
+  installs only what the platform lacks, and never contacts an index for
+  TensorFlow (offline installs work too). Excluding drops version checks on
+  those packages, so a check that runs in the new env afterwards compares every
+  requirement of the newly installed distributions with the versions the
+  platform provides, and fails the install with a clear message on a conflict
+  (e.g. a trainer pinning `tensorflow<2`): a trainer cannot replace the
+  platform's packages.
+
+This module imports neither TensorFlow nor grpc.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import posixpath
+import re
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+__all__ = ["EnvCache", "EnvInfo", "InstallFailed", "FetchFailed", "fetch", "find_uv"]
+
+READY_MARKER = ".cloudml-ready"
+PLATFORM_PTH = "zzz_cloudml_platform.pth"
+EXCLUDES_FILE = ".cloudml-platform-packages.txt"
+_LAYOUT_VERSION = b"cloudml-env-v1"
+_PACKAGE_SUFFIXES = (".tar.gz", ".whl", ".zip")
+_HASH_IN_THREAD_BYTES = 8 << 20
+_TAIL_LINES = 40
+
+Log = Callable[[str], None]
+
+
+class InstallFailed(Exception):
+    """The trainer package could not be installed; the message says why
+    (including the useful tail of uv's output)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class FetchFailed(InstallFailed):
+    """The trainer package could not be fetched from its URI."""
+
+
+@dataclass(frozen=True)
+class EnvInfo:
+    key: str
+    path: str  # the environment's directory
+    python: str  # its interpreter: run replicas as `python -m module`
+    cached: bool = False  # True when ensure() found it ready
+
+
+@dataclass(frozen=True)
+class _Platform:
+    site_dirs: tuple[str, ...]  # the base interpreter's site-packages, in order
+    dists: tuple[str, ...]  # distribution names installed there
+    version: str  # "3.11"
+
+
+def find_uv() -> Optional[str]:
+    """The uv executable: on PATH, else the one the `uv` PyPI package ships
+    in the running interpreter's environment; None if neither."""
+    found = shutil.which("uv")
+    if found:
+        return found
+    try:
+        from uv import find_uv_bin
+    except ImportError:
+        return None
+    try:
+        return find_uv_bin()
+    except Exception:
+        return None
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _package_name(filename: str) -> str:
+    """The distribution name in a wheel or sdist file name (canonical form)."""
+    if filename.endswith(".whl"):
+        return _canonical(filename.split("-", 1)[0])
+    stem = filename[: -len(".tar.gz")] if filename.endswith(".tar.gz") else os.path.splitext(filename)[0]
+    return _canonical(stem.rsplit("-", 1)[0])
+
+
+def _error_tail(lines: Sequence[str]) -> str:
+    """The part of uv's output that explains a failure: from its last error
+    header (`error:` / `×`) to the end, trimmed in the middle if long."""
+    lines = [line for line in lines if line.strip()]
+    start = None
+    for i, line in enumerate(lines):
+        stripped = line.lstrip()
+        if stripped.startswith(("error:", "×")):
+            start = i
+    tail = lines[start:] if start is not None else lines[-20:]
+    if len(tail) > _TAIL_LINES:
+        tail = tail[:5] + ["  ..."] + tail[-(_TAIL_LINES - 6):]
+    return "\n".join(tail)
+
+
+_PLATFORM_PROBE = r"""
+import importlib.metadata as md, json, os, site, sys
+dirs = [d for d in site.getsitepackages() if os.path.isdir(d)]
+names = set()
+for dist in md.distributions(path=dirs):
+    name = dist.metadata["Name"] if dist.metadata else None
+    if name:
+        names.add(name)
+print(json.dumps({"site_dirs": dirs, "dists": sorted(names), "version": "%d.%d" % sys.version_info[:2]}))
+"""
+
+# Runs in the new environment after the install: the platform's directories
+# are on sys.path, and every requirement of a distribution installed in the
+# env is met by what is visible (the platform's versions included).
+_ENV_CHECK = r"""
+import importlib.metadata as md, json, sys
+env_site, platform_dirs = sys.argv[1], json.loads(sys.argv[2])
+problems = []
+missing = [d for d in platform_dirs if d not in sys.path]
+if missing:
+    problems.append("the platform's packages are not visible: %s not on sys.path" % ", ".join(missing))
+try:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+except ImportError:
+    Requirement = None
+if Requirement is not None:
+    visible = {}
+    for dist in md.distributions():
+        if dist.metadata and dist.metadata["Name"]:
+            visible.setdefault(canonicalize_name(dist.metadata["Name"]), dist.version)
+    for dist in md.distributions(path=[env_site]):
+        who = "%s %s" % (dist.metadata["Name"], dist.version)
+        for spec in dist.requires or []:
+            try:
+                req = Requirement(spec)
+                if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                    continue
+            except Exception:
+                continue
+            have = visible.get(canonicalize_name(req.name))
+            if have is None:
+                problems.append("%s requires %s, which is not installed" % (who, req))
+            elif req.specifier and not req.specifier.contains(have, prereleases=True):
+                problems.append("%s requires %s, but the platform provides %s %s" % (who, req, req.name, have))
+print(json.dumps(problems))
+sys.exit(1 if problems else 0)
+"""
+
+
+class EnvCache:
+    """Trainer-package environments under `root`, built with uv from `base_python`.
+
+    `install_args` are extra `uv pip install` flags (an index URL,
+    `--find-links DIR`, `--offline`, ...).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        base_python: str = sys.executable,
+        *,
+        uv: Optional[str] = None,
+        install_args: Sequence[str] = (),
+        lock_poll_seconds: float = 0.05,
+    ):
+        self.root = os.path.abspath(root)
+        # abspath, not realpath: a venv's python is a symlink to the base
+        # interpreter, and resolving it would lose the venv (and its packages).
+        self.base_python = os.path.abspath(base_python)
+        self.uv = uv or find_uv() or "uv"
+        self.install_args = tuple(install_args)
+        self.lock_poll_seconds = lock_poll_seconds
+        self._platform: Optional[_Platform] = None
+
+    # -- keys and paths ---------------------------------------------------
+
+    def _hash(self, package_path: str) -> str:
+        digest = hashlib.sha256()
+        digest.update(_LAYOUT_VERSION + b"\0" + os.fsencode(self.base_python) + b"\0")
+        with open(package_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    async def key_for(self, package_path: str) -> str:
+        if os.path.getsize(package_path) > _HASH_IN_THREAD_BYTES:
+            return await asyncio.to_thread(self._hash, package_path)
+        return self._hash(package_path)
+
+    def _info(self, key: str, cached: bool) -> EnvInfo:
+        path = os.path.join(self.root, key)
+        return EnvInfo(key=key, path=path, python=os.path.join(path, "bin", "python"), cached=cached)
+
+    def is_ready(self, key: str) -> bool:
+        return os.path.exists(os.path.join(self.root, key, READY_MARKER))
+
+    # -- the entry point --------------------------------------------------
+
+    async def ensure(self, package_path: str, log: Optional[Log] = None) -> EnvInfo:
+        """Returns a ready environment with `package_path` installed, building
+        it unless it is cached. Raises InstallFailed."""
+        if log is None:
+            log = lambda line: None  # noqa: E731
+        package_path = os.path.abspath(package_path)
+        name = os.path.basename(package_path)
+        if not name.endswith(_PACKAGE_SUFFIXES):
+            raise InstallFailed(f"{name}: a trainer package must be an sdist (.tar.gz) or a wheel (.whl)")
+        try:
+            key = await self.key_for(package_path)
+        except OSError as exc:
+            raise InstallFailed(f"cannot read trainer package {package_path}: {exc}") from exc
+        if self.is_ready(key):
+            return self._info(key, cached=True)
+
+        os.makedirs(self.root, exist_ok=True)
+        async with self._key_lock(key, log):
+            if self.is_ready(key):  # built by whoever held the lock
+                log(f"using environment {key[:12]} built by a concurrent install")
+                return self._info(key, cached=True)
+            await self._build(package_path, self._info(key, cached=False), log)
+        return self._info(key, cached=False)
+
+    # -- locking ----------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _key_lock(self, key: str, log: Log):
+        """An exclusive flock on root/<key>.lock, polled so that waiting never
+        blocks the event loop and a cancelled waiter leaves nothing behind.
+        flock locks belong to the open file, so two coroutines of one process
+        exclude each other as two processes do."""
+        fd = os.open(os.path.join(self.root, f"{key}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            waited = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not waited:
+                        log(f"waiting for another install of the same package (environment {key[:12]})")
+                        waited = True
+                    await asyncio.sleep(self.lock_poll_seconds)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    # -- building ---------------------------------------------------------
+
+    async def _platform_info(self) -> _Platform:
+        if self._platform is None:
+            lines: list[str] = []
+            rc = await self._run([self.base_python, "-I", "-c", _PLATFORM_PROBE], lines.append)
+            if rc != 0:
+                raise InstallFailed(f"cannot inspect the platform interpreter {self.base_python}:\n" + "\n".join(lines[-20:]))
+            data = json.loads(lines[-1])
+            self._platform = _Platform(tuple(data["site_dirs"]), tuple(data["dists"]), data["version"])
+        return self._platform
+
+    async def _build(self, package_path: str, env: EnvInfo, log: Log) -> None:
+        started = time.monotonic()
+        if os.path.lexists(env.path):
+            log(f"discarding half-built environment {env.path}")
+            await asyncio.to_thread(shutil.rmtree, env.path, True)
+        platform = await self._platform_info()
+        try:
+            await self._create(env, platform, log)
+            await self._install(package_path, env, platform, log)
+            await self._check(env, platform)
+        except BaseException:
+            # Leave no half-built env behind on failure; on a cancel or crash
+            # the missing marker makes the next ensure() rebuild it anyway.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.to_thread(shutil.rmtree, env.path, True))
+            raise
+        marker = {
+            "key": env.key,
+            "package": os.path.basename(package_path),
+            "base_python": self.base_python,
+            "platform_site_dirs": list(platform.site_dirs),
+            "created": time.time(),
+        }
+        tmp = os.path.join(env.path, READY_MARKER + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(marker, f)
+        os.replace(tmp, os.path.join(env.path, READY_MARKER))
+        log(f"environment {env.key[:12]} ready in {time.monotonic() - started:.1f}s")
+
+    def _site_packages(self, env: EnvInfo, platform: _Platform) -> str:
+        return os.path.join(env.path, "lib", f"python{platform.version}", "site-packages")
+
+    async def _create(self, env: EnvInfo, platform: _Platform, log: Log) -> None:
+        lines: collections.deque[str] = collections.deque(maxlen=200)
+        rc = await self._run(
+            [self.uv, "venv", env.path, "--python", self.base_python, "--no-project"], self._tee(log, lines)
+        )
+        if rc != 0:
+            raise InstallFailed(f"creating the environment failed (uv venv exit {rc}):\n{_error_tail(lines)}")
+        site_packages = self._site_packages(env, platform)
+        if not os.path.isdir(site_packages):
+            raise InstallFailed(f"uv venv did not create {site_packages}")
+        with open(os.path.join(site_packages, PLATFORM_PTH), "w") as f:
+            f.write("# The Cloud-ML platform's packages (TensorFlow, cloudml, ...), after this env's own.\n")
+            for directory in platform.site_dirs:
+                f.write(f"import site; site.addsitedir({directory!r})\n")
+
+    async def _install(self, package_path: str, env: EnvInfo, platform: _Platform, log: Log) -> None:
+        own = _package_name(os.path.basename(package_path))
+        excludes = os.path.join(env.path, EXCLUDES_FILE)
+        with open(excludes, "w") as f:
+            f.writelines(f"{name}\n" for name in platform.dists if _canonical(name) != own)
+        lines: collections.deque[str] = collections.deque(maxlen=400)
+        log(f"installing {os.path.basename(package_path)}")
+        rc = await self._run(
+            [self.uv, "pip", "install", "--python", env.python, "--excludes", excludes, *self.install_args, package_path],
+            self._tee(log, lines),
+        )
+        if rc != 0:
+            raise InstallFailed(
+                f"installing {os.path.basename(package_path)} failed (uv exit {rc}):\n{_error_tail(lines)}"
+            )
+
+    async def _check(self, env: EnvInfo, platform: _Platform) -> None:
+        lines: list[str] = []
+        rc = await self._run(
+            [env.python, "-I", "-c", _ENV_CHECK, self._site_packages(env, platform), json.dumps(platform.site_dirs)],
+            lines.append,
+        )
+        if rc == 0:
+            return
+        try:
+            problems = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            problems = lines[-20:]
+        raise InstallFailed("the trainer package conflicts with the platform:\n" + "\n".join(problems))
+
+    @staticmethod
+    def _tee(log: Log, lines: collections.deque) -> Log:
+        def both(line: str) -> None:
+            lines.append(line)
+            log(line)
+
+        return both
+
+    async def _run(self, argv: Sequence[str], on_line: Log) -> int:
+        """Runs argv, passing each output line (stdout and stderr merged) to
+        `on_line` as it comes. A cancel kills the process group."""
+        env = dict(os.environ)
+        env.pop("VIRTUAL_ENV", None)
+        env.update({"NO_COLOR": "1", "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never", "PYTHONUNBUFFERED": "1"})
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=self.root,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise InstallFailed(f"cannot run {argv[0]}: {exc}") from exc
+        try:
+            pending = b""
+            while True:
+                chunk = await proc.stdout.read(65536)
+                if not chunk:
+                    break
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for raw in complete:
+                    on_line(raw.decode(errors="replace").rstrip("\r"))
+            if pending:
+                on_line(pending.decode(errors="replace").rstrip("\r"))
+            return await proc.wait()
+        except BaseException:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
+                await asyncio.shield(proc.wait())
+            raise
+
+
+async def fetch(uri: str, dest_dir: str) -> str:
+    """Copies the trainer package at `uri` (a path, `file://...`, or any
+    fsspec URI such as `s3://bucket/trainer-1.0.tar.gz`) into `dest_dir` under
+    its own file name and returns the local path. Raises FetchFailed."""
+    return await asyncio.to_thread(_fetch, uri, dest_dir)
+
+
+def _fetch(uri: str, dest_dir: str) -> str:
+    import fsspec  # only when fetching: keeps importing this module cheap
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError) as exc:  # unknown protocol / backend not installed
+        raise FetchFailed(f"cannot fetch trainer package {uri}: {exc}") from exc
+    name = posixpath.basename(path.rstrip("/"))
+    if not name:
+        raise FetchFailed(f"trainer package URI has no file name: {uri}")
+    os.makedirs(dest_dir, exist_ok=True)
+    dest = os.path.join(dest_dir, name)
+    tmp = f"{dest}.part-{os.getpid()}-{threading.get_ident()}"
+    try:
+        if fs.isdir(path):
+            raise FetchFailed(f"trainer package URI is a directory, not a .tar.gz or .whl: {uri}")
+        fs.get_file(path, tmp)
+        os.replace(tmp, dest)
+    except FetchFailed:
+        raise
+    except FileNotFoundError as exc:
+        raise FetchFailed(f"trainer package not found: {uri}") from exc
+    except Exception as exc:
+        raise FetchFailed(f"cannot fetch trainer package {uri}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return dest
