@@ -1,34 +1,79 @@
 """The gateway's HTTP listener (TF Serving's REST port, 8501 by default).
 
-Serves liveness and readiness probes and Prometheus metrics (also at TF
-Serving's `/monitoring/prometheus/metrics` path). Errors are JSON
-`{"error": "..."}` with an HTTP status, as TF Serving answers.
+TF Serving's REST API, routed exactly as the gRPC side (`predict.PredictRouter`):
+
+    POST /v1/models/{name}[/versions/{n}|/labels/{l}]:predict|:classify|:regress
+    GET  /v1/models/{name}[/versions/{n}|/labels/{l}]            (status)
+    GET  /v1/models/{name}[/versions/{n}|/labels/{l}]/metadata
+
+JSON bodies are converted without TensorFlow (`tfs_json`); the input dtypes
+come from the version's signatures, fetched once per version from a replica
+(GetModelMetadata) and cached (a version's SavedModel never changes). Errors
+are `{"error": "..."}` with TF Serving's HTTP codes. Authentication:
+`Authorization: Bearer <token>`; a public model needs none when named
+`<tenant>.<model>`.
+
+Beyond TF Serving: `GET /v1/models` lists the caller's models, `/healthz`
+(alive) and `/readyz` (routing data and the auth keys loaded), and Prometheus
+metrics at `/metrics` and TF Serving's `/monitoring/prometheus/metrics`.
 """
 from __future__ import annotations
 
 import logging
+import re
 from typing import Callable
 
+import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from cloudml.tfs.tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    model_pb2,
+    predict_pb2,
+    regression_pb2,
+)
+from services.common import errors
+from services.gateway import tfs_json
+from services.gateway.predict import PredictRouter
+
 log = logging.getLogger(__name__)
+
+# TF Serving matches its REST paths case-insensitively.
+_MODEL_PATH = re.compile(
+    r"^/v1/models/(?P<name>[^/:]+)"
+    r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
+    r"(?::(?P<verb>predict|classify|regress)|(?P<metadata>/metadata))?/?$",
+    re.IGNORECASE,
+)
+DEFAULT_TIMEOUT = 60.0
+_METADATA_CACHE_LIMIT = 4096
+
+
+def json_response(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json")
 
 
 def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return json_response(status, tfs_json.error_json(message))
 
 
 class RestServer:
-    def __init__(self, listen: str, registry: CollectorRegistry, ready: Callable[[], bool]):
+    def __init__(self, listen: str, registry: CollectorRegistry, ready: Callable[[], bool],
+                 router: PredictRouter | None = None):
         self.listen = listen
         self.registry = registry
         self.ready = ready
-        self.app = web.Application(middlewares=[self._errors])
+        self.router = router
+        self._metadata: dict[tuple[str, str, int], get_model_metadata_pb2.GetModelMetadataResponse] = {}
+        self.app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/monitoring/prometheus/metrics", self._metrics)
+        self.app.router.add_get("/v1/models", self._list_models)
+        self.app.router.add_route("*", "/v1/models/{tail:.*}", self._model)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -39,7 +84,20 @@ class RestServer:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
+            if exc.status == 404:
+                return json_error(404, f"Malformed request: {request.method} {request.path}")
             return json_error(exc.status, exc.reason or "error")
+        except tfs_json.JsonError as err:
+            return json_response(err.http_status, err.to_json())
+        except errors.CloudMLError as err:
+            return json_error(tfs_json.http_status_for_grpc(err.code), err.message)
+        except grpc.aio.AioRpcError as err:
+            return json_error(tfs_json.http_status_for_grpc(err.code()), err.details() or err.code().name)
+        except Exception:  # noqa: BLE001 - the client gets a 500, the log the traceback
+            log.exception("REST %s %s failed", request.method, request.path)
+            return json_error(500, "internal error")
+
+    # --- probes and metrics -----------------------------------------------------------
 
     async def _healthz(self, request):
         return web.json_response({"status": "ok"})
@@ -51,6 +109,125 @@ class RestServer:
 
     async def _metrics(self, request):
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # --- TF Serving's API -----------------------------------------------------------------
+
+    @staticmethod
+    def _metadata_of(request: web.Request) -> tuple[tuple[str, str], ...]:
+        header = request.headers.get("Authorization")
+        out = [("authorization", header)] if header else []
+        rid = request.headers.get("X-Request-Id")
+        if rid:
+            out.append(("x-request-id", rid))
+        return tuple(out)
+
+    async def _list_models(self, request):
+        caller = self._router().caller(self._metadata_of(request))
+        if caller is None:
+            raise errors.Unauthenticated("missing bearer token: send 'Authorization: Bearer <token>'")
+        table = self._router().table
+        models = []
+        for (tenant, model), route in sorted(table.routes.items()):
+            if tenant != caller.tenant:
+                continue
+            models.append({
+                "name": model,
+                "public": route.public,
+                "qualified_name": f"{tenant}.{model}",
+                "default_version": str(route.default_version) if route.default_version else "",
+                "labels": {k: str(v) for k, v in sorted(route.labels.items())},
+                "versions": [{"version": str(v.version),
+                              "state": tfs_json_state(v.state),
+                              "ready_replicas": len(table.backends.get((tenant, model, v.version), ()))}
+                             for v in sorted(route.versions, key=lambda v: v.version)],
+            })
+        return web.json_response({"models": models})
+
+    def _router(self) -> PredictRouter:
+        if self.router is None:
+            raise errors.Unavailable("model routing is not enabled on this gateway")
+        return self.router
+
+    async def _model(self, request: web.Request):
+        match = _MODEL_PATH.match(request.path)
+        if not match:
+            raise web.HTTPNotFound()
+        name, verb = match["name"], (match["verb"] or "").lower()
+        version = None
+        if match["version"] is not None:
+            try:
+                version = int(match["version"])
+            except ValueError:
+                raise tfs_json.JsonError(f"Failed to convert version: {match['version']} to numeric.") from None
+        label = match["label"]
+        metadata = self._metadata_of(request)
+        if request.method == "GET" and not verb:
+            if match["metadata"]:
+                return await self._get_metadata(name, version, label, metadata)
+            return self._get_status(name, version, label, metadata)
+        if request.method != "POST" or not verb:
+            raise web.HTTPNotFound()
+        body = await request.read()
+        if verb == "predict":
+            return await self._predict(name, version, label, body, metadata)
+        return await self._classify_or_regress(verb, name, version, label, body, metadata)
+
+    def _spec(self, name: str, version: int | None, label: str | None, signature: str = "") -> model_pb2.ModelSpec:
+        spec = model_pb2.ModelSpec(name=name, signature_name=signature)
+        if version is not None:
+            spec.version.value = version
+        if label:
+            spec.version_label = label
+        return spec
+
+    def _get_status(self, name, version, label, metadata):
+        router = self._router()
+        response = router.model_status(router.caller(metadata), self._spec(name, version, label))
+        return json_response(200, tfs_json.model_status_to_json(response))
+
+    async def _fetch_metadata(self, name, version, label, metadata):
+        """The signatures of the version that would answer (cached per version)."""
+        router = self._router()
+        tenant, model, resolved = router.resolve(router.caller(metadata), self._spec(name, version, label))
+        key = (tenant, model, resolved)
+        cached = self._metadata.get(key)
+        if cached is not None:
+            return cached, resolved
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.CopyFrom(self._spec(name, resolved, None))
+        raw = await router.forward("GetModelMetadata", request.SerializeToString(), metadata, DEFAULT_TIMEOUT)
+        response = get_model_metadata_pb2.GetModelMetadataResponse.FromString(raw)
+        if len(self._metadata) >= _METADATA_CACHE_LIMIT:
+            self._metadata.clear()
+        self._metadata[key] = response
+        return response, resolved
+
+    async def _get_metadata(self, name, version, label, metadata):
+        response, _ = await self._fetch_metadata(name, version, label, metadata)
+        return json_response(200, tfs_json.model_metadata_to_json(response))
+
+    async def _predict(self, name, version, label, body, metadata):
+        doc, signature_name = tfs_json.load_request_json(body)
+        signatures, resolved = await self._fetch_metadata(name, version, label, metadata)
+        parsed = tfs_json.parse_predict_request(doc, signatures, model_name=name, version=resolved)
+        parsed.request.model_spec.signature_name = signature_name
+        raw = await self._router().forward("Predict", parsed.request.SerializeToString(), metadata, DEFAULT_TIMEOUT)
+        response = predict_pb2.PredictResponse.FromString(raw)
+        return json_response(200, tfs_json.predict_response_to_json(response, parsed.row_format))
+
+    async def _classify_or_regress(self, verb, name, version, label, body, metadata):
+        if verb == "classify":
+            request = tfs_json.classification_request_from_json(body, model_name=name, version=version,
+                                                                 version_label=label)
+            raw = await self._router().forward("Classify", request.SerializeToString(), metadata, DEFAULT_TIMEOUT)
+            return json_response(200, tfs_json.classification_response_to_json(
+                classification_pb2.ClassificationResponse.FromString(raw)))
+        request = tfs_json.regression_request_from_json(body, model_name=name, version=version, version_label=label)
+        raw = await self._router().forward("Regress", request.SerializeToString(), metadata, DEFAULT_TIMEOUT)
+        return json_response(200, tfs_json.regression_response_to_json(
+            regression_pb2.RegressionResponse.FromString(raw)))
+
+    # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         host, _, port = self.listen.rpartition(":")
@@ -64,3 +241,10 @@ class RestServer:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+
+
+_STATES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}
+
+
+def tfs_json_state(state: int) -> str:
+    return _STATES.get(int(state), "UNKNOWN")

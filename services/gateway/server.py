@@ -36,7 +36,7 @@ class GatewayApp(ServiceApp):
         self.table = RoutingTable(platform.etcd, platform.directory.channel_for)
         self.router = PredictRouter(self.table, platform.verifier, platform.metrics_registry)
         rest_listen = getattr(platform.settings.extra, "rest_listen", None)
-        self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready) if rest_listen else None
+        self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router) if rest_listen else None
         self._started = False
 
     def add_to_server(self, server) -> None:

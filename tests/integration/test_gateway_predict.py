@@ -63,12 +63,33 @@ class Replicas:
             resp.model_spec.signature_name = req.model_spec.signature_name or "serving_default"
             resp.outputs["replica"].dtype = 7  # DT_STRING
             resp.outputs["replica"].string_val.append(replica.encode())
+            resp.outputs["replica"].tensor_shape.dim.add(size=1)
+            return resp.SerializeToString()
+
+        async def metadata(request: bytes, context):
+            from cloudml.tfs.tensorflow.core.protobuf import meta_graph_pb2
+            from cloudml.tfs.tensorflow_serving.apis import get_model_metadata_pb2
+            req = get_model_metadata_pb2.GetModelMetadataRequest.FromString(request)
+            sig = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+            sig.inputs["x"].name = "x:0"
+            sig.inputs["x"].dtype = 1  # DT_FLOAT
+            sig.inputs["x"].tensor_shape.dim.add(size=-1)
+            sig.outputs["replica"].name = "r:0"
+            sig.outputs["replica"].dtype = 7
+            sigmap = get_model_metadata_pb2.SignatureDefMap()
+            sigmap.signature_def["serving_default"].CopyFrom(sig)
+            resp = get_model_metadata_pb2.GetModelMetadataResponse()
+            resp.model_spec.name = req.model_spec.name
+            resp.model_spec.version.value = version
+            resp.metadata["signature_def"].Pack(sigmap)
             return resp.SerializeToString()
 
         class Handler(grpc.GenericRpcHandler):
             def service(self, details):
                 if details.method == "/tensorflow.serving.PredictionService/Predict":
                     return grpc.unary_unary_rpc_method_handler(predict)
+                if details.method == "/tensorflow.serving.PredictionService/GetModelMetadata":
+                    return grpc.unary_unary_rpc_method_handler(metadata)
                 return None
 
         async def start():
@@ -116,10 +137,11 @@ def env(tmp_path_factory):
     auth = ServiceProcess("auth", service_command("auth", etcd.endpoint, str(d / "auth.port"),
                                                   extra=["--bootstrap-file", str(d / "boot.json")]),
                           str(d / "auth.port"), log_path=str(d / "auth.log")).start().wait_serving()
+    rest_port = free_port()
     gateway = ServiceProcess(
         "gateway", service_command("gateway", etcd.endpoint, str(d / "gw.port"), listen=f"127.0.0.1:{free_port()}",
                                    credentials_file=str(d / "svc.json"),
-                                   extra=["--rest-listen", f"127.0.0.1:{free_port()}"]),
+                                   extra=["--rest-listen", f"127.0.0.1:{rest_port}"]),
         str(d / "gw.port"), log_path=str(d / "gw.log")).start().wait_serving()
     channel = grpc.insecure_channel(gateway.address)
     auth_stub = auth_grpc.AuthServiceStub(channel)
@@ -149,7 +171,8 @@ def env(tmp_path_factory):
     replicas.route(models_pb.ModelRoute(tenant="team-b", model="linear", versions=versions((7, AVAILABLE))))
     import time
     time.sleep(0.5)  # let the gateway's watch catch up
-    yield {"channel": channel, "replicas": replicas, "admin": admin_md,
+    yield {"channel": channel, "replicas": replicas, "admin": admin_md, "rest": f"http://127.0.0.1:{rest_port}",
+           "tokens": tokens,
            "a": (("authorization", f"Bearer {tokens['team-a']}"),),
            "b": (("authorization", f"Bearer {tokens['team-b']}"),)}
     channel.close()
@@ -317,3 +340,62 @@ def test_reload_config_is_unimplemented(env):
     code, _ = code_of(lambda: stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(),
                                                              metadata=env["admin"]))
     assert code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def rest(env, method, path, body=None, token=None):
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(env["rest"] + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_rest_predict_row_and_columnar(env):
+    token = env["tokens"]["team-a"]
+    status, body = rest(env, "POST", "/v1/models/linear/versions/2:predict", {"instances": [1.0]}, token)
+    assert status == 200 and body == {"predictions": ["lin-2a"]}
+    status, body = rest(env, "POST", "/v1/models/linear/labels/canary:predict", {"inputs": {"x": [1.0]}}, token)
+    assert status == 200 and body == {"outputs": ["lin-2a"]}
+
+
+def test_rest_public_model_without_token(env):
+    status, body = rest(env, "POST", "/v1/models/team-a.shared:predict", {"instances": [1.0]})
+    assert status == 200 and body == {"predictions": ["shared-3"]}
+
+
+def test_rest_errors_use_tf_serving_codes(env):
+    token = env["tokens"]["team-a"]
+    status, body = rest(env, "POST", "/v1/models/nope:predict", {"instances": [1.0]}, token)
+    assert status == 404 and "Servable not found" in body["error"]
+    status, body = rest(env, "POST", "/v1/models/linear/labels/nope:predict", {"instances": [1.0]}, token)
+    assert status == 400 and "Unrecognized servable version label" in body["error"]
+    status, body = rest(env, "POST", "/v1/models/linear/versions/x:predict", {"instances": [1.0]}, token)
+    assert status == 400 and body["error"] == "Failed to convert version: x to numeric."
+    status, body = rest(env, "POST", "/v1/models/linear:predict", {"instances": [1.0]})
+    assert status == 401
+    status, body = rest(env, "POST", "/v1/models/team-a.linear:predict", {"instances": [1.0]},
+                        env["tokens"]["team-b"])
+    assert status == 404
+    status, body = rest(env, "POST", "/v1/models/linear:explode", {}, token)
+    assert status == 404 and "error" in body
+
+
+def test_rest_status_metadata_and_listing(env):
+    token = env["tokens"]["team-a"]
+    status, body = rest(env, "GET", "/v1/models/linear", token=token)
+    assert status == 200
+    assert [(v["version"], v["state"]) for v in body["model_version_status"]] == [("1", "AVAILABLE"), ("2", "AVAILABLE")]
+    status, body = rest(env, "GET", "/v1/models/linear/versions/2/metadata", token=token)
+    assert status == 200 and body["model_spec"]["version"] == "2"
+    assert "serving_default" in body["metadata"]["signature_def"]["signature_def"]
+    status, body = rest(env, "GET", "/v1/models", token=token)
+    names = {m["name"] for m in body["models"]}
+    assert {"linear", "shared"} <= names
+    status, body = rest(env, "GET", "/v1/models", token=env["tokens"]["team-b"])
+    assert {m["name"] for m in body["models"]} == {"linear"}
