@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Serving figures (issue 4), side by side in one script.
+
+For `half_plus_two` and a 3-layer MLP (1,000-wide layers), at client
+concurrency 1 and 32:
+  - gRPC through the gateway vs. gRPC direct to one model-server replica vs.
+    calling the loaded SavedModel in-process (the limit),
+  - REST through the gateway,
+  - MLP at concurrency 32 with server-side batching on vs. off,
+plus resident memory of the gateway and of one model-server replica.
+
+The platform pieces are the real processes (etcd, auth, gateway, model
+servers); the routing record is written to etcd as the models service would,
+so the figures isolate the Predict hot path. Requests are serialized once and
+sent as bytes by a grpc.aio client, so client-side Python work stays small.
+
+    .venv/bin/python bench/bench_serving.py [--seconds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import aiohttp  # noqa: E402
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+ADMIN = ("AKBENCHSERVEADMIN000", "bench-serve-admin")
+SERVICE = ("AKBENCHSERVESVC00000", "bench-serve-service")
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def summary(latencies: list[float], elapsed: float) -> dict:
+    return {"rps": round(len(latencies) / elapsed, 1), "p50_ms": round(pct(latencies, 0.5) * 1e3, 3),
+            "p99_ms": round(pct(latencies, 0.99) * 1e3, 3)}
+
+
+def build_mlp(directory: str) -> str:
+    import tensorflow as tf
+
+    class MLP(tf.Module):
+        def __init__(self):
+            super().__init__()
+            rng = np.random.default_rng(0)
+            dims = [256, 1000, 1000, 1000, 10]
+            self.ws = [tf.Variable(rng.normal(0, 0.03, (a, b)).astype("float32")) for a, b in zip(dims, dims[1:])]
+            self.bs = [tf.Variable(np.zeros(b, "float32")) for b in dims[1:]]
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 256], tf.float32, name="x")])
+        def serve(self, x):
+            h = x
+            for i, (w, b) in enumerate(zip(self.ws, self.bs)):
+                h = tf.matmul(h, w) + b
+                if i < len(self.ws) - 1:
+                    h = tf.nn.relu(h)
+            return {"y": h}
+
+    module = MLP()
+    path = os.path.join(directory, "mlp", "1")
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return path
+
+
+def predict_bytes(name: str, inputs: dict[str, np.ndarray]) -> bytes:
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    return request.SerializeToString()
+
+
+async def grpc_load(address: str, body: bytes, metadata, concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=None)
+        for _ in range(20):
+            await call(body, metadata=metadata, timeout=10)
+        stop = time.perf_counter() + seconds
+
+        async def worker():
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                await call(body, metadata=metadata, timeout=10)
+                latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return summary(latencies, time.perf_counter() - start)
+
+
+async def rest_load(url: str, body: bytes, token: str, concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(10):
+            async with session.post(url, data=body, headers=headers) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+        stop = time.perf_counter() + seconds
+
+        async def worker():
+            while time.perf_counter() < stop:
+                t = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as resp:
+                    await resp.read()
+                latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return summary(latencies, time.perf_counter() - start)
+
+
+def inprocess_load(fn, inputs: dict, concurrency: int, seconds: float) -> dict:
+    import tensorflow as tf
+
+    tensors = {k: tf.constant(v) for k, v in inputs.items()}
+    for _ in range(20):
+        fn(**tensors)
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    def worker():
+        out = []
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            fn(**tensors)
+            out.append(time.perf_counter() - t)
+        return out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for result in pool.map(lambda _: worker(), range(concurrency)):
+            latencies.extend(result)
+    return summary(latencies, time.perf_counter() - start)
+
+
+def rss_mb(pid: int) -> float:
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+
+    import tensorflow as tf
+    from cloudml.auth.v1 import auth_service_pb2 as auth_pb
+    from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
+    from cloudml.models.v1 import models_service_pb2 as models_pb
+    from deploy.local.etcd import EtcdProcess, free_port
+    from deploy.local.service_process import ServiceProcess, service_command
+    from services.common.etcd import Etcd
+    from tests.conformance.half_plus_two import build_half_plus_two
+
+    d = tempfile.mkdtemp(prefix="cloudml-bench-serving-")
+    hpt_path = build_half_plus_two(os.path.join(d, "half_plus_two"), version=1)
+    mlp_path = build_mlp(d)
+    etcd = EtcdProcess(os.path.join(d, "etcd")).start()
+    with open(os.path.join(d, "boot.json"), "w") as f:
+        json.dump({"keys": [{"access_key": ADMIN[0], "secret_key": ADMIN[1], "tenant": "admin"},
+                            {"access_key": SERVICE[0], "secret_key": SERVICE[1], "tenant": "admin"}]}, f)
+    with open(os.path.join(d, "svc.json"), "w") as f:
+        json.dump({"access_key": SERVICE[0], "secret_key": SERVICE[1]}, f)
+    quiet = ["--log-level", "WARNING"]
+    procs: list[ServiceProcess] = []
+
+    def start(proc: ServiceProcess) -> ServiceProcess:
+        procs.append(proc)
+        return proc.start().wait_serving(120)
+
+    try:
+        auth = start(ServiceProcess("auth", service_command(
+            "auth", etcd.endpoint, os.path.join(d, "auth.port"),
+            extra=["--bootstrap-file", os.path.join(d, "boot.json"), *quiet]),
+            os.path.join(d, "auth.port"), log_path=os.path.join(d, "auth.log")))
+        rest_port = free_port()
+        gateway = start(ServiceProcess("gateway", service_command(
+            "gateway", etcd.endpoint, os.path.join(d, "gw.port"), listen=f"127.0.0.1:{free_port()}",
+            credentials_file=os.path.join(d, "svc.json"), extra=["--rest-listen", f"127.0.0.1:{rest_port}", *quiet]),
+            os.path.join(d, "gw.port"), log_path=os.path.join(d, "gw.log")))
+
+        batching_on = json.dumps({"enabled": True, "max_batch_size": 32, "batch_timeout_micros": 2000,
+                                  "max_enqueued_batches": 1000, "num_batch_threads": 2})
+        servers = {}
+        for name, path, batching in (("hpt", hpt_path, batching_on), ("mlp", mlp_path, batching_on),
+                                     ("mlp-nobatch", mlp_path, json.dumps({"enabled": False}))):
+            port_file = os.path.join(d, f"{name}.port")
+            cmd = [sys.executable, "-m", "services.models.model_server", "--model-name", name, "--version", "1",
+                   "--base-path", path, "--port-file", port_file, "--etcd", etcd.endpoint, "--tenant", "bench",
+                   "--replica-id", f"{name}-0", "--batching-config", batching, "--log-level", "WARNING"]
+            servers[name] = start(ServiceProcess(name, cmd, port_file, log_path=os.path.join(d, f"{name}.log")))
+
+        async def routes():
+            client = await Etcd.connect(etcd.endpoint)
+            for name in servers:
+                route = models_pb.ModelRoute(tenant="bench", model=name, versions=[
+                    models_pb.VersionRoute(version=1, state=models_pb.MODEL_VERSION_STATE_AVAILABLE)])
+                await client.put(f"/cloudml/models/routes/bench/{name}", route.SerializeToString())
+            await client.close()
+        asyncio.run(routes())
+
+        stub = auth_grpc.AuthServiceStub(grpc.insecure_channel(auth.address))
+        admin_md = (("authorization", "Bearer " + stub.IssueToken(
+            auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token),)
+        stub.CreateTenant(auth_pb.CreateTenantRequest(name="bench"), metadata=admin_md)
+        key = stub.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant="bench"), metadata=admin_md)
+        token = stub.IssueToken(auth_pb.IssueTokenRequest(access_key_id=key.access_key.access_key_id,
+                                                          secret_key=key.secret_key)).token
+        md = (("authorization", f"Bearer {token}"),)
+        time.sleep(1.0)  # the gateway's watch picks up the routes and endpoints
+
+        hpt_inputs = {"x": np.array([[1.0]], dtype=np.float32)}
+        mlp_inputs = {"x": np.random.default_rng(1).normal(size=(1, 256)).astype(np.float32)}
+        loaded = {"hpt": tf.saved_model.load(hpt_path).signatures["serving_default"],
+                  "mlp": tf.saved_model.load(mlp_path).signatures["serving_default"]}
+        results: dict = {}
+        for model, inputs in (("hpt", hpt_inputs), ("mlp", mlp_inputs)):
+            body = predict_bytes(model, inputs)
+            rest_body = json.dumps({"instances": inputs["x"].tolist()}).encode()
+            for c in (1, 32):
+                row = {
+                    "in_process": inprocess_load(loaded[model], inputs, c, args.seconds),
+                    "direct_grpc": asyncio.run(grpc_load(servers[model].address, body, (), c, args.seconds)),
+                    "gateway_grpc": asyncio.run(grpc_load(gateway.address, body, md, c, args.seconds)),
+                    "gateway_rest": asyncio.run(rest_load(
+                        f"http://127.0.0.1:{rest_port}/v1/models/{model}:predict", rest_body, token, c, args.seconds)),
+                }
+                row["gateway_vs_direct_p50"] = round(row["gateway_grpc"]["p50_ms"] / row["direct_grpc"]["p50_ms"], 3)
+                results[f"{model}_c{c}"] = row
+        body = predict_bytes("mlp-nobatch", mlp_inputs)
+        off_gateway = asyncio.run(grpc_load(gateway.address, body, md, 32, args.seconds))
+        off_direct = asyncio.run(grpc_load(servers["mlp-nobatch"].address, body, (), 32, args.seconds))
+        results["mlp_c32_batching"] = {
+            "on_direct_grpc": results["mlp_c32"]["direct_grpc"], "off_direct_grpc": off_direct,
+            "throughput_ratio_on_off_direct": round(results["mlp_c32"]["direct_grpc"]["rps"] / off_direct["rps"], 2),
+            "on_gateway_grpc": results["mlp_c32"]["gateway_grpc"], "off_gateway_grpc": off_gateway,
+            "throughput_ratio_on_off_gateway": round(results["mlp_c32"]["gateway_grpc"]["rps"] / off_gateway["rps"], 2),
+        }
+        results["memory_mb"] = {"gateway": rss_mb(gateway.process.pid),
+                                "model_server_mlp": rss_mb(servers["mlp"].process.pid),
+                                "model_server_half_plus_two": rss_mb(servers["hpt"].process.pid)}
+        print(json.dumps(results, indent=2))
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        etcd.stop()
+
+
+if __name__ == "__main__":
+    main()
