@@ -45,6 +45,7 @@ from deploy.local.service_process import health_status
 # binds the public ports and comes last.
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("auth", extra=lambda layout, ports: ["--bootstrap-file", layout.bootstrap]),
+    ServiceSpec("jobs"),
     ServiceSpec("gateway",
                 listen=lambda ports: f"127.0.0.1:{ports.grpc}",
                 extra=lambda layout, ports: ["--rest-listen", f"127.0.0.1:{ports.rest}"],

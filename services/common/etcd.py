@@ -440,15 +440,22 @@ class Election:
                 await asyncio.sleep(0.5)
 
     async def _wait_deleted(self, key: str, start_revision: int) -> None:
+        # The pending read is kept across the periodic re-checks: cancelling
+        # it (as asyncio.wait_for would on timeout) cancels the whole watch
+        # call, and a predecessor that outlives one TTL would then end the
+        # campaign by accident.
         call = self.etcd.watch_stream(key, start_revision)
+        reader: asyncio.Future | None = None
         try:
             while True:
                 if await self.etcd.get(key) is None:
                     return
-                try:
-                    resp = await asyncio.wait_for(call.read(), timeout=self.session.ttl)
-                except asyncio.TimeoutError:
+                if reader is None:
+                    reader = asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({reader}, timeout=self.session.ttl)
+                if not done:
                     continue
+                resp, reader = reader.result(), None
                 if resp is grpc.aio.EOF or resp.canceled:
                     return
                 if any(ev.type == ev.DELETE for ev in resp.events):
@@ -456,6 +463,8 @@ class Election:
         except grpc.aio.AioRpcError:
             await asyncio.sleep(0.5)
         finally:
+            if reader is not None:
+                reader.cancel()
             call.cancel()
 
     async def leader(self) -> str | None:

@@ -12,4 +12,5 @@ GROUPS = (
     "tenants",
     "keys",
     "quota",
+    "jobs",
 )

@@ -102,7 +102,7 @@ class ReplicaSpec(_message.Message):
     def __init__(self, type: _Optional[_Union[ReplicaType, str]] = ..., replica_count: _Optional[int] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ...) -> None: ...
 
 class TrainJobSpec(_message.Message):
-    __slots__ = ("trainer_uri", "module_name", "job_args", "output_path", "replica_specs", "env", "restart_policy", "max_retries", "timeout", "priority", "docker_image")
+    __slots__ = ("trainer_uri", "module_name", "job_args", "output_path", "replica_specs", "env", "restart_policy", "max_retries", "timeout", "priority", "docker_image", "job_args_line")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,7 @@ class TrainJobSpec(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     DOCKER_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    JOB_ARGS_LINE_FIELD_NUMBER: _ClassVar[int]
     trainer_uri: str
     module_name: str
     job_args: _containers.RepeatedScalarFieldContainer[str]
@@ -132,7 +133,8 @@ class TrainJobSpec(_message.Message):
     timeout: _duration_pb2.Duration
     priority: int
     docker_image: str
-    def __init__(self, trainer_uri: _Optional[str] = ..., module_name: _Optional[str] = ..., job_args: _Optional[_Iterable[str]] = ..., output_path: _Optional[str] = ..., replica_specs: _Optional[_Iterable[_Union[ReplicaSpec, _Mapping]]] = ..., env: _Optional[_Mapping[str, str]] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., max_retries: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., priority: _Optional[int] = ..., docker_image: _Optional[str] = ...) -> None: ...
+    job_args_line: str
+    def __init__(self, trainer_uri: _Optional[str] = ..., module_name: _Optional[str] = ..., job_args: _Optional[_Iterable[str]] = ..., output_path: _Optional[str] = ..., replica_specs: _Optional[_Iterable[_Union[ReplicaSpec, _Mapping]]] = ..., env: _Optional[_Mapping[str, str]] = ..., restart_policy: _Optional[_Union[RestartPolicy, str]] = ..., max_retries: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., priority: _Optional[int] = ..., docker_image: _Optional[str] = ..., job_args_line: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("time", "state", "reason", "message", "attempt")
@@ -149,7 +151,7 @@ class JobEvent(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("replica", "state", "exit_code", "address", "pid", "reason", "start_time", "end_time")
+    __slots__ = ("replica", "state", "exit_code", "address", "pid", "reason", "start_time", "end_time", "gpu_ids")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +160,7 @@ class ReplicaStatus(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
+    GPU_IDS_FIELD_NUMBER: _ClassVar[int]
     replica: ReplicaId
     state: ReplicaState
     exit_code: int
@@ -166,10 +169,11 @@ class ReplicaStatus(_message.Message):
     reason: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
-    def __init__(self, replica: _Optional[_Union[ReplicaId, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., exit_code: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., reason: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    gpu_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, replica: _Optional[_Union[ReplicaId, _Mapping]] = ..., state: _Optional[_Union[ReplicaState, str]] = ..., exit_code: _Optional[int] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., reason: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gpu_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TrainJob(_message.Message):
-    __slots__ = ("name", "tenant", "spec", "spec_hash", "state", "reason", "message", "events", "create_time", "start_time", "end_time", "attempts", "replicas")
+    __slots__ = ("name", "tenant", "spec", "spec_hash", "state", "reason", "message", "events", "create_time", "start_time", "end_time", "attempts", "replicas", "uid")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +187,7 @@ class TrainJob(_message.Message):
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
     name: str
     tenant: str
     spec: TrainJobSpec
@@ -196,7 +201,8 @@ class TrainJob(_message.Message):
     end_time: _timestamp_pb2.Timestamp
     attempts: int
     replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
-    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., spec: _Optional[_Union[TrainJobSpec, _Mapping]] = ..., spec_hash: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ...) -> None: ...
+    uid: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., spec: _Optional[_Union[TrainJobSpec, _Mapping]] = ..., spec_hash: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., events: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., uid: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("tenant", "name", "spec", "validate_only")

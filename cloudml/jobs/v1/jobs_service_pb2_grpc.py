@@ -179,10 +179,11 @@ class JobsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportMetrics(self, request, context):
-        """Records metric values of one step of one replica. Called by trainers
-        through the `cloudml.report(step=..., loss=...)` helper, with the
-        credentials the platform hands every replica. Reporting the same metric
-        for the same replica, attempt and step again replaces the value.
+        """Records metric values of one step of one replica, for reporters outside
+        the replica processes. (Inside a replica, `cloudml.report(step=...,
+        loss=...)` appends to CLOUDML_METRICS_FILE, which the service ingests into
+        the same series.) Reporting the same metric for the same replica, attempt
+        and step again replaces the value.
         INVALID_ARGUMENT: an empty metrics map, a negative step, or a metric name
         that is not 1..128 characters of [A-Za-z0-9_./-].
         NOT_FOUND: no such job in the tenant.

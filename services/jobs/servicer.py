@@ -1,0 +1,65 @@
+"""cloudml.jobs.v1.JobsService over `JobsCore`: check shape, call, respond."""
+from __future__ import annotations
+
+from cloudml.jobs.v1 import jobs_service_pb2 as pb
+from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+from services.common import errors
+from services.common.tokens import principal
+from services.jobs.core import JobsCore
+from services.jobs.records import seconds
+from services.jobs.tfconfig import ROLES, Replica
+
+
+def _replica(message: pb.ReplicaId, field: str) -> Replica:
+    if message.type not in ROLES:
+        raise errors.InvalidArgument(f"{field}.type must be MASTER, CHIEF, PS, WORKER or EVALUATOR")
+    if message.index < 0:
+        raise errors.InvalidArgument(f"{field}.index must not be negative")
+    return Replica(message.type, message.index)
+
+
+class JobsServicer(pb_grpc.JobsServiceServicer):
+    def __init__(self, core: JobsCore):
+        self.core = core
+
+    async def SubmitJob(self, request, context):
+        job, created = await self.core.submit(principal(), request.tenant, request.name, request.spec,
+                                              request.validate_only)
+        return pb.SubmitJobResponse(job=job, created=created)
+
+    async def GetJob(self, request, context):
+        return pb.GetJobResponse(job=await self.core.get(principal(), request.tenant, request.name))
+
+    async def ListJobs(self, request, context):
+        jobs, token = self.core.list(principal(), request.tenant, list(request.states), request.page_size,
+                                     request.page_token)
+        return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    async def CancelJob(self, request, context):
+        return pb.CancelJobResponse(job=await self.core.cancel(principal(), request.tenant, request.name))
+
+    async def DeleteJob(self, request, context):
+        await self.core.delete(principal(), request.tenant, request.name)
+        return pb.DeleteJobResponse()
+
+    async def StreamLogs(self, request, context):
+        replicas = [_replica(r, f"replicas[{i}]") for i, r in enumerate(request.replicas)]
+        async for lines in self.core.stream_logs(principal(), request.tenant, request.name, replicas,
+                                                 request.follow, request.tail_lines):
+            yield pb.StreamLogsResponse(lines=lines)
+
+    async def GetJobMetrics(self, request, context):
+        series = await self.core.get_metrics(principal(), request.tenant, request.name, list(request.metric_names),
+                                             request.start_step)
+        return pb.GetJobMetricsResponse(series=series)
+
+    async def WatchJob(self, request, context):
+        async for job in self.core.watch(principal(), request.tenant, request.name):
+            yield pb.WatchJobResponse(job=job)
+
+    async def ReportMetrics(self, request, context):
+        replica = _replica(request.replica, "replica") if request.HasField("replica") else None
+        wall = seconds(request.wall_time) if request.HasField("wall_time") else 0.0
+        await self.core.report_metrics(principal(), request.tenant, request.job_name, replica, request.attempt,
+                                       request.step, dict(request.metrics), wall)
+        return pb.ReportMetricsResponse()

@@ -1,0 +1,256 @@
+"""A real jobs platform slice for tests and benchmarks: its own etcd, an auth
+service and one or more jobs service processes on loopback, plus a small
+synchronous client.
+
+    stack = JobsStack(workdir).start()
+    jobs = stack.start_jobs()            # python -m services.jobs ...
+    client = stack.admin()               # JobsClient with the admin's token
+    client.submit("j1", spec(...))
+    client.wait("j1")
+    stack.stop()
+
+Every stack has its own etcd (jobs keys are global under /cloudml/jobs/ and
+the runtime's state is per data dir), so tests that kill services never
+disturb others. Trainer environments can be shared between stacks
+(`envs_dir`), so each package is installed once per session.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from cloudml.auth.v1 import auth_service_pb2 as auth_pb
+from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
+from cloudml.common.v1.resources_pb2 import Resources
+from cloudml.jobs.v1 import jobs_service_pb2 as pb
+from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+from deploy.local.etcd import EtcdProcess
+from deploy.local.service_process import ServiceProcess, service_command
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ADMIN_KEY = "AKJOBSTESTADMIN00000"
+FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
+MiB = 1 << 20
+
+
+def build_packages(out_dir: str) -> dict[str, str]:
+    """{example: sdist path} of every example trainer (examples/build_packages.py)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "build_packages.py"), out_dir, "--json"],
+                            capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the example packages failed:\n{result.stdout}{result.stderr}")
+    return json.loads(result.stdout)
+
+
+def replica_spec(kind: int, count: int = 1, cpu: int = 100, memory: int = 512 * MiB, gpus: int = 0) -> pb.ReplicaSpec:
+    return pb.ReplicaSpec(type=kind, replica_count=count,
+                          resources=Resources(cpu_millis=cpu, memory_bytes=memory, gpus=gpus))
+
+
+def spec(package: str, module: str, args: list[str] | str = (), *, replicas: list[pb.ReplicaSpec] | None = None,
+         **fields) -> pb.TrainJobSpec:
+    """A TrainJobSpec; `args` as a list (job_args) or the seed's one string (job_args_line)."""
+    message = pb.TrainJobSpec(trainer_uri="file://" + package, module_name=module, **fields)
+    if isinstance(args, str):
+        message.job_args_line = args
+    else:
+        message.job_args.extend(args)
+    message.replica_specs.extend(replicas if replicas is not None else [replica_spec(pb.REPLICA_TYPE_MASTER)])
+    return message
+
+
+def stop_replicas(data_dir: str) -> None:
+    """Stops every replica process the local runtime under `data_dir` knows."""
+    state_dir = os.path.join(data_dir, "runtime", "local")
+    if not os.path.isdir(state_dir):
+        return
+    import asyncio
+
+    from services.common.runtime.local import LocalRuntime
+
+    async def stop_all():
+        runtime = LocalRuntime(state_dir)
+        statuses = await runtime.adopt()
+        await asyncio.gather(*(runtime.stop(s.replica_id, 1.0) for s in statuses if not s.ended),
+                             return_exceptions=True)
+
+    asyncio.run(stop_all())
+
+
+@dataclass
+class JobsClient:
+    """Sync JobsService and AuthService stubs acting as one principal."""
+
+    channel: grpc.Channel
+    auth_channel: grpc.Channel
+    token: str
+    tenant: str
+
+    def __post_init__(self):
+        self.stub = pb_grpc.JobsServiceStub(self.channel)
+        self.auth = auth_grpc.AuthServiceStub(self.auth_channel)
+
+    @property
+    def md(self):
+        return (("authorization", f"Bearer {self.token}"),)
+
+    def call(self, method: str, request, timeout: float = 20.0):
+        return getattr(self.stub, method)(request, metadata=self.md, timeout=timeout)
+
+    def submit(self, name: str, job_spec: pb.TrainJobSpec, tenant: str = "", validate_only: bool = False):
+        return self.call("SubmitJob", pb.SubmitJobRequest(tenant=tenant, name=name, spec=job_spec,
+                                                           validate_only=validate_only))
+
+    def get(self, name: str, tenant: str = "") -> pb.TrainJob:
+        return self.call("GetJob", pb.GetJobRequest(tenant=tenant, name=name)).job
+
+    def cancel(self, name: str, tenant: str = "") -> pb.TrainJob:
+        return self.call("CancelJob", pb.CancelJobRequest(tenant=tenant, name=name)).job
+
+    def wait(self, name: str, states=FINAL, timeout: float = 120.0, tenant: str = "") -> pb.TrainJob:
+        """Polls GetJob until the job is in one of `states`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get(name, tenant)
+            if job.state in states:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {name} still {pb.JobState.Name(job.state)} after {timeout}s: "
+                                   f"{[(pb.JobState.Name(e.state), e.reason, e.message) for e in job.events]}")
+            time.sleep(0.05)
+
+    def logs(self, name: str, *, follow: bool = False, replicas=(), tail_lines: int = 0, timeout: float = 120.0,
+             tenant: str = "") -> list[pb.LogLine]:
+        request = pb.StreamLogsRequest(tenant=tenant, name=name, follow=follow, tail_lines=tail_lines,
+                                       replicas=list(replicas))
+        lines = []
+        for response in self.stub.StreamLogs(request, metadata=self.md, timeout=timeout):
+            lines.extend(response.lines)
+        return lines
+
+    def metrics(self, name: str, names=(), start_step: int = 0, tenant: str = "") -> list[pb.MetricSeries]:
+        return list(self.call("GetJobMetrics", pb.GetJobMetricsRequest(
+            tenant=tenant, name=name, metric_names=list(names), start_step=start_step)).series)
+
+    def set_quota(self, tenant: str, **limits) -> None:
+        self.auth.SetQuota(auth_pb.SetQuotaRequest(tenant=tenant, limits=Resources(**limits)),
+                           metadata=self.md, timeout=10)
+
+    def usage(self, tenant: str) -> Resources:
+        return self.auth.GetQuota(auth_pb.GetQuotaRequest(tenant=tenant), metadata=self.md, timeout=10).usage
+
+
+@dataclass
+class JobsStack:
+    workdir: str
+    envs_dir: str | None = None
+    lease_ttl: int = 3
+    etcd: EtcdProcess | None = None
+    auth: ServiceProcess | None = None
+    jobs: list[ServiceProcess] = field(default_factory=list)
+    gateway: ServiceProcess | None = None
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    _channels: list[grpc.Channel] = field(default_factory=list)
+    _data_dirs: set[str] = field(default_factory=set)
+
+    def start(self) -> "JobsStack":
+        os.makedirs(self.workdir, exist_ok=True)
+        self.etcd = EtcdProcess(os.path.join(self.workdir, "etcd"), log_path=None).start()
+        bootstrap = os.path.join(self.workdir, "bootstrap.json")
+        with open(bootstrap, "w") as f:
+            json.dump({"keys": [{"access_key": ADMIN_KEY, "secret_key": self.secret, "tenant": "admin"}]}, f)
+        self.credentials = os.path.join(self.workdir, "service-credentials.json")
+        with open(self.credentials, "w") as f:
+            json.dump({"access_key": ADMIN_KEY, "secret_key": self.secret}, f)
+        port_file = os.path.join(self.workdir, "auth.port")
+        self.auth = ServiceProcess(
+            "auth", service_command("auth", self.etcd.endpoint, port_file, extra=["--bootstrap-file", bootstrap]),
+            port_file, log_path=os.path.join(self.workdir, "auth.log"),
+        ).start().wait_serving(30)
+        return self
+
+    def start_jobs(self, data_dir: str | None = None, *, wait: bool = True, extra: list[str] = ()) -> ServiceProcess:
+        n = len(self.jobs)
+        data_dir = data_dir or os.path.join(self.workdir, "data")
+        self._data_dirs.add(data_dir)
+        port_file = os.path.join(self.workdir, f"jobs-{n}.port")
+        args = ["--lease-ttl", str(self.lease_ttl), *extra]
+        if self.envs_dir:
+            args += ["--envs-dir", self.envs_dir]
+        process = ServiceProcess(
+            "jobs", service_command("jobs", self.etcd.endpoint, port_file, data_dir=data_dir,
+                                    credentials_file=self.credentials, extra=args),
+            port_file, log_path=os.path.join(self.workdir, f"jobs-{n}.log"),
+        ).start()
+        self.jobs.append(process)
+        if wait:
+            process.wait_serving(60)
+        return process
+
+    def start_gateway(self) -> ServiceProcess:
+        """The platform's gateway in front of this stack (for the CLI and SDK)."""
+        if self.gateway is None:
+            port_file = os.path.join(self.workdir, "gateway.port")
+            self.gateway = ServiceProcess(
+                "gateway", service_command("gateway", self.etcd.endpoint, port_file,
+                                           extra=["--rest-listen", "127.0.0.1:0"]),
+                port_file, log_path=os.path.join(self.workdir, "gateway.log"),
+            ).start().wait_serving(30)
+        return self.gateway
+
+    def cli_env(self) -> dict[str, str]:
+        """Environment for `cloudml ...` as the admin, through the gateway."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDML_")}
+        env.update(CLOUDML_ENDPOINT=self.start_gateway().address, CLOUDML_ACCESS_KEY=ADMIN_KEY,
+                   CLOUDML_SECRET_KEY=self.secret, CLOUDML_CONFIG=os.path.join(self.workdir, "cli-config.json"))
+        return env
+
+    def _channel(self, address: str) -> grpc.Channel:
+        channel = grpc.insecure_channel(address)
+        self._channels.append(channel)
+        return channel
+
+    def client(self, jobs: ServiceProcess | None = None, *, tenant: str = "admin", access_key: str = ADMIN_KEY,
+               secret: str | None = None) -> JobsClient:
+        jobs = jobs or next(p for p in reversed(self.jobs) if p.alive())
+        auth_channel = self._channel(self.auth.address)
+        token = auth_grpc.AuthServiceStub(auth_channel).IssueToken(
+            auth_pb.IssueTokenRequest(access_key_id=access_key, secret_key=secret or self.secret), timeout=10).token
+        return JobsClient(self._channel(jobs.poll_address()), auth_channel, token, tenant)
+
+    def admin(self, jobs: ServiceProcess | None = None) -> JobsClient:
+        return self.client(jobs)
+
+    def new_tenant(self, prefix: str = "t", jobs: ServiceProcess | None = None) -> JobsClient:
+        """Creates a tenant and returns a member client of it."""
+        admin = self.admin(jobs)
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        admin.auth.CreateTenant(auth_pb.CreateTenantRequest(name=name), metadata=admin.md, timeout=10)
+        key = admin.auth.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant=name), metadata=admin.md, timeout=10)
+        return self.client(jobs, tenant=name, access_key=key.access_key.access_key_id, secret=key.secret_key)
+
+    def data_dirs(self) -> set[str]:
+        return {os.path.join(self.workdir, "data")} | set(self._data_dirs)
+
+    def stop(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        for process in self.jobs:
+            process.stop()
+        if self.gateway:
+            self.gateway.stop()
+        # Replicas outlive the jobs service by design; a test leaves none behind.
+        for data_dir in self.data_dirs():
+            stop_replicas(data_dir)
+        if self.auth:
+            self.auth.stop()
+        if self.etcd:
+            self.etcd.stop()
