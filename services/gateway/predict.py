@@ -64,9 +64,15 @@ TFS_METHODS = frozenset(
 
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 
-# Metadata that belongs to one hop.
+# The version the gateway resolved (from a label, the traffic split, a
+# qualified `<tenant>.<model>` name...). Replicas know nothing of labels or
+# tenants, so they trust this header from the gateway (they listen on loopback
+# only); a caller's own value is always dropped.
+RESOLVED_VERSION = "x-cloudml-resolved-version"
+
+# Metadata that belongs to one hop, or that only the gateway may set.
 _HOP = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-encoding",
-                  "grpc-timeout", "accept-encoding", "host"})
+                  "grpc-timeout", "accept-encoding", "host", RESOLVED_VERSION})
 
 
 # --- reading model_spec off the wire --------------------------------------------
@@ -288,7 +294,8 @@ class PredictRouter:
             tenant, model, version = self.resolve(caller, spec)
             label_version = str(version)
             method = f"/{PREDICTION_SERVICE}/{api}"
-            forwarded = tuple((k, v) for k, v in metadata if k not in _HOP and not k.startswith(":"))
+            forwarded = tuple((k, v) for k, v in metadata if k not in _HOP and not k.startswith(":")) + (
+                (RESOLVED_VERSION, label_version),)
             backend = self.pick(tenant, model, version)
             if backend is None:
                 raise _not_found(spec.name, version)
