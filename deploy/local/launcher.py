@@ -46,6 +46,7 @@ from deploy.local.service_process import health_status
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("auth", extra=lambda layout, ports: ["--bootstrap-file", layout.bootstrap]),
     ServiceSpec("jobs"),
+    ServiceSpec("tuner"),
     ServiceSpec("gateway",
                 listen=lambda ports: f"127.0.0.1:{ports.grpc}",
                 extra=lambda layout, ports: ["--rest-listen", f"127.0.0.1:{ports.rest}"],

@@ -39,6 +39,9 @@ MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 METRIC_RE = re.compile(r"[A-Za-z0-9_./-]{1,128}")
 RESERVED_ENV = frozenset({"TF_CONFIG", "CUDA_VISIBLE_DEVICES"})
+# The only CLOUDML_* variables a spec may set: the tuner names a trial's study
+# and number (the replica also finds the number in TF_CONFIG's task.trial).
+TRIAL_ENV = frozenset({"CLOUDML_STUDY_NAME", "CLOUDML_TRIAL_NUMBER"})
 PACKAGE_SUFFIXES = (".tar.gz", ".whl", ".zip")
 MAX_ARGS, MAX_ARG_CHARS = 1000, 8192
 MAX_ENV, MAX_ENV_CHARS = 200, 32768
@@ -176,7 +179,7 @@ class JobsCore:
         for key, value in spec.env.items():
             if not ENV_KEY_RE.fullmatch(key):
                 raise bad(f"spec.env key {key!r} must match [A-Za-z_][A-Za-z0-9_]*")
-            if key in RESERVED_ENV or key.startswith("CLOUDML_"):
+            if key in RESERVED_ENV or (key.startswith("CLOUDML_") and key not in TRIAL_ENV):
                 raise bad(f"spec.env key {key!r} is set by the platform (TF_CONFIG, CUDA_VISIBLE_DEVICES, CLOUDML_*)")
             if "\0" in value:
                 raise bad(f"spec.env[{key!r}] holds a NUL character")

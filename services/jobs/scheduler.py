@@ -657,7 +657,7 @@ class JobDriver:
         env = {"PYTHONUNBUFFERED": "1"}
         env.update(spec.env)
         env.update({
-            "TF_CONFIG": tf_config(cluster, replica),
+            "TF_CONFIG": tf_config(cluster, replica, spec.env.get("CLOUDML_TRIAL_NUMBER", "")),
             "CLOUDML_JOB_NAME": self.name,
             "CLOUDML_TENANT": self.tenant,
             "CLOUDML_REPLICA_TYPE": replica.role,

@@ -102,12 +102,14 @@ def cluster_spec(addresses: dict[Replica, str]) -> dict[str, list[str]]:
     return cluster
 
 
-def tf_config(cluster: dict[str, list[str]], replica: Replica) -> str:
-    """The TF_CONFIG value (compact JSON) of one replica."""
-    return json.dumps(
-        {"cluster": cluster, "task": {"type": replica.role, "index": replica.index}, "environment": "cloud"},
-        separators=(",", ":"), sort_keys=False,
-    )
+def tf_config(cluster: dict[str, list[str]], replica: Replica, trial: str = "") -> str:
+    """The TF_CONFIG value (compact JSON) of one replica. For a tuning trial,
+    `task.trial` carries the trial number (as Cloud ML Engine's does)."""
+    task = {"type": replica.role, "index": replica.index}
+    if trial:
+        task["trial"] = trial
+    return json.dumps({"cluster": cluster, "task": task, "environment": "cloud"},
+                      separators=(",", ":"), sort_keys=False)
 
 
 def assign_addresses(replicas: list[Replica], ports: list[int], host: str = "127.0.0.1") -> dict[Replica, str]:

@@ -68,3 +68,15 @@ def test_coordinator_is_master_then_chief_then_worker_zero():
     assert coordinator(expand({MASTER: 1, WORKER: 2})) == Replica(MASTER, 0)
     assert coordinator(expand({CHIEF: 1, PS: 1, WORKER: 2})) == Replica(CHIEF, 0)
     assert coordinator(expand({PS: 2, WORKER: 3})) == Replica(WORKER, 0)
+
+
+
+def test_trial_number_goes_into_task():
+    import json
+
+    from cloudml.jobs.v1 import jobs_service_pb2 as pb
+    from services.jobs.tfconfig import Replica, tf_config
+    replica = Replica(pb.REPLICA_TYPE_MASTER, 0)
+    config = json.loads(tf_config({"master": ["127.0.0.1:1"]}, replica, trial="3"))
+    assert config["task"] == {"type": "master", "index": 0, "trial": "3"}
+    assert "trial" not in json.loads(tf_config({"master": ["127.0.0.1:1"]}, replica))["task"]

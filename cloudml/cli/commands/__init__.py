@@ -13,4 +13,5 @@ GROUPS = (
     "keys",
     "quota",
     "jobs",
+    "hp",
 )

@@ -16,6 +16,7 @@ Prints each step and, at the end, a JSON line {"x1", "x2", "objective"}.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import sys
@@ -46,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--x2", type=float, required=True)
     parser.add_argument("--steps", type=int, default=1, help="reports before the final value (default 1)")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds per step")
+    parser.add_argument("--output_path", default=os.environ.get("CLOUDML_OUTPUT_PATH", ""),
+                        help="where a trial may write (the tuner passes one; this trainer writes nothing)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.sleep < 0:
         parser.error("--steps must be >= 1 and --sleep >= 0")

@@ -1,0 +1,218 @@
+"""`TunerCore` in-process on a real etcd of its own, with the jobs and auth
+services replaced by fakes: SuggestTrials idempotency (client_id), limits,
+concurrent suggestions, the sampler continuing across processes, and
+ShouldStopTrial."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import optuna
+import pytest
+
+from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
+from cloudml.tuner.v1 import tuner_service_pb2 as pb
+from deploy.local.etcd import EtcdProcess
+from services.common import errors
+from services.common.etcd import Etcd
+from services.common.tokens import ROLE_MEMBER, Principal
+from services.tuner.core import TunerCore
+from services.tuner.store import TunerStore
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def branin(x1: float, x2: float) -> float:
+    b, c = 5.1 / (4 * math.pi**2), 5.0 / math.pi
+    return (x2 - b * x1**2 + c * x1 - 6) ** 2 + 10 * (1 - 1 / (8 * math.pi)) * math.cos(x1) + 10
+
+
+class FakeJobs:
+    def __init__(self):
+        self.validated = []
+        self.cancelled = []
+        self.series: dict[str, list[jobs_pb.MetricSeries]] = {}
+
+    async def submit(self, tenant, name, spec, validate_only=False):
+        self.validated.append((tenant, name, spec))
+        return jobs_pb.TrainJob(name=name, tenant=tenant, spec=spec), False
+
+    async def cancel(self, tenant, name):
+        self.cancelled.append(name)
+        return None
+
+    async def metrics(self, tenant, name, metric):
+        return self.series.get(name, [])
+
+
+class FakeQuota:
+    def __init__(self):
+        self.held = set()
+
+    async def reserve_study(self, tenant, owner):
+        created = (tenant, owner) not in self.held
+        self.held.add((tenant, owner))
+        return created
+
+    async def release(self, tenant, owner):
+        released = (tenant, owner) in self.held
+        self.held.discard((tenant, owner))
+        return released
+
+
+@pytest.fixture(scope="module")
+def etcd_process(tmp_path_factory):
+    process = EtcdProcess(str(tmp_path_factory.mktemp("tuner-core-etcd")), log_path=None).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+async def etcd(etcd_process):
+    client = await Etcd.connect(etcd_process.endpoint)
+    yield client
+    await client.close()
+
+
+def make_core(etcd) -> TunerCore:
+    return TunerCore(TunerStore(etcd), FakeJobs(), FakeQuota(), "/data")
+
+
+_COUNTER = iter(range(10**6))
+
+
+def caller() -> Principal:
+    return Principal(f"t{next(_COUNTER)}-{int(time.time() * 1000) % 10**6}", ROLE_MEMBER, "AK", time.time() + 3600)
+
+
+def branin_spec(**fields) -> pb.StudySpec:
+    spec = pb.StudySpec(goal=pb.GOAL_MINIMIZE, metric="objective", algorithm=fields.pop("algorithm", pb.ALGORITHM_TPE),
+                        max_trials=fields.pop("max_trials", 10), seed=fields.pop("seed", 1), **fields)
+    spec.trial_template.trainer_uri = "file:///p/plain-trainer-1.0.tar.gz"
+    spec.trial_template.module_name = "plain_trainer.task"
+    spec.parameters.add(name="x1", double_range=pb.DoubleRange(min=-5, max=10))
+    spec.parameters.add(name="x2", double_range=pb.DoubleRange(min=0, max=15))
+    return spec
+
+
+def params(trial) -> dict:
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in trial.params.items()}
+
+
+async def finish(core: TunerCore, tenant: str, study: str, trial, value: float | None = None, step: int = 0):
+    value = branin(**params(trial)) if value is None else value
+    await core.end_trial(tenant, study, trial.number, pb.TRIAL_STATE_SUCCEEDED, "Succeeded", "",
+                         objective=(value, step), curve=[(step, value)])
+
+
+async def test_create_checks_the_template_with_the_jobs_service_and_holds_quota(etcd):
+    core, who = make_core(etcd), caller()
+    study, created = await core.create_study(who, "", "s", branin_spec())
+    assert created and study.state == pb.STUDY_STATE_RUNNING and study.tenant == who.tenant
+    (tenant, name, job), = core.jobs.validated
+    assert name == "s-1" and job.output_path == f"/data/storage/{who.tenant}/studies/s/1"
+    assert job.env["CLOUDML_TRIAL_NUMBER"] == "1"
+    assert core.quota.held == {(who.tenant, "tuner/s")}
+    again, created = await core.create_study(who, "", "s", branin_spec())
+    assert not created and again == study
+    with pytest.raises(errors.NotFound):
+        await core.get_study(caller(), who.tenant, "s")  # another tenant's member sees nothing
+
+
+async def test_suggest_retry_with_the_same_client_id_returns_the_same_trials(etcd):
+    core, who = make_core(etcd), caller()
+    await core.create_study(who, "", "s", branin_spec(max_parallel_trials=3))
+    first = await core.suggest_trials(who, "", "s", 2, "worker-a")
+    assert [t.number for t in first] == [1, 2] and all(t.client_id == "worker-a" for t in first)
+    assert await core.suggest_trials(who, "", "s", 2, "worker-a") == first
+    assert await core.suggest_trials(who, "", "s", 1, "worker-a") == first  # all of its active trials
+    other = await core.suggest_trials(who, "", "s", 5, "worker-b")
+    assert [t.number for t in other] == [3]  # max_parallel_trials leaves room for one
+    assert await core.suggest_trials(who, "", "s", 1, "worker-c") == []
+    await finish(core, who.tenant, "s", first[0])
+    assert await core.suggest_trials(who, "", "s", 1, "worker-a") == [first[1]]  # still has an active one
+    await finish(core, who.tenant, "s", first[1])
+    new = await core.suggest_trials(who, "", "s", 1, "worker-a")
+    assert [t.number for t in new] == [4]
+    study = await core.get_study(who, "", "s")
+    assert study.trial_counts == pb.TrialCounts(pending=2, succeeded=2)
+    assert study.best_trial.number in (1, 2)
+    for bad in ((0, "x"), (101, "x"), (1, ""), (1, "x" * 129)):
+        with pytest.raises(errors.InvalidArgument):
+            await core.suggest_trials(who, "", "s", *bad)
+
+
+async def test_suggest_stops_at_max_trials_and_when_not_running(etcd):
+    core, who = make_core(etcd), caller()
+    await core.create_study(who, "", "s", branin_spec(max_trials=2, max_parallel_trials=5))
+    trials = await core.suggest_trials(who, "", "s", 5, "a")
+    assert len(trials) == 2
+    for trial in trials:
+        await finish(core, who.tenant, "s", trial)
+    assert await core.suggest_trials(who, "", "s", 1, "a") == []
+    await core.cancel_study(who, "", "s")
+    with pytest.raises(errors.FailedPrecondition):
+        await core.suggest_trials(who, "", "s", 1, "a")
+    assert core.quota.held == set()
+
+
+async def test_concurrent_suggestions_get_distinct_trials(etcd):
+    core, who = make_core(etcd), caller()
+    await core.create_study(who, "", "s", branin_spec(max_parallel_trials=6, algorithm=pb.ALGORITHM_RANDOM))
+    cores = [core] + [make_core(etcd) for _ in range(2)]  # three "processes"
+    results = await asyncio.gather(*(cores[i % 3].suggest(who.tenant, "s", 1, f"c{i}") for i in range(6)))
+    numbers = sorted(t.number for r in results for t in r)
+    assert numbers == [1, 2, 3, 4, 5, 6]
+    points = {tuple(sorted(params(t[0]).items())) for t in results}
+    assert len(points) == 6
+    # The counts and the stored trials agree.
+    study = await core.get_study(who, "", "s")
+    assert study.trial_counts.pending == 6
+
+
+async def test_the_sampler_continues_across_processes_as_one_optuna_study(etcd):
+    who = caller()
+    await make_core(etcd).create_study(who, "", "s", branin_spec(seed=77, max_trials=15))
+    reference = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=77))
+    reference.optimize(lambda t: branin(t.suggest_float("x1", -5, 10), t.suggest_float("x2", 0, 15)), n_trials=15)
+    for n in range(15):  # each suggestion by a fresh core: a restarted service
+        core = make_core(etcd)
+        (trial,) = await core.suggest(who.tenant, "s", 1, "driver-0")
+        assert params(trial) == reference.trials[n].params
+        await finish(core, who.tenant, "s", trial)
+    study = await make_core(etcd).get_study(who, "", "s")
+    assert study.best_trial.objective_value == reference.best_value
+
+
+def curve_series(points) -> list[jobs_pb.MetricSeries]:
+    s = jobs_pb.MetricSeries(name="objective", source=jobs_pb.METRIC_SOURCE_REPORTED)
+    s.replica.type = jobs_pb.REPLICA_TYPE_MASTER
+    for step, value in points:
+        s.points.add(step=step, value=value, attempt=1)
+    return [s]
+
+
+async def test_should_stop_trial_applies_the_median_rule_and_records_it(etcd):
+    core, who = make_core(etcd), caller()
+    spec = branin_spec(max_parallel_trials=5, early_stopping=pb.EarlyStopping(enabled=True, min_trials=2))
+    await core.create_study(who, "", "s", spec)
+    done = await core.suggest(who.tenant, "s", 2, "a")
+    for trial, value in zip(done, (1.0, 2.0)):
+        await core.end_trial(who.tenant, "s", trial.number, pb.TRIAL_STATE_SUCCEEDED, "Succeeded", "",
+                             objective=(value, 5), curve=[(s, value + 5 - s) for s in range(6)])
+    good, bad = await core.suggest(who.tenant, "s", 2, "b")
+    for trial in (good, bad):
+        await core.store.update_trial(who.tenant, "s", trial.number, lambda r, _: r.trial.__setattr__(
+            "state", pb.TRIAL_STATE_RUNNING))
+    core.jobs.series["s-3"] = curve_series([(0, 5.0), (1, 4.0)])
+    core.jobs.series["s-4"] = curve_series([(0, 50.0), (1, 40.0)])
+    assert await core.should_stop_trial(who, "", "s", good.number) == (False, "")
+    stop, reason = await core.should_stop_trial(who, "", "s", bad.number)
+    assert stop and "median" in reason
+    core.jobs.series["s-4"] = curve_series([(0, 0.1)])  # the verdict stands once given
+    assert (await core.should_stop_trial(who, "", "s", bad.number))[0]
+    ended = await core.end_trial(who.tenant, "s", bad.number, pb.TRIAL_STATE_SUCCEEDED, "Succeeded", "")
+    assert ended.trial.state == pb.TRIAL_STATE_EARLY_STOPPED and ended.trial.reason == "EarlyStopped"
+    with pytest.raises(errors.NotFound):
+        await core.should_stop_trial(who, "", "s", 99)

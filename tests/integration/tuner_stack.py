@@ -1,0 +1,201 @@
+"""A real tuning slice for tests and benchmarks: a jobs service and a tuner
+service process on an etcd and auth service (the session's, or a JobsStack's),
+plus a small synchronous TunerService client.
+
+    tuner = TunerStack(workdir, etcd_endpoint, admin_access_key, admin_secret, envs_dir=...)
+    tuner.start()                        # python -m services.jobs ..., python -m services.tuner ...
+    client = TunerClient(tuner.tuner.address, token)
+    client.create("s1", study_spec(...))
+    client.wait("s1")
+    tuner.stop()
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from cloudml.common.v1.resources_pb2 import Resources
+from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
+from cloudml.jobs.v1 import jobs_service_pb2_grpc as jobs_grpc
+from cloudml.tuner.v1 import tuner_service_pb2 as pb
+from cloudml.tuner.v1 import tuner_service_pb2_grpc as pb_grpc
+from deploy.local.service_process import ServiceProcess, service_command
+from tests.integration.jobs_stack import stop_replicas
+
+MiB = 1 << 20
+FINAL = {pb.STUDY_STATE_SUCCEEDED, pb.STUDY_STATE_FAILED, pb.STUDY_STATE_CANCELLED}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_trainers(out_dir: str, scratch: str) -> dict[str, str]:
+    """{"plain": sdist, "linear": sdist} of the example trainers.
+
+    Every trial gets --output_path=<study output>/<n> (the seed's
+    convention). Until examples/trainers/plain accepts that flag, a copy that
+    does is built (a no-op once it does).
+    """
+    from examples.build_packages import build_one
+
+    plain = os.path.join(ROOT, "examples", "trainers", "plain")
+    task = open(os.path.join(plain, "plain_trainer", "task.py")).read()
+    if "output_path" not in task:
+        copy = os.path.join(scratch, "plain")
+        shutil.copytree(plain, copy, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build", "dist"))
+        anchor = 'parser.add_argument("--sleep"'
+        task = task.replace(anchor, 'parser.add_argument("--output_path", default=None)\n    ' + anchor, 1)
+        with open(os.path.join(copy, "plain_trainer", "task.py"), "w") as f:
+            f.write(task)
+        plain = copy
+    return {"plain": build_one(plain, out_dir),
+            "linear": build_one(os.path.join(ROOT, "examples", "trainers", "linear"), out_dir)}
+
+
+def template(package: str, module: str, args=(), *, cpu: int = 100, memory: int = 256 * MiB,
+             **fields) -> jobs_pb.TrainJobSpec:
+    spec = jobs_pb.TrainJobSpec(trainer_uri="file://" + package, module_name=module, job_args=list(args), **fields)
+    spec.replica_specs.append(jobs_pb.ReplicaSpec(type=jobs_pb.REPLICA_TYPE_MASTER, replica_count=1,
+                                                  resources=Resources(cpu_millis=cpu, memory_bytes=memory)))
+    return spec
+
+
+def double(name: str, lo: float, hi: float, log: bool = False) -> pb.ParameterSpec:
+    return pb.ParameterSpec(name=name, double_range=pb.DoubleRange(
+        min=lo, max=hi, scale=pb.SCALE_LOG if log else pb.SCALE_LINEAR))
+
+
+def categorical(name: str, *values: str) -> pb.ParameterSpec:
+    return pb.ParameterSpec(name=name, categorical=pb.CategoricalValues(values=list(values)))
+
+
+def discrete(name: str, *values: float) -> pb.ParameterSpec:
+    return pb.ParameterSpec(name=name, discrete=pb.DiscreteValues(values=list(values)))
+
+
+def params_of(trial: pb.Trial) -> dict:
+    out = {}
+    for k, v in trial.params.items():
+        out[k] = getattr(v, v.WhichOneof("kind"))
+    return out
+
+
+@dataclass
+class TunerClient:
+    """Sync TunerService and JobsService stubs acting as one principal."""
+
+    channel: grpc.Channel
+    jobs_channel: grpc.Channel
+    token: str
+    tenant: str = ""
+
+    def __post_init__(self):
+        self.stub = pb_grpc.TunerServiceStub(self.channel)
+        self.jobs = jobs_grpc.JobsServiceStub(self.jobs_channel)
+
+    @property
+    def md(self):
+        return (("authorization", f"Bearer {self.token}"),)
+
+    def call(self, method: str, request, timeout: float = 30.0):
+        return getattr(self.stub, method)(request, metadata=self.md, timeout=timeout)
+
+    def create(self, name: str, spec: pb.StudySpec) -> pb.CreateStudyResponse:
+        return self.call("CreateStudy", pb.CreateStudyRequest(name=name, spec=spec))
+
+    def get(self, name: str) -> pb.Study:
+        return self.call("GetStudy", pb.GetStudyRequest(name=name)).study
+
+    def trials(self, name: str) -> list[pb.Trial]:
+        return list(self.call("ListTrials", pb.ListTrialsRequest(study=name, page_size=1000)).trials)
+
+    def cancel(self, name: str) -> pb.Study:
+        return self.call("CancelStudy", pb.CancelStudyRequest(name=name)).study
+
+    def job(self, name: str) -> jobs_pb.TrainJob:
+        return self.jobs.GetJob(jobs_pb.GetJobRequest(name=name), metadata=self.md, timeout=20).job
+
+    def wait(self, name: str, timeout: float = 180.0, states=FINAL) -> pb.Study:
+        deadline = time.monotonic() + timeout
+        while True:
+            study = self.get(name)
+            if study.state in states:
+                return study
+            if time.monotonic() > deadline:
+                trials = [(t.number, pb.TrialState.Name(t.state), t.reason, t.message) for t in self.trials(name)]
+                raise TimeoutError(f"study {name} still {pb.StudyState.Name(study.state)} after {timeout}s: "
+                                   f"{study.trial_counts} {trials}")
+            time.sleep(0.1)
+
+
+@dataclass
+class TunerStack:
+    workdir: str
+    etcd_endpoint: str
+    access_key: str
+    secret: str
+    envs_dir: str | None = None
+    lease_ttl: int = 3
+    poll_seconds: float = 0.5
+    jobs: ServiceProcess | None = None
+    tuners: list[ServiceProcess] = field(default_factory=list)
+    _channels: list[grpc.Channel] = field(default_factory=list)
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.workdir, "data")
+
+    def start(self) -> "TunerStack":
+        os.makedirs(self.workdir, exist_ok=True)
+        self.credentials = os.path.join(self.workdir, "service-credentials.json")
+        with open(self.credentials, "w") as f:
+            json.dump({"access_key": self.access_key, "secret_key": self.secret}, f)
+        os.chmod(self.credentials, 0o600)
+        port_file = os.path.join(self.workdir, "jobs.port")
+        extra = ["--lease-ttl", str(self.lease_ttl)]
+        if self.envs_dir:
+            extra += ["--envs-dir", self.envs_dir]
+        self.jobs = ServiceProcess(
+            "jobs", service_command("jobs", self.etcd_endpoint, port_file, data_dir=self.data_dir,
+                                    credentials_file=self.credentials, extra=extra),
+            port_file, log_path=os.path.join(self.workdir, "jobs.log"),
+        ).start().wait_serving(60)
+        self.start_tuner()
+        return self
+
+    def start_tuner(self, wait: bool = True) -> ServiceProcess:
+        n = len(self.tuners)
+        port_file = os.path.join(self.workdir, f"tuner-{n}.port")
+        process = ServiceProcess(
+            "tuner", service_command("tuner", self.etcd_endpoint, port_file, data_dir=self.data_dir,
+                                     credentials_file=self.credentials,
+                                     extra=["--lease-ttl", str(self.lease_ttl),
+                                            "--poll-seconds", str(self.poll_seconds)]),
+            port_file, log_path=os.path.join(self.workdir, f"tuner-{n}.log"),
+        ).start()
+        self.tuners.append(process)
+        if wait:
+            process.wait_serving(60)
+        return process
+
+    @property
+    def tuner(self) -> ServiceProcess:
+        return next(p for p in reversed(self.tuners) if p.alive())
+
+    def client(self, token: str, tenant: str = "") -> TunerClient:
+        channel = grpc.insecure_channel(self.tuner.poll_address())
+        jobs_channel = grpc.insecure_channel(self.jobs.poll_address())
+        self._channels += [channel, jobs_channel]
+        return TunerClient(channel, jobs_channel, token, tenant)
+
+    def stop(self) -> None:
+        for channel in self._channels:
+            channel.close()
+        for process in self.tuners:
+            process.stop()
+        if self.jobs:
+            self.jobs.stop()
+        stop_replicas(self.data_dir)

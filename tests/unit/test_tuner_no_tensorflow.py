@@ -1,0 +1,30 @@
+"""The tuner service (and `cloudml hp`) must never import TensorFlow (~6 s and
+~570 MB per process), even with Optuna and its samplers loaded."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_no_tuner_module_imports_tensorflow():
+    modules = sorted(p.stem for p in (ROOT / "services" / "tuner").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module('services.tuner.' + name)\n"
+        "import cloudml.cli.commands.hp, cloudml.hpspec\n"
+        "from cloudml.tuner.v1 import tuner_service_pb2 as pb\n"
+        "from services.tuner import algorithms, spec\n"
+        "for a in (pb.ALGORITHM_TPE, pb.ALGORITHM_CMAES, pb.ALGORITHM_RANDOM):\n"
+        "    s = pb.StudySpec(goal=1, metric='m', algorithm=a, max_trials=3, seed=1)\n"
+        "    s.trial_template.module_name = 't'\n"
+        "    s.parameters.add(name='x', double_range=pb.DoubleRange(min=0, max=1))\n"
+        "    s.parameters.add(name='y', double_range=pb.DoubleRange(min=0, max=1))\n"
+        "    algorithms.suggest(spec.normalize(s), [], None, 2)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorboard', 'keras', 'torch'))\n"
+        "print(','.join(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"imported: {result.stdout.strip()}"
