@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The platform's main job, end to end, as a user runs it:
 #   start the platform, create a tenant and its access key, log in as that
-#   tenant and show its quota. (Train -> deploy -> Predict are added as the
-#   jobs and models services land.)
+#   tenant, train the seed's linear-regression demo as a train job, deploy the
+#   exported SavedModel, and call Predict: over REST with the CLI and over
+#   gRPC with the stock TensorFlow Serving client.
 # Idempotent: re-running reuses the data dir (state survives) and the tenant.
 #   CLOUDML_DEMO_DIR   data dir (default: ./.demo)
 #   CLOUDML_GRPC_PORT  gateway gRPC port (default 8500), CLOUDML_REST_PORT (8501)
@@ -63,5 +64,34 @@ step "a member cannot manage tenants (expected: PERMISSION_DENIED)"
 if cloudml tenants create not-allowed 2>&1; then
   echo "unexpected: a member created a tenant" >&2; exit 1
 fi
+
+step "build the trainer package (examples/trainers/linear -> trainer-1.0.tar.gz)"
+package="$(.venv/bin/python examples/build_packages.py "$DATA/packages" --only linear --json \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["linear"])')"
+echo "$package"
+
+step "cloudml jobs submit -n linear -m trainer.task -u trainer-1.0.tar.gz -a '--max_epochs 10' -c 0.5 -M 1Gi --watch"
+cloudml jobs submit -n linear -m trainer.task -u "$package" -a "--max_epochs 10" -c 0.5 -M 1Gi --watch
+state="$(cloudml jobs describe linear -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["state"])')"
+if [ "$state" != "JOB_STATE_SUCCEEDED" ]; then
+  echo "the train job ended $state" >&2; cloudml jobs describe linear >&2; exit 1
+fi
+cloudml jobs metrics linear
+output_path="$(cloudml jobs describe linear -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["spec"]["output_path"])')"
+
+step "cloudml models create -n linear -v v1 -u $output_path/model/1 --wait"
+cloudml models create -n linear -v v1 -u "$output_path/model/1" --wait
+cloudml models describe linear
+
+step "cloudml models predict linear v1 -d data.json   (REST, the seed's data format)"
+cat > "$DATA/data.json" <<'JSON'
+{"keys_dtype": "int32", "keys": [[1], [2]], "X_dtype": "float32", "X": [[10.0], [30.0]]}
+JSON
+cat "$DATA/data.json"
+cloudml models predict linear 1 -d "$DATA/data.json" -o json
+
+step "Predict with the stock TF Serving gRPC client (examples/predict_client.py)"
+.venv/bin/python examples/predict_client.py --endpoint "127.0.0.1:$GRPC_PORT" --model linear \
+  --token "$(cloudml auth print-access-token)" --input keys:int32:1,2 --input X:float32:10,30 2>/dev/null
 echo
 echo "demo finished: platform data in $DATA"

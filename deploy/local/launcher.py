@@ -27,6 +27,7 @@ import time
 from deploy.local.etcd import port_is_free
 from deploy.local.layout import Layout, ensure_credentials, read_json, write_json
 from deploy.local.supervisor import (
+    stop_replicas,
     SERVING,
     NOT_SERVING,
     STOP_GRACE,
@@ -47,6 +48,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("auth", extra=lambda layout, ports: ["--bootstrap-file", layout.bootstrap]),
     ServiceSpec("jobs"),
     ServiceSpec("tuner"),
+    ServiceSpec("models"),
     ServiceSpec("gateway",
                 listen=lambda ports: f"127.0.0.1:{ports.grpc}",
                 extra=lambda layout, ports: ["--rest-listen", f"127.0.0.1:{ports.rest}"],
@@ -385,6 +387,7 @@ def cmd_down(args) -> int:
     if lock_fd is not None:
         try:
             left = stop_leftovers(layout)
+            stop_replicas(layout.root)
             remove_stale_pid_file(layout)
         finally:
             os.close(lock_fd)
@@ -419,6 +422,7 @@ def cmd_down(args) -> int:
         lock_fd = try_lock(layout)
     try:
         left = stop_leftovers(layout)
+        stop_replicas(layout.root)
         if left:
             print(f"stopped leftover processes: {', '.join(left)}", file=sys.stderr)
         remove_stale_pid_file(layout)

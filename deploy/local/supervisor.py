@@ -13,6 +13,7 @@ which lets a later supervisor stop processes a killed one left behind.
 from __future__ import annotations
 
 import logging
+import asyncio
 import os
 import signal
 import time
@@ -116,6 +117,34 @@ def stop_leftovers(layout: Layout, grace: float = STOP_GRACE) -> list[str]:
         log.warning("stopping %s (pid %d) left behind by an earlier supervisor", name, proc.pid)
         _terminate(proc, grace)
     return [name for name, _ in procs]
+
+
+def stop_replicas(data_dir: str, grace: float = STOP_GRACE) -> int:
+    """Stops every train-job and model-server replica the local runtime still
+    runs for this platform (they outlive their services by design, so that a
+    restarted service adopts them; `down` means everything stops). Running
+    jobs are then judged by their restart policy on the next `up`, and model
+    versions get fresh replicas. Returns how many were stopped."""
+    from services.common.runtime.base import ReplicaPhase
+    from services.common.runtime.local import LocalRuntime
+
+    state_dir = os.path.join(data_dir, "runtime", "local")
+    if not os.path.isdir(state_dir):
+        return 0
+
+    async def stop_all() -> int:
+        runtime = LocalRuntime(state_dir)
+        running = [s for s in await runtime.adopt() if s.phase == ReplicaPhase.RUNNING]
+        for status in running:
+            log.info("stopping replica %s (pid %d)", status.replica_id, status.pid)
+        await asyncio.gather(*(runtime.stop(s.replica_id, grace) for s in running), return_exceptions=True)
+        return len(running)
+
+    try:
+        return asyncio.run(stop_all())
+    except Exception:  # noqa: BLE001 - stopping the rest of the platform matters more
+        log.exception("could not stop the runtime's replicas")
+        return 0
 
 
 def _terminate(proc: psutil.Process, grace: float) -> None:
@@ -458,6 +487,7 @@ class Supervisor:
             if comp.pid:
                 log.info("stopping %s (pid %d)", comp.name, comp.pid)
             comp.stop()
+        stop_replicas(self.layout.root)
         if self.etcd.pid:
             log.info("stopping etcd (pid %d)", self.etcd.pid)
         self.etcd.stop()

@@ -138,7 +138,7 @@ def assert_all_serving(platform: Platform) -> dict:
     code, status = platform.status()
     assert code == 0, status
     assert status["running"] and status["all_serving"]
-    assert [c["component"] for c in status["components"]] == ["etcd", "auth", "jobs", "tuner", "gateway"]
+    assert [c["component"] for c in status["components"]] == ["etcd", "auth", "jobs", "tuner", "models", "gateway"]
     assert all(c["health"] == "SERVING" and c["pid"] for c in status["components"]), status
     return status
 

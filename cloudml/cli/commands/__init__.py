@@ -13,5 +13,6 @@ GROUPS = (
     "keys",
     "quota",
     "jobs",
+    "models",
     "hp",
 )

@@ -103,7 +103,7 @@ class ModelReplica(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., address: _Optional[str] = ..., status: _Optional[_Union[ErrorStatus, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("model", "tenant", "version", "model_uri", "description", "resources", "min_replicas", "max_replicas", "batching", "state", "status", "desired_replicas", "replicas", "create_time")
+    __slots__ = ("model", "tenant", "version", "model_uri", "description", "resources", "min_replicas", "max_replicas", "batching", "state", "status", "desired_replicas", "replicas", "create_time", "delete_time")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class ModelVersion(_message.Message):
     DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    DELETE_TIME_FIELD_NUMBER: _ClassVar[int]
     model: str
     tenant: str
     version: int
@@ -132,7 +133,8 @@ class ModelVersion(_message.Message):
     desired_replicas: int
     replicas: _containers.RepeatedCompositeFieldContainer[ModelReplica]
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, model: _Optional[str] = ..., tenant: _Optional[str] = ..., version: _Optional[int] = ..., model_uri: _Optional[str] = ..., description: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., status: _Optional[_Union[ErrorStatus, _Mapping]] = ..., desired_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ModelReplica, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    delete_time: _timestamp_pb2.Timestamp
+    def __init__(self, model: _Optional[str] = ..., tenant: _Optional[str] = ..., version: _Optional[int] = ..., model_uri: _Optional[str] = ..., description: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., status: _Optional[_Union[ErrorStatus, _Mapping]] = ..., desired_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ModelReplica, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReplicaEndpoint(_message.Message):
     __slots__ = ("tenant", "model", "version", "replica_id", "address", "state", "register_time")
@@ -410,3 +412,19 @@ class WatchModelResponse(_message.Message):
     model: Model
     model_versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ..., model_versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...
+
+class GetUploadLocationRequest(_message.Message):
+    __slots__ = ("tenant", "model", "version")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    version: int
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetUploadLocationResponse(_message.Message):
+    __slots__ = ("uri",)
+    URI_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    def __init__(self, uri: _Optional[str] = ...) -> None: ...

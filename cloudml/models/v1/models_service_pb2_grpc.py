@@ -99,6 +99,11 @@ class ModelsServiceStub:
                 request_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.WatchModelRequest.SerializeToString,
                 response_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.WatchModelResponse.FromString,
                 _registered_method=True)
+        self.GetUploadLocation = channel.unary_unary(
+                '/cloudml.models.v1.ModelsService/GetUploadLocation',
+                request_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationRequest.SerializeToString,
+                response_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServiceServicer:
@@ -169,7 +174,8 @@ class ModelsServiceServicer:
         quota limit of the tenant or the runtime's whole capacity (the message
         names the resource). Replicas that fit the limits but not the current
         usage wait in START and are placed when quota is released.
-        FAILED_PRECONDITION: the model is being deleted.
+        FAILED_PRECONDITION: the model is being deleted, or that version number
+        is (create it again once it is gone).
         NOT_FOUND: no such model in the tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -249,6 +255,22 @@ class ModelsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUploadLocation(self, request, context):
+        """Where a client puts a SavedModel directory it uploads before
+        CreateVersion: an fsspec URI in the platform's storage, under the tenant
+        and model (`<storage>/<tenant>/models/<model>/<version>/`, or
+        `.../uploads/<random>/` for version 0). On the local platform it is
+        `file:///DATA_DIR/storage/...`, which the CLI writes to directly when it
+        runs on the platform's machine. The location is only named, never
+        created; the caller passes the same URI as model_uri afterwards.
+        INVALID_ARGUMENT: a bad model name or a negative version.
+        FAILED_PRECONDITION: the platform has no storage configured.
+        NOT_FOUND: the tenant is another tenant's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -316,6 +338,11 @@ def add_ModelsServiceServicer_to_server(servicer, server):
                     servicer.WatchModel,
                     request_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.WatchModelRequest.FromString,
                     response_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.WatchModelResponse.SerializeToString,
+            ),
+            'GetUploadLocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadLocation,
+                    request_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationRequest.FromString,
+                    response_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -669,6 +696,33 @@ class ModelsService:
             '/cloudml.models.v1.ModelsService/WatchModel',
             cloudml_dot_models_dot_v1_dot_models__service__pb2.WatchModelRequest.SerializeToString,
             cloudml_dot_models_dot_v1_dot_models__service__pb2.WatchModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUploadLocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.models.v1.ModelsService/GetUploadLocation',
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationRequest.SerializeToString,
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationResponse.FromString,
             options,
             channel_credentials,
             insecure,

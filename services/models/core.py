@@ -1,0 +1,702 @@
+"""The models service's domain logic: models, versions, labels, traffic
+splits and replica bounds. No gRPC here: methods take plain values and the
+caller's `Principal`, return protobuf messages, and raise typed errors.
+
+What the API writes is the desired state (the spec of each version, its
+replica bounds, deletion marks); the reconciler (`reconciler.py`, on the
+leader) drives replicas toward it and writes back the observed state. Both
+change records by compare-and-swap, and whoever changes a record republishes
+the model's route (`store.publish_route`).
+
+Tenancy: an empty `tenant` means the caller's own; a member naming another
+tenant gets NOT_FOUND exactly as for a missing model; the admin tenant may
+act on every tenant.
+
+Model URIs: see `check_model_uri`. Local paths must hold a SavedModel when
+the version is created; a member tenant's local paths must lie inside its
+own storage tree (`<storage>/<tenant>/`), where `GetUploadLocation` points
+the CLI's uploads; only the admin tenant may name any local path.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from cloudml.common.v1 import resources_pb2
+from cloudml.models.v1 import models_service_pb2 as pb
+from services.common import errors, validation
+from services.common.etcd import (
+    Etcd,
+    PrefixWatcher,
+    cmp_absent,
+    cmp_mod_revision,
+    op_put,
+)
+from services.common.runtime.base import Amount, Runtime, Unschedulable
+from services.common.tokens import Principal
+from services.models import store
+from services.models.quota import AuthClient
+
+log = logging.getLogger(__name__)
+
+S = pb.ModelVersionState
+MAX_VERSION = 2**63 - 1
+MAX_REPLICAS = 1000
+LABEL_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
+UPDATABLE = ("description", "public", "default_version", "traffic_split")
+DESCRIPTION_MAX = 1000
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+LOCAL_SCHEMES = ("file", "local")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a zero in a version's spec takes."""
+
+    cpu_millis: int = 500
+    memory_bytes: int = 2 * 2**30
+    gpus: int = 0
+
+
+def ts(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def replica_resources(version: pb.ModelVersion) -> resources_pb2.Resources:
+    """What one replica of `version` reserves against the tenant's quota."""
+    r = version.resources
+    return resources_pb2.Resources(cpu_millis=r.cpu_millis, memory_bytes=r.memory_bytes, gpus=r.gpus,
+                                   model_replicas=1)
+
+
+def replica_amount(version: pb.ModelVersion) -> Amount:
+    r = version.resources
+    return Amount(cpu_millis=r.cpu_millis, memory_bytes=r.memory_bytes, gpus=r.gpus)
+
+
+def spec_of(version: pb.ModelVersion) -> bytes:
+    """The fields that make a version's spec, for idempotency checks."""
+    spec = pb.ModelVersion(
+        version=version.version, model_uri=version.model_uri, description=version.description,
+        resources=version.resources, min_replicas=version.min_replicas, max_replicas=version.max_replicas,
+        batching=version.batching,
+    )
+    return spec.SerializeToString(deterministic=True)
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """("file", "/abs/path") for local paths and file:// URIs, (scheme, uri) otherwise."""
+    if "://" not in uri:
+        return "file", uri
+    scheme, rest = uri.split("://", 1)
+    scheme = scheme.lower()
+    if scheme in LOCAL_SCHEMES:
+        return "file", rest
+    return scheme, uri
+
+
+def _within(path: str, root: str) -> bool:
+    root = os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _encode_token(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    try:
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise errors.InvalidArgument("page_token is not one this service issued") from None
+
+
+class ModelsCore:
+    def __init__(self, etcd: Etcd, auth: AuthClient, runtime: Runtime | None, *, storage_root: str | None,
+                 defaults: Defaults = Defaults(), clock=time.time):
+        self.etcd = etcd
+        self.auth = auth
+        self.runtime = runtime
+        self.storage_root = os.path.abspath(storage_root) if storage_root else None
+        self.defaults = defaults
+        self.clock = clock
+
+    # --- tenancy -------------------------------------------------------------------
+
+    async def _tenant(self, caller: Principal, tenant: str, what: str = "model", *, check_exists: bool = False) -> str:
+        tenant = tenant or caller.tenant
+        validation.check_name(tenant, "tenant")
+        if not caller.may_access(tenant):
+            # Exactly as for a missing one: a member cannot probe other tenants.
+            raise errors.NotFound(f"{what} not found in tenant {tenant!r}")
+        if check_exists and tenant != caller.tenant and not await self.auth.tenant_exists(tenant):
+            raise errors.NotFound(f"tenant {tenant!r} not found")
+        return tenant
+
+    async def _model(self, tenant: str, name: str) -> tuple[pb.Model, int]:
+        validation.check_name(name, "model")
+        kv = await self.etcd.get(store.model_key(tenant, name))
+        if kv is None:
+            raise errors.NotFound(f"model {name!r} not found in tenant {tenant!r}")
+        return pb.Model.FromString(kv.value), kv.mod_revision
+
+    async def _snapshot(self, tenant: str, name: str) -> store.ModelSnapshot:
+        validation.check_name(name, "model")
+        snap = await store.read_model_snapshot(self.etcd, tenant, name)
+        if snap.model is None:
+            raise errors.NotFound(f"model {name!r} not found in tenant {tenant!r}")
+        return snap
+
+    @staticmethod
+    def _version_of(snap: store.ModelSnapshot, number: int) -> pb.ModelVersion:
+        for version in snap.versions:
+            if version.version == number:
+                return version
+        raise errors.NotFound(f"version {number} of model {snap.model.name!r} not found")
+
+    async def _publish(self, tenant: str, name: str) -> None:
+        try:
+            await store.publish_route(self.etcd, tenant, name)
+        except errors.CloudMLError as err:
+            # The reconciler republishes stale routes; the change itself is made.
+            log.warning("route of %s/%s not published now (%s); the reconciler will", tenant, name, err.message)
+
+    # --- models ----------------------------------------------------------------------
+
+    async def create_model(self, caller: Principal, tenant: str, name: str, description: str,
+                           public: bool) -> pb.Model:
+        tenant = await self._tenant(caller, tenant, check_exists=True)
+        validation.check_name(name, "name")
+        if len(description) > DESCRIPTION_MAX:
+            raise errors.InvalidArgument(f"description is longer than {DESCRIPTION_MAX} characters")
+        now = ts(self.clock())
+        model = pb.Model(name=name, tenant=tenant, description=description, public=public,
+                         create_time=now, update_time=now)
+        key = store.model_key(tenant, name)
+        # A model being deleted still has its record, so the name stays taken
+        # until its replicas are gone; its counter goes with it.
+        ok, _ = await self.etcd.txn([cmp_absent(key)], [op_put(key, model.SerializeToString())])
+        if not ok:
+            raise errors.AlreadyExists(f"model {name!r} already exists in tenant {tenant!r}")
+        await self._publish(tenant, name)
+        return model
+
+    async def get_model(self, caller: Principal, tenant: str, name: str) -> pb.Model:
+        tenant = await self._tenant(caller, tenant)
+        model, _ = await self._model(tenant, name)
+        return model
+
+    async def list_models(self, caller: Principal, tenant: str, page_size: int,
+                          page_token: str) -> tuple[list[pb.Model], str]:
+        tenant = await self._tenant(caller, tenant)
+        size = validation.check_page_size(page_size)
+        start = None
+        if page_token:
+            after = _decode_token(page_token)
+            try:
+                validation.check_name(after)
+            except errors.InvalidArgument:
+                raise errors.InvalidArgument("page_token is not one this service issued") from None
+            start = store.model_key(tenant, after) + "\0"
+        kvs, _, more = await self.etcd.get_prefix(store.models_prefix(tenant), start=start, limit=size)
+        models = [pb.Model.FromString(kv.value) for kv in kvs]
+        token = _encode_token(models[-1].name) if more and models else ""
+        return models, token
+
+    async def update_model(self, caller: Principal, tenant: str, name: str, changes: pb.Model,
+                           paths: list[str]) -> pb.Model:
+        tenant = await self._tenant(caller, tenant)
+        validation.check_name(name, "name")
+        if not paths:
+            raise errors.InvalidArgument("update_mask is empty; name at least one of " + ", ".join(UPDATABLE))
+        for path in paths:
+            if path not in UPDATABLE:
+                raise errors.InvalidArgument(
+                    f"update_mask path {path!r} cannot be updated; use " + ", ".join(UPDATABLE)
+                    + " (labels change through SetLabel and DeleteLabel)"
+                )
+        if "description" in paths and len(changes.description) > DESCRIPTION_MAX:
+            raise errors.InvalidArgument(f"description is longer than {DESCRIPTION_MAX} characters")
+        if "default_version" in paths and changes.default_version < 0:
+            raise errors.InvalidArgument("default_version must not be negative")
+        if "traffic_split" in paths:
+            self._check_split_shape(changes.traffic_split)
+        for _ in range(20):
+            snap = await self._snapshot(tenant, name)
+            model = snap.model
+            if model.HasField("delete_time"):
+                raise errors.FailedPrecondition(f"model {name!r} is being deleted")
+            live = {v.version: v for v in snap.versions if not v.HasField("delete_time")}
+            named: set[int] = set()
+            if "default_version" in paths and changes.default_version:
+                named.add(changes.default_version)
+            if "traffic_split" in paths:
+                named.update(t.version for t in changes.traffic_split)
+            for number in sorted(named):
+                if number not in live:
+                    state = "is being deleted" if number in snap.version_revisions else "does not exist"
+                    raise errors.FailedPrecondition(f"version {number} of model {name!r} {state}")
+            if "description" in paths:
+                model.description = changes.description
+            if "public" in paths:
+                model.public = changes.public
+            if "default_version" in paths:
+                model.default_version = changes.default_version
+            if "traffic_split" in paths:
+                del model.traffic_split[:]
+                model.traffic_split.extend(changes.traffic_split)
+            model.update_time.CopyFrom(ts(self.clock()))
+            key = store.model_key(tenant, name)
+            compares = [cmp_mod_revision(key, snap.model_revision)]
+            # The versions named must still be as read (not marked deleted since).
+            compares += [cmp_mod_revision(store.version_key(tenant, name, n), snap.version_revisions[n])
+                         for n in sorted(named)]
+            ok, _ = await self.etcd.txn(compares, [op_put(key, model.SerializeToString())])
+            if ok:
+                await self._publish(tenant, name)
+                return model
+            await asyncio.sleep(0.005)
+        raise errors.Conflict(f"model {name!r} changed too often while being updated; retry")
+
+    @staticmethod
+    def _check_split_shape(split) -> None:
+        if not split:
+            return  # clears the split
+        seen: set[int] = set()
+        total = 0
+        for target in split:
+            if target.version <= 0:
+                raise errors.InvalidArgument(f"traffic_split names version {target.version}; versions are >= 1")
+            if target.version in seen:
+                raise errors.InvalidArgument(f"traffic_split names version {target.version} more than once")
+            if not 1 <= target.percent <= 100:
+                raise errors.InvalidArgument(
+                    f"traffic_split gives version {target.version} {target.percent}%; each share is 1..100"
+                )
+            seen.add(target.version)
+            total += target.percent
+        if total != 100:
+            raise errors.InvalidArgument(f"traffic_split percents sum to {total}, not 100")
+
+    async def delete_model(self, caller: Principal, tenant: str, name: str) -> pb.Model:
+        tenant = await self._tenant(caller, tenant)
+        validation.check_name(name, "name")
+        marked: list[pb.Model] = []
+        now = self.clock()
+
+        def change(kv):
+            if kv is None:
+                raise errors.NotFound(f"model {name!r} not found in tenant {tenant!r}")
+            model = pb.Model.FromString(kv.value)
+            if not model.HasField("delete_time"):
+                model.delete_time.CopyFrom(ts(now))
+                model.update_time.CopyFrom(ts(now))
+            marked[:] = [model]
+            return model.SerializeToString()
+
+        await self.etcd.update(store.model_key(tenant, name), change)
+        # The route goes at once; then every version shows UNLOADING (the
+        # reconciler drains versions of a deleted model whether marked or not).
+        await self._publish(tenant, name)
+        kvs, _, _ = await self.etcd.get_prefix(store.versions_prefix(tenant, name))
+        for kv in kvs:
+            await self._mark_version_deleted(kv.key, now)
+        return marked[0]
+
+    async def _mark_version_deleted(self, key: str, now: float) -> pb.ModelVersion | None:
+        result: list[pb.ModelVersion] = []
+
+        def change(kv):
+            if kv is None:
+                return None
+            version = pb.ModelVersion.FromString(kv.value)
+            if not version.HasField("delete_time"):
+                version.delete_time.CopyFrom(ts(now))
+                version.state = S.MODEL_VERSION_STATE_UNLOADING
+            result[:] = [version]
+            return version.SerializeToString()
+
+        await self.etcd.update(key, change)
+        return result[0] if result else None
+
+    # --- versions --------------------------------------------------------------------
+
+    def _normalize(self, given: pb.ModelVersion, tenant: str, caller: Principal) -> pb.ModelVersion:
+        if given.version < 0:
+            raise errors.InvalidArgument(f"model_version.version must not be negative (got {given.version})")
+        if len(given.description) > DESCRIPTION_MAX:
+            raise errors.InvalidArgument(f"model_version.description is longer than {DESCRIPTION_MAX} characters")
+        self.check_model_uri(given.model_uri, tenant, caller)
+        r = given.resources
+        for field in ("cpu_millis", "memory_bytes", "gpus"):
+            value = getattr(r, field)
+            if value < 0:
+                raise errors.InvalidArgument(f"model_version.resources.{field} must not be negative (got {value})")
+            if value > validation.RESOURCE_BOUNDS[field]:
+                raise errors.InvalidArgument(
+                    f"model_version.resources.{field} = {value} is beyond the allowed maximum "
+                    f"{validation.RESOURCE_BOUNDS[field]}"
+                )
+        resources = resources_pb2.Resources(
+            cpu_millis=r.cpu_millis or self.defaults.cpu_millis,
+            memory_bytes=r.memory_bytes or self.defaults.memory_bytes,
+            gpus=r.gpus or self.defaults.gpus,
+        )
+        min_replicas = given.min_replicas or 1
+        max_replicas = given.max_replicas or max(min_replicas, 1)
+        self.check_replica_bounds(min_replicas, max_replicas, "model_version.")
+        batching = self.check_batching(given.batching)
+        return pb.ModelVersion(
+            version=given.version, model_uri=given.model_uri, description=given.description, resources=resources,
+            min_replicas=min_replicas, max_replicas=max_replicas, batching=batching,
+        )
+
+    @staticmethod
+    def check_replica_bounds(min_replicas: int, max_replicas: int, prefix: str = "") -> None:
+        if not 1 <= min_replicas <= max_replicas <= MAX_REPLICAS:
+            raise errors.InvalidArgument(
+                f"{prefix}min_replicas = {min_replicas} and {prefix}max_replicas = {max_replicas}: "
+                f"need 1 <= min_replicas <= max_replicas <= {MAX_REPLICAS}"
+            )
+
+    @staticmethod
+    def check_batching(batching: pb.BatchingConfig) -> pb.BatchingConfig:
+        if not 0 <= batching.max_batch_size <= 100_000:
+            raise errors.InvalidArgument(
+                f"model_version.batching.max_batch_size must be within 1..100000 (got {batching.max_batch_size})")
+        if not 0 <= batching.batch_timeout_micros <= 60_000_000:
+            raise errors.InvalidArgument(
+                "model_version.batching.batch_timeout_micros must be within 0..60000000 "
+                f"(got {batching.batch_timeout_micros})")
+        if not 0 <= batching.max_enqueued_batches <= 1_000_000:
+            raise errors.InvalidArgument(
+                "model_version.batching.max_enqueued_batches must be within 0..1000000 "
+                f"(got {batching.max_enqueued_batches})")
+        if not 0 <= batching.num_batch_threads <= 1024:
+            raise errors.InvalidArgument(
+                f"model_version.batching.num_batch_threads must be within 0..1024 (got {batching.num_batch_threads})")
+        return pb.BatchingConfig(enabled=batching.enabled, max_batch_size=batching.max_batch_size,
+                                 batch_timeout_micros=batching.batch_timeout_micros,
+                                 max_enqueued_batches=batching.max_enqueued_batches,
+                                 num_batch_threads=batching.num_batch_threads)
+
+    def check_model_uri(self, uri: str, tenant: str, caller: Principal) -> None:
+        field = "model_version.model_uri"
+        if not uri:
+            raise errors.InvalidArgument(f"{field} is required (a SavedModel directory by fsspec URI)")
+        if len(uri) > 4096 or any(ord(c) < 32 for c in uri):
+            raise errors.InvalidArgument(f"{field} is not a valid URI")
+        scheme, rest = split_uri(uri)
+        if scheme != "file":
+            import fsspec  # noqa: PLC0415 - only needed for remote URIs
+
+            try:
+                fsspec.get_filesystem_class(scheme)
+            except (ValueError, ImportError) as err:
+                raise errors.InvalidArgument(
+                    f"{field} {uri!r}: the scheme {scheme!r} is not supported here ({err})"
+                ) from None
+            return
+        if not os.path.isabs(rest):
+            raise errors.InvalidArgument(
+                f"{field} {uri!r}: a local path must be absolute (the CLI uploads local directories for you)"
+            )
+        path = os.path.realpath(rest)
+        if not caller.is_admin:
+            own = os.path.join(self.storage_root, tenant) if self.storage_root else None
+            if own is None or not _within(path, own):
+                raise errors.InvalidArgument(
+                    f"{field} {uri!r}: local paths must lie in the tenant's own storage "
+                    f"({'file://' + own + '/' if own else 'none configured'}); upload the SavedModel there "
+                    f"(the CLI does) or pass a remote URI"
+                )
+        if not os.path.isdir(path):
+            raise errors.InvalidArgument(f"{field} {uri!r}: no such directory")
+        if not any(os.path.isfile(os.path.join(path, name)) for name in SAVED_MODEL_FILES):
+            raise errors.InvalidArgument(f"{field} {uri!r} is not a SavedModel directory (no saved_model.pb)")
+
+    async def _check_fits_ever(self, tenant: str, version: pb.ModelVersion) -> None:
+        want = replica_resources(version)
+        limits = await self.auth.limits(tenant)
+        labels = {"cpu_millis": "cpu (millicores)", "memory_bytes": "memory (bytes)", "gpus": "gpus",
+                  "model_replicas": "model replicas"}
+        for field, label in labels.items():
+            if getattr(want, field) > getattr(limits, field):
+                raise errors.ResourceExhausted(
+                    f"one replica can never fit tenant {tenant!r}'s quota: {label} requested "
+                    f"{getattr(want, field)} > limit {getattr(limits, field)}"
+                )
+        if self.runtime is not None:
+            try:
+                self.runtime.check_fits_ever([replica_amount(version)])
+            except Unschedulable as err:
+                raise errors.ResourceExhausted(f"one replica can never fit the runtime: {err}") from None
+
+    async def create_version(self, caller: Principal, tenant: str, model: str,
+                             given: pb.ModelVersion) -> tuple[pb.ModelVersion, bool]:
+        tenant = await self._tenant(caller, tenant)
+        validation.check_name(model, "model")
+        spec = self._normalize(given, tenant, caller)
+        checked = False
+        for _ in range(20):
+            snap = await self._snapshot(tenant, model)
+            if snap.model.HasField("delete_time"):
+                raise errors.FailedPrecondition(f"model {model!r} is being deleted")
+            counter_kv = await self.etcd.get(store.counter_key(tenant, model))
+            highest = int(counter_kv.value) if counter_kv else 0
+            number = spec.version
+            if number:
+                existing = next((v for v in snap.versions if v.version == number), None)
+                if existing is not None:
+                    if existing.HasField("delete_time"):
+                        raise errors.FailedPrecondition(
+                            f"version {number} of model {model!r} is being deleted; create it again once it is gone"
+                        )
+                    if spec_of(existing) == spec_of(spec):
+                        return existing, False
+                    raise errors.AlreadyExists(f"version {number} of model {model!r} exists with a different spec")
+            else:
+                number = max([highest] + [v.version for v in snap.versions]) + 1
+                if number > MAX_VERSION:
+                    raise errors.FailedPrecondition(f"model {model!r} has used every version number")
+            if not checked:
+                await self._check_fits_ever(tenant, spec)
+                checked = True
+            version = pb.ModelVersion()
+            version.CopyFrom(spec)
+            version.model, version.tenant, version.version = model, tenant, number
+            version.state = S.MODEL_VERSION_STATE_START
+            version.desired_replicas = version.min_replicas
+            version.create_time.CopyFrom(ts(self.clock()))
+            vkey, ckey = store.version_key(tenant, model, number), store.counter_key(tenant, model)
+            ok, _ = await self.etcd.txn(
+                [cmp_mod_revision(store.model_key(tenant, model), snap.model_revision), cmp_absent(vkey),
+                 cmp_mod_revision(ckey, counter_kv.mod_revision if counter_kv else 0)],
+                [op_put(vkey, version.SerializeToString()), op_put(ckey, str(max(highest, number)).encode())],
+            )
+            if ok:
+                await self._publish(tenant, model)
+                return version, True
+            await asyncio.sleep(0.005)
+        raise errors.Conflict(f"model {model!r} changed too often while creating a version; retry")
+
+    async def get_version(self, caller: Principal, tenant: str, model: str, number: int) -> pb.ModelVersion:
+        tenant = await self._tenant(caller, tenant)
+        validation.check_name(model, "model")
+        if number <= 0:
+            raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
+        kv = await self.etcd.get(store.version_key(tenant, model, number))
+        if kv is None:
+            await self._model(tenant, model)  # NOT_FOUND for the model first
+            raise errors.NotFound(f"version {number} of model {model!r} not found")
+        return pb.ModelVersion.FromString(kv.value)
+
+    async def list_versions(self, caller: Principal, tenant: str, model: str, page_size: int,
+                            page_token: str) -> tuple[list[pb.ModelVersion], str]:
+        tenant = await self._tenant(caller, tenant)
+        await self._model(tenant, model)
+        size = validation.check_page_size(page_size)
+        start = None
+        if page_token:
+            after = _decode_token(page_token)
+            if not after.isdigit():
+                raise errors.InvalidArgument("page_token is not one this service issued")
+            start = store.version_key(tenant, model, int(after)) + "\0"
+        kvs, _, more = await self.etcd.get_prefix(store.versions_prefix(tenant, model), start=start, limit=size)
+        versions = [pb.ModelVersion.FromString(kv.value) for kv in kvs]
+        token = _encode_token(str(versions[-1].version)) if more and versions else ""
+        return versions, token
+
+    async def delete_version(self, caller: Principal, tenant: str, model: str, number: int) -> pb.ModelVersion:
+        tenant = await self._tenant(caller, tenant)
+        for _ in range(20):
+            snap = await self._snapshot(tenant, model)
+            version = self._version_of(snap, number)
+            if version.HasField("delete_time"):
+                return version
+            m = snap.model
+            refs = [f"label {label!r}" for label, v in sorted(m.labels.items()) if v == number]
+            if m.default_version == number:
+                refs.append("default_version")
+            if any(t.version == number for t in m.traffic_split):
+                refs.append("the traffic split")
+            if refs:
+                raise errors.FailedPrecondition(
+                    f"version {number} of model {model!r} is still named by {', '.join(refs)}; move them first"
+                )
+            version.delete_time.CopyFrom(ts(self.clock()))
+            version.state = S.MODEL_VERSION_STATE_UNLOADING
+            vkey = store.version_key(tenant, model, number)
+            ok, _ = await self.etcd.txn(
+                [cmp_mod_revision(store.model_key(tenant, model), snap.model_revision),
+                 cmp_mod_revision(vkey, snap.version_revisions[number])],
+                [op_put(vkey, version.SerializeToString())],
+            )
+            if ok:
+                await self._publish(tenant, model)
+                return version
+            await asyncio.sleep(0.005)
+        raise errors.Conflict(f"model {model!r} changed too often while deleting a version; retry")
+
+    # --- labels and scaling ------------------------------------------------------------
+
+    @staticmethod
+    def check_label(label: str) -> None:
+        if not LABEL_RE.fullmatch(label or "") or label.isdigit():
+            raise errors.InvalidArgument(
+                f"label {label!r} is invalid: use 1..63 characters of [A-Za-z0-9_-], not all digits"
+            )
+
+    async def set_label(self, caller: Principal, tenant: str, model: str, label: str, number: int,
+                        allow_unavailable: bool) -> pb.Model:
+        tenant = await self._tenant(caller, tenant)
+        self.check_label(label)
+        if number <= 0:
+            raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
+        for _ in range(20):
+            snap = await self._snapshot(tenant, model)
+            m = snap.model
+            if m.HasField("delete_time"):
+                raise errors.FailedPrecondition(f"model {model!r} is being deleted")
+            version = next((v for v in snap.versions if v.version == number), None)
+            if version is None:
+                raise errors.FailedPrecondition(f"version {number} of model {model!r} does not exist")
+            if version.HasField("delete_time"):
+                raise errors.FailedPrecondition(f"version {number} of model {model!r} is being deleted")
+            if version.state != S.MODEL_VERSION_STATE_AVAILABLE and not allow_unavailable:
+                raise errors.FailedPrecondition(
+                    f"version {number} of model {model!r} is {S.Name(version.state)[len('MODEL_VERSION_STATE_'):]}, "
+                    "not AVAILABLE; a label can only point at an available version (or set allow_unavailable)"
+                )
+            if m.labels.get(label) == number:
+                return m
+            m.labels[label] = number
+            m.update_time.CopyFrom(ts(self.clock()))
+            key = store.model_key(tenant, model)
+            ok, _ = await self.etcd.txn(
+                [cmp_mod_revision(key, snap.model_revision),
+                 cmp_mod_revision(store.version_key(tenant, model, number), snap.version_revisions[number])],
+                [op_put(key, m.SerializeToString())],
+            )
+            if ok:
+                await self._publish(tenant, model)
+                return m
+            await asyncio.sleep(0.005)
+        raise errors.Conflict(f"model {model!r} changed too often while setting a label; retry")
+
+    async def delete_label(self, caller: Principal, tenant: str, model: str, label: str) -> pb.Model:
+        tenant = await self._tenant(caller, tenant)
+        validation.check_name(model, "model")
+        result: list[pb.Model] = []
+        changed = [False]
+
+        def change(kv):
+            if kv is None:
+                raise errors.NotFound(f"model {model!r} not found in tenant {tenant!r}")
+            m = pb.Model.FromString(kv.value)
+            result[:] = [m]
+            if label not in m.labels:
+                changed[0] = False
+                return kv.value
+            del m.labels[label]
+            m.update_time.CopyFrom(ts(self.clock()))
+            changed[0] = True
+            return m.SerializeToString()
+
+        await self.etcd.update(store.model_key(tenant, model), change)
+        if changed[0]:
+            await self._publish(tenant, model)
+        return result[0]
+
+    async def scale_version(self, caller: Principal, tenant: str, model: str, number: int, min_replicas: int,
+                            max_replicas: int) -> pb.ModelVersion:
+        tenant = await self._tenant(caller, tenant)
+        validation.check_name(model, "model")
+        self.check_replica_bounds(min_replicas, max_replicas)
+        if number <= 0:
+            raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
+        result: list[pb.ModelVersion] = []
+
+        def change(kv):
+            if kv is None:
+                raise errors.NotFound(f"version {number} of model {model!r} not found")
+            version = pb.ModelVersion.FromString(kv.value)
+            if version.HasField("delete_time"):
+                raise errors.FailedPrecondition(f"version {number} of model {model!r} is being deleted")
+            version.min_replicas, version.max_replicas = min_replicas, max_replicas
+            version.desired_replicas = min(max(version.desired_replicas, min_replicas), max_replicas)
+            result[:] = [version]
+            return version.SerializeToString()
+
+        try:
+            await self.etcd.update(store.version_key(tenant, model, number), change)
+        except errors.NotFound:
+            await self._model(tenant, model)
+            raise
+        return result[0]
+
+    # --- watching -----------------------------------------------------------------------
+
+    async def watch_model(self, caller: Principal, tenant: str, name: str) -> AsyncIterator[
+            tuple[pb.Model, list[pb.ModelVersion]]]:
+        tenant = await self._tenant(caller, tenant)
+        validation.check_name(name, "name")
+        changed = asyncio.Event()
+        model_key = store.model_key(tenant, name)
+
+        def on_reset(items, revision):
+            changed.set()
+
+        def on_model_event(event):
+            if event.kv.key == model_key:
+                changed.set()
+
+        watchers = [
+            PrefixWatcher(self.etcd, model_key, on_reset, on_model_event),
+            PrefixWatcher(self.etcd, store.versions_prefix(tenant, name), on_reset, lambda event: changed.set()),
+        ]
+        tasks = [asyncio.create_task(w.run()) for w in watchers]
+        try:
+            for watcher in watchers:
+                await asyncio.wait_for(watcher.synced.wait(), 10)
+            last = None
+            while True:
+                changed.clear()
+                snap = await store.read_model_snapshot(self.etcd, tenant, name)
+                if snap.model is None:
+                    raise errors.NotFound(f"model {name!r} not found in tenant {tenant!r}")
+                current = (snap.model.SerializeToString(deterministic=True),
+                           tuple(v.SerializeToString(deterministic=True) for v in snap.versions))
+                if current != last:
+                    last = current
+                    yield snap.model, snap.versions
+                await changed.wait()
+        except asyncio.TimeoutError:
+            raise errors.Unavailable("etcd did not answer the watch; retry") from None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- uploads ------------------------------------------------------------------------
+
+    async def upload_location(self, caller: Principal, tenant: str, model: str, number: int) -> str:
+        tenant = await self._tenant(caller, tenant)
+        validation.check_name(model, "model")
+        if number < 0:
+            raise errors.InvalidArgument(f"version must not be negative (got {number})")
+        if not self.storage_root:
+            raise errors.FailedPrecondition("this platform has no storage configured; pass a model URI")
+        leaf = str(number) if number else os.path.join("uploads", secrets.token_hex(8))
+        return "file://" + os.path.join(self.storage_root, tenant, "models", model, leaf) + "/"

@@ -1,0 +1,127 @@
+"""The replica's command line, read once in `__main__`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+
+from services.models.model_server.batching import BatchingConfig
+
+
+@dataclass
+class Settings:
+    model_name: str
+    version: int
+    base_path: str
+    listen: str = "127.0.0.1:0"
+    port_file: str | None = None
+    etcd: str | None = None
+    tenant: str = ""
+    replica_id: str = ""
+    lease_ttl: int = 10
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    metrics_listen: str | None = None
+    log_level: str = "INFO"
+    #: encode Predict outputs in tensor_content instead of the typed fields
+    tensor_content: bool = False
+    warmup_iterations: int = 1
+    #: seconds in-flight calls get to finish after SIGTERM
+    grace_seconds: float = 5.0
+    #: seconds between marking the endpoint UNLOADING and refusing new calls
+    drain_delay: float = 0.5
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    #: TensorFlow calls that recently took less than this run on the event loop
+    inline_max_micros: int = 100
+
+
+def _batching(raw: str | None) -> BatchingConfig:
+    if not raw:
+        return BatchingConfig()
+    text = raw
+    if not raw.lstrip().startswith("{"):
+        with open(raw) as f:
+            text = f.read()
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--batching-config is not JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError("--batching-config must be a JSON object")
+    try:
+        return BatchingConfig.from_dict(data)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m services.models.model_server",
+        description="One model-server replica: serves one SavedModel version with TF Serving's gRPC API.",
+    )
+    p.add_argument("--model-name", required=True, help="the name requests address (ModelSpec.name)")
+    p.add_argument("--version", required=True, type=int, help="the version number served (>= 1)")
+    p.add_argument("--base-path", required=True, help="the SavedModel directory (holding saved_model.pb)")
+    p.add_argument("--listen", default="127.0.0.1:0", help="host:port to bind (port 0: any free port)")
+    p.add_argument("--port-file", help='JSON written once listening: {"grpc", "pid", "address"}; '
+                                       'on a load failure {"error": ...}')
+    p.add_argument("--etcd", help="host:port of etcd; registers the endpoint there once serving")
+    p.add_argument("--tenant", default="", help="the model's tenant (for the registry key)")
+    p.add_argument("--replica-id", default="", help="this replica's id (for the registry key)")
+    p.add_argument("--lease-ttl", type=int, default=10, help="seconds the registration outlives a dead process")
+    p.add_argument("--batching-config", help="server-side batching as JSON (or a JSON file): enabled, "
+                                             "max_batch_size, batch_timeout_micros, max_enqueued_batches, "
+                                             "num_batch_threads")
+    p.add_argument("--metrics-listen", help="host:port for Prometheus metrics (port 0: any free port)")
+    p.add_argument("--tensor-content", action="store_true",
+                   help="return Predict outputs in tensor_content (TF Serving's default is the typed fields)")
+    p.add_argument("--warmup-iterations", type=int, default=1, help="times each warmup record is replayed")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight calls on SIGTERM")
+    p.add_argument("--drain-delay", type=float, default=None,
+                   help="seconds between marking the endpoint UNLOADING and refusing calls "
+                        "(default 0.5 with --etcd, else 0)")
+    p.add_argument("--intra-op-threads", type=int, default=0, help="TensorFlow intra-op threads (0: auto)")
+    p.add_argument("--inter-op-threads", type=int, default=0, help="TensorFlow inter-op threads (0: auto)")
+    p.add_argument("--inline-max-micros", type=int, default=100,
+                   help="run a signature on the event loop while its calls take less than this many "
+                        "microseconds (a thread hand-off costs more); 0: always on a thread")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.version < 1:
+        p.error("--version must be >= 1")
+    if args.etcd and not (args.tenant and args.replica_id):
+        p.error("--etcd needs --tenant and --replica-id")
+    if args.lease_ttl < 1:
+        p.error("--lease-ttl must be >= 1")
+    try:
+        batching = _batching(args.batching_config)
+    except (argparse.ArgumentTypeError, OSError) as err:
+        p.error(str(err))
+    drain_delay = args.drain_delay if args.drain_delay is not None else (0.5 if args.etcd else 0.0)
+    return Settings(
+        model_name=args.model_name,
+        version=args.version,
+        base_path=os.path.abspath(args.base_path),
+        listen=args.listen,
+        port_file=args.port_file,
+        etcd=args.etcd,
+        tenant=args.tenant,
+        replica_id=args.replica_id,
+        lease_ttl=args.lease_ttl,
+        batching=batching,
+        metrics_listen=args.metrics_listen,
+        log_level=args.log_level,
+        tensor_content=args.tensor_content,
+        warmup_iterations=max(1, args.warmup_iterations),
+        grace_seconds=args.grace,
+        drain_delay=drain_delay,
+        intra_op_threads=args.intra_op_threads,
+        inter_op_threads=args.inter_op_threads,
+        inline_max_micros=max(0, args.inline_max_micros),
+    )

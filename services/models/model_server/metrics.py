@@ -1,0 +1,72 @@
+"""Prometheus metrics of one model-server replica (served on `--metrics-listen`).
+
+The standard `grpc_server_handled_total` / `grpc_server_handling_seconds`
+(same names and labels as the platform services), plus:
+
+- `cloudml_model_server_tf_runs_total`: TensorFlow session/function calls
+  (a batch of requests counts once);
+- `cloudml_model_server_batches_total` and `..._batch_requests` /
+  `..._batch_rows`: formed batches and their sizes;
+- `cloudml_model_server_warmup_requests_total`: warmup records replayed;
+- `cloudml_model_server_state`: the replica's ModelVersionStatus state number;
+- `cloudml_model_server_inflight_requests`: calls being handled now (what
+  autoscaling on in-flight requests per replica reads).
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        labels = ("grpc_service", "grpc_method", "grpc_code")
+        self.handled = Counter(
+            "grpc_server_handled_total", "RPCs completed on the server, by status code.",
+            labels, registry=self.registry,
+        )
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds", "Time to handle an RPC, by status code.",
+            labels, registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.tf_runs = Counter(
+            "cloudml_model_server_tf_runs_total", "TensorFlow calls (a batch counts once).",
+            registry=self.registry,
+        )
+        self.batches = Counter(
+            "cloudml_model_server_batches_total", "Batches formed by the server-side batcher.",
+            registry=self.registry,
+        )
+        self.batch_requests = Histogram(
+            "cloudml_model_server_batch_requests", "Requests per batch.",
+            registry=self.registry, buckets=_SIZE_BUCKETS,
+        )
+        self.batch_rows = Histogram(
+            "cloudml_model_server_batch_rows", "Rows (0th-dimension size) per batch.",
+            registry=self.registry, buckets=_SIZE_BUCKETS,
+        )
+        self.warmup_requests = Counter(
+            "cloudml_model_server_warmup_requests_total", "Warmup records replayed.",
+            registry=self.registry,
+        )
+        self.state = Gauge(
+            "cloudml_model_server_state", "ModelVersionStatus state number of this replica.",
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "cloudml_model_server_inflight_requests", "PredictionService/ModelService calls being handled.",
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, str, str], tuple] = {}
+
+    def observe(self, service: str, method: str, code: str, seconds: float) -> None:
+        key = (service, method, code)
+        child = self._children.get(key)
+        if child is None:
+            child = (self.handled.labels(*key), self.seconds.labels(*key))
+            self._children[key] = child
+        child[0].inc()
+        child[1].observe(seconds)

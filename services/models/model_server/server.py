@@ -1,0 +1,221 @@
+"""The replica process: listen, load, warm up, serve, register, drain.
+
+1. Bind `--listen` (port 0 allowed) and write the port file
+   `{"grpc": port, "pid": pid, "address": "host:port"}`; health is
+   NOT_SERVING and GetModelStatus answers LOADING meanwhile.
+2. Load the SavedModel (on its own thread; SIGTERM still works) and replay
+   the warmup file. A failure is logged, written to the port file as
+   `{"error": "...", "code": <gRPC code number>, "pid": pid}` (the models
+   service shows it), and the process exits 1.
+3. State AVAILABLE: health SERVING, then (with `--etcd`) the endpoint is
+   registered under this process's lease.
+4. SIGTERM/SIGINT: the endpoint is rewritten UNLOADING and health goes
+   NOT_SERVING; after `--drain-delay` (so gateways stop routing here) the
+   server refuses new calls and in-flight ones get `--grace` seconds; then
+   the lease is revoked and the process exits 0.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from services.models.model_server import servable as servable_lib
+from services.models.model_server.batching import TFExecutor
+from services.models.model_server.config import Settings
+from services.models.model_server.core import ServedModel, State
+from services.models.model_server.metrics import Metrics
+from services.models.model_server.registration import Registration
+from services.models.model_server.servicer import MODEL_SERVICE, PREDICTION_SERVICE, Servicer
+from services.models.model_server.warmup import WarmupError, run_warmup
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+)
+
+
+def write_port_file(path: str | None, content: dict) -> None:
+    if not path:
+        return
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(content, f)
+    os.replace(tmp, path)
+
+
+async def _in_thread(fn, *args):
+    """Runs `fn` on a daemon thread (a SIGTERM during a long load need not wait for it)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(error, result):
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target():
+        try:
+            result = fn(*args)
+        except BaseException as err:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, err, None)
+        else:
+            loop.call_soon_threadsafe(settle, None, result)
+
+    threading.Thread(target=target, name="model-load", daemon=True).start()
+    return await future
+
+
+class ModelServer:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.executor = TFExecutor(settings.batching.threads)
+        self.model = ServedModel(
+            settings.model_name, settings.version, batching=settings.batching, executor=self.executor,
+            tensor_content=settings.tensor_content, metrics=self.metrics,
+            inline_max_seconds=settings.inline_max_micros / 1e6,
+        )
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        self.stop_event = asyncio.Event()
+        self.address = ""
+        self.port = 0
+        self.registration: Registration | None = None
+        self._register_task: asyncio.Task | None = None
+
+    async def set_health(self, serving: bool) -> None:
+        value = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", PREDICTION_SERVICE, MODEL_SERVICE):
+            await self.health.set(name, value)
+
+    async def start_listening(self) -> None:
+        self.server.add_generic_rpc_handlers(tuple(Servicer(self.model, self.metrics).generic_handlers()))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (PREDICTION_SERVICE, MODEL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            self.server,
+        )
+        await self.set_health(False)
+        self.port = self.server.add_insecure_port(self.settings.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        await self.server.start()
+        host = self.settings.listen.rpartition(":")[0] or "127.0.0.1"
+        self.address = f"{host}:{self.port}"
+        ports = {"grpc": self.port, "pid": os.getpid(), "address": self.address}
+        if self.settings.metrics_listen:
+            mhost, _, mport = self.settings.metrics_listen.rpartition(":")
+            httpd, _ = start_http_server(int(mport or 0), addr=mhost or "127.0.0.1", registry=self.metrics.registry)
+            ports["metrics"] = httpd.server_port
+        write_port_file(self.settings.port_file, ports)
+        log.info("model server for %s version %d listening on %s", self.settings.model_name,
+                 self.settings.version, self.address)
+
+    async def load(self) -> None:
+        """Loads and warms up the model; raises LoadError or WarmupError."""
+        s = self.settings
+        self.model.set_state(State.LOADING)
+        log.info("loading SavedModel %s (model %s version %d)", s.base_path, s.model_name, s.version)
+        servable = await _in_thread(
+            lambda: servable_lib.load(s.base_path, intra_op_threads=s.intra_op_threads,
+                                      inter_op_threads=s.inter_op_threads)
+        )
+        self.model.attach(servable)
+        log.info("loaded %s (%s runtime, signatures: %s)", s.base_path, servable.runtime,
+                 ", ".join(servable.signatures))
+        await run_warmup(self.model, s.base_path, s.warmup_iterations)
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+        try:
+            await self.start_listening()
+        except Exception as err:  # noqa: BLE001 - reported like a load failure
+            log.error("cannot start serving on %s: %s", self.settings.listen, err)
+            write_port_file(self.settings.port_file, {"error": f"cannot listen on {self.settings.listen}: {err}",
+                                                      "code": 14, "pid": os.getpid()})
+            await self.server.stop(0)
+            return 1
+        load = asyncio.create_task(self.load())
+        stopped = asyncio.create_task(self.stop_event.wait())
+        await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():
+            log.info("stopping before the model finished loading")
+            load.cancel()
+            await self._shutdown(drain=False)
+            return 0
+        stopped.cancel()
+        error = load.exception()
+        if error is not None:
+            message = getattr(error, "message", None) or str(error) or type(error).__name__
+            if not isinstance(error, (servable_lib.LoadError, WarmupError)):
+                log.error("loading %s failed", self.settings.base_path, exc_info=error)
+            log.error("Loading servable: {name: %s version: %d} failed: %s", self.settings.model_name,
+                      self.settings.version, message)
+            code = getattr(error, "code", 2)
+            write_port_file(self.settings.port_file, {"error": message, "code": code if isinstance(code, int) else 2,
+                                                      "pid": os.getpid()})
+            self.model.set_state(State.END)
+            await self._shutdown(drain=False)
+            return 1
+        self.model.set_state(State.AVAILABLE)
+        await self.set_health(True)
+        log.info("health: SERVING (model %s version %d AVAILABLE)", self.settings.model_name, self.settings.version)
+        if self.settings.etcd:
+            self.registration = Registration(
+                self.settings.etcd, tenant=self.settings.tenant, model=self.settings.model_name,
+                version=self.settings.version, replica_id=self.settings.replica_id, address=self.address,
+                ttl=self.settings.lease_ttl,
+            )
+            self._register_task = asyncio.create_task(self.registration.register(self.stop_event))
+        await self.stop_event.wait()
+        await self._shutdown(drain=True)
+        return 0
+
+    async def _shutdown(self, drain: bool) -> None:
+        log.info("shutting down")
+        if drain:
+            self.model.set_state(State.UNLOADING)
+        await self.set_health(False)
+        if self._register_task is not None:
+            self._register_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._register_task
+        if drain and self.registration is not None:
+            await self.registration.unloading()
+        if drain and self.settings.drain_delay > 0:
+            await asyncio.sleep(self.settings.drain_delay)
+        await self.server.stop(self.settings.grace_seconds if drain else 0)
+        self.model.set_state(State.END)
+        if self.registration is not None:
+            await self.registration.close()
+        self.executor.shutdown()
+        if self.model.servable is not None:
+            with contextlib.suppress(Exception):
+                self.model.servable.close()
+        log.info("stopped")
+
+
+def run(settings: Settings) -> int:
+    async def main() -> int:
+        return await ModelServer(settings).serve()
+
+    return asyncio.run(main())

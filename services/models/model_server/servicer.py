@@ -1,0 +1,140 @@
+"""gRPC handlers: tensorflow.serving.PredictionService and ModelService.
+
+Thin: read the routed version from the metadata, call `ServedModel`, turn a
+`ServingError` into its status (the one place that does), count the call.
+Predict's handler returns the response already serialized (built from
+numpy buffers in `tensors.py`), so its response serializer is the identity.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_management_pb2,
+    predict_pb2,
+    regression_pb2,
+)
+
+from services.models.model_server import status
+from services.models.model_server.core import ServedModel
+
+log = logging.getLogger(__name__)
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+#: Set by the gateway: the model version it routed this request to (see core.py).
+ROUTED_VERSION_KEY = "x-cloudml-resolved-version"
+
+
+def routed_version(context) -> int | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == ROUTED_VERSION_KEY:
+            try:
+                return int(value)
+            except ValueError:
+                raise status.invalid(f"bad {ROUTED_VERSION_KEY} metadata: {value!r}") from None
+    return None
+
+
+class Servicer:
+    def __init__(self, model: ServedModel, metrics=None):
+        self.model = model
+        self.metrics = metrics
+
+    def _wrap(self, service: str, method: str, call):
+        metrics = self.metrics
+
+        inflight = metrics.inflight if metrics is not None else None
+
+        async def handler(request, context):
+            start = time.perf_counter()
+            code = "OK"
+            if inflight is not None:
+                inflight.inc()
+            try:
+                return await call(request, routed_version(context))
+            except status.ServingError as err:
+                code = err.code.name
+                await context.abort(err.code, err.message)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception:  # noqa: BLE001 - INTERNAL to the caller, the traceback to the log
+                code = "INTERNAL"
+                log.exception("%s/%s failed", service, method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"Internal error in {method} (see the model server log)")
+            finally:
+                if metrics is not None:
+                    inflight.dec()
+                    metrics.observe(service, method, code, time.perf_counter() - start)
+
+        return handler
+
+    # --- calls -------------------------------------------------------------------------------
+
+    async def _predict(self, request, routed):
+        return await self.model.predict(request, routed)
+
+    async def _classify(self, request, routed):
+        return await self.model.classify(request, routed)
+
+    async def _regress(self, request, routed):
+        return await self.model.regress(request, routed)
+
+    async def _multi_inference(self, request, routed):
+        return await self.model.multi_inference(request, routed)
+
+    async def _metadata(self, request, routed):
+        return self.model.model_metadata(request, routed)
+
+    async def _status(self, request, routed):
+        return self.model.model_status(request, routed)
+
+    async def _reload(self, request, routed):
+        raise status.unimplemented(
+            "HandleReloadConfigRequest is not supported: a Cloud-ML model-server replica serves one model "
+            "version; change models and versions through the models service"
+        )
+
+    # --- registration ----------------------------------------------------------------------------
+
+    def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
+        def unary(service, method, call, request_cls, response_cls):
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(service, method, call),
+                request_deserializer=request_cls.FromString,
+                response_serializer=response_cls.SerializeToString if response_cls else None,
+            )
+
+        prediction = {
+            # The Predict handler returns bytes: no serializer.
+            "Predict": unary(PREDICTION_SERVICE, "Predict", self._predict, predict_pb2.PredictRequest, None),
+            "Classify": unary(PREDICTION_SERVICE, "Classify", self._classify,
+                              classification_pb2.ClassificationRequest, classification_pb2.ClassificationResponse),
+            "Regress": unary(PREDICTION_SERVICE, "Regress", self._regress,
+                             regression_pb2.RegressionRequest, regression_pb2.RegressionResponse),
+            "MultiInference": unary(PREDICTION_SERVICE, "MultiInference", self._multi_inference,
+                                    inference_pb2.MultiInferenceRequest, inference_pb2.MultiInferenceResponse),
+            "GetModelMetadata": unary(PREDICTION_SERVICE, "GetModelMetadata", self._metadata,
+                                      get_model_metadata_pb2.GetModelMetadataRequest,
+                                      get_model_metadata_pb2.GetModelMetadataResponse),
+        }
+        model = {
+            "GetModelStatus": unary(MODEL_SERVICE, "GetModelStatus", self._status,
+                                    get_model_status_pb2.GetModelStatusRequest,
+                                    get_model_status_pb2.GetModelStatusResponse),
+            "HandleReloadConfigRequest": unary(MODEL_SERVICE, "HandleReloadConfigRequest", self._reload,
+                                               model_management_pb2.ReloadConfigRequest,
+                                               model_management_pb2.ReloadConfigResponse),
+        }
+        return [
+            grpc.method_handlers_generic_handler(PREDICTION_SERVICE, prediction),
+            grpc.method_handlers_generic_handler(MODEL_SERVICE, model),
+        ]

@@ -1,0 +1,971 @@
+"""The model-server replica against TF Serving's behaviour, with the stock client.
+
+Each server is a real `python -m services.models.model_server` process; the
+calls are made with the official `tensorflow_serving.apis` stubs and
+`tf.make_tensor_proto`, exactly as a user's client would. The expected codes
+and messages are TF Serving's (`predict_util.cc`, `saved_model/util.cc`,
+`classifier.cc`, `regressor.cc`, `multi_inference.cc`, `util.cc`,
+`get_model_metadata_impl.cc`, `get_model_status_impl.cc`, `server_core.cc`,
+and their tests).
+
+The pytest process never imports TensorFlow or `tensorflow_serving`: other
+test modules import the project's own TF Serving protos (`cloudml.tfs`),
+which define the same protobuf symbols. The stock client therefore runs in a
+helper process: this file, started as `python test_model_server.py --probe`,
+reads JSON commands on stdin (build the test models, make a call, make
+concurrent calls, check imports) and answers each with one JSON line.
+
+Servers (started together once per module, in parallel):
+  hpt       half_plus_two v123 with a warmup file, registered in etcd
+  batching  half_plus_two with server-side batching and tensor_content outputs
+  keras     a Keras 3 model written with tf.saved_model.save (TF2 export)
+  module    a tf.Module TF2 export, registered in etcd (killed with -9)
+  broken    a SavedModel directory whose saved_model.pb is garbage
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+MARK = "@@PROBE@@ "
+MODEL = "half_plus_two"
+VERSION = 123
+LEASE_TTL = 2
+
+# ======================================================================================
+# The probe (runs in its own process; imports TensorFlow and the stock client).
+# ======================================================================================
+
+
+def _probe_main() -> None:  # pragma: no cover - runs in the helper process
+    sys.path[:0] = [ROOT, HERE]
+    import grpc
+    import numpy as np
+    import tensorflow as tf
+    from google.protobuf import json_format
+    from tensorflow_serving.apis import (
+        classification_pb2,
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        inference_pb2,
+        model_management_pb2,
+        model_service_pb2_grpc,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+        regression_pb2,
+    )
+
+    requests = {
+        "Predict": predict_pb2.PredictRequest,
+        "Classify": classification_pb2.ClassificationRequest,
+        "Regress": regression_pb2.RegressionRequest,
+        "MultiInference": inference_pb2.MultiInferenceRequest,
+        "GetModelMetadata": get_model_metadata_pb2.GetModelMetadataRequest,
+        "GetModelStatus": get_model_status_pb2.GetModelStatusRequest,
+        "HandleReloadConfigRequest": model_management_pb2.ReloadConfigRequest,
+    }
+    channels: dict[str, grpc.Channel] = {}
+
+    def stub_method(address: str, method: str):
+        if address not in channels:
+            channels[address] = grpc.insecure_channel(address)
+        channel = channels[address]
+        if method in ("GetModelStatus", "HandleReloadConfigRequest"):
+            return getattr(model_service_pb2_grpc.ModelServiceStub(channel), method)
+        return getattr(prediction_service_pb2_grpc.PredictionServiceStub(channel), method)
+
+    def make_request(cmd):
+        request = json_format.ParseDict(cmd.get("request", {}), requests[cmd["method"]]())
+        for alias, spec in cmd.get("tensors", {}).items():
+            value = spec["value"]
+            if spec.get("dtype") == "string":
+                value = [v.encode() if isinstance(v, str) else v for v in np.array(value, dtype=object).ravel()]
+                value = np.array(value, dtype=object).reshape(np.shape(spec["value"]))
+            request.inputs[alias].CopyFrom(tf.make_tensor_proto(value, dtype=getattr(tf, spec["dtype"])))
+        for alias, examples in cmd.get("examples", {}).items():
+            blobs = []
+            for features in examples:
+                ex = tf.train.Example()
+                for key, val in features.items():
+                    ex.features.feature[key].float_list.value.extend(val if isinstance(val, list) else [val])
+                blobs.append(ex.SerializeToString())
+            request.inputs[alias].CopyFrom(tf.make_tensor_proto(blobs, dtype=tf.string))
+        return request
+
+    def describe(method, response):
+        out = {"code": "OK", "details": "", "response": json_format.MessageToDict(response)}
+        if method == "Predict":
+            out["arrays"] = {k: tf.make_ndarray(v).tolist() for k, v in response.outputs.items()}
+            out["layout"] = {
+                k: ("tensor_content" if v.tensor_content else "float_val" if len(v.float_val) else "other")
+                for k, v in response.outputs.items()
+            }
+        return out
+
+    def call(cmd):
+        request = make_request(cmd)
+        metadata = [tuple(kv) for kv in cmd.get("metadata", [])] or None
+        try:
+            response = stub_method(cmd["address"], cmd["method"])(request, timeout=20, metadata=metadata)
+        except grpc.RpcError as err:
+            return {"code": err.code().name, "details": err.details()}
+        return describe(cmd["method"], response)
+
+    def concurrent(cmd):
+        futures = []
+        for one in cmd["calls"]:
+            request = make_request(one)
+            futures.append((one["method"], stub_method(one["address"], one["method"]).future(request, timeout=30)))
+        results = []
+        for method, future in futures:
+            try:
+                results.append(describe(method, future.result()))
+            except grpc.RpcError as err:
+                results.append({"code": err.code().name, "details": err.details()})
+        return results
+
+    def latency(cmd):
+        request = make_request(cmd)
+        method = stub_method(cmd["address"], cmd["method"])
+        for _ in range(100):
+            method(request, timeout=10)
+        times = []
+        for _ in range(cmd.get("n", 1000)):
+            start = time.perf_counter()
+            method(request, timeout=10)
+            times.append(time.perf_counter() - start)
+        times = np.array(times) * 1e3
+        return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
+
+    def build(cmd):
+        import half_plus_two
+
+        base = cmd["dir"]
+        out = {"hpt": half_plus_two.build_half_plus_two(os.path.join(base, "hpt"), VERSION, warmup=True),
+               "hpt_plain": half_plus_two.build_half_plus_two(os.path.join(base, "hpt_plain"), VERSION)}
+        # A Keras 3 model written with tf.saved_model.save.
+        inp = tf.keras.Input(shape=(3,), name="features")
+        dense = tf.keras.layers.Dense(2, name="dense")
+        model = tf.keras.Model(inp, dense(inp))
+        dense.set_weights([np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], np.float32),
+                           np.array([0.5, -0.5], np.float32)])
+        keras_dir = os.path.join(base, "keras", "1")
+        tf.saved_model.save(model, keras_dir)
+        out["keras"] = keras_dir
+        # tf.saved_model.save names a Keras model's input itself ("inputs").
+        signature = tf.saved_model.load(keras_dir).signatures["serving_default"]
+        out["keras_alias"] = next(iter(signature.structured_input_signature[1]))
+        sample = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 2.0]], np.float32)
+        out["keras_input"] = sample.tolist()
+        out["keras_expected"] = model(sample).numpy().tolist()
+
+        # A tf.Module with an explicit signature.
+        class Affine(tf.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = tf.Variable([[2.0], [-1.0]])
+                self.b = tf.Variable([1.0])
+
+            @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
+            def serve(self, x):
+                return {"y": tf.matmul(x, self.w) + self.b, "argmax": tf.argmax(x, axis=1)}
+
+        module = Affine()
+        module_dir = os.path.join(base, "module", "1")
+        tf.saved_model.save(module, module_dir, signatures={"serving_default": module.serve})
+        out["module"] = module_dir
+        broken = os.path.join(base, "broken", "1")
+        os.makedirs(broken, exist_ok=True)
+        with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
+            f.write(b"this is not a SavedModel")
+        out["broken"] = broken
+        return out
+
+    def imports(_cmd):
+        # The model server's modules beside the official TF Serving ones (this
+        # process has them loaded): no descriptor conflict, no project copies.
+        import services.models.model_server.server  # noqa: F401
+
+        loaded = sorted(m for m in sys.modules if m.startswith(("cloudml", "services")))
+        return {"modules": loaded}
+
+    def codec(_cmd):
+        # services/models/model_server/tensors.py against TensorFlow's own codec.
+        from tensorflow.core.framework import tensor_pb2
+
+        from services.models.model_server.tensors import TensorParseError, tensor_bytes, to_ndarray
+
+        failures = []
+        rng = np.random.default_rng(0)
+        for name in ("float32", "float64", "int32", "int64", "uint8", "int8", "int16", "uint16", "uint32",
+                     "uint64", "bool", "float16", "bfloat16", "complex64", "complex128", "string"):
+            dtype = getattr(tf, name)
+            if name == "string":
+                arr = np.array([[b"a", b"", "\u00e9".encode()], [b"xyz", b"\x00\xff", b"q"]], dtype=object)
+            elif name == "bool":
+                arr = rng.random((2, 3)) > 0.5
+            elif name.startswith("complex"):
+                arr = (rng.standard_normal((2, 3)) + 1j * rng.standard_normal((2, 3))).astype(dtype.as_numpy_dtype)
+            else:
+                arr = (rng.standard_normal((2, 3)) * 100).astype(dtype.as_numpy_dtype)
+                if name.startswith("int"):
+                    arr[0, 0] = np.iinfo(arr.dtype).min
+            for content in (False, True):
+                tp = tensor_pb2.TensorProto.FromString(tensor_bytes(arr, content))
+                back = tf.make_ndarray(tp)
+                if tp.dtype != dtype.as_datatype_enum or back.shape != arr.shape or not np.array_equal(back, arr):
+                    failures.append(f"encode {name} content={content}: {tp}")
+                decoded = to_ndarray(tp)
+                if decoded.dtype != arr.dtype or not np.array_equal(decoded, arr):
+                    failures.append(f"decode {name} content={content}: {decoded!r}")
+            official = tf.make_tensor_proto(arr, dtype=dtype)
+            if not np.array_equal(to_ndarray(official), arr):
+                failures.append(f"decode make_tensor_proto {name}")
+        filled = tensor_pb2.TensorProto(dtype=1, float_val=[7.0])
+        filled.tensor_shape.dim.add(size=3)
+        if to_ndarray(filled).tolist() != [7.0, 7.0, 7.0]:
+            failures.append("last value does not fill the shape")
+        zeros = tensor_pb2.TensorProto(dtype=3)
+        zeros.tensor_shape.dim.add(size=2)
+        if to_ndarray(zeros).tolist() != [0, 0]:
+            failures.append("no values is not zeros")
+        bad = tensor_pb2.TensorProto(dtype=1, tensor_content=b"\0" * 6)
+        bad.tensor_shape.dim.add(size=2)
+        try:
+            to_ndarray(bad)
+            failures.append("short tensor_content accepted")
+        except TensorParseError:
+            pass
+        return {"failures": failures}
+
+    handlers = {"call": call, "concurrent": concurrent, "latency": latency, "build": build, "imports": imports,
+                "codec": codec}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            result = handlers[cmd["cmd"]](cmd)
+        except Exception as err:  # noqa: BLE001 - reported to the test
+            import traceback
+
+            result = {"probe_error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        sys.stdout.write(MARK + json.dumps(result) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__" and "--probe" in sys.argv:
+    _probe_main()
+    sys.exit(0)
+
+# ======================================================================================
+# The tests (pytest process: no TensorFlow).
+# ======================================================================================
+
+import grpc  # noqa: E402
+import pytest  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from cloudml.models.v1 import models_service_pb2 as models_pb  # noqa: E402
+from services.common.etcd import Etcd  # noqa: E402
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
+
+
+class Probe:
+    def __init__(self, log_path: str):
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--probe"], cwd=ROOT, env=ENV,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+        )
+        self._lock = threading.Lock()
+
+    def send(self, **cmd):
+        with self._lock:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+            while True:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"the probe exited (see {self._log.name})")
+                if line.startswith(MARK):
+                    result = json.loads(line[len(MARK):])
+                    if isinstance(result, dict) and "probe_error" in result:
+                        raise RuntimeError(result["probe_error"] + "\n" + result["traceback"])
+                    return result
+
+    def close(self):
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    workdir: str
+    port_file: str = ""
+    log_path: str = ""
+    proc: subprocess.Popen | None = None
+    info: dict = field(default_factory=dict)
+
+    def start(self) -> "Server":
+        os.makedirs(self.workdir, exist_ok=True)
+        self.port_file = os.path.join(self.workdir, f"{self.name}.port")
+        self.log_path = os.path.join(self.workdir, f"{self.name}.log")
+        log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.models.model_server", *self.argv,
+             "--port-file", self.port_file, "--metrics-listen", "127.0.0.1:0"],
+            cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def read_port_file(self) -> dict | None:
+        try:
+            with open(self.port_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def wait_serving(self, timeout: float = 90.0) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.read_port_file()
+            if info and "error" in info:
+                raise AssertionError(f"{self.name} failed to load: {info['error']}\n{self.log()[-3000:]}")
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.proc.returncode}\n{self.log()[-3000:]}")
+            if info and health(info["address"]) == health_pb2.HealthCheckResponse.SERVING:
+                self.info = info
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} not SERVING after {timeout}s\n{self.log()[-3000:]}")
+
+    def metrics(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.info['metrics']}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                values[key] = float(value)
+        return values
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def health(address: str, service: str = "") -> int:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2
+            ).status
+        except grpc.RpcError:
+            return 0
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("model_server"))
+
+
+@pytest.fixture(scope="module")
+def probe(workdir):
+    p = Probe(os.path.join(workdir, "probe.log"))
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def models(probe, workdir):
+    return probe.send(cmd="build", dir=os.path.join(workdir, "models"))
+
+
+@pytest.fixture(scope="module")
+def tenant():
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def servers(models, workdir, etcd_server, tenant):
+    """Every server of the module, started at once (their TensorFlow imports overlap)."""
+    etcd = ["--etcd", etcd_server.endpoint, "--tenant", tenant, "--lease-ttl", str(LEASE_TTL)]
+    batching = json.dumps({"enabled": True, "max_batch_size": 64, "batch_timeout_micros": 150000,
+                           "max_enqueued_batches": 4, "num_batch_threads": 1})
+    started = {
+        "hpt": Server("hpt", ["--model-name", MODEL, "--version", str(VERSION), "--base-path", models["hpt"],
+                              *etcd, "--replica-id", "r-hpt"], workdir),
+        "batching": Server("batching", ["--model-name", MODEL, "--version", str(VERSION), "--base-path",
+                                        models["hpt_plain"], "--batching-config", batching, "--tensor-content"],
+                           workdir),
+        "keras": Server("keras", ["--model-name", "keras", "--version", "1", "--base-path", models["keras"]], workdir),
+        "module": Server("module", ["--model-name", "affine", "--version", "1", "--base-path", models["module"],
+                                    *etcd, "--replica-id", "r-module"], workdir),
+        "broken": Server("broken", ["--model-name", "broken", "--version", "1", "--base-path", models["broken"]],
+                         workdir),
+    }
+    for server in started.values():
+        server.start()
+    yield started
+    for server in started.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def hpt(servers):
+    return servers["hpt"].wait_serving()
+
+
+@pytest.fixture(scope="module")
+def call(probe, hpt):
+    """call(method, request=..., tensors=..., examples=..., address=...) on the hpt server."""
+
+    def _call(method, request=None, *, address=None, **extra):
+        return probe.send(cmd="call", address=address or hpt.address, method=method, request=request or {}, **extra)
+
+    return _call
+
+
+def spec(**fields):
+    return {"name": MODEL, **fields}
+
+
+def x_tensor(values, dtype="float32"):
+    return {"x": {"value": values, "dtype": dtype}}
+
+
+def examples(*rows):
+    return {"exampleList": {"examples": [
+        {"features": {"feature": {k: {"floatList": {"value": [v]}} for k, v in row.items()}}} for row in rows
+    ]}}
+
+
+def assert_error(result, code, details=None, startswith=None):
+    assert result["code"] == code, result
+    if details is not None:
+        assert result["details"] == details, result
+    if startswith is not None:
+        assert result["details"].startswith(startswith), result
+
+
+# --- the process --------------------------------------------------------------------------
+
+
+def test_model_server_imports_only_official_tf_serving_modules(probe):
+    modules = probe.send(cmd="imports")["modules"]
+    assert "services.models.model_server.server" in modules
+    assert "cloudml.models.v1.models_service_pb2" in modules  # registry value type, no conflict
+    assert not [m for m in modules if m.startswith("cloudml.tfs")]
+    assert "services.common.server" not in modules
+
+
+def test_tensor_codec_matches_tensorflow(probe):
+    assert probe.send(cmd="codec")["failures"] == []
+
+
+def test_port_file_and_health(hpt):
+    info = hpt.read_port_file()
+    assert info["grpc"] == int(info["address"].rsplit(":", 1)[1])
+    assert info["pid"] == hpt.proc.pid
+    assert info["address"].startswith("127.0.0.1:")
+    for service in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService"):
+        assert health(hpt.address, service) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_warmup_replayed_before_serving(hpt):
+    log = hpt.log()
+    finished = log.index("Finished reading warmup data")
+    assert "Number of warmup records read: 3." in log
+    assert finished < log.index("health: SERVING")
+    metrics = hpt.metrics()
+    assert metrics["cloudml_model_server_warmup_requests_total"] == 3
+    assert metrics["cloudml_model_server_tf_runs_total"] >= 3
+
+
+def test_broken_model_exits_non_zero_with_the_error_in_the_port_file(servers):
+    broken = servers["broken"]
+    code = broken.proc.wait(90)
+    assert code != 0
+    info = broken.read_port_file()
+    assert info and info["error"], info
+    assert "Wire format was corrupt" in info["error"]
+    assert info["code"] == grpc.StatusCode.DATA_LOSS.value[0]
+    assert "Loading servable: {name: broken version: 1} failed" in broken.log()
+
+
+# --- Predict -------------------------------------------------------------------------------
+
+
+def test_predict_default_signature(call):
+    r = call("Predict", {"modelSpec": spec()}, tensors=x_tensor([[1.0], [2.0], [5.0]]))
+    assert r["code"] == "OK", r
+    assert r["arrays"] == {"y": [[2.5], [3.0], [4.5]]}
+    # TF Serving's default serialization (AsProtoField): float_val, not tensor_content.
+    assert r["layout"] == {"y": "float_val"}
+    assert r["response"]["modelSpec"] == {"name": MODEL, "version": "123", "signatureName": "serving_default"}
+
+
+def test_predict_with_output_filter_and_explicit_version(call):
+    r = call("Predict", {"modelSpec": spec(version=VERSION), "outputFilter": ["y"]}, tensors=x_tensor([[2.0]]))
+    assert r["code"] == "OK", r
+    assert r["arrays"] == {"y": [[3.0]]}
+    assert r["response"]["modelSpec"]["version"] == "123"
+
+
+def test_predict_typed_field_with_one_value_fills_the_shape(call):
+    request = {"modelSpec": spec(), "inputs": {"x": {
+        "dtype": "DT_FLOAT", "tensorShape": {"dim": [{"size": "3"}, {"size": "1"}]}, "floatVal": [4.0]}}}
+    r = call("Predict", request)
+    assert r["arrays"] == {"y": [[4.0], [4.0], [4.0]]}
+
+
+def test_predict_output_filter_unknown_alias(call):
+    r = call("Predict", {"modelSpec": spec(), "outputFilter": ["z"]}, tensors=x_tensor([[1.0]]))
+    assert_error(r, "INVALID_ARGUMENT",
+                 "output tensor alias not found in signature: z Outputs expected to be in the set {y}.")
+
+
+def test_predict_output_filter_duplicate_alias(call):
+    r = call("Predict", {"modelSpec": spec(), "outputFilter": ["y", "y"]}, tensors=x_tensor([[1.0]]))
+    assert_error(r, "INVALID_ARGUMENT", "duplicate output tensor alias: y")
+
+
+def test_predict_unknown_model_returns_not_found(call):
+    r = call("Predict", {"modelSpec": {"name": "unknown"}}, tensors=x_tensor([[1.0]]))
+    assert_error(r, "NOT_FOUND", "Servable not found for request: Latest(unknown)")
+
+
+def test_predict_unknown_version_returns_not_found(call):
+    r = call("Predict", {"modelSpec": spec(version=999)}, tensors=x_tensor([[1.0]]))
+    assert_error(r, "NOT_FOUND", f"Servable not found for request: Specific({MODEL}, 999)")
+
+
+def test_predict_unknown_label_returns_invalid_argument(call):
+    r = call("Predict", {"modelSpec": spec(versionLabel="canary")}, tensors=x_tensor([[1.0]]))
+    assert_error(r, "INVALID_ARGUMENT", "Unrecognized servable version label: canary")
+
+
+def test_predict_routed_by_the_gateway(call):
+    routed = [["x-cloudml-resolved-version", str(VERSION)]]
+    r = call("Predict", {"modelSpec": spec(versionLabel="stable")}, tensors=x_tensor([[2.0]]), metadata=routed)
+    assert r["code"] == "OK", r
+    assert r["response"]["modelSpec"] == {"name": MODEL, "version": "123", "signatureName": "serving_default"}
+    stale = [["x-cloudml-resolved-version", "124"]]
+    r = call("Predict", {"modelSpec": spec()}, tensors=x_tensor([[2.0]]), metadata=stale)
+    assert_error(r, "NOT_FOUND", f"Servable not found for request: Specific({MODEL}, 124)")
+
+
+def test_predict_unknown_signature_returns_failed_precondition(call):
+    r = call("Predict", {"modelSpec": spec(signatureName="nope")}, tensors=x_tensor([[1.0]]))
+    assert_error(r, "FAILED_PRECONDITION", 'Serving signature key "nope" not found.')
+
+
+def test_predict_bad_input_name(call):
+    r = call("Predict", {"modelSpec": spec()}, tensors={"z": {"value": [[1.0]], "dtype": "float32"}})
+    assert_error(r, "INVALID_ARGUMENT",
+                 "Signature input alias: x(feed name: x:0) not found in request and no default value provided. "
+                 "Inputs expected to be in the request {z}, or default input alias set: ")
+
+
+def test_predict_extra_input(call):
+    tensors = {**x_tensor([[1.0]]), "z": {"value": [[1.0]], "dtype": "float32"}}
+    r = call("Predict", {"modelSpec": spec()}, tensors=tensors)
+    assert_error(r, "INVALID_ARGUMENT",
+                 "input size does not match signature: 2!=1 len({x,z}) != len({x}). Sent extra: {z}. "
+                 "Missing but required: {}.")
+
+
+def test_predict_bad_dtype(call):
+    r = call("Predict", {"modelSpec": spec()}, tensors=x_tensor([["a"]], "string"))
+    assert_error(r, "INVALID_ARGUMENT", "Expects arg[0] to be float but string is provided")
+    r = call("Predict", {"modelSpec": spec()}, tensors=x_tensor([[1]], "int32"))
+    assert_error(r, "INVALID_ARGUMENT", "Expects arg[0] to be float but int32 is provided")
+
+
+def test_predict_empty_request(call):
+    r = call("Predict", {"modelSpec": spec()})
+    assert_error(r, "INVALID_ARGUMENT",
+                 "input size does not match signature: 0!=1 len({}) != len({x}). Sent extra: {}. "
+                 "Missing but required: {x}.")
+
+
+def test_predict_missing_model_spec_or_name(call):
+    assert_error(call("Predict", {}, tensors=x_tensor([[1.0]])), "INVALID_ARGUMENT", "Missing ModelSpec")
+    r = call("Predict", {"modelSpec": {"signatureName": "serving_default"}}, tensors=x_tensor([[1.0]]))
+    assert_error(r, "INVALID_ARGUMENT", "ModelSpec has no name specified.")
+
+
+def test_predict_runs_regress_and_classify_signatures(call):
+    # Predict accepts any signature (TF Serving's method-name check is off by default).
+    r = call("Predict", {"modelSpec": spec(signatureName="regress_x2_to_y3")},
+             tensors={"inputs": {"value": [[2.0]], "dtype": "float32"}})
+    assert r["arrays"] == {"outputs": [[4.0]]}
+    assert r["response"]["modelSpec"]["signatureName"] == "regress_x2_to_y3"
+    r = call("Predict", {"modelSpec": spec(signatureName="classify_x_to_y")}, examples={"inputs": [{"x": 2.0}]})
+    assert r["arrays"] == {"scores": [[3.0]]}
+
+
+# --- Classify / Regress / MultiInference -----------------------------------------------------------
+
+
+def test_classify(call):
+    r = call("Classify", {"modelSpec": spec(signatureName="classify_x_to_y"), "input": examples({"x": 2.0}, {"x": 4.0})})
+    assert r["code"] == "OK", r
+    assert r["response"]["result"] == {"classifications": [{"classes": [{"score": 3.0}]},
+                                                           {"classes": [{"score": 4.0}]}]}
+    assert r["response"]["modelSpec"] == {"name": MODEL, "version": "123", "signatureName": "classify_x_to_y"}
+
+
+def test_classify_with_context(call):
+    inp = {"exampleListWithContext": {
+        "context": {"features": {"feature": {"x": {"floatList": {"value": [10.0]}}}}},
+        "examples": [{"features": {"feature": {"x2": {"floatList": {"value": [1.0]}}}}}],
+    }}
+    r = call("Classify", {"modelSpec": spec(signatureName="classify_x_to_y"), "input": inp})
+    assert r["response"]["result"]["classifications"] == [{"classes": [{"score": 7.0}]}]
+
+
+def test_classify_float_input_signature_fails_like_the_session(call):
+    r = call("Classify", {"modelSpec": spec(signatureName="classify_x2_to_y3"), "input": examples({"x2": 2.0})})
+    assert_error(r, "INVALID_ARGUMENT", "Expects arg[0] to be float but string is provided")
+
+
+def test_classify_default_signature_is_not_a_classification_signature(call):
+    r = call("Classify", {"modelSpec": spec(), "input": examples({"x": 2.0})})
+    assert_error(r, "INVALID_ARGUMENT", startswith="No classification inputs found in SignatureDef: ")
+
+
+def test_classify_unknown_signature(call):
+    r = call("Classify", {"modelSpec": spec(signatureName="nope"), "input": examples({"x": 2.0})})
+    assert_error(r, "INVALID_ARGUMENT", "No signature was found with the name: nope")
+
+
+def test_classify_empty_input(call):
+    r = call("Classify", {"modelSpec": spec(signatureName="classify_x_to_y")})
+    assert_error(r, "INVALID_ARGUMENT", "Input is empty.")
+
+
+def test_classify_missing_feature_is_the_model_error(call):
+    r = call("Classify", {"modelSpec": spec(signatureName="classify_x_to_y"), "input": examples({"x2": 2.0})})
+    assert_error(r, "INVALID_ARGUMENT")
+    assert "Feature: x (data type: float) is required but could not be found." in r["details"]
+
+
+def test_classify_unknown_model(call):
+    r = call("Classify", {"modelSpec": {"name": "nope", "signatureName": "classify_x_to_y"},
+                          "input": examples({"x": 2.0})})
+    assert_error(r, "NOT_FOUND", "Servable not found for request: Latest(nope)")
+
+
+@pytest.mark.parametrize("signature, expected", [("regress_x_to_y", 3.0), ("regress_x_to_y2", 4.0)])
+def test_regress(call, signature, expected):
+    r = call("Regress", {"modelSpec": spec(signatureName=signature), "input": examples({"x": 2.0})})
+    assert r["code"] == "OK", r
+    assert r["response"]["result"] == {"regressions": [{"value": expected}]}
+    assert r["response"]["modelSpec"] == {"name": MODEL, "version": "123", "signatureName": signature}
+
+
+def test_regress_x2_to_y3_takes_a_float_tensor_not_examples(call):
+    r = call("Regress", {"modelSpec": spec(signatureName="regress_x2_to_y3"), "input": examples({"x2": 2.0})})
+    assert_error(r, "INVALID_ARGUMENT", "Expects arg[0] to be float but string is provided")
+
+
+def test_regress_on_a_classification_signature(call):
+    r = call("Regress", {"modelSpec": spec(signatureName="classify_x_to_y"), "input": examples({"x": 2.0})})
+    assert_error(r, "INVALID_ARGUMENT", startswith="No regression outputs found in SignatureDef: ")
+
+
+def test_regress_unknown_signature(call):
+    r = call("Regress", {"modelSpec": spec(signatureName="nope"), "input": examples({"x": 2.0})})
+    assert_error(r, "INVALID_ARGUMENT", "No signature was found with the name: nope")
+
+
+def task(signature, method):
+    return {"modelSpec": spec(signatureName=signature), "methodName": f"tensorflow/serving/{method}"}
+
+
+def test_multi_inference_regress_and_classify(call):
+    r = call("MultiInference", {"tasks": [task("regress_x_to_y", "regress"), task("classify_x_to_y", "classify")],
+                                "input": examples({"x": 2.0})})
+    assert r["code"] == "OK", r
+    results = r["response"]["results"]
+    assert results[0]["regressionResult"] == {"regressions": [{"value": 3.0}]}
+    assert results[1]["classificationResult"] == {"classifications": [{"classes": [{"score": 3.0}]}]}
+    assert results[0]["modelSpec"] == {"name": MODEL, "version": "123", "signatureName": "regress_x_to_y"}
+    assert results[1]["modelSpec"] == {"name": MODEL, "version": "123", "signatureName": "classify_x_to_y"}
+
+
+def test_multi_inference_two_regressions(call):
+    r = call("MultiInference", {"tasks": [task("regress_x_to_y", "regress"), task("regress_x_to_y2", "regress")],
+                                "input": examples({"x": 2.0})})
+    assert [x["regressionResult"]["regressions"][0]["value"] for x in r["response"]["results"]] == [3.0, 4.0]
+
+
+@pytest.mark.parametrize("tasks, code, details", [
+    ([task("regress_x_to_y", "regress"), task("regress_x_to_y", "regress")],
+     "INVALID_ARGUMENT", "Duplicate evaluation of signature: regress_x_to_y"),
+    ([task("serving_default", "predict")],
+     "UNIMPLEMENTED", "Unsupported signature method_name: tensorflow/serving/predict"),
+    ([task("nope", "regress")], "INVALID_ARGUMENT", "Requested signature not found in model graph: nope"),
+    ([task("regress_x_to_y", "regress"), {**task("regress_x_to_y2", "regress"),
+                                          "modelSpec": {"name": "other", "signatureName": "regress_x_to_y2"}}],
+     "INVALID_ARGUMENT", "All ModelSpecs in a MultiInferenceRequest must access the same model name."),
+    ([{**task("regress_x_to_y", "regress"), "modelSpec": {"name": "other"}}],
+     "NOT_FOUND", "Servable not found for request: Latest(other)"),
+    ([], "INVALID_ARGUMENT", "ModelSpec has no name specified."),
+])
+def test_multi_inference_errors(call, tasks, code, details):
+    r = call("MultiInference", {"tasks": tasks, "input": examples({"x": 2.0})})
+    assert_error(r, code, details)
+
+
+def test_multi_inference_empty_input(call):
+    r = call("MultiInference", {"tasks": [task("regress_x_to_y", "regress")]})
+    assert_error(r, "INVALID_ARGUMENT", "Input is empty.")
+
+
+# --- metadata and status -----------------------------------------------------------------------
+
+
+def test_get_model_metadata(call):
+    r = call("GetModelMetadata", {"modelSpec": spec(), "metadataField": ["signature_def"]})
+    assert r["code"] == "OK", r
+    assert r["response"]["modelSpec"] == {"name": MODEL, "version": "123"}
+    any_value = r["response"]["metadata"]["signature_def"]
+    assert any_value["@type"] == "type.googleapis.com/tensorflow.serving.SignatureDefMap"
+    sigs = any_value["signatureDef"]
+    assert sorted(sigs) == ["classify_x2_to_y3", "classify_x_to_y", "regress_x2_to_y3", "regress_x_to_y",
+                            "regress_x_to_y2", "serving_default"]
+    default = sigs["serving_default"]
+    assert default["methodName"] == "tensorflow/serving/predict"
+    assert default["inputs"]["x"] == {"name": "x:0", "dtype": "DT_FLOAT",
+                                      "tensorShape": {"dim": [{"size": "-1"}, {"size": "1"}]}}
+    assert default["outputs"]["y"]["name"] == "y:0"
+    assert sigs["classify_x_to_y"]["methodName"] == "tensorflow/serving/classify"
+    assert sigs["regress_x_to_y"]["inputs"]["inputs"]["dtype"] == "DT_STRING"
+
+
+def test_get_model_metadata_errors(call):
+    assert_error(call("GetModelMetadata", {"modelSpec": spec()}), "INVALID_ARGUMENT",
+                 "GetModelMetadataRequest must specify at least one metadata_field")
+    assert_error(call("GetModelMetadata", {"modelSpec": spec(), "metadataField": ["graph"]}), "INVALID_ARGUMENT")
+    assert_error(call("GetModelMetadata", {"modelSpec": {"name": "nope"}, "metadataField": ["signature_def"]}),
+                 "NOT_FOUND", "Servable not found for request: Latest(nope)")
+
+
+def test_get_model_status(call):
+    for request in ({"modelSpec": spec()}, {"modelSpec": spec(version=VERSION)}):
+        r = call("GetModelStatus", request)
+        assert r["code"] == "OK", r
+        assert r["response"] == {"model_version_status": [{"version": "123", "state": "AVAILABLE", "status": {}}]}
+
+
+def test_get_model_status_errors(call):
+    assert_error(call("GetModelStatus", {"modelSpec": spec(version=7)}), "NOT_FOUND",
+                 f"Could not find version 7 of model {MODEL}")
+    assert_error(call("GetModelStatus", {"modelSpec": {"name": "nope"}}), "NOT_FOUND",
+                 "Could not find any versions of model nope")
+    assert_error(call("GetModelStatus", {}), "INVALID_ARGUMENT", "Missing ModelSpec")
+
+
+def test_reload_config_is_unimplemented(call):
+    assert_error(call("HandleReloadConfigRequest", {}), "UNIMPLEMENTED")
+
+
+# --- batching ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batching(servers):
+    return servers["batching"].wait_serving()
+
+
+def test_batching_runs_concurrent_requests_in_fewer_calls(probe, batching):
+    before = batching.metrics()
+    calls = []
+    expected = []
+    for i in range(32):
+        rows = [[float(i * 10 + r)] for r in range(1 + i % 2)]
+        calls.append({"address": batching.address, "method": "Predict", "request": {"modelSpec": spec()},
+                      "tensors": x_tensor(rows)})
+        expected.append({"y": [[0.5 * v[0] + 2.0] for v in rows]})
+    results = probe.send(cmd="concurrent", calls=calls)
+    assert [r["code"] for r in results] == ["OK"] * 32, results
+    assert [r["arrays"] for r in results] == expected
+    assert all(r["layout"] == {"y": "tensor_content"} for r in results)  # --tensor-content
+    after = batching.metrics()
+    runs = after["cloudml_model_server_tf_runs_total"] - before["cloudml_model_server_tf_runs_total"]
+    batches = after["cloudml_model_server_batches_total"] - before["cloudml_model_server_batches_total"]
+    assert 1 <= runs <= 8, (runs, batches)
+    assert batches == runs
+
+
+def test_batching_queue_full_returns_unavailable(probe, batching):
+    # Eight different input shapes: eight batch keys, while at most 4 batches may wait.
+    calls = [{"address": batching.address, "method": "Predict", "request": {"modelSpec": spec()},
+              "tensors": x_tensor([[1.0] * width])} for width in range(1, 9)]
+    results = probe.send(cmd="concurrent", calls=calls)
+    codes = [r["code"] for r in results]
+    assert "UNAVAILABLE" in codes, codes
+    refused = [r for r in results if r["code"] == "UNAVAILABLE"]
+    assert refused[0]["details"] == "The batch scheduling queue to which this task was submitted is full"
+    for width, r in zip(range(1, 9), results):
+        if r["code"] == "OK":
+            assert r["arrays"] == {"y": [[2.5] * width]}
+
+
+def test_sigterm_drains_in_flight_requests(probe, batching):
+    # A request waits in an open batch (150 ms timeout) when SIGTERM arrives:
+    # it still gets its answer, then the process exits 0.
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(probe.send(
+        cmd="call", address=batching.address, method="Predict", request={"modelSpec": spec()},
+        tensors=x_tensor([[6.0]]))))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while batching.metrics()["cloudml_model_server_inflight_requests"] < 1:
+        assert time.monotonic() < deadline, "the request never arrived"
+        time.sleep(0.005)
+    batching.proc.send_signal(signal.SIGTERM)
+    thread.join(20)
+    assert results["code"] == "OK", results
+    assert results["arrays"] == {"y": [[5.0]]}
+    assert batching.proc.wait(20) == 0
+
+
+# --- TF2 exports ---------------------------------------------------------------------------------
+
+
+def test_tf2_keras_saved_model(probe, servers, models):
+    keras = servers["keras"].wait_serving()
+    r = probe.send(cmd="call", address=keras.address, method="Predict", request={"modelSpec": {"name": "keras"}},
+                   tensors={models["keras_alias"]: {"value": models["keras_input"], "dtype": "float32"}})
+    assert r["code"] == "OK", r
+    (alias, values), = r["arrays"].items()
+    assert values == models["keras_expected"]
+    assert r["response"]["modelSpec"] == {"name": "keras", "version": "1", "signatureName": "serving_default"}
+    meta = probe.send(cmd="call", address=keras.address, method="GetModelMetadata",
+                      request={"modelSpec": {"name": "keras"}, "metadataField": ["signature_def"]})
+    sigs = meta["response"]["metadata"]["signature_def"]["signatureDef"]
+    assert sigs["serving_default"]["inputs"][models["keras_alias"]]["dtype"] == "DT_FLOAT"
+    assert "__saved_model_init_op" in sigs  # as TF Serving lists a TF2 export's signatures
+    r = probe.send(cmd="call", address=keras.address, method="Predict", request={"modelSpec": {"name": "keras"}},
+                   tensors={models["keras_alias"]: {"value": [[1, 2, 3]], "dtype": "int64"}})
+    assert_error(r, "INVALID_ARGUMENT", "Expects arg[0] to be float but int64 is provided")
+
+
+@pytest.fixture(scope="module")
+def module_server(servers):
+    return servers["module"].wait_serving()
+
+
+def test_tf2_module_saved_model(probe, module_server):
+    r = probe.send(cmd="call", address=module_server.address, method="Predict",
+                   request={"modelSpec": {"name": "affine"}, "outputFilter": ["y"]},
+                   tensors=x_tensor([[1.0, 1.0], [3.0, 1.0]]))
+    assert r["code"] == "OK", r
+    assert r["arrays"] == {"y": [[2.0], [6.0]]}
+    r = probe.send(cmd="call", address=module_server.address, method="Predict",
+                   request={"modelSpec": {"name": "affine"}}, tensors=x_tensor([[1.0, 5.0]]))
+    assert r["arrays"] == {"y": [[-2.0]], "argmax": [1]}
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+
+def _endpoint_key(tenant: str, model: str, version: int, replica: str) -> str:
+    return f"/cloudml/models/endpoints/{tenant}/{model}/{version}/{replica}"
+
+
+async def _wait_key(etcd: Etcd, key: str, present: bool, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        kv = await etcd.get(key)
+        if (kv is not None) == present:
+            return kv
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{key} still {'absent' if present else 'present'} after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+async def test_registration_appears_once_serving(hpt, etcd_server, tenant):
+    etcd = await Etcd.connect(etcd_server.endpoint)
+    try:
+        kv = await _wait_key(etcd, _endpoint_key(tenant, MODEL, VERSION, "r-hpt"), True, 10)
+        endpoint = models_pb.ReplicaEndpoint.FromString(kv.value)
+        assert endpoint.address == hpt.address
+        assert (endpoint.tenant, endpoint.model, endpoint.version, endpoint.replica_id) == (
+            tenant, MODEL, VERSION, "r-hpt")
+        assert endpoint.state == models_pb.MODEL_VERSION_STATE_AVAILABLE
+        assert endpoint.register_time.seconds > 0
+        assert kv.lease != 0
+    finally:
+        await etcd.close()
+
+
+async def test_registration_disappears_after_kill_9(module_server, etcd_server, tenant):
+    etcd = await Etcd.connect(etcd_server.endpoint)
+    key = _endpoint_key(tenant, "affine", 1, "r-module")
+    try:
+        await _wait_key(etcd, key, True, 10)
+        module_server.proc.send_signal(signal.SIGKILL)
+        module_server.proc.wait(10)
+        start = time.monotonic()
+        # Gone within the TTL (etcd checks for expired leases every 0.5 s; 1 s of slack).
+        await _wait_key(etcd, key, False, LEASE_TTL + 1)
+        print(f"endpoint removed {time.monotonic() - start:.2f}s after kill -9")
+    finally:
+        await etcd.close()
+
+
+async def test_sigterm_marks_unloading_then_deregisters_and_exits_zero(hpt, etcd_server, tenant):
+    etcd = await Etcd.connect(etcd_server.endpoint)
+    key = _endpoint_key(tenant, MODEL, VERSION, "r-hpt")
+    try:
+        await _wait_key(etcd, key, True, 10)
+        hpt.proc.send_signal(signal.SIGTERM)
+        seen_unloading = False
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            kv = await etcd.get(key)
+            if kv is None:
+                break
+            if models_pb.ReplicaEndpoint.FromString(kv.value).state == models_pb.MODEL_VERSION_STATE_UNLOADING:
+                seen_unloading = True
+            await asyncio.sleep(0.05)
+        assert seen_unloading
+        assert await etcd.get(key) is None
+        assert hpt.proc.wait(20) == 0
+    finally:
+        await etcd.close()

@@ -1,0 +1,68 @@
+"""The autoscaling rule (services/models/autoscaler.py) on synthetic samples."""
+from services.models.autoscaler import Autoscaler
+
+
+def feed(scaler: Autoscaler, key: str, samples: list[tuple[float, float]]) -> None:
+    for now, inflight in samples:
+        scaler.observe(key, inflight, now)
+
+
+def test_wanted_is_ceil_of_inflight_over_target():
+    scaler = Autoscaler(target=4)
+    assert [scaler.wanted(n) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_scales_up_at_once_within_bounds():
+    scaler = Autoscaler(target=4, scale_down_delay=60)
+    feed(scaler, "v", [(0, 0), (1, 17)])
+    assert scaler.desired("v", current=1, min_replicas=1, max_replicas=3, now=1) == 3  # clamped to max
+    assert scaler.desired("v", current=1, min_replicas=1, max_replicas=10, now=1) == 5
+
+
+def test_never_below_min_nor_above_max():
+    scaler = Autoscaler(target=4, scale_down_delay=0)
+    feed(scaler, "v", [(0, 0), (1, 0), (2, 0)])
+    assert scaler.desired("v", current=3, min_replicas=2, max_replicas=5, now=2) == 2
+    assert scaler.desired("v", current=9, min_replicas=1, max_replicas=4, now=2) <= 4
+
+
+def test_scales_down_only_after_a_full_quiet_window_to_the_window_peak():
+    scaler = Autoscaler(target=4, scale_down_delay=10)
+    feed(scaler, "v", [(0, 16)])
+    assert scaler.desired("v", 1, 1, 8, now=0) == 4
+    # Load drops to 5 in flight (wants 2): nothing happens for 10 s.
+    for t in range(1, 10):
+        feed(scaler, "v", [(t, 5)])
+        assert scaler.desired("v", 4, 1, 8, now=t) == 4
+    for t in range(10, 13):
+        feed(scaler, "v", [(t, 5)])
+    assert scaler.desired("v", 4, 1, 8, now=12) == 2
+
+
+def test_a_burst_inside_the_window_keeps_the_replicas():
+    scaler = Autoscaler(target=4, scale_down_delay=10)
+    feed(scaler, "v", [(0, 12)])
+    assert scaler.desired("v", 1, 1, 8, now=0) == 3
+    feed(scaler, "v", [(t, 0) for t in range(1, 15)] + [(15, 12)] + [(t, 0) for t in range(16, 20)])
+    assert scaler.desired("v", 3, 1, 8, now=19) == 3
+
+
+def test_fixed_bounds_ignore_samples():
+    scaler = Autoscaler(target=1)
+    feed(scaler, "v", [(0, 100)])
+    assert scaler.desired("v", 2, 2, 2, now=0) == 2
+
+
+def test_no_samples_keeps_the_current_count():
+    assert Autoscaler().desired("unknown", 3, 1, 5, now=100) == 3
+
+
+def test_asking_twice_gives_the_same_answer():
+    scaler = Autoscaler(target=4, scale_down_delay=3)
+    feed(scaler, "v", [(0, 8)])
+    assert scaler.desired("v", 1, 1, 2, now=0) == 2
+    feed(scaler, "v", [(1, 0)])
+    assert scaler.desired("v", 2, 1, 2, now=1) == 2  # the new count is in force from t=1
+    feed(scaler, "v", [(t, 0) for t in range(2, 8)])
+    first = scaler.desired("v", 2, 1, 2, now=7)
+    assert first == scaler.desired("v", 2, 1, 2, now=7) == 1
