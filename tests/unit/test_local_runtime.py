@@ -198,10 +198,12 @@ async def test_stop_kills_the_whole_tree_within_the_grace(rt, state_dir, tmp_pat
     replica = [p for p in procs if p.pid == st.pid]
     assert replica and replica[0].name() == "sh"
     t0 = time.monotonic()
-    st = await rt.stop("r", grace_seconds=2.0)
+    st = await rt.stop("r", grace_seconds=6.0)
     elapsed = time.monotonic() - t0
     assert (st.phase, st.reason) == (ReplicaPhase.FAILED, "Killed")
-    assert elapsed < 2.0, elapsed  # everything obeyed SIGTERM
+    # Everything obeyed SIGTERM: no SIGKILL at the end of the grace (the
+    # margin absorbs a loaded machine).
+    assert elapsed < 5.0, elapsed
     assert _alive(procs) == []
     assert "got-term" in _log(tmp_path, "r")
     assert (await rt.stop("r")).reason == "Killed"  # idempotent
@@ -216,7 +218,7 @@ async def test_stop_sigkills_after_the_grace(rt, tmp_path):
     st = await rt.stop("r", grace_seconds=0.5)
     elapsed = time.monotonic() - t0
     assert (st.reason, st.exit_code) == ("Killed", 137)
-    assert 0.5 <= elapsed < 1.5, elapsed
+    assert 0.5 <= elapsed < 3.0, elapsed
     assert _alive(procs) == []
 
 
