@@ -6,7 +6,8 @@ concurrency 1 and 32:
   - gRPC through the gateway vs. gRPC direct to one model-server replica vs.
     calling the loaded SavedModel in-process (the limit),
   - REST through the gateway,
-  - MLP at concurrency 32 with server-side batching on vs. off,
+  - MLP at concurrency 32 with server-side batching on (max batch 32, 1 ms
+    timeout) vs. off; every other row runs on replicas without batching,
 plus resident memory of the gateway and of one model-server replica.
 
 The platform pieces are the real processes (etcd, auth, gateway, model
@@ -199,11 +200,14 @@ def main() -> None:
             credentials_file=os.path.join(d, "svc.json"), extra=["--rest-listen", f"127.0.0.1:{rest_port}", *quiet]),
             os.path.join(d, "gw.port"), log_path=os.path.join(d, "gw.log")))
 
-        batching_on = json.dumps({"enabled": True, "max_batch_size": 32, "batch_timeout_micros": 2000,
+        # Latency runs use replicas without batching (what one deploys for
+        # latency); the batching comparison adds an MLP replica with it on.
+        batching_on = json.dumps({"enabled": True, "max_batch_size": 32, "batch_timeout_micros": 1000,
                                   "max_enqueued_batches": 1000, "num_batch_threads": 2})
+        batching_off = json.dumps({"enabled": False})
         servers = {}
-        for name, path, batching in (("hpt", hpt_path, batching_on), ("mlp", mlp_path, batching_on),
-                                     ("mlp-nobatch", mlp_path, json.dumps({"enabled": False}))):
+        for name, path, batching in (("hpt", hpt_path, batching_off), ("mlp", mlp_path, batching_off),
+                                     ("mlp-batch", mlp_path, batching_on)):
             port_file = os.path.join(d, f"{name}.port")
             cmd = [sys.executable, "-m", "services.models.model_server", "--model-name", name, "--version", "1",
                    "--base-path", path, "--port-file", port_file, "--etcd", etcd.endpoint, "--tenant", "bench",
@@ -247,14 +251,14 @@ def main() -> None:
                 }
                 row["gateway_vs_direct_p50"] = round(row["gateway_grpc"]["p50_ms"] / row["direct_grpc"]["p50_ms"], 3)
                 results[f"{model}_c{c}"] = row
-        body = predict_bytes("mlp-nobatch", mlp_inputs)
-        off_gateway = asyncio.run(grpc_load(gateway.address, body, md, 32, args.seconds))
-        off_direct = asyncio.run(grpc_load(servers["mlp-nobatch"].address, body, (), 32, args.seconds))
+        body = predict_bytes("mlp-batch", mlp_inputs)
+        on_direct = asyncio.run(grpc_load(servers["mlp-batch"].address, body, (), 32, args.seconds))
+        on_gateway = asyncio.run(grpc_load(gateway.address, body, md, 32, args.seconds))
         results["mlp_c32_batching"] = {
-            "on_direct_grpc": results["mlp_c32"]["direct_grpc"], "off_direct_grpc": off_direct,
-            "throughput_ratio_on_off_direct": round(results["mlp_c32"]["direct_grpc"]["rps"] / off_direct["rps"], 2),
-            "on_gateway_grpc": results["mlp_c32"]["gateway_grpc"], "off_gateway_grpc": off_gateway,
-            "throughput_ratio_on_off_gateway": round(results["mlp_c32"]["gateway_grpc"]["rps"] / off_gateway["rps"], 2),
+            "on_direct_grpc": on_direct, "off_direct_grpc": results["mlp_c32"]["direct_grpc"],
+            "throughput_ratio_on_off_direct": round(on_direct["rps"] / results["mlp_c32"]["direct_grpc"]["rps"], 2),
+            "on_gateway_grpc": on_gateway, "off_gateway_grpc": results["mlp_c32"]["gateway_grpc"],
+            "throughput_ratio_on_off_gateway": round(on_gateway["rps"] / results["mlp_c32"]["gateway_grpc"]["rps"], 2),
         }
         results["memory_mb"] = {"gateway": rss_mb(gateway.process.pid),
                                 "model_server_mlp": rss_mb(servers["mlp"].process.pid),

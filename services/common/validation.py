@@ -9,6 +9,9 @@ import re
 from services.common import errors
 
 NAME_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# Model names also allow "_": TF Serving clients use names like half_plus_two.
+# ("." stays out, so "<tenant>.<model>" is unambiguous.)
+MODEL_NAME_RE = re.compile(r"[a-z0-9]([-_a-z0-9]*[a-z0-9])?")
 NAME_MAX = 63
 OWNER_ID_RE = re.compile(r"[!-~]{1,253}")  # printable ASCII, no spaces
 
@@ -29,6 +32,17 @@ def check_name(value: str, field: str = "name") -> str:
     if len(value) > NAME_MAX or not NAME_RE.fullmatch(value):
         raise errors.InvalidArgument(
             f"{field} {value!r} is invalid: use lower-case letters, digits and '-', "
+            f"starting and ending with a letter or digit, at most {NAME_MAX} characters"
+        )
+    return value
+
+
+def check_model_name(value: str, field: str = "name") -> str:
+    if not value:
+        raise errors.InvalidArgument(f"{field} is required")
+    if len(value) > NAME_MAX or not MODEL_NAME_RE.fullmatch(value):
+        raise errors.InvalidArgument(
+            f"{field} {value!r} is invalid: use lower-case letters, digits, '-' and '_', "
             f"starting and ending with a letter or digit, at most {NAME_MAX} characters"
         )
     return value

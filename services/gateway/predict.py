@@ -240,7 +240,7 @@ class PredictRouter:
     def resolve(self, caller: Principal | None, spec: model_pb2.ModelSpec) -> tuple[str, str, int]:
         """(tenant, model, version) that should answer this spec."""
         if not spec.name:
-            raise errors.InvalidArgument("Missing ModelSpec")
+            raise errors.InvalidArgument("ModelSpec has no name specified.")
         explicit = spec.version.value if spec.HasField("version") else None
         tenant, model, route = self.route_for(caller, spec.name, explicit)
         available = self.table.available_versions(tenant, model)
@@ -290,6 +290,8 @@ class PredictRouter:
         spec = model_spec_of(api, request)
         label_model, label_version, code = spec.name or "-", "-", "OK"
         try:
+            if api != "MultiInference" and not spec.name and _field1(request) is None:
+                raise errors.InvalidArgument("Missing ModelSpec")
             caller = self.caller(metadata)
             tenant, model, version = self.resolve(caller, spec)
             label_version = str(version)
@@ -328,7 +330,7 @@ class PredictRouter:
 
     def model_status(self, caller: Principal | None, spec: model_pb2.ModelSpec) -> get_model_status_pb2.GetModelStatusResponse:
         if not spec.name:
-            raise errors.InvalidArgument("Missing ModelSpec")
+            raise errors.NotFound("Could not find any versions of model ")
         explicit = spec.version.value if spec.HasField("version") else None
         try:
             _, _, route = self.route_for(caller, spec.name, explicit)
@@ -384,6 +386,8 @@ class TfServingHandler(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=None, response_serializer=None)
 
     async def _get_model_status(self, request, context):
+        if not request.HasField("model_spec"):
+            raise errors.InvalidArgument("Missing ModelSpec")
         caller = self.router.caller(context.invocation_metadata())
         return self.router.model_status(caller, request.model_spec)
 

@@ -145,14 +145,14 @@ class ModelsCore:
         return tenant
 
     async def _model(self, tenant: str, name: str) -> tuple[pb.Model, int]:
-        validation.check_name(name, "model")
+        validation.check_model_name(name, "model")
         kv = await self.etcd.get(store.model_key(tenant, name))
         if kv is None:
             raise errors.NotFound(f"model {name!r} not found in tenant {tenant!r}")
         return pb.Model.FromString(kv.value), kv.mod_revision
 
     async def _snapshot(self, tenant: str, name: str) -> store.ModelSnapshot:
-        validation.check_name(name, "model")
+        validation.check_model_name(name, "model")
         snap = await store.read_model_snapshot(self.etcd, tenant, name)
         if snap.model is None:
             raise errors.NotFound(f"model {name!r} not found in tenant {tenant!r}")
@@ -177,7 +177,7 @@ class ModelsCore:
     async def create_model(self, caller: Principal, tenant: str, name: str, description: str,
                            public: bool) -> pb.Model:
         tenant = await self._tenant(caller, tenant, check_exists=True)
-        validation.check_name(name, "name")
+        validation.check_model_name(name, "name")
         if len(description) > DESCRIPTION_MAX:
             raise errors.InvalidArgument(f"description is longer than {DESCRIPTION_MAX} characters")
         now = ts(self.clock())
@@ -205,7 +205,7 @@ class ModelsCore:
         if page_token:
             after = _decode_token(page_token)
             try:
-                validation.check_name(after)
+                validation.check_model_name(after)
             except errors.InvalidArgument:
                 raise errors.InvalidArgument("page_token is not one this service issued") from None
             start = store.model_key(tenant, after) + "\0"
@@ -217,7 +217,7 @@ class ModelsCore:
     async def update_model(self, caller: Principal, tenant: str, name: str, changes: pb.Model,
                            paths: list[str]) -> pb.Model:
         tenant = await self._tenant(caller, tenant)
-        validation.check_name(name, "name")
+        validation.check_model_name(name, "name")
         if not paths:
             raise errors.InvalidArgument("update_mask is empty; name at least one of " + ", ".join(UPDATABLE))
         for path in paths:
@@ -291,7 +291,7 @@ class ModelsCore:
 
     async def delete_model(self, caller: Principal, tenant: str, name: str) -> pb.Model:
         tenant = await self._tenant(caller, tenant)
-        validation.check_name(name, "name")
+        validation.check_model_name(name, "name")
         marked: list[pb.Model] = []
         now = self.clock()
 
@@ -446,7 +446,7 @@ class ModelsCore:
     async def create_version(self, caller: Principal, tenant: str, model: str,
                              given: pb.ModelVersion) -> tuple[pb.ModelVersion, bool]:
         tenant = await self._tenant(caller, tenant)
-        validation.check_name(model, "model")
+        validation.check_model_name(model, "model")
         spec = self._normalize(given, tenant, caller)
         checked = False
         for _ in range(20):
@@ -493,7 +493,7 @@ class ModelsCore:
 
     async def get_version(self, caller: Principal, tenant: str, model: str, number: int) -> pb.ModelVersion:
         tenant = await self._tenant(caller, tenant)
-        validation.check_name(model, "model")
+        validation.check_model_name(model, "model")
         if number <= 0:
             raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
         kv = await self.etcd.get(store.version_key(tenant, model, number))
@@ -597,7 +597,7 @@ class ModelsCore:
 
     async def delete_label(self, caller: Principal, tenant: str, model: str, label: str) -> pb.Model:
         tenant = await self._tenant(caller, tenant)
-        validation.check_name(model, "model")
+        validation.check_model_name(model, "model")
         result: list[pb.Model] = []
         changed = [False]
 
@@ -622,7 +622,7 @@ class ModelsCore:
     async def scale_version(self, caller: Principal, tenant: str, model: str, number: int, min_replicas: int,
                             max_replicas: int) -> pb.ModelVersion:
         tenant = await self._tenant(caller, tenant)
-        validation.check_name(model, "model")
+        validation.check_model_name(model, "model")
         self.check_replica_bounds(min_replicas, max_replicas)
         if number <= 0:
             raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
@@ -651,7 +651,7 @@ class ModelsCore:
     async def watch_model(self, caller: Principal, tenant: str, name: str) -> AsyncIterator[
             tuple[pb.Model, list[pb.ModelVersion]]]:
         tenant = await self._tenant(caller, tenant)
-        validation.check_name(name, "name")
+        validation.check_model_name(name, "name")
         changed = asyncio.Event()
         model_key = store.model_key(tenant, name)
 
@@ -693,7 +693,7 @@ class ModelsCore:
 
     async def upload_location(self, caller: Principal, tenant: str, model: str, number: int) -> str:
         tenant = await self._tenant(caller, tenant)
-        validation.check_name(model, "model")
+        validation.check_model_name(model, "model")
         if number < 0:
             raise errors.InvalidArgument(f"version must not be negative (got {number})")
         if not self.storage_root:

@@ -29,3 +29,14 @@ def test_absurd_resources_name_the_field():
 def test_bad_owner_ids(owner):
     with pytest.raises(errors.InvalidArgument):
         validation.check_owner_id(owner)
+
+
+@pytest.mark.parametrize("name", ["half_plus_two", "linear", "a-b_c"])
+def test_model_names_may_hold_underscores(name):
+    assert validation.check_model_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["_a", "a_", "team.model", "A", ""])
+def test_bad_model_names(name):
+    with pytest.raises(errors.InvalidArgument):
+        validation.check_model_name(name)

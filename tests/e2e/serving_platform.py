@@ -1,0 +1,205 @@
+"""A whole local platform for the serving tests (conformance and end to end):
+started with `cloudml-platform up --detach` on free ports in a temporary data
+dir, driven through the `cloudml` CLI and the `cloudml.Client` SDK exactly as
+a user would, and always stopped with `cloudml-platform down`.
+
+Not a test module: tests/conformance/test_gateway_conformance.py and
+tests/e2e/test_*.py import it as `tests.e2e.serving_platform`. It never
+imports TensorFlow (see tests/conformance/test_model_server.py for why).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+
+from deploy.local.etcd import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+
+
+def _script(name: str, module: str) -> list[str]:
+    path = os.path.join(BIN, name)
+    return [path] if os.path.exists(path) else [sys.executable, "-m", module]
+
+
+PLATFORM_CLI = _script("cloudml-platform", "deploy.local.launcher")
+CLOUDML_CLI = _script("cloudml", "cloudml.cli.main")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any CLOUDML_* setting of the caller's, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDML_")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Polls `predicate` until it returns something truthy (returned)."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as err:  # noqa: BLE001 - kept for the failure message
+            last_error = err
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
+                                 + (f" (last error: {last_error!r})" if last_error else ""))
+        time.sleep(interval)
+
+
+class ServingPlatform:
+    """One platform in `data_dir`; `start()` returns at once, `wait_up()` blocks."""
+
+    def __init__(self, data_dir: str):
+        self.data_dir = data_dir
+        self.grpc_port = free_port()
+        self.rest_port = free_port()
+        self._up: subprocess.Popen | None = None
+        self._clients: list = []
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> "ServingPlatform":
+        self._up = subprocess.Popen(
+            [*PLATFORM_CLI, "up", "--data-dir", self.data_dir, "--grpc-port", str(self.grpc_port),
+             "--rest-port", str(self.rest_port), "--detach"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT,
+        )
+        return self
+
+    def wait_up(self, timeout: float = 180) -> "ServingPlatform":
+        out, err = self._up.communicate(timeout=timeout)
+        assert self._up.returncode == 0, f"cloudml-platform up failed:\n{out}\n{err}"
+        return self
+
+    def down(self) -> None:
+        for client in self._clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if self._up is not None and self._up.poll() is None:
+            self._up.kill()
+            self._up.wait()
+        result = subprocess.run([*PLATFORM_CLI, "down", "--data-dir", self.data_dir], capture_output=True,
+                                text=True, timeout=180, env=clean_env(), cwd=ROOT)
+        assert result.returncode == 0, result.stdout + result.stderr
+        # `down` stops the model-server replicas too (they run under shims of their own).
+        wait_until(lambda: not self.replica_processes(), 30, "no model-server process left after down")
+
+    # --- credentials ---------------------------------------------------------------------
+
+    @property
+    def credentials_path(self) -> str:
+        return os.path.join(self.data_dir, "credentials.json")
+
+    @property
+    def credentials(self) -> dict:
+        with open(self.credentials_path) as f:
+            return json.load(f)
+
+    @property
+    def endpoint(self) -> str:
+        return self.credentials["endpoint"]
+
+    @property
+    def rest_endpoint(self) -> str:
+        return self.credentials["rest_endpoint"]
+
+    def client(self, config_path: str | None = None):
+        """A `cloudml.Client` for the admin (or the key in `config_path`)."""
+        import cloudml
+
+        client = cloudml.Client(config_path=config_path or self.credentials_path)
+        self._clients.append(client)
+        return client
+
+    def new_tenant(self, name: str) -> str:
+        """Creates tenant `name` with an access key; returns a config file
+        (the credentials.json format) that logs in as it."""
+        admin = self.client()
+        admin.create_tenant(name)
+        key = admin.create_access_key(name, description="tests")
+        path = os.path.join(self.data_dir, f"credentials-{name}.json")
+        with open(path, "w") as f:
+            json.dump({"endpoint": self.endpoint, "rest_endpoint": self.rest_endpoint,
+                       "access_key": key.access_key.access_key_id,
+                       "secret_key": key.secret_key}, f)
+        os.chmod(path, 0o600)
+        return path
+
+    # --- the CLI ---------------------------------------------------------------------------
+
+    def cli(self, *args: str, config: str | None = None, check: bool = True, timeout: float = 300,
+            cwd: str | None = None) -> subprocess.CompletedProcess:
+        """Runs `cloudml ARGS` as the admin (or with the key in `config`)."""
+        result = subprocess.run([*CLOUDML_CLI, *args], capture_output=True, text=True, timeout=timeout,
+                                env=clean_env(CLOUDML_CONFIG=config or self.credentials_path), cwd=cwd or ROOT)
+        if check:
+            assert result.returncode == 0, f"cloudml {' '.join(args)} exited {result.returncode}:\n" \
+                                           f"{result.stdout}\n{result.stderr}"
+        return result
+
+    def cli_json(self, *args: str, config: str | None = None, timeout: float = 300):
+        return json.loads(self.cli(*args, "-o", "json", config=config, timeout=timeout).stdout)
+
+    def token(self, config: str | None = None) -> str:
+        return self.cli("auth", "print-access-token", config=config).stdout.strip()
+
+    # --- REST, like curl ------------------------------------------------------------------------
+
+    def rest(self, method: str, path: str, body=None, token: str | None = None, timeout: float = 30):
+        """(HTTP status, decoded JSON body) of one call to the gateway's REST port."""
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        request = urllib.request.Request(self.rest_endpoint + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            try:
+                return err.code, json.loads(raw)
+            except ValueError:
+                return err.code, raw.decode(errors="replace")
+
+    # --- model-server replicas ------------------------------------------------------------------
+
+    def replica_processes(self, replica_id: str | None = None) -> list[psutil.Process]:
+        """This platform's model-server processes (optionally one replica's)."""
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "services.models.model_server" not in cmd or not any(self.data_dir in a for a in cmd):
+                continue
+            if replica_id is not None and replica_id not in cmd:
+                continue
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def log(self, name: str) -> str:
+        try:
+            with open(os.path.join(self.data_dir, "logs", f"{name}.log")) as f:
+                return f.read()
+        except OSError:
+            return ""
