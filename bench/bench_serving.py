@@ -233,6 +233,12 @@ def main() -> None:
         md = (("authorization", f"Bearer {token}"),)
         time.sleep(1.0)  # the gateway's watch picks up the routes and endpoints
 
+        # The floor of any Python hop: a bare byte-forwarding grpc.aio proxy.
+        import subprocess
+        bare = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "bare_proxy.py"), servers["hpt"].address],
+                                stdout=subprocess.PIPE, text=True)
+        bare_address = f"127.0.0.1:{bare.stdout.readline().strip()}"
+
         hpt_inputs = {"x": np.array([[1.0]], dtype=np.float32)}
         mlp_inputs = {"x": np.random.default_rng(1).normal(size=(1, 256)).astype(np.float32)}
         loaded = {"hpt": tf.saved_model.load(hpt_path).signatures["serving_default"],
@@ -249,12 +255,21 @@ def main() -> None:
                     "gateway_rest": asyncio.run(rest_load(
                         f"http://127.0.0.1:{rest_port}/v1/models/{model}:predict", rest_body, token, c, args.seconds)),
                 }
+                if model == "hpt":
+                    row["bare_python_proxy_grpc"] = asyncio.run(grpc_load(bare_address, body, (), c, args.seconds))
+                    row["bare_proxy_vs_direct_p50"] = round(
+                        row["bare_python_proxy_grpc"]["p50_ms"] / row["direct_grpc"]["p50_ms"], 3)
                 row["gateway_vs_direct_p50"] = round(row["gateway_grpc"]["p50_ms"] / row["direct_grpc"]["p50_ms"], 3)
                 results[f"{model}_c{c}"] = row
+        bare.kill()
         body = predict_bytes("mlp-batch", mlp_inputs)
         on_direct = asyncio.run(grpc_load(servers["mlp-batch"].address, body, (), 32, args.seconds))
         on_gateway = asyncio.run(grpc_load(gateway.address, body, md, 32, args.seconds))
+        # The compute limit: the MLP in-process on whole batches of 32.
+        batch32 = {"x": np.repeat(mlp_inputs["x"], 32, axis=0)}
+        limit = inprocess_load(loaded["mlp"], batch32, 1, args.seconds)
         results["mlp_c32_batching"] = {
+            "in_process_batch32_examples_per_s": round(limit["rps"] * 32, 1),
             "on_direct_grpc": on_direct, "off_direct_grpc": results["mlp_c32"]["direct_grpc"],
             "throughput_ratio_on_off_direct": round(on_direct["rps"] / results["mlp_c32"]["direct_grpc"]["rps"], 2),
             "on_gateway_grpc": on_gateway, "off_gateway_grpc": results["mlp_c32"]["gateway_grpc"],
