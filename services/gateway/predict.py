@@ -46,6 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.tfs.tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from services.common import errors
+from services.common.wire import varint as _varint
 from services.common.etcd import Etcd, Mirror
 from services.common.tokens import Principal, TokenVerifier, bearer_from_metadata
 
@@ -76,19 +77,6 @@ _HOP = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "g
 
 
 # --- reading model_spec off the wire --------------------------------------------
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
 
 def _field1(data: bytes) -> bytes | None:
     """The bytes of the first length-delimited field number 1, or None."""

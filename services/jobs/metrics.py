@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
+from services.common.wire import varint as _varint
 from services.jobs import store as store_mod
 from services.jobs.logs import JobPaths, timestamp
 from services.jobs.tfconfig import Replica
@@ -189,19 +190,6 @@ def merge_series(chunks: Iterable[pb.MetricSeries], names: set[str], start_step:
 
 
 # --- TensorBoard event files -------------------------------------------------------
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
 
 
 def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:

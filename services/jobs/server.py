@@ -14,7 +14,7 @@ from services.common.server import Platform, ServiceApp
 from services.jobs.core import Defaults, JobsCore
 from services.jobs.envs import EnvCache
 from services.jobs.observability import JobsMetrics
-from services.jobs.quota import AuthQuota
+from services.common.quota import QuotaClient
 from services.jobs.scheduler import Scheduler, SchedulerSettings
 from services.jobs.servicer import JobsServicer
 from services.jobs.store import JobIndex, JobStore
@@ -57,7 +57,7 @@ class JobsApp(ServiceApp):
         self.runtime = make_runtime(getattr(extra, "runtime", "local"), data_dir, extra)
         self.index = JobIndex(platform.etcd)
         self.store = JobStore(platform.etcd, self.index)
-        quota = AuthQuota(platform.directory, platform.identity)
+        quota = QuotaClient(platform.directory, platform.identity)
         defaults = Defaults(
             cpu_millis=getattr(extra, "default_cpu", None) or Defaults.cpu_millis,
             memory_bytes=getattr(extra, "default_memory", None) or Defaults.memory_bytes,

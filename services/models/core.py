@@ -44,7 +44,7 @@ from services.common.etcd import (
 from services.common.runtime.base import Amount, Runtime, Unschedulable
 from services.common.tokens import Principal
 from services.models import store
-from services.models.quota import AuthClient
+from services.common.quota import QuotaClient
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _decode_token(token: str) -> str:
 
 
 class ModelsCore:
-    def __init__(self, etcd: Etcd, auth: AuthClient, runtime: Runtime | None, *, storage_root: str | None,
+    def __init__(self, etcd: Etcd, auth: QuotaClient, runtime: Runtime | None, *, storage_root: str | None,
                  defaults: Defaults = Defaults(), clock=time.time):
         self.etcd = etcd
         self.auth = auth

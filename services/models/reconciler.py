@@ -86,7 +86,7 @@ from services.common.runtime.base import (
 from services.models import store
 from services.models.autoscaler import Autoscaler
 from services.models.core import replica_amount, replica_resources, split_uri, ts
-from services.models.quota import AuthClient
+from services.common.quota import QuotaClient
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class ReconcilerMetrics:
 
 
 class Reconciler:
-    def __init__(self, etcd: Etcd, runtime: Runtime, auth: AuthClient, settings: ReconcilerSettings,
+    def __init__(self, etcd: Etcd, runtime: Runtime, auth: QuotaClient, settings: ReconcilerSettings,
                  clock=time.time, metrics: ReconcilerMetrics | None = None):
         self.metrics = metrics or ReconcilerMetrics()
         self.etcd = etcd

@@ -23,7 +23,7 @@ from services.common.runtime.base import Amount, Runtime
 from services.common.server import Platform, ServiceApp
 from services.models import store
 from services.models.core import Defaults, ModelsCore
-from services.models.quota import AuthClient
+from services.common.quota import QuotaClient
 from services.models.reconciler import Reconciler, ReconcilerMetrics, ReconcilerSettings
 from services.models.servicer import ModelsServicer
 
@@ -66,7 +66,7 @@ class ModelsApp(ServiceApp):
             raise SystemExit("error: the models service needs --data-dir")
         data_dir = os.path.abspath(settings.data_dir)
         self.runtime = make_runtime(extra.runtime, data_dir, extra)
-        self.auth = AuthClient(platform.directory, platform.identity)
+        self.auth = QuotaClient(platform.directory, platform.identity)
         storage = extra.storage_dir or os.path.join(data_dir, "storage")
         self.core = ModelsCore(
             platform.etcd, self.auth, self.runtime, storage_root=storage,

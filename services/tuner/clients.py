@@ -13,63 +13,42 @@ from typing import AsyncIterator
 
 import grpc
 
-from cloudml.auth.v1 import auth_service_pb2 as auth_pb
-from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.common.v1 import resources_pb2
 from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as jobs_grpc
 from services.common import errors
 from services.common.identity import ServiceIdentity
+from services.common.quota import QuotaClient, ServiceCaller
 from services.common.registry import Directory
 
 CALL_TIMEOUT = 10.0
 
 
-class _Caller:
-    def __init__(self, directory: Directory, identity: ServiceIdentity | None, service: str):
-        self.directory = directory
-        self.identity = identity
-        self.service = service
-
-    async def _metadata(self):
-        if self.identity is None:
-            raise errors.Unavailable(f"the tuner has no credentials for the {self.service} service "
-                                     "(--credentials-file)")
-        return await self.identity.metadata()
-
-    async def _call(self, stub_class, method: str, request, timeout: float = CALL_TIMEOUT):
-        stub = stub_class(self.directory.channel(self.service))
-        try:
-            return await getattr(stub, method)(request, metadata=await self._metadata(), timeout=timeout)
-        except grpc.aio.AioRpcError as err:
-            raise errors.from_rpc_error(err) from err
-
-
-class JobsClient(_Caller):
+class JobsClient(ServiceCaller):
     def __init__(self, directory: Directory, identity: ServiceIdentity | None):
-        super().__init__(directory, identity, "jobs")
+        super().__init__(directory, identity, "jobs", timeout=CALL_TIMEOUT)
 
     async def submit(self, tenant: str, name: str, spec: jobs_pb.TrainJobSpec,
                      validate_only: bool = False) -> tuple[jobs_pb.TrainJob, bool]:
-        resp = await self._call(jobs_grpc.JobsServiceStub, "SubmitJob", jobs_pb.SubmitJobRequest(
+        resp = await self.call(jobs_grpc.JobsServiceStub, "SubmitJob", jobs_pb.SubmitJobRequest(
             tenant=tenant, name=name, spec=spec, validate_only=validate_only))
         return resp.job, resp.created
 
     async def get(self, tenant: str, name: str) -> jobs_pb.TrainJob:
-        return (await self._call(jobs_grpc.JobsServiceStub, "GetJob",
+        return (await self.call(jobs_grpc.JobsServiceStub, "GetJob",
                                  jobs_pb.GetJobRequest(tenant=tenant, name=name))).job
 
     async def cancel(self, tenant: str, name: str) -> jobs_pb.TrainJob | None:
         """Cancels a job; None when there is no such job."""
         try:
-            resp = await self._call(jobs_grpc.JobsServiceStub, "CancelJob",
+            resp = await self.call(jobs_grpc.JobsServiceStub, "CancelJob",
                                     jobs_pb.CancelJobRequest(tenant=tenant, name=name))
         except errors.NotFound:
             return None
         return resp.job
 
     async def metrics(self, tenant: str, name: str, metric: str) -> list[jobs_pb.MetricSeries]:
-        resp = await self._call(jobs_grpc.JobsServiceStub, "GetJobMetrics", jobs_pb.GetJobMetricsRequest(
+        resp = await self.call(jobs_grpc.JobsServiceStub, "GetJobMetrics", jobs_pb.GetJobMetricsRequest(
             tenant=tenant, name=name, metric_names=[metric]))
         return list(resp.series)
 
@@ -77,7 +56,7 @@ class JobsClient(_Caller):
         """The job's snapshots until it is final (the stream has no deadline:
         it lasts as long as the job)."""
         stub = jobs_grpc.JobsServiceStub(self.directory.channel(self.service))
-        call = stub.WatchJob(jobs_pb.WatchJobRequest(tenant=tenant, name=name), metadata=await self._metadata())
+        call = stub.WatchJob(jobs_pb.WatchJobRequest(tenant=tenant, name=name), metadata=await self.metadata())
         try:
             async for resp in call:
                 yield resp.job
@@ -87,21 +66,10 @@ class JobsClient(_Caller):
             call.cancel()
 
 
-class QuotaClient(_Caller):
-    def __init__(self, directory: Directory, identity: ServiceIdentity | None):
-        super().__init__(directory, identity, "auth")
+class StudyQuota(QuotaClient):
+    """The auth service's quota, as the tuner uses it."""
 
     async def reserve_study(self, tenant: str, owner_id: str) -> bool:
         """Holds one `studies` unit; True when this call made the reservation.
         ResourceExhausted (quota 0), QuotaBusy (all in use), NotFound (tenant)."""
-        resp = await self._call(auth_grpc.AuthServiceStub, "Reserve", auth_pb.ReserveRequest(
-            tenant=tenant, owner_id=owner_id, resources=resources_pb2.Resources(studies=1)))
-        return resp.created
-
-    async def release(self, tenant: str, owner_id: str) -> bool:
-        try:
-            resp = await self._call(auth_grpc.AuthServiceStub, "Release",
-                                    auth_pb.ReleaseRequest(tenant=tenant, owner_id=owner_id))
-        except errors.NotFound:
-            return False  # the tenant is gone, and its reservations with it
-        return resp.released
+        return await self.reserve(tenant, owner_id, resources_pb2.Resources(studies=1))

@@ -11,7 +11,7 @@ from cloudml.tuner.v1 import tuner_service_pb2_grpc as pb_grpc
 from services.common.etcd import Election, run_as_leader
 from services.common.server import Platform, ServiceApp
 from services.tuner import algorithms
-from services.tuner.clients import JobsClient, QuotaClient
+from services.tuner.clients import JobsClient, StudyQuota
 from services.tuner.core import TunerCore
 from services.tuner.driver import Driver, DriverSettings
 from services.tuner.servicer import TunerServicer
@@ -32,7 +32,7 @@ class TunerApp(ServiceApp):
         data_dir = os.path.abspath(settings.data_dir) if settings.data_dir else ""
         self.store = TunerStore(platform.etcd)
         self.jobs = JobsClient(platform.directory, platform.identity)
-        self.core = TunerCore(self.store, self.jobs, QuotaClient(platform.directory, platform.identity), data_dir)
+        self.core = TunerCore(self.store, self.jobs, StudyQuota(platform.directory, platform.identity), data_dir)
         poll = getattr(settings.extra, "poll_seconds", 1.0)
         self.driver = Driver(platform.etcd, self.core, self.store, self.jobs, DriverSettings(poll_seconds=poll))
         self._leader_task: asyncio.Task | None = None
