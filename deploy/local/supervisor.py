@@ -12,8 +12,9 @@ which lets a later supervisor stop processes a killed one left behind.
 """
 from __future__ import annotations
 
-import logging
+import abc
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -179,7 +180,7 @@ def _mark_log(path: str, name: str) -> int:
         return f.tell()
 
 
-class Component:
+class Component(abc.ABC):
     """A supervised process plus its restart bookkeeping."""
 
     name: str
@@ -196,21 +197,26 @@ class Component:
 
     # -- what subclasses provide
     @property
+    @abc.abstractmethod
     def popen(self):
-        raise NotImplementedError
+        """Provided by each kind of component."""
 
     @property
+    @abc.abstractmethod
     def address(self) -> str:
-        raise NotImplementedError
+        """Provided by each kind of component."""
 
+    @abc.abstractmethod
     def spawn(self) -> None:
-        raise NotImplementedError
+        """Provided by each kind of component."""
 
+    @abc.abstractmethod
     def health(self) -> int:
-        raise NotImplementedError
+        """Provided by each kind of component."""
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Provided by each kind of component."""
 
     # -- shared
     @property

@@ -17,6 +17,7 @@ module owns everything around the app:
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
 import contextlib
@@ -112,7 +113,7 @@ class Platform:
     metrics_registry: CollectorRegistry
 
 
-class ServiceApp:
+class ServiceApp(abc.ABC):
     """A service's application object (built in its server.py)."""
 
     #: full gRPC service names, for health and reflection
@@ -125,8 +126,9 @@ class ServiceApp:
     def __init__(self, platform: Platform):
         self.platform = platform
 
+    @abc.abstractmethod
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        raise NotImplementedError  # every app overrides it
+        """Adds the service's servicers (or generic handlers) to the server."""
 
     async def start(self) -> None:
         """Loads state from etcd and starts loops; raises `errors.Unavailable`

@@ -17,6 +17,8 @@ reported AVAILABLE with a broken graph.
 """
 from __future__ import annotations
 
+import abc
+
 import logging
 import os
 import threading
@@ -112,7 +114,7 @@ def check_dtypes(signature: Signature, aliases: Sequence[str], arrays: Sequence[
             raise status.type_mismatch(index, dtype_name(expected), dtype_name(got) if got >= 0 else str(arr.dtype))
 
 
-class Servable:
+class Servable(abc.ABC):
     """A loaded SavedModel: its signatures and a way to run them."""
 
     def __init__(self, path: str, meta_graph: meta_graph_pb2.MetaGraphDef, runtime: str):
@@ -154,9 +156,10 @@ class Servable:
                         self._runners[key] = runner
         return runner
 
+    @abc.abstractmethod
     def _build_runner(self, signature: Signature, feeds: tuple[str, ...], fetches: tuple[str, ...],
                       caller_thread: bool) -> Runner:
-        raise NotImplementedError
+        """How this kind of SavedModel runs a signature (session or function)."""
 
     def _count(self) -> None:
         self.runs += 1
