@@ -33,11 +33,9 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-MARK = "@@PROBE@@ "
 # TF Serving's name for it; model names may hold "_" (not ".", which separates
 # "<tenant>.<model>").
 MODEL = "half_plus_two"
@@ -50,93 +48,17 @@ PUBLIC_MODEL = "shared"
 # ======================================================================================
 
 
-def _probe_main() -> None:  # pragma: no cover - runs in the helper process
-    sys.path[:0] = [ROOT, HERE]
-    import grpc
-    import numpy as np
-    import tensorflow as tf
-    from google.protobuf import json_format
-    from tensorflow_serving.apis import (
-        classification_pb2,
-        get_model_metadata_pb2,
-        get_model_status_pb2,
-        inference_pb2,
-        model_management_pb2,
-        model_service_pb2_grpc,
-        predict_pb2,
-        prediction_service_pb2_grpc,
-        regression_pb2,
-    )
+def _build(cmd):  # pragma: no cover - runs in the helper process
+    import half_plus_two
 
-    requests = {
-        "Predict": predict_pb2.PredictRequest,
-        "Classify": classification_pb2.ClassificationRequest,
-        "Regress": regression_pb2.RegressionRequest,
-        "MultiInference": inference_pb2.MultiInferenceRequest,
-        "GetModelMetadata": get_model_metadata_pb2.GetModelMetadataRequest,
-        "GetModelStatus": get_model_status_pb2.GetModelStatusRequest,
-        "HandleReloadConfigRequest": model_management_pb2.ReloadConfigRequest,
-    }
-    channels: dict[str, grpc.Channel] = {}
-
-    def stub_method(address: str, method: str):
-        if address not in channels:
-            channels[address] = grpc.insecure_channel(address)
-        channel = channels[address]
-        if method in ("GetModelStatus", "HandleReloadConfigRequest"):
-            return getattr(model_service_pb2_grpc.ModelServiceStub(channel), method)
-        return getattr(prediction_service_pb2_grpc.PredictionServiceStub(channel), method)
-
-    def make_request(cmd):
-        request = json_format.ParseDict(cmd.get("request", {}), requests[cmd["method"]]())
-        for alias, spec in cmd.get("tensors", {}).items():
-            value = spec["value"]
-            if spec.get("dtype") == "string":
-                value = np.array([v.encode() for v in np.array(value, dtype=object).ravel()],
-                                 dtype=object).reshape(np.shape(spec["value"]))
-            request.inputs[alias].CopyFrom(tf.make_tensor_proto(value, dtype=getattr(tf, spec["dtype"])))
-        for alias, examples in cmd.get("examples", {}).items():
-            blobs = []
-            for features in examples:
-                ex = tf.train.Example()
-                for key, val in features.items():
-                    ex.features.feature[key].float_list.value.extend(val if isinstance(val, list) else [val])
-                blobs.append(ex.SerializeToString())
-            request.inputs[alias].CopyFrom(tf.make_tensor_proto(blobs, dtype=tf.string))
-        return request
-
-    def call(cmd):
-        request = make_request(cmd)
-        metadata = [tuple(kv) for kv in cmd.get("metadata", [])] or None
-        try:
-            response = stub_method(cmd["address"], cmd["method"])(request, timeout=20, metadata=metadata)
-        except grpc.RpcError as err:
-            return {"code": err.code().name, "details": err.details()}
-        out = {"code": "OK", "details": "", "response": json_format.MessageToDict(response)}
-        if cmd["method"] == "Predict":
-            out["arrays"] = {k: tf.make_ndarray(v).tolist() for k, v in response.outputs.items()}
-        return out
-
-    def build(cmd):
-        import half_plus_two
-
-        return {"path": half_plus_two.build_half_plus_two(cmd["dir"], cmd["version"])}
-
-    handlers = {"call": call, "build": build}
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        try:
-            result = handlers[cmd["cmd"]](cmd)
-        except Exception as err:  # noqa: BLE001 - reported to the test
-            import traceback
-
-            result = {"probe_error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        sys.stdout.write(MARK + json.dumps(result) + "\n")
-        sys.stdout.flush()
+    return {"path": half_plus_two.build_half_plus_two(cmd["dir"], cmd["version"])}
 
 
 if __name__ == "__main__" and "--probe" in sys.argv:
-    _probe_main()
+    sys.path[:0] = [ROOT, HERE]
+    from tests.conformance.stock_client import serve
+
+    serve({"build": _build})
     sys.exit(0)
 
 # ======================================================================================
@@ -147,43 +69,10 @@ from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 
+from tests.conformance.stock_client import Probe, assert_error, examples, x_tensor  # noqa: E402
 from tests.e2e.serving_platform import CLOUDML_CLI, ServingPlatform, clean_env, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
-
-
-class Probe:
-    def __init__(self, log_path: str):
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--probe"], cwd=ROOT,
-            env=clean_env(PYTHONPATH=ROOT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-            text=True,
-        )
-        self._lock = threading.Lock()
-
-    def send(self, **cmd):
-        with self._lock:
-            self.proc.stdin.write(json.dumps(cmd) + "\n")
-            self.proc.stdin.flush()
-            while True:
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"the probe exited (see {self._log.name})")
-                if line.startswith(MARK):
-                    result = json.loads(line[len(MARK):])
-                    if isinstance(result, dict) and "probe_error" in result:
-                        raise RuntimeError(result["probe_error"] + "\n" + result["traceback"])
-                    return result
-
-    def close(self):
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 @dataclass
@@ -202,7 +91,7 @@ def env(tmp_path_factory):
     probe = None
     try:
         # The probe imports TensorFlow and builds the model while the platform starts.
-        probe = Probe(str(workdir / "probe.log"))
+        probe = Probe(__file__, str(workdir / "probe.log"), env=clean_env(PYTHONPATH=ROOT), cwd=ROOT)
         path = probe.send(cmd="build", dir=str(workdir / "models"), version=VERSION)["path"]
         platform.wait_up()
         public_config = platform.new_tenant(PUBLIC_TENANT)
@@ -238,22 +127,7 @@ def spec(name=MODEL, **fields):
     return {"name": name, **fields}
 
 
-def x_tensor(values, dtype="float32"):
-    return {"x": {"value": values, "dtype": dtype}}
 
-
-def examples(*rows):
-    return {"exampleList": {"examples": [
-        {"features": {"feature": {k: {"floatList": {"value": [v]}} for k, v in row.items()}}} for row in rows
-    ]}}
-
-
-def assert_error(result, code, details=None, startswith=None):
-    assert result["code"] == code, result
-    if details is not None:
-        assert result["details"] == details, result
-    if startswith is not None:
-        assert result["details"].startswith(startswith), result
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-MARK = "@@PROBE@@ "
 MODEL = "half_plus_two"
 VERSION = 123
 LEASE_TTL = 2
@@ -48,105 +47,11 @@ LEASE_TTL = 2
 # ======================================================================================
 
 
-def _probe_main() -> None:  # pragma: no cover - runs in the helper process
-    sys.path[:0] = [ROOT, HERE]
-    import grpc
+def _probe_handlers():  # pragma: no cover - runs in the helper process
+    """This file's own probe commands: build the test models, list the
+    model server's imports, check its tensor codec against TensorFlow's."""
     import numpy as np
     import tensorflow as tf
-    from google.protobuf import json_format
-    from tensorflow_serving.apis import (
-        classification_pb2,
-        get_model_metadata_pb2,
-        get_model_status_pb2,
-        inference_pb2,
-        model_management_pb2,
-        model_service_pb2_grpc,
-        predict_pb2,
-        prediction_service_pb2_grpc,
-        regression_pb2,
-    )
-
-    requests = {
-        "Predict": predict_pb2.PredictRequest,
-        "Classify": classification_pb2.ClassificationRequest,
-        "Regress": regression_pb2.RegressionRequest,
-        "MultiInference": inference_pb2.MultiInferenceRequest,
-        "GetModelMetadata": get_model_metadata_pb2.GetModelMetadataRequest,
-        "GetModelStatus": get_model_status_pb2.GetModelStatusRequest,
-        "HandleReloadConfigRequest": model_management_pb2.ReloadConfigRequest,
-    }
-    channels: dict[str, grpc.Channel] = {}
-
-    def stub_method(address: str, method: str):
-        if address not in channels:
-            channels[address] = grpc.insecure_channel(address)
-        channel = channels[address]
-        if method in ("GetModelStatus", "HandleReloadConfigRequest"):
-            return getattr(model_service_pb2_grpc.ModelServiceStub(channel), method)
-        return getattr(prediction_service_pb2_grpc.PredictionServiceStub(channel), method)
-
-    def make_request(cmd):
-        request = json_format.ParseDict(cmd.get("request", {}), requests[cmd["method"]]())
-        for alias, spec in cmd.get("tensors", {}).items():
-            value = spec["value"]
-            if spec.get("dtype") == "string":
-                value = [v.encode() if isinstance(v, str) else v for v in np.array(value, dtype=object).ravel()]
-                value = np.array(value, dtype=object).reshape(np.shape(spec["value"]))
-            request.inputs[alias].CopyFrom(tf.make_tensor_proto(value, dtype=getattr(tf, spec["dtype"])))
-        for alias, examples in cmd.get("examples", {}).items():
-            blobs = []
-            for features in examples:
-                ex = tf.train.Example()
-                for key, val in features.items():
-                    ex.features.feature[key].float_list.value.extend(val if isinstance(val, list) else [val])
-                blobs.append(ex.SerializeToString())
-            request.inputs[alias].CopyFrom(tf.make_tensor_proto(blobs, dtype=tf.string))
-        return request
-
-    def describe(method, response):
-        out = {"code": "OK", "details": "", "response": json_format.MessageToDict(response)}
-        if method == "Predict":
-            out["arrays"] = {k: tf.make_ndarray(v).tolist() for k, v in response.outputs.items()}
-            out["layout"] = {
-                k: ("tensor_content" if v.tensor_content else "float_val" if len(v.float_val) else "other")
-                for k, v in response.outputs.items()
-            }
-        return out
-
-    def call(cmd):
-        request = make_request(cmd)
-        metadata = [tuple(kv) for kv in cmd.get("metadata", [])] or None
-        try:
-            response = stub_method(cmd["address"], cmd["method"])(request, timeout=20, metadata=metadata)
-        except grpc.RpcError as err:
-            return {"code": err.code().name, "details": err.details()}
-        return describe(cmd["method"], response)
-
-    def concurrent(cmd):
-        futures = []
-        for one in cmd["calls"]:
-            request = make_request(one)
-            futures.append((one["method"], stub_method(one["address"], one["method"]).future(request, timeout=30)))
-        results = []
-        for method, future in futures:
-            try:
-                results.append(describe(method, future.result()))
-            except grpc.RpcError as err:
-                results.append({"code": err.code().name, "details": err.details()})
-        return results
-
-    def latency(cmd):
-        request = make_request(cmd)
-        method = stub_method(cmd["address"], cmd["method"])
-        for _ in range(100):
-            method(request, timeout=10)
-        times = []
-        for _ in range(cmd.get("n", 1000)):
-            start = time.perf_counter()
-            method(request, timeout=10)
-            times.append(time.perf_counter() - start)
-        times = np.array(times) * 1e3
-        return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
 
     def build(cmd):
         import half_plus_two
@@ -249,22 +154,15 @@ def _probe_main() -> None:  # pragma: no cover - runs in the helper process
             pass
         return {"failures": failures}
 
-    handlers = {"call": call, "concurrent": concurrent, "latency": latency, "build": build, "imports": imports,
-                "codec": codec}
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        try:
-            result = handlers[cmd["cmd"]](cmd)
-        except Exception as err:  # noqa: BLE001 - reported to the test
-            import traceback
 
-            result = {"probe_error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-        sys.stdout.write(MARK + json.dumps(result) + "\n")
-        sys.stdout.flush()
+    return {"build": build, "imports": imports, "codec": codec}
 
 
 if __name__ == "__main__" and "--probe" in sys.argv:
-    _probe_main()
+    sys.path[:0] = [ROOT, HERE]
+    from tests.conformance.stock_client import serve
+
+    serve(_probe_handlers())
     sys.exit(0)
 
 # ======================================================================================
@@ -277,40 +175,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from cloudml.models.v1 import models_service_pb2 as models_pb  # noqa: E402
 from services.common.etcd import Etcd  # noqa: E402
+from tests.conformance.stock_client import Probe, assert_error, examples, x_tensor  # noqa: E402
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
-
-
-class Probe:
-    def __init__(self, log_path: str):
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--probe"], cwd=ROOT, env=ENV,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-        )
-        self._lock = threading.Lock()
-
-    def send(self, **cmd):
-        with self._lock:
-            self.proc.stdin.write(json.dumps(cmd) + "\n")
-            self.proc.stdin.flush()
-            while True:
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"the probe exited (see {self._log.name})")
-                if line.startswith(MARK):
-                    result = json.loads(line[len(MARK):])
-                    if isinstance(result, dict) and "probe_error" in result:
-                        raise RuntimeError(result["probe_error"] + "\n" + result["traceback"])
-                    return result
-
-    def close(self):
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
 
 
 @dataclass
@@ -402,7 +269,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def probe(workdir):
-    p = Probe(os.path.join(workdir, "probe.log"))
+    p = Probe(__file__, os.path.join(workdir, "probe.log"), env=ENV, cwd=ROOT)
     yield p
     p.close()
 
@@ -461,22 +328,7 @@ def spec(**fields):
     return {"name": MODEL, **fields}
 
 
-def x_tensor(values, dtype="float32"):
-    return {"x": {"value": values, "dtype": dtype}}
 
-
-def examples(*rows):
-    return {"exampleList": {"examples": [
-        {"features": {"feature": {k: {"floatList": {"value": [v]}} for k, v in row.items()}}} for row in rows
-    ]}}
-
-
-def assert_error(result, code, details=None, startswith=None):
-    assert result["code"] == code, result
-    if details is not None:
-        assert result["details"] == details, result
-    if startswith is not None:
-        assert result["details"].startswith(startswith), result
 
 
 # --- the process --------------------------------------------------------------------------
