@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -32,8 +31,8 @@ import psutil  # noqa: E402
 
 from cloudml.auth.v1 import auth_service_pb2 as pb  # noqa: E402
 from cloudml.auth.v1 import auth_service_pb2_grpc as pbg  # noqa: E402
-from deploy.local.etcd import EtcdProcess, free_port  # noqa: E402
-from deploy.local.service_process import ServiceProcess, service_command  # noqa: E402
+from deploy.local.service_process import ServiceProcess  # noqa: E402
+from deploy.local.stack import AuthGatewayStack  # noqa: E402
 
 ADMIN = ("AKBENCHADMIN00000000", "bench-admin-secret")
 SERVICE = ("AKBENCHSERVICE000000", "bench-service-secret")
@@ -142,24 +141,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
 
-    d = tempfile.mkdtemp(prefix="cloudml-bench-")
-    etcd = EtcdProcess(os.path.join(d, "etcd")).start()
-    with open(os.path.join(d, "boot.json"), "w") as f:
-        json.dump({"keys": [{"access_key": ADMIN[0], "secret_key": ADMIN[1], "tenant": "admin"},
-                            {"access_key": SERVICE[0], "secret_key": SERVICE[1], "tenant": "admin"}]}, f)
-    with open(os.path.join(d, "svc.json"), "w") as f:
-        json.dump({"access_key": SERVICE[0], "secret_key": SERVICE[1]}, f)
-    quiet = ["--log-level", "WARNING"]
-    auth = ServiceProcess("auth", service_command("auth", etcd.endpoint, os.path.join(d, "auth.port"),
-                                                  extra=["--bootstrap-file", os.path.join(d, "boot.json"), *quiet]),
-                          os.path.join(d, "auth.port"), log_path=os.path.join(d, "auth.log"))
-    gateway = ServiceProcess("gateway", service_command(
-        "gateway", etcd.endpoint, os.path.join(d, "gw.port"), listen=f"127.0.0.1:{free_port()}",
-        credentials_file=os.path.join(d, "svc.json"), extra=["--rest-listen", f"127.0.0.1:{free_port()}", *quiet]),
-        os.path.join(d, "gw.port"), log_path=os.path.join(d, "gw.log"))
+    stack = AuthGatewayStack(tempfile.mkdtemp(prefix="cloudml-bench-"), admin=ADMIN, service=SERVICE,
+                             flags=["--log-level", "WARNING"])
     try:
-        auth.start().wait_serving()
-        gateway.start().wait_serving()
+        stack.start()
+        auth, gateway = stack.auth, stack.gateway
         results = {"token_verification": bench_token_verification()}
 
         direct = pbg.AuthServiceStub(grpc.insecure_channel(auth.address))
@@ -183,9 +169,7 @@ def main() -> None:
         results["memory"] = {"auth": process_memory(auth), "gateway": process_memory(gateway)}
         print(json.dumps(results, indent=2))
     finally:
-        gateway.stop()
-        auth.stop()
-        etcd.stop()
+        stack.stop()
 
 
 if __name__ == "__main__":

@@ -168,21 +168,15 @@ def main() -> None:
     from cloudml.auth.v1 import auth_service_pb2 as auth_pb
     from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
     from cloudml.models.v1 import models_service_pb2 as models_pb
-    from deploy.local.etcd import EtcdProcess, free_port
-    from deploy.local.service_process import ServiceProcess, service_command
+    from deploy.local.service_process import ServiceProcess
+    from deploy.local.stack import AuthGatewayStack
     from services.common.etcd import Etcd
     from tests.conformance.half_plus_two import build_half_plus_two
 
     d = tempfile.mkdtemp(prefix="cloudml-bench-serving-")
     hpt_path = build_half_plus_two(os.path.join(d, "half_plus_two"), version=1)
     mlp_path = build_mlp(d)
-    etcd = EtcdProcess(os.path.join(d, "etcd")).start()
-    with open(os.path.join(d, "boot.json"), "w") as f:
-        json.dump({"keys": [{"access_key": ADMIN[0], "secret_key": ADMIN[1], "tenant": "admin"},
-                            {"access_key": SERVICE[0], "secret_key": SERVICE[1], "tenant": "admin"}]}, f)
-    with open(os.path.join(d, "svc.json"), "w") as f:
-        json.dump({"access_key": SERVICE[0], "secret_key": SERVICE[1]}, f)
-    quiet = ["--log-level", "WARNING"]
+    stack = AuthGatewayStack(d, admin=ADMIN, service=SERVICE, flags=["--log-level", "WARNING"])
     procs: list[ServiceProcess] = []
 
     def start(proc: ServiceProcess) -> ServiceProcess:
@@ -190,15 +184,8 @@ def main() -> None:
         return proc.start().wait_serving(120)
 
     try:
-        auth = start(ServiceProcess("auth", service_command(
-            "auth", etcd.endpoint, os.path.join(d, "auth.port"),
-            extra=["--bootstrap-file", os.path.join(d, "boot.json"), *quiet]),
-            os.path.join(d, "auth.port"), log_path=os.path.join(d, "auth.log")))
-        rest_port = free_port()
-        gateway = start(ServiceProcess("gateway", service_command(
-            "gateway", etcd.endpoint, os.path.join(d, "gw.port"), listen=f"127.0.0.1:{free_port()}",
-            credentials_file=os.path.join(d, "svc.json"), extra=["--rest-listen", f"127.0.0.1:{rest_port}", *quiet]),
-            os.path.join(d, "gw.port"), log_path=os.path.join(d, "gw.log")))
+        stack.start()
+        etcd, auth, gateway, rest_port = stack.etcd, stack.auth, stack.gateway, stack.rest_port
 
         # Latency runs use replicas without batching (what one deploys for
         # latency); the batching comparison adds an MLP replica with it on.
@@ -282,7 +269,7 @@ def main() -> None:
     finally:
         for proc in reversed(procs):
             proc.stop()
-        etcd.stop()
+        stack.stop()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from cloudml.auth.v1 import auth_service_pb2 as auth_pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as jobs_grpc
-from deploy.local.etcd import EtcdProcess, free_port
-from deploy.local.service_process import ServiceProcess, service_command
+from deploy.local.stack import AuthGatewayStack
 from services.common.etcd import Etcd, Session
 from services.common.registry import register
 
@@ -81,34 +80,16 @@ class EchoJobsBackend:
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gw")
-    etcd = EtcdProcess(str(d / "etcd")).start()
-    (d / "boot.json").write_text(json.dumps({"keys": [
-        {"access_key": ADMIN[0], "secret_key": ADMIN[1], "tenant": "admin"},
-        {"access_key": SERVICE[0], "secret_key": SERVICE[1], "tenant": "admin"},
-    ]}))
-    (d / "svc.json").write_text(json.dumps({"access_key": SERVICE[0], "secret_key": SERVICE[1]}))
-    auth = ServiceProcess("auth", service_command("auth", etcd.endpoint, str(d / "auth.port"),
-                                                  extra=["--bootstrap-file", str(d / "boot.json")]),
-                          str(d / "auth.port"), log_path=str(d / "auth.log")).start().wait_serving()
-    rest_port = free_port()
-    gateway = ServiceProcess(
-        "gateway",
-        service_command("gateway", etcd.endpoint, str(d / "gw.port"), listen=f"127.0.0.1:{free_port()}",
-                        credentials_file=str(d / "svc.json"), extra=["--rest-listen", f"127.0.0.1:{rest_port}"]),
-        str(d / "gw.port"), log_path=str(d / "gw.log"),
-    ).start().wait_serving()
-    backend = EchoJobsBackend(etcd.endpoint).start()
-    channel = grpc.insecure_channel(gateway.address)
+    stack = AuthGatewayStack(tmp_path_factory.mktemp("gw"), admin=ADMIN, service=SERVICE).start()
+    backend = EchoJobsBackend(stack.etcd.endpoint).start()
+    channel = grpc.insecure_channel(stack.gateway.address)
     token = auth_grpc.AuthServiceStub(channel).IssueToken(
         auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token
-    yield {"gateway": gateway, "rest": f"http://127.0.0.1:{rest_port}", "auth": auth, "channel": channel, "backend": backend,
+    yield {"gateway": stack.gateway, "rest": stack.rest, "auth": stack.auth, "channel": channel, "backend": backend,
            "md": (("authorization", f"Bearer {token}"),)}
     channel.close()
     backend.stop()
-    gateway.stop()
-    auth.stop()
-    etcd.stop()
+    stack.stop()
 
 
 def _jobs(platform):

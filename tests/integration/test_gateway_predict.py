@@ -23,8 +23,7 @@ from cloudml.tfs.tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-from deploy.local.etcd import EtcdProcess, free_port
-from deploy.local.service_process import ServiceProcess, service_command
+from deploy.local.stack import AuthGatewayStack
 from services.common.etcd import Etcd, Session
 
 ADMIN = ("AKGWPREDICTADMIN0000", "admin-secret")
@@ -127,22 +126,8 @@ def versions(*pairs):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gwp")
-    etcd = EtcdProcess(str(d / "etcd")).start()
-    (d / "boot.json").write_text(json.dumps({"keys": [
-        {"access_key": ADMIN[0], "secret_key": ADMIN[1], "tenant": "admin"},
-        {"access_key": SERVICE[0], "secret_key": SERVICE[1], "tenant": "admin"},
-    ]}))
-    (d / "svc.json").write_text(json.dumps({"access_key": SERVICE[0], "secret_key": SERVICE[1]}))
-    auth = ServiceProcess("auth", service_command("auth", etcd.endpoint, str(d / "auth.port"),
-                                                  extra=["--bootstrap-file", str(d / "boot.json")]),
-                          str(d / "auth.port"), log_path=str(d / "auth.log")).start().wait_serving()
-    rest_port = free_port()
-    gateway = ServiceProcess(
-        "gateway", service_command("gateway", etcd.endpoint, str(d / "gw.port"), listen=f"127.0.0.1:{free_port()}",
-                                   credentials_file=str(d / "svc.json"),
-                                   extra=["--rest-listen", f"127.0.0.1:{rest_port}"]),
-        str(d / "gw.port"), log_path=str(d / "gw.log")).start().wait_serving()
+    stack = AuthGatewayStack(tmp_path_factory.mktemp("gwp"), admin=ADMIN, service=SERVICE).start()
+    gateway, etcd, rest_port = stack.gateway, stack.etcd, stack.rest_port
     channel = grpc.insecure_channel(gateway.address)
     auth_stub = auth_grpc.AuthServiceStub(channel)
     admin_token = auth_stub.IssueToken(auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token
@@ -177,9 +162,7 @@ def env(tmp_path_factory):
            "b": (("authorization", f"Bearer {tokens['team-b']}"),)}
     channel.close()
     replicas.close()
-    gateway.stop()
-    auth.stop()
-    etcd.stop()
+    stack.stop()
 
 
 def predict(env, name, metadata, version=None, label=None, timeout=5):

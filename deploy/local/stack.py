@@ -1,0 +1,64 @@
+"""A minimal platform (etcd, auth, gateway) started process by process, for
+tests and benchmarks that must reach or kill each piece; `cloudml-platform`
+is the way to run the whole platform.
+
+    stack = AuthGatewayStack(workdir).start()
+    ... stack.gateway.address, stack.auth.address, stack.rest_port, stack.admin ...
+    stack.stop()
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+from deploy.local.etcd import EtcdProcess, free_port
+from deploy.local.service_process import ServiceProcess, service_command
+
+
+@dataclass
+class AuthGatewayStack:
+    workdir: str
+    #: (access key id, secret) of the bootstrap admin and of the services
+    admin: tuple[str, str] = ("AKSTACKADMIN00000000", "stack-admin-secret")
+    service: tuple[str, str] = ("AKSTACKSERVICE000000", "stack-service-secret")
+    #: extra flags for both services, e.g. ["--log-level", "WARNING"]
+    flags: list[str] = field(default_factory=list)
+    etcd: EtcdProcess | None = None
+    auth: ServiceProcess | None = None
+    gateway: ServiceProcess | None = None
+    rest_port: int = 0
+
+    def path(self, name: str) -> str:
+        return os.path.join(str(self.workdir), name)
+
+    def start(self) -> "AuthGatewayStack":
+        self.etcd = EtcdProcess(self.path("etcd")).start()
+        with open(self.path("boot.json"), "w") as f:
+            json.dump({"keys": [{"access_key": self.admin[0], "secret_key": self.admin[1], "tenant": "admin"},
+                                {"access_key": self.service[0], "secret_key": self.service[1],
+                                 "tenant": "admin"}]}, f)
+        with open(self.path("svc.json"), "w") as f:
+            json.dump({"access_key": self.service[0], "secret_key": self.service[1]}, f)
+        self.auth = ServiceProcess(
+            "auth", service_command("auth", self.etcd.endpoint, self.path("auth.port"),
+                                    extra=["--bootstrap-file", self.path("boot.json"), *self.flags]),
+            self.path("auth.port"), log_path=self.path("auth.log")).start().wait_serving()
+        self.rest_port = free_port()
+        self.gateway = ServiceProcess(
+            "gateway", service_command("gateway", self.etcd.endpoint, self.path("gw.port"),
+                                       listen=f"127.0.0.1:{free_port()}", credentials_file=self.path("svc.json"),
+                                       extra=["--rest-listen", f"127.0.0.1:{self.rest_port}", *self.flags]),
+            self.path("gw.port"), log_path=self.path("gw.log")).start().wait_serving()
+        return self
+
+    @property
+    def rest(self) -> str:
+        return f"http://127.0.0.1:{self.rest_port}"
+
+    def stop(self) -> None:
+        for proc in (self.gateway, self.auth):
+            if proc is not None:
+                proc.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
