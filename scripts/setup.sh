@@ -2,7 +2,9 @@
 # Idempotent set-up on a fresh Debian machine (Python 3.11, root):
 #   - etcd from Debian's etcd-server package,
 #   - a virtualenv in .venv with the project (editable) and every dependency,
-#     TensorFlow included (model servers, trainers and tests need it).
+#     TensorFlow included (model servers, trainers and tests need it),
+#   - the gateway's native data plane (scripts/build_native.sh: Debian's g++,
+#     gRPC C++ and protobuf; compiled into build/native/).
 # Re-running it only checks what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,4 +42,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   $UV pip install -q --python .venv/bin/python -e ".[all]"
   echo "$want" > "$stamp"
 fi
+bash scripts/build_native.sh
 log "ready: $(.venv/bin/python --version), etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}')"

@@ -130,6 +130,12 @@ class ServiceApp(abc.ABC):
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Adds the service's servicers (or generic handlers) to the server."""
 
+    def front_door(self):
+        """A process to put in front of this one on the public port, or None.
+        It has `async start(listen, upstream, on_failure) -> port`,
+        `async stop()` and `failed`; this server then listens on loopback only."""
+        return None
+
     async def start(self) -> None:
         """Loads state from etcd and starts loops; raises `errors.Unavailable`
         while etcd is down (the bootstrap retries)."""
@@ -205,8 +211,12 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
             await health_servicer.set(name, status)
 
     await set_health(False)
-    port = server.add_insecure_port(settings.listen)
+    front = app.front_door()
+    port = server.add_insecure_port("127.0.0.1:0" if front else settings.listen)
     await server.start()
+    stop = asyncio.Event()
+    if front:
+        port = await front.start(settings.listen, f"127.0.0.1:{port}", stop.set)
     host = settings.listen.rpartition(":")[0] or "127.0.0.1"
     address = f"{host}:{port}"
     ports = {"grpc": port, "pid": os.getpid(), "address": address}
@@ -218,7 +228,6 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
         _write_port_file(settings.port_file, ports)
     log.info("%s listening on %s (instance %s)", settings.service, address, settings.instance)
 
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -259,6 +268,8 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
     await stop.wait()
     log.info("%s shutting down", settings.service)
     await set_health(False)
+    if front:
+        await front.stop()
     await server.stop(settings.grace_seconds)
     with contextlib.suppress(Exception):
         await app.stop()
@@ -269,6 +280,8 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
     if session.lease_id:
         await session.close()
     await etcd.close()
+    if front and front.failed:
+        raise SystemExit(1)
 
 
 def run(settings: Settings, factory: Callable[[Platform], ServiceApp]) -> None:

@@ -67,6 +67,8 @@ class TokenVerifier:
         self._revoked: frozenset[str] = frozenset()
         self._cache: dict[str, Principal] = {}
         self.loaded = False
+        #: called after every update (the gateway's data plane drops its cached decisions)
+        self.listeners: list = []
 
     def update(self, public_keys: dict[str, str], revoked_access_key_ids: set[str] | frozenset[str]) -> None:
         """Replaces the key set (kid -> PEM) and the revocation list."""
@@ -76,6 +78,8 @@ class TokenVerifier:
         # Tokens signed by a retired key must verify again (and fail).
         self._cache = {t: p for t, p in self._cache.items() if self._kid_of(t) in keys}
         self.loaded = True
+        for listener in self.listeners:
+            listener()
 
     @staticmethod
     def _kid_of(token: str) -> str:

@@ -32,6 +32,13 @@ Balancing: least outstanding requests between two random choices
 (power of two choices) among the version's AVAILABLE replicas. A request that
 fails with UNAVAILABLE (the replica died or its queue is full) is retried
 once on another replica. The client's deadline travels with the request.
+
+The native data plane (`native/dataplane.cc`, see `dataplane.py`) sits in
+front of this code on the public port: a call it sends here (marked with its
+secret) gets, on success, this module's `RouteDecision` for the caller and
+model_spec in trailing metadata, which the data plane then applies itself to
+later calls until the routing generation changes (`RoutingTable.generation`:
+any change of routes, endpoints or token keys/revocations).
 """
 from __future__ import annotations
 
@@ -41,14 +48,16 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
+from cloudml.gateway.v1 import dataplane_pb2
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.tfs.tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from services.common import errors
 from services.common.wire import varint as _varint
 from services.common.etcd import Etcd, Mirror
 from services.common.tokens import Principal, TokenVerifier, bearer_from_metadata
+from services.gateway.model_metrics import ModelRequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +80,14 @@ AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 # only); a caller's own value is always dropped.
 RESOLVED_VERSION = "x-cloudml-resolved-version"
 
+# The native data plane marks the calls it sends here with its secret, and
+# takes the routing decision back in this trailer (see dataplane.py).
+DATAPLANE_SECRET = "x-cloudml-dataplane"
+ROUTE_DECISION = "x-cloudml-route-bin"
+
 # Metadata that belongs to one hop, or that only the gateway may set.
 _HOP = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-encoding",
-                  "grpc-timeout", "accept-encoding", "host", RESOLVED_VERSION})
+                  "grpc-timeout", "accept-encoding", "host", RESOLVED_VERSION, DATAPLANE_SECRET})
 
 
 # --- reading model_spec off the wire --------------------------------------------
@@ -137,6 +151,15 @@ class RoutingTable:
         self.routes: dict[tuple[str, str], models_pb.ModelRoute] = {}
         self.backends: dict[tuple[str, str, int], list[Backend]] = {}
         self._by_key: dict[str, Backend] = {}
+        # Bumped on every change of what a routing decision depends on.
+        self.generation = 1
+        self.listeners: list = []
+
+    def changed(self) -> None:
+        """Routing state changed (also called for token key/revocation updates)."""
+        self.generation += 1
+        for listener in self.listeners:
+            listener(self.generation)
 
     def start(self) -> None:
         self.routes_mirror.start()
@@ -152,6 +175,7 @@ class RoutingTable:
 
     def _rebuild_routes(self) -> None:
         self.routes = {(r.tenant, r.model): r for r in self.routes_mirror.items.values()}
+        self.changed()
 
     def _rebuild_endpoints(self) -> None:
         backends: dict[tuple[str, str, int], list[Backend]] = {}
@@ -166,6 +190,7 @@ class RoutingTable:
             backends.setdefault((ep.tenant, ep.model, ep.version), []).append(backend)
         self._by_key = by_key
         self.backends = backends
+        self.changed()
 
     def available_versions(self, tenant: str, model: str) -> list[int]:
         return sorted(v for (t, m, v) in self.backends if t == tenant and m == model)
@@ -189,15 +214,7 @@ class PredictRouter:
     def __init__(self, table: RoutingTable, verifier: TokenVerifier, registry: CollectorRegistry):
         self.table = table
         self.verifier = verifier
-        self.requests = Counter(
-            "cloudml_gateway_model_requests_total", "Model API requests through the gateway.",
-            ("model", "version", "api", "code"), registry=registry,
-        )
-        self.latency = Histogram(
-            "cloudml_gateway_model_request_seconds", "Latency of model API requests through the gateway.",
-            ("model", "version", "api"), registry=registry,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
-        )
+        self.metrics = ModelRequestMetrics(registry)
 
     # --- who and what ---------------------------------------------------------------
 
@@ -225,8 +242,10 @@ class PredictRouter:
             raise _not_found(name, version_for_message)
         return tenant, model, route
 
-    def resolve(self, caller: Principal | None, spec: model_pb2.ModelSpec) -> tuple[str, str, int]:
-        """(tenant, model, version) that should answer this spec."""
+    def candidates(self, caller: Principal | None,
+                   spec: model_pb2.ModelSpec) -> tuple[str, str, list[tuple[int, float]]]:
+        """(tenant, model, [(version, weight)]): the versions that may answer
+        this spec, weighted by the traffic split (one of weight 1 without)."""
         if not spec.name:
             raise errors.InvalidArgument("ModelSpec has no name specified.")
         explicit = spec.version.value if spec.HasField("version") else None
@@ -235,28 +254,45 @@ class PredictRouter:
         if explicit is not None:
             if explicit not in available:
                 raise _not_found(spec.name, explicit)
-            return tenant, model, explicit
+            return tenant, model, [(explicit, 1.0)]
         if spec.version_label:
             version = route.labels.get(spec.version_label)
             if version is None:
                 raise errors.InvalidArgument(f"Unrecognized servable version label: {spec.version_label}")
             if version not in available:
                 raise _not_found(spec.name, version)
-            return tenant, model, version
+            return tenant, model, [(version, 1.0)]
         if not available:
             raise _not_found(spec.name, None)
-        split = [(t.version, t.percent) for t in route.traffic_split if t.version in available and t.percent > 0]
+        split = [(t.version, float(t.percent)) for t in route.traffic_split
+                 if t.version in available and t.percent > 0]
         if split:
-            total = sum(p for _, p in split)
-            pick = random.uniform(0, total)
-            for version, percent in split:
-                pick -= percent
-                if pick <= 0:
-                    return tenant, model, version
-            return tenant, model, split[-1][0]
+            return tenant, model, split
         if route.default_version and route.default_version in available:
-            return tenant, model, route.default_version
-        return tenant, model, available[-1]
+            return tenant, model, [(route.default_version, 1.0)]
+        return tenant, model, [(available[-1], 1.0)]
+
+    def resolve(self, caller: Principal | None, spec: model_pb2.ModelSpec) -> tuple[str, str, int]:
+        """(tenant, model, version) that should answer this spec."""
+        tenant, model, choices = self.candidates(caller, spec)
+        if len(choices) == 1:
+            return tenant, model, choices[0][0]
+        pick = random.uniform(0, sum(w for _, w in choices))
+        for version, weight in choices:
+            pick -= weight
+            if pick <= 0:
+                return tenant, model, version
+        return tenant, model, choices[-1][0]
+
+    def decision(self, caller: Principal | None, tenant: str, model: str,
+                 choices: list[tuple[int, float]], generation: int) -> dataplane_pb2.RouteDecision:
+        """What the data plane may apply to this caller's later calls with the same spec."""
+        decision = dataplane_pb2.RouteDecision(generation=generation,
+                                               expires_at=caller.expires_at if caller else 0.0)
+        for version, weight in choices:
+            decision.choices.add(version=version, weight=weight, addresses=[
+                b.address for b in self.table.backends.get((tenant, model, version), ())])
+        return decision
 
     def pick(self, tenant: str, model: str, version: int, exclude: Backend | None = None) -> Backend | None:
         candidates = self.table.backends.get((tenant, model, version), ())
@@ -274,14 +310,23 @@ class PredictRouter:
     async def forward(self, api: str, request: bytes, metadata, timeout: float | None) -> bytes:
         """Routes one request and returns the replica's response bytes.
         Raises typed errors, or grpc.aio.AioRpcError relayed from the replica."""
+        response, _ = await self.forward_routed(api, request, metadata, timeout)
+        return response
+
+    async def forward_routed(self, api: str, request: bytes, metadata, timeout: float | None,
+                             ) -> tuple[bytes, dataplane_pb2.RouteDecision]:
+        """forward(), also returning the routing decision it applied."""
         started = time.perf_counter()
+        generation = self.table.generation
         spec = model_spec_of(api, request)
         label_model, label_version, code = spec.name or "-", "-", "OK"
         try:
             if api != "MultiInference" and not spec.name and _field1(request) is None:
                 raise errors.InvalidArgument("Missing ModelSpec")
             caller = self.caller(metadata)
-            tenant, model, version = self.resolve(caller, spec)
+            tenant, model, choices = self.candidates(caller, spec)
+            decision = self.decision(caller, tenant, model, choices, generation)
+            version = choices[0][0] if len(choices) == 1 else self.resolve(caller, spec)[2]
             label_version = str(version)
             method = f"/{PREDICTION_SERVICE}/{api}"
             forwarded = tuple((k, v) for k, v in metadata if k not in _HOP and not k.startswith(":")) + (
@@ -293,7 +338,9 @@ class PredictRouter:
                 current = backend
                 current.outstanding += 1
                 try:
-                    return await self.table.callable(current, method)(request, metadata=forwarded, timeout=timeout)
+                    response = await self.table.callable(current, method)(request, metadata=forwarded,
+                                                                          timeout=timeout)
+                    return response, decision
                 except grpc.aio.AioRpcError as err:
                     retry = self.pick(tenant, model, version, exclude=current) if attempt == 0 else None
                     if err.code() != grpc.StatusCode.UNAVAILABLE or retry is None:
@@ -311,8 +358,7 @@ class PredictRouter:
             code = err.code().name
             raise
         finally:
-            self.requests.labels(label_model, label_version, api, code).inc()
-            self.latency.labels(label_model, label_version, api).observe(time.perf_counter() - started)
+            self.metrics.observe(label_model, label_version, api, code, time.perf_counter() - started)
 
     # --- ModelService.GetModelStatus, answered from the registry ---------------------
 
@@ -345,10 +391,14 @@ class PredictRouter:
 
 
 class TfServingHandler(grpc.GenericRpcHandler):
-    """gRPC handlers for the TF Serving services on the gateway's port."""
+    """gRPC handlers for the TF Serving services on the gateway's port.
 
-    def __init__(self, router: PredictRouter):
+    `dataplane_secret`: calls carrying it came from the native data plane and
+    get the routing decision back in trailing metadata."""
+
+    def __init__(self, router: PredictRouter, dataplane_secret: str | None = None):
         self.router = router
+        self.dataplane_secret = dataplane_secret
         self._handlers = {f"/{PREDICTION_SERVICE}/{api}": self._forwarder(api) for api in FORWARDED_METHODS}
         self._handlers[f"/{MODEL_SERVICE}/GetModelStatus"] = grpc.unary_unary_rpc_method_handler(
             self._get_model_status,
@@ -363,10 +413,16 @@ class TfServingHandler(grpc.GenericRpcHandler):
 
     def _forwarder(self, api: str) -> grpc.RpcMethodHandler:
         router = self.router
+        secret = self.dataplane_secret
 
         async def handle(request: bytes, context) -> bytes:
+            metadata = context.invocation_metadata()
             try:
-                return await router.forward(api, request, context.invocation_metadata(), context.time_remaining())
+                if secret is None or (DATAPLANE_SECRET, secret) not in metadata:
+                    return await router.forward(api, request, metadata, context.time_remaining())
+                response, decision = await router.forward_routed(api, request, metadata, context.time_remaining())
+                context.set_trailing_metadata(((ROUTE_DECISION, decision.SerializeToString()),))
+                return response
             except grpc.aio.AioRpcError as err:
                 await context.abort(err.code(), err.details() or "",
                                     trailing_metadata=tuple(err.trailing_metadata() or ()))

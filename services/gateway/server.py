@@ -3,8 +3,11 @@
 gRPC (`--listen`, 8500 by default): every `cloudml.*.v1` RPC, authenticated
 here and forwarded as raw bytes to its owning service (`proxy.Proxy`), and
 TF Serving's PredictionService/ModelService routed to model-server replicas
-(`predict.TfServingHandler`).
-HTTP (`--rest-listen`, 8501 by default): probes and metrics (`rest.RestServer`).
+(`predict.TfServingHandler`). With the native data plane (`--dataplane`, see
+dataplane.py) that process owns the public port, answers repeat model calls
+itself and relays everything else to this one, which then listens on loopback.
+HTTP (`--rest-listen`, 8501 by default): TF Serving's REST API, probes and
+metrics (`rest.RestServer`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import logging
 from cloudml.auth.v1 import auth_service_pb2
 from cloudml.tfs.tensorflow_serving.apis import model_service_pb2, prediction_service_pb2  # noqa: F401 (reflection)
 from services.common.server import Platform, ServiceApp
+from services.gateway.dataplane import ATTACH, NativeDataplane, choose_mode
 from services.gateway.predict import MODEL_SERVICE, PREDICTION_SERVICE, TFS_METHODS, PredictRouter, RoutingTable, TfServingHandler
 from services.gateway.proxy import Proxy
 from services.gateway.rest import RestServer
@@ -26,7 +30,8 @@ _AUTH = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 class GatewayApp(ServiceApp):
     # Calls that need no token pass through to the auth service unchecked;
     # TF Serving calls authenticate in their handler (public models need no token).
-    public_methods = frozenset({f"/{_AUTH}/IssueToken", f"/{_AUTH}/WatchVerificationKeys"}) | TFS_METHODS
+    # The data plane's Attach checks its own secret.
+    public_methods = frozenset({f"/{_AUTH}/IssueToken", f"/{_AUTH}/WatchVerificationKeys", ATTACH}) | TFS_METHODS
 
     def __init__(self, platform: Platform):
         super().__init__(platform)
@@ -35,12 +40,24 @@ class GatewayApp(ServiceApp):
         self.proxy = Proxy(self.routes, platform.directory)
         self.table = RoutingTable(platform.etcd, platform.directory.channel_for)
         self.router = PredictRouter(self.table, platform.verifier, platform.metrics_registry)
+        mode = choose_mode(getattr(platform.settings.extra, "dataplane", "auto"))
+        self.dataplane = None
+        if mode == "native":
+            spin_us = getattr(platform.settings.extra, "dataplane_spin_us", None)
+            self.dataplane = NativeDataplane(self.table, self.router.metrics,
+                                             **({"spin_us": spin_us} if spin_us is not None else {}))
+            platform.verifier.listeners.append(self.table.changed)
         rest_listen = getattr(platform.settings.extra, "rest_listen", None)
         self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router) if rest_listen else None
         self._started = False
 
     def add_to_server(self, server) -> None:
-        server.add_generic_rpc_handlers((self.proxy, TfServingHandler(self.router)))
+        secret = self.dataplane.secret if self.dataplane else None
+        handlers = (self.proxy, TfServingHandler(self.router, secret))
+        server.add_generic_rpc_handlers(handlers + ((self.dataplane.handler(),) if self.dataplane else ()))
+
+    def front_door(self):
+        return self.dataplane
 
     async def start(self) -> None:
         await self.platform.directory.wait_synced(5)

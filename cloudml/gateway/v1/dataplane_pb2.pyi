@@ -1,0 +1,63 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataplaneControl(_message.Message):
+    __slots__ = ("generation", "latency_buckets")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    latency_buckets: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, generation: _Optional[int] = ..., latency_buckets: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class RouteDecision(_message.Message):
+    __slots__ = ("generation", "expires_at", "choices")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    expires_at: float
+    choices: _containers.RepeatedCompositeFieldContainer[VersionChoice]
+    def __init__(self, generation: _Optional[int] = ..., expires_at: _Optional[float] = ..., choices: _Optional[_Iterable[_Union[VersionChoice, _Mapping]]] = ...) -> None: ...
+
+class VersionChoice(_message.Message):
+    __slots__ = ("version", "weight", "addresses")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    weight: float
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., weight: _Optional[float] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModelRequestStat(_message.Message):
+    __slots__ = ("model", "version", "api", "code", "count", "latency_sum_seconds", "latency_buckets")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    API_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SUM_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    api: str
+    code: str
+    count: int
+    latency_sum_seconds: float
+    latency_buckets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[str] = ..., code: _Optional[str] = ..., count: _Optional[int] = ..., latency_sum_seconds: _Optional[float] = ..., latency_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DataplaneReport(_message.Message):
+    __slots__ = ("stats", "fast_path_calls", "slow_path_calls")
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    FAST_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SLOW_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
+    stats: _containers.RepeatedCompositeFieldContainer[ModelRequestStat]
+    fast_path_calls: int
+    slow_path_calls: int
+    def __init__(self, stats: _Optional[_Iterable[_Union[ModelRequestStat, _Mapping]]] = ..., fast_path_calls: _Optional[int] = ..., slow_path_calls: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,153 @@
+"""The gateway's native data plane: starting it, and its control stream.
+
+`native/dataplane.cc` (built by `scripts/build_native.sh` into
+`build/native/cloudml-gateway-dataplane`) owns the gateway's public gRPC port.
+It answers repeat TF Serving calls itself, straight to replicas, from the
+routing decisions this process hands it, and relays everything else here (see
+the top of dataplane.cc for the whole design). This process stays the only
+place where tokens are checked and routes resolved; the data plane only
+repeats decisions, and only for the current routing generation.
+
+Modes (`--dataplane`):
+- `native`: the data plane is required; the gateway fails to start without it.
+- `python`: no data plane; this process serves the public port itself.
+- `auto` (default): native if the binary is built, else python with a warning.
+
+The data plane dies with this process (PR_SET_PDEATHSIG); if it dies on its
+own, the gateway stops with an error and its supervisor restarts both.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import subprocess
+from typing import Callable
+
+import grpc
+
+from cloudml.gateway.v1 import dataplane_pb2
+from services.gateway.model_metrics import BUCKETS, ModelRequestMetrics
+from services.gateway.predict import DATAPLANE_SECRET, RoutingTable
+
+log = logging.getLogger(__name__)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_BINARY = os.path.join(ROOT, "build", "native", "cloudml-gateway-dataplane")
+ATTACH = "/cloudml.gateway.v1.Dataplane/Attach"
+DEFAULT_SPIN_US = 300
+
+
+def binary_path() -> str:
+    return os.environ.get("CLOUDML_DATAPLANE_BINARY", DEFAULT_BINARY)
+
+
+def choose_mode(requested: str) -> str:
+    """'native' or 'python' for a requested mode; raises if native is required but missing."""
+    built = os.access(binary_path(), os.X_OK)
+    if requested == "native" and not built:
+        raise SystemExit(f"gateway: --dataplane native, but {binary_path()} is not built "
+                         "(run scripts/build_native.sh)")
+    if requested == "auto" and not built:
+        log.warning("the native data plane is not built (%s; run scripts/build_native.sh): TF Serving calls "
+                    "are served by this Python process, with ~0.4 ms more per call", binary_path())
+        return "python"
+    return "python" if requested == "python" else "native"
+
+
+class NativeDataplane:
+    """One data-plane process in front of this gateway, and its Attach stream."""
+
+    def __init__(self, table: RoutingTable, metrics: ModelRequestMetrics, spin_us: int = DEFAULT_SPIN_US):
+        self.table = table
+        self.metrics = metrics
+        self.spin_us = spin_us
+        self.secret = secrets.token_urlsafe(32)
+        self.process: subprocess.Popen | None = None
+        self.failed = False
+        self._streams: set[asyncio.Event] = set()  # one per open Attach stream
+        self._watch: asyncio.Task | None = None
+        self._stopping = False
+        table.listeners.append(self._on_change)
+
+    def _on_change(self, _generation: int) -> None:
+        for event in self._streams:
+            event.set()
+
+    # --- the process ------------------------------------------------------------------
+
+    async def start(self, listen: str, upstream: str, on_failure: Callable[[], None]) -> int:
+        """Starts the data plane on `listen` in front of `upstream`; returns its port."""
+        env = dict(os.environ, CLOUDML_DATAPLANE_SECRET=self.secret)
+        self.process = subprocess.Popen(
+            [binary_path(), "--listen", listen, "--upstream", upstream, "--spin-us", str(self.spin_us)],
+            stdout=subprocess.PIPE, env=env, text=True)
+        line = await asyncio.get_running_loop().run_in_executor(None, self.process.stdout.readline)
+        if not line.strip().isdigit():
+            code = self.process.wait()
+            raise RuntimeError(f"the native data plane failed to start on {listen} (exit {code}); see the log")
+        port = int(line)
+        log.info("native data plane (pid %d) on port %d, in front of %s", self.process.pid, port, upstream)
+        self._watch = asyncio.create_task(self._watch_process(on_failure))
+        return port
+
+    async def _watch_process(self, on_failure: Callable[[], None]) -> None:
+        code = await asyncio.get_running_loop().run_in_executor(None, self.process.wait)
+        if not self._stopping:
+            self.failed = True
+            log.error("the native data plane exited (%s); stopping the gateway so it restarts whole", code)
+            on_failure()
+
+    async def stop(self) -> None:
+        """Stops taking calls on the public port; in-flight calls drain (5 s at most)."""
+        self._stopping = True
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.process.wait), 8)
+            except asyncio.TimeoutError:
+                self.process.kill()
+        if self._watch:
+            self._watch.cancel()
+
+    # --- the Attach stream --------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        plane = self
+
+        class Handler(grpc.GenericRpcHandler):
+            def service(self, details):
+                if details.method == ATTACH:
+                    return grpc.stream_stream_rpc_method_handler(
+                        plane._attach, request_deserializer=dataplane_pb2.DataplaneReport.FromString,
+                        response_serializer=dataplane_pb2.DataplaneControl.SerializeToString)
+                return None
+
+        return Handler()
+
+    async def _attach(self, reports, context):
+        if (DATAPLANE_SECRET, self.secret) not in context.invocation_metadata():
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not this gateway's data plane")
+
+        async def read_reports() -> None:
+            async for report in reports:
+                self.metrics.set_native(report)
+
+        reader = asyncio.create_task(read_reports())
+        changed = asyncio.Event()
+        self._streams.add(changed)
+        try:
+            sent = None
+            while not reader.done():
+                changed.clear()
+                if self.table.generation != sent:
+                    sent = self.table.generation
+                    yield dataplane_pb2.DataplaneControl(generation=sent, latency_buckets=BUCKETS)
+                waiter = asyncio.create_task(changed.wait())
+                await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+        finally:
+            self._streams.discard(changed)
+            reader.cancel()
