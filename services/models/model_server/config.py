@@ -81,7 +81,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-delay", type=float, default=None,
                    help="seconds between marking the endpoint UNLOADING and refusing calls "
                         "(default 0.5 with --etcd, else 0)")
-    p.add_argument("--intra-op-threads", type=int, default=0, help="TensorFlow intra-op threads (0: auto)")
+    p.add_argument("--intra-op-threads", type=int, default=0,
+                   help="TensorFlow intra-op threads (0: the CPUs divided by the threads that make TensorFlow "
+                        "calls at once, which are num_batch_threads with batching and one per CPU without; "
+                        "at least 1)")
     p.add_argument("--inter-op-threads", type=int, default=0, help="TensorFlow inter-op threads (0: auto)")
     p.add_argument("--inline-max-micros", type=int, default=100,
                    help="run a signature on the event loop while its calls take less than this many "

@@ -56,6 +56,23 @@ def write_port_file(path: str | None, content: dict) -> None:
     os.replace(tmp, path)
 
 
+def default_intra_op_threads(tf_threads: int) -> int:
+    """TensorFlow intra-op threads when `--intra-op-threads` is 0: the CPUs
+    divided among the threads that make TensorFlow calls at once.
+
+    Up to `tf_threads` calls (the executor's, or the batch threads) run
+    concurrently, each on its own thread; TensorFlow's own default (an
+    intra-op pool as wide as the machine) lets every one of them fan out
+    over all CPUs, so N calls oversubscribe the cores N times and the pool's
+    spinning threads take CPU from the event loop. With the CPUs shared out,
+    on the 2-CPU box (MLP, concurrency 32, bench/bench_batching.py) the
+    unbatched replica went from ~1,750 to ~2,300 rps and the batched one
+    (2 batch threads) gained as much. One call at a time (e.g. one batch
+    thread) still gets every CPU.
+    """
+    return max(1, (os.cpu_count() or 1) // max(1, tf_threads))
+
+
 async def _in_thread(fn, *args):
     """Runs `fn` on a daemon thread (a SIGTERM during a long load need not wait for it)."""
     loop = asyncio.get_running_loop()
@@ -133,9 +150,9 @@ class ModelServer:
         s = self.settings
         self.model.set_state(State.LOADING)
         log.info("loading SavedModel %s (model %s version %d)", s.base_path, s.model_name, s.version)
+        intra = s.intra_op_threads or default_intra_op_threads(self.executor.threads)
         servable = await _in_thread(
-            lambda: servable_lib.load(s.base_path, intra_op_threads=s.intra_op_threads,
-                                      inter_op_threads=s.inter_op_threads)
+            lambda: servable_lib.load(s.base_path, intra_op_threads=intra, inter_op_threads=s.inter_op_threads)
         )
         self.model.attach(servable)
         log.info("loaded %s (%s runtime, signatures: %s)", s.base_path, servable.runtime,
