@@ -85,7 +85,8 @@ RESOLVED_VERSION = "x-cloudml-resolved-version"
 DATAPLANE_SECRET = "x-cloudml-dataplane"
 ROUTE_DECISION = "x-cloudml-route-bin"
 
-# Metadata that belongs to one hop, or that only the gateway may set.
+# Metadata that belongs to one hop, or that only the gateway may set. (The
+# caller's `authorization` is not forwarded either: tokens stop at the gateway.)
 _HOP = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-encoding",
                   "grpc-timeout", "accept-encoding", "host", RESOLVED_VERSION, DATAPLANE_SECRET})
 
@@ -329,7 +330,8 @@ class PredictRouter:
             version = choices[0][0] if len(choices) == 1 else self.resolve(caller, spec)[2]
             label_version = str(version)
             method = f"/{PREDICTION_SERVICE}/{api}"
-            forwarded = tuple((k, v) for k, v in metadata if k not in _HOP and not k.startswith(":")) + (
+            forwarded = tuple((k, v) for k, v in metadata
+                              if k not in _HOP and k != "authorization" and not k.startswith(":")) + (
                 (RESOLVED_VERSION, label_version),)
             backend = self.pick(tenant, model, version)
             if backend is None:

@@ -276,10 +276,12 @@ bool HopHeader(const std::string& key) {
          key == kSecretHeader || key == kResolvedVersion || key == kDecisionHeader;
 }
 
-void CopyClientMetadata(const grpc::GenericServerContext& from, grpc::ClientContext* to) {
+// `to_replica`: the caller's token stops here; replicas never see it.
+void CopyClientMetadata(const grpc::GenericServerContext& from, grpc::ClientContext* to, bool to_replica) {
   for (const auto& kv : from.client_metadata()) {
     std::string key(kv.first.data(), kv.first.size());
-    if (!HopHeader(key)) to->AddMetadata(key, std::string(kv.second.data(), kv.second.size()));
+    if (HopHeader(key) || (to_replica && key == "authorization")) continue;
+    to->AddMetadata(key, std::string(kv.second.data(), kv.second.size()));
   }
 }
 
@@ -354,10 +356,10 @@ class Call : public Handler {
     relay_->StartCall(Tag_(kUpStart));
   }
 
-  void NewClient() {
+  void NewClient(bool to_replica = false) {
     client_ = std::make_unique<grpc::ClientContext>();
     client_->set_deadline(ctx_.deadline());
-    CopyClientMetadata(ctx_, client_.get());
+    CopyClientMetadata(ctx_, client_.get(), to_replica);
   }
 
   // --- kModel ---
@@ -434,7 +436,7 @@ class Call : public Handler {
     address_ = address;
     Backend& backend = g_plane->BackendFor(address);
     backend.outstanding++;
-    NewClient();
+    NewClient(true);
     client_->AddMetadata(kResolvedVersion, std::to_string(version_));
     unary_ = backend.stub->PrepareUnaryCall(client_.get(), ctx_.method(), request_, g_plane->cq.get());
     unary_->StartCall();
