@@ -14,7 +14,7 @@ def _arguments(parser) -> None:
     parser.add_argument("--dataplane-spin-us", type=int,
                         default=int(os.environ["CLOUDML_DATAPLANE_SPIN_US"]) if os.environ.get(
                             "CLOUDML_DATAPLANE_SPIN_US") else None,
-                        help="the data plane polls this long after each event before sleeping (default 300)")
+                        help="the data plane polls this long after each event before sleeping (default 1000; 0: never)")
 
 
 if __name__ == "__main__":

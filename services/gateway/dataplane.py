@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_BINARY = os.path.join(ROOT, "build", "native", "cloudml-gateway-dataplane")
 ATTACH = "/cloudml.gateway.v1.Dataplane/Attach"
-DEFAULT_SPIN_US = 300
+DEFAULT_SPIN_US = 1000
 
 
 def binary_path() -> str:
