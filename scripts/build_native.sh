@@ -35,6 +35,6 @@ mkdir -p "$OUT"
 protoc --cpp_out="$OUT" -Iprotos "$PROTO"
 # shellcheck disable=SC2046
 g++ -O2 -std=c++17 -Wall -o "$BIN.tmp" "$SRC" "$OUT/cloudml/gateway/v1/dataplane.pb.cc" -I"$OUT" \
-  $(pkg-config --cflags --libs grpc++ protobuf) -lpthread
+  $(pkg-config --cflags --libs grpc++ protobuf absl_synchronization) -lpthread
 mv "$BIN.tmp" "$BIN"
 echo "$want" > "$OUT/.stamp"
