@@ -300,6 +300,8 @@ def main() -> None:
         results["gateway_dataplane_calls"] = dataplane_calls(rest_port)
         results["memory_mb"] = {"gateway_with_dataplane": rss_mb(gateway.process.pid, children=True),
                                 "gateway_python": rss_mb(gateway.process.pid),
+                                "gateway_dataplane": round(rss_mb(gateway.process.pid, children=True)
+                                                           - rss_mb(gateway.process.pid), 1),
                                 "model_server_mlp": rss_mb(servers["mlp"].process.pid),
                                 "model_server_half_plus_two": rss_mb(servers["hpt"].process.pid)}
         print(json.dumps(results, indent=2))
