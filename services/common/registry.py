@@ -59,6 +59,11 @@ class Directory:
     async def wait_synced(self, timeout: float | None = None) -> None:
         await self._mirror.wait_synced(timeout)
 
+    @property
+    def listeners(self) -> list:
+        """Called with no arguments after each change of the registry."""
+        return self._mirror.listeners
+
     def addresses(self, service: str) -> list[str]:
         return sorted(addr for svc, addr in self._mirror.items.values() if svc == service)
 

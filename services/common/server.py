@@ -111,6 +111,7 @@ class Platform:
     verifier: TokenVerifier
     identity: ServiceIdentity | None
     metrics_registry: CollectorRegistry
+    server_metrics: ServerMetrics | None = None
 
 
 class ServiceApp(abc.ABC):
@@ -189,11 +190,12 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
     identity = None
     if settings.credentials_file:
         identity = ServiceIdentity.from_file(settings.credentials_file, directory)
-    platform = Platform(settings, etcd, session, directory, verifier, identity, metrics_registry)
+    server_metrics = ServerMetrics(metrics_registry)
+    platform = Platform(settings, etcd, session, directory, verifier, identity, metrics_registry, server_metrics)
     app = factory(platform)
 
     server = grpc.aio.server(
-        interceptors=[ServerPipeline(ServerMetrics(metrics_registry), verifier, app.public_methods)],
+        interceptors=[ServerPipeline(server_metrics, verifier, app.public_methods)],
         options=SERVER_OPTIONS,
     )
     health_servicer = health.aio.HealthServicer()

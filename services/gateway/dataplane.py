@@ -13,6 +13,16 @@ Modes (`--dataplane`):
 - `python`: no data plane; this process serves the public port itself.
 - `auto` (default): native if the binary is built, else python with a warning.
 
+Platform calls: the first call with a given `authorization` comes through
+this process, which authenticates it as before and, on success, vouches for
+the token in trailing metadata (`AuthDecision`: generation, expiry). The data
+plane then relays later calls with that authorization, and calls to public
+methods, straight to an instance of their owning service, from the instance
+table this process streams; a revoked key or new signing key bumps the
+generation, which empties its cache. Their counts come back in its reports and
+are added to this process's `grpc_server_handled_total` (their latency is in
+the owning services' `grpc_server_handling_seconds`, not the gateway's).
+
 The data plane dies with this process (PR_SET_PDEATHSIG); if it dies on its
 own, the gateway stops with an error and its supervisor restarts both.
 """
@@ -29,6 +39,9 @@ from typing import Callable
 import grpc
 
 from cloudml.gateway.v1 import dataplane_pb2
+from services.common.interceptors import ServerMetrics
+from services.common.registry import Directory
+from services.common.tokens import TokenVerifier, bearer_from_metadata
 from services.gateway.model_metrics import BUCKETS, ModelRequestMetrics
 from services.gateway.predict import DATAPLANE_SECRET, RoutingTable
 
@@ -37,6 +50,7 @@ log = logging.getLogger(__name__)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_BINARY = os.path.join(ROOT, "build", "native", "cloudml-gateway-dataplane")
 ATTACH = "/cloudml.gateway.v1.Dataplane/Attach"
+AUTH_DECISION = "x-cloudml-auth-bin"
 DEFAULT_SPIN_US = 1000
 
 
@@ -60,9 +74,19 @@ def choose_mode(requested: str) -> str:
 class NativeDataplane:
     """One data-plane process in front of this gateway, and its Attach stream."""
 
-    def __init__(self, table: RoutingTable, metrics: ModelRequestMetrics, spin_us: int = DEFAULT_SPIN_US):
+    def __init__(self, table: RoutingTable, metrics: ModelRequestMetrics, directory: Directory,
+                 verifier: TokenVerifier, services: dict[str, str], public_methods: frozenset[str],
+                 server_metrics: ServerMetrics | None, spin_us: int = DEFAULT_SPIN_US):
+        """`services`: full gRPC service name -> the platform service that owns it;
+        `public_methods`: platform methods that need no token."""
         self.table = table
+        self.verifier = verifier
+        self.public_methods = public_methods
         self.metrics = metrics
+        self.directory = directory
+        self.services = services
+        self.server_metrics = server_metrics
+        self._relayed: dict[tuple[str, str, str], int] = {}
         self.spin_us = spin_us
         self.secret = secrets.token_urlsafe(32)
         self.process: subprocess.Popen | None = None
@@ -71,8 +95,9 @@ class NativeDataplane:
         self._watch: asyncio.Task | None = None
         self._stopping = False
         table.listeners.append(self._on_change)
+        directory.listeners.append(self._on_change)
 
-    def _on_change(self, _generation: int) -> None:
+    def _on_change(self, _generation: int | None = None) -> None:
         for event in self._streams:
             event.set()
 
@@ -134,6 +159,7 @@ class NativeDataplane:
         async def read_reports() -> None:
             async for report in reports:
                 self.metrics.set_native(report)
+                self._count_relays(report)
 
         reader = asyncio.create_task(read_reports())
         changed = asyncio.Event()
@@ -142,12 +168,47 @@ class NativeDataplane:
             sent = None
             while not reader.done():
                 changed.clear()
-                if self.table.generation != sent:
-                    sent = self.table.generation
-                    yield dataplane_pb2.DataplaneControl(generation=sent, latency_buckets=BUCKETS)
+                control = self._control()
+                if control != sent:
+                    sent = control
+                    yield control
                 waiter = asyncio.create_task(changed.wait())
                 await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
         finally:
             self._streams.discard(changed)
             reader.cancel()
+
+    def _control(self) -> dataplane_pb2.DataplaneControl:
+        control = dataplane_pb2.DataplaneControl(generation=self.table.generation, latency_buckets=BUCKETS,
+                                                 public_methods=sorted(self.public_methods))
+        for service, owner in sorted(self.services.items()):
+            control.services.add(service=service, addresses=self.directory.addresses(owner))
+        return control
+
+    def _count_relays(self, report: dataplane_pb2.DataplaneReport) -> None:
+        """Adds what the data plane relayed since its last report to grpc_server_handled_total."""
+        if self.server_metrics is None:
+            return
+        for relay in report.relays:
+            key = (relay.service, relay.method, relay.code)
+            delta = relay.count - self._relayed.get(key, 0)
+            if delta > 0:
+                self.server_metrics.handled.labels(*key).inc(delta)
+            self._relayed[key] = relay.count
+
+    def vouch(self, metadata) -> tuple:
+        """Trailing metadata vouching for the token of a platform call that the
+        data plane sent here and that succeeded; () for anyone else.
+        Verified again now, so the generation and the verdict go together."""
+        if (DATAPLANE_SECRET, self.secret) not in metadata:
+            return ()
+        token = bearer_from_metadata(metadata)
+        if token is None or not self.verifier.loaded:
+            return ()
+        try:
+            principal = self.verifier.verify(token)
+        except Exception:  # noqa: BLE001 - no verdict, no vouching
+            return ()
+        decision = dataplane_pb2.AuthDecision(generation=self.table.generation, expires_at=principal.expires_at)
+        return ((AUTH_DECISION, decision.SerializeToString()),)

@@ -7,8 +7,9 @@ series per (model, version, API, code) whichever process answered:
 
 - `cloudml_gateway_model_requests_total{model,version,api,code}`
 - `cloudml_gateway_model_request_seconds{model,version,api}` (histogram)
-- `cloudml_gateway_dataplane_calls_total{path="fast"|"control"}`: model calls
-  the data plane answered from its decision cache / sent to this process.
+- `cloudml_gateway_dataplane_calls_total{path="fast"|"control"|"direct"}`:
+  model calls the data plane answered from its decision cache / sent to this
+  process, and platform calls it relayed straight to their service.
 
 The data plane reports its cumulative figures about once a second, so its
 share of a scrape may lag by that much.
@@ -42,7 +43,7 @@ class ModelRequestMetrics:
         self._lock = threading.Lock()  # scrapes may come from another thread
         self._local: dict[tuple[str, str, str, str], _Series] = {}
         self._native: dict[tuple[str, str, str, str], _Series] = {}
-        self._paths = {"fast": 0, "control": 0}
+        self._paths = {"fast": 0, "control": 0, "direct": 0}
         if registry is not None:
             registry.register(self)
 
@@ -69,7 +70,8 @@ class ModelRequestMetrics:
             native[(stat.model, stat.version, stat.api, stat.code)] = series
         with self._lock:
             self._native = native
-            self._paths = {"fast": report.fast_path_calls, "control": report.slow_path_calls}
+            self._paths = {"fast": report.fast_path_calls, "control": report.slow_path_calls,
+                           "direct": sum(relay.count for relay in report.relays)}
 
     def describe(self):
         return []  # registered without a trial collect()
@@ -82,7 +84,8 @@ class ModelRequestMetrics:
                                         labels=("model", "version", "api"))
         paths = CounterMetricFamily("cloudml_gateway_dataplane_calls",
                                     "Model calls the native data plane answered from its decision cache (fast) "
-                                    "or sent to the gateway process (control).", labels=("path",))
+                                    "or sent to the gateway process (control); platform calls it relayed "
+                                    "straight to their service (direct).", labels=("path",))
         with self._lock:
             counts: dict[tuple[str, str, str, str], int] = {}
             histograms: dict[tuple[str, str, str], _Series] = {}

@@ -12,13 +12,15 @@ import logging
 import grpc
 
 from services.common.registry import Directory
+from services.gateway.predict import DATAPLANE_SECRET
 from services.gateway.routes import Route
 
 log = logging.getLogger(__name__)
 
-# Metadata that belongs to one hop and must not be forwarded.
+# Metadata that belongs to one hop and must not be forwarded (the data plane's
+# secret included).
 _HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-encoding",
-                          "grpc-timeout", "accept-encoding", "host", ":authority"})
+                          "grpc-timeout", "accept-encoding", "host", ":authority", DATAPLANE_SECRET})
 
 
 def forwarded_metadata(context) -> tuple[tuple[str, str | bytes], ...]:
@@ -31,6 +33,9 @@ class Proxy(grpc.GenericRpcHandler):
         self.directory = directory
         self._handlers = {path: self._handler(route) for path, route in routes.items()}
         self._callables: dict[tuple[str, str], object] = {}
+        #: set with a native data plane: metadata -> trailing metadata vouching
+        #: for the caller's token (see dataplane.py), or ()
+        self.vouch = lambda metadata: ()
 
     def service(self, handler_call_details):
         return self._handlers.get(handler_call_details.method)
@@ -59,9 +64,9 @@ class Proxy(grpc.GenericRpcHandler):
                 response = await call
             except grpc.aio.AioRpcError as err:
                 await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(err.trailing_metadata() or ()))
-            trailers = await call.trailing_metadata()
+            trailers = tuple(await call.trailing_metadata() or ()) + proxy.vouch(context.invocation_metadata())
             if trailers:
-                context.set_trailing_metadata(tuple(trailers))
+                context.set_trailing_metadata(trailers)
             return response
 
         async def stream_response(request, context):
@@ -73,9 +78,9 @@ class Proxy(grpc.GenericRpcHandler):
                     yield message
             except grpc.aio.AioRpcError as err:
                 await context.abort(err.code(), err.details() or "", trailing_metadata=tuple(err.trailing_metadata() or ()))
-            trailers = await call.trailing_metadata()
+            trailers = tuple(await call.trailing_metadata() or ()) + proxy.vouch(context.invocation_metadata())
             if trailers:
-                context.set_trailing_metadata(tuple(trailers))
+                context.set_trailing_metadata(trailers)
 
         if route.server_streaming:
             factory = (grpc.stream_stream_rpc_method_handler if route.client_streaming

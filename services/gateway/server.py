@@ -44,9 +44,13 @@ class GatewayApp(ServiceApp):
         self.dataplane = None
         if mode == "native":
             spin_us = getattr(platform.settings.extra, "dataplane_spin_us", None)
-            self.dataplane = NativeDataplane(self.table, self.router.metrics,
+            owners = {route.method.split("/")[1]: route.owner for route in self.routes.values()}
+            self.dataplane = NativeDataplane(self.table, self.router.metrics, platform.directory, platform.verifier,
+                                             owners, self.public_methods - TFS_METHODS - {ATTACH},
+                                             platform.server_metrics,
                                              **({"spin_us": spin_us} if spin_us is not None else {}))
             platform.verifier.listeners.append(self.table.changed)
+            self.proxy.vouch = self.dataplane.vouch
         rest_listen = getattr(platform.settings.extra, "rest_listen", None)
         self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router) if rest_listen else None
         self._started = False

@@ -210,6 +210,36 @@ def test_control_stream_is_not_reachable_by_callers(env):
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_platform_calls_with_a_vouched_token_go_straight_to_their_service(env):
+    stack, auth = env["stack"], env["auth"]
+    key = auth.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant="team-a"), metadata=env["admin"])
+    md = (("authorization", "Bearer " + auth.IssueToken(auth_pb.IssueTokenRequest(
+        access_key_id=key.access_key.access_key_id, secret_key=key.secret_key)).token),)
+    before = dataplane_calls(stack).get("direct", 0)
+    for _ in range(10):
+        assert auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=md).tenant == "team-a"
+
+    def relayed():
+        calls = dataplane_calls(stack)
+        assert calls.get("direct", 0) - before >= 9, calls
+        handled = re.search(r'grpc_server_handled_total\{grpc_code="OK",grpc_method="WhoAmI",'
+                            r'grpc_service="cloudml.auth.v1.AuthService"\} (\S+)', metrics(stack))
+        assert handled and float(handled.group(1)) >= 10
+    eventually(relayed)
+    # A revoked key stops working at once on that path too.
+    auth.RevokeAccessKey(auth_pb.RevokeAccessKeyRequest(tenant="team-a", access_key_id=key.access_key.access_key_id),
+                         metadata=env["admin"])
+
+    def refused():
+        try:
+            auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=md)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+        else:
+            raise AssertionError("the revoked key's token still works")
+    eventually(refused, 2.0)
+
+
 def test_streaming_platform_calls_are_relayed(env):
     stream = env["auth"].WatchVerificationKeys(auth_pb.WatchVerificationKeysRequest(), timeout=5)
     first = next(stream)

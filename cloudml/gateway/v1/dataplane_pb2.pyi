@@ -7,12 +7,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DataplaneControl(_message.Message):
-    __slots__ = ("generation", "latency_buckets")
+    __slots__ = ("generation", "latency_buckets", "services", "public_methods")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LATENCY_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    SERVICES_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_METHODS_FIELD_NUMBER: _ClassVar[int]
     generation: int
     latency_buckets: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, generation: _Optional[int] = ..., latency_buckets: _Optional[_Iterable[float]] = ...) -> None: ...
+    services: _containers.RepeatedCompositeFieldContainer[ServiceInstances]
+    public_methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, generation: _Optional[int] = ..., latency_buckets: _Optional[_Iterable[float]] = ..., services: _Optional[_Iterable[_Union[ServiceInstances, _Mapping]]] = ..., public_methods: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AuthDecision(_message.Message):
+    __slots__ = ("generation", "expires_at")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    expires_at: float
+    def __init__(self, generation: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
+
+class ServiceInstances(_message.Message):
+    __slots__ = ("service", "addresses")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, service: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RouteDecision(_message.Message):
     __slots__ = ("generation", "expires_at", "choices")
@@ -53,11 +73,25 @@ class ModelRequestStat(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[str] = ..., code: _Optional[str] = ..., count: _Optional[int] = ..., latency_sum_seconds: _Optional[float] = ..., latency_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DataplaneReport(_message.Message):
-    __slots__ = ("stats", "fast_path_calls", "slow_path_calls")
+    __slots__ = ("stats", "fast_path_calls", "slow_path_calls", "relays")
     STATS_FIELD_NUMBER: _ClassVar[int]
     FAST_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
     SLOW_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
+    RELAYS_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[ModelRequestStat]
     fast_path_calls: int
     slow_path_calls: int
-    def __init__(self, stats: _Optional[_Iterable[_Union[ModelRequestStat, _Mapping]]] = ..., fast_path_calls: _Optional[int] = ..., slow_path_calls: _Optional[int] = ...) -> None: ...
+    relays: _containers.RepeatedCompositeFieldContainer[RelayStat]
+    def __init__(self, stats: _Optional[_Iterable[_Union[ModelRequestStat, _Mapping]]] = ..., fast_path_calls: _Optional[int] = ..., slow_path_calls: _Optional[int] = ..., relays: _Optional[_Iterable[_Union[RelayStat, _Mapping]]] = ...) -> None: ...
+
+class RelayStat(_message.Message):
+    __slots__ = ("service", "method", "code", "count")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    method: str
+    code: str
+    count: int
+    def __init__(self, service: _Optional[str] = ..., method: _Optional[str] = ..., code: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...

@@ -24,9 +24,16 @@
 //   UNAVAILABLE from the replica is retried once, on another replica of the
 //   version if the decision has one, else through the control plane (whose
 //   view may be newer); the entry is dropped. The client's deadline travels.
-// - Every other method (all platform APIs, health, reflection, unary or
-//   streaming) is relayed to the control plane byte for byte, with metadata,
-//   status, trailers, deadline and cancellation.
+// - Platform APIs (unary or streaming) are relayed byte for byte, with
+//   metadata, status, trailers, deadline and cancellation. Authentication
+//   works as for model calls: a call whose `authorization` the control plane
+//   has not vouched for in this generation goes through it (it checks the
+//   token, forwards the call, and returns an AuthDecision in trailing
+//   metadata `x-cloudml-auth-bin`); later calls with that authorization, and
+//   calls to public methods, go straight to an instance of their owning
+//   service (round robin) from the instance table the control plane streams.
+//   Every other method (health, reflection, ModelService) is relayed to the
+//   control plane the same way.
 // - One thread drives one completion queue for the server and every client
 //   call, so a forwarded call never changes threads. After any event the
 //   loop polls without blocking for --spin-us microseconds (default 1000)
@@ -68,6 +75,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "cloudml/gateway/v1/dataplane.pb.h"
@@ -79,12 +87,14 @@ namespace pb = cloudml::gateway::v1;
 
 constexpr char kSecretHeader[] = "x-cloudml-dataplane";
 constexpr char kDecisionHeader[] = "x-cloudml-route-bin";
+constexpr char kAuthHeader[] = "x-cloudml-auth-bin";
 constexpr char kResolvedVersion[] = "x-cloudml-resolved-version";
 constexpr char kPredictionService[] = "/tensorflow.serving.PredictionService/";
 constexpr char kDataplaneService[] = "/cloudml.gateway.v1.Dataplane/";
 constexpr char kAttach[] = "/cloudml.gateway.v1.Dataplane/Attach";
 constexpr int kMaxMessage = 64 * 1024 * 1024;  // as the Python services
 constexpr int kSpinMaxInFlight = 2;
+constexpr size_t kCacheLimit = 100000;  // entries; the cache starts over beyond it
 
 const char* CodeName(grpc::StatusCode code) {
   static const char* names[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
@@ -214,6 +224,11 @@ struct Decision {
   double total_weight = 0;
 };
 
+struct Instances {
+  std::vector<std::string> addresses;
+  size_t next = 0;
+};
+
 struct Stat {
   uint64_t count = 0;
   double sum = 0;
@@ -233,6 +248,10 @@ struct Plane {
   std::vector<double> bucket_bounds;
   std::map<std::tuple<std::string, std::string, std::string, std::string>, Stat> stats;
   uint64_t fast_calls = 0, slow_calls = 0;
+  std::unordered_map<std::string, Instances> services;  // "/pkg.Service/" -> instances
+  std::unordered_set<std::string> public_methods;
+  std::unordered_map<std::string, double> vouched;  // authorization -> token expiry (this generation)
+  std::map<std::tuple<std::string, std::string, std::string>, uint64_t> relays;  // (service, method, code)
   int model_calls_in_flight = 0;  // accepted TF Serving calls not yet finished
   bool stats_dirty = true;
   std::mt19937_64 rng{std::random_device{}()};
@@ -254,9 +273,32 @@ struct Plane {
     return b;
   }
 
+  // The stub for a platform call's owning service, or the control plane's.
+  grpc::GenericStub* RelayStub(const std::string& method, const std::string* auth, bool* direct) {
+    *direct = false;
+    size_t slash = method.find('/', 1);
+    if (slash == std::string::npos || !generation) return upstream.get();
+    if (!public_methods.count(method)) {
+      auto v = auth ? vouched.find(*auth) : vouched.end();
+      if (v == vouched.end() || v->second <= Now()) return upstream.get();
+    }
+    auto it = services.find(method.substr(0, slash + 1));
+    if (it == services.end() || it->second.addresses.empty()) return upstream.get();
+    Instances& in = it->second;
+    *direct = true;
+    return BackendFor(in.addresses[in.next++ % in.addresses.size()]).stub.get();
+  }
+
   void SetGeneration(uint64_t g) {
-    if (g != generation) cache.clear();
+    if (g != generation) {
+      cache.clear();
+      vouched.clear();
+    }
     generation = g;
+  }
+
+  static double Now() {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   }
 
   void Record(const std::string& model, const std::string& version, const std::string& api,
@@ -287,7 +329,7 @@ struct Tag {
 bool HopHeader(const std::string& key) {
   return key.empty() || key[0] == ':' || key.compare(0, 5, "grpc-") == 0 || key == "user-agent" ||
          key == "te" || key == "content-type" || key == "host" || key == "accept-encoding" ||
-         key == kSecretHeader || key == kResolvedVersion || key == kDecisionHeader;
+         key == kSecretHeader || key == kResolvedVersion || key == kDecisionHeader || key == kAuthHeader;
 }
 
 // `to_replica`: the caller's token stops here; replicas never see it.
@@ -367,7 +409,16 @@ class Call : public Handler {
     }
     mode_ = kRelay;
     NewClient();
-    relay_ = g_plane->upstream->PrepareCall(client_.get(), method, g_plane->cq.get());
+    int auth_count = 0;
+    for (const auto& kv : ctx_.client_metadata()) {
+      if (kv.first == "authorization") {
+        auth_.assign(kv.second.data(), kv.second.size());
+        auth_count++;
+      }
+    }
+    grpc::GenericStub* stub = g_plane->RelayStub(method, auth_count == 1 ? &auth_ : nullptr, &direct_);
+    if (!direct_) client_->AddMetadata(kSecretHeader, g_plane->options.secret);
+    relay_ = stub->PrepareCall(client_.get(), method, g_plane->cq.get());
     relay_->StartCall(Tag_(kUpStart));
   }
 
@@ -415,8 +466,7 @@ class Call : public Handler {
     auto it = p.generation ? p.cache.find(key_) : p.cache.end();
     if (it == p.cache.end()) return Slow();
     const Decision& d = it->second;
-    double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-    if (d.expires_at > 0 && d.expires_at <= now) {
+    if (d.expires_at > 0 && d.expires_at <= Plane::Now()) {
       p.cache.erase(it);
       return Slow();
     }
@@ -509,6 +559,7 @@ class Call : public Handler {
         d.choices.push_back({c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()}});
         d.total_weight += c.weight();
       }
+      if (p.cache.size() > kCacheLimit) p.cache.clear();
       if (!d.choices.empty()) p.cache[key_] = std::move(d);
       return;
     }
@@ -555,11 +606,34 @@ class Call : public Handler {
         stream_.Write(out_, Tag_(kDownWrite));
         return;
       case kUpFinish:
+        if (direct_) {
+          const std::string& method = ctx_.method();
+          size_t slash = method.find('/', 1);
+          g_plane->relays[{method.substr(1, slash - 1), method.substr(slash + 1), CodeName(status_.error_code())}]++;
+          g_plane->stats_dirty = true;
+        } else {
+          Vouched();
+        }
         CopyTrailers(*client_, &ctx_);
         stream_.Finish(status_, Tag_(kFinish));
         return;
       default:
         return;
+    }
+  }
+
+  // Remembers the control plane's AuthDecision for this call's authorization.
+  void Vouched() {
+    Plane& p = *g_plane;
+    for (const auto& kv : client_->GetServerTrailingMetadata()) {
+      if (kv.first != kAuthHeader) continue;
+      pb::AuthDecision msg;
+      if (!auth_.empty() && p.generation &&
+          msg.ParseFromArray(kv.second.data(), static_cast<int>(kv.second.size())) &&
+          msg.generation() == p.generation)
+        p.vouched[auth_] = msg.expires_at();
+      if (p.vouched.size() > kCacheLimit) p.vouched.clear();
+      return;
     }
   }
 
@@ -589,7 +663,8 @@ class Call : public Handler {
   // kRelay
   std::unique_ptr<grpc::GenericClientAsyncReaderWriter> relay_;
   grpc::ByteBuffer in_, out_;
-  bool up_finished_ = false;
+  bool up_finished_ = false, direct_ = false;
+  std::string auth_;
 };
 
 // --- the Attach stream to the control plane ------------------------------------------
@@ -637,6 +712,15 @@ class Attachment : public Handler {
           if (control.latency_buckets_size() > 0 && p.bucket_bounds.empty())
             p.bucket_bounds.assign(control.latency_buckets().begin(), control.latency_buckets().end());
           p.SetGeneration(control.generation());
+          std::unordered_map<std::string, Instances> services;
+          for (const auto& s : control.services()) {
+            Instances& in = services["/" + s.service() + "/"];
+            in.addresses.assign(s.addresses().begin(), s.addresses().end());
+            auto old = p.services.find("/" + s.service() + "/");
+            if (old != p.services.end()) in.next = old->second.next;
+          }
+          p.services = std::move(services);
+          p.public_methods = {control.public_methods().begin(), control.public_methods().end()};
         }
         pending_++;
         stream_->Read(&in_, &tags_[kRead]);
@@ -673,6 +757,13 @@ class Attachment : public Handler {
         stat->set_latency_sum_seconds(s.sum);
         for (auto b : s.buckets) stat->add_latency_buckets(b);
       }
+      for (const auto& [key, count] : p.relays) {
+        auto* relay = report.add_relays();
+        relay->set_service(std::get<0>(key));
+        relay->set_method(std::get<1>(key));
+        relay->set_code(std::get<2>(key));
+        relay->set_count(count);
+      }
       out_ = ToBuffer(report.SerializeAsString());
       p.stats_dirty = false;
       writing_ = true;
@@ -692,6 +783,7 @@ class Attachment : public Handler {
     Plane& p = *g_plane;
     live_ = false;
     p.SetGeneration(0);
+    p.services.clear();
     p.stats_dirty = true;
     if (!p.stopping) fprintf(stderr, "dataplane: control stream lost; reconnecting\n");
     client_->TryCancel();
