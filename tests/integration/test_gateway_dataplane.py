@@ -275,3 +275,13 @@ def test_gateway_stops_when_its_data_plane_dies(env):
         assert "native data plane exited" in open(gateway.log_path).read()
     finally:
         gateway.stop()
+
+
+def test_gateway_with_its_data_plane_stops_promptly(env):
+    gateway = _second_gateway(env["stack"], "gw-stop", {"CLOUDML_DATAPLANE": "native"})
+    plane = dataplane_process(gateway)
+    started = time.monotonic()
+    gateway.stop()
+    assert time.monotonic() - started < 3.0
+    assert gateway.process.returncode == 0
+    assert not plane.is_running() or plane.status() == psutil.STATUS_ZOMBIE

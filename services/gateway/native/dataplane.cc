@@ -683,6 +683,12 @@ class Attachment : public Handler {
     stream_->StartCall(&tags_[kStart]);
   }
 
+  // Ends the stream for good (the process is stopping).
+  void Stop() {
+    if (live_) Broken();
+    alarm_.Cancel();
+  }
+
   void Done(int op, bool ok) override {
     pending_--;
     Plane& p = *g_plane;
@@ -872,6 +878,7 @@ int main(int argc, char** argv) {
   for (;;) {
     if (g_signalled && !plane.stopping) {
       plane.stopping = true;
+      attachment.Stop();
       // Drain: in-flight calls finish within the grace period while this
       // thread keeps driving the queue.
       stopper = std::thread([&plane] {
