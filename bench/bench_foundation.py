@@ -127,10 +127,15 @@ def bench_reservations(stub, metadata, clients: int, seconds: float) -> dict:
 
 
 def process_memory(proc: ServiceProcess) -> dict:
+    """RSS of the service's process and its children (the gateway's native data plane)."""
     p = psutil.Process(proc.process.pid)
-    with open(f"/proc/{p.pid}/maps") as f:
-        tf_loaded = any("tensorflow" in line for line in f)
-    return {"rss_mb": round(p.memory_info().rss / 2**20, 1), "tensorflow_loaded": tf_loaded}
+    procs = [p, *p.children(recursive=True)]
+    tf_loaded = False
+    for q in procs:
+        with open(f"/proc/{q.pid}/maps") as f:
+            tf_loaded = tf_loaded or any("tensorflow" in line for line in f)
+    return {"rss_mb": round(sum(q.memory_info().rss for q in procs) / 2**20, 1), "processes": len(procs),
+            "tensorflow_loaded": tf_loaded}
 
 
 def main() -> None:

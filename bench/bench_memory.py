@@ -32,11 +32,15 @@ def main() -> None:
                                            check=True, capture_output=True, text=True, cwd=ROOT).stdout)
         rows = {}
         for comp in status["components"]:
+            # The process and its children (the gateway's native data plane).
             proc = psutil.Process(comp["pid"])
-            with open(f"/proc/{proc.pid}/maps") as f:
-                tf_loaded = any("tensorflow" in line for line in f)
-            rows[comp["component"]] = {"rss_mb": round(proc.memory_info().rss / 2**20, 1),
-                                       "tensorflow_loaded": tf_loaded}
+            procs = [proc, *proc.children(recursive=True)]
+            tf_loaded = False
+            for q in procs:
+                with open(f"/proc/{q.pid}/maps") as f:
+                    tf_loaded = tf_loaded or any("tensorflow" in line for line in f)
+            rows[comp["component"]] = {"rss_mb": round(sum(q.memory_info().rss for q in procs) / 2**20, 1),
+                                       "processes": len(procs), "tensorflow_loaded": tf_loaded}
         print(json.dumps(rows, indent=2))
     finally:
         subprocess.run([*launcher, "down", "--data-dir", data], stdout=subprocess.DEVNULL, cwd=ROOT)
