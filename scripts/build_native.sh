@@ -24,17 +24,18 @@ fi
 
 OUT=build/native
 SRC=services/gateway/native/dataplane.cc
-PROTO=protos/cloudml/gateway/v1/dataplane.proto
+PROTOS=(protos/cloudml/gateway/v1/dataplane.proto protos/cloudml/models/v1/replica.proto)
 BIN=$OUT/cloudml-gateway-dataplane
-want="$(cat "$SRC" "$PROTO" "$0" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$SRC" "${PROTOS[@]}" "$0" | sha256sum | cut -d' ' -f1)"
 if [ -x "$BIN" ] && [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$want" ]; then
   exit 0
 fi
 log "compiling $BIN"
 mkdir -p "$OUT"
-protoc --cpp_out="$OUT" -Iprotos "$PROTO"
+protoc --cpp_out="$OUT" -Iprotos "${PROTOS[@]}"
 # shellcheck disable=SC2046
-g++ -O2 -std=c++17 -Wall -o "$BIN.tmp" "$SRC" "$OUT/cloudml/gateway/v1/dataplane.pb.cc" -I"$OUT" \
+g++ -O2 -std=c++17 -Wall -o "$BIN.tmp" "$SRC" "$OUT/cloudml/gateway/v1/dataplane.pb.cc" \
+  "$OUT/cloudml/models/v1/replica.pb.cc" -I"$OUT" \
   $(pkg-config --cflags --libs grpc++ protobuf absl_synchronization) -lpthread
 mv "$BIN.tmp" "$BIN"
 echo "$want" > "$OUT/.stamp"

@@ -9,7 +9,9 @@ series per (model, version, API, code) whichever process answered:
 - `cloudml_gateway_model_request_seconds{model,version,api}` (histogram)
 - `cloudml_gateway_dataplane_calls_total{path="fast"|"control"|"direct"}`:
   model calls the data plane answered from its decision cache / sent to this
-  process, and platform calls it relayed straight to their service.
+  process, and platform calls it relayed straight to their service;
+  `path="coalesced"` counts the fast-path Predict calls it sent to a batching
+  replica inside a PredictBatch call (a subset of "fast").
 
 The data plane reports its cumulative figures about once a second, so its
 share of a scrape may lag by that much.
@@ -43,7 +45,7 @@ class ModelRequestMetrics:
         self._lock = threading.Lock()  # scrapes may come from another thread
         self._local: dict[tuple[str, str, str, str], _Series] = {}
         self._native: dict[tuple[str, str, str, str], _Series] = {}
-        self._paths = {"fast": 0, "control": 0, "direct": 0}
+        self._paths = {"fast": 0, "control": 0, "direct": 0, "coalesced": 0}
         if registry is not None:
             registry.register(self)
 
@@ -71,7 +73,8 @@ class ModelRequestMetrics:
         with self._lock:
             self._native = native
             self._paths = {"fast": report.fast_path_calls, "control": report.slow_path_calls,
-                           "direct": sum(relay.count for relay in report.relays)}
+                           "direct": sum(relay.count for relay in report.relays),
+                           "coalesced": report.coalesced_calls}
 
     def describe(self):
         return []  # registered without a trial collect()

@@ -135,6 +135,7 @@ class Backend:
     key: str
     address: str
     version: int
+    coalesce_max: int = 0
     outstanding: int = 0
     callables: dict = field(default_factory=dict)
 
@@ -185,8 +186,8 @@ class RoutingTable:
             if ep.state != AVAILABLE or not ep.address:
                 continue
             backend = self._by_key.get(key)
-            if backend is None or backend.address != ep.address:
-                backend = Backend(key, ep.address, ep.version)
+            if backend is None or backend.address != ep.address or backend.coalesce_max != ep.coalesce_max:
+                backend = Backend(key, ep.address, ep.version, ep.coalesce_max)
             by_key[key] = backend
             backends.setdefault((ep.tenant, ep.model, ep.version), []).append(backend)
         self._by_key = by_key
@@ -291,8 +292,9 @@ class PredictRouter:
         decision = dataplane_pb2.RouteDecision(generation=generation,
                                                expires_at=caller.expires_at if caller else 0.0)
         for version, weight in choices:
-            decision.choices.add(version=version, weight=weight, addresses=[
-                b.address for b in self.table.backends.get((tenant, model, version), ())])
+            backends = self.table.backends.get((tenant, model, version), ())
+            decision.choices.add(version=version, weight=weight, addresses=[b.address for b in backends],
+                                 coalesce_max=min((b.coalesce_max for b in backends), default=0))
         return decision
 
     def pick(self, tenant: str, model: str, version: int, exclude: Backend | None = None) -> Backend | None:

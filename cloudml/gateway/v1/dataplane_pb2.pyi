@@ -45,14 +45,16 @@ class RouteDecision(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., expires_at: _Optional[float] = ..., choices: _Optional[_Iterable[_Union[VersionChoice, _Mapping]]] = ...) -> None: ...
 
 class VersionChoice(_message.Message):
-    __slots__ = ("version", "weight", "addresses")
+    __slots__ = ("version", "weight", "addresses", "coalesce_max")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_MAX_FIELD_NUMBER: _ClassVar[int]
     version: int
     weight: float
     addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., weight: _Optional[float] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    coalesce_max: int
+    def __init__(self, version: _Optional[int] = ..., weight: _Optional[float] = ..., addresses: _Optional[_Iterable[str]] = ..., coalesce_max: _Optional[int] = ...) -> None: ...
 
 class ModelRequestStat(_message.Message):
     __slots__ = ("model", "version", "api", "code", "count", "latency_sum_seconds", "latency_buckets")
@@ -73,16 +75,18 @@ class ModelRequestStat(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[str] = ..., code: _Optional[str] = ..., count: _Optional[int] = ..., latency_sum_seconds: _Optional[float] = ..., latency_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DataplaneReport(_message.Message):
-    __slots__ = ("stats", "fast_path_calls", "slow_path_calls", "relays")
+    __slots__ = ("stats", "fast_path_calls", "slow_path_calls", "relays", "coalesced_calls")
     STATS_FIELD_NUMBER: _ClassVar[int]
     FAST_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
     SLOW_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
     RELAYS_FIELD_NUMBER: _ClassVar[int]
+    COALESCED_CALLS_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[ModelRequestStat]
     fast_path_calls: int
     slow_path_calls: int
     relays: _containers.RepeatedCompositeFieldContainer[RelayStat]
-    def __init__(self, stats: _Optional[_Iterable[_Union[ModelRequestStat, _Mapping]]] = ..., fast_path_calls: _Optional[int] = ..., slow_path_calls: _Optional[int] = ..., relays: _Optional[_Iterable[_Union[RelayStat, _Mapping]]] = ...) -> None: ...
+    coalesced_calls: int
+    def __init__(self, stats: _Optional[_Iterable[_Union[ModelRequestStat, _Mapping]]] = ..., fast_path_calls: _Optional[int] = ..., slow_path_calls: _Optional[int] = ..., relays: _Optional[_Iterable[_Union[RelayStat, _Mapping]]] = ..., coalesced_calls: _Optional[int] = ...) -> None: ...
 
 class RelayStat(_message.Message):
     __slots__ = ("service", "method", "code", "count")

@@ -19,6 +19,13 @@
 //   endpoints, token keys or revocations change; a new generation empties the
 //   cache. Without a live Attach stream nothing is cached: every call takes
 //   the control plane's path. A decision never outlives the caller's token.
+// - Coalescing: for a replica with server-side batching (its coalesce_max
+//   in the decision), Predict calls beyond kRpcsBeforeCoalescing in flight
+//   to it wait here and go as one ReplicaService.PredictBatch call when one
+//   of its calls returns (or when coalesce_max are waiting): under load the
+//   replica pays its per-call gRPC cost once per group, and the group lands
+//   in its batcher at once. A lone call is never delayed. Each member keeps
+//   its own status, response, retry and metrics (see replica.proto).
 // - Fast path: the version is picked by the decision's traffic-split
 //   weights, the replica by least outstanding requests of two random choices;
 //   UNAVAILABLE from the replica is retried once, on another replica of the
@@ -65,7 +72,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <algorithm>
 #include <chrono>
+#include <deque>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -79,6 +88,7 @@
 #include <vector>
 
 #include "cloudml/gateway/v1/dataplane.pb.h"
+#include "cloudml/models/v1/replica.pb.h"
 
 namespace {
 
@@ -92,6 +102,10 @@ constexpr char kResolvedVersion[] = "x-cloudml-resolved-version";
 constexpr char kPredictionService[] = "/tensorflow.serving.PredictionService/";
 constexpr char kDataplaneService[] = "/cloudml.gateway.v1.Dataplane/";
 constexpr char kAttach[] = "/cloudml.gateway.v1.Dataplane/Attach";
+constexpr char kPredictBatch[] = "/cloudml.models.v1.ReplicaService/PredictBatch";
+// Predict calls in flight to a replica before others wait to be coalesced (2 and
+// 3 measured ~10% less throughput on the MLP at concurrency 32).
+constexpr int kRpcsBeforeCoalescing = 4;
 constexpr int kMaxMessage = 64 * 1024 * 1024;  // as the Python services
 constexpr int kSpinMaxInFlight = 2;
 constexpr size_t kCacheLimit = 100000;  // entries; the cache starts over beyond it
@@ -207,9 +221,13 @@ struct Options {
   int spin_us = 1000;
 };
 
+class Call;
+
 struct Backend {
   std::unique_ptr<grpc::GenericStub> stub;
-  int outstanding = 0;
+  int outstanding = 0;    // model calls routed here and not answered (for balancing)
+  int rpcs = 0;           // Predict/PredictBatch RPCs in flight (for coalescing)
+  std::deque<Call*> queue;  // Predict calls waiting to be coalesced
 };
 
 struct Decision {
@@ -219,6 +237,7 @@ struct Decision {
     int64_t version;
     double weight;
     std::vector<std::string> addresses;
+    uint32_t coalesce_max;
   };
   std::vector<Choice> choices;
   double total_weight = 0;
@@ -247,7 +266,7 @@ struct Plane {
   uint64_t generation = 0;  // 0: no live Attach stream, nothing is cached
   std::vector<double> bucket_bounds;
   std::map<std::tuple<std::string, std::string, std::string, std::string>, Stat> stats;
-  uint64_t fast_calls = 0, slow_calls = 0;
+  uint64_t fast_calls = 0, slow_calls = 0, coalesced_calls = 0;
   std::unordered_map<std::string, Instances> services;  // "/pkg.Service/" -> instances
   std::unordered_set<std::string> public_methods;
   std::unordered_map<std::string, double> vouched;  // authorization -> token expiry (this generation)
@@ -355,11 +374,26 @@ void CopyTrailers(const grpc::ClientContext& from, grpc::GenericServerContext* t
 // plane's own service (kRefused), or anything else, relayed (kRelay).
 // The object lives until every operation it started has completed and gRPC
 // has reported the call done.
+void FlushQueue(const std::string& address);
+
 class Call : public Handler {
  public:
   Call() {
     ctx_.AsyncNotifyWhenDone(&tags_[kDone]);
     g_plane->service.RequestCall(&ctx_, &stream_, g_plane->cq.get(), g_plane->cq.get(), Tag_(kAccept));
+  }
+
+  // For coalescing: this queued Predict call's request, deadline and version.
+  const std::string& request_bytes() const { return request_bytes_; }
+  std::chrono::system_clock::time_point deadline() const { return ctx_.deadline(); }
+  int64_t version() const { return version_; }
+  uint32_t coalesce_max() const { return coalesce_max_; }
+
+  // Its result, from the PredictBatch call it went in.
+  void BatchDone(const grpc::Status& status, const std::string& response) {
+    status_ = status;
+    response_ = ToBuffer(response);
+    Done(kBackend, true);
   }
 
  private:
@@ -448,7 +482,8 @@ class Call : public Handler {
   void Route() {
     Plane& p = *g_plane;
     Spec spec;
-    if (!ParseSpec(api_, Flatten(request_), &spec)) return Slow();
+    request_bytes_ = Flatten(request_);
+    if (!ParseSpec(api_, request_bytes_, &spec)) return Slow();
     model_ = spec.name;
     std::string auth;
     int auth_count = 0;
@@ -480,6 +515,7 @@ class Call : public Handler {
     }
     version_ = choice->version;
     addresses_ = choice->addresses;
+    coalesce_max_ = choice->coalesce_max;
     Fast(Pick(""));
   }
 
@@ -504,6 +540,15 @@ class Call : public Handler {
     Backend& backend = g_plane->BackendFor(address);
     backend.outstanding++;
     NewClient(true);
+    batched_ = false;
+    if (api_ == "Predict" && coalesce_max_ > 1 && backend.rpcs >= kRpcsBeforeCoalescing) {
+      pending_++;  // BatchDone completes it
+      batched_ = true;
+      backend.queue.push_back(this);
+      if (backend.queue.size() >= coalesce_max_) FlushQueue(address);
+      return;
+    }
+    if (api_ == "Predict") backend.rpcs++;
     client_->AddMetadata(kResolvedVersion, std::to_string(version_));
     unary_ = backend.stub->PrepareUnaryCall(client_.get(), ctx_.method(), request_, g_plane->cq.get());
     unary_->StartCall();
@@ -523,7 +568,12 @@ class Call : public Handler {
   void BackendDone() {
     Plane& p = *g_plane;
     if (fast_) {
-      p.BackendFor(address_).outstanding--;
+      Backend& backend = p.BackendFor(address_);
+      backend.outstanding--;
+      if (api_ == "Predict" && !batched_) {
+        backend.rpcs--;
+        FlushQueue(address_);
+      }
       if (status_.error_code() == grpc::StatusCode::UNAVAILABLE && !retried_ && !ctx_.IsCancelled()) {
         retried_ = true;
         p.cache.erase(key_);  // the replica set may have changed: ask the control plane next time
@@ -535,7 +585,7 @@ class Call : public Handler {
     } else if (status_.ok() && p.generation && !key_.empty()) {
       Remember();
     }
-    CopyTrailers(*client_, &ctx_);
+    if (!batched_) CopyTrailers(*client_, &ctx_);
     if (status_.ok())
       stream_.WriteAndFinish(response_, grpc::WriteOptions(), status_, Tag_(kFinish));
     else
@@ -556,7 +606,8 @@ class Call : public Handler {
       d.expires_at = msg.expires_at();
       for (const auto& c : msg.choices()) {
         if (c.addresses_size() == 0 || c.weight() <= 0) continue;
-        d.choices.push_back({c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()}});
+        d.choices.push_back({c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()},
+                             c.coalesce_max()});
         d.total_weight += c.weight();
       }
       if (p.cache.size() > kCacheLimit) p.cache.clear();
@@ -657,7 +708,9 @@ class Call : public Handler {
   std::string api_, key_, model_, address_;
   std::vector<std::string> addresses_;
   int64_t version_ = 0;
-  bool fast_ = false, retried_ = false;
+  uint32_t coalesce_max_ = 0;
+  std::string request_bytes_;
+  bool fast_ = false, retried_ = false, batched_ = false;
   grpc::ByteBuffer request_, response_;
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> unary_;
   // kRelay
@@ -666,6 +719,66 @@ class Call : public Handler {
   bool up_finished_ = false, direct_ = false;
   std::string auth_;
 };
+
+// One PredictBatch call carrying queued Predict calls to a replica.
+class BatchRpc : public Handler {
+ public:
+  BatchRpc(const std::string& address, std::vector<Call*> members) : address_(address), members_(std::move(members)) {
+    cloudml::models::v1::PredictBatchRequest request;
+    request.set_resolved_version(members_[0]->version());
+    auto deadline = members_[0]->deadline();
+    g_plane->coalesced_calls += members_.size();
+    g_plane->stats_dirty = true;
+    for (Call* m : members_) {
+      request.add_requests(m->request_bytes());
+      deadline = std::max(deadline, m->deadline());
+    }
+    ctx_.set_deadline(deadline);
+    Backend& backend = g_plane->BackendFor(address_);
+    backend.rpcs++;
+    rpc_ = backend.stub->PrepareUnaryCall(&ctx_, kPredictBatch, ToBuffer(request.SerializeAsString()),
+                                          g_plane->cq.get());
+    rpc_->StartCall();
+    rpc_->Finish(&response_, &status_, &tag_);
+  }
+
+  void Done(int, bool) override {
+    g_plane->BackendFor(address_).rpcs--;
+    cloudml::models::v1::PredictBatchResponse response;
+    bool parsed = status_.ok() && response.ParseFromString(Flatten(response_)) &&
+                  response.results_size() == static_cast<int>(members_.size());
+    for (size_t i = 0; i < members_.size(); i++) {
+      if (parsed) {
+        const auto& r = response.results(static_cast<int>(i));
+        members_[i]->BatchDone(grpc::Status(static_cast<grpc::StatusCode>(r.code()), r.message()), r.response());
+      } else {
+        members_[i]->BatchDone(
+            status_.ok() ? grpc::Status(grpc::StatusCode::INTERNAL, "malformed PredictBatch response") : status_, "");
+      }
+    }
+    FlushQueue(address_);
+    delete this;
+  }
+
+ private:
+  std::string address_;
+  std::vector<Call*> members_;
+  grpc::ClientContext ctx_;
+  grpc::ByteBuffer response_;
+  grpc::Status status_;
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> rpc_;
+  Tag tag_{this, 0};
+};
+
+// Sends the calls waiting for `address` (at most coalesce_max) as one PredictBatch.
+void FlushQueue(const std::string& address) {
+  Backend& backend = g_plane->BackendFor(address);
+  if (backend.queue.empty()) return;
+  size_t n = std::min<size_t>(backend.queue.size(), std::max<uint32_t>(1, backend.queue.front()->coalesce_max()));
+  std::vector<Call*> members(backend.queue.begin(), backend.queue.begin() + n);
+  backend.queue.erase(backend.queue.begin(), backend.queue.begin() + n);
+  new BatchRpc(address, std::move(members));
+}
 
 // --- the Attach stream to the control plane ------------------------------------------
 
@@ -753,6 +866,7 @@ class Attachment : public Handler {
       pb::DataplaneReport report;
       report.set_fast_path_calls(p.fast_calls);
       report.set_slow_path_calls(p.slow_calls);
+      report.set_coalesced_calls(p.coalesced_calls);
       for (const auto& [key, s] : p.stats) {
         auto* stat = report.add_stats();
         stat->set_model(std::get<0>(key));

@@ -147,6 +147,18 @@ class Batcher:
         self._enqueue(key, runner, task, loop)
         return await task.future
 
+    def release_open(self) -> None:
+        """Lets every open batch run as soon as a batch thread is free, without
+        waiting out its timeout: for a group of calls the gateway coalesced
+        (they already waited there, and no more of them are coming)."""
+        for batch in self._open.values():
+            if batch.timer is not None:
+                batch.timer.cancel()
+                batch.timer = None
+            batch.expired = True
+        if self._open:
+            self._schedule_pump(asyncio.get_running_loop())
+
     # --- queueing (event loop thread only) ---------------------------------------------
 
     def _enqueue(self, key, runner, task: _Task, loop) -> None:

@@ -27,12 +27,13 @@ log = logging.getLogger(__name__)
 
 class Registration:
     def __init__(self, etcd_endpoint: str, *, tenant: str, model: str, version: int, replica_id: str,
-                 address: str, ttl: int = 10):
+                 address: str, ttl: int = 10, coalesce_max: int = 0):
         self.etcd_endpoint = etcd_endpoint
         self.key = endpoint_key(tenant, model, version, replica_id)
         self.ttl = ttl
         self.endpoint = models_pb.ReplicaEndpoint(
             tenant=tenant, model=model, version=version, replica_id=replica_id, address=address,
+            coalesce_max=coalesce_max,
         )
         self._etcd: Etcd | None = None
         self._session: Session | None = None

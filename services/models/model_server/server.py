@@ -201,6 +201,7 @@ class ModelServer:
                 self.settings.etcd, tenant=self.settings.tenant, model=self.settings.model_name,
                 version=self.settings.version, replica_id=self.settings.replica_id, address=self.address,
                 ttl=self.settings.lease_ttl,
+                coalesce_max=self.settings.batching.max_batch_size if self.settings.batching.enabled else 0,
             )
             self._register_task = asyncio.create_task(self.registration.register(self.stop_event))
         await self.stop_event.wait()

@@ -22,6 +22,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
+from cloudml.models.v1 import replica_pb2
 from services.models.model_server import status
 from services.models.model_server.core import ServedModel
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+REPLICA_SERVICE = "cloudml.models.v1.ReplicaService"
 #: Set by the gateway: the model version it routed this request to (see core.py).
 ROUTED_VERSION_KEY = "x-cloudml-resolved-version"
 
@@ -76,6 +78,44 @@ class Servicer:
                     metrics.observe(service, method, code, time.perf_counter() - start)
 
         return handler
+
+    # --- the gateway's coalesced Predict calls (replica.proto) ---------------------------------
+
+    async def _predict_batch(self, request: replica_pb2.PredictBatchRequest, context) -> bytes:
+        """Each member runs as a Predict call of its own, all at once (so they
+        meet in the batcher), counted as Predict calls. The group's batch runs
+        without waiting out batch_timeout_micros: its calls already waited in
+        the gateway, and no more of them are coming."""
+        routed = request.resolved_version or None
+        metrics = self.metrics
+
+        async def one(raw: bytes) -> replica_pb2.PredictResult:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            if metrics is not None:
+                metrics.inflight.inc()
+            try:
+                response = await self.model.predict(predict_pb2.PredictRequest.FromString(raw), routed)
+                return replica_pb2.PredictResult(response=response)
+            except status.ServingError as err:
+                code = err.code
+                return replica_pb2.PredictResult(code=err.code.value[0], message=err.message)
+            except Exception:  # noqa: BLE001 - INTERNAL to the caller, the traceback to the log
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s/Predict (in PredictBatch) failed", PREDICTION_SERVICE)
+                return replica_pb2.PredictResult(code=code.value[0],
+                                                 message="Internal error in Predict (see the model server log)")
+            finally:
+                if metrics is not None:
+                    metrics.inflight.dec()
+                    metrics.observe(PREDICTION_SERVICE, "Predict", code.name, time.perf_counter() - start)
+
+        members = [asyncio.ensure_future(one(raw)) for raw in request.requests]
+        await asyncio.sleep(0)  # each member runs up to its batcher queue
+        if self.model.batcher is not None:
+            self.model.batcher.release_open()  # the group already waited in the gateway
+        results = await asyncio.gather(*members)
+        return replica_pb2.PredictBatchResponse(results=results).SerializeToString()
 
     # --- calls -------------------------------------------------------------------------------
 
@@ -134,7 +174,12 @@ class Servicer:
                                                model_management_pb2.ReloadConfigRequest,
                                                model_management_pb2.ReloadConfigResponse),
         }
+        replica = {
+            "PredictBatch": grpc.unary_unary_rpc_method_handler(
+                self._predict_batch, request_deserializer=replica_pb2.PredictBatchRequest.FromString),
+        }
         return [
             grpc.method_handlers_generic_handler(PREDICTION_SERVICE, prediction),
             grpc.method_handlers_generic_handler(MODEL_SERVICE, model),
+            grpc.method_handlers_generic_handler(REPLICA_SERVICE, replica),
         ]
