@@ -280,6 +280,9 @@ struct Plane {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(kMaxMessage);
     args.SetMaxSendMessageSize(kMaxMessage);
+    // This process retries (once, on another replica) itself; gRPC's own
+    // retry support would only copy every request for nothing.
+    args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
     return args;
   }
 
