@@ -212,6 +212,18 @@ def _not_found(name: str, version: int | None) -> errors.NotFound:
     return errors.NotFound(f"Servable not found for request: Specific({name}, {version})")
 
 
+def pick_version(choices: list[tuple[int, float]]) -> int:
+    """One version of (version, weight) choices, by weight."""
+    if len(choices) == 1:
+        return choices[0][0]
+    pick = random.uniform(0, sum(w for _, w in choices))
+    for version, weight in choices:
+        pick -= weight
+        if pick <= 0:
+            return version
+    return choices[-1][0]
+
+
 class PredictRouter:
     def __init__(self, table: RoutingTable, verifier: TokenVerifier, registry: CollectorRegistry):
         self.table = table
@@ -277,14 +289,7 @@ class PredictRouter:
     def resolve(self, caller: Principal | None, spec: model_pb2.ModelSpec) -> tuple[str, str, int]:
         """(tenant, model, version) that should answer this spec."""
         tenant, model, choices = self.candidates(caller, spec)
-        if len(choices) == 1:
-            return tenant, model, choices[0][0]
-        pick = random.uniform(0, sum(w for _, w in choices))
-        for version, weight in choices:
-            pick -= weight
-            if pick <= 0:
-                return tenant, model, version
-        return tenant, model, choices[-1][0]
+        return tenant, model, pick_version(choices)
 
     def decision(self, caller: Principal | None, tenant: str, model: str,
                  choices: list[tuple[int, float]], generation: int) -> dataplane_pb2.RouteDecision:
@@ -329,7 +334,7 @@ class PredictRouter:
             caller = self.caller(metadata)
             tenant, model, choices = self.candidates(caller, spec)
             decision = self.decision(caller, tenant, model, choices, generation)
-            version = choices[0][0] if len(choices) == 1 else self.resolve(caller, spec)[2]
+            version = pick_version(choices)
             label_version = str(version)
             method = f"/{PREDICTION_SERVICE}/{api}"
             forwarded = tuple((k, v) for k, v in metadata
