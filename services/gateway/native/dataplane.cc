@@ -446,17 +446,23 @@ class Call : public Handler {
     }
     mode_ = kRelay;
     NewClient();
-    int auth_count = 0;
-    for (const auto& kv : ctx_.client_metadata()) {
-      if (kv.first == "authorization") {
-        auth_.assign(kv.second.data(), kv.second.size());
-        auth_count++;
-      }
-    }
-    grpc::GenericStub* stub = g_plane->RelayStub(method, auth_count == 1 ? &auth_ : nullptr, &direct_);
+    if (!Authorization(&auth_)) auth_.clear();  // several: never vouched for
+    grpc::GenericStub* stub = g_plane->RelayStub(method, auth_.empty() ? nullptr : &auth_, &direct_);
     if (!direct_) client_->AddMetadata(kSecretHeader, g_plane->options.secret);
     relay_ = stub->PrepareCall(client_.get(), method, g_plane->cq.get());
     relay_->StartCall(Tag_(kUpStart));
+  }
+
+  // The call's `authorization` value ("" without one); false if it has several.
+  bool Authorization(std::string* out) const {
+    int count = 0;
+    for (const auto& kv : ctx_.client_metadata()) {
+      if (kv.first == "authorization") {
+        out->assign(kv.second.data(), kv.second.size());
+        count++;
+      }
+    }
+    return count <= 1;
   }
 
   void NewClient(bool to_replica = false) {
@@ -489,14 +495,7 @@ class Call : public Handler {
     if (!ParseSpec(api_, request_bytes_, &spec)) return Slow();
     model_ = spec.name;
     std::string auth;
-    int auth_count = 0;
-    for (const auto& kv : ctx_.client_metadata()) {
-      if (kv.first == "authorization") {
-        auth.assign(kv.second.data(), kv.second.size());
-        auth_count++;
-      }
-    }
-    if (auth_count > 1) return Slow();
+    if (!Authorization(&auth)) return Slow();
     key_ = auth;
     key_.append(1, '\0').append(spec.name).append(1, '\0');
     if (spec.has_version) key_.append("v").append(std::to_string(spec.version));
