@@ -169,14 +169,6 @@ def rss_mb(pid: int, children: bool = False) -> float:
     return round(sum(p.memory_info().rss for p in procs) / 2**20, 1)
 
 
-def dataplane_calls(rest_port: int) -> dict:
-    import re
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{rest_port}/metrics", timeout=5).read().decode()
-    return {m.group(1): int(float(m.group(2)))
-            for m in re.finditer(r'cloudml_gateway_dataplane_calls_total\{path="(\w+)"\} (\S+)', text)}
-
-
 def alternating(runs: dict, rounds: int) -> dict:
     """Runs each named load in turn, `rounds` times; per name, the round with the median p50."""
     results: dict[str, list] = {name: [] for name in runs}
@@ -297,7 +289,7 @@ def main() -> None:
                 "on_gateway_grpc": on_gateway, "off_gateway_grpc": results["mlp_c32"]["gateway_grpc"],
                 "throughput_ratio_on_off_gateway": round(on_gateway["rps"] / results["mlp_c32"]["gateway_grpc"]["rps"], 2),
             }
-        results["gateway_dataplane_calls"] = dataplane_calls(rest_port)
+        results["gateway_dataplane_calls"] = stack.dataplane_calls()
         results["memory_mb"] = {"gateway_with_dataplane": rss_mb(gateway.process.pid, children=True),
                                 "gateway_python": rss_mb(gateway.process.pid),
                                 "gateway_dataplane": round(rss_mb(gateway.process.pid, children=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import urllib.request
 from dataclasses import dataclass, field
 
 from deploy.local.etcd import EtcdProcess, free_port
@@ -44,13 +46,24 @@ class AuthGatewayStack:
             "auth", service_command("auth", self.etcd.endpoint, self.path("auth.port"),
                                     extra=["--bootstrap-file", self.path("boot.json"), *self.flags]),
             self.path("auth.port"), log_path=self.path("auth.log")).start().wait_serving()
-        self.rest_port = free_port()
-        self.gateway = ServiceProcess(
-            "gateway", service_command("gateway", self.etcd.endpoint, self.path("gw.port"),
-                                       listen=f"127.0.0.1:{free_port()}", credentials_file=self.path("svc.json"),
-                                       extra=["--rest-listen", f"127.0.0.1:{self.rest_port}", *self.flags]),
-            self.path("gw.port"), log_path=self.path("gw.log")).start().wait_serving()
+        self.gateway, self.rest_port = self.start_gateway("gw")
         return self
+
+    def start_gateway(self, name: str, env: dict | None = None) -> tuple[ServiceProcess, int]:
+        """A gateway (files DIR/<name>.port, .log) on this etcd; returns it and its REST port."""
+        rest_port = free_port()
+        gateway = ServiceProcess(
+            "gateway", service_command("gateway", self.etcd.endpoint, self.path(f"{name}.port"),
+                                       listen=f"127.0.0.1:{free_port()}", credentials_file=self.path("svc.json"),
+                                       extra=["--rest-listen", f"127.0.0.1:{rest_port}", *self.flags]),
+            self.path(f"{name}.port"), log_path=self.path(f"{name}.log"), env=env).start().wait_serving()
+        return gateway, rest_port
+
+    def dataplane_calls(self) -> dict[str, int]:
+        """The gateway data plane's call counts by path (cloudml_gateway_dataplane_calls_total)."""
+        text = urllib.request.urlopen(f"{self.rest}/metrics", timeout=5).read().decode()
+        return {m.group(1): int(float(m.group(2)))
+                for m in re.finditer(r'cloudml_gateway_dataplane_calls_total\{path="(\w+)"\} (\S+)', text)}
 
     @property
     def rest(self) -> str:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -85,9 +83,7 @@ def predict(env, x: float, input_name: str = "x"):
 
 
 def coalesced(stack) -> int:
-    text = urllib.request.urlopen(f"{stack.rest}/metrics", timeout=5).read().decode()
-    found = re.search(r'cloudml_gateway_dataplane_calls_total\{path="coalesced"\} (\S+)', text)
-    return int(float(found.group(1))) if found else 0
+    return stack.dataplane_calls().get("coalesced", 0)
 
 
 def test_concurrent_calls_are_coalesced_and_each_gets_its_own_answer(env):

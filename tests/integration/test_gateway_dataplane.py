@@ -25,8 +25,7 @@ from cloudml.auth.v1 import auth_service_pb2 as auth_pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-from deploy.local.etcd import free_port
-from deploy.local.service_process import ServiceProcess, service_command
+from deploy.local.service_process import ServiceProcess
 from deploy.local.stack import AuthGatewayStack
 from services.gateway.dataplane import binary_path
 from tests.integration.replicas import AVAILABLE, Replicas, versions
@@ -78,11 +77,6 @@ def metrics(stack) -> str:
     return urllib.request.urlopen(f"{stack.rest}/metrics", timeout=5).read().decode()
 
 
-def dataplane_calls(stack) -> dict[str, int]:
-    return {m.group(1): int(float(m.group(2))) for m in
-            re.finditer(r'cloudml_gateway_dataplane_calls_total\{path="(\w+)"\} (\S+)', metrics(stack))}
-
-
 def eventually(check, timeout=5.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -92,6 +86,16 @@ def eventually(check, timeout=5.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def assert_unauthenticated(call) -> None:
+    """AssertionError (which eventually() retries) unless `call` fails UNAUTHENTICATED."""
+    try:
+        call()
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+    else:
+        raise AssertionError("the revoked key's token still works")
 
 
 def dataplane_process(gateway: ServiceProcess) -> psutil.Process:
@@ -114,7 +118,7 @@ def test_repeat_calls_take_the_fast_path_and_are_counted(env):
     stack = env["stack"]
 
     def reported():
-        calls = dataplane_calls(stack)
+        calls = stack.dataplane_calls()
         assert calls, "the data plane has not reported yet"
         return calls
     before = eventually(reported)
@@ -122,7 +126,7 @@ def test_repeat_calls_take_the_fast_path_and_are_counted(env):
         assert replica_of(predict(env["channel"], env["md"], version=2)) == "lin-2a"
 
     def counted():
-        after = dataplane_calls(stack)
+        after = stack.dataplane_calls()
         assert after["fast"] - before["fast"] >= 19, (before, after)
         assert after["control"] - before["control"] <= 1, (before, after)
         text = metrics(stack)
@@ -171,12 +175,7 @@ def test_revoked_key_is_refused_at_once(env):
                          metadata=env["admin"])
 
     def refused():
-        try:
-            predict(channel, md, version=2)
-        except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
-        else:
-            raise AssertionError("the revoked key's token still works")
+        assert_unauthenticated(lambda: predict(channel, md, version=2))
     eventually(refused, 2.0)
     for _ in range(5):
         refused()
@@ -215,12 +214,12 @@ def test_platform_calls_with_a_vouched_token_go_straight_to_their_service(env):
     key = auth.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant="team-a"), metadata=env["admin"])
     md = (("authorization", "Bearer " + auth.IssueToken(auth_pb.IssueTokenRequest(
         access_key_id=key.access_key.access_key_id, secret_key=key.secret_key)).token),)
-    before = dataplane_calls(stack).get("direct", 0)
+    before = stack.dataplane_calls().get("direct", 0)
     for _ in range(10):
         assert auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=md).tenant == "team-a"
 
     def relayed():
-        calls = dataplane_calls(stack)
+        calls = stack.dataplane_calls()
         assert calls.get("direct", 0) - before >= 9, calls
         handled = re.search(r'grpc_server_handled_total\{grpc_code="OK",grpc_method="WhoAmI",'
                             r'grpc_service="cloudml.auth.v1.AuthService"\} (\S+)', metrics(stack))
@@ -230,14 +229,7 @@ def test_platform_calls_with_a_vouched_token_go_straight_to_their_service(env):
     auth.RevokeAccessKey(auth_pb.RevokeAccessKeyRequest(tenant="team-a", access_key_id=key.access_key.access_key_id),
                          metadata=env["admin"])
 
-    def refused():
-        try:
-            auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=md)
-        except grpc.RpcError as err:
-            assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
-        else:
-            raise AssertionError("the revoked key's token still works")
-    eventually(refused, 2.0)
+    eventually(lambda: assert_unauthenticated(lambda: auth.WhoAmI(auth_pb.WhoAmIRequest(), metadata=md)), 2.0)
 
 
 def test_streaming_platform_calls_are_relayed(env):
@@ -248,11 +240,7 @@ def test_streaming_platform_calls_are_relayed(env):
 
 
 def _second_gateway(stack: AuthGatewayStack, name: str, env_vars: dict) -> ServiceProcess:
-    return ServiceProcess(
-        name, service_command("gateway", stack.etcd.endpoint, stack.path(f"{name}.port"),
-                              listen=f"127.0.0.1:{free_port()}", credentials_file=stack.path("svc.json"),
-                              extra=["--rest-listen", f"127.0.0.1:{free_port()}"]),
-        stack.path(f"{name}.port"), log_path=stack.path(f"{name}.log"), env=env_vars).start().wait_serving()
+    return stack.start_gateway(name, env_vars)[0]
 
 
 def test_python_mode_serves_without_a_data_plane(env):
