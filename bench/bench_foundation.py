@@ -31,7 +31,6 @@ import psutil  # noqa: E402
 
 from cloudml.auth.v1 import auth_service_pb2 as pb  # noqa: E402
 from cloudml.auth.v1 import auth_service_pb2_grpc as pbg  # noqa: E402
-from deploy.local.service_process import ServiceProcess  # noqa: E402
 from deploy.local.stack import AuthGatewayStack  # noqa: E402
 
 ADMIN = ("AKBENCHADMIN00000000", "bench-admin-secret")
@@ -126,9 +125,9 @@ def bench_reservations(stub, metadata, clients: int, seconds: float) -> dict:
     }
 
 
-def process_memory(proc: ServiceProcess) -> dict:
-    """RSS of the service's process and its children (the gateway's native data plane)."""
-    p = psutil.Process(proc.process.pid)
+def process_memory(pid: int) -> dict:
+    """RSS of a service's process and its children (the gateway's native data plane)."""
+    p = psutil.Process(pid)
     procs = [p, *p.children(recursive=True)]
     tf_loaded = False
     for q in procs:
@@ -171,7 +170,8 @@ def main() -> None:
         results["unary_latency_whoami"] = lat
 
         results["reservations"] = bench_reservations(direct, md, args.clients, args.seconds)
-        results["memory"] = {"auth": process_memory(auth), "gateway": process_memory(gateway)}
+        results["memory"] = {"auth": process_memory(auth.process.pid),
+                             "gateway": process_memory(gateway.process.pid)}
         print(json.dumps(results, indent=2))
     finally:
         stack.stop()

@@ -16,8 +16,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import psutil  # noqa: E402
 
+from bench.bench_foundation import process_memory  # noqa: E402
 from deploy.local.etcd import free_port  # noqa: E402
 
 
@@ -32,15 +32,7 @@ def main() -> None:
                                            check=True, capture_output=True, text=True, cwd=ROOT).stdout)
         rows = {}
         for comp in status["components"]:
-            # The process and its children (the gateway's native data plane).
-            proc = psutil.Process(comp["pid"])
-            procs = [proc, *proc.children(recursive=True)]
-            tf_loaded = False
-            for q in procs:
-                with open(f"/proc/{q.pid}/maps") as f:
-                    tf_loaded = tf_loaded or any("tensorflow" in line for line in f)
-            rows[comp["component"]] = {"rss_mb": round(sum(q.memory_info().rss for q in procs) / 2**20, 1),
-                                       "processes": len(procs), "tensorflow_loaded": tf_loaded}
+            rows[comp["component"]] = process_memory(comp["pid"])
         print(json.dumps(rows, indent=2))
     finally:
         subprocess.run([*launcher, "down", "--data-dir", data], stdout=subprocess.DEVNULL, cwd=ROOT)
