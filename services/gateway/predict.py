@@ -318,12 +318,12 @@ class PredictRouter:
     async def forward(self, api: str, request: bytes, metadata, timeout: float | None) -> bytes:
         """Routes one request and returns the replica's response bytes.
         Raises typed errors, or grpc.aio.AioRpcError relayed from the replica."""
-        response, _ = await self.forward_routed(api, request, metadata, timeout)
+        response, _ = await self.forward_routed(api, request, metadata, timeout, decide=False)
         return response
 
-    async def forward_routed(self, api: str, request: bytes, metadata, timeout: float | None,
-                             ) -> tuple[bytes, dataplane_pb2.RouteDecision]:
-        """forward(), also returning the routing decision it applied."""
+    async def forward_routed(self, api: str, request: bytes, metadata, timeout: float | None, decide: bool = True,
+                             ) -> tuple[bytes, dataplane_pb2.RouteDecision | None]:
+        """forward(), also returning the routing decision it applied (if `decide`)."""
         started = time.perf_counter()
         generation = self.table.generation
         spec = model_spec_of(api, request)
@@ -333,7 +333,7 @@ class PredictRouter:
                 raise errors.InvalidArgument("Missing ModelSpec")
             caller = self.caller(metadata)
             tenant, model, choices = self.candidates(caller, spec)
-            decision = self.decision(caller, tenant, model, choices, generation)
+            decision = self.decision(caller, tenant, model, choices, generation) if decide else None
             version = pick_version(choices)
             label_version = str(version)
             method = f"/{PREDICTION_SERVICE}/{api}"
