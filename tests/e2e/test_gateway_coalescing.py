@@ -21,6 +21,7 @@ import pytest
 from cloudml.auth.v1 import auth_service_pb2 as auth_pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.models.v1 import models_service_pb2 as models_pb
+from cloudml.models.v1 import replica_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from deploy.local.service_process import ServiceProcess
 from deploy.local.stack import AuthGatewayStack
@@ -64,20 +65,25 @@ def env(tmp_path_factory):
     token = auth.IssueToken(auth_pb.IssueTokenRequest(access_key_id=key.access_key.access_key_id,
                                                       secret_key=key.secret_key)).token
     time.sleep(0.5)  # the gateway's watch catches up
-    yield {"stack": stack, "channel": channel, "md": (("authorization", f"Bearer {token}"),)}
+    yield {"stack": stack, "channel": channel, "md": (("authorization", f"Bearer {token}"),), "replica": replica}
     channel.close()
     replica.stop()
     stack.stop()
 
 
-def predict(env, x: float, input_name: str = "x"):
+def request(xs: list[float], input_name: str = "x", dtype: int = 1) -> predict_pb2.PredictRequest:
     req = predict_pb2.PredictRequest()
     req.model_spec.name = "hpt"
     tensor = req.inputs[input_name]
-    tensor.dtype = 1  # DT_FLOAT
+    tensor.dtype = dtype  # 1: DT_FLOAT
+    tensor.tensor_shape.dim.add(size=len(xs))
     tensor.tensor_shape.dim.add(size=1)
-    tensor.tensor_shape.dim.add(size=1)
-    tensor.float_val.append(x)
+    tensor.float_val.extend(xs)
+    return req
+
+
+def predict(env, x: float, input_name: str = "x"):
+    req = request([x], input_name)
     stub = prediction_service_pb2_grpc.PredictionServiceStub(env["channel"])
     return stub.Predict(req, metadata=env["md"], timeout=10)
 
@@ -113,3 +119,48 @@ def test_concurrent_calls_are_coalesced_and_each_gets_its_own_answer(env):
         time.sleep(0.2)
     assert coalesced(env["stack"]) - before > 0, "no call was coalesced"
 
+
+
+def test_a_predict_batch_group_answers_each_member_as_its_own_predict(env):
+    """PredictBatch straight to the replica: good members of several sizes
+    (one over max_batch_size, so it runs alone), and bad members of each kind
+    that Predict refuses, in one group. Each gets what Predict would answer."""
+    members = [
+        request([1.0]).SerializeToString(),
+        request([2.0, 3.0]).SerializeToString(),
+        request([4.0], input_name="nope").SerializeToString(),    # unknown input
+        request([5.0], dtype=2).SerializeToString(),              # DT_DOUBLE, not the signature's dtype
+        b"\xff\xff\xff",                                        # not a PredictRequest
+        request([float(i) for i in range(17)]).SerializeToString(),  # 17 rows > max_batch_size 16
+        request([6.0]).SerializeToString(),
+    ]
+    with grpc.insecure_channel(env["replica"].address) as channel:
+        call = channel.unary_unary("/cloudml.models.v1.ReplicaService/PredictBatch",
+                                   request_serializer=replica_pb2.PredictBatchRequest.SerializeToString,
+                                   response_deserializer=replica_pb2.PredictBatchResponse.FromString)
+        answer = call(replica_pb2.PredictBatchRequest(requests=members, resolved_version=1), timeout=10)
+        single = channel.unary_unary("/tensorflow.serving.PredictionService/Predict",
+                                     request_serializer=predict_pb2.PredictRequest.SerializeToString,
+                                     response_deserializer=predict_pb2.PredictResponse.FromString)
+        errors = {}
+        for i in (2, 3):
+            try:
+                single(predict_pb2.PredictRequest.FromString(members[i]), timeout=10,
+                       metadata=(("x-cloudml-resolved-version", "1"),))
+            except grpc.RpcError as err:
+                errors[i] = (err.code().value[0], err.details())
+        wrong_version = call(replica_pb2.PredictBatchRequest(requests=members[:1], resolved_version=2), timeout=10)
+
+    results = list(answer.results)
+    assert len(results) == len(members)
+    outputs = {}
+    for i in (0, 1, 5, 6):
+        assert results[i].code == 0, (i, results[i])
+        response = predict_pb2.PredictResponse.FromString(results[i].response)
+        assert response.model_spec.name == "hpt" and response.model_spec.version.value == 1
+        outputs[i] = list(response.outputs["y"].float_val)
+    assert outputs == {0: [2.5], 1: [3.0, 3.5], 5: [0.5 * i + 2.0 for i in range(17)], 6: [5.0]}
+    for i in (2, 3):  # the same code and message as the same request sent alone
+        assert (results[i].code, results[i].message) == errors[i], (i, results[i], errors[i])
+    assert results[4].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert wrong_version.results[0].code == grpc.StatusCode.NOT_FOUND.value[0]

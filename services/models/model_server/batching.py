@@ -24,6 +24,16 @@ run once, and the outputs are split back by the rows each request sent.
   row count, the outputs cannot be split: each request of that batch is run
   again on its own, so results never mix.
 - An error of a batched call is every member's error (as in TF Serving).
+- A group of calls the gateway coalesced (`run_group`, from PredictBatch)
+  skips the queue's waiting: its members form closed batches at once and
+  open batches stop waiting for more. When the group makes one batch and
+  that signature's batches recently ran in under `inline_group_max_seconds`
+  (2 ms by default), the batch runs on the event loop itself: under load the
+  gateway sends one group at a time to a replica, so the loop has nothing
+  else to do meanwhile, and a thread hand-off and back costs two wake-ups.
+  On the MLP at concurrency 32 through the gateway, in alternating rounds:
+  7,405 rps inline against 6,584 on a batch thread. Groups of several
+  batches run side by side on the batch threads.
 """
 from __future__ import annotations
 
@@ -31,6 +41,7 @@ import asyncio
 import collections
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -128,8 +139,10 @@ class _Batch:
 
 
 class Batcher:
-    def __init__(self, config: BatchingConfig, executor: TFExecutor, metrics=None):
+    def __init__(self, config: BatchingConfig, executor: TFExecutor, metrics=None,
+                 inline_group_max_seconds: float = 0.0):
         self.config = config
+        self.inline_group_max_seconds = inline_group_max_seconds
         self.executor = executor
         self.metrics = metrics
         self._open: dict[tuple, _Batch] = {}
@@ -147,17 +160,56 @@ class Batcher:
         self._enqueue(key, runner, task, loop)
         return await task.future
 
-    def release_open(self) -> None:
-        """Lets every open batch run as soon as a batch thread is free, without
-        waiting out its timeout: for a group of calls the gateway coalesced
-        (they already waited there, and no more of them are coming)."""
-        for batch in self._open.values():
+    async def run_group(self, members: Sequence[tuple[tuple, Runner, Sequence[np.ndarray]]]) -> list:
+        """Runs a group of calls that already waited together (the gateway's
+        coalesced Predict calls): each member is `(key, runner, arrays)`.
+        Members with the same key go into closed batches of at most
+        `max_batch_size` rows, which run as soon as a batch thread is free,
+        without waiting out the batch timeout (no more of the group's calls
+        are coming); open batches stop waiting too, since the gateway sends a
+        group only while calls queue. Returns each member's outputs or its exception, in order;
+        a member that needs a batch beyond `max_enqueued_batches` gets
+        UNAVAILABLE, as `run` does."""
+        loop = asyncio.get_running_loop()
+        results: list = [None] * len(members)
+        futures: list[tuple[int, asyncio.Future]] = []
+        batches: dict[tuple, _Batch] = {}
+        for i, (key, runner, arrays) in enumerate(members):
+            rows = batch_rows(arrays)
+            if rows is None or rows == 0 or rows > self.config.max_batch_size:
+                futures.append((i, self.executor.submit(runner, arrays)))
+                continue
+            batch = batches.get(key)
+            if batch is not None and batch.rows + rows > self.config.max_batch_size:
+                self._ready.append(batch)
+                batch = None
+            if batch is None:
+                if len(self._open) + len(self._ready) + len(batches) >= self.config.max_enqueued_batches:
+                    results[i] = status.unavailable(QUEUE_FULL)
+                    continue
+                batch = batches[key] = _Batch(key, runner)
+            task = _Task(arrays, rows, loop.create_future())
+            batch.tasks.append(task)
+            batch.rows += rows
+            futures.append((i, task.future))
+        inline = len(batches) == 1 and not self._ready  # else the batch threads run them side by side
+        for batch in batches.values():
+            cost = getattr(batch.runner, "batch_cost", None)
+            if inline and cost is not None and cost < self.inline_group_max_seconds:
+                self._deliver(batch, self._outcomes(batch))
+            else:
+                self._ready.append(batch)
+        for batch in self._open.values():  # calls waiting here need not wait out the timeout either
             if batch.timer is not None:
                 batch.timer.cancel()
                 batch.timer = None
             batch.expired = True
-        if self._open:
-            self._schedule_pump(asyncio.get_running_loop())
+        if self._ready or self._open:
+            self._schedule_pump(loop)
+        outcomes = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+        for (i, _), outcome in zip(futures, outcomes):
+            results[i] = outcome
+        return results
 
     # --- queueing (event loop thread only) ---------------------------------------------
 
@@ -224,6 +276,18 @@ class Batcher:
             results = future.result()
         except BaseException as err:  # noqa: BLE001 - every member gets the batch's error
             results = [err] * len(batch.tasks)
+        self._deliver(batch, results)
+        self._pump()
+
+    def _outcomes(self, batch: _Batch) -> list:
+        """Runs `batch` on this thread: each member's outputs, or the batch's error."""
+        try:
+            return self._execute(batch)
+        except Exception as err:  # noqa: BLE001 - every member gets the batch's error
+            return [err] * len(batch.tasks)
+
+    @staticmethod
+    def _deliver(batch: _Batch, results: list) -> None:
         for task, result in zip(batch.tasks, results):
             if task.future.done():
                 continue
@@ -231,7 +295,6 @@ class Batcher:
                 task.future.set_exception(result)
             else:
                 task.future.set_result(result)
-        self._pump()
 
     # --- running (worker thread) ------------------------------------------------------
 
@@ -242,9 +305,9 @@ class Batcher:
             self.metrics.batch_requests.observe(len(tasks))
             self.metrics.batch_rows.observe(batch.rows)
         if len(tasks) == 1:
-            return [batch.runner(tasks[0].arrays)]
+            return [_timed_batch(batch.runner, tasks[0].arrays)]
         inputs = [np.concatenate([t.arrays[i] for t in tasks]) for i in range(len(tasks[0].arrays))]
-        outputs = batch.runner(inputs)
+        outputs = _timed_batch(batch.runner, inputs)
         log.debug("ran a batch of %d requests (%d rows) in one call", len(tasks), batch.rows)
         if not all(o.ndim >= 1 and o.shape[0] == batch.rows for o in outputs):
             log.warning("batched outputs do not have the batch's %d rows; running its %d requests one by one",
@@ -263,3 +326,15 @@ class Batcher:
             results.append([o[start:end] for o in outputs])
             start = end
         return results
+
+
+def _timed_batch(runner: Runner, arrays: Sequence[np.ndarray]) -> list:
+    """Calls `runner` on a batch and keeps an average of its batches' run time
+    on it (`batch_cost`, which `Batcher.run_group` reads)."""
+    start = time.perf_counter()
+    try:
+        return runner(arrays)
+    finally:
+        elapsed = time.perf_counter() - start
+        cost = getattr(runner, "batch_cost", None)
+        runner.batch_cost = elapsed if cost is None else 0.8 * cost + 0.2 * elapsed

@@ -34,6 +34,8 @@ class Settings:
     inter_op_threads: int = 0
     #: TensorFlow calls that recently took less than this run on the event loop
     inline_max_micros: int = 100
+    #: batches of a coalesced group that recently took less than this run on the event loop
+    inline_group_max_micros: int = 2000
 
 
 def _batching(raw: str | None) -> BatchingConfig:
@@ -89,6 +91,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--inline-max-micros", type=int, default=100,
                    help="run a signature on the event loop while its calls take less than this many "
                         "microseconds (a thread hand-off costs more); 0: always on a thread")
+    p.add_argument("--inline-group-max-micros", type=int, default=2000,
+                   help="run the batch of a group of calls the gateway coalesced (PredictBatch) on the event "
+                        "loop while the signature's batches take less than this many microseconds; 0: always "
+                        "on a batch thread")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -127,4 +133,5 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         intra_op_threads=args.intra_op_threads,
         inter_op_threads=args.inter_op_threads,
         inline_max_micros=max(0, args.inline_max_micros),
+        inline_group_max_micros=max(0, args.inline_group_max_micros),
     )

@@ -26,6 +26,7 @@ MakeModelSpec does.
 """
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -80,14 +81,15 @@ class ServedModel:
     """
 
     def __init__(self, name: str, version: int, *, batching: BatchingConfig, executor: TFExecutor,
-                 tensor_content: bool = False, metrics=None, inline_max_seconds: float = 0.0):
+                 tensor_content: bool = False, metrics=None, inline_max_seconds: float = 0.0,
+                 inline_group_max_seconds: float = 0.0):
         self.name = name
         self.version = version
         self.state = State.START
         self.servable: Servable | None = None
         self.executor = executor
         self.batching = batching
-        self.batcher = Batcher(batching, executor, metrics) if batching.enabled else None
+        self.batcher = Batcher(batching, executor, metrics, inline_group_max_seconds) if batching.enabled else None
         self.tensor_content = tensor_content
         self.metrics = metrics
         self.inline_max_seconds = inline_max_seconds
@@ -146,12 +148,7 @@ class ServedModel:
 
     async def predict(self, request, routed_version: int | None = None, *, warmup: bool = False) -> bytes:
         """A serialized PredictResponse."""
-        if not warmup:
-            if not request.HasField("model_spec"):
-                raise status.invalid(status.MISSING_MODEL_SPEC)
-            self.resolve(request.model_spec, routed_version)
-        plan = predict.plan(self.servable, request)
-        runner = self._runner(plan.signature, plan.feeds, plan.fetches)
+        plan, runner = self._predict_plan(request, routed_version, warmup)
         try:
             if self.batcher is not None:
                 key = batch_key(plan.signature.name, plan.fetches, plan.arrays)
@@ -160,6 +157,48 @@ class ServedModel:
                 outputs = await self._execute(runner, plan.arrays)
         except tf.errors.OpError as err:
             raise status.from_tf_error(err) from err
+        return self._predict_response(request, plan, outputs)
+
+    async def predict_group(self, requests, routed_version: int | None = None) -> list:
+        """Predict for a group of requests that arrive together (the gateway's
+        coalesced calls): each one's serialized PredictResponse or its
+        ServingError, in order. Each request is checked on its own, exactly
+        as `predict` checks it; the valid ones go to the batcher in one step
+        (`Batcher.run_group`), so a group costs one batch hand-off instead of
+        one task per member."""
+        if self.batcher is None:
+            return await asyncio.gather(*(self.predict(r, routed_version) for r in requests),
+                                        return_exceptions=True)
+        results: list = [None] * len(requests)
+        planned = []
+        for i, request in enumerate(requests):
+            try:
+                plan, runner = self._predict_plan(request, routed_version, False)
+            except status.ServingError as err:
+                results[i] = err
+                continue
+            planned.append((i, request, plan, runner))
+        outcomes = await self.batcher.run_group(
+            [(batch_key(plan.signature.name, plan.fetches, plan.arrays), runner, plan.arrays)
+             for _, _, plan, runner in planned])
+        for (i, request, plan, _), outputs in zip(planned, outcomes):
+            if isinstance(outputs, tf.errors.OpError):
+                results[i] = status.from_tf_error(outputs)
+            elif isinstance(outputs, BaseException):
+                results[i] = outputs
+            else:
+                results[i] = self._predict_response(request, plan, outputs)
+        return results
+
+    def _predict_plan(self, request, routed_version, warmup):
+        if not warmup:
+            if not request.HasField("model_spec"):
+                raise status.invalid(status.MISSING_MODEL_SPEC)
+            self.resolve(request.model_spec, routed_version)
+        plan = predict.plan(self.servable, request)
+        return plan, self._runner(plan.signature, plan.feeds, plan.fetches)
+
+    def _predict_response(self, request, plan, outputs) -> bytes:
         spec = model_spec_bytes(request.model_spec.name, self.version, plan.signature.name)
         return predict.response_bytes(plan, outputs, spec, self.tensor_content)
 

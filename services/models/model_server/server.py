@@ -107,6 +107,7 @@ class ModelServer:
             settings.model_name, settings.version, batching=settings.batching, executor=self.executor,
             tensor_content=settings.tensor_content, metrics=self.metrics,
             inline_max_seconds=settings.inline_max_micros / 1e6,
+            inline_group_max_seconds=settings.inline_group_max_micros / 1e6,
         )
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
@@ -201,12 +202,21 @@ class ModelServer:
                 self.settings.etcd, tenant=self.settings.tenant, model=self.settings.model_name,
                 version=self.settings.version, replica_id=self.settings.replica_id, address=self.address,
                 ttl=self.settings.lease_ttl,
-                coalesce_max=self.settings.batching.max_batch_size if self.settings.batching.enabled else 0,
+                coalesce_max=self.coalesce_max(),
             )
             self._register_task = asyncio.create_task(self.registration.register(self.stop_event))
         await self.stop_event.wait()
         await self._shutdown(drain=True)
         return 0
+
+    def coalesce_max(self) -> int:
+        """How many Predict calls the gateway may send in one PredictBatch
+        (published in the endpoint record; 0: batching off, never coalesce).
+        A group fills every batch thread: max_batch_size calls for each, and
+        the replica splits it into batches of at most max_batch_size rows that
+        run side by side."""
+        batching = self.settings.batching
+        return batching.max_batch_size * batching.threads if batching.enabled else 0
 
     async def _shutdown(self, drain: bool) -> None:
         log.info("shutting down")

@@ -12,6 +12,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -82,40 +83,47 @@ class Servicer:
     # --- the gateway's coalesced Predict calls (replica.proto) ---------------------------------
 
     async def _predict_batch(self, request: replica_pb2.PredictBatchRequest, context) -> bytes:
-        """Each member runs as a Predict call of its own, all at once (so they
-        meet in the batcher), counted as Predict calls. The group's batch runs
-        without waiting out batch_timeout_micros: its calls already waited in
-        the gateway, and no more of them are coming."""
+        """Each member is a Predict call of its own: checked on its own, given
+        its own answer or error, and counted as a Predict call. The members
+        that pass go to the batcher together and run without waiting out
+        batch_timeout_micros: they already waited in the gateway, and no more
+        of them are coming (`ServedModel.predict_group`)."""
         routed = request.resolved_version or None
         metrics = self.metrics
-
-        async def one(raw: bytes) -> replica_pb2.PredictResult:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            if metrics is not None:
-                metrics.inflight.inc()
+        start = time.perf_counter()
+        n = len(request.requests)
+        if metrics is not None:
+            metrics.inflight.inc(n)
+        requests, results = [], [None] * n
+        for i, raw in enumerate(request.requests):
             try:
-                response = await self.model.predict(predict_pb2.PredictRequest.FromString(raw), routed)
-                return replica_pb2.PredictResult(response=response)
-            except status.ServingError as err:
-                code = err.code
-                return replica_pb2.PredictResult(code=err.code.value[0], message=err.message)
-            except Exception:  # noqa: BLE001 - INTERNAL to the caller, the traceback to the log
+                requests.append((i, predict_pb2.PredictRequest.FromString(raw)))
+            except DecodeError:
+                results[i] = status.invalid("cannot parse the PredictRequest")
+        try:
+            outcomes = await self.model.predict_group([r for _, r in requests], routed)
+        finally:
+            if metrics is not None:
+                metrics.inflight.dec(n)
+        for (i, _), outcome in zip(requests, outcomes):
+            results[i] = outcome
+        elapsed = time.perf_counter() - start
+        answers = []
+        for outcome in results:
+            if isinstance(outcome, bytes):
+                code = grpc.StatusCode.OK
+                answers.append(replica_pb2.PredictResult(response=outcome))
+            elif isinstance(outcome, status.ServingError):
+                code = outcome.code
+                answers.append(replica_pb2.PredictResult(code=code.value[0], message=outcome.message))
+            else:
                 code = grpc.StatusCode.INTERNAL
-                log.exception("%s/Predict (in PredictBatch) failed", PREDICTION_SERVICE)
-                return replica_pb2.PredictResult(code=code.value[0],
-                                                 message="Internal error in Predict (see the model server log)")
-            finally:
-                if metrics is not None:
-                    metrics.inflight.dec()
-                    metrics.observe(PREDICTION_SERVICE, "Predict", code.name, time.perf_counter() - start)
-
-        members = [asyncio.ensure_future(one(raw)) for raw in request.requests]
-        await asyncio.sleep(0)  # each member runs up to its batcher queue
-        if self.model.batcher is not None:
-            self.model.batcher.release_open()  # the group already waited in the gateway
-        results = await asyncio.gather(*members)
-        return replica_pb2.PredictBatchResponse(results=results).SerializeToString()
+                log.error("%s/Predict (in PredictBatch) failed", PREDICTION_SERVICE, exc_info=outcome)
+                answers.append(replica_pb2.PredictResult(
+                    code=code.value[0], message="Internal error in Predict (see the model server log)"))
+            if metrics is not None:
+                metrics.observe(PREDICTION_SERVICE, "Predict", code.name, elapsed)
+        return replica_pb2.PredictBatchResponse(results=answers).SerializeToString()
 
     # --- calls -------------------------------------------------------------------------------
 
