@@ -7,7 +7,8 @@ concurrency 1 and 32:
     calling the loaded SavedModel in-process (the limit),
   - REST through the gateway,
   - MLP at concurrency 32 with server-side batching on (max batch 32, 1 ms
-    timeout) vs. off; every other row runs on replicas without batching,
+    timeout) vs. off, through the gateway and direct, in alternating rounds;
+    every other row runs on replicas without batching,
 plus resident memory of the gateway (its Python process plus its native data
 plane) and of one model-server replica.
 
@@ -181,7 +182,7 @@ def alternating(runs: dict, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds at concurrency 1")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds at concurrency 1 and for batching on vs off")
     parser.add_argument("--models", default="hpt,mlp", help="which models' rows to run (hpt, mlp)")
     args = parser.parse_args()
 
@@ -275,20 +276,26 @@ def main() -> None:
                 row["gateway_vs_direct_p50"] = round(row["gateway_grpc"]["p50_ms"] / row["direct_grpc"]["p50_ms"], 3)
                 results[f"{model}_c{c}"] = row
         bare.kill()
-        if "mlp_c32" in results:  # the batching comparison needs the unbatched MLP rows
-            body = predict_bytes("mlp-batch", mlp_inputs)
-            on_direct = asyncio.run(grpc_load(servers["mlp-batch"].address, body, (), 32, args.seconds))
-            on_gateway = asyncio.run(grpc_load(gateway.address, body, md, 32, args.seconds))
+        if "mlp" in args.models.split(","):
+            # Batching on vs off, MLP at c=32: the four runs alternate for
+            # --rounds rounds, each figure the round with the median p50.
+            on_body, off_body = predict_bytes("mlp-batch", mlp_inputs), predict_bytes("mlp", mlp_inputs)
+            row = alternating({
+                "off_gateway_grpc": lambda: asyncio.run(grpc_load(gateway.address, off_body, md, 32, args.seconds)),
+                "on_gateway_grpc": lambda: asyncio.run(grpc_load(gateway.address, on_body, md, 32, args.seconds)),
+                "off_direct_grpc": lambda: asyncio.run(grpc_load(servers["mlp"].address, off_body, (), 32,
+                                                                 args.seconds)),
+                "on_direct_grpc": lambda: asyncio.run(grpc_load(servers["mlp-batch"].address, on_body, (), 32,
+                                                                args.seconds)),
+            }, args.rounds)
             # The compute limit: the MLP in-process on whole batches of 32.
             batch32 = {"x": np.repeat(mlp_inputs["x"], 32, axis=0)}
             limit = inprocess_load(loaded["mlp"], batch32, 1, args.seconds)
-            results["mlp_c32_batching"] = {
-                "in_process_batch32_examples_per_s": round(limit["rps"] * 32, 1),
-                "on_direct_grpc": on_direct, "off_direct_grpc": results["mlp_c32"]["direct_grpc"],
-                "throughput_ratio_on_off_direct": round(on_direct["rps"] / results["mlp_c32"]["direct_grpc"]["rps"], 2),
-                "on_gateway_grpc": on_gateway, "off_gateway_grpc": results["mlp_c32"]["gateway_grpc"],
-                "throughput_ratio_on_off_gateway": round(on_gateway["rps"] / results["mlp_c32"]["gateway_grpc"]["rps"], 2),
-            }
+            row["in_process_batch32_examples_per_s"] = round(limit["rps"] * 32, 1)
+            for path in ("gateway", "direct"):
+                row[f"throughput_ratio_on_off_{path}"] = round(
+                    row[f"on_{path}_grpc"]["rps"] / row[f"off_{path}_grpc"]["rps"], 2)
+            results["mlp_c32_batching"] = row
         results["gateway_dataplane_calls"] = stack.dataplane_calls()
         results["memory_mb"] = {"gateway_with_dataplane": rss_mb(gateway.process.pid, children=True),
                                 "gateway_python": rss_mb(gateway.process.pid),
