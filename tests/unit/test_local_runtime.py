@@ -193,7 +193,8 @@ async def test_stop_kills_the_whole_tree_within_the_grace(rt, state_dir, tmp_pat
     rt.reserve("g", [Amount(100)])
     st = await rt.start(_req(tmp_path, "r", ["sh", "-c", TREE]))
     shim_pid = _record(state_dir, "r")["shim_pid"]
-    await _until(lambda: len(_alive(_tree(shim_pid))) >= 5)  # shim, sh, 3 sleeps
+    # shim, sh, 3 sleeps; and "started", printed once the shell's trap is set
+    await _until(lambda: len(_alive(_tree(shim_pid))) >= 5 and "started" in _log(tmp_path, "r"))
     procs = _tree(shim_pid)
     replica = [p for p in procs if p.pid == st.pid]
     assert replica and replica[0].name() == "sh"
