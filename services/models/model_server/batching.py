@@ -167,9 +167,9 @@ class Batcher:
         `max_batch_size` rows, which run as soon as a batch thread is free,
         without waiting out the batch timeout (no more of the group's calls
         are coming); open batches stop waiting too, since the gateway sends a
-        group only while calls queue. Returns each member's outputs or its exception, in order;
-        a member that needs a batch beyond `max_enqueued_batches` gets
-        UNAVAILABLE, as `run` does."""
+        group only while calls queue. Returns each member's outputs or its
+        exception, in order; a member that needs a batch beyond
+        `max_enqueued_batches` gets UNAVAILABLE, as `run` does."""
         loop = asyncio.get_running_loop()
         results: list = [None] * len(members)
         futures: list[tuple[int, asyncio.Future]] = []

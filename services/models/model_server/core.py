@@ -174,7 +174,7 @@ class ServedModel:
         for i, request in enumerate(requests):
             try:
                 plan, runner = self._predict_plan(request, routed_version, False)
-            except status.ServingError as err:
+            except Exception as err:  # noqa: BLE001 - this member's error (INTERNAL unless a ServingError)
                 results[i] = err
                 continue
             planned.append((i, request, plan, runner))
