@@ -39,8 +39,11 @@ class Replicas:
         async def predict(request: bytes, context):
             req = predict_pb2.PredictRequest.FromString(request)
             hits[replica] += 1
+            remaining = context.time_remaining()
             if delay:
                 await asyncio.sleep(delay)
+            if "sleep" in req.inputs:  # a caller's own delay, in seconds
+                await asyncio.sleep(req.inputs["sleep"].float_val[0])
             resp = predict_pb2.PredictResponse()
             resp.model_spec.name = req.model_spec.name
             resp.model_spec.version.value = version
@@ -48,6 +51,9 @@ class Replicas:
             resp.outputs["replica"].dtype = 7  # DT_STRING
             resp.outputs["replica"].string_val.append(replica.encode())
             resp.outputs["replica"].tensor_shape.dim.add(size=1)
+            if "sleep" in req.inputs and remaining is not None:  # the deadline it saw, seconds from its start
+                resp.outputs["time_remaining"].dtype = 1  # DT_FLOAT
+                resp.outputs["time_remaining"].float_val.append(remaining)
             return resp.SerializeToString()
 
         async def metadata(request: bytes, context):

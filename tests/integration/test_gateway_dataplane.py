@@ -138,6 +138,34 @@ def test_repeat_calls_take_the_fast_path_and_are_counted(env):
     eventually(counted)
 
 
+def test_the_callers_deadline_holds_on_the_fast_path(env):
+    stack, stub = env["stack"], prediction_service_pb2_grpc.PredictionServiceStub(env["channel"])
+    before = eventually(lambda: stack.dataplane_calls() or (_ for _ in ()).throw(AssertionError("no report")))
+
+    def request(sleep=None):
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "linear"
+        req.model_spec.version.value = 1
+        if sleep is not None:
+            req.inputs["sleep"].dtype = 1  # DT_FLOAT
+            req.inputs["sleep"].float_val.append(sleep)
+        return req
+
+    stub.Predict(request(), metadata=env["md"], timeout=5)  # the decision is cached from here on
+    resp = stub.Predict(request(sleep=0.0), metadata=env["md"], timeout=3)
+    assert 0 < resp.outputs["time_remaining"].float_val[0] < 3.5  # the replica got the caller's deadline
+    start = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(request(sleep=2.0), metadata=env["md"], timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - start < 1.0
+
+    def counted():
+        after = stack.dataplane_calls()
+        assert after["fast"] - before["fast"] >= 2, (before, after)
+    eventually(counted)
+
+
 def test_label_move_takes_effect_at_once(env):
     channel, md, replicas = env["channel"], env["md"], env["replicas"]
     for _ in range(5):

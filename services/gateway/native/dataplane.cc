@@ -60,12 +60,16 @@
 //   under load, events come anyway, and spinning through the gaps would take
 //   a core from the replicas and callers sharing the machine (measured:
 //   half_plus_two at concurrency 32 through the gateway fell from ~3,800 to
-//   ~2,450 rps when it spun regardless).
+//   ~2,450 rps when it spun regardless). Each empty poll yields the core
+//   (sched_yield), so the caller's and the replica's threads that share it
+//   run at once: with 2 CPUs at concurrency 1, half_plus_two's p99 through
+//   the gateway fell from ~2.0 to ~1.3 ms and its throughput rose ~6 %.
 //
 // Usage (the Python gateway starts it; it dies with its parent):
 //   cloudml-gateway-dataplane --listen HOST:PORT --upstream HOST:PORT [--spin-us N]
 //   with the secret in $CLOUDML_DATAPLANE_SECRET. Prints the bound port.
 
+#include <sched.h>
 #include <absl/synchronization/mutex.h>
 #include <grpcpp/alarm.h>
 #include <grpcpp/generic/async_generic_service.h>
@@ -288,6 +292,12 @@ struct Plane {
     // This process retries (once, on another replica) itself; gRPC's own
     // retry support would only copy every request for nothing.
     args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
+    // No client-side filters beyond what a call needs (~20-35 µs less per hop
+    // at concurrency 1, measured three times in alternating bursts). What they
+    // did happens elsewhere: the deadline still travels as grpc-timeout and the
+    // replica or service enforces it, as does this process's server side, and
+    // the caller's own client checks the size of what it receives.
+    args.SetInt(GRPC_ARG_MINIMAL_STACK, 1);
     return args;
   }
 
@@ -1007,11 +1017,13 @@ int main(int argc, char** argv) {
         plane.cq->Shutdown();
       });
     }
-    gpr_timespec deadline = Clock::now() - last_event < spin && plane.model_calls_in_flight <= kSpinMaxInFlight
-                                ? gpr_time_0(GPR_CLOCK_MONOTONIC)
-                                : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(100, GPR_TIMESPAN));
+    bool spinning = Clock::now() - last_event < spin && plane.model_calls_in_flight <= kSpinMaxInFlight;
+    gpr_timespec deadline = spinning ? gpr_time_0(GPR_CLOCK_MONOTONIC)
+                                     : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(100, GPR_TIMESPAN));
     auto status = plane.cq->AsyncNext(&tag, &ok, deadline);
     if (status == grpc::CompletionQueue::SHUTDOWN) break;
+    // A poll that found nothing gives the core to any other runnable thread.
+    if (spinning && status == grpc::CompletionQueue::TIMEOUT) sched_yield();
     if (status == grpc::CompletionQueue::GOT_EVENT) {
       auto* t = static_cast<Tag*>(tag);
       t->handler->Done(t->op, ok);
