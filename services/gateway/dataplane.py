@@ -32,14 +32,13 @@ import asyncio
 import logging
 import os
 import secrets
-import signal
-import subprocess
 from typing import Callable
 
 import grpc
 
 from cloudml.gateway.v1 import dataplane_pb2
 from services.common.interceptors import ServerMetrics
+from services.common.native import NativeProcess, binary_path, built
 from services.common.registry import Directory
 from services.common.tokens import TokenVerifier, bearer_from_metadata
 from services.gateway.model_metrics import BUCKETS, ModelRequestMetrics
@@ -47,24 +46,18 @@ from services.gateway.predict import DATAPLANE_SECRET, RoutingTable
 
 log = logging.getLogger(__name__)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_BINARY = os.path.join(ROOT, "build", "native", "cloudml-gateway-dataplane")
 ATTACH = "/cloudml.gateway.v1.Dataplane/Attach"
 AUTH_DECISION = "x-cloudml-auth-bin"
 DEFAULT_SPIN_US = 1000
 
 
-def binary_path() -> str:
-    return os.environ.get("CLOUDML_DATAPLANE_BINARY", DEFAULT_BINARY)
-
-
 def choose_mode(requested: str) -> str:
     """'native' or 'python' for a requested mode; raises if native is required but missing."""
-    built = os.access(binary_path(), os.X_OK)
-    if requested == "native" and not built:
+    is_built = built()
+    if requested == "native" and not is_built:
         raise SystemExit(f"gateway: --dataplane native, but {binary_path()} is not built "
                          "(run scripts/build_native.sh)")
-    if requested == "auto" and not built:
+    if requested == "auto" and not is_built:
         log.warning("the native data plane is not built (%s; run scripts/build_native.sh): TF Serving calls "
                     "are served by this Python process, with ~0.4 ms more per call", binary_path())
         return "python"
@@ -89,11 +82,9 @@ class NativeDataplane:
         self._relayed: dict[tuple[str, str, str], int] = {}
         self.spin_us = spin_us
         self.secret = secrets.token_urlsafe(32)
-        self.process: subprocess.Popen | None = None
+        self.native = NativeProcess("the native data plane")
         self.failed = False
         self._streams: set[asyncio.Event] = set()  # one per open Attach stream
-        self._watch: asyncio.Task | None = None
-        self._stopping = False
         table.listeners.append(self._on_change)
         directory.listeners.append(self._on_change)
 
@@ -106,36 +97,20 @@ class NativeDataplane:
     async def start(self, listen: str, upstream: str, on_failure: Callable[[], None]) -> int:
         """Starts the data plane on `listen` in front of `upstream`; returns its port."""
         env = dict(os.environ, CLOUDML_DATAPLANE_SECRET=self.secret)
-        self.process = subprocess.Popen(
-            [binary_path(), "--listen", listen, "--upstream", upstream, "--spin-us", str(self.spin_us)],
-            stdout=subprocess.PIPE, env=env, text=True)
-        line = await asyncio.get_running_loop().run_in_executor(None, self.process.stdout.readline)
-        if not line.strip().isdigit():
-            code = self.process.wait()
-            raise RuntimeError(f"the native data plane failed to start on {listen} (exit {code}); see the log")
-        port = int(line)
-        log.info("native data plane (pid %d) on port %d, in front of %s", self.process.pid, port, upstream)
-        self._watch = asyncio.create_task(self._watch_process(on_failure))
-        return port
+        port = await self.native.start(["--listen", listen, "--upstream", upstream, "--spin-us", str(self.spin_us)],
+                                       env)
+        log.info("native data plane (pid %d) on port %d, in front of %s", self.native.process.pid, port, upstream)
 
-    async def _watch_process(self, on_failure: Callable[[], None]) -> None:
-        code = await asyncio.get_running_loop().run_in_executor(None, self.process.wait)
-        if not self._stopping:
+        def failed(code: int) -> None:
             self.failed = True
             log.error("the native data plane exited (%s); stopping the gateway so it restarts whole", code)
             on_failure()
+        self.native.watch(failed)
+        return port
 
     async def stop(self) -> None:
         """Stops taking calls on the public port; in-flight calls drain (5 s at most)."""
-        self._stopping = True
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.process.wait), 8)
-            except asyncio.TimeoutError:
-                self.process.kill()
-        if self._watch:
-            self._watch.cancel()
+        await self.native.stop()
 
     # --- the Attach stream --------------------------------------------------------------
 

@@ -13,9 +13,11 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psutil
 import pytest
 
 from cloudml.auth.v1 import auth_service_pb2 as auth_pb
@@ -23,7 +25,7 @@ from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.models.v1 import replica_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-from deploy.local.service_process import ServiceProcess
+from deploy.local.service_process import ServiceProcess, read_port_file
 from deploy.local.stack import AuthGatewayStack
 from services.common.etcd import Etcd
 
@@ -46,7 +48,7 @@ def env(tmp_path_factory):
     replica = ServiceProcess("hpt", [
         sys.executable, "-m", "services.models.model_server", "--model-name", "hpt", "--version", "1",
         "--base-path", path, "--port-file", str(d / "hpt.port"), "--etcd", stack.etcd.endpoint, "--tenant", "team-c",
-        "--replica-id", "hpt-0", "--batching-config", json.dumps(batching)],
+        "--replica-id", "hpt-0", "--batching-config", json.dumps(batching), "--metrics-listen", "127.0.0.1:0"],
         str(d / "hpt.port"), log_path=str(d / "hpt.log")).start().wait_serving(120)
 
     async def route():
@@ -65,7 +67,8 @@ def env(tmp_path_factory):
     token = auth.IssueToken(auth_pb.IssueTokenRequest(access_key_id=key.access_key.access_key_id,
                                                       secret_key=key.secret_key)).token
     time.sleep(0.5)  # the gateway's watch catches up
-    yield {"stack": stack, "channel": channel, "md": (("authorization", f"Bearer {token}"),), "replica": replica}
+    yield {"stack": stack, "channel": channel, "md": (("authorization", f"Bearer {token}"),), "replica": replica,
+           "replica_info": read_port_file(str(d / "hpt.port"))}
     channel.close()
     replica.stop()
     stack.stop()
@@ -164,3 +167,58 @@ def test_a_predict_batch_group_answers_each_member_as_its_own_predict(env):
         assert (results[i].code, results[i].message) == errors[i], (i, results[i], errors[i])
     assert results[4].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert wrong_version.results[0].code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def replica_metric(env, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{env['replica_info']['metrics']}/metrics", timeout=5).read()
+    return sum(float(line.rpartition(" ")[2]) for line in text.decode().splitlines() if line.startswith(name + " "))
+
+
+def test_direct_callers_of_a_batching_replica_are_coalesced_by_its_native_front(env):
+    """The replica's port belongs to its native front (it has batching on);
+    its own Python server listens on another loopback port, which is what it
+    registers for gateways. Concurrent direct calls with the stock stub reach
+    it in groups, and each caller gets exactly its own answer or error."""
+    info = env["replica_info"]
+    replica = psutil.Process(env["replica"].process.pid)
+    fronts = [p for p in replica.children() if os.path.basename(p.exe()) == "cloudml-gateway-dataplane"]
+    assert len(fronts) == 1, replica.children()
+    port = int(info["address"].rpartition(":")[2])
+    assert port in {c.laddr.port for c in fronts[0].net_connections() if c.status == psutil.CONN_LISTEN}
+    assert info["replica_address"] != info["address"]
+
+    groups_before = replica_metric(env, "cloudml_model_server_coalesced_group_calls_count")
+    with grpc.insecure_channel(info["address"]) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+        def call(i: int):
+            req = request([float(i)], input_name="nope" if i % 17 == 0 else "x")
+            try:
+                resp = stub.Predict(req, timeout=10)
+            except grpc.RpcError as err:
+                return ("error", err.code())
+            return ("ok", resp.outputs["y"].float_val[0], resp.model_spec.name, resp.model_spec.version.value)
+
+        with ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(call, range(1, 601)))
+    for i, result in enumerate(results, start=1):
+        expected = ("error", grpc.StatusCode.INVALID_ARGUMENT) if i % 17 == 0 else ("ok", 0.5 * i + 2.0, "hpt", 1)
+        assert result == expected, (i, result)
+    assert replica_metric(env, "cloudml_model_server_coalesced_group_calls_count") > groups_before
+
+    # A direct call naming another model is still refused by the replica itself.
+    with grpc.insecure_channel(info["address"]) as channel:
+        req = request([1.0])
+        req.model_spec.name = "other"
+        with pytest.raises(grpc.RpcError) as err:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_replica_exits_when_its_native_front_dies(env):
+    """Last in this module: it ends the replica. Its supervisor (the models
+    service's reconciler) restarts it whole."""
+    replica = psutil.Process(env["replica"].process.pid)
+    front = next(p for p in replica.children() if os.path.basename(p.exe()) == "cloudml-gateway-dataplane")
+    front.kill()
+    assert env["replica"].process.wait(15) == 1

@@ -68,6 +68,16 @@
 // Usage (the Python gateway starts it; it dies with its parent):
 //   cloudml-gateway-dataplane --listen HOST:PORT --upstream HOST:PORT [--spin-us N]
 //   with the secret in $CLOUDML_DATAPLANE_SECRET. Prints the bound port.
+//
+// Replica front mode: a model-server replica with batching on starts it in
+// front of itself, so that callers who reach the replica directly (not
+// through a gateway) get the same coalescing:
+//   cloudml-gateway-dataplane --listen HOST:PORT --front-for HOST:PORT
+//                             --coalesce-max N [--spin-us N]
+// Every call goes to the one replica: Predict calls coalesce exactly as
+// above, every other call is relayed. No control plane, no cache, no retry,
+// no tokens; x-cloudml-* headers from callers are dropped, so the replica
+// checks every model_spec itself.
 
 #include <sched.h>
 #include <absl/synchronization/mutex.h>
@@ -228,6 +238,9 @@ bool ParseSpec(const std::string& api, const std::string& request, Spec* spec) {
 struct Options {
   std::string listen = "127.0.0.1:0", upstream, secret;
   int spin_us = 1000;
+  std::string front_for;      // replica front mode: the replica's own address
+  uint32_t coalesce_max = 0;  // replica front mode: its ReplicaEndpoint.coalesce_max
+  bool front() const { return !front_for.empty(); }
 };
 
 class Call;
@@ -463,7 +476,7 @@ class Call : public Handler {
     NewClient();
     if (!Authorization(&auth_)) auth_.clear();  // several: never vouched for
     grpc::GenericStub* stub = g_plane->RelayStub(method, auth_.empty() ? nullptr : &auth_, &direct_);
-    if (!direct_) client_->AddMetadata(kSecretHeader, g_plane->options.secret);
+    if (!direct_ && !g_plane->options.front()) client_->AddMetadata(kSecretHeader, g_plane->options.secret);
     relay_ = stub->PrepareCall(client_.get(), method, g_plane->cq.get());
     relay_->StartCall(Tag_(kUpStart));
   }
@@ -507,6 +520,11 @@ class Call : public Handler {
     Plane& p = *g_plane;
     Spec spec;
     request_bytes_ = Flatten(request_);
+    if (p.options.front()) {
+      version_ = 0;  // unresolved: the replica checks the model_spec
+      coalesce_max_ = api_ == "Predict" ? p.options.coalesce_max : 0;
+      return Fast(p.options.front_for);
+    }
     if (!ParseSpec(api_, request_bytes_, &spec)) return Slow();
     model_ = spec.name;
     std::string auth;
@@ -566,7 +584,7 @@ class Call : public Handler {
       return;
     }
     if (api_ == "Predict") backend.rpcs++;
-    client_->AddMetadata(kResolvedVersion, std::to_string(version_));
+    if (!g_plane->options.front()) client_->AddMetadata(kResolvedVersion, std::to_string(version_));
     unary_ = backend.stub->PrepareUnaryCall(client_.get(), ctx_.method(), request_, g_plane->cq.get());
     unary_->StartCall();
     unary_->Finish(&response_, &status_, Tag_(kBackend));
@@ -591,7 +609,8 @@ class Call : public Handler {
         backend.rpcs--;
         FlushQueue(address_);
       }
-      if (status_.error_code() == grpc::StatusCode::UNAVAILABLE && !retried_ && !ctx_.IsCancelled()) {
+      if (status_.error_code() == grpc::StatusCode::UNAVAILABLE && !retried_ && !ctx_.IsCancelled() &&
+          !p.options.front()) {
         retried_ = true;
         p.cache.erase(key_);  // the replica set may have changed: ask the control plane next time
         std::string other = Pick(address_);
@@ -949,11 +968,15 @@ bool ParseArgs(int argc, char** argv, Options* o) {
     if (flag == "--listen") o->listen = value;
     else if (flag == "--upstream") o->upstream = value;
     else if (flag == "--spin-us") o->spin_us = atoi(value.c_str());
+    else if (flag == "--front-for") o->front_for = value;
+    else if (flag == "--coalesce-max") o->coalesce_max = static_cast<uint32_t>(atoi(value.c_str()));
     else return false;
   }
   const char* secret = getenv("CLOUDML_DATAPLANE_SECRET");
   if (secret) o->secret = secret;
-  return argc % 2 == 1 && !o->upstream.empty() && !o->secret.empty();
+  if (argc % 2 != 1) return false;
+  if (o->front()) return o->upstream.empty();
+  return !o->upstream.empty() && !o->secret.empty();
 }
 
 }  // namespace
@@ -969,14 +992,17 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &plane.options)) {
     fprintf(stderr,
             "usage: %s --listen HOST:PORT --upstream HOST:PORT [--spin-us N]\n"
-            "  (and the control plane's secret in CLOUDML_DATAPLANE_SECRET)\n",
-            argv[0]);
+            "  (and the control plane's secret in CLOUDML_DATAPLANE_SECRET)\n"
+            "   or: %s --listen HOST:PORT --front-for HOST:PORT --coalesce-max N [--spin-us N]\n",
+            argv[0], argv[0]);
     return 2;
   }
   signal(SIGTERM, OnSignal);
   signal(SIGINT, OnSignal);
 
-  plane.upstream_channel = grpc::CreateCustomChannel(plane.options.upstream, grpc::InsecureChannelCredentials(),
+  // In front mode the replica is the "upstream" that every non-model call is relayed to.
+  const std::string& upstream = plane.options.front() ? plane.options.front_for : plane.options.upstream;
+  plane.upstream_channel = grpc::CreateCustomChannel(upstream, grpc::InsecureChannelCredentials(),
                                                      plane.ChannelArgs());
   plane.upstream = std::make_unique<grpc::GenericStub>(plane.upstream_channel);
 
@@ -997,7 +1023,7 @@ int main(int argc, char** argv) {
 
   for (int i = 0; i < 32; i++) new Call();
   Attachment attachment;
-  attachment.Connect();
+  if (!plane.options.front()) attachment.Connect();
 
   // The loop: spin briefly after each event, then block (waking every 100 ms
   // to notice a signal).
@@ -1009,7 +1035,7 @@ int main(int argc, char** argv) {
   for (;;) {
     if (g_signalled && !plane.stopping) {
       plane.stopping = true;
-      attachment.Stop();
+      if (!plane.options.front()) attachment.Stop();
       // Drain: in-flight calls finish within the grace period while this
       // thread keeps driving the queue.
       stopper = std::thread([&plane] {

@@ -36,6 +36,8 @@ class Settings:
     inline_max_micros: int = 100
     #: batches of a coalesced group that recently took less than this run on the event loop
     inline_group_max_micros: int = 2000
+    #: the native front for direct callers with batching on: auto (if built), on (required), off
+    native_front: str = "auto"
 
 
 def _batching(raw: str | None) -> BatchingConfig:
@@ -95,6 +97,10 @@ def parser() -> argparse.ArgumentParser:
                    help="run the batch of a group of calls the gateway coalesced (PredictBatch) on the event "
                         "loop while the signature's batches take less than this many microseconds; 0: always "
                         "on a batch thread")
+    p.add_argument("--native-front", default="auto", choices=("auto", "on", "off"),
+                   help="with batching on, put the native front (build/native/cloudml-gateway-dataplane) on the "
+                        "listening port, so that concurrent Predict calls from direct callers are coalesced as "
+                        "the gateway coalesces its own; auto: if it is built")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -134,4 +140,5 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         inter_op_threads=args.inter_op_threads,
         inline_max_micros=max(0, args.inline_max_micros),
         inline_group_max_micros=max(0, args.inline_group_max_micros),
+        native_front=args.native_front,
     )

@@ -48,6 +48,11 @@ class Metrics:
             "cloudml_model_server_batch_rows", "Rows (0th-dimension size) per batch.",
             registry=self.registry, buckets=_SIZE_BUCKETS,
         )
+        self.groups = Histogram(
+            "cloudml_model_server_coalesced_group_calls",
+            "Predict calls per PredictBatch group received (from a gateway or the replica's native front).",
+            registry=self.registry, buckets=_SIZE_BUCKETS,
+        )
         self.warmup_requests = Counter(
             "cloudml_model_server_warmup_requests_total", "Warmup records replayed.",
             registry=self.registry,

@@ -13,6 +13,17 @@
    NOT_SERVING; after `--drain-delay` (so gateways stop routing here) the
    server refuses new calls and in-flight ones get `--grace` seconds; then
    the lease is revoked and the process exits 0.
+
+With batching on, the native front (the gateway's data-plane binary in
+replica front mode, `--native-front`) owns the `--listen` port and this
+process listens on a loopback port of its own: concurrent Predict calls from
+direct callers reach it as PredictBatch groups, as the gateway's do, so the
+per-call cost of Python gRPC is paid once per group. Every other call is
+relayed as is. The endpoint registered for gateways is this process's own
+address (the gateway coalesces already; a second hop would only add
+latency); the port file's `grpc` and `address` are the front's, for direct
+callers, and `replica_address` this process's. The front drains after this
+process; if it dies, the replica exits 1 and its supervisor restarts it.
 """
 from __future__ import annotations
 
@@ -29,6 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.common import native
 from services.models.model_server import servable as servable_lib
 from services.models.model_server.batching import TFExecutor
 from services.models.model_server.config import Settings
@@ -116,6 +128,8 @@ class ModelServer:
         self.port = 0
         self.registration: Registration | None = None
         self._register_task: asyncio.Task | None = None
+        self.front: native.NativeProcess | None = None
+        self.failed = False
 
     async def set_health(self, serving: bool) -> None:
         value = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -131,13 +145,23 @@ class ModelServer:
             self.server,
         )
         await self.set_health(False)
-        self.port = self.server.add_insecure_port(self.settings.listen)
+        front = self._front_wanted()
+        listen = "127.0.0.1:0" if front else self.settings.listen
+        self.port = self.server.add_insecure_port(listen)
         if not self.port:
-            raise OSError(f"cannot listen on {self.settings.listen}")
+            raise OSError(f"cannot listen on {listen}")
         await self.server.start()
-        host = self.settings.listen.rpartition(":")[0] or "127.0.0.1"
+        host = listen.rpartition(":")[0] or "127.0.0.1"
         self.address = f"{host}:{self.port}"
         ports = {"grpc": self.port, "pid": os.getpid(), "address": self.address}
+        if front:
+            self.front = native.NativeProcess("the replica's native front")
+            port = await self.front.start(["--listen", self.settings.listen, "--front-for", self.address,
+                                           "--coalesce-max", str(self.coalesce_max()), "--spin-us", "0"])
+            self.front.watch(self._front_failed)
+            public = f"{self.settings.listen.rpartition(':')[0] or '127.0.0.1'}:{port}"
+            ports.update(grpc=port, address=public, replica_address=self.address)
+            log.info("native front (pid %d) on %s coalesces direct Predict calls", self.front.process.pid, public)
         if self.settings.metrics_listen:
             mhost, _, mport = self.settings.metrics_listen.rpartition(":")
             httpd, _ = start_http_server(int(mport or 0), addr=mhost or "127.0.0.1", registry=self.metrics.registry)
@@ -145,6 +169,24 @@ class ModelServer:
         write_port_file(self.settings.port_file, ports)
         log.info("model server for %s version %d listening on %s", self.settings.model_name,
                  self.settings.version, self.address)
+
+    def _front_wanted(self) -> bool:
+        mode = self.settings.native_front
+        if not self.settings.batching.enabled or mode == "off":
+            return False
+        if not native.built():
+            if mode == "on":
+                raise OSError(f"--native-front on, but {native.binary_path()} is not built "
+                              "(run scripts/build_native.sh)")
+            log.warning("the native front is not built (%s): direct callers' Predict calls are not coalesced",
+                        native.binary_path())
+            return False
+        return True
+
+    def _front_failed(self, code: int) -> None:
+        log.error("the native front exited (%s); stopping this replica so it restarts whole", code)
+        self.failed = True
+        self.stop_event.set()
 
     async def load(self) -> None:
         """Loads and warms up the model; raises LoadError or WarmupError."""
@@ -171,6 +213,8 @@ class ModelServer:
             write_port_file(self.settings.port_file, {"error": f"cannot listen on {self.settings.listen}: {err}",
                                                       "code": 14, "pid": os.getpid()})
             await self.server.stop(0)
+            if self.front is not None:
+                await self.front.stop()
             return 1
         load = asyncio.create_task(self.load())
         stopped = asyncio.create_task(self.stop_event.wait())
@@ -206,8 +250,8 @@ class ModelServer:
             )
             self._register_task = asyncio.create_task(self.registration.register(self.stop_event))
         await self.stop_event.wait()
-        await self._shutdown(drain=True)
-        return 0
+        await self._shutdown(drain=not self.failed)
+        return 1 if self.failed else 0
 
     def coalesce_max(self) -> int:
         """How many Predict calls the gateway may send in one PredictBatch
@@ -232,6 +276,8 @@ class ModelServer:
         if drain and self.settings.drain_delay > 0:
             await asyncio.sleep(self.settings.drain_delay)
         await self.server.stop(self.settings.grace_seconds if drain else 0)
+        if self.front is not None:  # after the drain: in-flight calls came through it
+            await self.front.stop()
         self.model.set_state(State.END)
         if self.registration is not None:
             await self.registration.close()

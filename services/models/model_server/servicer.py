@@ -94,6 +94,7 @@ class Servicer:
         n = len(request.requests)
         if metrics is not None:
             metrics.inflight.inc(n)
+            metrics.groups.observe(n)
         requests, results = [], [None] * n
         for i, raw in enumerate(request.requests):
             try:
