@@ -294,7 +294,7 @@ class PredictRouter:
     def decision(self, caller: Principal | None, tenant: str, model: str,
                  choices: list[tuple[int, float]], generation: int) -> dataplane_pb2.RouteDecision:
         """What the data plane may apply to this caller's later calls with the same spec."""
-        decision = dataplane_pb2.RouteDecision(generation=generation,
+        decision = dataplane_pb2.RouteDecision(generation=generation, model=model,
                                                expires_at=caller.expires_at if caller else 0.0)
         for version, weight in choices:
             backends = self.table.backends.get((tenant, model, version), ())

@@ -33,7 +33,9 @@ class Replicas:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def add(self, tenant: str, model: str, version: int, replica: str, *, delay: float = 0.0,
-            register_as: str | None = None) -> str:
+            register_as: str | None = None, answers_as: int | None = None) -> str:
+        """`answers_as`: the version its responses name (a replica of another
+        version on a stale route); `version` by default."""
         hits = self.hits
 
         async def predict(request: bytes, context):
@@ -46,7 +48,7 @@ class Replicas:
                 await asyncio.sleep(req.inputs["sleep"].float_val[0])
             resp = predict_pb2.PredictResponse()
             resp.model_spec.name = req.model_spec.name
-            resp.model_spec.version.value = version
+            resp.model_spec.version.value = version if answers_as is None else answers_as
             resp.model_spec.signature_name = req.model_spec.signature_name or "serving_default"
             resp.outputs["replica"].dtype = 7  # DT_STRING
             resp.outputs["replica"].string_val.append(replica.encode())

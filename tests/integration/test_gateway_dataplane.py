@@ -166,6 +166,27 @@ def test_the_callers_deadline_holds_on_the_fast_path(env):
     eventually(counted)
 
 
+def test_a_response_from_another_version_sends_the_call_to_the_control_plane(env):
+    """A Predict naming the model's own name, no label and no other version
+    reaches the replica without the routed-version header (the replica
+    resolves it alike); the data plane checks the served version in the
+    response instead. A replica of another version on the route (a stale
+    route) fails that check: the call goes through the control plane."""
+    stack, replicas = env["stack"], env["replicas"]
+    replicas.add("team-a", "stale", 1, "stale-1", answers_as=2)
+    replicas.route(models_pb.ModelRoute(tenant="team-a", model="stale", versions=versions((1, AVAILABLE))))
+    time.sleep(0.3)
+    before = eventually(lambda: stack.dataplane_calls() or (_ for _ in ()).throw(AssertionError("no report")))
+    for _ in range(6):
+        predict(env["channel"], env["md"], name="stale")
+
+    def counted():
+        after = stack.dataplane_calls()
+        assert after["control"] - before["control"] >= 6, (before, after)  # every call ended there
+        assert after["fast"] - before["fast"] >= 2, (before, after)  # after each cached decision
+    eventually(counted)
+
+
 def test_label_move_takes_effect_at_once(env):
     channel, md, replicas = env["channel"], env["md"], env["replicas"]
     for _ in range(5):

@@ -35,14 +35,16 @@ class ServiceInstances(_message.Message):
     def __init__(self, service: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RouteDecision(_message.Message):
-    __slots__ = ("generation", "expires_at", "choices")
+    __slots__ = ("generation", "expires_at", "choices", "model")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     generation: int
     expires_at: float
     choices: _containers.RepeatedCompositeFieldContainer[VersionChoice]
-    def __init__(self, generation: _Optional[int] = ..., expires_at: _Optional[float] = ..., choices: _Optional[_Iterable[_Union[VersionChoice, _Mapping]]] = ...) -> None: ...
+    model: str
+    def __init__(self, generation: _Optional[int] = ..., expires_at: _Optional[float] = ..., choices: _Optional[_Iterable[_Union[VersionChoice, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class VersionChoice(_message.Message):
     __slots__ = ("version", "weight", "addresses", "coalesce_max")

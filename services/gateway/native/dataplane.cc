@@ -207,17 +207,8 @@ struct Spec {
   int64_t version = 0;
 };
 
-// The ModelSpec of a forwarded call; false if absent, nameless or malformed
-// (the control plane then answers with TF Serving's error).
-bool ParseSpec(const std::string& api, const std::string& request, Spec* spec) {
-  std::string bytes;
-  bool found;
-  if (!Field1(request, &bytes, &found) || !found) return false;
-  if (api == "MultiInference") {
-    std::string task = bytes;
-    if (!Field1(task, &bytes, &found) || !found) return false;
-  }
-  bool ok = Fields(bytes, [&](int number, int wire, uint64_t, const std::string& b) {
+bool ParseModelSpec(const std::string& bytes, Spec* spec) {
+  return Fields(bytes, [&](int number, int wire, uint64_t, const std::string& b) {
     if (number == 1 && wire == 2) spec->name = b;
     if (number == 4 && wire == 2) spec->label = b;
     if (number == 2 && wire == 2) {  // google.protobuf.Int64Value
@@ -230,7 +221,69 @@ bool ParseSpec(const std::string& api, const std::string& request, Spec* spec) {
     }
     return true;
   });
-  return ok && !spec->name.empty();
+}
+
+// The ModelSpec of a forwarded call; false if absent, nameless or malformed
+// (the control plane then answers with TF Serving's error).
+bool ParseSpec(const std::string& api, const std::string& request, Spec* spec) {
+  std::string bytes;
+  bool found;
+  if (!Field1(request, &bytes, &found) || !found) return false;
+  if (api == "MultiInference") {
+    std::string task = bytes;
+    if (!Field1(task, &bytes, &found) || !found) return false;
+  }
+  return ParseModelSpec(bytes, spec) && !spec->name.empty();
+}
+
+// The version in the model_spec (field 2) of the serialized PredictResponse
+// `d`, scanning its top-level fields without copying them; false if absent.
+bool SpecVersion(const std::string& d, int64_t* version) {
+  size_t pos = 0;
+  while (pos < d.size()) {
+    uint64_t tag, value;
+    if (!Varint(d, &pos, &tag)) return false;
+    int wire = static_cast<int>(tag & 7);
+    if (wire == 0) {
+      if (!Varint(d, &pos, &value)) return false;
+    } else if (wire == 1 || wire == 5) {
+      pos += wire == 1 ? 8 : 4;
+    } else if (wire == 2) {
+      if (!Varint(d, &pos, &value) || value > d.size() - pos) return false;
+      if ((tag >> 3) == 2) {
+        Spec spec;
+        if (!ParseModelSpec(d.substr(pos, value), &spec) || !spec.has_version) return false;
+        *version = spec.version;
+        return true;
+      }
+      pos += value;
+    } else {
+      return false;
+    }
+  }
+  return false;
+}
+
+// The served version in a PredictResponse's model_spec. The model server
+// writes model_spec first, so its first bytes usually do; other layouts are
+// read whole.
+bool ResponseVersion(const grpc::ByteBuffer& response, int64_t* version) {
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return false;
+  std::string head;
+  for (const auto& slice : slices) {
+    head.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    if (head.size() >= 512) break;
+  }
+  size_t pos = 0;
+  uint64_t tag, len;
+  if (Varint(head, &pos, &tag) && tag == ((2 << 3) | 2) && Varint(head, &pos, &len) && len <= head.size() - pos) {
+    Spec spec;
+    if (!ParseModelSpec(head.substr(pos, len), &spec) || !spec.has_version) return false;
+    *version = spec.version;
+    return true;
+  }
+  return SpecVersion(Flatten(response), version);
 }
 
 // --- state ------------------------------------------------------------------------
@@ -255,6 +308,7 @@ struct Backend {
 struct Decision {
   uint64_t generation = 0;
   double expires_at = 0;
+  std::string model;  // as the replicas know it
   struct Choice {
     int64_t version;
     double weight;
@@ -551,6 +605,11 @@ class Call : public Handler {
     version_ = choice->version;
     addresses_ = choice->addresses;
     coalesce_max_ = choice->coalesce_max;
+    // The replica resolves this spec to the same version by itself: no
+    // routed-version header (see RouteDecision.model); the response's
+    // version is checked instead.
+    bare_ = api_ == "Predict" && spec.name == d.model && spec.label.empty() &&
+            (!spec.has_version || spec.version == version_);
     Fast(Pick(""));
   }
 
@@ -570,6 +629,7 @@ class Call : public Handler {
 
   void Fast(const std::string& address) {
     g_plane->fast_calls++;
+    g_plane->stats_dirty = true;
     fast_ = true;
     address_ = address;
     Backend& backend = g_plane->BackendFor(address);
@@ -584,7 +644,7 @@ class Call : public Handler {
       return;
     }
     if (api_ == "Predict") backend.rpcs++;
-    if (!g_plane->options.front()) client_->AddMetadata(kResolvedVersion, std::to_string(version_));
+    if (!g_plane->options.front() && !bare_) client_->AddMetadata(kResolvedVersion, std::to_string(version_));
     unary_ = backend.stub->PrepareUnaryCall(client_.get(), ctx_.method(), request_, g_plane->cq.get());
     unary_->StartCall();
     unary_->Finish(&response_, &status_, Tag_(kBackend));
@@ -592,6 +652,7 @@ class Call : public Handler {
 
   void Slow() {
     g_plane->slow_calls++;
+    g_plane->stats_dirty = true;
     fast_ = false;
     NewClient();
     client_->AddMetadata(kSecretHeader, g_plane->options.secret);
@@ -615,6 +676,12 @@ class Call : public Handler {
         p.cache.erase(key_);  // the replica set may have changed: ask the control plane next time
         std::string other = Pick(address_);
         return other.empty() ? Slow() : Fast(other);
+      }
+      int64_t served;
+      if (bare_ && !batched_ && status_.ok() && !(ResponseVersion(response_, &served) && served == version_)) {
+        // Another version answered (a stale route): the control plane routes it again.
+        p.cache.erase(key_);
+        return Slow();
       }
       p.Record(model_, std::to_string(version_), api_, status_.error_code(),
                std::chrono::duration<double>(Clock::now() - started_).count());
@@ -640,6 +707,7 @@ class Call : public Handler {
       Decision d;
       d.generation = msg.generation();
       d.expires_at = msg.expires_at();
+      d.model = msg.model();
       for (const auto& c : msg.choices()) {
         if (c.addresses_size() == 0 || c.weight() <= 0) continue;
         d.choices.push_back({c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()},
@@ -747,6 +815,7 @@ class Call : public Handler {
   uint32_t coalesce_max_ = 0;
   std::string request_bytes_;
   bool fast_ = false, retried_ = false, batched_ = false;
+  bool bare_ = false;  // sent without the routed-version header (see Route)
   grpc::ByteBuffer request_, response_;
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> unary_;
   // kRelay
