@@ -7,10 +7,13 @@ same grpc.aio client (pre-serialized PredictRequests, one row each, at
 concurrency 32 by default). The rounds interleave the configurations so a
 burst of other load on the machine hits them alike; medians are reported.
 
-Per run it also reports the replica's and the client's CPU (cores) and the
-CPU the rest of the machine used meanwhile ("foreign": another process's
-load makes a run unrepresentative), and the mean batch size (requests per
-batch, from the replica's metrics).
+Replicas with batching on have their native front on the port (see
+services/models/model_server/server.py), as they do in the platform.
+
+Per run it also reports the replica's (with its front) and the client's CPU
+(cores) and the CPU the rest of the machine used meanwhile ("foreign":
+another process's load makes a run unrepresentative), and the mean batch
+size (requests per batch, from the replica's metrics).
 
     .venv/bin/python bench/bench_batching.py [--seconds 3] [--rounds 3] [--concurrency 32]
 """
@@ -66,14 +69,19 @@ def busy_cpu() -> float:
     return t.user + t.nice + t.system + t.irq + t.softirq
 
 
+def tree_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of a process and its children (a batching replica's native front)."""
+    return sum(t.user + t.system for t in (p.cpu_times() for p in (proc, *proc.children(recursive=True))))
+
+
 def measure(proc: ServiceProcess, metrics_port: int, body: bytes, concurrency: int, seconds: float) -> dict:
     server, client = psutil.Process(proc.process.pid), psutil.Process()
-    b0, s0, c0, m0 = batch_stats(metrics_port), server.cpu_times(), client.cpu_times(), busy_cpu()
+    b0, s0, c0, m0 = batch_stats(metrics_port), tree_cpu(server), client.cpu_times(), busy_cpu()
     t0 = time.perf_counter()
     row = asyncio.run(grpc_load(proc.address, body, (), concurrency, seconds))
     elapsed = time.perf_counter() - t0
-    b1, s1, c1, m1 = batch_stats(metrics_port), server.cpu_times(), client.cpu_times(), busy_cpu()
-    server_cpu = (s1.user + s1.system - s0.user - s0.system) / elapsed
+    b1, s1, c1, m1 = batch_stats(metrics_port), tree_cpu(server), client.cpu_times(), busy_cpu()
+    server_cpu = (s1 - s0) / elapsed
     client_cpu = (c1.user + c1.system - c0.user - c0.system) / elapsed
     batches = b1[0] - b0[0]
     row.update(server_cpu=round(server_cpu, 2), client_cpu=round(client_cpu, 2),
