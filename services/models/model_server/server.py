@@ -223,7 +223,7 @@ class ModelServer:
             log.info("stopping before the model finished loading")
             load.cancel()
             await self._shutdown(drain=False)
-            return 0
+            return 1 if self.failed else 0
         stopped.cancel()
         error = load.exception()
         if error is not None:
