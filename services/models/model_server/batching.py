@@ -305,9 +305,9 @@ class Batcher:
             self.metrics.batch_requests.observe(len(tasks))
             self.metrics.batch_rows.observe(batch.rows)
         if len(tasks) == 1:
-            return [_timed_batch(batch.runner, tasks[0].arrays)]
+            return [timed(batch.runner, tasks[0].arrays, "batch_cost")]
         inputs = [np.concatenate([t.arrays[i] for t in tasks]) for i in range(len(tasks[0].arrays))]
-        outputs = _timed_batch(batch.runner, inputs)
+        outputs = timed(batch.runner, inputs, "batch_cost")
         log.debug("ran a batch of %d requests (%d rows) in one call", len(tasks), batch.rows)
         if not all(o.ndim >= 1 and o.shape[0] == batch.rows for o in outputs):
             log.warning("batched outputs do not have the batch's %d rows; running its %d requests one by one",
@@ -328,13 +328,14 @@ class Batcher:
         return results
 
 
-def _timed_batch(runner: Runner, arrays: Sequence[np.ndarray]) -> list:
-    """Calls `runner` on a batch and keeps an average of its batches' run time
-    on it (`batch_cost`, which `Batcher.run_group` reads)."""
+def timed(runner: Runner, arrays: Sequence[np.ndarray], attribute: str = "cost") -> list:
+    """Calls `runner` and keeps a moving average of its run time on it, as
+    `attribute`: `cost` for single calls (ServedModel runs cheap ones on the
+    event loop), `batch_cost` for batches (read by `Batcher.run_group`)."""
     start = time.perf_counter()
     try:
         return runner(arrays)
     finally:
         elapsed = time.perf_counter() - start
-        cost = getattr(runner, "batch_cost", None)
-        runner.batch_cost = elapsed if cost is None else 0.8 * cost + 0.2 * elapsed
+        cost = getattr(runner, attribute, None)
+        setattr(runner, attribute, elapsed if cost is None else 0.8 * cost + 0.2 * elapsed)

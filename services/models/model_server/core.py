@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import time
 
 import tensorflow as tf
 from tensorflow_serving.apis import (
@@ -42,7 +41,7 @@ from tensorflow_serving.apis import (
 )
 
 from services.models.model_server import classify, predict, status
-from services.models.model_server.batching import Batcher, BatchingConfig, TFExecutor, batch_key
+from services.models.model_server.batching import Batcher, BatchingConfig, TFExecutor, batch_key, timed
 from services.models.model_server.servable import Servable
 from services.models.model_server.tensors import model_spec_bytes
 
@@ -220,8 +219,8 @@ class ServedModel:
         """Runs `runner` inline or on a thread (see the class doc)."""
         cost = getattr(runner, "cost", None)
         if cost is not None and cost < self.inline_max_seconds:
-            return _timed(runner, arrays)
-        return await self.executor.run(_timed, runner, arrays)
+            return timed(runner, arrays)
+        return await self.executor.run(timed, runner, arrays)
 
     # --- Classify / Regress / MultiInference --------------------------------------------------
 
@@ -308,17 +307,6 @@ class ServedModel:
         entry.status.error_code = 0
         entry.status.error_message = ""
         return response
-
-
-def _timed(runner, arrays):
-    """Calls `runner` and keeps an average of its run time on it."""
-    start = time.perf_counter()
-    try:
-        return runner(arrays)
-    finally:
-        elapsed = time.perf_counter() - start
-        cost = getattr(runner, "cost", None)
-        runner.cost = elapsed if cost is None else 0.8 * cost + 0.2 * elapsed
 
 
 async def run_prediction_log(model: ServedModel, log_entry) -> None:
