@@ -10,7 +10,7 @@ import threading
 import grpc
 
 from cloudml.models.v1 import models_service_pb2 as models_pb
-from cloudml.tfs.tensorflow_serving.apis import predict_pb2
+from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from services.common.etcd import Etcd, Session
 
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
@@ -115,3 +115,19 @@ class Replicas:
 
 def versions(*pairs):
     return [models_pb.VersionRoute(version=v, state=s) for v, s in pairs]
+
+
+def predict(channel, metadata, name="linear", version=None, label=None, timeout=5):
+    """A Predict with the stock stub, naming `name` and a version or label."""
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = name
+    if version is not None:
+        req.model_spec.version.value = version
+    if label:
+        req.model_spec.version_label = label
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(req, metadata=metadata, timeout=timeout)
+
+
+def replica_of(resp) -> str:
+    """Which stand-in replica answered."""
+    return resp.outputs["replica"].string_val[0].decode()

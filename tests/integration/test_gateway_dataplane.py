@@ -28,7 +28,7 @@ from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_
 from deploy.local.service_process import ServiceProcess
 from deploy.local.stack import AuthGatewayStack
 from services.gateway.dataplane import binary_path
-from tests.integration.replicas import AVAILABLE, Replicas, versions
+from tests.integration.replicas import AVAILABLE, Replicas, predict, replica_of, versions
 
 ADMIN = ("AKGWDATAPLANEADMIN00", "admin-secret")
 SERVICE = ("AKGWDATAPLANESERVICE", "service-secret")
@@ -57,20 +57,6 @@ def env(tmp_path_factory):
     channel.close()
     replicas.close()
     stack.stop()
-
-
-def predict(channel, metadata, name="linear", version=None, label=None):
-    req = predict_pb2.PredictRequest()
-    req.model_spec.name = name
-    if version is not None:
-        req.model_spec.version.value = version
-    if label:
-        req.model_spec.version_label = label
-    return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(req, metadata=metadata, timeout=5)
-
-
-def replica_of(resp) -> str:
-    return resp.outputs["replica"].string_val[0].decode()
 
 
 def metrics(stack) -> str:

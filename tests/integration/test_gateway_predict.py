@@ -15,14 +15,10 @@ import pytest
 from cloudml.auth.v1 import auth_service_pb2 as auth_pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.models.v1 import models_service_pb2 as models_pb
-from cloudml.tfs.tensorflow_serving.apis import (
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
+from cloudml.tfs.tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from deploy.local.stack import AuthGatewayStack
-from tests.integration.replicas import Replicas, versions
+from tests.integration.replicas import Replicas, replica_of, versions
+from tests.integration.replicas import predict as predict_on
 
 ADMIN = ("AKGWPREDICTADMIN0000", "admin-secret")
 SERVICE = ("AKGWPREDICTSERVICE00", "service-secret")
@@ -71,18 +67,7 @@ def env(tmp_path_factory):
 
 
 def predict(env, name, metadata, version=None, label=None, timeout=5):
-    req = predict_pb2.PredictRequest()
-    req.model_spec.name = name
-    if version is not None:
-        req.model_spec.version.value = version
-    if label:
-        req.model_spec.version_label = label
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(env["channel"])
-    return stub.Predict(req, metadata=metadata, timeout=timeout)
-
-
-def replica_of(resp) -> str:
-    return resp.outputs["replica"].string_val[0].decode()
+    return predict_on(env["channel"], metadata, name, version, label, timeout)
 
 
 def code_of(fn) -> grpc.StatusCode:
