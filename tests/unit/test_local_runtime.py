@@ -53,7 +53,7 @@ def _req(tmp_path, rid, argv, *, group="g", memory=0, gpus=0, env=None) -> Repli
     return ReplicaRequest(replica_id=rid, group=group, argv=argv, env=env or {},
                           workdir=str(tmp_path / "work" / group),
                           log_path=str(tmp_path / "logs" / f"{rid}.log"),
-                          resources=Amount(100, memory, gpus))
+                          resources=Amount(100, memory, gpus), tenant="t1")
 
 
 def _log(tmp_path, rid) -> str:
@@ -278,7 +278,7 @@ async def main():
     rt = LocalRuntime(state_dir, total=Amount(4000, 8 << 30, 0))
     rt.reserve("svc", [Amount(100), Amount(100)])
     for rid, cmd in (("svc.a", "sleep 1; exit 4"), ("svc.b", "sleep 30")):
-        await rt.start(ReplicaRequest(rid, "svc", ["sh", "-c", cmd], {}, tmp, f"{tmp}/{rid}.log"))
+        await rt.start(ReplicaRequest(rid, "svc", ["sh", "-c", cmd], {}, f"{tmp}/{rid}", f"{tmp}/{rid}.log", tenant="t1"))
     print("started", flush=True)
     await asyncio.sleep(60)
 
@@ -445,3 +445,63 @@ async def test_start_is_fast_and_concurrent_starts_are_safe(rt, tmp_path):
     assert (await rt.start(_req(tmp_path, "sleeper", ["sleep", "5"]))).pid == sleeping.pid  # idempotent
     with pytest.raises(RuntimeError, match="still running"):
         await rt.forget("sleeper")
+
+
+# --------------------------------------------------------------------------- tenant isolation
+# The suite runs as root (as the README's test command does), so the runtime
+# isolates tenants: each replica runs as its tenant's own unprivileged user.
+
+_WHOAMI = ("import os, json; s = open('/proc/self/status').read();"
+           "f = dict(l.split(':\\t', 1) for l in s.splitlines() if ':\\t' in l);"
+           "print(json.dumps({'uid': os.getuid(), 'euid': os.geteuid(), 'gid': os.getgid(),"
+           " 'groups': os.getgroups(), 'umask': os.umask(0), 'cwd_uid': os.stat('.').st_uid,"
+           " 'nnp': f['NoNewPrivs'].strip(), 'capbnd': f['CapBnd'].strip(), 'capeff': f['CapEff'].strip()}))")
+
+
+async def _whoami(rt, tmp_path, rid, tenant):
+    rt.reserve(rid, [Amount(100)])
+    req = _req(tmp_path, rid, [sys.executable, "-I", "-c", _WHOAMI], group=rid)
+    req.tenant = tenant
+    await rt.start(req)
+    st = await rt.wait(rid, 30)
+    assert st.exit_code == 0, _log(tmp_path, rid)
+    return json.loads(_log(tmp_path, rid).strip().splitlines()[-1])
+
+
+async def test_replica_runs_as_its_tenants_unprivileged_user(rt, tmp_path):
+    a = await _whoami(rt, tmp_path, "ra", "tenant-a")
+    b = await _whoami(rt, tmp_path, "rb", "tenant-b")
+    for who in (a, b):
+        assert who["uid"] == who["euid"] != 0 and who["gid"] != 0
+        assert who["groups"] in ([], [who["gid"]])            # no supplementary groups
+        assert who["nnp"] == "1"                               # setuid binaries give nothing back
+        assert int(who["capbnd"], 16) == 0 and int(who["capeff"], 16) == 0
+        assert who["umask"] == 0o077
+        assert who["cwd_uid"] == who["uid"]                    # its working directory is its own
+    assert a["uid"] != b["uid"] and a["gid"] != b["gid"]
+    again = await _whoami(rt, tmp_path, "ra2", "tenant-a")
+    assert again["uid"] == a["uid"]                            # one account per tenant
+
+
+async def test_replica_cannot_read_the_platforms_files_and_its_log_is_private(rt, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("platform secret")
+    os.chmod(secret, 0o600)
+    os.chmod(tmp_path, 0o711)  # reachable, as a data dir is, but the file is root's own
+    rt.reserve("g", [Amount(100)])
+    await rt.start(_req(tmp_path, "r", ["sh", "-c", f"cat {secret}; echo rc=$?; kill -0 1; echo kill=$?"]))
+    st = await rt.wait("r", 30)
+    out = _log(tmp_path, "r")
+    assert "platform secret" not in out and "rc=1" in out, out
+    assert "kill=1" in out, out                                # cannot signal root's processes
+    mode = os.stat(tmp_path / "logs" / "r.log").st_mode & 0o777
+    assert mode == 0o600 and os.stat(tmp_path / "logs" / "r.log").st_uid == 0
+    assert st.exit_code == 0
+
+
+async def test_replica_without_a_tenant_is_refused_when_isolation_is_on(rt, tmp_path):
+    rt.reserve("g", [Amount(100)])
+    req = _req(tmp_path, "r", ["true"])
+    req.tenant = ""
+    with pytest.raises(ValueError, match="names no tenant"):
+        await rt.start(req)

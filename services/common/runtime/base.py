@@ -72,6 +72,10 @@ class ReplicaRequest:
     resources: Amount = field(default_factory=Amount)
     # Container image; the local runtime refuses a non-empty one (Unschedulable).
     image: str = ""
+    # The tenant whose code this is. With tenant isolation on (`local` as
+    # root), the replica runs as that tenant's own unprivileged user
+    # (services.common.tenancy), and a request without a tenant is refused.
+    tenant: str = ""
 
 
 class ReplicaPhase(enum.Enum):

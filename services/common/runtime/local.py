@@ -68,6 +68,7 @@ import sys
 import time
 from typing import Iterator, Mapping
 
+from services.common import tenancy as _tenancy
 from services.common.runtime import shim as _shim
 from services.common.runtime.base import (
     Amount,
@@ -149,9 +150,16 @@ class LocalRuntime(Runtime):
 
     def __init__(self, state_dir: str, *, total: Amount | None = None,
                  gpu_ids: list[int] | None = None, python: str = sys.executable,
-                 base_env: Mapping[str, str] | None = None):
+                 base_env: Mapping[str, str] | None = None,
+                 tenancy: _tenancy.Tenancy | None = None):
         self.state_dir = os.path.abspath(state_dir)
-        os.makedirs(self.state_dir, exist_ok=True)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)
+        # Tenant isolation: on whenever the platform runs as root.
+        self.tenancy = tenancy if tenancy is not None else _tenancy.Tenancy()
+        # Tenant users run the platform's interpreter and import its code.
+        for needed in (os.path.dirname(os.path.realpath(python)), _ROOT):
+            self.tenancy.ensure_reachable(needed)
         ids = list(gpu_ids) if gpu_ids is not None else None
         if ids is None:
             ids = _gpus_from_env() if (total is None or total.gpus == 0) else list(range(total.gpus))
@@ -173,7 +181,7 @@ class LocalRuntime(Runtime):
         # group -> {"amount": {...}, "replicas": n, "gpu_ids": [...], "assigned": {replica_id: [...]}}
         self._groups: dict[str, dict] = {}
         self._lock_fd = os.open(os.path.join(self.state_dir, LOCK_FILE),
-                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         # Shims started by this instance, reaped by poll(); a Popen dropped
         # while its shim runs is reaped by the subprocess module later.
         self._procs: dict[str, subprocess.Popen] = {}
@@ -382,6 +390,21 @@ class LocalRuntime(Runtime):
         current = self._status_sync(request.replica_id)
         if current.phase == ReplicaPhase.RUNNING:
             return current  # idempotent
+        if self.tenancy.enabled and not request.tenant:
+            raise ValueError(f"replica {request.replica_id} names no tenant: with tenant isolation on, "
+                             "every replica runs as its tenant's user")
+        run_as: list[str] = []
+        workdir = os.path.abspath(request.workdir or self.state_dir)
+        if self.tenancy.enabled:
+            loop = asyncio.get_running_loop()
+            # The first replica of a tenant may create its account (useradd, ~50 ms).
+            account = self.tenancy.cached(request.tenant) or \
+                await loop.run_in_executor(None, self.tenancy.account, request.tenant)
+            if request.workdir:
+                self.tenancy.own_dir(workdir, request.tenant)
+            else:
+                raise ValueError(f"replica {request.replica_id} has no working directory of its own")
+            run_as = _tenancy.setpriv_prefix(account)
         gpus = self._assign_gpus(request)
         stop_path = self._path(request.replica_id, ".stop")
         with contextlib.suppress(FileNotFoundError):
@@ -391,8 +414,8 @@ class LocalRuntime(Runtime):
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus)
         spec = {
             "replica_id": request.replica_id, "group": request.group,
-            "argv": list(request.argv), "env": env,
-            "workdir": os.path.abspath(request.workdir or self.state_dir),
+            "argv": list(request.argv), "run_as": run_as, "env": env,
+            "workdir": workdir,
             "log_path": os.path.abspath(request.log_path),
             "memory_limit": int(request.resources.memory_bytes or 0),
             "state_path": state_path, "stop_path": stop_path, "gpu_ids": gpus,

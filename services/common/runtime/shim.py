@@ -10,7 +10,8 @@ Ctrl-C to the launcher's process group, leaves replicas running)::
                                      # the same, as the runtime runs it: no site
 
 It reads its spec, one dict in `marshal` format, on stdin (argv, env, workdir,
-log_path, memory_limit, state_path, stop_path, gpu_ids; on stdin so the
+log_path, memory_limit, state_path, stop_path, gpu_ids, run_as: the argv
+prefix that switches to the tenant's user, see services.common.tenancy; on stdin so the
 replica's environment never shows in `ps`), then:
 
 1. makes itself a child subreaper (Linux), so every descendant of the replica,
@@ -203,7 +204,7 @@ def atomic_write_json(path: str, obj) -> None:
     directory, base = os.path.split(path)
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.tmp")
     data = to_json(obj).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(data)
         while view:
@@ -379,11 +380,15 @@ class Shim:
             "started_at": 0.0, "finished_at": 0.0,
         }
 
+        # Whatever the shim and the replica create is private to their owner
+        # (logs: the platform's; files of a replica run as its tenant's user:
+        # that user's), never world-readable.
+        os.umask(0o077)
         log_fd = None
         try:
             os.makedirs(os.path.dirname(spec["log_path"]) or ".", exist_ok=True)
-            log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                             0o644)
+            log_fd = os.open(spec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                             | os.O_NOFOLLOW, 0o600)
         except OSError as e:
             return self._fail_to_start(None, 127, f"cannot open the log file {spec['log_path']}: {e}")
         try:
@@ -412,6 +417,12 @@ class Shim:
             if not argv:
                 raise FileNotFoundError(2, "empty command", "")
             executable = _resolve(argv[0], env)
+            run_as = [str(a) for a in spec.get("run_as") or ()]
+            if run_as:  # as the tenant's user: setpriv ... -- /resolved/command args
+                if not os.access(executable, os.X_OK):
+                    raise PermissionError(13, "Permission denied", executable)
+                argv = [*run_as, executable, *argv[1:]]
+                executable = run_as[0]
             restore = [signal.SIGPIPE]
             if hasattr(signal, "SIGXFSZ"):
                 restore.append(signal.SIGXFSZ)
