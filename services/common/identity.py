@@ -6,8 +6,9 @@
   service and renews the token before it expires, so long-running loops
   (schedulers, reconcilers) can call other services at any time.
 - `follow_verification_keys`: keeps a `TokenVerifier` current from the auth
-  service's `WatchVerificationKeys` stream, reconnecting as needed. While the
-  auth service is down the last snapshot stays in force.
+  service's `WatchVerificationKeys` stream, reconnecting as needed (with a
+  backoff, cut short when a new auth instance registers). While the auth
+  service is down the last snapshot stays in force.
 """
 from __future__ import annotations
 
@@ -84,5 +85,6 @@ async def follow_verification_keys(directory: Directory, verifier: TokenVerifier
             log.debug("verification key stream interrupted: %s", err)
         except Exception:  # noqa: BLE001 - never stop following
             log.exception("verification key stream failed")
-        await asyncio.sleep(delay)
+        # A restarted auth service is followed as soon as it registers.
+        await directory.changed(delay)
         delay = min(delay * 2, 2.0)

@@ -9,11 +9,15 @@ module owns everything around the app:
   bound port is written to `--port-file`);
 - health NOT_SERVING until etcd answers and the app reports ready, and back
   to NOT_SERVING whenever etcd stops answering;
-- an etcd session whose lease carries the registry entry;
+- an etcd session whose lease carries the registry entry, written once the
+  service is ready (so a registration means "serving": callers switch to a
+  restarted instance as soon as it can answer) and deleted first thing at
+  shutdown (callers move on before the drain, not a lease TTL later);
 - the token verifier, fed by the auth service's key stream (the auth service
   feeds its own);
 - Prometheus metrics on `--metrics-listen`;
-- SIGTERM/SIGINT: health off, `server.stop(grace)`, app stop, lease revoked.
+- SIGTERM/SIGINT: health off, registry entry deleted, `server.stop(grace)`,
+  app stop, lease revoked.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from services.common import errors
 from services.common.etcd import Etcd, Session
 from services.common.identity import ServiceIdentity, follow_verification_keys
 from services.common.interceptors import ServerMetrics, ServerPipeline
-from services.common.registry import Directory, register
+from services.common.registry import Directory, deregister, register
 from services.common.tokens import TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -87,6 +91,14 @@ def parse_settings(
     parser.add_argument("--metrics-listen", default=None, help="host:port for Prometheus metrics (port 0 ok)")
     parser.add_argument("--log-level", default=os.environ.get("CLOUDML_LOG_LEVEL", "INFO"))
     parser.add_argument("--lease-ttl", type=int, default=10, help="etcd session lease TTL, seconds")
+    parser.add_argument("--allowed-uri-schemes", default=os.environ.get("CLOUDML_ALLOWED_URI_SCHEMES", ""),
+                        help="remote URI schemes tenants may name besides file (comma-separated, e.g. s3,https; "
+                             "see services/common/confine.py)")
+    parser.add_argument("--upload-max-bytes", type=int, default=int(os.environ.get("CLOUDML_UPLOAD_MAX_BYTES", 4 << 30)),
+                        help="largest upload (UploadPackage, UploadModel), bytes")
+    parser.add_argument("--tenant-storage-max-bytes", type=int,
+                        default=int(os.environ.get("CLOUDML_TENANT_STORAGE_MAX_BYTES", 100 << 30)),
+                        help="uploads are refused once a tenant's storage would exceed this, bytes")
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
@@ -238,7 +250,14 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
 
     async def start_session() -> None:
         await session.start()
-        await register(session, settings.service, settings.instance, address)
+
+    registered = False
+
+    async def register_once() -> None:
+        nonlocal registered
+        if not registered:
+            await register(session, settings.service, settings.instance, address)
+            registered = True
 
     async def start_app() -> None:
         await app.start()
@@ -250,6 +269,8 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
             try:
                 await etcd.ping(timeout=1.0)
                 ok = app_started.is_set() and app.ready() and session.lease_id != 0 and verifier.loaded
+                if ok:
+                    await register_once()
             except errors.Unavailable:
                 ok = False
             if ok != serving:
@@ -270,6 +291,9 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
     await stop.wait()
     log.info("%s shutting down", settings.service)
     await set_health(False)
+    if registered:
+        with contextlib.suppress(errors.Unavailable, asyncio.TimeoutError):
+            await asyncio.wait_for(deregister(session, settings.service, settings.instance), 2.0)
     if front:
         await front.stop()
     await server.stop(settings.grace_seconds)

@@ -4,6 +4,11 @@ Requests and responses are never parsed: the gateway only authenticates
 (done by the auth interceptor before a handler runs), picks an instance of
 the owning service, and relays bytes, metadata, the deadline, the status
 code, its message and trailing metadata. Unary and streaming RPCs alike.
+
+The instance is resolved per call (`Directory.channel`), so a restarted
+service is used from its registration on, and an instance that went down is
+skipped from the next call on. Callables are cached per channel and dropped
+whenever the directory changes (its channels to gone instances are closed).
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ class Proxy(grpc.GenericRpcHandler):
         self.routes = routes
         self.directory = directory
         self._handlers = {path: self._handler(route) for path, route in routes.items()}
-        self._callables: dict[tuple[str, str], object] = {}
+        self._callables: dict[tuple[int, str], tuple[grpc.aio.Channel, object]] = {}
+        directory.listeners.append(self._callables.clear)
         #: set with a native data plane: metadata -> trailing metadata vouching
         #: for the caller's token (see dataplane.py), or ()
         self.vouch = lambda metadata: ()
@@ -43,14 +49,15 @@ class Proxy(grpc.GenericRpcHandler):
     def _callable(self, route: Route):
         channel = self.directory.channel(route.owner)  # raises Unavailable if none
         key = (id(channel), route.method)
-        fn = self._callables.get(key)
-        if fn is None:
-            kind = {
-                (False, False): channel.unary_unary, (False, True): channel.unary_stream,
-                (True, False): channel.stream_unary, (True, True): channel.stream_stream,
-            }[(route.client_streaming, route.server_streaming)]
-            fn = kind(route.method, request_serializer=None, response_deserializer=None)
-            self._callables[key] = fn
+        cached = self._callables.get(key)
+        if cached is not None and cached[0] is channel:
+            return cached[1]
+        kind = {
+            (False, False): channel.unary_unary, (False, True): channel.unary_stream,
+            (True, False): channel.stream_unary, (True, True): channel.stream_stream,
+        }[(route.client_streaming, route.server_streaming)]
+        fn = kind(route.method, request_serializer=None, response_deserializer=None)
+        self._callables[key] = (channel, fn)
         return fn
 
     def _handler(self, route: Route) -> grpc.RpcMethodHandler:
