@@ -45,7 +45,8 @@ from deploy.local.service_process import health_status
 # their port in DIR/run/<name>.port and in the etcd registry; the gateway
 # binds the public ports and comes last.
 SERVICES: tuple[ServiceSpec, ...] = (
-    ServiceSpec("auth", extra=lambda layout, ports: ["--bootstrap-file", layout.bootstrap]),
+    ServiceSpec("auth", extra=lambda layout, ports: ["--bootstrap-file", layout.bootstrap,
+                                                     "--key-encryption-key-file", layout.path("secrets", "kek")]),
     ServiceSpec("jobs"),
     ServiceSpec("tuner"),
     ServiceSpec("models"),
@@ -237,6 +238,9 @@ def configure_supervisor_logging(layout: Layout, console: bool) -> None:
 def prepare(layout: Layout, grpc_port: int, rest_port: int) -> Ports:
     """Directories, keys and credential files, and the saved etcd ports."""
     layout.make_dirs()
+    # DIR/secrets/kek: the auth service's key-encryption key (it creates the file).
+    os.makedirs(layout.path("secrets"), mode=0o700, exist_ok=True)
+    os.chmod(layout.path("secrets"), 0o700)
     first = ensure_credentials(layout, grpc_port, rest_port)
     saved = read_json(layout.config) or {}
     ports = Ports(grpc=grpc_port, rest=rest_port,

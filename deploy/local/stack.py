@@ -34,6 +34,11 @@ class AuthGatewayStack:
     def path(self, name: str) -> str:
         return os.path.join(str(self.workdir), name)
 
+    @property
+    def kek_file(self) -> str:
+        """The auth service's key-encryption key (any further auth process on this etcd needs it)."""
+        return self.path("kek")
+
     def start(self) -> "AuthGatewayStack":
         self.etcd = EtcdProcess(self.path("etcd")).start()
         with open(self.path("boot.json"), "w") as f:
@@ -44,7 +49,8 @@ class AuthGatewayStack:
             json.dump({"access_key": self.service[0], "secret_key": self.service[1]}, f)
         self.auth = ServiceProcess(
             "auth", service_command("auth", self.etcd.endpoint, self.path("auth.port"),
-                                    extra=["--bootstrap-file", self.path("boot.json"), *self.flags]),
+                                    extra=["--bootstrap-file", self.path("boot.json"),
+                                           "--key-encryption-key-file", self.kek_file, *self.flags]),
             self.path("auth.port"), log_path=self.path("auth.log")).start().wait_serving()
         self.gateway, self.rest_port = self.start_gateway("gw")
         return self

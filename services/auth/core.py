@@ -22,7 +22,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.common.v1 import resources_pb2
+from services.auth import kek as kek_module
 from services.auth import store
+from services.auth.kek import KeyEncryptionError, KeyEncryptionKey
 from services.common import errors, validation
 from services.common.etcd import KV, Etcd, Mirror, cmp_absent, cmp_mod_revision, op_delete, op_get, op_put
 from services.common.tokens import ADMIN_TENANT, AUDIENCE, ISSUER, ROLE_ADMIN, ROLE_MEMBER, Principal, TokenVerifier
@@ -36,6 +38,9 @@ MAX_TTL = 12 * 3600
 # Tokens live at most MAX_TTL, so a key revoked longer ago than that can have
 # no valid token left and drops off the revocation list.
 REVOCATION_MEMORY = MAX_TTL + 300
+# Likewise a signing key superseded longer ago than that signed no token that
+# is still valid, so a rotation retires it.
+SIGNING_KEY_MEMORY = MAX_TTL + 300
 
 DEFAULT_QUOTA = resources_pb2.Resources(
     cpu_millis=4_000, memory_bytes=8 * 2**30, gpus=0, train_jobs=10, model_replicas=10, studies=5
@@ -73,11 +78,21 @@ def _amount(field: str, value: int) -> str:
     return f"{value}{UNITS.get(field, '')}"
 
 
+def _private_der(private: Ed25519PrivateKey) -> bytes:
+    return private.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 class AuthCore:
-    def __init__(self, etcd: Etcd, verifier: TokenVerifier, clock=time.time):
+    def __init__(self, etcd: Etcd, verifier: TokenVerifier, key_encryption_key_file: str, clock=time.time):
         self.etcd = etcd
         self.verifier = verifier
         self.clock = clock
+        #: where the key-encryption key lives (outside etcd); loaded by start()
+        self.key_encryption_key_file = key_encryption_key_file
+        self._kek: KeyEncryptionKey | None = None
+        self._signing_cache: tuple[str, Ed25519PrivateKey] | None = None
         self._signing: Mirror = Mirror(etcd, store.SIGNING, decode=lambda kv: json.loads(kv.value))
         self._keys: Mirror = Mirror(etcd, store.KEYS, decode=lambda kv: store.KeyRecord.decode(kv.value))
         self._signing.listeners.append(self._keys_changed)
@@ -92,8 +107,12 @@ class AuthCore:
 
     async def start(self, bootstrap_keys: list[dict]) -> None:
         """Creates what the first start needs (idempotent, safe with two auth
-        processes racing), then loads the key mirrors."""
-        await self._ensure_signing_key()
+        processes racing), then loads the key mirrors.
+
+        Raises `KeyEncryptionError` (fatal: do not retry) when the
+        key-encryption key file is unusable or does not open the signing keys
+        already in etcd."""
+        await self._prepare_signing_keys()
         await self._ensure_tenant(ADMIN_TENANT, "The platform's own tenant", ADMIN_QUOTA)
         for entry in bootstrap_keys:
             await self._ensure_key(entry)
@@ -114,23 +133,77 @@ class AuthCore:
         await self._signing.stop()
         await self._keys.stop()
 
+    async def _prepare_signing_keys(self) -> None:
+        """Loads the key-encryption key, checks that it opens every signing key
+        in etcd, seals any plaintext private key an older version stored, and
+        creates the first signing key if there is none."""
+        kvs, _, _ = await self.etcd.get_prefix(store.SIGNING)
+        records = {kv.key: json.loads(kv.value) for kv in kvs}
+        sealed_by = sorted({r["private_key"].get("kek_id", "?") for r in records.values()
+                            if isinstance(r.get("private_key"), dict)})
+        path = self.key_encryption_key_file
+        if sealed_by:
+            # Never create a new KEK while etcd holds keys sealed with another:
+            # the lost file must be restored, not silently replaced.
+            try:
+                self._kek = kek_module.load(path)
+            except FileNotFoundError:
+                raise KeyEncryptionError(
+                    f"the key-encryption key file {path} does not exist, but the signing keys in etcd are "
+                    f"encrypted with key {', '.join(sealed_by)}; restore that file"
+                ) from None
+        else:
+            self._kek, created = kek_module.load_or_create(path)
+            if created:
+                log.info("created key-encryption key file %s (key %s)", path, self._kek.key_id)
+        for key, record in records.items():
+            kid = key.rsplit("/", 1)[-1]
+            if "private_key" in record:
+                self._kek.open(kid, record["private_key"])  # raises on a wrong key file
+            elif "private_pem" in record:
+                await self._seal_plaintext_signing_key(key)
+        await self._ensure_signing_key()
+        log.info("token signing keys encrypted at rest with key-encryption key %s", self._kek.key_id)
+
+    async def _seal_plaintext_signing_key(self, key: str) -> None:
+        """Migration: replaces a plaintext private key (written by an older
+        version) with its sealed form, compare-and-swap."""
+        kid = key.rsplit("/", 1)[-1]
+
+        def change(kv: KV | None) -> bytes | None:
+            if kv is None:
+                return None  # retired meanwhile: deleting an absent key is a no-op
+            record = json.loads(kv.value)
+            if "private_key" in record:  # another process sealed it first
+                self._kek.open(kid, record["private_key"])
+                return kv.value
+            private = serialization.load_pem_private_key(record.pop("private_pem").encode(), password=None)
+            record["private_key"] = self._kek.seal(kid, _private_der(private))
+            return json.dumps(record).encode()
+
+        await self.etcd.update(key, change)
+        log.warning("signing key %s was stored in plaintext; encrypted it at rest", kid)
+
+    def _new_signing_key(self) -> tuple[str, dict]:
+        """A fresh Ed25519 key id and its record, the private half sealed."""
+        kid = secrets.token_hex(8)
+        private = Ed25519PrivateKey.generate()
+        record = {
+            "public_pem": private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode(),
+            "private_key": self._kek.seal(kid, _private_der(private)),
+            "created": self.clock(),
+        }
+        return kid, record
+
     async def _ensure_signing_key(self) -> None:
         kvs, _, _ = await self.etcd.get_prefix(store.SIGNING)
         if kvs:
             return
-        private = Ed25519PrivateKey.generate()
-        record = {
-            "private_pem": private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ).decode(),
-            "public_pem": private.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ).decode(),
-            "created": self.clock(),
-        }
+        kid, record = self._new_signing_key()
         # Only one signing key may be created even when two processes race:
         # the first to create the marker wins.
-        kid = secrets.token_hex(8)
         ok, _ = await self.etcd.txn(
             [cmp_absent(store.PREFIX + "signing-initialized")],
             [op_put(store.PREFIX + "signing-initialized", kid.encode()),
@@ -379,11 +452,37 @@ class AuthCore:
         if not self._signing.items:
             raise errors.Unavailable("no token signing key loaded yet; retry")
         key, record = max(self._signing.items.items(), key=lambda item: item[1]["created"])
-        cache = getattr(self, "_signing_cache", None)
-        if cache is None or cache[0] != key:
-            private = serialization.load_pem_private_key(record["private_pem"].encode(), password=None)
+        kid = key.rsplit("/", 1)[-1]
+        if self._signing_cache is None or self._signing_cache[0] != key:
+            if "private_key" in record:
+                private = serialization.load_der_private_key(self._kek.open(kid, record["private_key"]), password=None)
+            else:  # plaintext from an older version, until start() seals it
+                private = serialization.load_pem_private_key(record["private_pem"].encode(), password=None)
             self._signing_cache = (key, private)
-        return key.rsplit("/", 1)[-1], self._signing_cache[1]
+        return kid, self._signing_cache[1]
+
+    async def rotate_signing_key(self, caller: Principal) -> tuple[pb.PublicKey, list[str]]:
+        """Adds a new signing key (used for every later token) and retires the
+        keys superseded more than SIGNING_KEY_MEMORY ago."""
+        self._require_admin(caller)
+        kid, record = self._new_signing_key()
+        if not await self.etcd.create(store.signing_key(kid), json.dumps(record).encode()):
+            raise errors.Conflict("signing key id collision; retry")
+        log.info("rotated the token signing key: new key %s", kid)
+        # Read from etcd, not the mirror, which may lag behind another process.
+        kvs, _, _ = await self.etcd.get_prefix(store.SIGNING)
+        keys = sorted(((kv.key, json.loads(kv.value)["created"]) for kv in kvs), key=lambda item: item[1])
+        now = self.clock()
+        retired = []
+        for (key, _), (_, superseded) in zip(keys, keys[1:]):
+            if now - superseded > SIGNING_KEY_MEMORY and key != store.signing_key(kid):
+                await self.etcd.delete(key)
+                retired.append(key.rsplit("/", 1)[-1])
+                self._signing.items.pop(key, None)
+        # Sign with the new key at once rather than after the watch delivers it.
+        self._signing.items[store.signing_key(kid)] = record
+        self._keys_changed()
+        return pb.PublicKey(key_id=kid, public_key_pem=record["public_pem"]), retired
 
     # --- quotas -----------------------------------------------------------------------
 
@@ -428,7 +527,7 @@ class AuthCore:
                 if res_r.response_range.kvs:
                     existing = pb.Reservation.FromString(res_r.response_range.kvs[0].value)
                     if existing.resources == resources:
-                        return existing, False
+                        return self._shown(caller, existing), False
                     raise errors.AlreadyExists(
                         f"owner {owner_id!r} already holds a different reservation; release it first"
                     )
@@ -437,7 +536,8 @@ class AuthCore:
                     **{f: getattr(usage, f) + getattr(resources, f) for f in RESOURCE_FIELDS}
                 )
                 reservation = pb.Reservation(
-                    tenant=tenant, owner_id=owner_id, resources=resources, create_time=_ts(self.clock())
+                    tenant=tenant, owner_id=owner_id, resources=resources, create_time=_ts(self.clock()),
+                    creator_access_key_id=caller.access_key_id,
                 )
                 usage_rev = usage_r.response_range.kvs[0].mod_revision if usage_r.response_range.kvs else 0
                 ok, _ = await self.etcd.txn(
@@ -478,7 +578,9 @@ class AuthCore:
                 if not res_r.response_range.kvs:
                     return False
                 res_kv = res_r.response_range.kvs[0]
-                held = pb.Reservation.FromString(res_kv.value).resources
+                reservation = pb.Reservation.FromString(res_kv.value)
+                self._check_may_release(caller, reservation)
+                held = reservation.resources
                 usage = self._resources(usage_r)
                 values = {}
                 for f in RESOURCE_FIELDS:
@@ -497,7 +599,34 @@ class AuthCore:
                 await asyncio.sleep(0)
         raise errors.Conflict("too much contention on the quota; retry")
 
+    @staticmethod
+    def _check_may_release(caller: Principal, reservation: pb.Reservation) -> None:
+        """Only the key that made a reservation, or an admin, may release it: a
+        member must not free the quota a platform service holds for its work.
+        A reservation stored before creators were recorded counts as an
+        admin's."""
+        if caller.is_admin:
+            return
+        creator = reservation.creator_access_key_id
+        if creator and creator == caller.access_key_id:
+            return
+        raise errors.PermissionDenied(
+            f"reservation of owner {reservation.owner_id!r} was made by another principal; "
+            "only it or an admin may release it"
+        )
+
+    @staticmethod
+    def _shown(caller: Principal, reservation: pb.Reservation) -> pb.Reservation:
+        """The reservation as the caller may see it: a member sees the creator
+        only when it is its own key (another key's id is not revealed)."""
+        if caller.is_admin or reservation.creator_access_key_id in ("", caller.access_key_id):
+            return reservation
+        shown = pb.Reservation()
+        shown.CopyFrom(reservation)
+        shown.ClearField("creator_access_key_id")
+        return shown
+
     async def list_reservations(self, caller: Principal, tenant: str) -> list[pb.Reservation]:
         await self._visible_tenant(caller, tenant)
         kvs, _, _ = await self.etcd.get_prefix(store.reservations_prefix(tenant))
-        return [pb.Reservation.FromString(kv.value) for kv in kvs]
+        return [self._shown(caller, pb.Reservation.FromString(kv.value)) for kv in kvs]

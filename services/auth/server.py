@@ -7,12 +7,15 @@ import logging
 from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from services.auth.core import AuthCore
+from services.auth.kek import KeyEncryptionError
 from services.auth.servicer import AuthServicer
 from services.common.server import Platform, ServiceApp
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AuthService"].full_name
+#: exit status when the key-encryption key file is unusable or wrong
+EXIT_KEY_ENCRYPTION = 78  # EX_CONFIG
 
 
 class AuthApp(ServiceApp):
@@ -22,7 +25,7 @@ class AuthApp(ServiceApp):
 
     def __init__(self, platform: Platform):
         super().__init__(platform)
-        self.core = AuthCore(platform.etcd, platform.verifier)
+        self.core = AuthCore(platform.etcd, platform.verifier, platform.settings.extra.key_encryption_key_file)
         self.bootstrap_file = getattr(platform.settings.extra, "bootstrap_file", None)
 
     def add_to_server(self, server) -> None:
@@ -33,7 +36,13 @@ class AuthApp(ServiceApp):
         if self.bootstrap_file:
             with open(self.bootstrap_file) as f:
                 keys = json.load(f).get("keys", [])
-        await self.core.start(keys)
+        try:
+            await self.core.start(keys)
+        except KeyEncryptionError as err:
+            # Not worth a retry, and starting with new signing keys would
+            # invalidate every token: stop the process with the reason.
+            log.critical("cannot start: %s", err)
+            raise SystemExit(EXIT_KEY_ENCRYPTION) from None
 
     def ready(self) -> bool:
         return self.core.ready()

@@ -61,6 +61,10 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
         async for snapshot in self.core.verification_snapshots():
             yield snapshot
 
+    async def RotateSigningKey(self, request, context):
+        public_key, retired = await self.core.rotate_signing_key(principal())
+        return pb.RotateSigningKeyResponse(public_key=public_key, retired_key_ids=retired)
+
     async def GetQuota(self, request, context):
         limits, usage = await self.core.get_quota(principal(), request.tenant)
         return pb.GetQuotaResponse(tenant=request.tenant, limits=limits, usage=usage)

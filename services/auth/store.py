@@ -2,10 +2,17 @@
 
     tenants/<tenant>                 cloudml.auth.v1.Tenant
     keys/<access key id>             services.auth.store.KeyRecord (JSON)
-    signing/<kid>                    JSON {private_pem, public_pem, created}
+    signing/<kid>                    JSON {public_pem, created, private_key: {alg, kek_id, nonce, ciphertext}}
+                                     (the private key sealed under the key-encryption key, which
+                                     lives in a file outside etcd: services/auth/kek.py; an older
+                                     version's plaintext `private_pem` is sealed on the next start)
+    signing-initialized              the first signing key's id (only one first key, however many race)
     quotas/<tenant>                  cloudml.common.v1.Resources (limits)
     usage/<tenant>                   cloudml.common.v1.Resources (sum of reservations)
     reservations/<tenant>/<owner>    cloudml.auth.v1.Reservation
+
+A reservation records the access key that made it (`creator_access_key_id`);
+only that key or an admin may release it.
 
 Usage and reservations change together in one transaction, so usage always
 equals the sum of the live reservations, whatever process dies when.

@@ -24,8 +24,10 @@ from deploy.local.service_process import ServiceProcess, service_command
 ADMIN_ACCESS_KEY = "AKTESTADMIN000000000"
 
 
-def start_auth(etcd_endpoint: str, workdir: str, *, admin_secret: str, wait: bool = True) -> ServiceProcess:
-    """Starts `python -m services.auth` on 127.0.0.1:0 with a bootstrap admin key."""
+def start_auth(etcd_endpoint: str, workdir: str, *, admin_secret: str, wait: bool = True,
+               kek_file: str | None = None) -> ServiceProcess:
+    """Starts `python -m services.auth` on 127.0.0.1:0 with a bootstrap admin key
+    (and the key-encryption key `kek_file`, default WORKDIR/kek)."""
     os.makedirs(workdir, exist_ok=True)
     bootstrap = os.path.join(workdir, "bootstrap.json")
     with open(bootstrap, "w") as f:
@@ -33,7 +35,8 @@ def start_auth(etcd_endpoint: str, workdir: str, *, admin_secret: str, wait: boo
     port_file = os.path.join(workdir, "auth.port")
     proc = ServiceProcess(
         "auth",
-        service_command("auth", etcd_endpoint, port_file, extra=["--bootstrap-file", bootstrap]),
+        service_command("auth", etcd_endpoint, port_file, extra=[
+            "--bootstrap-file", bootstrap, "--key-encryption-key-file", kek_file or os.path.join(workdir, "kek")]),
         port_file,
         log_path=os.path.join(workdir, "auth.log"),
     ).start()
@@ -119,9 +122,11 @@ class AuthLauncher:
         self.services: list[AuthService] = []
 
     def start(self, etcd_endpoint: str, *, wait: bool = True) -> ServiceProcess:
-        # A directory per process (port file, log); all share the admin key.
+        # A directory per process (port file, log); all share the admin key
+        # and the key-encryption key.
         workdir = os.path.join(self.workdir, str(len(self.processes)))
-        process = start_auth(etcd_endpoint, workdir, admin_secret=self.secret, wait=wait)
+        process = start_auth(etcd_endpoint, workdir, admin_secret=self.secret, wait=wait,
+                             kek_file=os.path.join(self.workdir, "kek"))
         self.processes.append(process)
         return process
 

@@ -172,7 +172,8 @@ class JobsStack:
             json.dump({"access_key": ADMIN_KEY, "secret_key": self.secret}, f)
         port_file = os.path.join(self.workdir, "auth.port")
         self.auth = ServiceProcess(
-            "auth", service_command("auth", self.etcd.endpoint, port_file, extra=["--bootstrap-file", bootstrap]),
+            "auth", service_command("auth", self.etcd.endpoint, port_file, extra=[
+                "--bootstrap-file", bootstrap, "--key-encryption-key-file", os.path.join(self.workdir, "kek")]),
             port_file, log_path=os.path.join(self.workdir, "auth.log"),
         ).start().wait_serving(30)
         return self

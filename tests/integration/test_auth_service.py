@@ -31,7 +31,7 @@ SERVING, NOT_SERVING = 1, 2
 SERVICE = pb.DESCRIPTOR.services_by_name["AuthService"]
 ALL_RPCS = sorted(m.name for m in SERVICE.methods)
 PUBLIC_RPCS = {"IssueToken", "WatchVerificationKeys"}
-ADMIN_ONLY_RPCS = ("CreateTenant", "DeleteTenant", "SetQuota")
+ADMIN_ONLY_RPCS = ("CreateTenant", "DeleteTenant", "SetQuota", "RotateSigningKey")
 FIELDS = ("cpu_millis", "memory_bytes", "gpus", "train_jobs", "model_replicas", "studies")
 BOUNDS = {"cpu_millis": 10**9, "memory_bytes": 2**60, "gpus": 10**5,
           "train_jobs": 10**6, "model_replicas": 10**6, "studies": 10**6}
@@ -419,6 +419,7 @@ CROSS_TENANT = {
     "IssueToken": _check_issue_token,
     "WhoAmI": _check_whoami,
     "WatchVerificationKeys": _check_watch_verification_keys,
+    "RotateSigningKey": _denied((lambda v, i: pb.RotateSigningKeyRequest(), Code.PERMISSION_DENIED)),
     "GetQuota": _denied((lambda v, i: pb.GetQuotaRequest(tenant=v.tenant), Code.NOT_FOUND)),
     "SetQuota": _denied((lambda v, i: pb.SetQuotaRequest(tenant=v.tenant, limits=Resources(cpu_millis=1)),
                          Code.PERMISSION_DENIED)),
@@ -459,10 +460,13 @@ def test_admin_only_rpc_as_member_of_own_tenant_returns_permission_denied(auth_s
         "CreateTenant": pb.CreateTenantRequest(name=own + "-child"),
         "DeleteTenant": pb.DeleteTenantRequest(name=own),
         "SetQuota": pb.SetQuotaRequest(tenant=own, limits=Resources(cpu_millis=10**6, gpus=100)),
+        "RotateSigningKey": pb.RotateSigningKeyRequest(),
     }[rpc]
     before = quota(auth_service.admin, own)
+    keys_before = invoke(intruder.stub, "WatchVerificationKeys", pb.WatchVerificationKeysRequest()).public_keys
     expect_error(Code.PERMISSION_DENIED, intruder.call, rpc, request)
     assert quota(auth_service.admin, own) == before
+    assert invoke(intruder.stub, "WatchVerificationKeys", pb.WatchVerificationKeysRequest()).public_keys == keys_before
     assert intruder.call("GetTenant", pb.GetTenantRequest(name=own)).tenant.name == own
     expect_error(Code.NOT_FOUND, auth_service.admin.call, "GetTenant", pb.GetTenantRequest(name=own + "-child"))
 
@@ -687,6 +691,86 @@ def test_release_unknown_owner_reports_not_released(auth_service):
     member.call("Reserve", reserve_request(member.tenant, "job", cpu_millis=100))
     assert member.call("Release", pb.ReleaseRequest(tenant=member.tenant, owner_id="job")).released
     assert not member.call("Release", pb.ReleaseRequest(tenant=member.tenant, owner_id="job")).released
+    assert quota(auth_service.admin, member.tenant).usage == Resources()
+
+
+# --- who may release a reservation ------------------------------------------------------
+
+def service_key(auth_service):
+    """A logged-in client of a new admin-tenant key, like the platform services' key."""
+    return auth_service.member_of("admin", description="platform services (test)")
+
+
+def test_member_cannot_release_reservation_made_by_service_key(auth_service):
+    member = auth_service.new_tenant("heldby")
+    service = service_key(auth_service)
+    auth_service.admin.call("SetQuota", pb.SetQuotaRequest(
+        tenant=member.tenant, limits=Resources(cpu_millis=200, memory_bytes=2**30, train_jobs=5)))
+    made = service.call("Reserve", reserve_request(member.tenant, "jobs/train/a", cpu_millis=200, train_jobs=1))
+    assert made.created and made.reservation.creator_access_key_id == service.access_key_id
+    before = quota(auth_service.admin, member.tenant).usage
+
+    err = expect_error(Code.PERMISSION_DENIED, member.call, "Release",
+                       pb.ReleaseRequest(tenant=member.tenant, owner_id="jobs/train/a"))
+    assert "\n" not in err.details() and "only it or an admin may release it" in err.details()
+    assert service.access_key_id not in err.details()
+    assert quota(auth_service.admin, member.tenant).usage == before
+    # The freed room was not handed out: a second 200m job still does not fit.
+    expect_error(Code.FAILED_PRECONDITION, member.call, "Reserve",
+                 reserve_request(member.tenant, "mine", cpu_millis=200))
+    # Still there, and the member is not told which key made it.
+    listed = member.call("ListReservations", pb.ListReservationsRequest(tenant=member.tenant)).reservations
+    assert [(r.owner_id, r.creator_access_key_id) for r in listed] == [("jobs/train/a", "")]
+    again = member.call("Reserve", reserve_request(member.tenant, "jobs/train/a", cpu_millis=200, train_jobs=1))
+    assert not again.created and again.reservation.creator_access_key_id == ""
+    admin_view = auth_service.admin.call("ListReservations", pb.ListReservationsRequest(tenant=member.tenant))
+    assert [r.creator_access_key_id for r in admin_view.reservations] == [service.access_key_id]
+
+    # The key that made it releases it.
+    assert service.call("Release", pb.ReleaseRequest(tenant=member.tenant, owner_id="jobs/train/a")).released
+    assert quota(auth_service.admin, member.tenant).usage == Resources()
+
+
+def test_admin_may_release_reservation_made_by_another_key(auth_service):
+    member = auth_service.new_tenant("adminrel")
+    service = service_key(auth_service)
+    service.call("Reserve", reserve_request(member.tenant, "models/m/1/replica-0", cpu_millis=100, model_replicas=1))
+    mine = member.call("Reserve", reserve_request(member.tenant, "mine", cpu_millis=50))
+    assert mine.reservation.creator_access_key_id == member.access_key_id
+    for owner in ("models/m/1/replica-0", "mine"):
+        assert auth_service.admin.call("Release", pb.ReleaseRequest(tenant=member.tenant, owner_id=owner)).released
+    assert quota(auth_service.admin, member.tenant).usage == Resources()
+
+
+def test_member_may_release_its_own_reservation_but_not_another_keys(auth_service):
+    member = auth_service.new_tenant("ownrel")
+    other_key = auth_service.member_of(member.tenant)
+    member.call("Reserve", reserve_request(member.tenant, "mine", cpu_millis=300, studies=1))
+    expect_error(Code.PERMISSION_DENIED, other_key.call, "Release",
+                 pb.ReleaseRequest(tenant=member.tenant, owner_id="mine"))
+    assert quota(auth_service.admin, member.tenant).usage == Resources(cpu_millis=300, studies=1)
+    assert member.call("Release", pb.ReleaseRequest(tenant=member.tenant, owner_id="mine")).released
+    assert quota(auth_service.admin, member.tenant).usage == Resources()
+    # Idempotent as before: nothing left to release.
+    assert not member.call("Release", pb.ReleaseRequest(tenant=member.tenant, owner_id="mine")).released
+
+
+async def test_reservation_stored_without_creator_only_admin_may_release(auth_service, etcd_server):
+    member = auth_service.new_tenant("legacy")
+    held = Resources(cpu_millis=250, train_jobs=1)
+    # As an older version stored it: no creator recorded.
+    old = pb.Reservation(tenant=member.tenant, owner_id="jobs/train/old", resources=held)
+    etcd = await Etcd.connect(etcd_server.endpoint)
+    try:
+        await etcd.put(f"/cloudml/auth/reservations/{member.tenant}/jobs/train/old", old.SerializeToString())
+        await etcd.put(f"/cloudml/auth/usage/{member.tenant}", held.SerializeToString())
+    finally:
+        await etcd.close()
+    expect_error(Code.PERMISSION_DENIED, member.call, "Release",
+                 pb.ReleaseRequest(tenant=member.tenant, owner_id="jobs/train/old"))
+    assert quota(auth_service.admin, member.tenant).usage == held
+    assert auth_service.admin.call(
+        "Release", pb.ReleaseRequest(tenant=member.tenant, owner_id="jobs/train/old")).released
     assert quota(auth_service.admin, member.tenant).usage == Resources()
 
 

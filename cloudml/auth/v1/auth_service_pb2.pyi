@@ -202,6 +202,18 @@ class VerificationKeys(_message.Message):
     audience: str
     def __init__(self, public_keys: _Optional[_Iterable[_Union[PublicKey, _Mapping]]] = ..., revoked_access_key_ids: _Optional[_Iterable[str]] = ..., issuer: _Optional[str] = ..., audience: _Optional[str] = ...) -> None: ...
 
+class RotateSigningKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RotateSigningKeyResponse(_message.Message):
+    __slots__ = ("public_key", "retired_key_ids")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    RETIRED_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
+    public_key: PublicKey
+    retired_key_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, public_key: _Optional[_Union[PublicKey, _Mapping]] = ..., retired_key_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class GetQuotaRequest(_message.Message):
     __slots__ = ("tenant",)
     TENANT_FIELD_NUMBER: _ClassVar[int]
@@ -237,16 +249,18 @@ class SetQuotaResponse(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., limits: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., usage: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ...) -> None: ...
 
 class Reservation(_message.Message):
-    __slots__ = ("tenant", "owner_id", "resources", "create_time")
+    __slots__ = ("tenant", "owner_id", "resources", "create_time", "creator_access_key_id")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     OWNER_ID_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CREATOR_ACCESS_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     owner_id: str
     resources: _resources_pb2.Resources
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, tenant: _Optional[str] = ..., owner_id: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    creator_access_key_id: str
+    def __init__(self, tenant: _Optional[str] = ..., owner_id: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., creator_access_key_id: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
     __slots__ = ("tenant", "owner_id", "resources")

@@ -84,6 +84,11 @@ class AuthServiceStub:
                 request_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.WatchVerificationKeysRequest.SerializeToString,
                 response_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.VerificationKeys.FromString,
                 _registered_method=True)
+        self.RotateSigningKey = channel.unary_unary(
+                '/cloudml.auth.v1.AuthService/RotateSigningKey',
+                request_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyRequest.SerializeToString,
+                response_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyResponse.FromString,
+                _registered_method=True)
         self.GetQuota = channel.unary_unary(
                 '/cloudml.auth.v1.AuthService/GetQuota',
                 request_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.GetQuotaRequest.SerializeToString,
@@ -198,6 +203,18 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateSigningKey(self, request, context):
+        """Creates a new token signing key and signs every later token with it. The
+        previous keys stay published (tokens they signed keep verifying until
+        they expire); keys superseded more than 12 h 5 min ago (the longest token
+        lifetime plus a margin) are retired, since no valid token of theirs can
+        remain. Private keys are stored only encrypted (see the service's
+        --key-encryption-key-file). ADMIN only: PERMISSION_DENIED otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetQuota(self, request, context):
         """Reads a tenant's quota limits and current usage.
         NOT_FOUND: no such tenant (or another tenant's, for a MEMBER).
@@ -236,6 +253,11 @@ class AuthServiceServicer:
     def Release(self, request, context):
         """Returns an owner's reservation to its tenant. Releasing an unknown owner
         is a no-op (so a retried release is safe) and reports released = false.
+        Only the access key that made the reservation (its
+        `creator_access_key_id`) or an ADMIN may release it, so a MEMBER cannot
+        free the quota held for work a platform service runs for it.
+        PERMISSION_DENIED: the reservation exists and was made by another key
+        (or before creators were recorded), and the caller is not an ADMIN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -300,6 +322,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.WatchVerificationKeys,
                     request_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.WatchVerificationKeysRequest.FromString,
                     response_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.VerificationKeys.SerializeToString,
+            ),
+            'RotateSigningKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSigningKey,
+                    request_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyRequest.FromString,
+                    response_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyResponse.SerializeToString,
             ),
             'GetQuota': grpc.unary_unary_rpc_method_handler(
                     servicer.GetQuota,
@@ -597,6 +624,33 @@ class AuthService:
             '/cloudml.auth.v1.AuthService/WatchVerificationKeys',
             cloudml_dot_auth_dot_v1_dot_auth__service__pb2.WatchVerificationKeysRequest.SerializeToString,
             cloudml_dot_auth_dot_v1_dot_auth__service__pb2.VerificationKeys.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSigningKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.auth.v1.AuthService/RotateSigningKey',
+            cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyRequest.SerializeToString,
+            cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RotateSigningKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
