@@ -1,8 +1,10 @@
 """The files of one local platform under its data directory, and the
 credentials written on its first start.
 
-    DIR/platform.json             ports chosen on the first start (etcd client/peer, gateway)
-    DIR/etcd/                     etcd's data: all platform state
+    DIR/                          0711: tenant code may pass through to its own directories, never list
+    DIR/platform.json             ports chosen on the first start (gateway)
+    DIR/etcd/                     etcd's data: all platform state (0700)
+    DIR/run/etcd/                 etcd's Unix sockets (client and peer; 0700: the platform's alone)
     DIR/bootstrap.json            keys the auth service registers on start (0600)
     DIR/service-credentials.json  the services' own key (0600)
     DIR/credentials.json          the admin's endpoint and key, for the CLI/SDK (0600)
@@ -39,6 +41,10 @@ class Layout:
     @property
     def etcd_dir(self) -> str:
         return self.path("etcd")
+
+    @property
+    def etcd_socket_dir(self) -> str:
+        return self.path("run", "etcd")
 
     @property
     def logs_dir(self) -> str:
@@ -83,9 +89,14 @@ class Layout:
         return self.path("run", f"{service}.port")
 
     def make_dirs(self) -> None:
+        """The data dir is traversable (tenant code reaches its own gated
+        directories below it) but not listable; what is the platform's
+        alone (etcd, logs, run-time files, secrets) is 0700."""
         for d in (self.root, self.etcd_dir, self.logs_dir, self.run_dir):
             os.makedirs(d, exist_ok=True)
-        os.chmod(self.etcd_dir, 0o700)
+        os.chmod(self.root, 0o711)
+        for d in (self.etcd_dir, self.logs_dir, self.run_dir):
+            os.chmod(d, 0o700)
 
 
 def write_json(path: str, data, mode: int = 0o644) -> None:

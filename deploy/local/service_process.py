@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy.local.etcd import open_log
+
 
 def service_command(service: str, etcd: str, port_file: str, *, listen: str = "127.0.0.1:0",
                     data_dir: str | None = None, credentials_file: str | None = None,
@@ -61,7 +63,7 @@ class ServiceProcess:
     def start(self) -> "ServiceProcess":
         if os.path.exists(self.port_file):
             os.unlink(self.port_file)
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        log = open_log(self.log_path) if self.log_path else subprocess.DEVNULL
         env = dict(os.environ, **(self.env or {}))
         self.process = subprocess.Popen(self.command, stdout=log, stderr=log, env=env, start_new_session=True)
         if log is not subprocess.DEVNULL:

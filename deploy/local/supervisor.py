@@ -24,7 +24,7 @@ from typing import Callable
 
 import psutil
 
-from deploy.local.etcd import EtcdProcess
+from deploy.local.etcd import EtcdProcess, etcd_health, open_log, short_socket_dir
 from deploy.local.layout import Layout, read_json, write_json
 from deploy.local.service_process import ServiceProcess, health_status, service_command
 
@@ -58,16 +58,6 @@ class ServiceSpec:
     extra: Callable[[Layout, Ports], list[str]] = lambda layout, ports: []
     #: extra addresses shown by `status` (e.g. the gateway's REST listener)
     rest: Callable[[Ports], str] | None = None
-
-
-def etcd_health(endpoint: str, timeout: float = 1.0) -> int:
-    """1 SERVING, 2 NOT_SERVING (answers, unhealthy), 0 unreachable."""
-    try:
-        with urllib.request.urlopen(f"http://{endpoint}/health", timeout=timeout) as response:
-            body = response.read().replace(b" ", b"")
-    except OSError:
-        return 0
-    return SERVING if b'"health":"true"' in body else NOT_SERVING
 
 
 def log_tail(path: str, lines: int = 40, since: int = 0) -> str:
@@ -175,7 +165,7 @@ def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
 
 def _mark_log(path: str, name: str) -> int:
     """Appends a start marker to a component's log; returns the offset after it."""
-    with open(path, "ab") as f:
+    with open_log(path) as f:
         f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} cloudml-platform starts {name} ===\n".encode())
         return f.tell()
 
@@ -244,8 +234,10 @@ class EtcdComponent(Component):
     def __init__(self, layout: Layout, ports: Ports):
         super().__init__("etcd")
         self.ports = ports
-        self.etcd = EtcdProcess(layout.etcd_dir, client_port=ports.etcd_client,
-                                peer_port=ports.etcd_peer, log_path=layout.log("etcd"))
+        # Unix sockets in a directory only the platform's user may enter:
+        # tenant code (other users) cannot reach etcd at all.
+        self.etcd = EtcdProcess(layout.etcd_dir, log_path=layout.log("etcd"),
+                                socket_dir=short_socket_dir(layout.etcd_socket_dir, layout.root))
 
     @property
     def popen(self):

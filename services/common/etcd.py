@@ -121,15 +121,21 @@ def _mapped():
 
 
 class Etcd:
-    """A connection to etcd. Create with `await Etcd.connect("127.0.0.1:2379")`."""
+    """A connection to etcd. Create with `await Etcd.connect("127.0.0.1:2379")`
+    (or a Unix socket: `"unix:/path/etcd:2379"`, as the local launcher runs it)."""
 
     def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT):
-        host, _, port = endpoint.rpartition(":")
+        if endpoint.startswith("unix:"):
+            # aetcd dials f"{host}:{port}": "unix" + ":" + the socket path.
+            host, port = "unix", endpoint[len("unix:"):]
+        else:
+            host, _, port = endpoint.rpartition(":")
+            port = int(port)
         self.endpoint = endpoint
         self.timeout = timeout
         self._client = aetcd.Client(
             host=host or "127.0.0.1",
-            port=int(port),
+            port=port,
             timeout=timeout,
             options={
                 "grpc.keepalive_time_ms": 10_000,

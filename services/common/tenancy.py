@@ -197,6 +197,36 @@ class Tenancy:
             os.close(fd)
         return path
 
+    def make_dirs(self, base: str, path: str, tenant: str, mode: int = 0o700) -> str:
+        """Creates `path` and its missing parents below `base` (an existing
+        directory, e.g. the tenant's storage) as directories of the tenant's
+        user. Walks with directory file descriptors and never follows a
+        symlink, so a link the tenant planted on the way cannot send the
+        platform outside `base` (OSError instead)."""
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+        parts = [] if rel == "." else rel.split(os.sep)
+        if any(p in ("", "..") for p in parts):
+            raise ValueError(f"{path} is not below {base}")
+        account = self.account(tenant)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(base, flags)
+        try:
+            for part in parts:
+                created = False
+                try:
+                    os.mkdir(part, mode, dir_fd=fd)
+                    created = True
+                except FileExistsError:
+                    pass
+                child = os.open(part, flags, dir_fd=fd)
+                if created and account is not None:
+                    os.fchown(child, account.uid, account.gid)
+                os.close(fd)
+                fd = child
+        finally:
+            os.close(fd)
+        return path
+
     def hand_over(self, path: str, tenant: str) -> None:
         """Gives a tree the platform wrote for the tenant (an upload, a
         fetched model) to the tenant's user; symlinks are never followed."""

@@ -257,8 +257,7 @@ def test_down_then_up_keeps_state_keys_and_internal_ports(new_platform):
     platform.up()
     create_tenant(platform, "team-kept")
     creds_before = platform.credentials
-    with open(os.path.join(platform.data_dir, "platform.json")) as f:
-        etcd_port = json.load(f)["etcd_client_port"]
+    etcd_address = platform.component("etcd")["address"]
 
     down = platform.down()
     assert down.returncode == 0 and "Stopped" in down.stdout, down.stdout + down.stderr
@@ -279,7 +278,9 @@ def test_down_then_up_keeps_state_keys_and_internal_ports(new_platform):
     assert creds["endpoint"] == f"127.0.0.1:{platform.grpc_port}"
     assert creds["rest_endpoint"] == f"http://127.0.0.1:{platform.rest_port}"
     assert get_tenant(platform, "team-kept").name == "team-kept"
-    assert platform.component("etcd")["address"] == f"127.0.0.1:{etcd_port}"
+    # etcd listens on a Unix socket in a directory only the platform may enter.
+    assert platform.component("etcd")["address"] == etcd_address and etcd_address.startswith("unix:")
+    assert os.stat(os.path.dirname(etcd_address[len("unix:"):])).st_mode & 0o777 == 0o700
 
 
 def test_concurrent_ups_on_one_dir_start_one_supervisor(new_platform):
