@@ -13,18 +13,12 @@
 
 Uploads
 -------
-`upload_saved_model` asks the models service where the model's uploads go
-(`GetUploadLocation`: on the local platform
-`file:///DATA_DIR/storage/<tenant>/models/<model>/<version>/`) and copies the
-directory there: with plain file copies when that is a `file://` location and
-the platform runs on this machine (the endpoint is a loopback address), with
-fsspec for remote storage (`s3://...`, its backend installed). The copy lands
-in a temporary sibling first and is renamed into place, so the service never
-sees half a SavedModel. Uploading the same directory again for the same
-version reuses the first copy; a different directory for an existing version
-is refused (versions are immutable), and replaces what a deleted version
-left there. Uploads for version 0 ("the next one") get a fresh
-`.../uploads/<random>/` location each.
+`upload_saved_model` streams the directory to the models service
+(`UploadModel`, through the gateway, so it works from any machine and as any
+user), which stores it in the tenant's storage under its content hash,
+`file:///DATA_DIR/storage/<tenant>/models/<model>/<hash>/`, renamed into
+place once complete, so the service never sees half a SavedModel and the
+same directory uploaded again gives the same URI.
 
 Predict
 -------
@@ -135,28 +129,10 @@ def upload_saved_model(client, model: str, source: str, *, version: int = 0, ten
         raise errors.InvalidArgument(f"{source} is not a directory")
     if not is_saved_model_dir(source):
         raise errors.InvalidArgument(f"{source} is not a SavedModel directory (no saved_model.pb)")
-    pb, _ = _models_pb()
-    uri = client.call(models_stub(client).GetUploadLocation,
-                      pb.GetUploadLocationRequest(tenant=tenant, model=model, version=version)).uri
-    if uri.startswith("file://"):
-        if not _endpoint_is_local(client.endpoint):
-            raise errors.FailedPrecondition(
-                f"the platform at {client.endpoint} keeps uploads in its own file system ({uri}); copy the "
-                "SavedModel somewhere it can read and pass that URI with -u instead of a local directory"
-            )
-
-        def version_exists() -> bool:
-            try:
-                client.call(models_stub(client).GetVersion,
-                            pb.GetVersionRequest(tenant=tenant, model=model, version=version))
-            except errors.NotFound:
-                return False
-            return True
-
-        _copy_local(source, uri[len("file://"):].rstrip("/"), version, version_exists)
-    else:
-        _copy_fsspec(source, uri)
-    return uri
+    # Streamed through the gateway (ModelsService/UploadModel), stored under
+    # its content hash: works from any machine, as any user. (`version` is
+    # kept for callers; the stored copy does not depend on it.)
+    return client.upload_model(model, source, tenant=tenant or None)
 
 
 def _copy_local(source: str, target: str, version: int, version_exists) -> None:

@@ -18,12 +18,15 @@ import os
 import re
 import secrets
 import shlex
+import stat
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from services.common import errors, validation
+from services.common.confine import Confiner, Location, open_beneath
+from services.common.uploads import Stored, Uploads
 from services.common.runtime.base import Runtime, Unschedulable
 from services.common.tokens import Principal
 from services.jobs import policy, records
@@ -61,6 +64,32 @@ class Defaults:
     gpus: int = 0
 
 
+def confine_spec(confiner: Confiner, tenant: str, spec: pb.TrainJobSpec) -> tuple[Location, Location | None]:
+    """Where the spec's trainer package and output are, checked for `tenant`
+    (see services.common.confine); raises InvalidArgument / PermissionDenied
+    naming the field. Used when a job is submitted and again by the scheduler
+    right before the job runs (a stored job, or a symlink planted since)."""
+    package = confiner.check(tenant, spec.trainer_uri.strip(), "spec.trainer_uri", keep_plain=False)
+    output = confiner.check(tenant, spec.output_path, "spec.output_path") if spec.output_path else None
+    return package, output
+
+
+def check_package_file(where: Location) -> None:
+    """A local trainer package must be a regular file reached without symlinks."""
+    try:
+        fd = open_beneath(where.root, where.relative, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise errors.InvalidArgument(f"spec.trainer_uri {where.uri!r}: no such file on the platform") from None
+    except OSError as err:
+        raise errors.PermissionDenied(
+            f"spec.trainer_uri {where.uri!r} cannot be read without following a symlink ({err.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise errors.InvalidArgument(f"spec.trainer_uri {where.uri!r} is not a file")
+    finally:
+        os.close(fd)
+
+
 def spec_hash(spec: pb.TrainJobSpec) -> str:
     return hashlib.sha256(spec.SerializeToString(deterministic=True)).hexdigest()
 
@@ -90,7 +119,8 @@ def _page_after(token: str) -> str:
 
 class JobsCore:
     def __init__(self, store: JobStore, index: JobIndex, quota, runtime: Runtime, data_dir: str,
-                 defaults: Defaults = Defaults(), clock=time.time, metrics: JobsMetrics | None = None):
+                 defaults: Defaults = Defaults(), clock=time.time, metrics: JobsMetrics | None = None,
+                 confiner: Confiner | None = None, uploads: Uploads | None = None):
         self.store = store
         self.index = index
         self.quota = quota
@@ -100,6 +130,9 @@ class JobsCore:
         self.clock = clock
         self.tensorboard = TensorBoardReader()
         self.metrics = metrics or JobsMetrics()
+        storage = os.path.join(data_dir, "storage")
+        self.confiner = confiner or Confiner(storage)
+        self.uploads = uploads or Uploads(storage)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -129,7 +162,8 @@ class JobsCore:
 
     def normalize(self, tenant: str, name: str, spec: pb.TrainJobSpec) -> pb.TrainJobSpec:
         """Checks the spec and returns it with defaults filled in; raises
-        InvalidArgument naming the field."""
+        InvalidArgument (PermissionDenied for a path outside the tenant's
+        storage or a forbidden address) naming the field."""
         out = pb.TrainJobSpec()
         out.CopyFrom(spec)
         bad = errors.InvalidArgument
@@ -139,13 +173,14 @@ class JobsCore:
             raise bad("spec.trainer_uri is required: a trainer package (.tar.gz or .whl) by URI")
         if not uri.split("?", 1)[0].endswith(PACKAGE_SUFFIXES):
             raise bad(f"spec.trainer_uri {uri!r} must name a Python sdist (.tar.gz) or wheel (.whl)")
-        if "://" not in uri:
-            if not os.path.isabs(uri):
-                raise bad(f"spec.trainer_uri {uri!r} must be a URI (file://, s3://, ...) or an absolute path")
-            uri = "file://" + uri
-        if uri.startswith("file://") and not os.path.isfile(uri[len("file://"):]):
-            raise bad(f"spec.trainer_uri {uri!r}: no such file on the platform")
-        out.trainer_uri = uri
+        if not spec.output_path:
+            out.output_path = os.path.join(self.data_dir, "storage", tenant, "jobs", name)
+        package, output = confine_spec(self.confiner, tenant, out)
+        if package.local:
+            check_package_file(package)
+        out.trainer_uri = package.uri
+        if output is not None:
+            out.output_path = output.uri
 
         if not MODULE_RE.fullmatch(spec.module_name):
             raise bad(f"spec.module_name {spec.module_name!r} must be a dotted Python module name, e.g. trainer.task")
@@ -164,13 +199,6 @@ class JobsCore:
         del out.job_args[:]
         out.job_args.extend(args)
         out.job_args_line = ""
-
-        if spec.output_path:
-            path = spec.output_path
-            if "://" not in path and not os.path.isabs(path):
-                raise bad(f"spec.output_path {path!r} must be an absolute path or a URI")
-        else:
-            out.output_path = os.path.join(self.data_dir, "storage", tenant, "jobs", name)
 
         self._check_replicas(spec, out)
 
@@ -262,7 +290,7 @@ class JobsCore:
                      validate_only: bool = False) -> tuple[pb.TrainJob, bool]:
         tenant = self._tenant(caller, tenant)
         validation.check_name(name, "name")
-        normalized = self.normalize(tenant, name, spec)
+        normalized = await asyncio.to_thread(self.normalize, tenant, name, spec)
         digest = spec_hash(normalized)
         if not validate_only:
             found = await self.store.get(tenant, name)
@@ -402,7 +430,21 @@ class JobsCore:
         reported = merge_series(chunks, names, start_step)
         if reported or any(c.source == pb.METRIC_SOURCE_REPORTED for c in chunks):
             return reported
-        return await asyncio.to_thread(self.tensorboard.series, job.spec.output_path, names, start_step)
+        if not job.spec.output_path:
+            return []
+        where = await asyncio.to_thread(self.confiner.check, tenant, job.spec.output_path, "spec.output_path")
+        return await asyncio.to_thread(self.tensorboard.series, where, names, start_step)
+
+    # --- uploads -----------------------------------------------------------------------
+
+    async def upload_package(self, caller: Principal, tenant: str, file_name: str, chunks) -> Stored:
+        """Stores a trainer package streamed by the caller in the tenant's
+        storage (services.common.uploads) and returns where."""
+        tenant = self._tenant(caller, tenant)
+        if (not file_name or "/" in file_name or "\\" in file_name or file_name.startswith(".")
+                or len(file_name) > 255 or not file_name.endswith(PACKAGE_SUFFIXES)):
+            raise errors.InvalidArgument(f"file_name {file_name[:80]!r} must be a plain .tar.gz or .whl file name")
+        return await self.uploads.receive_file(tenant, ("packages",), file_name, chunks)
 
     async def report_metrics(self, caller: Principal, tenant: str, name: str, replica: Replica | None,
                              attempt: int, step: int, metrics: dict[str, float], wall_time: float) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -50,6 +51,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -426,38 +428,84 @@ class EnvCache:
             raise
 
 
-async def fetch(uri: str, dest_dir: str) -> str:
-    """Copies the trainer package at `uri` (a path, `file://...`, or any
-    fsspec URI such as `s3://bucket/trainer-1.0.tar.gz`) into `dest_dir` under
-    its own file name and returns the local path. Raises FetchFailed."""
-    return await asyncio.to_thread(_fetch, uri, dest_dir)
+MAX_PACKAGE_BYTES = 2 << 30
 
 
-def _fetch(uri: str, dest_dir: str) -> str:
-    import fsspec  # only when fetching: keeps importing this module cheap
+async def fetch(uri: str, dest_dir: str, location=None) -> str:
+    """Copies the trainer package at `uri` into `dest_dir` under its own file
+    name and returns the local path. Raises FetchFailed.
 
-    try:
-        fs, path = fsspec.core.url_to_fs(uri)
-    except (ValueError, ImportError) as exc:  # unknown protocol / backend not installed
-        raise FetchFailed(f"cannot fetch trainer package {uri}: {exc}") from exc
-    name = posixpath.basename(path.rstrip("/"))
-    if not name:
+    `location` is `uri` as `services.common.confine.Confiner.check` answered
+    it for the job's tenant (the scheduler checks again right before every
+    fetch). With it, a local package is read beneath the tenant's storage
+    root without following any symlink, an http(s) package is fetched from
+    the address the check saw (no redirects), and other schemes through
+    fsspec. Without it (tools and tests of the platform itself), `uri` is a
+    path, `file://...` or fsspec URI taken as is, but never a chained one."""
+    return await asyncio.to_thread(_fetch, uri, dest_dir, location)
+
+
+def _fetch(uri: str, dest_dir: str, location=None) -> str:
+    if "::" in uri:
+        raise FetchFailed(f"cannot fetch trainer package {uri}: chained URIs are not allowed")
+    if location is not None:
+        name = posixpath.basename(location.uri.split("?", 1)[0].rstrip("/"))
+    else:
+        name = posixpath.basename(uri.split("://", 1)[-1].rstrip("/"))
+    if not name or name in (".", ".."):
         raise FetchFailed(f"trainer package URI has no file name: {uri}")
     os.makedirs(dest_dir, exist_ok=True)
     dest = os.path.join(dest_dir, name)
     tmp = f"{dest}.part-{os.getpid()}-{threading.get_ident()}"
     try:
-        if fs.isdir(path):
-            raise FetchFailed(f"trainer package URI is a directory, not a .tar.gz or .whl: {uri}")
-        fs.get_file(path, tmp)
+        if location is not None:
+            _fetch_checked(location, tmp)
+        else:
+            _fetch_fsspec(uri, tmp)
         os.replace(tmp, dest)
     except FetchFailed:
         raise
     except FileNotFoundError as exc:
         raise FetchFailed(f"trainer package not found: {uri}") from exc
+    except IsADirectoryError as exc:
+        raise FetchFailed(f"trainer package URI is a directory, not a .tar.gz or .whl: {uri}") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EXDEV):
+            raise FetchFailed(f"cannot fetch trainer package {uri}: a symlink in the tenant's storage "
+                              "(packages are never read through symlinks)") from exc
+        raise FetchFailed(f"cannot fetch trainer package {uri}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         raise FetchFailed(f"cannot fetch trainer package {uri}: {type(exc).__name__}: {exc}") from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     return dest
+
+
+def _fetch_checked(location, tmp: str) -> None:
+    from services.common import confine  # noqa: PLC0415
+
+    with open(tmp, "wb") as out:
+        if location.local:
+            fd = confine.open_beneath(location.root, location.relative, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as src:
+                if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                    raise IsADirectoryError(location.uri)
+                shutil.copyfileobj(src, out, 1 << 20)
+        elif location.scheme in confine.HTTP_SCHEMES:
+            confine.fetch_http(location, out, max_bytes=MAX_PACKAGE_BYTES)
+        else:
+            out.close()
+            _fetch_fsspec(location.uri, tmp)
+
+
+def _fetch_fsspec(uri: str, tmp: str) -> None:
+    import fsspec  # only when fetching: keeps importing this module cheap
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError) as exc:  # unknown protocol / backend not installed
+        raise FetchFailed(f"cannot fetch trainer package {uri}: {exc}") from exc
+    if fs.isdir(path):
+        raise FetchFailed(f"trainer package URI is a directory, not a .tar.gz or .whl: {uri}")
+    fs.get_file(path, tmp)

@@ -30,11 +30,14 @@ import json
 import logging
 import math
 import os
+import posixpath
+import stat as stat_mod
 import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
+from services.common import confine
 from services.common.wire import varint as _varint
 from services.jobs import store as store_mod
 from services.jobs.logs import JobPaths, timestamp
@@ -327,15 +330,23 @@ def read_event_file(data: bytes) -> list[Scalar]:
 
 class TensorBoardReader:
     """Scalar series from the event files under an output path, cached per
-    file by (size, mtime)."""
+    file by (size, mtime).
+
+    The output path comes checked (a `services.common.confine.Location` of
+    the job's tenant). Local trees are listed and read beneath the tenant's
+    storage root without following any symlink (`confine.walk_beneath`,
+    `confine.open_beneath`): an events file, or a directory on the way, that
+    is a symlink (to another tenant's events, say) is skipped, never read."""
+
+    MAX_FILE_BYTES = 256 << 20
 
     def __init__(self, max_files: int = 2000):
-        self._cache: dict[str, tuple[tuple, list[Scalar]]] = {}
+        self._cache: dict[tuple[str, str], tuple[tuple, list[Scalar]]] = {}
         self.max_files = max_files
 
-    def series(self, output_path: str, names: set[str], start_step: int) -> list[pb.MetricSeries]:
+    def series(self, where, names: set[str], start_step: int) -> list[pb.MetricSeries]:
         by_tag: dict[str, dict[int, pb.MetricPoint]] = {}
-        for run, scalars in self._scan(output_path):
+        for run, scalars in self._scan(where):
             for s in scalars:
                 name = s.tag if run in ("", ".") else f"{run}/{s.tag}"
                 if (names and name not in names) or s.step < start_step or math.isnan(s.wall_time):
@@ -350,35 +361,56 @@ class TensorBoardReader:
             for name, points in sorted(by_tag.items())
         ]
 
-    def _scan(self, output_path: str) -> Iterator[tuple[str, list[Scalar]]]:
-        if not output_path:
+    def _scan(self, where) -> Iterator[tuple[str, list[Scalar]]]:
+        if not where:
             return
-        if "://" in output_path and not output_path.startswith("file://"):
-            yield from self._scan_fsspec(output_path)
+        if isinstance(where, str):  # a path the platform chose itself (tests, tools)
+            if "://" in where and not where.startswith("file://"):
+                yield from self._scan_fsspec(where)
+                return
+            where = confine.Location(uri=where, scheme="file", root=where.removeprefix("file://"))
+        if not where.local:
+            yield from self._scan_fsspec(where.uri)
             return
-        root = output_path.removeprefix("file://")
-        if not os.path.isdir(root):
+        try:
+            rootfd = confine.open_root(where.root)
+        except OSError:
             return
-        files = []
-        for folder, _, names in os.walk(root):
-            files += [os.path.join(folder, n) for n in names if ".tfevents." in n]
-            if len(files) > self.max_files:
-                break
-        for path in sorted(files)[: self.max_files]:
-            try:
-                stat = os.stat(path)
-            except OSError:
-                continue
-            key = (stat.st_size, stat.st_mtime_ns)
-            cached = self._cache.get(path)
-            if cached is None or cached[0] != key:
-                try:
-                    with open(path, "rb") as f:
-                        scalars = read_event_file(f.read())
-                except OSError:
+        try:
+            files = []
+            for _, found, _ in confine.walk_beneath(rootfd, where.relative):
+                files += [e.relative for e in found if ".tfevents." in e.relative.rsplit("/", 1)[-1]]
+                if len(files) > self.max_files:
+                    break
+            base = where.relative
+            for rel in sorted(files)[: self.max_files]:
+                scalars = self._read(rootfd, where.root, rel)
+                if scalars is None:
                     continue
-                cached = self._cache[path] = (key, scalars)
-            yield os.path.relpath(os.path.dirname(path), root), cached[1]
+                run = posixpath.relpath(posixpath.dirname(rel), base) if base else posixpath.dirname(rel) or "."
+                yield run, scalars
+        finally:
+            os.close(rootfd)
+
+    def _read(self, rootfd: int, root: str, rel: str) -> list[Scalar] | None:
+        try:
+            fd = confine.open_beneath(rootfd, rel, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return None  # gone, or a symlink planted since the walk
+        try:
+            st = os.fstat(fd)
+            if not stat_mod.S_ISREG(st.st_mode) or st.st_size > self.MAX_FILE_BYTES:
+                return None
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._cache.get((root, rel))
+            if cached is None or cached[0] != key:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    cached = self._cache[(root, rel)] = (key, read_event_file(f.read(self.MAX_FILE_BYTES)))
+            return cached[1]
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def _scan_fsspec(self, output_path: str) -> Iterator[tuple[str, list[Scalar]]]:
         try:

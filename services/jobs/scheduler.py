@@ -70,7 +70,9 @@ from services.common.runtime.base import (
     Unschedulable,
 )
 from services.jobs import policy, records
-from services.jobs.envs import EnvCache, InstallFailed, fetch
+from services.common.confine import Confiner
+from services.jobs.core import confine_spec
+from services.jobs.envs import EnvCache, FetchFailed, InstallFailed, fetch
 from services.jobs.logs import JobLog, JobPaths
 from services.jobs.metrics import Ingester
 from services.jobs.observability import JobsMetrics
@@ -96,6 +98,8 @@ class SchedulerSettings:
     # Pause before a restarted attempt: restart_backoff * 2^(attempt-1), capped.
     restart_backoff: float = 0.2
     restart_backoff_max: float = 10.0
+    # Remote URI schemes tenants may name (services.common.confine).
+    allowed_uri_schemes: str = ""
 
 
 def _truncate(text: str, limit: int = MAX_MESSAGE) -> str:
@@ -596,7 +600,11 @@ class JobDriver:
 
         async def install() -> str:
             line(f"[platform] fetching {self.job.spec.trainer_uri}")
-            path = await fetch(self.job.spec.trainer_uri, self.paths.package_dir)
+            try:
+                where = await asyncio.to_thread(self._confined)
+            except errors.CloudMLError as err:
+                raise FetchFailed(err.message) from None
+            path = await fetch(self.job.spec.trainer_uri, self.paths.package_dir, where)
             env = await self.s.envs.ensure(path, line)
             line(f"[platform] environment {env.key[:12]} {'(cached)' if env.cached else 'built'}: {env.python}")
             return env.python
@@ -637,7 +645,19 @@ class JobDriver:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
+    def _confined(self):
+        """The job's paths checked again for its tenant (a stored job from
+        before the rules, or a symlink planted since it was submitted)."""
+        confiner = Confiner(os.path.join(self.s.settings.data_dir, "storage"), self.s.settings.allowed_uri_schemes)
+        return confine_spec(confiner, self.tenant, self.job.spec)[0]
+
     async def _prepare(self) -> None:
+        try:
+            await asyncio.to_thread(self._confined)
+        except errors.CloudMLError as err:
+            await self._transition(pb.JOB_STATE_FAILED, "PathRefused", err.message)
+            await self._refresh()
+            return
         if not await self._ensure_env():
             await self._refresh()
             return

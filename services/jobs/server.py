@@ -9,7 +9,9 @@ import sys
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+from services.common.confine import Confiner
 from services.common.runtime.base import Amount, Runtime
+from services.common.uploads import UploadLimits, Uploads
 from services.common.server import Platform, ServiceApp
 from services.jobs.core import Defaults, JobsCore
 from services.jobs.envs import EnvCache
@@ -64,13 +66,17 @@ class JobsApp(ServiceApp):
             gpus=getattr(extra, "default_gpus", None) or Defaults.gpus,
         )
         metrics = JobsMetrics(platform.metrics_registry)
-        self.core = JobsCore(self.store, self.index, quota, self.runtime, data_dir, defaults, metrics=metrics)
+        storage = os.path.join(data_dir, "storage")
+        schemes = getattr(extra, "allowed_uri_schemes", "") or ""
+        uploads = Uploads(storage, getattr(self.runtime, "tenancy", None), UploadLimits.from_settings(extra))
+        self.core = JobsCore(self.store, self.index, quota, self.runtime, data_dir, defaults, metrics=metrics,
+                             confiner=Confiner(storage, schemes), uploads=uploads)
         envs = EnvCache(getattr(extra, "envs_dir", None) or os.path.join(data_dir, "envs"), getattr(extra, "base_python", None) or sys.executable,
                         install_args=tuple(getattr(extra, "install_arg", None) or ()))
         self.scheduler = Scheduler(
             platform.session, self.store, self.index, quota, self.runtime, envs,
             SchedulerSettings(data_dir=data_dir, instance=settings.instance,
-                              stop_grace=getattr(extra, "stop_grace", 3.0)),
+                              stop_grace=getattr(extra, "stop_grace", 3.0), allowed_uri_schemes=schemes),
             metrics=metrics,
         )
         self._scheduler_task: asyncio.Task | None = None

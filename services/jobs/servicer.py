@@ -57,6 +57,22 @@ class JobsServicer(pb_grpc.JobsServiceServicer):
         async for job in self.core.watch(principal(), request.tenant, request.name):
             yield pb.WatchJobResponse(job=job)
 
+    async def UploadPackage(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.file_name:
+            raise errors.InvalidArgument("file_name is required in the first message")
+
+        async def chunks():
+            yield first.data
+            async for message in request_iterator:
+                if (message.tenant and message.tenant != first.tenant) or (
+                        message.file_name and message.file_name != first.file_name):
+                    raise errors.InvalidArgument("tenant and file_name may only be set in the first message")
+                yield message.data
+
+        stored = await self.core.upload_package(principal(), first.tenant, first.file_name, chunks())
+        return pb.UploadPackageResponse(uri=stored.uri, size_bytes=stored.size_bytes, sha256=stored.sha256)
+
     async def ReportMetrics(self, request, context):
         replica = _replica(request.replica, "replica") if request.HasField("replica") else None
         wall = seconds(request.wall_time) if request.HasField("wall_time") else 0.0

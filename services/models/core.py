@@ -12,19 +12,22 @@ Tenancy: an empty `tenant` means the caller's own; a member naming another
 tenant gets NOT_FOUND exactly as for a missing model; the admin tenant may
 act on every tenant.
 
-Model URIs: see `check_model_uri`. Local paths must hold a SavedModel when
-the version is created; a member tenant's local paths must lie inside its
-own storage tree (`<storage>/<tenant>/`), where `GetUploadLocation` points
-the CLI's uploads; only the admin tenant may name any local path.
+Model URIs: see `check_model_uri` and services.common.confine. Local paths
+must hold a SavedModel when the version is created and lie inside the
+version's tenant's own storage tree (`<storage>/<tenant>/`), where
+`UploadModel` stores what the CLI uploads, whoever the caller is (the admin
+too: a platform API key is not a licence to read the machine's files).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import logging
 import os
 import re
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -34,6 +37,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from cloudml.common.v1 import resources_pb2
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import errors, validation
+from services.common.confine import Confiner, Location, open_beneath, refuse_http_directory
+from services.common.uploads import Stored, Uploads
 from services.common.etcd import (
     Etcd,
     PrefixWatcher,
@@ -106,9 +111,17 @@ def split_uri(uri: str) -> tuple[str, str]:
     return scheme, uri
 
 
-def _within(path: str, root: str) -> bool:
-    root = os.path.realpath(root)
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+def _is_file_at(dirfd: int, name: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def checked_fetch_source(confiner: Confiner, version: pb.ModelVersion) -> Location:
+    """The version's model_uri checked again for its tenant, right before the
+    platform copies it (the reconciler's fetch): raises a typed error."""
+    return confiner.check(version.tenant, version.model_uri, "model_version.model_uri")
 
 
 def _encode_token(value: str) -> str:
@@ -124,11 +137,15 @@ def _decode_token(token: str) -> str:
 
 class ModelsCore:
     def __init__(self, etcd: Etcd, auth: QuotaClient, runtime: Runtime | None, *, storage_root: str | None,
-                 defaults: Defaults = Defaults(), clock=time.time):
+                 defaults: Defaults = Defaults(), clock=time.time, confiner: Confiner | None = None,
+                 uploads: Uploads | None = None):
         self.etcd = etcd
         self.auth = auth
         self.runtime = runtime
         self.storage_root = os.path.abspath(storage_root) if storage_root else None
+        # Without a storage root no local path is anyone's: a root nobody has.
+        self.confiner = confiner or Confiner(self.storage_root or "/nonexistent/cloudml-storage")
+        self.uploads = uploads or (Uploads(self.storage_root) if self.storage_root else None)
         self.defaults = defaults
         self.clock = clock
 
@@ -391,40 +408,35 @@ class ModelsCore:
                                  max_enqueued_batches=batching.max_enqueued_batches,
                                  num_batch_threads=batching.num_batch_threads)
 
-    def check_model_uri(self, uri: str, tenant: str, caller: Principal) -> None:
+    def check_model_uri(self, uri: str, tenant: str, caller: Principal | None = None) -> Location:
+        """`uri` checked for the version's tenant (services.common.confine:
+        local paths inside the tenant's own storage, whoever the caller is;
+        remote schemes only when allowed); a local one must hold a SavedModel,
+        reached without following any symlink."""
         field = "model_version.model_uri"
         if not uri:
             raise errors.InvalidArgument(f"{field} is required (a SavedModel directory by fsspec URI)")
-        if len(uri) > 4096 or any(ord(c) < 32 for c in uri):
-            raise errors.InvalidArgument(f"{field} is not a valid URI")
-        scheme, rest = split_uri(uri)
-        if scheme != "file":
-            import fsspec  # noqa: PLC0415 - only needed for remote URIs
-
-            try:
-                fsspec.get_filesystem_class(scheme)
-            except (ValueError, ImportError) as err:
-                raise errors.InvalidArgument(
-                    f"{field} {uri!r}: the scheme {scheme!r} is not supported here ({err})"
-                ) from None
-            return
-        if not os.path.isabs(rest):
+        if "://" not in uri and not uri.startswith("/"):
             raise errors.InvalidArgument(
-                f"{field} {uri!r}: a local path must be absolute (the CLI uploads local directories for you)"
-            )
-        path = os.path.realpath(rest)
-        if not caller.is_admin:
-            own = os.path.join(self.storage_root, tenant) if self.storage_root else None
-            if own is None or not _within(path, own):
-                raise errors.InvalidArgument(
-                    f"{field} {uri!r}: local paths must lie in the tenant's own storage "
-                    f"({'file://' + own + '/' if own else 'none configured'}); upload the SavedModel there "
-                    f"(the CLI does) or pass a remote URI"
-                )
-        if not os.path.isdir(path):
-            raise errors.InvalidArgument(f"{field} {uri!r}: no such directory")
-        if not any(os.path.isfile(os.path.join(path, name)) for name in SAVED_MODEL_FILES):
-            raise errors.InvalidArgument(f"{field} {uri!r} is not a SavedModel directory (no saved_model.pb)")
+                f"{field} {uri!r}: a local path must be absolute (the CLI uploads local directories for you)")
+        refuse_http_directory(uri, field)
+        where = self.confiner.check(tenant, uri, field)
+        if where.local:
+            try:
+                fd = open_beneath(where.root, where.relative, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:
+                raise errors.InvalidArgument(f"{field} {uri!r}: no such directory") from None
+            except OSError as err:
+                if err.errno == errno.ENOTDIR:
+                    raise errors.InvalidArgument(f"{field} {uri!r}: no such directory") from None
+                raise errors.PermissionDenied(
+                    f"{field} {uri!r} cannot be reached without following a symlink ({err.strerror})") from None
+            try:
+                if not any(_is_file_at(fd, name) for name in SAVED_MODEL_FILES):
+                    raise errors.InvalidArgument(f"{field} {uri!r} is not a SavedModel directory (no saved_model.pb)")
+            finally:
+                os.close(fd)
+        return where
 
     async def _check_fits_ever(self, tenant: str, version: pb.ModelVersion) -> None:
         want = replica_resources(version)
@@ -447,7 +459,7 @@ class ModelsCore:
                              given: pb.ModelVersion) -> tuple[pb.ModelVersion, bool]:
         tenant = await self._tenant(caller, tenant)
         validation.check_model_name(model, "model")
-        spec = self._normalize(given, tenant, caller)
+        spec = await asyncio.to_thread(self._normalize, given, tenant, caller)
         checked = False
         for _ in range(20):
             snap = await self._snapshot(tenant, model)
@@ -700,3 +712,12 @@ class ModelsCore:
             raise errors.FailedPrecondition("this platform has no storage configured; pass a model URI")
         leaf = str(number) if number else os.path.join("uploads", secrets.token_hex(8))
         return "file://" + os.path.join(self.storage_root, tenant, "models", model, leaf) + "/"
+
+    async def upload_model(self, caller: Principal, tenant: str, model: str, chunks) -> Stored:
+        """Stores a SavedModel directory streamed by the caller in the
+        tenant's storage (services.common.uploads) and returns where."""
+        tenant = await self._tenant(caller, tenant)
+        validation.check_model_name(model, "model")
+        if self.uploads is None:
+            raise errors.FailedPrecondition("this platform has no storage configured; pass a model URI")
+        return await self.uploads.receive_tree(tenant, ("models", model), chunks, required=SAVED_MODEL_FILES)

@@ -912,13 +912,17 @@ class _Gone(Exception):
 
 
 def _fetch(uri: str, target: str) -> None:
-    """Copies a SavedModel directory from an fsspec URI to `target` (atomically)."""
+    """Copies a SavedModel directory from an fsspec URI to `target` (atomically),
+    after checking the URI again (services.common.confine)."""
     import fsspec  # noqa: PLC0415
+
+    from services.common.confine import recheck_remote_model  # noqa: PLC0415
 
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = f"{target}.part-{secrets.token_hex(4)}"
     try:
+        recheck_remote_model(uri)  # typed error: the version fails to load with its message
         fs, path = fsspec.core.url_to_fs(uri)
         if not any(fs.exists(f"{path.rstrip('/')}/{name}") for name in ("saved_model.pb", "saved_model.pbtxt")):
             raise FileNotFoundError(f"no saved_model.pb under {uri}")

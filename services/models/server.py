@@ -18,7 +18,9 @@ import os
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from cloudml.models.v1 import models_service_pb2_grpc as pb_grpc
+from services.common.confine import Confiner
 from services.common.etcd import Election, run_as_leader
+from services.common.uploads import UploadLimits, Uploads
 from services.common.runtime.base import Amount, Runtime
 from services.common.server import Platform, ServiceApp
 from services.models import store
@@ -71,6 +73,8 @@ class ModelsApp(ServiceApp):
         self.core = ModelsCore(
             platform.etcd, self.auth, self.runtime, storage_root=storage,
             defaults=Defaults(cpu_millis=extra.default_cpu_millis, memory_bytes=extra.default_memory_bytes),
+            confiner=Confiner(storage, getattr(extra, "allowed_uri_schemes", "") or ""),
+            uploads=Uploads(storage, getattr(self.runtime, "tenancy", None), UploadLimits.from_settings(extra)),
         )
         self.reconciler = Reconciler(
             platform.etcd, self.runtime, self.auth,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from cloudml.models.v1 import models_service_pb2_grpc as pb_grpc
+from services.common import errors
 from services.common.tokens import principal
 from services.models.core import ModelsCore
 
@@ -71,3 +72,18 @@ class ModelsServicer(pb_grpc.ModelsServiceServicer):
     async def GetUploadLocation(self, request, context):
         uri = await self.core.upload_location(principal(), request.tenant, request.model, request.version)
         return pb.GetUploadLocationResponse(uri=uri)
+
+    async def UploadModel(self, request_iterator, context):
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise errors.InvalidArgument("the first message must be the header (tenant, model)")
+
+        async def chunks():
+            async for message in request_iterator:
+                if message.WhichOneof("part") != "chunk":
+                    raise errors.InvalidArgument("only the first message may be a header; the others are chunks")
+                yield message.chunk.path, message.chunk.data
+
+        stored = await self.core.upload_model(principal(), first.header.tenant, first.header.model, chunks())
+        return pb.UploadModelResponse(uri=stored.uri, size_bytes=stored.size_bytes, files=stored.files,
+                                      sha256=stored.sha256)

@@ -24,6 +24,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
 from services.common import errors, validation
+from services.common.confine import Confiner
 from services.common.tokens import Principal
 from services.tuner import algorithms, early_stopping
 from services.tuner import spec as spec_mod
@@ -78,12 +79,16 @@ def _check_states(states: list[int], enum, field: str = "states") -> frozenset[i
 
 
 class TunerCore:
-    def __init__(self, store: TunerStore, jobs, quota, data_dir: str, clock=time.time):
+    def __init__(self, store: TunerStore, jobs, quota, data_dir: str, clock=time.time,
+                 confiner: Confiner | None = None):
         self.store = store
         self.jobs = jobs
         self.quota = quota
         self.data_dir = data_dir
         self.clock = clock
+        # The jobs service checks every trial's paths again (validate_only and
+        # at submit); this early check names the study's fields.
+        self.confiner = confiner or (Confiner(os.path.join(data_dir, "storage")) if data_dir else None)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -120,6 +125,7 @@ class TunerCore:
         if existing is not None:
             return self._same_or_conflict(existing, spec), False
         normalized = spec_mod.normalize(spec)
+        await asyncio.to_thread(self._confine_template, tenant, normalized)
         trial_env = await self._check_template(tenant, name, normalized)
 
         created_reservation = await self.quota.reserve_study(tenant, owner_id(name))
@@ -157,6 +163,17 @@ class TunerCore:
             f"study {existing.study.name!r} already exists in tenant {existing.study.tenant!r} with a different "
             "spec; choose another name, or delete it first")
 
+    def _confine_template(self, tenant: str, spec: pb.StudySpec) -> None:
+        """The template's trainer package and output inside the tenant's
+        storage (or an allowed remote scheme): services.common.confine."""
+        if self.confiner is None:
+            return
+        template = spec.trial_template
+        if template.trainer_uri:
+            self.confiner.check(tenant, template.trainer_uri.strip(), "spec.trial_template.trainer_uri")
+        if template.output_path:
+            self.confiner.check(tenant, template.output_path, "spec.trial_template.output_path")
+
     async def _check_template(self, tenant: str, name: str, spec: pb.StudySpec) -> bool:
         """Checks the first trial's train job with the jobs service
         (validate_only) and returns whether trial jobs can carry the
@@ -169,6 +186,11 @@ class TunerCore:
             try:
                 await self.jobs.submit(tenant, job_name, job, validate_only=True)
                 return with_env
+            except errors.PermissionDenied as err:
+                message = err.message
+                if message.startswith("spec."):
+                    message = "spec.trial_template." + message[len("spec."):]
+                raise errors.PermissionDenied(message) from None
             except errors.InvalidArgument as err:
                 if with_env and "spec.env" in err.message and "CLOUDML_" in err.message:
                     # A jobs service that reserves every CLOUDML_* key: trial

@@ -8,6 +8,7 @@ import os
 
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
 from cloudml.tuner.v1 import tuner_service_pb2_grpc as pb_grpc
+from services.common.confine import Confiner
 from services.common.etcd import Election, run_as_leader
 from services.common.server import Platform, ServiceApp
 from services.tuner import algorithms
@@ -32,7 +33,10 @@ class TunerApp(ServiceApp):
         data_dir = os.path.abspath(settings.data_dir) if settings.data_dir else ""
         self.store = TunerStore(platform.etcd)
         self.jobs = JobsClient(platform.directory, platform.identity)
-        self.core = TunerCore(self.store, self.jobs, StudyQuota(platform.directory, platform.identity), data_dir)
+        confiner = (Confiner(os.path.join(data_dir, "storage"), getattr(settings.extra, "allowed_uri_schemes", "") or "")
+                    if data_dir else None)
+        self.core = TunerCore(self.store, self.jobs, StudyQuota(platform.directory, platform.identity), data_dir,
+                              confiner=confiner)
         poll = getattr(settings.extra, "poll_seconds", 1.0)
         self.driver = Driver(platform.etcd, self.core, self.store, self.jobs, DriverSettings(poll_seconds=poll))
         self._leader_task: asyncio.Task | None = None

@@ -242,6 +242,13 @@ def normalize(spec: pb.StudySpec, seed: int | None = None) -> pb.StudySpec:
         shlex.split(spec.trial_template.job_args_line)
     except ValueError as err:
         raise bad(f"spec.trial_template.job_args_line cannot be split shell-style: {err}") from None
+    for field in ("trainer_uri", "output_path"):
+        # The shape only; the tuner and the jobs service confine both to the
+        # tenant's storage (services.common.confine).
+        value = getattr(spec.trial_template, field)
+        if "::" in value or ".." in value.replace("://", "/").split("/"):
+            raise bad(f"spec.trial_template.{field} {value!r}: '..' components and chained URIs ('::') "
+                      "are not allowed")
     if spec.goal not in (pb.GOAL_MINIMIZE, pb.GOAL_MAXIMIZE):
         if spec.goal == pb.GOAL_UNSPECIFIED:
             raise bad("spec.goal is required: GOAL_MINIMIZE or GOAL_MAXIMIZE")

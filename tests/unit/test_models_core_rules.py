@@ -5,6 +5,7 @@ import pytest
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import errors
+from services.common.confine import Confiner
 from services.common.tokens import ROLE_ADMIN, ROLE_MEMBER, Principal
 from services.models import store
 from services.models.core import ModelsCore, spec_of, split_uri
@@ -23,7 +24,9 @@ def saved_model(path) -> str:
 
 @pytest.fixture
 def core(tmp_path):
-    return ModelsCore(etcd=None, auth=None, runtime=None, storage_root=str(tmp_path / "storage"))
+    storage = str(tmp_path / "storage")
+    return ModelsCore(etcd=None, auth=None, runtime=None, storage_root=storage,
+                      confiner=Confiner(storage, allowed_schemes="memory"))
 
 
 def test_split_uri():
@@ -38,14 +41,18 @@ def test_member_local_paths_must_lie_in_own_storage(core, tmp_path):
     outside = saved_model(tmp_path / "elsewhere")
     core.check_model_uri("file://" + own, "team-a", MEMBER)
     core.check_model_uri(own, "team-a", MEMBER)
-    for uri in (other, "file://" + outside, own + "/../../../../team-b/models/m/1"):
-        with pytest.raises(errors.InvalidArgument, match="own storage"):
+    for uri in (other, "file://" + outside):
+        with pytest.raises(errors.PermissionDenied, match="own storage"):
             core.check_model_uri(uri, "team-a", MEMBER)
+    with pytest.raises(errors.InvalidArgument, match="'..'"):
+        core.check_model_uri(own + "/../../../../team-b/models/m/1", "team-a", MEMBER)
     # A symlink inside the tenant's storage pointing out of it does not help.
     os.symlink(other, tmp_path / "storage" / "team-a" / "link")
-    with pytest.raises(errors.InvalidArgument, match="own storage"):
+    with pytest.raises(errors.PermissionDenied, match="own storage"):
         core.check_model_uri(str(tmp_path / "storage" / "team-a" / "link"), "team-a", MEMBER)
-    core.check_model_uri(outside, "team-b", ADMIN)  # the admin may serve any local path
+    # Nor is the admin let out of the version's tenant's storage.
+    with pytest.raises(errors.PermissionDenied, match="own storage"):
+        core.check_model_uri(outside, "team-b", ADMIN)
 
 
 def test_local_uri_must_hold_a_saved_model(core, tmp_path):
@@ -114,9 +121,10 @@ def test_route_carries_states_and_errors():
     assert route.public and dict(route.labels) == {"stable": 1}
 
 
-def test_fetch_copies_a_remote_saved_model(tmp_path):
+def test_fetch_copies_a_remote_saved_model(tmp_path, monkeypatch):
     import fsspec
 
+    monkeypatch.setenv("CLOUDML_ALLOWED_URI_SCHEMES", "memory")
     fs = fsspec.filesystem("memory")
     fs.pipe("/bucket/model/saved_model.pb", b"graph")
     fs.pipe("/bucket/model/variables/variables.index", b"index")
@@ -127,3 +135,16 @@ def test_fetch_copies_a_remote_saved_model(tmp_path):
     with pytest.raises(FileNotFoundError):
         _fetch("memory://bucket/nothing", str(tmp_path / "cache" / "2-abc"))
     assert sorted(os.listdir(tmp_path / "cache")) == ["1-abc"]
+
+
+def test_fetch_checks_the_uri_again(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLOUDML_ALLOWED_URI_SCHEMES", raising=False)
+    for uri, error in [("memory://bucket/model", errors.InvalidArgument),   # no longer allowed
+                       ("zip://m::file:///elsewhere/m.zip", errors.InvalidArgument),
+                       ("file:///etc", errors.InvalidArgument)]:
+        with pytest.raises(error):
+            _fetch(uri, str(tmp_path / "cache" / "x"))
+    monkeypatch.setenv("CLOUDML_ALLOWED_URI_SCHEMES", "http,https")
+    with pytest.raises(errors.InvalidArgument, match="http"):
+        _fetch("http://127.0.0.1:1/model", str(tmp_path / "cache" / "y"))
+    assert not (tmp_path / "cache" / "x").exists()

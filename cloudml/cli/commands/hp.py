@@ -247,6 +247,9 @@ def submit(ctx: Context) -> None:
     args = ctx.args
     job, hyper = load_study_file(args.file, ctx.note)
     name, spec = build_study(args, job, hyper)
+    from cloudml.cli.commands.jobs import upload_if_local  # a local package is uploaded first
+
+    upload_if_local(ctx, job.get("trainer_uri"), spec.trial_template, args.tenant or "")
     resp = _call(ctx, "CreateStudy", pb.CreateStudyRequest(tenant=args.tenant or "", name=name, spec=spec))
     ctx.emit(message_to_dict(resp), table=(STUDY_HEADERS, [_study_row(resp.study)]))
     if not resp.created:

@@ -16,8 +16,10 @@ restart_policy (never | on_failure | exit_code), max_retries, timeout
 (seconds, or "30s" / "10m" / "2h"), priority. Flags given on the command line
 override the file.
 
-`-u` takes a URI (file://, s3://, ...) or a path on this machine, sent as a
-file:// URI (the local platform reads it where it is).
+`-u` takes a URI (file://, s3://, ... as the platform sees it) or a path on
+this machine, which is uploaded first (JobsService/UploadPackage, streamed
+through the gateway, with a progress line for large packages) into your
+tenant's storage; the job names the stored copy.
 """
 from __future__ import annotations
 
@@ -125,6 +127,30 @@ def trainer_uri(value: str) -> str:
     return "file://" + path
 
 
+def upload_progress(ctx: Context, label: str, threshold: int = 8 << 20):
+    """A progress callback for Client.upload_*: one line on stderr, rewritten
+    in place, for uploads of `threshold` bytes or more."""
+    def show(sent: int, total: int) -> None:
+        if total < threshold:
+            return
+        ctx.stderr.write(f"\ruploading {label}: {sent / 2**20:.1f}/{total / 2**20:.1f} MiB "
+                         f"({100 * sent // max(total, 1)}%)" + ("\n" if sent >= total else ""))
+        ctx.stderr.flush()
+
+    return show
+
+
+def upload_if_local(ctx: Context, given, spec, tenant: str = "") -> None:
+    """When the trainer package was given as a path on this machine (no
+    "://"), uploads it and points spec.trainer_uri at the stored copy."""
+    if not given or "://" in str(given):
+        return
+    path = spec.trainer_uri[len("file://"):] if spec.trainer_uri.startswith("file://") else str(given)
+    spec.trainer_uri = ctx.client.upload_package(path, tenant=tenant or None,
+                                                 progress=upload_progress(ctx, os.path.basename(path)))
+    ctx.note(f"uploaded {given} to {spec.trainer_uri}")
+
+
 def load_seed_spec(path: str, note=lambda message: None) -> dict:
     try:
         with open(path) as f:
@@ -229,7 +255,8 @@ def register(subparsers) -> None:
     p.add_argument("-f", "--file", help="a JSON spec with the seed's field names (job_name, module_name, ...)")
     p.add_argument("-n", "--name", help="the job's name (a DNS label)")
     p.add_argument("-m", "--module", help="the module run as `python -m`, e.g. trainer.task")
-    p.add_argument("-u", "--trainer-uri", help="the trainer package (.tar.gz/.whl): a path or a URI")
+    p.add_argument("-u", "--trainer-uri",
+                   help="the trainer package (.tar.gz/.whl): a path on this machine (uploaded) or a URI")
     p.add_argument("-a", "--args", help="arguments for the module, one string split shell-style")
     p.add_argument("-c", "--cpu", type=arg_type(units.parse_cpu), help="per replica: " + units.CPU_HELP)
     p.add_argument("-M", "--memory", type=arg_type(units.parse_memory), help="per replica limit: " + units.MEMORY_HELP)
@@ -319,6 +346,8 @@ def submit(ctx: Context) -> int | None:
     args = ctx.args
     seed = load_seed_spec(args.file, ctx.note) if args.file else None
     name, spec = build_spec(args, seed)
+    given = args.trainer_uri if args.trainer_uri is not None else (seed or {}).get("trainer_uri")
+    upload_if_local(ctx, given, spec, args.tenant or "")
     resp = _call(ctx, "SubmitJob", pb.SubmitJobRequest(tenant=args.tenant or "", name=name, spec=spec,
                                                        validate_only=args.validate_only))
     job = resp.job

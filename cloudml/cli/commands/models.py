@@ -9,8 +9,9 @@
     cloudml models update linear --traffic 1=90,2=10 | --default-version 2 | --public
     cloudml models predict linear [2] -d data.json
 
-A local directory given to -u is uploaded into the platform's storage first
-(see `cloudml.serving.upload_saved_model`); a URI (file://, s3://, ...) is
+A local directory given to -u is uploaded into the tenant's storage first
+(ModelsService/UploadModel, streamed through the gateway, with a progress
+line for large models; see `cloudml.Client.upload_model`); a URI (file://, s3://, ...) is
 passed as is. Versions are TF Serving's numbers; `v1` means 1.
 """
 from __future__ import annotations
@@ -247,7 +248,15 @@ def _spec(ctx: Context, model: str):
         min_replicas = 1
     uri = args.uri
     if serving.is_local_source(uri) and not args.no_upload:
-        uri = serving.upload_saved_model(ctx.client, model, uri, version=args.version, tenant=args.tenant)
+        import os  # noqa: PLC0415
+
+        from cloudml.cli.commands.jobs import upload_progress  # noqa: PLC0415
+
+        source = os.path.abspath(os.path.expanduser(uri))
+        if not serving.is_saved_model_dir(source):
+            raise errors.InvalidArgument(f"{source} is not a SavedModel directory (no saved_model.pb)")
+        uri = ctx.client.upload_model(model, source, tenant=args.tenant or None,
+                                      progress=upload_progress(ctx, os.path.basename(source.rstrip("/"))))
         ctx.note(f"uploaded {args.uri} to {uri}")
     elif serving.is_local_source(uri):
         import os  # noqa: PLC0415

@@ -400,3 +400,23 @@ class ReportMetricsRequest(_message.Message):
 class ReportMetricsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class UploadPackageRequest(_message.Message):
+    __slots__ = ("tenant", "file_name", "data")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    file_name: str
+    data: bytes
+    def __init__(self, tenant: _Optional[str] = ..., file_name: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadPackageResponse(_message.Message):
+    __slots__ = ("uri", "size_bytes", "sha256")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    size_bytes: int
+    sha256: str
+    def __init__(self, uri: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...

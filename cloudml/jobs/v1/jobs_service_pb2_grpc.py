@@ -79,6 +79,11 @@ class JobsServiceStub:
                 request_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.UploadPackage = channel.stream_unary(
+                '/cloudml.jobs.v1.JobsService/UploadPackage',
+                request_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageRequest.SerializeToString,
+                response_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageResponse.FromString,
+                _registered_method=True)
 
 
 class JobsServiceServicer:
@@ -193,6 +198,28 @@ class JobsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadPackage(self, request_iterator, context):
+        """Uploads a trainer package (an sdist .tar.gz or a wheel .whl) into the
+        tenant's storage, streamed: the first message carries the tenant and the
+        file name, every message may carry bytes, appended in order. The package
+        is stored under its content hash,
+        `<storage>/<tenant>/packages/<sha256 prefix>/<file_name>`, written under a
+        temporary name and renamed into place once complete, so the same bytes
+        uploaded twice give the same URI. Pass the answered `uri` as
+        spec.trainer_uri.
+        INVALID_ARGUMENT: no file name in the first message, a file name that is
+        not a plain .tar.gz/.whl name (no '/', no '..'), or a later message
+        naming another tenant or file.
+        RESOURCE_EXHAUSTED: the package is larger than the per-upload limit, or
+        the tenant's storage would exceed its limit (the message says which).
+        PERMISSION_DENIED: the tenant's storage holds a symlink where the package
+        goes.
+        NOT_FOUND: the tenant does not exist (or is another tenant's, for a MEMBER).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +267,11 @@ def add_JobsServiceServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ReportMetricsRequest.FromString,
                     response_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'UploadPackage': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadPackage,
+                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageRequest.FromString,
+                    response_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +517,33 @@ class JobsService:
             '/cloudml.jobs.v1.JobsService/ReportMetrics',
             cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ReportMetricsRequest.SerializeToString,
             cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadPackage(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cloudml.jobs.v1.JobsService/UploadPackage',
+            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageRequest.SerializeToString,
+            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -137,7 +137,7 @@ class ModelVersion(_message.Message):
     def __init__(self, model: _Optional[str] = ..., tenant: _Optional[str] = ..., version: _Optional[int] = ..., model_uri: _Optional[str] = ..., description: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., status: _Optional[_Union[ErrorStatus, _Mapping]] = ..., desired_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ModelReplica, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReplicaEndpoint(_message.Message):
-    __slots__ = ("tenant", "model", "version", "replica_id", "address", "state", "register_time", "coalesce_max")
+    __slots__ = ("tenant", "model", "version", "replica_id", "address", "state", "register_time", "coalesce_max", "max_request_bytes")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class ReplicaEndpoint(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     REGISTER_TIME_FIELD_NUMBER: _ClassVar[int]
     COALESCE_MAX_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model: str
     version: int
@@ -154,7 +155,8 @@ class ReplicaEndpoint(_message.Message):
     state: ModelVersionState
     register_time: _timestamp_pb2.Timestamp
     coalesce_max: int
-    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., register_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., coalesce_max: _Optional[int] = ...) -> None: ...
+    max_request_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., register_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., coalesce_max: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelRoute(_message.Message):
     __slots__ = ("tenant", "model", "public", "default_version", "labels", "traffic_split", "versions")
@@ -430,3 +432,39 @@ class GetUploadLocationResponse(_message.Message):
     URI_FIELD_NUMBER: _ClassVar[int]
     uri: str
     def __init__(self, uri: _Optional[str] = ...) -> None: ...
+
+class UploadModelRequest(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: UploadModelHeader
+    chunk: UploadFileChunk
+    def __init__(self, header: _Optional[_Union[UploadModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[UploadFileChunk, _Mapping]] = ...) -> None: ...
+
+class UploadModelHeader(_message.Message):
+    __slots__ = ("tenant", "model")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class UploadFileChunk(_message.Message):
+    __slots__ = ("path", "data")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    data: bytes
+    def __init__(self, path: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadModelResponse(_message.Message):
+    __slots__ = ("uri", "size_bytes", "files", "sha256")
+    URI_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    uri: str
+    size_bytes: int
+    files: int
+    sha256: str
+    def __init__(self, uri: _Optional[str] = ..., size_bytes: _Optional[int] = ..., files: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...

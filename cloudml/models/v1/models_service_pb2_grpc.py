@@ -104,6 +104,11 @@ class ModelsServiceStub:
                 request_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationRequest.SerializeToString,
                 response_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationResponse.FromString,
                 _registered_method=True)
+        self.UploadModel = channel.stream_unary(
+                '/cloudml.models.v1.ModelsService/UploadModel',
+                request_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelRequest.SerializeToString,
+                response_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServiceServicer:
@@ -271,6 +276,28 @@ class ModelsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadModel(self, request_iterator, context):
+        """Uploads a SavedModel directory into the tenant's storage, streamed: the
+        first message carries a header (tenant, model), the following ones file
+        chunks (a relative path and bytes; consecutive chunks of one path append,
+        a path ending in '/' with no bytes makes an empty directory). The tree is
+        written under a temporary name outside the tenant's reach, given to the
+        tenant, and renamed into place under its content hash,
+        `<storage>/<tenant>/models/<model>/<sha256 prefix>/`, so the same
+        directory uploaded twice gives the same URI. Pass the answered `uri` as
+        model_version.model_uri.
+        INVALID_ARGUMENT: no header first, a bad model name, a path that is
+        absolute, has '..' or empty components, or comes back after another
+        path; too many files; no saved_model.pb at the top.
+        RESOURCE_EXHAUSTED: the upload is larger than the per-upload limit, or
+        the tenant's storage would exceed its limit (the message says which).
+        PERMISSION_DENIED: the tenant's storage holds a symlink where the model goes.
+        NOT_FOUND: the tenant is another tenant's (for a MEMBER).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -343,6 +370,11 @@ def add_ModelsServiceServicer_to_server(servicer, server):
                     servicer.GetUploadLocation,
                     request_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationRequest.FromString,
                     response_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationResponse.SerializeToString,
+            ),
+            'UploadModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadModel,
+                    request_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelRequest.FromString,
+                    response_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -723,6 +755,33 @@ class ModelsService:
             '/cloudml.models.v1.ModelsService/GetUploadLocation',
             cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationRequest.SerializeToString,
             cloudml_dot_models_dot_v1_dot_models__service__pb2.GetUploadLocationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/cloudml.models.v1.ModelsService/UploadModel',
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelRequest.SerializeToString,
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
