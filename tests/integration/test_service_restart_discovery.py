@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 
@@ -144,7 +145,8 @@ class _Unavailable(grpc.RpcError):
 
 
 def test_clean_exit_revokes_the_lease_so_the_entry_goes_at_once(stack):
-    """SIGTERM: the registry entry disappears when the process exits, not a TTL later."""
+    """SIGTERM: the registry entry disappears before the server drains (callers
+    move on at once), and nothing is left once the process has exited."""
     loop = LoopThread()
 
     async def entries():
@@ -155,13 +157,25 @@ def test_clean_exit_revokes_the_lease_so_the_entry_goes_at_once(stack):
         finally:
             await etcd.close()
 
+    # An open stream keeps the server draining (up to its 5 s grace) after SIGTERM.
+    channel = grpc.insecure_channel(stack.auth.address)
+    stream = pb_grpc.AuthServiceStub(channel).WatchVerificationKeys(pb.WatchVerificationKeysRequest(), timeout=30)
     try:
+        next(stream)
         before = loop.run(entries())
         assert [kv for kv in before if stack.auth.address.encode() in kv.value]
-        stack.auth.stop()  # SIGTERM, waits for the exit
+        stack.auth.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 3
+        while [kv for kv in loop.run(entries()) if stack.auth.address.encode() in kv.value]:
+            assert time.monotonic() < deadline, "registry entry still there 3 s after SIGTERM"
+            time.sleep(0.02)
+        assert stack.auth.process.poll() is None  # gone from the registry while still draining
+        stack.auth.process.wait(15)
         assert stack.auth.process.returncode == 0
         after = loop.run(entries())
         assert not [kv for kv in after if stack.auth.address.encode() in kv.value]
     finally:
+        stream.cancel()
+        channel.close()
         loop.close()
 
