@@ -39,6 +39,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -229,16 +230,19 @@ class Tenancy:
 
     def hand_over(self, path: str, tenant: str) -> None:
         """Gives a tree the platform wrote for the tenant (an upload, a
-        fetched model) to the tenant's user; symlinks are never followed."""
+        fetched model, a fresh environment) to the tenant's user. Walks with
+        directory descriptors (os.fwalk checks each directory it enters is
+        the one it listed) and never follows a symlink, so even a tree the
+        tenant can change meanwhile cannot send it elsewhere."""
         account = self.account(tenant)
         if account is None:
             return
         os.chown(path, account.uid, account.gid, follow_symlinks=False)
         if os.path.isdir(path) and not os.path.islink(path):
-            for root, dirs, files in os.walk(path):
+            for _, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
                 for name in dirs + files:
                     with contextlib.suppress(FileNotFoundError):
-                        os.chown(os.path.join(root, name), account.uid, account.gid, follow_symlinks=False)
+                        os.chown(name, account.uid, account.gid, dir_fd=dir_fd, follow_symlinks=False)
 
     @staticmethod
     def take_back(path: str) -> None:
@@ -248,16 +252,27 @@ class Tenancy:
         if os.geteuid() != 0:
             return
         os.chown(path, 0, 0, follow_symlinks=False)
-        for root, dirs, files in os.walk(path):
+        os.chmod(path, os.lstat(path).st_mode & 0o755)
+        for _, dirs, files, dir_fd in os.fwalk(path, follow_symlinks=False):
             for name in dirs + files:
-                full = os.path.join(root, name)
-                with contextlib.suppress(FileNotFoundError):
-                    st = os.lstat(full)
-                    os.chown(full, 0, 0, follow_symlinks=False)
-                    if not os.path.islink(full):
-                        # chown cleared set-uid/set-gid; drop group/other write too.
-                        os.chmod(full, st.st_mode & 0o755)
-            os.chmod(root, os.lstat(root).st_mode & 0o755)
+                # Through a descriptor opened without following links: a
+                # process of the tenant's still running cannot swap the name
+                # for a link to a file of the platform's in between.
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    continue
+                except OSError:  # a symlink (ELOOP) or a socket: only the entry itself changes hands
+                    with contextlib.suppress(FileNotFoundError):
+                        os.chown(name, 0, 0, dir_fd=dir_fd, follow_symlinks=False)
+                    continue
+                try:
+                    st = os.fstat(fd)
+                    os.fchown(fd, 0, 0)
+                    # chown cleared set-uid/set-gid; drop group/other write too.
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode) & 0o755)
+                finally:
+                    os.close(fd)
 
 
 def group_name(gid: int) -> str:

@@ -36,6 +36,21 @@ visible in every environment without being reinstalled:
   (e.g. a trainer pinning `tensorflow<2`): a trainer cannot replace the
   platform's packages.
 
+Tenants
+-------
+Installing a package runs its code (an sdist's build backend; a wheel's
+`.pth` files run whenever its environment's interpreter starts), so with
+tenant isolation on (services.common.tenancy) environments are per tenant,
+`root/<tenant>/<key>/`, behind a gate only that tenant's processes may
+enter, and everything that runs package code runs as the tenant's user:
+`uv pip install` (with a uv cache of the tenant's own, `root/<tenant>/.uv`,
+so no tenant reads another's code or plants a wheel in a shared cache) and
+the conflict check. Meanwhile the environment belongs to that user; once
+installed it is taken back (root's, read-only for everyone else), so no
+tenant code can change it afterwards. `uv venv` and the ready marker are
+the platform's own. Without isolation (not root) environments are shared
+by content hash, as before.
+
 This module imports neither TensorFlow nor grpc.
 """
 from __future__ import annotations
@@ -58,15 +73,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from services.common.tenancy import Tenancy, setpriv_prefix
+
 __all__ = ["EnvCache", "EnvInfo", "InstallFailed", "FetchFailed", "fetch", "find_uv"]
 
 READY_MARKER = ".cloudml-ready"
 PLATFORM_PTH = "zzz_cloudml_platform.pth"
-EXCLUDES_FILE = ".cloudml-platform-packages.txt"
+EXCLUDES_FILE = ".platform-packages.txt"
 _LAYOUT_VERSION = b"cloudml-env-v1"
 _PACKAGE_SUFFIXES = (".tar.gz", ".whl", ".zip")
 _HASH_IN_THREAD_BYTES = 8 << 20
 _TAIL_LINES = 40
+_NETWORK_ENV = frozenset({"PATH", "LANG", "LC_ALL", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+                          "CURL_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy",
+                          "no_proxy"})
 
 Log = Callable[[str], None]
 
@@ -100,8 +120,13 @@ class _Platform:
 
 
 def find_uv() -> Optional[str]:
-    """The uv executable: on PATH, else the one the `uv` PyPI package ships
-    in the running interpreter's environment; None if neither."""
+    """The uv executable: the one the `uv` PyPI package ships in the running
+    interpreter's environment, else on PATH; None if neither. (The package's
+    binary first: a PATH entry may be a pyenv shim, a script that tenant
+    users, who run uv too, cannot follow.)"""
+    beside = os.path.join(os.path.dirname(sys.executable), "uv")
+    if os.access(beside, os.X_OK):
+        return beside
     found = shutil.which("uv")
     if found:
         return found
@@ -207,8 +232,13 @@ class EnvCache:
         uv: Optional[str] = None,
         install_args: Sequence[str] = (),
         lock_poll_seconds: float = 0.05,
+        tenancy: Optional[Tenancy] = None,
     ):
+        self.tenancy = tenancy if tenancy is not None else Tenancy()
         self.root = os.path.abspath(root)
+        for program in (base_python, uv or find_uv() or "", os.path.join(self.root, "x")):
+            if os.path.isabs(program):  # tenant users run these
+                self.tenancy.ensure_reachable(os.path.dirname(os.path.realpath(program)))
         # abspath, not realpath: a venv's python is a symlink to the base
         # interpreter, and resolving it would lose the venv (and its packages).
         self.base_python = os.path.abspath(base_python)
@@ -232,20 +262,27 @@ class EnvCache:
             return await asyncio.to_thread(self._hash, package_path)
         return self._hash(package_path)
 
-    def _info(self, key: str, cached: bool) -> EnvInfo:
-        path = os.path.join(self.root, key)
+    def _dir(self, tenant: str) -> str:
+        """Where the tenant's environments are: its own gated directory with
+        isolation on, the shared root without."""
+        return os.path.join(self.root, tenant) if self.tenancy.enabled else self.root
+
+    def _info(self, key: str, cached: bool, tenant: str = "") -> EnvInfo:
+        path = os.path.join(self._dir(tenant), key)
         return EnvInfo(key=key, path=path, python=os.path.join(path, "bin", "python"), cached=cached)
 
-    def is_ready(self, key: str) -> bool:
-        return os.path.exists(os.path.join(self.root, key, READY_MARKER))
+    def is_ready(self, key: str, tenant: str = "") -> bool:
+        return os.path.exists(os.path.join(self._dir(tenant), key, READY_MARKER))
 
     # -- the entry point --------------------------------------------------
 
-    async def ensure(self, package_path: str, log: Optional[Log] = None) -> EnvInfo:
-        """Returns a ready environment with `package_path` installed, building
-        it unless it is cached. Raises InstallFailed."""
+    async def ensure(self, package_path: str, log: Optional[Log] = None, *, tenant: str = "") -> EnvInfo:
+        """Returns a ready environment of `tenant` with `package_path`
+        installed, building it unless it is cached. Raises InstallFailed."""
         if log is None:
             log = lambda line: None  # noqa: E731
+        if self.tenancy.enabled and not tenant:
+            raise InstallFailed("no tenant: with tenant isolation on, environments are built per tenant")
         package_path = os.path.abspath(package_path)
         name = os.path.basename(package_path)
         if not name.endswith(_PACKAGE_SUFFIXES):
@@ -254,26 +291,29 @@ class EnvCache:
             key = await self.key_for(package_path)
         except OSError as exc:
             raise InstallFailed(f"cannot read trainer package {package_path}: {exc}") from exc
-        if self.is_ready(key):
-            return self._info(key, cached=True)
+        if self.is_ready(key, tenant):
+            return self._info(key, cached=True, tenant=tenant)
 
         os.makedirs(self.root, exist_ok=True)
-        async with self._key_lock(key, log):
-            if self.is_ready(key):  # built by whoever held the lock
+        if self.tenancy.enabled:
+            os.chmod(self.root, 0o711)
+            await asyncio.to_thread(self.tenancy.gate, self._dir(tenant), tenant, 0o750)
+        async with self._key_lock(key, log, tenant):
+            if self.is_ready(key, tenant):  # built by whoever held the lock
                 log(f"using environment {key[:12]} built by a concurrent install")
-                return self._info(key, cached=True)
-            await self._build(package_path, self._info(key, cached=False), log)
-        return self._info(key, cached=False)
+                return self._info(key, cached=True, tenant=tenant)
+            await self._build(package_path, self._info(key, cached=False, tenant=tenant), log, tenant)
+        return self._info(key, cached=False, tenant=tenant)
 
     # -- locking ----------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _key_lock(self, key: str, log: Log):
+    async def _key_lock(self, key: str, log: Log, tenant: str = ""):
         """An exclusive flock on root/<key>.lock, polled so that waiting never
         blocks the event loop and a cancelled waiter leaves nothing behind.
         flock locks belong to the open file, so two coroutines of one process
         exclude each other as two processes do."""
-        fd = os.open(os.path.join(self.root, f"{key}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(os.path.join(self._dir(tenant), f"{key}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             waited = False
             while True:
@@ -304,7 +344,7 @@ class EnvCache:
             self._platform = _Platform(tuple(data["site_dirs"]), tuple(data["dists"]), data["version"])
         return self._platform
 
-    async def _build(self, package_path: str, env: EnvInfo, log: Log) -> None:
+    async def _build(self, package_path: str, env: EnvInfo, log: Log, tenant: str = "") -> None:
         started = time.monotonic()
         if os.path.lexists(env.path):
             log(f"discarding half-built environment {env.path}")
@@ -312,8 +352,12 @@ class EnvCache:
         platform = await self._platform_info()
         try:
             await self._create(env, platform, log)
-            await self._install(package_path, env, platform, log)
-            await self._check(env, platform)
+            if self.tenancy.enabled:  # package code runs as the tenant, in an env it owns for now
+                await asyncio.to_thread(self.tenancy.hand_over, env.path, tenant)
+            await self._install(package_path, env, platform, log, tenant)
+            if self.tenancy.enabled:
+                await asyncio.to_thread(self.tenancy.take_back, env.path)
+            await self._check(env, platform, tenant)
         except BaseException:
             # Leave no half-built env behind on failure; on a cancel or crash
             # the missing marker makes the next ensure() rebuild it anyway.
@@ -328,7 +372,7 @@ class EnvCache:
             "created": time.time(),
         }
         tmp = os.path.join(env.path, READY_MARKER + ".tmp")
-        with open(tmp, "w") as f:
+        with _create_new(tmp) as f:
             json.dump(marker, f)
         os.replace(tmp, os.path.join(env.path, READY_MARKER))
         log(f"environment {env.key[:12]} ready in {time.monotonic() - started:.1f}s")
@@ -351,27 +395,29 @@ class EnvCache:
             for directory in platform.site_dirs:
                 f.write(f"import site; site.addsitedir({directory!r})\n")
 
-    async def _install(self, package_path: str, env: EnvInfo, platform: _Platform, log: Log) -> None:
+    async def _install(self, package_path: str, env: EnvInfo, platform: _Platform, log: Log,
+                       tenant: str = "") -> None:
         own = _package_name(os.path.basename(package_path))
-        excludes = os.path.join(env.path, EXCLUDES_FILE)
-        with open(excludes, "w") as f:
+        # Beside the env, not in it: the env may belong to the tenant right now.
+        excludes = f"{env.path}{EXCLUDES_FILE}"
+        with _create_new(excludes) as f:
             f.writelines(f"{name}\n" for name in platform.dists if _canonical(name) != own)
         lines: collections.deque[str] = collections.deque(maxlen=400)
         log(f"installing {os.path.basename(package_path)}")
         rc = await self._run(
             [self.uv, "pip", "install", "--python", env.python, "--excludes", excludes, *self.install_args, package_path],
-            self._tee(log, lines),
+            self._tee(log, lines), tenant,
         )
         if rc != 0:
             raise InstallFailed(
                 f"installing {os.path.basename(package_path)} failed (uv exit {rc}):\n{_error_tail(lines)}"
             )
 
-    async def _check(self, env: EnvInfo, platform: _Platform) -> None:
+    async def _check(self, env: EnvInfo, platform: _Platform, tenant: str = "") -> None:
         lines: list[str] = []
         rc = await self._run(
             [env.python, "-I", "-c", _ENV_CHECK, self._site_packages(env, platform), json.dumps(platform.site_dirs)],
-            lines.append,
+            lines.append, tenant,
         )
         if rc == 0:
             return
@@ -389,11 +435,24 @@ class EnvCache:
 
         return both
 
-    async def _run(self, argv: Sequence[str], on_line: Log) -> int:
+    async def _run(self, argv: Sequence[str], on_line: Log, tenant: str = "") -> int:
         """Runs argv, passing each output line (stdout and stderr merged) to
-        `on_line` as it comes. A cancel kills the process group."""
-        env = dict(os.environ)
-        env.pop("VIRTUAL_ENV", None)
+        `on_line` as it comes; as the tenant's user when `tenant` is given
+        and isolation is on (with a minimal environment, a uv cache of its
+        own and umask 022, so the platform can read what it installed). A
+        cancel kills the process group."""
+        cwd = self.root
+        account = self.tenancy.account(tenant) if tenant else None
+        if account is not None:
+            home = await asyncio.to_thread(self.tenancy.own_dir, os.path.join(self._dir(tenant), ".uv"), tenant)
+            # The host's network settings (CA bundle, proxies, indexes), nothing else of the service's.
+            env = {k: v for k, v in os.environ.items() if k in _NETWORK_ENV or k.startswith(("UV_", "PIP_"))}
+            env.update({"HOME": home, "UV_CACHE_DIR": os.path.join(home, "cache"), "TMPDIR": home})
+            argv = [*setpriv_prefix(account), *argv]
+            cwd = home
+        else:
+            env = dict(os.environ)
+            env.pop("VIRTUAL_ENV", None)
         env.update({"NO_COLOR": "1", "UV_NO_PROGRESS": "1", "UV_PYTHON_DOWNLOADS": "never", "PYTHONUNBUFFERED": "1"})
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -401,9 +460,10 @@ class EnvCache:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                cwd=self.root,
+                cwd=cwd,
                 env=env,
                 start_new_session=True,
+                preexec_fn=(lambda: os.umask(0o022)) if account is not None else None,
             )
         except OSError as exc:
             raise InstallFailed(f"cannot run {argv[0]}: {exc}") from exc
@@ -426,6 +486,14 @@ class EnvCache:
                     os.killpg(proc.pid, 9)
                 await asyncio.shield(proc.wait())
             raise
+
+
+def _create_new(path: str):
+    """A new file at `path` for writing, replacing whatever is there without
+    following it (tenant code may have planted a symlink by that name)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644), "w")
 
 
 MAX_PACKAGE_BYTES = 2 << 30

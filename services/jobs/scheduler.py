@@ -125,6 +125,7 @@ class Scheduler:
         self.quota = quota
         self.runtime = runtime
         self.envs = envs
+        self.tenancy = envs.tenancy
         self.settings = settings
         self.clock = clock
         self.metrics = metrics or JobsMetrics()
@@ -600,12 +601,13 @@ class JobDriver:
 
         async def install() -> str:
             line(f"[platform] fetching {self.job.spec.trainer_uri}")
+            await asyncio.to_thread(self._gate_job_dirs)
             try:
                 where = await asyncio.to_thread(self._confined)
             except errors.CloudMLError as err:
                 raise FetchFailed(err.message) from None
             path = await fetch(self.job.spec.trainer_uri, self.paths.package_dir, where)
-            env = await self.s.envs.ensure(path, line)
+            env = await self.s.envs.ensure(path, line, tenant=self.tenant)
             line(f"[platform] environment {env.key[:12]} {'(cached)' if env.cached else 'built'}: {env.python}")
             return env.python
 
@@ -672,9 +674,54 @@ class JobDriver:
 
     # --- starting an attempt ---------------------------------------------------------------
 
+    def _gate_job_dirs(self) -> None:
+        """The job's directory: only the platform and the job's tenant may
+        enter it (services.common.tenancy); the package inside is readable
+        by the tenant (its install runs as the tenant), the logs are the
+        platform's alone (the tenant reads them through the API)."""
+        tenancy = self.s.tenancy
+        jobs_root = os.path.dirname(os.path.dirname(self.paths.root))
+        os.makedirs(jobs_root, exist_ok=True)
+        if tenancy.enabled:
+            os.chmod(jobs_root, 0o711)
+        tenancy.gate(os.path.dirname(self.paths.root), self.tenant, 0o710)
+        tenancy.gate(self.paths.root, self.tenant, 0o710)
+        tenancy.gate(self.paths.package_dir, self.tenant, 0o750)
+        os.makedirs(self.paths.logs, exist_ok=True)
+        os.chmod(self.paths.logs, 0o700)
+
+    def _prepare_files(self, attempt: int) -> None:
+        """What the attempt's replicas write, made theirs: the output
+        directory (created as the tenant's when it is in the tenant's
+        storage), one metrics file each in a directory they may not change
+        (so the platform never reads through a link they planted). The work
+        directory is made the tenant's by the runtime."""
+        tenancy = self.s.tenancy
+        self._gate_job_dirs()
+        output = self.job.spec.output_path
+        local = output[len("file://"):] if output.startswith("file://") else ("" if "://" in output else output)
+        if local:
+            storage = os.path.join(self.s.settings.data_dir, "storage")
+            own = os.path.join(storage, self.tenant)
+            os.makedirs(storage, exist_ok=True)
+            if tenancy.enabled:
+                os.chmod(storage, 0o711)
+            tenancy.own_dir(own, self.tenant)
+            if not (os.path.abspath(local) == own or os.path.abspath(local).startswith(own + os.sep)):
+                raise ValueError(f"the output path {output} is outside the tenant's storage")
+            tenancy.make_dirs(own, local, self.tenant)
+        for replica in self.replicas:
+            os.makedirs(os.path.dirname(self.paths.replica_log(attempt, replica)), mode=0o700, exist_ok=True)
+            metrics = self.paths.metrics_file(attempt, replica)
+            tenancy.gate(os.path.dirname(os.path.dirname(metrics)), self.tenant, 0o710)
+            tenancy.gate(os.path.dirname(metrics), self.tenant, 0o710)
+            tenancy.own_file(metrics, self.tenant)
+
     def _env(self, replica: Replica, attempt: int, cluster: dict[str, list[str]]) -> dict[str, str]:
         spec = self.job.spec
-        env = {"PYTHONUNBUFFERED": "1"}
+        # HOME and TMPDIR in the job's own work directory: tenant code writes
+        # its caches and temporary files where no other tenant can look.
+        env = {"PYTHONUNBUFFERED": "1", "HOME": self.paths.workdir, "TMPDIR": self.paths.workdir}
         env.update(spec.env)
         env.update({
             "TF_CONFIG": tf_config(cluster, replica, spec.env.get("CLOUDML_TRIAL_NUMBER", "")),
@@ -711,22 +758,24 @@ class JobDriver:
         ports = await self.s.runtime.allocate_ports(len(in_cluster))
         addresses = assign_addresses(self.replicas, ports)
         cluster = cluster_spec(addresses)
-        output = spec.output_path
-        if output and "://" not in output:
-            os.makedirs(output, exist_ok=True)
-        elif output.startswith("file://"):
-            os.makedirs(output[len("file://"):], exist_ok=True)
-        os.makedirs(self.paths.workdir, exist_ok=True)
+        try:  # every attempt: a restart re-checks the paths too (a link planted since)
+            await asyncio.to_thread(self._confined)
+        except errors.CloudMLError as err:
+            await self._transition(pb.JOB_STATE_FAILED, "PathRefused", err.message)
+            return
+        try:
+            await asyncio.to_thread(self._prepare_files, attempt)
+        except (OSError, ValueError) as err:
+            await self._transition(pb.JOB_STATE_FAILED, "StartFailed", f"cannot prepare the job's files: {err}")
+            return
         requests = []
         for replica in self.replicas:
-            log_path = self.paths.replica_log(attempt, replica)
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            os.makedirs(os.path.dirname(self.paths.metrics_file(attempt, replica)), exist_ok=True)
             requests.append(ReplicaRequest(
                 replica_id=self.rid(attempt, replica), group=records.group_of(self.job),
                 argv=[self.python, "-m", spec.module_name, *spec.job_args],
-                env=self._env(replica, attempt, cluster), workdir=self.paths.workdir, log_path=log_path,
-                resources=self.resources[replica],
+                env=self._env(replica, attempt, cluster), workdir=self.paths.workdir,
+                log_path=self.paths.replica_log(attempt, replica),
+                resources=self.resources[replica], tenant=self.tenant,
             ))
         results = await asyncio.gather(*(self.s.runtime.start(r) for r in requests), return_exceptions=True)
         failed = [(req, res) for req, res in zip(requests, results) if isinstance(res, BaseException)]

@@ -71,8 +71,11 @@ class JobsApp(ServiceApp):
         uploads = Uploads(storage, getattr(self.runtime, "tenancy", None), UploadLimits.from_settings(extra))
         self.core = JobsCore(self.store, self.index, quota, self.runtime, data_dir, defaults, metrics=metrics,
                              confiner=Confiner(storage, schemes), uploads=uploads)
+        tenancy = getattr(self.runtime, "tenancy", None)
+        if tenancy is not None:  # tenant code must reach its own directories below the data dir
+            tenancy.ensure_reachable(data_dir)
         envs = EnvCache(getattr(extra, "envs_dir", None) or os.path.join(data_dir, "envs"), getattr(extra, "base_python", None) or sys.executable,
-                        install_args=tuple(getattr(extra, "install_arg", None) or ()))
+                        install_args=tuple(getattr(extra, "install_arg", None) or ()), tenancy=tenancy)
         self.scheduler = Scheduler(
             platform.session, self.store, self.index, quota, self.runtime, envs,
             SchedulerSettings(data_dir=data_dir, instance=settings.instance,

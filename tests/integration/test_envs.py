@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ import time
 
 import pytest
 
+from services.common.tenancy import setpriv_prefix
 from services.jobs.envs import READY_MARKER, EnvCache, FetchFailed, InstallFailed, fetch, find_uv
 
 UV = find_uv()
@@ -61,7 +63,7 @@ async def test_cold_install_sees_platform_tensorflow_and_cache_hit_is_immediate(
     log = Log()
 
     started = time.monotonic()
-    env = await cache.ensure(package, log)
+    env = await cache.ensure(package, log, tenant="t1")
     cold = time.monotonic() - started
     assert not env.cached and os.path.isfile(env.python)
     assert os.path.isfile(os.path.join(env.path, READY_MARKER))
@@ -72,12 +74,12 @@ async def test_cold_install_sees_platform_tensorflow_and_cache_hit_is_immediate(
     assert not os.path.exists(os.path.join(site, "tensorflow"))
 
     started = time.monotonic()
-    again = await cache.ensure(package, log)
+    again = await cache.ensure(package, log, tenant="t1")
     warm = time.monotonic() - started
     assert again.cached and again.key == env.key and again.python == env.python
     assert warm < 0.05, f"cache hit took {warm * 1000:.1f} ms"
     # A new cache object (a restarted jobs service) finds it too.
-    assert (await EnvCache(str(tmp_path / "envs")).ensure(package)).cached
+    assert (await EnvCache(str(tmp_path / "envs")).ensure(package, tenant="t1")).cached
     print(f"\nensure: cold {cold:.2f}s, warm {warm * 1000:.2f}ms")
 
     code = (
@@ -106,7 +108,7 @@ async def test_setup_py_error_fails_with_the_build_error_text(tmp_path):
     cache = EnvCache(str(tmp_path / "envs"))
     log = Log()
     with pytest.raises(InstallFailed) as caught:
-        await cache.ensure(package, log)
+        await cache.ensure(package, log, tenant="t1")
     assert "brokenpkg cannot be built: on purpose" in caught.value.message
     assert "brokenpkg cannot be built" in log.text  # streamed to the job's log as well
     key = await cache.key_for(package)
@@ -116,26 +118,26 @@ async def test_setup_py_error_fails_with_the_build_error_text(tmp_path):
 async def test_unsatisfiable_requirement_fails_naming_it(tmp_path):
     package = make_package(tmp_path, "needsmissing", requires=["nonexistent-pkg-xyz==9"], wheel=True)
     with pytest.raises(InstallFailed, match="nonexistent-pkg-xyz"):
-        await EnvCache(str(tmp_path / "envs")).ensure(package)
+        await EnvCache(str(tmp_path / "envs")).ensure(package, tenant="t1")
 
 
 async def test_requirement_conflicting_with_the_platform_fails(tmp_path):
     package = make_package(tmp_path, "oldtf", requires=["tensorflow<2"], wheel=True)
     with pytest.raises(InstallFailed, match=r"requires tensorflow<2, but the platform provides tensorflow 2\."):
-        await EnvCache(str(tmp_path / "envs")).ensure(package)
+        await EnvCache(str(tmp_path / "envs")).ensure(package, tenant="t1")
 
 
 async def test_half_built_environment_is_rebuilt(tmp_path):
     package = make_package(tmp_path, "halfpkg", wheel=True)
     cache = EnvCache(str(tmp_path / "envs"))
     key = await cache.key_for(package)
-    half = os.path.join(cache.root, key)
+    half = os.path.join(cache.root, "t1", key)
     os.makedirs(os.path.join(half, "bin"))  # what a crash mid-install leaves: no marker
     open(os.path.join(half, "junk"), "w").close()
     log = Log()
-    env = await cache.ensure(package, log)
+    env = await cache.ensure(package, log, tenant="t1")
     assert not env.cached and "discarding half-built environment" in log.text
-    assert not os.path.exists(os.path.join(half, "junk")) and cache.is_ready(key)
+    assert not os.path.exists(os.path.join(half, "junk")) and cache.is_ready(key, "t1")
     out = subprocess.run([env.python, "-c", "import halfpkg; print(halfpkg.VERSION)"], capture_output=True, text=True)
     assert out.stdout.strip() == "0.1", out.stderr
 
@@ -148,11 +150,11 @@ async def test_concurrent_ensures_install_once(tmp_path):
         sys.executable, "-c",
         "import asyncio, sys; from services.jobs.envs import EnvCache\n"
         "log = []\n"
-        "env = asyncio.run(EnvCache(sys.argv[1]).ensure(sys.argv[2], log.append))\n"
+        "env = asyncio.run(EnvCache(sys.argv[1]).ensure(sys.argv[2], log.append, tenant='t1'))\n"
         "print(env.cached, sum(l.startswith('installing ') for l in log))",
         root, package, stdout=asyncio.subprocess.PIPE, cwd=os.getcwd(),
     )
-    envs = await asyncio.gather(*(EnvCache(root).ensure(package, log) for log in logs))
+    envs = await asyncio.gather(*(EnvCache(root).ensure(package, log, tenant="t1") for log in logs))
     out, _ = await other_process.communicate()
     other_cached, other_installs = out.decode().split()
     assert other_process.returncode == 0
@@ -166,9 +168,9 @@ async def test_unsupported_package_file_is_rejected(tmp_path):
     path = tmp_path / "trainer.py"
     path.write_text("print('hi')\n")
     with pytest.raises(InstallFailed, match="sdist"):
-        await EnvCache(str(tmp_path / "envs")).ensure(str(path))
+        await EnvCache(str(tmp_path / "envs")).ensure(str(path), tenant="t1")
     with pytest.raises(InstallFailed, match="cannot read"):
-        await EnvCache(str(tmp_path / "envs")).ensure(str(tmp_path / "missing-1.0.tar.gz"))
+        await EnvCache(str(tmp_path / "envs")).ensure(str(tmp_path / "missing-1.0.tar.gz"), tenant="t1")
 
 
 async def test_key_covers_package_bytes_and_base_interpreter(tmp_path):
@@ -209,3 +211,52 @@ async def test_fetch_failures_are_fetch_failed(tmp_path):
     with pytest.raises(FetchFailed):
         await fetch("nosuchprotocol://bucket/trainer-1.0.tar.gz", str(tmp_path / "job"))
     assert issubclass(FetchFailed, InstallFailed)
+
+
+async def test_package_code_runs_as_the_tenant_and_the_env_is_then_the_platforms(tmp_path):
+    """An sdist's setup.py runs while it installs: as the tenant's user, who
+    cannot read the platform's files nor change the environment afterwards;
+    another tenant cannot even enter it."""
+    secret = tmp_path / "platform-secret"
+    secret.write_text("s3cr3t")
+    os.chmod(secret, 0o600)
+    probe = tmp_path / "probe.txt"
+    package = make_package(tmp_path, "hostilepkg", setup_prelude=f"""
+        import os
+        building_from_sdist = os.path.exists("PKG-INFO")  # at install time, not while the test makes the sdist
+        try:
+            leaked = open({str(secret)!r}).read() if building_from_sdist else "not yet"
+        except OSError as e:
+            leaked = "denied:" + type(e).__name__
+        with open(os.path.join("hostilepkg", "probe.py"), "w") as f:  # installed with the package (tenant's umask)
+            f.write("FOUND = %r\\n" % ("HOSTILE uid=%d read=%s" % (os.getuid(), leaked)))
+        try:
+            if building_from_sdist:
+                open({str(probe)!r}, "w").write("planted")
+        except OSError:
+            pass
+    """)
+    cache = EnvCache(str(tmp_path / "envs"))
+    log = Log()
+    env = await cache.ensure(package, log, tenant="tenant-a")
+    found = subprocess.run([env.python, "-c", "from hostilepkg.probe import FOUND; print(FOUND)"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "HOSTILE" in found and "uid=0 " not in found and "s3cr3t" not in found, found
+    assert "denied:PermissionError" in found
+    assert not probe.exists()
+    account = cache.tenancy.account("tenant-a")
+    assert f"uid={account.uid} " in found
+    # The finished env is root's and read-only to everyone else.
+    for root, dirs, files in os.walk(env.path):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(root, name))
+            assert st.st_uid == 0, os.path.join(root, name)
+            assert stat.S_ISLNK(st.st_mode) or not st.st_mode & 0o022, os.path.join(root, name)
+    gate = os.stat(os.path.dirname(env.path))
+    assert gate.st_uid == 0 and gate.st_gid == account.gid and gate.st_mode & 0o007 == 0
+    # Another tenant's environments are per tenant: B gets its own, and cannot enter A's.
+    env_b = await cache.ensure(package, Log(), tenant="tenant-b")
+    assert os.path.dirname(env_b.path) != os.path.dirname(env.path)
+    other = cache.tenancy.account("tenant-b")
+    result = subprocess.run([*setpriv_prefix(other), "ls", os.path.dirname(env.path)], capture_output=True)
+    assert result.returncode != 0

@@ -45,7 +45,7 @@ def cache(tmp_path_factory) -> EnvCache:
 
 
 def install(cache: EnvCache, package: str):
-    return asyncio.run(cache.ensure(package))
+    return asyncio.run(cache.ensure(package, tenant="t1"))
 
 
 def platform_env(tmp_path, replica_type: str = "master", index: int = 0, **extra: str) -> dict[str, str]:
