@@ -15,6 +15,11 @@ def _arguments(parser) -> None:
                         default=int(os.environ["CLOUDML_DATAPLANE_SPIN_US"]) if os.environ.get(
                             "CLOUDML_DATAPLANE_SPIN_US") else None,
                         help="the data plane polls this long after each event before sleeping (default 1000; 0: never)")
+    parser.add_argument("--max-request-bytes", type=int,
+                        default=int(os.environ.get("CLOUDML_MAX_REQUEST_BYTES") or 64 * 1024 * 1024),
+                        help="platform-wide cap on a model call's request size in bytes (default 64 MiB); each "
+                             "model's own limit, derived from its replicas' memory, is at most this "
+                             "(see services/gateway/predict.py)")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from services.common.native import NativeProcess, binary_path, built
 from services.common.registry import Directory
 from services.common.tokens import TokenVerifier, bearer_from_metadata
 from services.gateway.model_metrics import BUCKETS, ModelRequestMetrics
-from services.gateway.predict import DATAPLANE_SECRET, RoutingTable
+from services.gateway.predict import DATAPLANE_SECRET, DEFAULT_MAX_REQUEST_BYTES, RoutingTable
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class NativeDataplane:
 
     def __init__(self, table: RoutingTable, metrics: ModelRequestMetrics, directory: Directory,
                  verifier: TokenVerifier, services: dict[str, str], public_methods: frozenset[str],
-                 server_metrics: ServerMetrics | None, spin_us: int = DEFAULT_SPIN_US):
+                 server_metrics: ServerMetrics | None, spin_us: int = DEFAULT_SPIN_US,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         """`services`: full gRPC service name -> the platform service that owns it;
         `public_methods`: platform methods that need no token."""
         self.table = table
@@ -81,6 +82,7 @@ class NativeDataplane:
         self.server_metrics = server_metrics
         self._relayed: dict[tuple[str, str, str], int] = {}
         self.spin_us = spin_us
+        self.max_request_bytes = max_request_bytes
         self.secret = secrets.token_urlsafe(32)
         self.native = NativeProcess("the native data plane")
         self.failed = False
@@ -97,8 +99,8 @@ class NativeDataplane:
     async def start(self, listen: str, upstream: str, on_failure: Callable[[], None]) -> int:
         """Starts the data plane on `listen` in front of `upstream`; returns its port."""
         env = dict(os.environ, CLOUDML_DATAPLANE_SECRET=self.secret)
-        port = await self.native.start(["--listen", listen, "--upstream", upstream, "--spin-us", str(self.spin_us)],
-                                       env)
+        port = await self.native.start(["--listen", listen, "--upstream", upstream, "--spin-us", str(self.spin_us),
+                                        "--max-request-bytes", str(self.max_request_bytes)], env)
         log.info("native data plane (pid %d) on port %d, in front of %s", self.native.process.pid, port, upstream)
 
         def failed(code: int) -> None:

@@ -39,6 +39,14 @@ secret) gets, on success, this module's `RouteDecision` for the caller and
 model_spec in trailing metadata, which the data plane then applies itself to
 later calls until the routing generation changes (`RoutingTable.generation`:
 any change of routes, endpoints or token keys/revocations).
+
+Request size: a model call larger than its version's limit is
+RESOURCE_EXHAUSTED before it is sent. The limit is the smallest
+`max_request_bytes` its AVAILABLE replicas published (each derives its own
+from its memory: services/models/model_server/config.py), capped by the
+gateway's `--max-request-bytes` (64 MiB by default), which also bounds every
+model call before it is routed. The routing decision carries it to the data
+plane, which checks it alike (and fills PredictBatch groups up to it).
 """
 from __future__ import annotations
 
@@ -79,6 +87,9 @@ AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 # tenants, so they trust this header from the gateway (they listen on loopback
 # only); a caller's own value is always dropped.
 RESOLVED_VERSION = "x-cloudml-resolved-version"
+
+#: The gateway's default platform-wide cap on a model call's request size.
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
 # The native data plane marks the calls it sends here with its secret, and
 # takes the routing decision back in this trailer (see dataplane.py).
@@ -136,6 +147,7 @@ class Backend:
     address: str
     version: int
     coalesce_max: int = 0
+    max_request_bytes: int = 0  # 0: not published
     outstanding: int = 0
     callables: dict = field(default_factory=dict)
 
@@ -186,8 +198,9 @@ class RoutingTable:
             if ep.state != AVAILABLE or not ep.address:
                 continue
             backend = self._by_key.get(key)
-            if backend is None or backend.address != ep.address or backend.coalesce_max != ep.coalesce_max:
-                backend = Backend(key, ep.address, ep.version, ep.coalesce_max)
+            if (backend is None or backend.address != ep.address or backend.coalesce_max != ep.coalesce_max
+                    or backend.max_request_bytes != ep.max_request_bytes):
+                backend = Backend(key, ep.address, ep.version, ep.coalesce_max, ep.max_request_bytes)
             by_key[key] = backend
             backends.setdefault((ep.tenant, ep.model, ep.version), []).append(backend)
         self._by_key = by_key
@@ -224,11 +237,28 @@ def pick_version(choices: list[tuple[int, float]]) -> int:
     return choices[-1][0]
 
 
+class RequestTooLarge(errors.ResourceExhausted):
+    """A model call over its size limit (RESOURCE_EXHAUSTED; HTTP 413 on REST)."""
+
+
+def too_large(api: str, size: int, limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"{api} request of {size} bytes is larger than this model's limit of {limit} bytes")
+
+
 class PredictRouter:
-    def __init__(self, table: RoutingTable, verifier: TokenVerifier, registry: CollectorRegistry):
+    def __init__(self, table: RoutingTable, verifier: TokenVerifier, registry: CollectorRegistry,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
         self.table = table
         self.verifier = verifier
         self.metrics = ModelRequestMetrics(registry)
+        #: the platform-wide cap on a model call's request size (--max-request-bytes)
+        self.max_request_bytes = max_request_bytes
+
+    def request_limit(self, tenant: str, model: str, version: int) -> int:
+        """The largest request this version's replicas take (see the module doc)."""
+        published = [b.max_request_bytes for b in self.table.backends.get((tenant, model, version), ())
+                     if b.max_request_bytes]
+        return min([self.max_request_bytes, *published])
 
     # --- who and what ---------------------------------------------------------------
 
@@ -299,7 +329,8 @@ class PredictRouter:
         for version, weight in choices:
             backends = self.table.backends.get((tenant, model, version), ())
             decision.choices.add(version=version, weight=weight, addresses=[b.address for b in backends],
-                                 coalesce_max=min((b.coalesce_max for b in backends), default=0))
+                                 coalesce_max=min((b.coalesce_max for b in backends), default=0),
+                                 max_request_bytes=self.request_limit(tenant, model, version))
         return decision
 
     def pick(self, tenant: str, model: str, version: int, exclude: Backend | None = None) -> Backend | None:
@@ -326,6 +357,8 @@ class PredictRouter:
         """forward(), also returning the routing decision it applied (if `decide`)."""
         started = time.perf_counter()
         generation = self.table.generation
+        if len(request) > self.max_request_bytes:
+            raise too_large(api, len(request), self.max_request_bytes)
         spec = model_spec_of(api, request)
         label_model, label_version, code = spec.name or "-", "-", "OK"
         try:
@@ -336,6 +369,9 @@ class PredictRouter:
             decision = self.decision(caller, tenant, model, choices, generation) if decide else None
             version = pick_version(choices)
             label_version = str(version)
+            limit = self.request_limit(tenant, model, version)
+            if len(request) > limit:
+                raise too_large(api, len(request), limit)
             method = f"/{PREDICTION_SERVICE}/{api}"
             forwarded = tuple((k, v) for k, v in metadata
                               if k not in _HOP and k != "authorization" and not k.startswith(":")) + (
@@ -411,7 +447,7 @@ class TfServingHandler(grpc.GenericRpcHandler):
         self._handlers = {f"/{PREDICTION_SERVICE}/{api}": self._forwarder(api) for api in FORWARDED_METHODS}
         self._handlers[f"/{MODEL_SERVICE}/GetModelStatus"] = grpc.unary_unary_rpc_method_handler(
             self._get_model_status,
-            request_deserializer=get_model_status_pb2.GetModelStatusRequest.FromString,
+            request_deserializer=None,  # parsed in the handler: undecodable is INVALID_ARGUMENT, not UNKNOWN
             response_serializer=get_model_status_pb2.GetModelStatusResponse.SerializeToString,
         )
         self._handlers[f"/{MODEL_SERVICE}/HandleReloadConfigRequest"] = grpc.unary_unary_rpc_method_handler(
@@ -438,7 +474,11 @@ class TfServingHandler(grpc.GenericRpcHandler):
 
         return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=None, response_serializer=None)
 
-    async def _get_model_status(self, request, context):
+    async def _get_model_status(self, raw: bytes, context):
+        try:
+            request = get_model_status_pb2.GetModelStatusRequest.FromString(raw)
+        except Exception:  # noqa: BLE001 - DecodeError and the like: the caller's bytes
+            raise errors.InvalidArgument("could not parse the GetModelStatusRequest") from None
         if not request.HasField("model_spec"):
             raise errors.InvalidArgument("Missing ModelSpec")
         caller = self.router.caller(context.invocation_metadata())

@@ -13,12 +13,22 @@ are `{"error": "..."}` with TF Serving's HTTP codes. Authentication:
 `Authorization: Bearer <token>`; a public model needs none when named
 `<tenant>.<model>`.
 
+Hostile bodies: a body is read for at most BODY_READ_TIMEOUT seconds (a
+Content-Length larger than what is sent gets 408 and the connection is
+closed); a model call's body, as sent (Content-Length) and as decoded
+(Content-Encoding: gzip/deflate), may not exceed the model's request limit
+(predict.PredictRouter.request_limit: its replicas' published limit capped
+by the gateway's --max-request-bytes), nor may the request converted from
+it: 413 with TF Serving's `{"error": ...}` body, before any conversion. A
+body that cannot be decoded is 400.
+
 Beyond TF Serving: `GET /v1/models` lists the caller's models, `/healthz`
 (alive) and `/readyz` (routing data and the auth keys loaded), and Prometheus
 metrics at `/metrics` and TF Serving's `/monitoring/prometheus/metrics`.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import Callable
@@ -36,7 +46,7 @@ from cloudml.tfs.tensorflow_serving.apis import (
 )
 from services.common import errors
 from services.gateway import tfs_json
-from services.gateway.predict import PredictRouter
+from services.gateway.predict import PredictRouter, RequestTooLarge, too_large
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +58,10 @@ _MODEL_PATH = re.compile(
     re.IGNORECASE,
 )
 DEFAULT_TIMEOUT = 60.0
+#: Seconds a request body may take to arrive (a slow or lying client holds no connection longer).
+BODY_READ_TIMEOUT = 5.0
+#: TF Serving's REST API takes versions as int64.
+_INT64_MAX = (1 << 63) - 1
 _METADATA_CACHE_LIMIT = 4096
 
 
@@ -67,7 +81,8 @@ class RestServer:
         self.ready = ready
         self.router = router
         self._metadata: dict[tuple[str, str, int], get_model_metadata_pb2.GetModelMetadataResponse] = {}
-        self.app = web.Application(middlewares=[self._errors], client_max_size=64 * 1024 * 1024)
+        self.max_body_bytes = router.max_request_bytes if router is not None else 64 * 1024 * 1024
+        self.app = web.Application(middlewares=[self._errors], client_max_size=self.max_body_bytes)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
@@ -81,6 +96,8 @@ class RestServer:
     async def _errors(self, request, handler):
         try:
             return await handler(request)
+        except _Respond as respond:
+            return respond.response
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -89,6 +106,8 @@ class RestServer:
             return json_error(exc.status, exc.reason or "error")
         except tfs_json.JsonError as err:
             return json_response(err.http_status, err.to_json())
+        except RequestTooLarge as err:
+            return json_error(413, err.message)
         except errors.CloudMLError as err:
             return json_error(tfs_json.http_status_for_grpc(err.code), err.message)
         except grpc.aio.AioRpcError as err:
@@ -158,6 +177,8 @@ class RestServer:
             try:
                 version = int(match["version"])
             except ValueError:
+                version = None
+            if version is None or not 0 <= version <= _INT64_MAX:
                 raise tfs_json.JsonError(f"Failed to convert version: {match['version']} to numeric.") from None
         label = match["label"]
         metadata = self._metadata_of(request)
@@ -167,10 +188,51 @@ class RestServer:
             return self._get_status(name, version, label, metadata)
         if request.method != "POST" or not verb:
             raise web.HTTPNotFound()
-        body = await request.read()
+        body = await self._read_body(request, verb, self._body_limit(name, version, label, metadata))
         if verb == "predict":
             return await self._predict(name, version, label, body, metadata)
         return await self._classify_or_regress(verb, name, version, label, body, metadata)
+
+    def _body_limit(self, name, version, label, metadata) -> int:
+        """The request limit of the versions that may answer (the gateway's cap
+        if none resolves: the call then fails later, in TF Serving's order)."""
+        router = self._router()
+        try:
+            tenant, model, choices = router.candidates(router.caller(metadata), self._spec(name, version, label))
+        except errors.CloudMLError:
+            return router.max_request_bytes
+        return min(router.request_limit(tenant, model, v) for v, _ in choices)
+
+    async def _read_body(self, request: web.Request, verb: str, limit: int) -> bytes:
+        """The (decoded) body, at most `limit` bytes and BODY_READ_TIMEOUT seconds."""
+        api = verb.capitalize()
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large(api, request.content_length, limit)
+        chunks, size = [], 0
+
+        async def read() -> None:
+            nonlocal size
+            while True:
+                chunk = await request.content.readany()
+                if not chunk:
+                    return
+                size += len(chunk)
+                if size > limit:  # decoded bytes (gzip/deflate inflate here)
+                    raise too_large(api, size, limit)
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), BODY_READ_TIMEOUT)
+        except asyncio.TimeoutError:
+            response = json_error(408, f"the request body did not arrive within {BODY_READ_TIMEOUT:g} seconds")
+            response.force_close()
+            raise _Respond(response) from None
+        except (RequestTooLarge, asyncio.CancelledError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a body aiohttp cannot decode (bad gzip, bad chunking)
+            raise tfs_json.JsonError(f"Could not read the request body: {getattr(err, 'message', None) or err}") \
+                from None
+        return b"".join(chunks)
 
     def _spec(self, name: str, version: int | None, label: str | None, signature: str = "") -> model_pb2.ModelSpec:
         spec = model_pb2.ModelSpec(name=name, signature_name=signature)
@@ -231,7 +293,9 @@ class RestServer:
 
     async def start(self) -> None:
         host, _, port = self.listen.rpartition(":")
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # lingering_time: after an early answer (413, 408), unread body bytes are
+        # drained for at most a second before the connection closes.
+        self._runner = web.AppRunner(self.app, access_log=None, lingering_time=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host or "127.0.0.1", int(port), reuse_address=True)
         await site.start()
@@ -241,6 +305,14 @@ class RestServer:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+
+
+class _Respond(Exception):
+    """Answers the request with `response` (from a helper deep in a handler)."""
+
+    def __init__(self, response: web.Response):
+        super().__init__()
+        self.response = response
 
 
 _STATES = {10: "START", 20: "LOADING", 30: "AVAILABLE", 40: "UNLOADING", 50: "END"}

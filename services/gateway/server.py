@@ -17,7 +17,15 @@ from cloudml.auth.v1 import auth_service_pb2
 from cloudml.tfs.tensorflow_serving.apis import model_service_pb2, prediction_service_pb2  # noqa: F401 (reflection)
 from services.common.server import Platform, ServiceApp
 from services.gateway.dataplane import ATTACH, NativeDataplane, choose_mode
-from services.gateway.predict import MODEL_SERVICE, PREDICTION_SERVICE, TFS_METHODS, PredictRouter, RoutingTable, TfServingHandler
+from services.gateway.predict import (
+    DEFAULT_MAX_REQUEST_BYTES,
+    MODEL_SERVICE,
+    PREDICTION_SERVICE,
+    TFS_METHODS,
+    PredictRouter,
+    RoutingTable,
+    TfServingHandler,
+)
 from services.gateway.proxy import Proxy
 from services.gateway.rest import RestServer
 from services.gateway.routes import platform_routes, service_names
@@ -39,7 +47,8 @@ class GatewayApp(ServiceApp):
         self.grpc_services = (*service_names(self.routes), PREDICTION_SERVICE, MODEL_SERVICE)
         self.proxy = Proxy(self.routes, platform.directory)
         self.table = RoutingTable(platform.etcd, platform.directory.channel_for)
-        self.router = PredictRouter(self.table, platform.verifier, platform.metrics_registry)
+        max_request_bytes = getattr(platform.settings.extra, "max_request_bytes", None) or DEFAULT_MAX_REQUEST_BYTES
+        self.router = PredictRouter(self.table, platform.verifier, platform.metrics_registry, max_request_bytes)
         mode = choose_mode(getattr(platform.settings.extra, "dataplane", "auto"))
         self.dataplane = None
         if mode == "native":
@@ -47,7 +56,7 @@ class GatewayApp(ServiceApp):
             owners = {route.method.split("/")[1]: route.owner for route in self.routes.values()}
             self.dataplane = NativeDataplane(self.table, self.router.metrics, platform.directory, platform.verifier,
                                              owners, self.public_methods - TFS_METHODS - {ATTACH},
-                                             platform.server_metrics,
+                                             platform.server_metrics, max_request_bytes=max_request_bytes,
                                              **({"spin_us": spin_us} if spin_us is not None else {}))
             platform.verifier.listeners.append(self.table.changed)
             self.proxy.vouch = self.dataplane.vouch

@@ -468,6 +468,30 @@ def _parse_error(text: str, err: json.JSONDecodeError) -> JsonError:
     return JsonError(f"JSON Parse error: {rj} at offset: {offset}")
 
 
+# A \uXXXX escape of a UTF-16 surrogate (preceded by an even number of
+# backslashes), and a valid high+low pair.
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*(\\u[dD][89a-fA-F][0-9a-fA-F]{2})")
+_SURROGATE_PAIR = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def _check_surrogate_escapes(text: str) -> None:
+    """rapidjson refuses a lone surrogate escape ("\\ud800"); Python's json
+    would make a string no encoder takes later."""
+    if "\\u" not in text:
+        return
+    pos = 0
+    while True:
+        match = _SURROGATE_ESCAPE.search(text, pos)
+        if match is None:
+            return
+        start = match.start(1)
+        if _SURROGATE_PAIR.match(text, start):
+            pos = start + 12
+            continue
+        offset = len(text[:start].encode("utf-8", "surrogateescape"))
+        raise JsonError(f"JSON Parse error: The surrogate pair in string is invalid. at offset: {offset}")
+
+
 def _parse_json(body: Any) -> Any:
     """json_tensor.cc ParseJson: rapidjson with NaN/Inf, object at the top."""
     if isinstance(body, dict):
@@ -485,6 +509,7 @@ def _parse_json(body: Any) -> Any:
         raise TypeError(f"JSON body must be bytes or str, not {type(body).__name__}")
     if text.startswith("\ufeff"):
         text = text[1:]
+    _check_surrogate_escapes(text)
     for _ in range(100_000):
         try:
             doc = json.loads(text)

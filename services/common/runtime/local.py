@@ -412,6 +412,8 @@ class LocalRuntime(Runtime):
         env = dict(self._base_env)
         env.update(request.env)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus)
+        if request.resources.memory_bytes:  # what the replica may use (a model server sizes its requests by it)
+            env["CLOUDML_MEMORY_LIMIT_BYTES"] = str(int(request.resources.memory_bytes))
         spec = {
             "replica_id": request.replica_id, "group": request.group,
             "argv": list(request.argv), "run_as": run_as, "env": env,

@@ -67,13 +67,21 @@
 //
 // Usage (the Python gateway starts it; it dies with its parent):
 //   cloudml-gateway-dataplane --listen HOST:PORT --upstream HOST:PORT [--spin-us N]
+//                             [--max-request-bytes N]
 //   with the secret in $CLOUDML_DATAPLANE_SECRET. Prints the bound port.
+//
+// Request size: a model call larger than --max-request-bytes (the gateway's
+// platform-wide cap), or than its version's max_request_bytes in the routing
+// decision (what its replicas published), is RESOURCE_EXHAUSTED here, before
+// any replica sees it; a PredictBatch group holds at most that many bytes of
+// requests. Larger calls go through the control plane only when no decision
+// is cached, and it applies the same limits.
 //
 // Replica front mode: a model-server replica with batching on starts it in
 // front of itself, so that callers who reach the replica directly (not
 // through a gateway) get the same coalescing:
 //   cloudml-gateway-dataplane --listen HOST:PORT --front-for HOST:PORT
-//                             --coalesce-max N [--spin-us N]
+//                             --coalesce-max N [--spin-us N] [--max-request-bytes N]
 // Every call goes to the one replica: Predict calls coalesce exactly as
 // above, every other call is relayed. No control plane, no cache, no retry,
 // no tokens; x-cloudml-* headers from callers are dropped, so the replica
@@ -293,6 +301,7 @@ struct Options {
   int spin_us = 1000;
   std::string front_for;      // replica front mode: the replica's own address
   uint32_t coalesce_max = 0;  // replica front mode: its ReplicaEndpoint.coalesce_max
+  uint64_t max_request_bytes = 64 * 1024 * 1024;  // the largest model call taken at all
   bool front() const { return !front_for.empty(); }
 };
 
@@ -314,6 +323,7 @@ struct Decision {
     double weight;
     std::vector<std::string> addresses;
     uint32_t coalesce_max;
+    uint64_t max_request_bytes;  // 0: only the process-wide limit
   };
   std::vector<Choice> choices;
   double total_weight = 0;
@@ -473,6 +483,7 @@ class Call : public Handler {
   std::chrono::system_clock::time_point deadline() const { return ctx_.deadline(); }
   int64_t version() const { return version_; }
   uint32_t coalesce_max() const { return coalesce_max_; }
+  uint64_t max_request_bytes() const { return max_request_bytes_; }
 
   // Its result, from the PredictBatch call it went in.
   void BatchDone(const grpc::Status& status, const std::string& response) {
@@ -558,7 +569,7 @@ class Call : public Handler {
   void ModelOp(int op, bool ok) {
     if (op == kRead) {
       if (!ok) {
-        stream_.Finish(grpc::Status(grpc::StatusCode::INTERNAL, "the call carried no request message"),
+        stream_.Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the call carried no request message"),
                        Tag_(kFinish));
         return;
       }
@@ -570,10 +581,23 @@ class Call : public Handler {
     }
   }
 
+  // RESOURCE_EXHAUSTED for a request over `limit` bytes; false if it fits.
+  bool TooLarge(uint64_t limit) {
+    if (!limit || request_bytes_.size() <= limit) return false;
+    stream_.Finish(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                                api_ + " request of " + std::to_string(request_bytes_.size()) +
+                                    " bytes is larger than this model's limit of " + std::to_string(limit) +
+                                    " bytes"),
+                   Tag_(kFinish));
+    return true;
+  }
+
   void Route() {
     Plane& p = *g_plane;
     Spec spec;
     request_bytes_ = Flatten(request_);
+    max_request_bytes_ = p.options.max_request_bytes;
+    if (TooLarge(max_request_bytes_)) return;
     if (p.options.front()) {
       version_ = 0;  // unresolved: the replica checks the model_spec
       coalesce_max_ = api_ == "Predict" ? p.options.coalesce_max : 0;
@@ -605,6 +629,8 @@ class Call : public Handler {
     version_ = choice->version;
     addresses_ = choice->addresses;
     coalesce_max_ = choice->coalesce_max;
+    if (choice->max_request_bytes) max_request_bytes_ = std::min(max_request_bytes_, choice->max_request_bytes);
+    if (TooLarge(max_request_bytes_)) return;
     // The replica resolves this spec to the same version by itself: no
     // routed-version header (see RouteDecision.model); the response's
     // version is checked instead.
@@ -711,7 +737,7 @@ class Call : public Handler {
       for (const auto& c : msg.choices()) {
         if (c.addresses_size() == 0 || c.weight() <= 0) continue;
         d.choices.push_back({c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()},
-                             c.coalesce_max()});
+                             c.coalesce_max(), c.max_request_bytes()});
         d.total_weight += c.weight();
       }
       if (p.cache.size() > kCacheLimit) p.cache.clear();
@@ -813,6 +839,7 @@ class Call : public Handler {
   std::vector<std::string> addresses_;
   int64_t version_ = 0;
   uint32_t coalesce_max_ = 0;
+  uint64_t max_request_bytes_ = 0;  // this call's limit; also its PredictBatch group's
   std::string request_bytes_;
   bool fast_ = false, retried_ = false, batched_ = false;
   bool bare_ = false;  // sent without the routed-version header (see Route)
@@ -875,11 +902,20 @@ class BatchRpc : public Handler {
   Tag tag_{this, 0};
 };
 
-// Sends the calls waiting for `address` (at most coalesce_max) as one PredictBatch.
+// Sends the calls waiting for `address` (at most coalesce_max, holding at
+// most the replica's max_request_bytes of requests) as one PredictBatch.
 void FlushQueue(const std::string& address) {
   Backend& backend = g_plane->BackendFor(address);
   if (backend.queue.empty()) return;
   size_t n = std::min<size_t>(backend.queue.size(), std::max<uint32_t>(1, backend.queue.front()->coalesce_max()));
+  uint64_t limit = backend.queue.front()->max_request_bytes(), bytes = 0;
+  for (size_t i = 0; i < n; i++) {
+    bytes += backend.queue[i]->request_bytes().size();
+    if (i > 0 && limit && bytes > limit) {
+      n = i;
+      break;
+    }
+  }
   std::vector<Call*> members(backend.queue.begin(), backend.queue.begin() + n);
   backend.queue.erase(backend.queue.begin(), backend.queue.begin() + n);
   new BatchRpc(address, std::move(members));
@@ -1039,6 +1075,7 @@ bool ParseArgs(int argc, char** argv, Options* o) {
     else if (flag == "--spin-us") o->spin_us = atoi(value.c_str());
     else if (flag == "--front-for") o->front_for = value;
     else if (flag == "--coalesce-max") o->coalesce_max = static_cast<uint32_t>(atoi(value.c_str()));
+    else if (flag == "--max-request-bytes") o->max_request_bytes = strtoull(value.c_str(), nullptr, 10);
     else return false;
   }
   const char* secret = getenv("CLOUDML_DATAPLANE_SECRET");
@@ -1079,7 +1116,10 @@ int main(int argc, char** argv) {
   int port = 0;
   builder.AddListeningPort(plane.options.listen, grpc::InsecureServerCredentials(), &port);
   builder.RegisterAsyncGenericService(&plane.service);
-  builder.SetMaxReceiveMessageSize(kMaxMessage);
+  // Platform calls keep their 64 MiB; model calls are held to
+  // --max-request-bytes (and their model's limit) in Call::Route.
+  builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<uint64_t>(
+      std::max<uint64_t>(kMaxMessage, plane.options.max_request_bytes), INT32_MAX)));
   builder.SetMaxSendMessageSize(kMaxMessage);
   plane.cq = builder.AddCompletionQueue();
   plane.server = builder.BuildAndStart();

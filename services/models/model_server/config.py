@@ -1,4 +1,29 @@
-"""The replica's command line, read once in `__main__`."""
+"""The replica's command line, read once in `__main__`, and its request-size limit.
+
+Request size limit
+------------------
+A Predict request costs the replica several times its serialized size: the
+gRPC receive buffer, the parsed message, the decoded numpy inputs, the
+TensorFlow input tensors, outputs of about the inputs' size for most models,
+and the response bytes (measured with half_plus_two: see
+REQUEST_MEMORY_FACTOR). The replica takes no request that could push it over
+its memory limit:
+
+    max_request_bytes = clamp((memory_limit - rss_after_load) / REQUEST_MEMORY_FACTOR,
+                              MIN_REQUEST_BYTES, max_request_bytes_cap)
+
+where `rss_after_load` is the process's resident memory once the model is
+loaded and warmed up, `memory_limit` is `--memory-limit-bytes` (by default
+$CLOUDML_MEMORY_LIMIT_BYTES, which the runtime sets from the version's
+resources.memory_bytes, else the cgroup's memory limit; none: the cap alone)
+and `--max-request-bytes-cap` (64 MiB by default) is the platform-wide cap.
+Before the model is loaded (gRPC's receive limit is fixed when the server is
+built) the bound is the same formula with nothing loaded. Larger requests are
+RESOURCE_EXHAUSTED; the replica publishes its figure in its endpoint record so
+that gateways refuse them before sending. A decoded input tensor may not hold
+more bytes than the limit either (`float_val: [0]` with a huge shape is
+INVALID_ARGUMENT).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +32,17 @@ import os
 from dataclasses import dataclass, field
 
 from services.models.model_server.batching import BatchingConfig
+
+MiB = 1024 * 1024
+#: Peak resident memory a Predict request costs the replica, in multiples of
+#: its serialized size (half_plus_two, float inputs in float_val or
+#: tensor_content; measured by tests/integration/test_predict_limits.py: x7.96
+#: for a 4 MiB request in tensor_content; 10 leaves a margin).
+REQUEST_MEMORY_FACTOR = 10
+#: The limit never goes below this (a model that left almost nothing of its
+#: memory still takes small requests).
+MIN_REQUEST_BYTES = 64 * 1024
+DEFAULT_MAX_REQUEST_BYTES_CAP = 64 * MiB
 
 
 @dataclass
@@ -38,6 +74,47 @@ class Settings:
     inline_group_max_micros: int = 2000
     #: the native front for direct callers with batching on: auto (if built), on (required), off
     native_front: str = "auto"
+    #: the replica's memory limit in bytes (0: none known)
+    memory_limit_bytes: int = 0
+    #: the platform-wide cap on a request's size
+    max_request_bytes_cap: int = DEFAULT_MAX_REQUEST_BYTES_CAP
+
+    def max_request_bytes(self, rss_bytes: int = 0) -> int:
+        """The largest request this replica takes with `rss_bytes` resident (see the module doc)."""
+        return request_limit(self.memory_limit_bytes, rss_bytes, self.max_request_bytes_cap)
+
+
+def request_limit(memory_limit: int, rss_bytes: int, cap: int) -> int:
+    """The module doc's formula."""
+    if memory_limit <= 0:
+        return cap
+    headroom = (memory_limit - rss_bytes) // REQUEST_MEMORY_FACTOR
+    return max(min(cap, MIN_REQUEST_BYTES), min(cap, headroom))
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (0 if unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def default_memory_limit() -> int:
+    """$CLOUDML_MEMORY_LIMIT_BYTES (set by the runtime), else the cgroup's memory limit, else 0."""
+    raw = os.environ.get("CLOUDML_MEMORY_LIMIT_BYTES", "").strip()
+    if raw.isdigit():
+        return int(raw)
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 50:  # "max" or ~2^63: no limit
+            return int(value)
+    return 0
 
 
 def _batching(raw: str | None) -> BatchingConfig:
@@ -101,6 +178,11 @@ def parser() -> argparse.ArgumentParser:
                    help="with batching on, put the native front (build/native/cloudml-gateway-dataplane) on the "
                         "listening port, so that concurrent Predict calls from direct callers are coalesced as "
                         "the gateway coalesces its own; auto: if it is built")
+    p.add_argument("--memory-limit-bytes", type=int, default=None,
+                   help="this replica's memory limit, from which its request size limit is derived (default: "
+                        "$CLOUDML_MEMORY_LIMIT_BYTES, else the cgroup's limit; 0: none)")
+    p.add_argument("--max-request-bytes-cap", type=int, default=DEFAULT_MAX_REQUEST_BYTES_CAP,
+                   help="the platform-wide cap on a request's serialized size in bytes (default 64 MiB)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
@@ -118,6 +200,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         batching = _batching(args.batching_config)
     except (argparse.ArgumentTypeError, OSError) as err:
         p.error(str(err))
+    if args.max_request_bytes_cap < 1:
+        p.error("--max-request-bytes-cap must be >= 1")
+    memory_limit = args.memory_limit_bytes if args.memory_limit_bytes is not None else default_memory_limit()
     drain_delay = args.drain_delay if args.drain_delay is not None else (0.5 if args.etcd else 0.0)
     return Settings(
         model_name=args.model_name,
@@ -141,4 +226,6 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         inline_max_micros=max(0, args.inline_max_micros),
         inline_group_max_micros=max(0, args.inline_group_max_micros),
         native_front=args.native_front,
+        memory_limit_bytes=max(0, memory_limit),
+        max_request_bytes_cap=args.max_request_bytes_cap,
     )

@@ -27,6 +27,8 @@ from services.models.model_server import status
 from services.models.model_server.servable import Servable, Signature, check_dtypes
 from services.models.model_server.tensors import (
     TensorParseError,
+    TensorTooLarge,
+    checked_shape,
     predict_response_bytes,
     tensor_bytes,
     to_ndarray,
@@ -47,6 +49,19 @@ class PredictPlan:
 
 def _keys(keys) -> str:
     return ",".join(sorted(keys))
+
+
+def check_input_sizes(request, max_bytes: int) -> None:
+    """INVALID_ARGUMENT `tensor parsing error: <alias>` for an input whose shape
+    is malformed or decodes to more than `max_bytes` (checked before decoding:
+    a few bytes of `float_val` with a huge shape would otherwise allocate it)."""
+    for alias, proto in request.inputs.items():
+        try:
+            checked_shape(proto, max_bytes)
+        except TensorTooLarge as err:
+            raise status.invalid(f"tensor parsing error: {alias}: {err}") from None
+        except TensorParseError:
+            raise status.invalid(f"tensor parsing error: {alias}") from None
 
 
 def plan(servable: Servable, request) -> PredictPlan:

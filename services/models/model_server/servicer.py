@@ -4,6 +4,12 @@ Thin: read the routed version from the metadata, call `ServedModel`, turn a
 `ServingError` into its status (the one place that does), count the call.
 Predict's handler returns the response already serialized (built from
 numpy buffers in `tensors.py`), so its response serializer is the identity.
+
+Requests arrive as bytes and are parsed here: a body that is not the
+method's message is INVALID_ARGUMENT (gRPC's own deserializer would answer
+UNKNOWN), and one larger than `max_request_bytes` (see config.py) is
+RESOURCE_EXHAUSTED before it is parsed, as is a PredictBatch member; a
+Predict input whose shape decodes to more than that is INVALID_ARGUMENT.
 """
 from __future__ import annotations
 
@@ -24,7 +30,9 @@ from tensorflow_serving.apis import (
 )
 
 from cloudml.models.v1 import replica_pb2
+from services.models.model_server import predict as predict_lib
 from services.models.model_server import status
+from services.models.model_server.config import DEFAULT_MAX_REQUEST_BYTES_CAP
 from services.models.model_server.core import ServedModel
 
 log = logging.getLogger(__name__)
@@ -46,23 +54,44 @@ def routed_version(context) -> int | None:
     return None
 
 
+def too_large(method: str, size: int, limit: int) -> status.ServingError:
+    return status.ServingError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"{method} request of {size} bytes is larger than this model's limit of {limit} bytes")
+
+
 class Servicer:
-    def __init__(self, model: ServedModel, metrics=None):
+    def __init__(self, model: ServedModel, metrics=None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES_CAP):
         self.model = model
         self.metrics = metrics
+        #: the largest request taken (config.Settings.max_request_bytes, set again once the model is loaded)
+        self.max_request_bytes = max_request_bytes
 
-    def _wrap(self, service: str, method: str, call):
+    def parse(self, method: str, request_cls, raw: bytes):
+        """The request message of `raw`; raises ServingError when too large or undecodable."""
+        if len(raw) > self.max_request_bytes:
+            raise too_large(method, len(raw), self.max_request_bytes)
+        try:
+            request = request_cls.FromString(raw)
+        except (DecodeError, ValueError, RecursionError):
+            raise status.invalid(f"Could not parse the {request_cls.DESCRIPTOR.name}") from None
+        if request_cls is predict_pb2.PredictRequest:
+            predict_lib.check_input_sizes(request, self.max_request_bytes)
+        return request
+
+    def _wrap(self, service: str, method: str, call, request_cls):
         metrics = self.metrics
+        servicer = self
 
         inflight = metrics.inflight if metrics is not None else None
 
-        async def handler(request, context):
+        async def handler(raw, context):
             start = time.perf_counter()
             code = "OK"
             if inflight is not None:
                 inflight.inc()
             try:
-                return await call(request, routed_version(context))
+                return await call(servicer.parse(method, request_cls, raw), routed_version(context))
             except status.ServingError as err:
                 code = err.code.name
                 await context.abort(err.code, err.message)
@@ -82,12 +111,16 @@ class Servicer:
 
     # --- the gateway's coalesced Predict calls (replica.proto) ---------------------------------
 
-    async def _predict_batch(self, request: replica_pb2.PredictBatchRequest, context) -> bytes:
+    async def _predict_batch(self, raw: bytes, context) -> bytes:
         """Each member is a Predict call of its own: checked on its own, given
         its own answer or error, and counted as a Predict call. The members
         that pass go to the batcher together and run without waiting out
         batch_timeout_micros: they already waited in the gateway, and no more
         of them are coming (`ServedModel.predict_group`)."""
+        try:
+            request = replica_pb2.PredictBatchRequest.FromString(raw)
+        except (DecodeError, ValueError, RecursionError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Could not parse the PredictBatchRequest")
         routed = request.resolved_version or None
         metrics = self.metrics
         start = time.perf_counter()
@@ -98,9 +131,9 @@ class Servicer:
         requests, results = [], [None] * n
         for i, raw in enumerate(request.requests):
             try:
-                requests.append((i, predict_pb2.PredictRequest.FromString(raw)))
-            except DecodeError:
-                results[i] = status.invalid("cannot parse the PredictRequest")
+                requests.append((i, self.parse("Predict", predict_pb2.PredictRequest, raw)))
+            except status.ServingError as err:
+                results[i] = err
         try:
             outcomes = await self.model.predict_group([r for _, r in requests], routed)
         finally:
@@ -157,8 +190,8 @@ class Servicer:
     def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
         def unary(service, method, call, request_cls, response_cls):
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(service, method, call),
-                request_deserializer=request_cls.FromString,
+                self._wrap(service, method, call, request_cls),
+                request_deserializer=None,  # parsed by the handler (Servicer.parse)
                 response_serializer=response_cls.SerializeToString if response_cls else None,
             )
 
@@ -185,7 +218,7 @@ class Servicer:
         }
         replica = {
             "PredictBatch": grpc.unary_unary_rpc_method_handler(
-                self._predict_batch, request_deserializer=replica_pb2.PredictBatchRequest.FromString),
+                self._predict_batch, request_deserializer=None),
         }
         return [
             grpc.method_handlers_generic_handler(PREDICTION_SERVICE, prediction),

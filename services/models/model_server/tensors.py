@@ -7,8 +7,12 @@ Decoding follows TensorFlow's `Tensor::FromProto`:
 - Otherwise the typed `*_val` field is used: with fewer values than the shape
   holds, the last value repeats (so `float_val: [0]` with shape [3] is three
   zeros); with none, the tensor is all zeros; extra values are ignored.
-- A bad dtype, a negative dimension or a `tensor_content` of the wrong size is
-  a parse error (the caller answers "tensor parsing error: <alias>").
+- A bad dtype, a negative dimension, a `tensor_content` of the wrong size,
+  or a shape that holds more than `max_bytes` (2 GiB, TensorFlow's own
+  TensorProto limit, unless the caller passes its smaller one) is a parse
+  error (the caller answers "tensor parsing error: <alias>"). The size is
+  checked before anything is allocated: `float_val: [0]` with shape [2^40]
+  must not reach `np.empty`.
 
 Encoding builds serialized TensorProto bytes directly. Two layouts:
 
@@ -97,6 +101,10 @@ class TensorParseError(ValueError):
     """The TensorProto does not describe a valid tensor."""
 
 
+class TensorTooLarge(TensorParseError):
+    """The TensorProto's shape decodes to more bytes than allowed."""
+
+
 # --- decoding ------------------------------------------------------------------------
 
 # DataType -> (typed field, numpy dtype of the field's values, values per element)
@@ -120,21 +128,39 @@ _FIELDS: dict[int, tuple[str, np.dtype | None, int]] = {
 }
 
 
-def to_ndarray(tp: tensor_pb2.TensorProto) -> np.ndarray:
-    """Decodes a TensorProto; raises TensorParseError when TensorFlow would refuse it."""
-    dtype = tp.dtype
-    np_dtype = NP_DTYPES.get(dtype)
-    if np_dtype is None:
-        return _fallback(tp)
+#: TensorFlow refuses TensorProtos over 2 GiB; no decoded tensor may be larger either.
+MAX_TENSOR_BYTES = 2 * 1024 ** 3
+
+
+def checked_shape(tp: tensor_pb2.TensorProto, max_bytes: int = MAX_TENSOR_BYTES) -> tuple[tuple[int, ...], int]:
+    """(shape, element count) of a TensorProto; raises TensorParseError for an
+    unknown rank, a negative dimension, or a tensor of more than `max_bytes`
+    once decoded (an object pointer per element for strings; at least a byte
+    per element for dtypes without a numpy type)."""
     shape_proto = tp.tensor_shape
     if shape_proto.unknown_rank:
         raise TensorParseError("unknown rank")
     shape = tuple(d.size for d in shape_proto.dim)
+    np_dtype = NP_DTYPES.get(tp.dtype)
+    itemsize = max(1, np_dtype.itemsize if np_dtype is not None else 1)
     n = 1
     for d in shape:
         if d < 0:
             raise TensorParseError("negative dimension")
         n *= d
+    if n * itemsize > max_bytes:  # Python ints: no overflow
+        raise TensorTooLarge(f"shape {list(shape)} holds {n * itemsize} bytes, more than the limit of {max_bytes}")
+    return shape, n
+
+
+def to_ndarray(tp: tensor_pb2.TensorProto, max_bytes: int = MAX_TENSOR_BYTES) -> np.ndarray:
+    """Decodes a TensorProto; raises TensorParseError when TensorFlow would
+    refuse it or it would decode to more than `max_bytes`."""
+    dtype = tp.dtype
+    shape, n = checked_shape(tp, max_bytes)
+    np_dtype = NP_DTYPES.get(dtype)
+    if np_dtype is None:
+        return _fallback(tp)
     content = tp.tensor_content
     if dtype != DT_STRING and content:
         if len(content) != n * np_dtype.itemsize:
@@ -154,7 +180,9 @@ def to_ndarray(tp: tensor_pb2.TensorProto) -> np.ndarray:
             out[:] = b""
         return out.reshape(shape)
     if field_dtype is not None:
-        arr = np.array(values, dtype=field_dtype)
+        # fromiter: no intermediate list of Python floats (np.array would
+        # build one, ~30 bytes per value; 10^7 floats cost ~300 MB more).
+        arr = np.fromiter(values, dtype=field_dtype, count=len(values))
         if per_element == 2:
             arr = arr.view(np_dtype)  # (re, im) pairs -> complex
         elif field_dtype != np_dtype:
