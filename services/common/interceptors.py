@@ -130,6 +130,9 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
                 access_log.info("%s %s %.2fms tenant=%s rid=%s", method, code.name, elapsed * 1000,
                                 caller.tenant if caller else "-", request_id.get())
 
+        deserializer = _tolerant(handler.request_deserializer)
+        checked = _checked_stream if handler.request_streaming else _checked
+
         if handler.response_streaming:
             behavior = handler.unary_stream or handler.stream_stream
 
@@ -138,7 +141,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.OK
                 try:
                     begin(context)
-                    result = behavior(request_or_iterator, context)
+                    result = behavior(checked(request_or_iterator), context)
                     if inspect.isasyncgen(result):
                         async for item in result:
                             yield item
@@ -156,7 +159,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
 
             factory = (grpc.stream_stream_rpc_method_handler if handler.request_streaming
                        else grpc.unary_stream_rpc_method_handler)
-            return factory(streaming, request_deserializer=handler.request_deserializer,
+            return factory(streaming, request_deserializer=deserializer,
                            response_serializer=handler.response_serializer)
 
         behavior = handler.unary_unary or handler.stream_unary
@@ -166,7 +169,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK
             try:
                 begin(context)
-                response = await behavior(request_or_iterator, context)
+                response = await behavior(checked(request_or_iterator), context)
                 code = _code_of(context, grpc.StatusCode.OK)
                 return response
             except BaseException as exc:  # noqa: BLE001 - mapped (or re-raised) by fail()
@@ -180,11 +183,50 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
 
         factory = (grpc.stream_unary_rpc_method_handler if handler.request_streaming
                    else grpc.unary_unary_rpc_method_handler)
-        return factory(unary, request_deserializer=handler.request_deserializer,
+        return factory(unary, request_deserializer=deserializer,
                        response_serializer=handler.response_serializer)
 
 
 _FAILED = object()
+
+
+class _Undecodable:
+    """Stands for a request whose bytes do not parse: gRPC would answer its
+    own UNKNOWN/INTERNAL before any handler ran; the pipeline answers
+    INVALID_ARGUMENT instead (after authentication, as for any request)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as err:  # noqa: BLE001 - DecodeError and friends
+            return _Undecodable(err)
+    return deserialize
+
+
+def _bad_request(request: _Undecodable) -> errors.InvalidArgument:
+    return errors.InvalidArgument(f"the request body is not a valid protobuf message for this method "
+                                  f"({type(request.error).__name__})")
+
+
+def _checked(request):
+    if isinstance(request, _Undecodable):
+        raise _bad_request(request)
+    return request
+
+
+async def _checked_stream(requests):
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise _bad_request(request)
+        yield request
 
 
 async def _abort(context, code: grpc.StatusCode, message: str, trailers: tuple) -> None:

@@ -355,9 +355,9 @@ def test_fuzz_grpc_never_answers_internal(env, gateway):
             code = grpc.StatusCode.OK
         except grpc.RpcError as err:
             code = err.code()
-        assert code != grpc.StatusCode.INTERNAL, (method, body)
-        if method in TFS_METHODS:  # the gateway's own: undecodable is INVALID_ARGUMENT, never UNKNOWN
-            assert code != grpc.StatusCode.UNKNOWN, (method, body)
+        # Undecodable bytes are INVALID_ARGUMENT, never UNKNOWN or INTERNAL: the gateway's own methods
+        # and every platform method it relays (the owning services' pipelines parse tolerantly).
+        assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (method, body, code)
         assert code != grpc.StatusCode.DEADLINE_EXCEEDED, (method, body)  # answered, not hung
         assert time.monotonic() - started < 6
 

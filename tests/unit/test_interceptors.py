@@ -54,7 +54,9 @@ async def server():
     token = jwt.encode({"iss": "cloudml-auth", "aud": "cloudml", "sub": "team-a", "role": 1, "akid": "AK",
                         "iat": now, "exp": now + 60}, key, algorithm="EdDSA", headers={"kid": "k"})
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield pbg.AuthServiceStub(channel), (("authorization", f"Bearer {token}"),), registry
+    stub = pbg.AuthServiceStub(channel)
+    stub.channel = channel
+    yield stub, (("authorization", f"Bearer {token}"),), registry
     await channel.close()
     await srv.stop(0)
 
@@ -119,3 +121,19 @@ async def test_metrics_count_calls_by_code(server):
     labels = {"grpc_service": "cloudml.auth.v1.AuthService", "grpc_method": "GetTenant"}
     assert registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 1
     assert registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "NOT_FOUND"}) == 1
+
+
+async def test_undecodable_request_is_invalid_argument_after_authentication(server):
+    stub, md, _ = server
+    raw = stub.channel.unary_unary("/cloudml.auth.v1.AuthService/GetTenant")
+    garbage = b"\xff\xff\xff\xff\x0f"  # a truncated varint: no message parses from it
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await raw(garbage, metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in err.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await raw(garbage)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # A public method too (no token needed): INVALID_ARGUMENT, never UNKNOWN/INTERNAL.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.channel.unary_unary("/cloudml.auth.v1.AuthService/IssueToken")(garbage)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
