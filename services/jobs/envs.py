@@ -463,7 +463,10 @@ class EnvCache:
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
-                preexec_fn=(lambda: os.umask(0o022)) if account is not None else None,
+                # Popen's own umask (set in C between fork and exec), never a
+                # preexec_fn: Python code in the child of this multi-threaded
+                # gRPC process can crash there (uv "exit -11" with no output).
+                umask=0o022 if account is not None else -1,
             )
         except OSError as exc:
             raise InstallFailed(f"cannot run {argv[0]}: {exc}") from exc
