@@ -225,9 +225,10 @@ def main() -> None:
     from cloudml.auth.v1 import auth_service_pb2 as auth_pb
     from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
     from cloudml.models.v1 import models_service_pb2 as models_pb
-    from deploy.local.service_process import ServiceProcess
+    from deploy.local.service_process import ServiceProcess, read_port_file
     from deploy.local.stack import AuthGatewayStack
     from services.common.etcd import Etcd
+    from services.models import store
     from tests.conformance.half_plus_two import build_half_plus_two
 
     d = tempfile.mkdtemp(prefix="cloudml-bench-serving-")
@@ -254,13 +255,18 @@ def main() -> None:
                                      ("mlp-batch", mlp_path, batching_on)):
             port_file = os.path.join(d, f"{name}.port")
             cmd = [sys.executable, "-m", "services.models.model_server", "--model-name", name, "--version", "1",
-                   "--base-path", path, "--port-file", port_file, "--etcd", etcd.endpoint, "--tenant", "bench",
-                   "--replica-id", f"{name}-0", "--batching-config", batching, "--log-level", "WARNING"]
+                   "--base-path", path, "--port-file", port_file,
+                   "--batching-config", batching, "--log-level", "WARNING"]
             servers[name] = start(ServiceProcess(name, cmd, port_file, log_path=os.path.join(d, f"{name}.log")))
 
         async def routes():
             client = await Etcd.connect(etcd.endpoint)
             for name in servers:
+                # The endpoint the models service's reconciler would publish for this replica.
+                info = read_port_file(servers[name].port_file)
+                await store.put_endpoint(client, store.make_endpoint(
+                    "bench", name, 1, f"{name}-0", info.get("replica_address", info["address"]),
+                    models_pb.MODEL_VERSION_STATE_AVAILABLE, info.get("coalesce_max", 0)))
                 route = models_pb.ModelRoute(tenant="bench", model=name, versions=[
                     models_pb.VersionRoute(version=1, state=models_pb.MODEL_VERSION_STATE_AVAILABLE)])
                 await client.put(f"/cloudml/models/routes/bench/{name}", route.SerializeToString())

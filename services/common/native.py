@@ -3,9 +3,15 @@
 `services/gateway/native/dataplane.cc`, built by `scripts/build_native.sh`
 into `build/native/cloudml-gateway-dataplane`, runs in two roles: the
 gateway's data plane (services/gateway/dataplane.py) and the front of a
-model-server replica with batching on (services/models/model_server/front.py).
+model-server replica with batching on (services/models/model_server/server.py).
 Either way it prints its bound port on its first line, dies with the process
 that started it (PR_SET_PDEATHSIG), and drains in-flight calls on SIGTERM.
+
+Every address it takes (`--listen`, `--upstream`, `--front-for`, and the
+replica addresses in routing decisions) is a gRPC target: `host:port` or
+`unix:/path` (model-server replicas listen on Unix sockets that only the
+platform can reach). For a `unix:` listen address gRPC reports port 1, and
+the address itself is what callers use.
 """
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ class NativeProcess:
         self._stopping = False
 
     async def start(self, args: list[str], env: dict | None = None) -> int:
-        """Runs the binary with `args`; returns the port it bound."""
+        """Runs the binary with `args`; returns the port it bound (1 for a unix: address)."""
         self.process = subprocess.Popen([binary_path(), *args], stdout=subprocess.PIPE, env=env, text=True)
         line = await asyncio.get_running_loop().run_in_executor(None, self.process.stdout.readline)
         if not line.strip().isdigit():

@@ -15,8 +15,6 @@ def _arguments(parser) -> None:
                         help="the local runtime's CPU capacity (default: the machine's cores)")
     parser.add_argument("--capacity-memory", type=units.parse_memory, default=None,
                         help="the local runtime's memory capacity (default: physical memory - 1Gi)")
-    parser.add_argument("--replica-lease-ttl", type=int, default=5,
-                        help="lease TTL of the replicas' endpoint registrations, seconds")
     parser.add_argument("--stop-grace", type=float, default=30.0,
                         help="seconds a stopping replica may drain before it is killed")
     parser.add_argument("--target-inflight", type=float, default=4.0,

@@ -6,14 +6,51 @@ processes never both act.
 What it knows
 -------------
 - desired state, by list-then-watch (`Mirror`): models/ and versions/;
-- replica registrations: endpoints/ (each model server writes its own under a
-  lease once loaded, AVAILABLE, then UNLOADING while it drains);
+- the endpoint registry the gateways route by: endpoints/, which only this
+  reconciler writes (see "Replica endpoints" below);
 - its own bookkeeping: replicas/ (`store.ReplicaRecord`), loaded once when it
   becomes leader and from then on written only by it;
 - processes: the runtime (`adopt()` when it becomes leader, then one
   `runtime.wait()` task per running replica, so a crash is seen at once);
 - load errors: a model server that cannot load its SavedModel writes
-  {"error": "..."} to its port file and exits non-zero.
+  {"error": "..."} to its port file and exits non-zero;
+- whether a replica serves: its gRPC health (a `Health.Watch` stream per
+  running replica, over its socket).
+
+Replica endpoints
+-----------------
+A replica is tenant code (a SavedModel's ops read and write files), so it
+never reaches etcd, and only the platform reaches it: the reconciler starts
+it listening on a Unix socket, `unix:<socket_dir(tenant)>/<replica id>.sock`
+(its metrics on `<replica id>.metrics.sock`; with the native front, its
+Python server on `<replica id>.server.sock`), in a directory of mode 0700
+per tenant under a per-platform directory (`/run/cloudml-<hash of the data
+dir>`, else under the temp dir), short enough for the 107-byte limit of
+socket paths. No TCP port is opened.
+
+The reconciler publishes `endpoints/<tenant>/<model>/<version>/<replica id>`
+(`ReplicaEndpoint`) for the gateways itself:
+- AVAILABLE as soon as the replica's health turns SERVING (it does once the
+  model is loaded and warmed up; the port file then holds `coalesce_max` and
+  `max_request_bytes`, copied into the record). The address is the one the
+  reconciler chose (the `.server.sock` one when the port file says the front
+  took the public one), never an address the replica names;
+- UNLOADING before the reconciler sends SIGTERM (gateways stop routing to it
+  while it drains; the replica's `--drain-delay` covers their reaction), or
+  when the replica's health turns NOT_SERVING on its own;
+- deleted once its process is gone: a dead replica (kill -9, crash) is seen
+  by its `runtime.wait()` task within ~50 ms, and its entry is the first
+  thing removed.
+
+Entries carry no lease, so a models service killed (even for good) leaves
+them as they are: gateways keep routing to live replicas, and nothing goes
+stale while no process leads, except the entry of a replica that dies in
+that gap (gateways retry such calls once, on another replica). Every pass
+deletes entries that no replica record accounts for; a new leader adopts the
+running replicas (their records hold their addresses), watches their health
+again and rewrites their entries only where they differ. Writes of one
+replica's entry are serialized, and AVAILABLE is never written once the
+replica is marked `stopping`.
 
 One pass (after any change, debounced, and every `tick` seconds) goes over
 every version:
@@ -41,11 +78,12 @@ every version:
    when they changed), and the model's route republished.
 
 Stopping a replica (scale-down, delete, failure, or the remains of a crash)
-runs in the background: record marked `stopping`, `runtime.stop` (SIGTERM:
-the model server marks its endpoint UNLOADING, finishes what it holds and
-exits; SIGKILL after `stop_grace`), then runtime capacity and the quota
-reservation are released, the runtime forgets it, its endpoint key (if its
-lease has not expired yet) is removed, and last the record is deleted. Every
+runs in the background: record marked `stopping`, its endpoint rewritten
+UNLOADING, `runtime.stop` (SIGTERM: the model server goes NOT_SERVING, waits
+its drain delay, finishes what it holds and exits; SIGKILL after
+`stop_grace`), its endpoint deleted, then runtime capacity and the quota
+reservation are released, the runtime forgets it, its sockets are removed,
+and last the record is deleted. Every
 step is idempotent, and the record is deleted last, so a leader killed at
 any point leaves work that the next one finishes: records marked `stopping`
 are stopped again, records `started` that the runtime does not know are
@@ -63,12 +101,16 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import aiohttp
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -97,16 +139,21 @@ RUNTIME_PREFIX = "models."
 INFLIGHT_METRICS = ("cloudml_model_server_inflight_requests", "cloudml_model_inflight_requests")
 PORT_FILE = "port.json"
 LOG_FILE = "replica.log"
+# A port file is a few hundred bytes; a replica (tenant code) may write anything there.
+PORT_FILE_MAX = 64 * 1024
+# Bounds on what a replica reports for its endpoint record.
+COALESCE_MAX_LIMIT = 1 << 16
+METRICS_MAX = 1 << 20
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass
 class ReconcilerSettings:
     data_dir: str
-    etcd_endpoint: str
-    #: lease TTL the model servers register their endpoints under
-    replica_lease_ttl: int = 5
     #: SIGTERM -> SIGKILL when stopping a replica (its drain time)
     stop_grace: float = 30.0
+    #: a stopping replica's health NOT_SERVING -> refusing calls (its endpoint is UNLOADING before SIGTERM)
+    drain_delay: float = 0.5
     #: autoscaling: in-flight requests per replica, scale-down delay, scrape period
     target_inflight: float = 4.0
     scale_down_delay: float = 60.0
@@ -126,6 +173,15 @@ class ReconcilerSettings:
     @property
     def cache_dir(self) -> str:
         return os.path.join(self.data_dir, "models", "cache")
+
+    @property
+    def socket_root(self) -> str:
+        """The platform's directory of replica sockets: short (socket paths
+        are limited to 107 bytes, and data dirs can be long), one per data
+        dir (two platforms side by side never share it)."""
+        digest = hashlib.sha256(os.path.realpath(self.data_dir).encode()).hexdigest()[:10]
+        base = "/run" if os.access("/run", os.W_OK | os.X_OK) else tempfile.gettempdir()
+        return os.path.join(base, f"cloudml-{digest}")
 
 
 @dataclass
@@ -170,11 +226,28 @@ _CODES = {name: number for number, name in enumerate((
 
 def read_port_file(path: str) -> dict:
     try:
-        with open(path) as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            data = json.loads(f.read(PORT_FILE_MAX))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _count(value, limit: int) -> int:
+    """A non-negative int a replica reported, within `limit` (0 if it is not one)."""
+    return min(value, limit) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _private_dir(path: str, mode: int) -> None:
+    """Creates `path` (one level) as this process's own directory with `mode`;
+    refuses one that someone else made (the temp dir is shared)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, mode)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise PermissionError(f"{path} is not a directory of this platform's user")
+    if stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)
 
 
 class ReconcilerMetrics:
@@ -224,6 +297,9 @@ class Reconciler:
         self._downloads: dict[str, _Download] = {}
         self._route_dirty: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
+        # Per replica record key: its health watch, and the lock its endpoint writes take.
+        self._monitors: dict[str, asyncio.Task] = {}
+        self._endpoint_locks: dict[str, asyncio.Lock] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -258,7 +334,7 @@ class Reconciler:
                     await asyncio.wait_for(self._wake.wait(), self.settings.tick)
                 await asyncio.sleep(0.02)  # debounce bursts of events
         finally:
-            tasks = [*self._tasks, *self._waiters.values(), *self._stoppers.values(),
+            tasks = [*self._tasks, *self._waiters.values(), *self._stoppers.values(), *self._monitors.values(),
                      *(d.task for d in self._downloads.values())]
             for task in tasks:
                 task.cancel()
@@ -306,6 +382,10 @@ class Reconciler:
                 self._stoppers[status.replica_id] = asyncio.create_task(self._stop_orphan(status))
             elif not status.ended:
                 self._watch_process(status.replica_id)
+        for record in self.replicas.values():
+            status = self.statuses.get(record.runtime_id)
+            if record.started and not record.stopping and status is not None and not status.ended:
+                self._monitor(record)
         running = sum(1 for s in adopted if s.replica_id in known and not s.ended)
         log.info("reconciler leading: %d replica records, %d running replicas adopted", len(self.replicas), running)
         # Republish every route once: a process may have died between a
@@ -332,8 +412,22 @@ class Reconciler:
             except errors.CloudMLError as err:
                 log.warning("reconciling %s: %s", vkey, err.message)
         await self._finish_deleted_models()
+        await self._sweep_endpoints()
         await self._publish_routes()
         self._export_counts()
+
+    async def _sweep_endpoints(self) -> None:
+        """Deletes endpoints/ entries that no replica record accounts for
+        (left by a leader killed mid-way, or by replicas of older releases)."""
+        for key in list(self.endpoints.items):
+            try:
+                tenant, model, number, replica_id = store.parse_endpoint_key(key)
+            except ValueError:
+                continue
+            if store.replica_key(tenant, model, number, replica_id) not in self.replicas:
+                log.info("deleting endpoint %s: no replica record", key)
+                await self.etcd.delete(key)
+                self.endpoints.items.pop(key, None)
 
     def _export_counts(self) -> None:
         versions: dict[str, int] = defaultdict(int)
@@ -466,7 +560,10 @@ class Reconciler:
         return live
 
     async def _new_replica(self, version: pb.ModelVersion, now: float) -> store.ReplicaRecord:
+        taken = {r.replica_id for r in self.replicas.values() if r.tenant == version.tenant}
         replica_id = secrets.token_hex(4)
+        while replica_id in taken:  # it names the replica's sockets in the tenant's directory
+            replica_id = secrets.token_hex(4)
         runtime_id = f"{RUNTIME_PREFIX}{version.tenant}.{version.model}.{version.version}.{replica_id}"
         record = store.ReplicaRecord(
             tenant=version.tenant, model=version.model, version=version.version, replica_id=replica_id,
@@ -527,11 +624,13 @@ class Reconciler:
         port_file = os.path.join(record.workdir, PORT_FILE)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(port_file)
+        sockets = await asyncio.to_thread(self.socket_dir, record.tenant)
         record.started, record.started_at = True, now
+        record.address = f"unix:{os.path.join(sockets, record.replica_id)}.sock"
         try:
             await self._save(record)
         except BaseException:
-            record.started, record.started_at = False, 0.0
+            record.started, record.started_at, record.address = False, 0.0, ""
             raise
         self._waiting.pop(record.key, None)
         self._retry_at.pop(record.key, None)
@@ -539,7 +638,7 @@ class Reconciler:
             replica_id=record.runtime_id, group=record.runtime_id, argv=self._argv(record, version, path, port_file),
             env={"PYTHONPATH": PROJECT_ROOT, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},
             workdir=record.workdir, log_path=os.path.join(record.workdir, LOG_FILE),
-            resources=replica_amount(version),
+            resources=replica_amount(version), tenant=record.tenant,
         )
         try:
             status = await self.runtime.start(request)
@@ -550,15 +649,16 @@ class Reconciler:
         self.statuses[record.runtime_id] = status
         if not status.ended:
             self._watch_process(record.runtime_id)
-        log.info("replica %s started (pid %s)", record.runtime_id, status.pid)
+            self._monitor(record)
+        log.info("replica %s started (pid %s) on %s", record.runtime_id, status.pid, record.address)
 
     def _argv(self, record: store.ReplicaRecord, version: pb.ModelVersion, path: str, port_file: str) -> list[str]:
         argv = [
             self.settings.python, "-m", "services.models.model_server",
             "--model-name", version.model, "--version", str(version.version), "--base-path", path,
-            "--listen", "127.0.0.1:0", "--port-file", port_file, "--etcd", self.settings.etcd_endpoint,
-            "--tenant", version.tenant, "--replica-id", record.replica_id,
-            "--lease-ttl", str(self.settings.replica_lease_ttl), "--metrics-listen", "127.0.0.1:0",
+            "--listen", record.address, "--port-file", port_file,
+            "--metrics-listen", f"unix:{self._socket_path(record, 'metrics')}",
+            "--drain-delay", str(self.settings.drain_delay),
         ]
         b = version.batching
         if b.enabled:
@@ -620,6 +720,149 @@ class Reconciler:
 
         self._waiters[runtime_id] = asyncio.create_task(wait(), name=f"wait:{runtime_id}")
 
+    # --- replica sockets -------------------------------------------------------------------
+
+    def socket_dir(self, tenant: str) -> str:
+        """The directory of `tenant`'s replica sockets, created if missing:
+        `<socket_root>/<tenant>` (a long name is cut and hashed), mode 0700,
+        under a root of mode 0711 that only the platform's user owns. With
+        tenant isolation on, the tenant's user owns it (its replicas create
+        their sockets there; no other tenant can reach them). Blocking (it may
+        create the tenant's account): run it on a thread."""
+        root = self.settings.socket_root
+        _private_dir(root, 0o711)
+        name = tenant if len(tenant) <= 40 else f"{tenant[:31]}-{hashlib.sha256(tenant.encode()).hexdigest()[:8]}"
+        path = os.path.join(root, name)
+        tenancy = getattr(self.runtime, "tenancy", None)
+        if tenancy is not None and tenancy.enabled:
+            if os.path.islink(path):
+                raise PermissionError(f"{path} is a symbolic link")
+            tenancy.own_dir(path, tenant, 0o700)
+        else:
+            _private_dir(path, 0o700)
+        return path
+
+    @staticmethod
+    def _socket_path(record: store.ReplicaRecord, role: str = "") -> str:
+        """`<dir>/<replica id>.sock` (the public address), `.server.sock` (the
+        Python server behind a native front; the model server's own naming
+        rule, server_address()), `.metrics.sock`."""
+        base = record.address[len("unix:"):-len(".sock")]
+        return f"{base}.{role}.sock" if role else f"{base}.sock"
+
+    def _serving_address(self, record: store.ReplicaRecord, port: dict) -> str:
+        """The address gateways call: the replica's Python server itself (behind
+        a native front, its `.server.sock`: gateways coalesce already), else
+        its public one. Only ever one of the two addresses chosen for it."""
+        server = f"unix:{self._socket_path(record, 'server')}"
+        return server if port.get("replica_address") == server else record.address
+
+    def _remove_sockets(self, record: store.ReplicaRecord) -> None:
+        if not record.address.startswith("unix:"):
+            return
+        for role in ("", "server", "metrics"):
+            path = self._socket_path(record, role)
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+
+    # --- replica health and endpoints ----------------------------------------------------------
+
+    def _monitor(self, record: store.ReplicaRecord) -> None:
+        """Follows a started replica's health until it ends or is stopped."""
+        if not record.address.startswith("unix:"):
+            return  # started by an older release: it registers itself
+        task = self._monitors.get(record.key)
+        if task is None or task.done():
+            self._monitors[record.key] = asyncio.create_task(self._watch_health(record),
+                                                             name=f"health:{record.runtime_id}")
+
+    def _stop_monitor(self, record: store.ReplicaRecord) -> None:
+        task = self._monitors.pop(record.key, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _live(self, record: store.ReplicaRecord) -> bool:
+        status = self.statuses.get(record.runtime_id)
+        return (self.replicas.get(record.key) is record and not record.stopping
+                and (status is None or not status.ended))
+
+    async def _watch_health(self, record: store.ReplicaRecord) -> None:
+        """Until the replica drains (SERVING, then NOT_SERVING: a model server
+        never serves again after that) or ends. The stream is closed then: an
+        open call would hold the replica's shutdown for its whole grace."""
+        port_path = os.path.join(record.workdir, PORT_FILE)
+        while self._live(record):
+            port = read_port_file(port_path)
+            if port.get("error"):
+                return  # it exits; the pass reads the error
+            if not port.get("address"):
+                await asyncio.sleep(0.05)  # still importing TensorFlow
+                continue
+            address = self._serving_address(record, port)
+            try:
+                if await self._follow_health(record, address, port_path):
+                    return
+            except grpc.aio.AioRpcError as err:
+                log.debug("health of %s: %s", record.runtime_id, err.code().name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep watching
+                log.exception("watching the health of replica %s", record.runtime_id)
+            await asyncio.sleep(0.2)
+
+    async def _follow_health(self, record: store.ReplicaRecord, address: str, port_path: str) -> bool:
+        """One Health.Watch stream (the replica pushes every change at once);
+        True once the replica drains."""
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            async for reply in call:
+                if reply.status == SERVING:
+                    port = read_port_file(port_path)
+                    await self._set_endpoint(record, S.MODEL_VERSION_STATE_AVAILABLE, address,
+                                             _count(port.get("coalesce_max"), COALESCE_MAX_LIMIT),
+                                             _count(port.get("max_request_bytes"), 1 << 62))
+                elif record.available or self._endpoint_state(record) == S.MODEL_VERSION_STATE_AVAILABLE:
+                    await self._set_endpoint(record, S.MODEL_VERSION_STATE_UNLOADING)
+                    call.cancel()
+                    return True
+        return False
+
+    async def _set_endpoint(self, record: store.ReplicaRecord, state: int | None, address: str = "",
+                            coalesce_max: int = 0, max_request_bytes: int = 0) -> None:
+        """Writes the replica's endpoints/ entry: AVAILABLE (only while the
+        replica is live), UNLOADING (only over an entry there is), or None:
+        deleted. One replica's writes never interleave."""
+        key = store.endpoint_key(record.tenant, record.model, record.version, record.replica_id)
+        lock = self._endpoint_locks.setdefault(record.key, asyncio.Lock())
+        async with lock:
+            current = self.endpoints.items.get(key)
+            if state is None:
+                await self.etcd.delete(key)
+                self.endpoints.items.pop(key, None)
+                self._endpoint_locks.pop(record.key, None)
+                return
+            if state == S.MODEL_VERSION_STATE_AVAILABLE:
+                if not self._live(record):
+                    return
+                endpoint = store.make_endpoint(record.tenant, record.model, record.version, record.replica_id,
+                                               address, state, coalesce_max)
+                if max_request_bytes and "max_request_bytes" in pb.ReplicaEndpoint.DESCRIPTOR.fields_by_name:
+                    endpoint.max_request_bytes = max_request_bytes
+                if current is not None and _same_endpoint(current, endpoint):
+                    return
+            else:
+                if current is None or current.state == state:
+                    return
+                endpoint = pb.ReplicaEndpoint()
+                endpoint.CopyFrom(current)
+                endpoint.state = state
+            await store.put_endpoint(self.etcd, endpoint)
+            self.endpoints.items[key] = endpoint
+            log.info("endpoint of replica %s: %s %s", record.runtime_id,
+                     S.Name(state)[len("MODEL_VERSION_STATE_"):], endpoint.address)
+        self.wake()
+
     # --- observing replicas --------------------------------------------------------------
 
     def _endpoint(self, record: store.ReplicaRecord) -> pb.ReplicaEndpoint | None:
@@ -644,7 +887,7 @@ class Reconciler:
         if not record.started:
             return _Observed(S.MODEL_VERSION_STATE_START, message=waiting)
         port = self._port_info(record)
-        address = endpoint.address if endpoint is not None else port.get("address", "")
+        address = endpoint.address if endpoint is not None else record.address
         if status is None or status.ended:
             message = port.get("error") or self._exit_message(status)
             return _Observed(S.MODEL_VERSION_STATE_END, address, message,
@@ -731,15 +974,19 @@ class Reconciler:
         if record.started:
             if status is None:
                 status = await self.runtime.status(rid)
+            self._stop_monitor(record)  # before SIGTERM: its open stream would hold the drain
             if not status.ended:
+                # Gateways stop routing here before it is asked to stop.
+                await self._set_endpoint(record, S.MODEL_VERSION_STATE_UNLOADING)
                 status = await self.runtime.stop(rid, self.settings.stop_grace)
             self.statuses[rid] = status
+        self._stop_monitor(record)
+        await self._set_endpoint(record, None)
         self.runtime.release(rid)
         await self.auth.release(record.tenant, record.owner_id)
         if record.started and status is not None and status.phase != ReplicaPhase.UNKNOWN:
             await self.runtime.forget(rid)
-        # A registration whose lease has not run out yet would still be routed to.
-        await self.etcd.delete(store.endpoint_key(record.tenant, record.model, record.version, record.replica_id))
+        self._remove_sockets(record)
         await self.etcd.delete(record.key)
         self.replicas.pop(record.key, None)
         self.statuses.pop(rid, None)
@@ -860,18 +1107,18 @@ class Reconciler:
     # --- autoscaling ----------------------------------------------------------------------
 
     async def _scrape_loop(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=max(self.settings.scrape_interval * 0.8, 0.2))
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            while True:
-                await asyncio.sleep(self.settings.scrape_interval)
-                try:
-                    await self._scrape(http)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # noqa: BLE001 - a scrape must never stop the loop
-                    log.exception("autoscaling scrape failed")
+        while True:
+            await asyncio.sleep(self.settings.scrape_interval)
+            try:
+                await self._scrape()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a scrape must never stop the loop
+                log.exception("autoscaling scrape failed")
 
-    async def _scrape(self, http: aiohttp.ClientSession) -> None:
+    async def _scrape(self) -> None:
+        """Reads each autoscaled AVAILABLE replica's in-flight gauge from its
+        metrics socket (`<replica id>.metrics.sock`, HTTP)."""
         targets: dict[str, list[str]] = defaultdict(list)
         for record in list(self.replicas.values()):
             version = self.versions.items.get(record.version_key)
@@ -879,12 +1126,11 @@ class Reconciler:
                 continue
             if self._endpoint_state(record) != S.MODEL_VERSION_STATE_AVAILABLE:
                 continue
-            port = self._port_info(record).get("metrics")
-            if port:
-                targets[record.version_key].append(f"http://127.0.0.1:{port}/metrics")
+            if record.address.startswith("unix:"):
+                targets[record.version_key].append(self._socket_path(record, "metrics"))
         now = self.clock()
-        for vkey, urls in targets.items():
-            values = await asyncio.gather(*(self._inflight(http, url) for url in urls))
+        for vkey, paths in targets.items():
+            values = await asyncio.gather(*(self._inflight(path) for path in paths))
             total = sum(v for v in values if v is not None)
             self.autoscaler.observe(vkey, total, now)
             version = self.versions.items.get(vkey)
@@ -894,14 +1140,16 @@ class Reconciler:
                                            now) != current:
                     self.wake()
 
-    @staticmethod
-    async def _inflight(http: aiohttp.ClientSession, url: str) -> float | None:
+    async def _inflight(self, path: str) -> float | None:
+        timeout = aiohttp.ClientTimeout(total=max(self.settings.scrape_interval * 0.8, 0.2))
         try:
-            async with http.get(url) as resp:
-                text = await resp.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path), timeout=timeout) as http:
+                async with http.get("http://replica/metrics") as resp:
+                    text = (await resp.content.read(METRICS_MAX)).decode(errors="replace")
+            families = list(text_string_to_metric_families(text))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
             return None
-        for family in text_string_to_metric_families(text):
+        for family in families:
             if family.name in INFLIGHT_METRICS:
                 return sum(sample.value for sample in family.samples)
         return None
@@ -909,6 +1157,16 @@ class Reconciler:
 
 class _Gone(Exception):
     """The record disappeared under an update."""
+
+
+def _same_endpoint(a: pb.ReplicaEndpoint, b: pb.ReplicaEndpoint) -> bool:
+    """Equal but for register_time."""
+    a2, b2 = pb.ReplicaEndpoint(), pb.ReplicaEndpoint()
+    a2.CopyFrom(a)
+    b2.CopyFrom(b)
+    a2.ClearField("register_time")
+    b2.ClearField("register_time")
+    return a2 == b2
 
 
 def _fetch(uri: str, target: str) -> None:

@@ -8,6 +8,10 @@ Files under the data directory (DIR):
                                                      capacity ledger), shared with the jobs service
     DIR/models/replicas/<runtime id>/                a replica's working directory: port.json, replica.log
     DIR/models/cache/<tenant>/<model>/<v>-<hash>/    SavedModels fetched from remote URIs
+
+Replicas listen on Unix sockets outside DIR (paths must stay short):
+/run/cloudml-<hash of DIR>/<tenant>/ (else under the temp dir), see
+`Reconciler.socket_dir`.
 """
 from __future__ import annotations
 
@@ -68,6 +72,9 @@ class ModelsApp(ServiceApp):
             raise SystemExit("error: the models service needs --data-dir")
         data_dir = os.path.abspath(settings.data_dir)
         self.runtime = make_runtime(extra.runtime, data_dir, extra)
+        tenancy = getattr(self.runtime, "tenancy", None)
+        if tenancy is not None:  # replicas (tenant code) must reach their working directories below the data dir
+            tenancy.ensure_reachable(data_dir)
         self.auth = QuotaClient(platform.directory, platform.identity)
         storage = extra.storage_dir or os.path.join(data_dir, "storage")
         self.core = ModelsCore(
@@ -79,8 +86,7 @@ class ModelsApp(ServiceApp):
         self.reconciler = Reconciler(
             platform.etcd, self.runtime, self.auth,
             ReconcilerSettings(
-                data_dir=data_dir, etcd_endpoint=settings.etcd, replica_lease_ttl=extra.replica_lease_ttl,
-                stop_grace=extra.stop_grace, target_inflight=extra.target_inflight,
+                data_dir=data_dir, stop_grace=extra.stop_grace, target_inflight=extra.target_inflight,
                 scale_down_delay=extra.scale_down_delay,
             ),
             metrics=ReconcilerMetrics(platform.metrics_registry),

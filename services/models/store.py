@@ -13,8 +13,12 @@
                                               reservation again
     routes/<tenant>/<model>                   cloudml.models.v1.ModelRoute, for the gateway
     endpoints/<tenant>/<model>/<version>/<replica id>
-                                              cloudml.models.v1.ReplicaEndpoint, written by each model
-                                              server under its own lease (version in plain decimal)
+                                              cloudml.models.v1.ReplicaEndpoint (version in plain
+                                              decimal), written only by the reconciler (never by a
+                                              replica: replicas are tenant code and never reach etcd),
+                                              with no lease: AVAILABLE once the replica reports itself
+                                              serving, UNLOADING before it is stopped, deleted once its
+                                              process is gone (see reconciler.py)
     election/<lease>                          the reconciler's leader election
 
 The gateway reads routes/ and endpoints/ (read-only); nothing else outside
@@ -29,9 +33,11 @@ latest records whatever process dies when.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 
 from aetcd import rpc
+from google.protobuf import timestamp_pb2
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import errors
@@ -130,6 +136,9 @@ class ReplicaRecord:
     stop_reason: str = ""
     # The resources reserved for it (cpu_millis, memory_bytes, gpus), as reserved.
     resources: dict = field(default_factory=dict)
+    # The gRPC address it was told to listen on (`unix:<socket dir>/<replica id>.sock`),
+    # chosen before it starts; kept so that a later leader finds its sockets again.
+    address: str = ""
 
     @property
     def key(self) -> str:
@@ -240,6 +249,23 @@ def decode_kv_model(kv: KV) -> pb.Model:
 
 def decode_kv_version(kv: KV) -> pb.ModelVersion:
     return pb.ModelVersion.FromString(kv.value)
+
+
+def make_endpoint(tenant: str, model: str, version: int, replica_id: str, address: str, state: int,
+                  coalesce_max: int = 0) -> pb.ReplicaEndpoint:
+    """A replica's entry in endpoints/, stamped now."""
+    now = time.time()
+    return pb.ReplicaEndpoint(
+        tenant=tenant, model=model, version=version, replica_id=replica_id, address=address, state=state,
+        coalesce_max=coalesce_max,
+        register_time=timestamp_pb2.Timestamp(seconds=int(now), nanos=int(now % 1 * 1e9)),
+    )
+
+
+async def put_endpoint(etcd: Etcd, endpoint: pb.ReplicaEndpoint) -> None:
+    """Writes a replica's entry in endpoints/ (no lease: it stays until deleted)."""
+    await etcd.put(endpoint_key(endpoint.tenant, endpoint.model, endpoint.version, endpoint.replica_id),
+                   endpoint.SerializeToString())
 
 
 def decode_kv_endpoint(kv: KV) -> pb.ReplicaEndpoint:

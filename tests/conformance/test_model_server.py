@@ -16,11 +16,13 @@ reads JSON commands on stdin (build the test models, make a call, make
 concurrent calls, check imports) and answers each with one JSON line.
 
 Servers (started together once per module, in parallel):
-  hpt       half_plus_two v123 with a warmup file, registered in etcd
+  hpt       half_plus_two v123 with a warmup file
   batching  half_plus_two with server-side batching and tensor_content outputs
   keras     a Keras 3 model written with tf.saved_model.save (TF2 export)
-  module    a tf.Module TF2 export, registered in etcd (killed with -9)
+  module    a tf.Module TF2 export
   broken    a SavedModel directory whose saved_model.pb is garbage
+  unix      half_plus_two with batching (so its native front) on Unix sockets,
+            as the models service starts replicas
 """
 from __future__ import annotations
 
@@ -31,16 +33,15 @@ import signal
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 import urllib.request
-import uuid
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 MODEL = "half_plus_two"
 VERSION = 123
-LEASE_TTL = 2
 
 # ======================================================================================
 # The probe (runs in its own process; imports TensorFlow and the stock client).
@@ -173,8 +174,9 @@ import grpc  # noqa: E402
 import pytest  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from cloudml.models.v1 import models_service_pb2 as models_pb  # noqa: E402
-from services.common.etcd import Etcd  # noqa: E402
+import psutil  # noqa: E402
+
+from services.common import native  # noqa: E402
 from tests.conformance.stock_client import Probe, assert_error, examples, x_tensor  # noqa: E402
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
@@ -187,6 +189,7 @@ class Server:
     workdir: str
     port_file: str = ""
     log_path: str = ""
+    metrics_listen: str = "127.0.0.1:0"
     proc: subprocess.Popen | None = None
     info: dict = field(default_factory=dict)
 
@@ -197,7 +200,7 @@ class Server:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.models.model_server", *self.argv,
-             "--port-file", self.port_file, "--metrics-listen", "127.0.0.1:0"],
+             "--port-file", self.port_file, "--metrics-listen", self.metrics_listen],
             cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
@@ -280,27 +283,35 @@ def models(probe, workdir):
 
 
 @pytest.fixture(scope="module")
-def tenant():
-    return f"t-{uuid.uuid4().hex[:8]}"
+def socket_dir():
+    """A short directory for the unix server's sockets (pytest's are too long for a socket path)."""
+    path = tempfile.mkdtemp(prefix="cml-ms-", dir="/tmp")
+    yield path
+    for name in os.listdir(path):
+        os.unlink(os.path.join(path, name))
+    os.rmdir(path)
 
 
 @pytest.fixture(scope="module")
-def servers(models, workdir, etcd_server, tenant):
+def servers(models, workdir, socket_dir):
     """Every server of the module, started at once (their TensorFlow imports overlap)."""
-    etcd = ["--etcd", etcd_server.endpoint, "--tenant", tenant, "--lease-ttl", str(LEASE_TTL)]
     batching = json.dumps({"enabled": True, "max_batch_size": 64, "batch_timeout_micros": 150000,
                            "max_enqueued_batches": 4, "num_batch_threads": 1})
     started = {
         "hpt": Server("hpt", ["--model-name", MODEL, "--version", str(VERSION), "--base-path", models["hpt"],
-                              *etcd, "--replica-id", "r-hpt"], workdir),
+                             ], workdir),
         "batching": Server("batching", ["--model-name", MODEL, "--version", str(VERSION), "--base-path",
                                         models["hpt_plain"], "--batching-config", batching, "--tensor-content"],
                            workdir),
         "keras": Server("keras", ["--model-name", "keras", "--version", "1", "--base-path", models["keras"]], workdir),
         "module": Server("module", ["--model-name", "affine", "--version", "1", "--base-path", models["module"],
-                                    *etcd, "--replica-id", "r-module"], workdir),
+                                   ], workdir),
         "broken": Server("broken", ["--model-name", "broken", "--version", "1", "--base-path", models["broken"]],
                          workdir),
+        "unix": Server("unix", ["--model-name", MODEL, "--version", str(VERSION), "--base-path", models["hpt_plain"],
+                                "--batching-config", json.dumps({"enabled": True, "max_batch_size": 8, "num_batch_threads": 2}),
+                                "--listen", f"unix:{socket_dir}/r.sock", "--drain-delay", "1"], workdir,
+                       metrics_listen=f"unix:{socket_dir}/r.metrics.sock"),
     }
     for server in started.values():
         server.start()
@@ -337,7 +348,8 @@ def spec(**fields):
 def test_model_server_imports_only_official_tf_serving_modules(probe):
     modules = probe.send(cmd="imports")["modules"]
     assert "services.models.model_server.server" in modules
-    assert "cloudml.models.v1.models_service_pb2" in modules  # registry value type, no conflict
+    # No etcd client at all: the models service publishes the replica's endpoint.
+    assert not [m for m in modules if m.split(".")[0] == "aetcd" or m == "services.common.etcd"]
     assert not [m for m in modules if m.startswith("cloudml.tfs")]
     assert "services.common.server" not in modules
 
@@ -753,71 +765,59 @@ def test_tf2_module_saved_model(probe, module_server):
     assert r["arrays"] == {"y": [[-2.0]], "argmax": [1]}
 
 
-# --- registration ---------------------------------------------------------------------------------
+# --- no etcd; Unix sockets; what the models service reads ------------------------------------
 
 
-def _endpoint_key(tenant: str, model: str, version: int, replica: str) -> str:
-    return f"/cloudml/models/endpoints/{tenant}/{model}/{version}/{replica}"
+def test_model_server_takes_no_etcd_flag():
+    """Replicas are tenant code: they never reach etcd (the models service publishes their endpoints)."""
+    result = subprocess.run([sys.executable, "-m", "services.models.model_server", "--model-name", "m",
+                             "--version", "1", "--base-path", "/nonexistent", "--etcd", "127.0.0.1:2379"],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --etcd" in result.stderr
 
 
-async def _wait_key(etcd: Etcd, key: str, present: bool, timeout: float):
-    deadline = time.monotonic() + timeout
-    while True:
-        kv = await etcd.get(key)
-        if (kv is not None) == present:
-            return kv
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{key} still {'absent' if present else 'present'} after {timeout}s")
-        await asyncio.sleep(0.1)
+def test_port_file_holds_what_the_endpoint_record_publishes(hpt):
+    info = hpt.read_port_file()
+    assert info["coalesce_max"] == 0  # batching off: never coalesce
+    assert info["max_request_bytes"] > 0
 
 
-async def test_registration_appears_once_serving(hpt, etcd_server, tenant):
-    etcd = await Etcd.connect(etcd_server.endpoint)
-    try:
-        kv = await _wait_key(etcd, _endpoint_key(tenant, MODEL, VERSION, "r-hpt"), True, 10)
-        endpoint = models_pb.ReplicaEndpoint.FromString(kv.value)
-        assert endpoint.address == hpt.address
-        assert (endpoint.tenant, endpoint.model, endpoint.version, endpoint.replica_id) == (
-            tenant, MODEL, VERSION, "r-hpt")
-        assert endpoint.state == models_pb.MODEL_VERSION_STATE_AVAILABLE
-        assert endpoint.register_time.seconds > 0
-        assert kv.lease != 0
-    finally:
-        await etcd.close()
+def _tcp_listeners(pid: int) -> list:
+    found = []
+    process = psutil.Process(pid)
+    for proc in (process, *process.children(recursive=True)):
+        found += [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    return found
 
 
-async def test_registration_disappears_after_kill_9(module_server, etcd_server, tenant):
-    etcd = await Etcd.connect(etcd_server.endpoint)
-    key = _endpoint_key(tenant, "affine", 1, "r-module")
-    try:
-        await _wait_key(etcd, key, True, 10)
-        module_server.proc.send_signal(signal.SIGKILL)
-        module_server.proc.wait(10)
-        start = time.monotonic()
-        # Gone within the TTL (etcd checks for expired leases every 0.5 s; 1 s of slack).
-        await _wait_key(etcd, key, False, LEASE_TTL + 1)
-        print(f"endpoint removed {time.monotonic() - start:.2f}s after kill -9")
-    finally:
-        await etcd.close()
+def test_unix_socket_replica_and_its_front_open_no_tcp_port(probe, servers, socket_dir):
+    unix = servers["unix"].wait_serving()
+    info = unix.read_port_file()
+    assert info["address"] == f"unix:{socket_dir}/r.sock" and "grpc" not in info
+    assert info["metrics"] == f"unix:{socket_dir}/r.metrics.sock"
+    assert info["coalesce_max"] == 8 * 2  # max_batch_size x batch threads
+    if native.built():  # the front owns the public socket, the Python server the one beside it
+        assert info["replica_address"] == f"unix:{socket_dir}/r.server.sock"
+        assert [p.name() for p in psutil.Process(unix.proc.pid).children()] == ["cloudml-gateway-dataplane"]
+    for address in {info["address"], info.get("replica_address", info["address"])}:
+        r = probe.send(cmd="call", address=address, method="Predict", request={"modelSpec": spec()},
+                       tensors=x_tensor([[4.0]]))
+        assert r["code"] == "OK" and r["arrays"] == {"y": [[4.0]]}, r
+    assert _tcp_listeners(unix.proc.pid) == []
+    # Metrics over HTTP on the socket.
+    http = subprocess.run(["curl", "-sf", "--unix-socket", f"{socket_dir}/r.metrics.sock", "http://r/metrics"],
+                          capture_output=True, text=True, timeout=10)
+    assert "cloudml_model_server_inflight_requests" in http.stdout, http.stderr
 
 
-async def test_sigterm_marks_unloading_then_deregisters_and_exits_zero(hpt, etcd_server, tenant):
-    etcd = await Etcd.connect(etcd_server.endpoint)
-    key = _endpoint_key(tenant, MODEL, VERSION, "r-hpt")
-    try:
-        await _wait_key(etcd, key, True, 10)
-        hpt.proc.send_signal(signal.SIGTERM)
-        seen_unloading = False
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            kv = await etcd.get(key)
-            if kv is None:
-                break
-            if models_pb.ReplicaEndpoint.FromString(kv.value).state == models_pb.MODEL_VERSION_STATE_UNLOADING:
-                seen_unloading = True
-            await asyncio.sleep(0.05)
-        assert seen_unloading
-        assert await etcd.get(key) is None
-        assert hpt.proc.wait(20) == 0
-    finally:
-        await etcd.close()
+def test_sigterm_turns_health_not_serving_drains_and_exits_zero(servers, socket_dir):
+    unix = servers["unix"].wait_serving()
+    address = unix.read_port_file().get("replica_address", unix.address)
+    unix.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while health(address) != health_pb2.HealthCheckResponse.NOT_SERVING:  # for --drain-delay 1
+        assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+        time.sleep(0.02)
+    assert unix.proc.wait(20) == 0
+    assert not [n for n in os.listdir(socket_dir) if n != "r.metrics.sock"]  # gRPC removes its sockets

@@ -188,7 +188,7 @@ class ServingPlatform:
             cmd = proc.info["cmdline"] or []
             if "services.models.model_server" not in cmd or not any(self.data_dir in a for a in cmd):
                 continue
-            if replica_id is not None and replica_id not in cmd:
+            if replica_id is not None and not any(a.endswith(f".{replica_id}/port.json") for a in cmd):
                 continue
             try:
                 if proc.status() != psutil.STATUS_ZOMBIE:

@@ -28,6 +28,7 @@ from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_
 from deploy.local.service_process import ServiceProcess, read_port_file
 from deploy.local.stack import AuthGatewayStack
 from services.common.etcd import Etcd
+from services.models import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ADMIN = ("AKCOALESCEADMIN00000", "admin-secret")
@@ -47,12 +48,18 @@ def env(tmp_path_factory):
     batching = {"enabled": True, "max_batch_size": 16, "batch_timeout_micros": 2000, "max_enqueued_batches": 1000}
     replica = ServiceProcess("hpt", [
         sys.executable, "-m", "services.models.model_server", "--model-name", "hpt", "--version", "1",
-        "--base-path", path, "--port-file", str(d / "hpt.port"), "--etcd", stack.etcd.endpoint, "--tenant", "team-c",
-        "--replica-id", "hpt-0", "--batching-config", json.dumps(batching), "--metrics-listen", "127.0.0.1:0"],
+        "--base-path", path, "--port-file", str(d / "hpt.port"),
+        "--batching-config", json.dumps(batching), "--metrics-listen", "127.0.0.1:0"],
         str(d / "hpt.port"), log_path=str(d / "hpt.log")).start().wait_serving(120)
+
+    info = read_port_file(str(d / "hpt.port"))
 
     async def route():
         etcd = await Etcd.connect(stack.etcd.endpoint)
+        # What the models service's reconciler publishes for a serving replica.
+        await store.put_endpoint(etcd, store.make_endpoint(
+            "team-c", "hpt", 1, "hpt-0", info.get("replica_address", info["address"]), AVAILABLE,
+            info["coalesce_max"]))
         await etcd.put("/cloudml/models/routes/team-c/hpt", models_pb.ModelRoute(
             tenant="team-c", model="hpt", versions=[models_pb.VersionRoute(version=1, state=AVAILABLE)],
         ).SerializeToString())

@@ -112,7 +112,7 @@ class Stack:
             "models",
             service_command("models", self.etcd.endpoint, port_file, data_dir=self.data_dir,
                             credentials_file=self.credentials,
-                            extra=["--lease-ttl", "3", "--stop-grace", "10", "--replica-lease-ttl", "3",
+                            extra=["--lease-ttl", "3", "--stop-grace", "10",
                                    "--scale-down-delay", "3"]),
             port_file, log_path=os.path.join(self.workdir, "models.log"),
         ).start().wait_serving(30)

@@ -17,7 +17,6 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("aetcd").setLevel(logging.WARNING)
     from services.models.model_server.server import run  # imports TensorFlow (~5 s)
 
     return run(settings)

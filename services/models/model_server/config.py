@@ -52,10 +52,6 @@ class Settings:
     base_path: str
     listen: str = "127.0.0.1:0"
     port_file: str | None = None
-    etcd: str | None = None
-    tenant: str = ""
-    replica_id: str = ""
-    lease_ttl: int = 10
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     metrics_listen: str | None = None
     log_level: str = "INFO"
@@ -64,8 +60,8 @@ class Settings:
     warmup_iterations: int = 1
     #: seconds in-flight calls get to finish after SIGTERM
     grace_seconds: float = 5.0
-    #: seconds between marking the endpoint UNLOADING and refusing new calls
-    drain_delay: float = 0.5
+    #: seconds between health NOT_SERVING and refusing new calls (the gateways' time to stop routing here)
+    drain_delay: float = 0.0
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     #: TensorFlow calls that recently took less than this run on the event loop
@@ -144,24 +140,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", required=True, help="the name requests address (ModelSpec.name)")
     p.add_argument("--version", required=True, type=int, help="the version number served (>= 1)")
     p.add_argument("--base-path", required=True, help="the SavedModel directory (holding saved_model.pb)")
-    p.add_argument("--listen", default="127.0.0.1:0", help="host:port to bind (port 0: any free port)")
-    p.add_argument("--port-file", help='JSON written once listening: {"grpc", "pid", "address"}; '
+    p.add_argument("--listen", default="127.0.0.1:0",
+                   help="gRPC address to bind: unix:/path/replica.sock, or host:port (port 0: any free port)")
+    p.add_argument("--port-file", help='JSON written once listening: {"pid", "address"} (and "grpc": port on '
+                                       'TCP); once serving also "coalesce_max" and "max_request_bytes"; '
                                        'on a load failure {"error": ...}')
-    p.add_argument("--etcd", help="host:port of etcd; registers the endpoint there once serving")
-    p.add_argument("--tenant", default="", help="the model's tenant (for the registry key)")
-    p.add_argument("--replica-id", default="", help="this replica's id (for the registry key)")
-    p.add_argument("--lease-ttl", type=int, default=10, help="seconds the registration outlives a dead process")
     p.add_argument("--batching-config", help="server-side batching as JSON (or a JSON file): enabled, "
                                              "max_batch_size, batch_timeout_micros, max_enqueued_batches, "
                                              "num_batch_threads")
-    p.add_argument("--metrics-listen", help="host:port for Prometheus metrics (port 0: any free port)")
+    p.add_argument("--metrics-listen", help="Prometheus metrics over HTTP on unix:/path, or host:port "
+                                            "(port 0: any free port)")
     p.add_argument("--tensor-content", action="store_true",
                    help="return Predict outputs in tensor_content (TF Serving's default is the typed fields)")
     p.add_argument("--warmup-iterations", type=int, default=1, help="times each warmup record is replayed")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to finish in-flight calls on SIGTERM")
-    p.add_argument("--drain-delay", type=float, default=None,
-                   help="seconds between marking the endpoint UNLOADING and refusing calls "
-                        "(default 0.5 with --etcd, else 0)")
+    p.add_argument("--drain-delay", type=float, default=0.0,
+                   help="seconds between health NOT_SERVING and refusing calls, on SIGTERM (default 0; the "
+                        "models service passes its own)")
     p.add_argument("--intra-op-threads", type=int, default=0,
                    help="TensorFlow intra-op threads (0: the CPUs divided by the threads that make TensorFlow "
                         "calls at once, which are num_batch_threads with batching and one per CPU without; "
@@ -192,10 +187,6 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     args = p.parse_args(argv)
     if args.version < 1:
         p.error("--version must be >= 1")
-    if args.etcd and not (args.tenant and args.replica_id):
-        p.error("--etcd needs --tenant and --replica-id")
-    if args.lease_ttl < 1:
-        p.error("--lease-ttl must be >= 1")
     try:
         batching = _batching(args.batching_config)
     except (argparse.ArgumentTypeError, OSError) as err:
@@ -203,24 +194,19 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     if args.max_request_bytes_cap < 1:
         p.error("--max-request-bytes-cap must be >= 1")
     memory_limit = args.memory_limit_bytes if args.memory_limit_bytes is not None else default_memory_limit()
-    drain_delay = args.drain_delay if args.drain_delay is not None else (0.5 if args.etcd else 0.0)
     return Settings(
         model_name=args.model_name,
         version=args.version,
         base_path=os.path.abspath(args.base_path),
         listen=args.listen,
         port_file=args.port_file,
-        etcd=args.etcd,
-        tenant=args.tenant,
-        replica_id=args.replica_id,
-        lease_ttl=args.lease_ttl,
         batching=batching,
         metrics_listen=args.metrics_listen,
         log_level=args.log_level,
         tensor_content=args.tensor_content,
         warmup_iterations=max(1, args.warmup_iterations),
         grace_seconds=args.grace,
-        drain_delay=drain_delay,
+        drain_delay=max(0.0, args.drain_delay),
         intra_op_threads=args.intra_op_threads,
         inter_op_threads=args.inter_op_threads,
         inline_max_micros=max(0, args.inline_max_micros),

@@ -1,4 +1,6 @@
-"""Prometheus metrics of one model-server replica (served on `--metrics-listen`).
+"""Prometheus metrics of one model-server replica (served on `--metrics-listen`:
+HTTP on a Unix socket `unix:/path`, which is how the models service starts
+replicas so that only the platform reads them, or on `host:port`).
 
 The standard `grpc_server_handled_total` / `grpc_server_handling_seconds`
 (same names and labels as the platform services), plus:
@@ -14,7 +16,13 @@ The standard `grpc_server_handled_total` / `grpc_server_handling_seconds`
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+import socketserver
+import stat
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.exposition import MetricsHandler
 
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -75,3 +83,26 @@ class Metrics:
             self._children[key] = child
         child[0].inc()
         child[1].observe(seconds)
+
+
+class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def serve_metrics(listen: str, registry: CollectorRegistry) -> str | int:
+    """Serves `registry` over HTTP (GET /metrics) on a daemon thread. `listen`
+    is `unix:/path` (returned as is; a stale socket there is replaced) or
+    `host:port` (port 0: any free one; the bound port is returned)."""
+    if not listen.startswith("unix:"):
+        host, _, port = listen.rpartition(":")
+        httpd, _ = start_http_server(int(port or 0), addr=host or "127.0.0.1", registry=registry)
+        return httpd.server_port
+    path = listen[len("unix:"):]
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    httpd = _UnixHTTPServer(path, MetricsHandler.factory(registry))
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return listen

@@ -1,29 +1,44 @@
-"""The replica process: listen, load, warm up, serve, register, drain.
+"""The replica process: listen, load, warm up, serve, drain.
 
-1. Bind `--listen` (port 0 allowed) and write the port file
-   `{"grpc": port, "pid": pid, "address": "host:port"}`; health is
-   NOT_SERVING and GetModelStatus answers LOADING meanwhile.
+A replica is tenant code (a SavedModel's ops read and write files), so it
+never talks to etcd or to any platform service: it tells its state only
+through its port file and its gRPC health service, and the models service's
+reconciler (services/models/reconciler.py) publishes its endpoint for
+gateways.
+
+1. Bind `--listen` and write the port file
+   `{"pid": pid, "address": "<gRPC address>"}` (plus `"grpc": port` on TCP);
+   health is NOT_SERVING and GetModelStatus answers LOADING meanwhile.
+   `--listen` is `unix:/path/replica.sock` when the models service starts it
+   (only the platform can reach the socket's directory), or `host:port`
+   (port 0 allowed) when run by hand.
 2. Load the SavedModel (on its own thread; SIGTERM still works) and replay
    the warmup file. A failure is logged, written to the port file as
    `{"error": "...", "code": <gRPC code number>, "pid": pid}` (the models
    service shows it), and the process exits 1.
-3. State AVAILABLE: health SERVING, then (with `--etcd`) the endpoint is
-   registered under this process's lease.
-4. SIGTERM/SIGINT: the endpoint is rewritten UNLOADING and health goes
-   NOT_SERVING; after `--drain-delay` (so gateways stop routing here) the
-   server refuses new calls and in-flight ones get `--grace` seconds; then
-   the lease is revoked and the process exits 0.
+3. State AVAILABLE: the port file gains `coalesce_max` and
+   `max_request_bytes` (what the endpoint record publishes), then health
+   goes SERVING; the reconciler, watching health over the socket, publishes
+   the endpoint.
+4. SIGTERM/SIGINT: health goes NOT_SERVING (when the reconciler stops a
+   replica it has already marked its endpoint UNLOADING); after
+   `--drain-delay` (so gateways stop routing here) the server refuses new
+   calls and in-flight ones get `--grace` seconds; then the process exits 0.
 
 With batching on, the native front (the gateway's data-plane binary in
-replica front mode, `--native-front`) owns the `--listen` port and this
-process listens on a loopback port of its own: concurrent Predict calls from
+replica front mode, `--native-front`) owns the `--listen` address and this
+process listens on an address of its own (`server_address()`: a socket
+beside the front's, or a loopback port): concurrent Predict calls from
 direct callers reach it as PredictBatch groups, as the gateway's do, so the
 per-call cost of Python gRPC is paid once per group. Every other call is
-relayed as is. The endpoint registered for gateways is this process's own
+relayed as is. The endpoint published for gateways is this process's own
 address (the gateway coalesces already; a second hop would only add
-latency); the port file's `grpc` and `address` are the front's, for direct
+latency); the port file's `address` (and `grpc`) are the front's, for direct
 callers, and `replica_address` this process's. The front drains after this
 process; if it dies, the replica exits 1 and its supervisor restarts it.
+
+Metrics (`--metrics-listen`) are served over HTTP on `unix:/path` or
+`host:port` (see metrics.serve_metrics).
 """
 from __future__ import annotations
 
@@ -38,15 +53,13 @@ import threading
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from services.common import native
 from services.models.model_server import servable as servable_lib
 from services.models.model_server.batching import TFExecutor
-from services.models.model_server.config import Settings
+from services.models.model_server.config import Settings, resident_bytes
 from services.models.model_server.core import ServedModel, State
-from services.models.model_server.metrics import Metrics
-from services.models.model_server.registration import Registration
+from services.models.model_server.metrics import Metrics, serve_metrics
 from services.models.model_server.servicer import MODEL_SERVICE, PREDICTION_SERVICE, Servicer
 from services.models.model_server.warmup import WarmupError, run_warmup
 
@@ -57,6 +70,25 @@ SERVER_OPTIONS = (
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
 )
+
+
+def server_address(listen: str) -> str:
+    """Where this process listens when the native front owns `listen`: for
+    `unix:DIR/NAME.sock`, `unix:DIR/NAME.server.sock` (the same directory, so
+    the same access rules; the reconciler expects this name), else a loopback
+    port of its own."""
+    if listen.startswith("unix:"):
+        path = listen[len("unix:"):]
+        stem = path[:-len(".sock")] if path.endswith(".sock") else path
+        return f"unix:{stem}.server.sock"
+    return "127.0.0.1:0"
+
+
+def bound_address(listen: str, port: int) -> str:
+    """The address callers use for a bound `listen` (a unix: address as is)."""
+    if listen.startswith("unix:"):
+        return listen
+    return f"{listen.rpartition(':')[0] or '127.0.0.1'}:{port}"
 
 
 def write_port_file(path: str | None, content: dict) -> None:
@@ -121,13 +153,17 @@ class ModelServer:
             inline_max_seconds=settings.inline_max_micros / 1e6,
             inline_group_max_seconds=settings.inline_group_max_micros / 1e6,
         )
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        # gRPC refuses larger messages itself (RESOURCE_EXHAUSTED); the bound
+        # tightens once the model is loaded (Servicer.max_request_bytes). The
+        # slack covers a PredictBatch group's framing.
+        self.server = grpc.aio.server(options=tuple(o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length")
+                                      + (("grpc.max_receive_message_length", settings.max_request_bytes() + 64 * 1024),))
+        self.servicer = Servicer(self.model, self.metrics, settings.max_request_bytes())
         self.health = health.aio.HealthServicer()
         self.stop_event = asyncio.Event()
         self.address = ""
         self.port = 0
-        self.registration: Registration | None = None
-        self._register_task: asyncio.Task | None = None
+        self.ports: dict = {}
         self.front: native.NativeProcess | None = None
         self.failed = False
 
@@ -137,7 +173,7 @@ class ModelServer:
             await self.health.set(name, value)
 
     async def start_listening(self) -> None:
-        self.server.add_generic_rpc_handlers(tuple(Servicer(self.model, self.metrics).generic_handlers()))
+        self.server.add_generic_rpc_handlers(tuple(self.servicer.generic_handlers()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (PREDICTION_SERVICE, MODEL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -146,26 +182,29 @@ class ModelServer:
         )
         await self.set_health(False)
         front = self._front_wanted()
-        listen = "127.0.0.1:0" if front else self.settings.listen
+        listen = server_address(self.settings.listen) if front else self.settings.listen
         self.port = self.server.add_insecure_port(listen)
         if not self.port:
             raise OSError(f"cannot listen on {listen}")
         await self.server.start()
-        host = listen.rpartition(":")[0] or "127.0.0.1"
-        self.address = f"{host}:{self.port}"
-        ports = {"grpc": self.port, "pid": os.getpid(), "address": self.address}
+        self.address = bound_address(listen, self.port)
+        ports = {"pid": os.getpid(), "address": self.address}
+        if not listen.startswith("unix:"):
+            ports["grpc"] = self.port
         if front:
             self.front = native.NativeProcess("the replica's native front")
             port = await self.front.start(["--listen", self.settings.listen, "--front-for", self.address,
-                                           "--coalesce-max", str(self.coalesce_max()), "--spin-us", "0"])
+                                           "--coalesce-max", str(self.coalesce_max()), "--spin-us", "0",
+                                           "--max-request-bytes", str(self.settings.max_request_bytes())])
             self.front.watch(self._front_failed)
-            public = f"{self.settings.listen.rpartition(':')[0] or '127.0.0.1'}:{port}"
-            ports.update(grpc=port, address=public, replica_address=self.address)
+            public = bound_address(self.settings.listen, port)
+            ports.update(address=public, replica_address=self.address)
+            if not self.settings.listen.startswith("unix:"):
+                ports["grpc"] = port
             log.info("native front (pid %d) on %s coalesces direct Predict calls", self.front.process.pid, public)
         if self.settings.metrics_listen:
-            mhost, _, mport = self.settings.metrics_listen.rpartition(":")
-            httpd, _ = start_http_server(int(mport or 0), addr=mhost or "127.0.0.1", registry=self.metrics.registry)
-            ports["metrics"] = httpd.server_port
+            ports["metrics"] = serve_metrics(self.settings.metrics_listen, self.metrics.registry)
+        self.ports = ports
         write_port_file(self.settings.port_file, ports)
         log.info("model server for %s version %d listening on %s", self.settings.model_name,
                  self.settings.version, self.address)
@@ -201,6 +240,9 @@ class ModelServer:
         log.info("loaded %s (%s runtime, signatures: %s)", s.base_path, servable.runtime,
                  ", ".join(servable.signatures))
         await run_warmup(self.model, s.base_path, s.warmup_iterations)
+        self.servicer.max_request_bytes = s.max_request_bytes(resident_bytes())
+        log.info("requests up to %d bytes (memory limit %d bytes)", self.servicer.max_request_bytes,
+                 s.memory_limit_bytes)
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -239,16 +281,12 @@ class ModelServer:
             await self._shutdown(drain=False)
             return 1
         self.model.set_state(State.AVAILABLE)
+        # What the endpoint record publishes, for the reconciler (before health
+        # says SERVING, which is what it waits for).
+        write_port_file(self.settings.port_file, {**self.ports, "coalesce_max": self.coalesce_max(),
+                                                  "max_request_bytes": self.servicer.max_request_bytes})
         await self.set_health(True)
         log.info("health: SERVING (model %s version %d AVAILABLE)", self.settings.model_name, self.settings.version)
-        if self.settings.etcd:
-            self.registration = Registration(
-                self.settings.etcd, tenant=self.settings.tenant, model=self.settings.model_name,
-                version=self.settings.version, replica_id=self.settings.replica_id, address=self.address,
-                ttl=self.settings.lease_ttl,
-                coalesce_max=self.coalesce_max(),
-            )
-            self._register_task = asyncio.create_task(self.registration.register(self.stop_event))
         await self.stop_event.wait()
         await self._shutdown(drain=not self.failed)
         return 1 if self.failed else 0
@@ -267,20 +305,12 @@ class ModelServer:
         if drain:
             self.model.set_state(State.UNLOADING)
         await self.set_health(False)
-        if self._register_task is not None:
-            self._register_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._register_task
-        if drain and self.registration is not None:
-            await self.registration.unloading()
         if drain and self.settings.drain_delay > 0:
             await asyncio.sleep(self.settings.drain_delay)
         await self.server.stop(self.settings.grace_seconds if drain else 0)
         if self.front is not None:  # after the drain: in-flight calls came through it
             await self.front.stop()
         self.model.set_state(State.END)
-        if self.registration is not None:
-            await self.registration.close()
         self.executor.shutdown()
         if self.model.servable is not None:
             with contextlib.suppress(Exception):

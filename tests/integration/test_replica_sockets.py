@@ -1,0 +1,193 @@
+"""Model-server replicas reachable only by the platform: the models service
+starts them on Unix sockets and publishes their endpoints itself (replicas
+never reach etcd). A real stack (etcd, auth, models service with the local
+runtime, gateway with its native data plane and REST port) and real
+half_plus_two replicas, as in test_models_service.py; tests run in file order
+on one version with two replicas and batching on (so each replica runs its
+native front too).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import threading
+import time
+import urllib.request
+
+import grpc
+import psutil
+import pytest
+
+from cloudml.models.v1 import models_service_pb2 as pb
+from services.common import native
+from tests.integration.test_models_service import (
+    AVAILABLE, REPLICA, Stack, build_models, etcd_prefix, file_uri, predict, wait_for,
+)
+
+UNLOADING = pb.MODEL_VERSION_STATE_UNLOADING
+MODEL = "sock"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("sockets"))
+    builder = build_models(workdir)
+    stack = Stack(workdir)
+    _, err = builder.communicate(timeout=120)
+    assert builder.returncode == 0, err.decode()
+    stack.saved_model = os.path.join(workdir, "hp", "1")
+    yield stack
+    stack.close()
+
+
+@pytest.fixture(scope="module")
+def team(stack):
+    tenant = stack.new_tenant()
+    shutil.copytree(stack.saved_model, stack.storage(tenant.name, "models", MODEL, "1"))
+    stack.call(tenant, "CreateModel", pb.CreateModelRequest(name=MODEL))
+    stack.call(tenant, "CreateVersion", pb.CreateVersionRequest(model=MODEL, model_version=pb.ModelVersion(
+        version=1, model_uri=file_uri(stack.storage(tenant.name, "models", MODEL, "1")), resources=REPLICA,
+        min_replicas=2, max_replicas=2, batching=pb.BatchingConfig(enabled=True, max_batch_size=8))))
+    stack.wait_version(tenant, MODEL, 1, lambda v: [r.state for r in v.replicas] == [AVAILABLE] * 2,
+                       "two AVAILABLE replicas")
+    return tenant
+
+
+def endpoints(stack, team) -> dict[str, pb.ReplicaEndpoint]:
+    raw = etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/endpoints/{team.name}/{MODEL}/1/")
+    return {key.rsplit("/", 1)[1]: pb.ReplicaEndpoint.FromString(value) for key, value in raw.items()}
+
+
+def replica_pid(stack, team, replica_id: str) -> int:
+    return stack.replica_port(team.name, MODEL, 1, replica_id)["pid"]
+
+
+def processes(pid: int) -> list[psutil.Process]:
+    process = psutil.Process(pid)
+    return [process, *process.children(recursive=True)]
+
+
+def gateway_predict(stack, team, x: float) -> float:
+    return predict(stack.gateway.address, MODEL, x, metadata=team.md)
+
+
+def test_endpoints_are_unix_sockets_in_the_tenants_private_directory(stack, team):
+    version = stack.version(team, MODEL, 1)
+    found = endpoints(stack, team)
+    assert sorted(found) == sorted(r.id for r in version.replicas)
+    for replica_id, endpoint in found.items():
+        assert endpoint.state == AVAILABLE and endpoint.coalesce_max == 8 * (os.cpu_count() or 1)
+        assert endpoint.address.startswith("unix:/"), endpoint
+        path = endpoint.address[len("unix:"):]
+        assert len(path.encode()) < 100
+        # With the native front on the replica's own socket, gateways get the Python server's, beside it.
+        assert os.path.basename(path) == f"{replica_id}.server.sock" if native.built() else f"{replica_id}.sock"
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        directory = os.path.dirname(path)
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(os.path.dirname(directory)).st_mode) == 0o711
+        assert os.path.basename(directory) == team.name
+        # What the API shows is that address too.
+        [shown] = [r for r in version.replicas if r.id == replica_id]
+        assert shown.address == endpoint.address
+
+
+def test_replicas_and_their_fronts_listen_on_no_tcp_port_and_never_reach_etcd(stack, team):
+    etcd = stack.etcd.endpoint
+    for replica_id in endpoints(stack, team):
+        procs = processes(replica_pid(stack, team, replica_id))
+        if native.built():
+            assert [os.path.basename(p.exe()) for p in procs[1:]] == ["cloudml-gateway-dataplane"]
+        for proc in procs:
+            assert "--etcd" not in proc.cmdline()
+            assert [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN] == []
+            peers = {c.raddr for c in proc.net_connections(kind="all") if c.raddr}
+            assert not [p for p in peers if str(p) in etcd or (isinstance(p, tuple) and f":{p[1]}" in etcd)], peers
+
+
+def test_predict_through_the_gateway_grpc_and_rest(stack, team):
+    for x in (1.0, 3.0, 5.0):  # the first through the Python gateway, then the data plane's own path
+        assert gateway_predict(stack, team, x) == pytest.approx(0.5 * x + 2)
+    token = dict(team.md)["authorization"]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{stack.rest_port}/v1/models/{MODEL}:predict",
+        data=json.dumps({"instances": [[1.0], [3.0]]}).encode(), headers={"Authorization": token}, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.loads(response.read()) == {"predictions": [[2.5], [3.5]]}
+
+
+def test_killed_replica_leaves_the_registry_within_two_seconds(stack, team):
+    before = endpoints(stack, team)
+    victim = sorted(before)[0]
+    procs = processes(replica_pid(stack, team, victim))
+    os.kill(procs[0].pid, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: victim not in endpoints(stack, team), 2.0, "the killed replica's endpoint to go", interval=0.02)
+    print(f"endpoint removed {time.monotonic() - killed:.3f}s after kill -9")
+    assert gateway_predict(stack, team, 2.0) == pytest.approx(3.0)
+    stack.wait_version(team, MODEL, 1, lambda v: [r.state for r in v.replicas] == [AVAILABLE] * 2
+                       and victim not in [r.id for r in v.replicas], "the killed replica replaced")
+    # Its sockets went with it; its front died with it.
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    socket_dir = os.path.dirname(before[victim].address[len("unix:"):])
+    assert not [n for n in os.listdir(socket_dir) if n.startswith(victim)]
+
+
+def test_stopped_replica_is_unloading_before_it_is_signalled(stack, team):
+    """Scale-down: the endpoint turns UNLOADING while the replica still runs
+    and serves (gateways stop routing there first), then goes."""
+    before = endpoints(stack, team)
+    pids = {replica_id: replica_pid(stack, team, replica_id) for replica_id in before}
+    seen: list[tuple[str, bool]] = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for replica_id, endpoint in endpoints(stack, team).items():
+                if endpoint.state == UNLOADING:
+                    seen.append((replica_id, psutil.pid_exists(pids[replica_id])))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        stack.call(team, "ScaleVersion", pb.ScaleVersionRequest(model=MODEL, version=1, min_replicas=1,
+                                                                max_replicas=1))
+        wait_for(lambda: len(endpoints(stack, team)) == 1, 30, "one endpoint left")
+    finally:
+        done.set()
+        watcher.join(5)
+    [gone] = set(before) - set(endpoints(stack, team))
+    assert (gone, True) in seen, seen
+    assert gateway_predict(stack, team, 4.0) == pytest.approx(4.0)
+    stack.call(team, "ScaleVersion", pb.ScaleVersionRequest(model=MODEL, version=1, min_replicas=2, max_replicas=2))
+    stack.wait_version(team, MODEL, 1, lambda v: [r.state for r in v.replicas] == [AVAILABLE] * 2,
+                       "two AVAILABLE replicas again")
+
+
+def test_kill_9_of_the_models_service_keeps_endpoints_and_predicts(stack, team):
+    before = endpoints(stack, team)
+    stack.models.kill()
+    # No models service at all: endpoints carry no lease, so nothing expires and Predicts go on.
+    deadline = time.monotonic() + 8  # beyond the service's own lease (3 s in this stack)
+    while time.monotonic() < deadline:
+        assert gateway_predict(stack, team, 6.0) == pytest.approx(5.0)
+        time.sleep(0.05)
+    assert endpoints(stack, team) == before
+    stack.start_models()
+
+    def leads() -> bool:
+        raw = etcd_prefix(stack.etcd.endpoint, "/cloudml/models/election/")
+        return bool(raw) and f"-{stack.models.process.pid}-" in raw[min(raw)].decode()
+
+    wait_for(leads, 20, "the restarted service to lead")
+    # The new leader adopts the replicas and leaves their endpoints as they are
+    # (not even rewritten), pass after pass (one every 2 s at least).
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert endpoints(stack, team) == before
+        assert gateway_predict(stack, team, 8.0) == pytest.approx(6.0)
+        time.sleep(0.1)
