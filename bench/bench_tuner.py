@@ -11,7 +11,9 @@
 2. Study overhead: the wall time of a 20-trial study of an instant trainer
    (the plain trainer, one step, no sleep), one trial at a time, against the
    sum of its trials' run times (replica process start to exit, as the jobs
-   service records them), on real processes: etcd, auth, jobs, tuner.
+   service records them), on real processes: etcd, auth, jobs, tuner. The
+   trainer package is uploaded (JobsService/UploadPackage) into the admin's
+   storage first, as a user's is.
 
     .venv/bin/python bench/bench_tuner.py [--repeat 20] [--trials 20] [--skip-study]
 """
@@ -46,7 +48,8 @@ def pct(values, q):
 def branin_spec(seed: int = 1, max_trials: int = 10_000, parallel: int = 1) -> pb.StudySpec:
     spec = pb.StudySpec(goal=pb.GOAL_MINIMIZE, metric="objective", algorithm=pb.ALGORITHM_TPE, seed=seed,
                         max_trials=max_trials, max_parallel_trials=parallel)
-    spec.trial_template.trainer_uri = "file:///bench/plain-trainer-1.0.tar.gz"
+    # In tenant "bench"'s storage of TunerCore(..., "/bench"): template paths are confined there.
+    spec.trial_template.trainer_uri = "file:///bench/storage/bench/packages/0123456789abcdef/plain-trainer-1.0.tar.gz"
     spec.trial_template.module_name = "plain_trainer.task"
     spec.parameters.add(name="x1", double_range=pb.DoubleRange(min=-5, max=10))
     spec.parameters.add(name="x2", double_range=pb.DoubleRange(min=0, max=15))
@@ -172,8 +175,8 @@ def bench_study(trials: int) -> dict:
             with grpc.insecure_channel(base.auth.address) as channel:
                 token = auth_grpc.AuthServiceStub(channel).IssueToken(
                     auth_pb.IssueTokenRequest(access_key_id=ADMIN_KEY, secret_key=base.secret), timeout=10).token
-            client = stack.client(token)
-            tpl = template(packages["plain"], "plain_trainer.task", ["--steps", "1"])
+            client = stack.client(token, "admin")
+            tpl = template(client.upload(packages["plain"]), "plain_trainer.task", ["--steps", "1"])
             results = {}
             for label, parallel, n in (("warm-up", 1, 1), ("sequential", 1, trials), ("parallel-4", 4, trials)):
                 spec = pb.StudySpec(trial_template=tpl, goal=pb.GOAL_MINIMIZE, metric="objective",
@@ -184,7 +187,9 @@ def bench_study(trials: int) -> dict:
                 client.create(name, spec)
                 study = client.wait(name, timeout=600)
                 wall = time.monotonic() - start
-                assert study.state == pb.STUDY_STATE_SUCCEEDED, study
+                assert study.state == pb.STUDY_STATE_SUCCEEDED, (
+                    study.reason, study.message,
+                    [(t.number, t.reason, t.message, client.job(t.job_name).message) for t in client.trials(name)])
                 run, trial_times = 0.0, 0.0
                 for trial in client.trials(name):
                     job = client.job(trial.job_name)

@@ -5,9 +5,15 @@ synchronous client.
     stack = JobsStack(workdir).start()
     jobs = stack.start_jobs()            # python -m services.jobs ...
     client = stack.admin()               # JobsClient with the admin's token
-    client.submit("j1", spec(...))
+    client.submit("j1", spec(client.upload(sdist), ...))
     client.wait("j1")
     stack.stop()
+
+Trainer packages reach a job as a user's do: uploaded (JobsService/
+UploadPackage) into the submitting tenant's storage, whose `file://` URI is
+the spec's trainer_uri; the platform refuses local paths outside that
+storage. `client.packages(built)` gives a tenant's view of packages built on
+this machine, each uploaded on first use, once per tenant and stack.
 
 Every stack has its own etcd (jobs keys are global under /cloudml/jobs/ and
 the runtime's state is per data dir), so tests that kill services never
@@ -21,8 +27,10 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -39,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ADMIN_KEY = "AKJOBSTESTADMIN00000"
 FINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 MiB = 1 << 20
+UPLOAD_CHUNK = 1 << 20
 
 
 def build_packages(out_dir: str) -> dict[str, str]:
@@ -57,8 +66,10 @@ def replica_spec(kind: int, count: int = 1, cpu: int = 100, memory: int = 512 * 
 
 def spec(package: str, module: str, args: list[str] | str = (), *, replicas: list[pb.ReplicaSpec] | None = None,
          **fields) -> pb.TrainJobSpec:
-    """A TrainJobSpec; `args` as a list (job_args) or the seed's one string (job_args_line)."""
-    message = pb.TrainJobSpec(trainer_uri="file://" + package, module_name=module, **fields)
+    """A TrainJobSpec; `package` a URI (an uploaded package's) or an absolute
+    path; `args` as a list (job_args) or the seed's one string (job_args_line)."""
+    uri = package if "://" in package else "file://" + package
+    message = pb.TrainJobSpec(trainer_uri=uri, module_name=module, **fields)
     if isinstance(args, str):
         message.job_args_line = args
     else:
@@ -85,6 +96,54 @@ def stop_replicas(data_dir: str) -> None:
     asyncio.run(stop_all())
 
 
+def upload_requests(path: str, tenant: str = "") -> Iterator[pb.UploadPackageRequest]:
+    """An UploadPackage stream of the file at `path`, 1 MiB a message."""
+    with open(path, "rb") as f:
+        first = True
+        while True:
+            data = f.read(UPLOAD_CHUNK)
+            if data or first:
+                yield pb.UploadPackageRequest(tenant=tenant if first else "",
+                                              file_name=os.path.basename(path) if first else "", data=data)
+            if not data:
+                return
+            first = False
+
+
+class UploadCache:
+    """{(tenant, local path): stored URI} of one stack's uploads, so that each
+    package goes up once per tenant (uploads are content-addressed: sending it
+    again would give the same URI). Thread-safe."""
+
+    def __init__(self):
+        self._uris: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tenant: str, path: str, upload) -> str:
+        key = (tenant, os.path.abspath(path))
+        with self._lock:
+            if key not in self._uris:
+                self._uris[key] = upload()
+            return self._uris[key]
+
+
+class TenantPackages(Mapping):
+    """Packages built on this machine ({name: path}) as one tenant submits
+    them: {name: URI in its storage}, each uploaded on first use."""
+
+    def __init__(self, client: "JobsClient", built: Mapping[str, str]):
+        self.client, self.built = client, built
+
+    def __getitem__(self, name: str) -> str:
+        return self.client.upload(self.built[name])
+
+    def __iter__(self):
+        return iter(self.built)
+
+    def __len__(self) -> int:
+        return len(self.built)
+
+
 @dataclass
 class JobsClient:
     """Sync JobsService and AuthService stubs acting as one principal."""
@@ -93,6 +152,7 @@ class JobsClient:
     auth_channel: grpc.Channel
     token: str
     tenant: str
+    uploads: UploadCache = field(default_factory=UploadCache)
 
     def __post_init__(self):
         self.stub = pb_grpc.JobsServiceStub(self.channel)
@@ -108,6 +168,20 @@ class JobsClient:
     def submit(self, name: str, job_spec: pb.TrainJobSpec, tenant: str = "", validate_only: bool = False):
         return self.call("SubmitJob", pb.SubmitJobRequest(tenant=tenant, name=name, spec=job_spec,
                                                            validate_only=validate_only))
+
+    def upload_package(self, path: str, tenant: str = "") -> pb.UploadPackageResponse:
+        """UploadPackage of the file at `path`, every time (no cache)."""
+        return self.stub.UploadPackage(upload_requests(path, tenant), metadata=self.md, timeout=60)
+
+    def upload(self, path: str, tenant: str = "") -> str:
+        """The URI of the package at `path` in the tenant's storage (default:
+        this client's), uploaded once per tenant and stack."""
+        tenant = tenant or self.tenant
+        return self.uploads.get(tenant, path, lambda: self.upload_package(path, tenant).uri)
+
+    def packages(self, built: Mapping[str, str]) -> TenantPackages:
+        """`built` ({name: local path}) as this client's tenant submits them."""
+        return TenantPackages(self, built)
 
     def get(self, name: str, tenant: str = "") -> pb.TrainJob:
         return self.call("GetJob", pb.GetJobRequest(tenant=tenant, name=name)).job
@@ -160,6 +234,7 @@ class JobsStack:
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     _channels: list[grpc.Channel] = field(default_factory=list)
     _data_dirs: set[str] = field(default_factory=set)
+    _uploads: UploadCache = field(default_factory=UploadCache)
 
     def start(self) -> "JobsStack":
         os.makedirs(self.workdir, exist_ok=True)
@@ -225,7 +300,7 @@ class JobsStack:
         auth_channel = self._channel(self.auth.address)
         token = auth_grpc.AuthServiceStub(auth_channel).IssueToken(
             auth_pb.IssueTokenRequest(access_key_id=access_key, secret_key=secret or self.secret), timeout=10).token
-        return JobsClient(self._channel(jobs.poll_address()), auth_channel, token, tenant)
+        return JobsClient(self._channel(jobs.poll_address()), auth_channel, token, tenant, self._uploads)
 
     def admin(self, jobs: ServiceProcess | None = None) -> JobsClient:
         return self.client(jobs)
@@ -237,6 +312,10 @@ class JobsStack:
         admin.auth.CreateTenant(auth_pb.CreateTenantRequest(name=name), metadata=admin.md, timeout=10)
         key = admin.auth.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant=name), metadata=admin.md, timeout=10)
         return self.client(jobs, tenant=name, access_key=key.access_key.access_key_id, secret=key.secret_key)
+
+    def storage(self, tenant: str, data_dir: str | None = None) -> str:
+        """The tenant's storage on the jobs services of `data_dir` (default: the stack's)."""
+        return os.path.join(data_dir or os.path.join(self.workdir, "data"), "storage", tenant)
 
     def data_dirs(self) -> set[str]:
         return {os.path.join(self.workdir, "data")} | set(self._data_dirs)

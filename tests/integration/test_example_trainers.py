@@ -1,6 +1,12 @@
 """The example trainers, built to sdists, installed into EnvCache environments
 and run as the platform runs them (environment variables, TF_CONFIG), with
-real TensorFlow."""
+real TensorFlow.
+
+With tenant isolation on (the tests run as root), `EnvCache.ensure` installs
+as the tenant's Unix user, so the package must be readable by that user: as
+the jobs service does (its fetched copy sits in the job's package directory,
+gated for the tenant), the packages are built into a directory gated for
+TENANT (services.common.tenancy)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,6 +20,7 @@ import textwrap
 
 import pytest
 
+from services.common.tenancy import Tenancy
 from services.jobs.envs import EnvCache, InstallFailed, find_uv
 
 UV = find_uv()
@@ -23,11 +30,15 @@ assert UV is not None, "uv is not installed: run scripts/setup.sh"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "3"}
+TENANT = "t1"
 
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("packages")
+    tenancy = Tenancy()
+    tenancy.ensure_reachable(str(out))
+    tenancy.gate(str(out), TENANT, 0o750)
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "build_packages.py"), str(out), "--json"],
         capture_output=True, text=True, timeout=120,
@@ -45,7 +56,7 @@ def cache(tmp_path_factory) -> EnvCache:
 
 
 def install(cache: EnvCache, package: str):
-    return asyncio.run(cache.ensure(package, tenant="t1"))
+    return asyncio.run(cache.ensure(package, tenant=TENANT))
 
 
 def platform_env(tmp_path, replica_type: str = "master", index: int = 0, **extra: str) -> dict[str, str]:

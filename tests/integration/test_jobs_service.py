@@ -3,15 +3,21 @@ jobs service, and real trainer packages (examples/trainers) installed into
 real environments and run by the local runtime.
 
 Most tests share one stack (`stack`, module-scoped); the failure-tolerance
-tests (kill -9, standby take-over) start stacks of their own. Trainer
-environments are shared by all (`envs_dir`), so each package installs once.
+tests (kill -9, standby take-over) start stacks of their own. Packages are
+built once (`built`) and uploaded through UploadPackage into the storage of
+the tenant that submits, once per tenant and stack (`packages` is the admin's
+view, `member.packages(built)` a member's). Trainer environments are shared by
+all stacks (`envs_dir`); with tenant isolation they are per tenant, so each
+package installs once per tenant.
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +30,7 @@ import pytest
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from services.jobs.metrics import TensorBoardReader
-from tests.integration.jobs_stack import MiB, JobsStack, build_packages, replica_spec, spec
+from tests.integration.jobs_stack import MiB, JobsStack, TenantPackages, build_packages, replica_spec, spec
 
 Code = grpc.StatusCode
 MASTER, CHIEF, PS, WORKER = pb.REPLICA_TYPE_MASTER, pb.REPLICA_TYPE_CHIEF, pb.REPLICA_TYPE_PS, pb.REPLICA_TYPE_WORKER
@@ -61,7 +67,8 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def packages(tmp_path_factory) -> dict[str, str]:
+def built(tmp_path_factory) -> dict[str, str]:
+    """{example: sdist path} on this machine, outside any tenant's storage."""
     return build_packages(str(tmp_path_factory.mktemp("packages")))
 
 
@@ -71,7 +78,7 @@ def envs_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, envs_dir, packages):
+def stack(tmp_path_factory, envs_dir, built):
     stack = JobsStack(str(tmp_path_factory.mktemp("jobs-stack")), envs_dir=envs_dir).start()
     stack.start_jobs()
     yield stack
@@ -81,6 +88,12 @@ def stack(tmp_path_factory, envs_dir, packages):
 @pytest.fixture(scope="module")
 def admin(stack):
     return stack.admin()
+
+
+@pytest.fixture(scope="module")
+def packages(admin, built) -> TenantPackages:
+    """{example: URI} of the packages uploaded into the admin's storage."""
+    return admin.packages(built)
 
 
 def plain(packages, steps: int = 3, sleep: float = 0.0, **fields) -> pb.TrainJobSpec:
@@ -308,8 +321,9 @@ def test_cancel_running_distributed_job_stops_every_replica_within_5s(admin, pac
 # --- quota and capacity ------------------------------------------------------------------
 
 
-def test_quota_queueing_starts_the_second_job_after_the_first(stack, admin, packages):
+def test_quota_queueing_starts_the_second_job_after_the_first(stack, admin, built):
     member = stack.new_tenant("q")
+    packages = member.packages(built)
     admin.set_quota(member.tenant, cpu_millis=1000, memory_bytes=4 << 30, train_jobs=10)
     first = faulty(packages, "sleep", "--seconds 2 --every 1", cpu=1000)
     second = plain(packages, steps=1)
@@ -335,8 +349,9 @@ def test_quota_queueing_starts_the_second_job_after_the_first(stack, admin, pack
     assert admin.usage(member.tenant).cpu_millis == 0 and admin.usage(member.tenant).train_jobs == 0
 
 
-def test_cancel_of_a_queued_job_is_immediate(stack, admin, packages):
+def test_cancel_of_a_queued_job_is_immediate(stack, admin, built):
     member = stack.new_tenant("qc")
+    packages = member.packages(built)
     admin.set_quota(member.tenant, cpu_millis=100, memory_bytes=1 << 30, train_jobs=10)
     member.submit("holder", faulty(packages, "sleep", "--seconds 30 --every 1"))
     member.wait("holder", states={S.JOB_STATE_RUNNING}, timeout=30)
@@ -347,7 +362,7 @@ def test_cancel_of_a_queued_job_is_immediate(stack, admin, packages):
     assert member.wait("holder", timeout=10).state == S.JOB_STATE_CANCELLED
 
 
-def test_job_that_can_never_fit_is_refused_naming_the_resource(stack, admin, packages):
+def test_job_that_can_never_fit_is_refused_naming_the_resource(stack, admin, packages, built):
     err = expect_error(Code.RESOURCE_EXHAUSTED, admin.submit, "too-many-gpus",
                        spec(packages["plain"], "plain_trainer.task", replicas=[replica_spec(MASTER, gpus=1)]))
     assert "gpus" in err.details()
@@ -357,7 +372,8 @@ def test_job_that_can_never_fit_is_refused_naming_the_resource(stack, admin, pac
     member = stack.new_tenant("nf")
     admin.set_quota(member.tenant, cpu_millis=500, memory_bytes=8 << 30, train_jobs=10)
     err = expect_error(Code.RESOURCE_EXHAUSTED, member.submit, "over-quota",
-                       spec(packages["plain"], "plain_trainer.task", replicas=[replica_spec(WORKER, 2, cpu=300)]))
+                       spec(member.upload(built["plain"]), "plain_trainer.task",
+                            replicas=[replica_spec(WORKER, 2, cpu=300)]))
     assert "cpu" in err.details() and "quota" in err.details()
     expect_error(Code.NOT_FOUND, member.get, "over-quota")
 
@@ -413,8 +429,13 @@ def test_validate_only_creates_nothing(admin, packages):
 
 @pytest.mark.parametrize("mutate,field", [
     (lambda s: setattr(s, "module_name", "no such"), "module_name"),
-    (lambda s: setattr(s, "trainer_uri", "file:///nowhere/x.tar.gz"), "trainer_uri"),
+    # In the tenant's storage, but no such file.
+    (lambda s: setattr(s, "trainer_uri", os.path.dirname(s.trainer_uri) + "-gone/x.tar.gz"), "no such file"),
     (lambda s: setattr(s, "trainer_uri", "relative.tar.gz"), "trainer_uri"),
+    (lambda s: setattr(s, "trainer_uri", os.path.dirname(s.trainer_uri) + "/../x/plain_trainer-1.0.tar.gz"), "'..'"),
+    (lambda s: setattr(s, "trainer_uri", "zip://t/x.tar.gz::" + s.trainer_uri), "chained"),
+    (lambda s: setattr(s, "trainer_uri", "s3://bucket/x.tar.gz"), "not allowed"),
+    (lambda s: setattr(s, "output_path", "out"), "output_path"),
     (lambda s: s.replica_specs.add(type=MASTER, replica_count=1), "replica_specs[1]"),
     (lambda s: s.replica_specs.add(type=CHIEF, replica_count=1), "MASTER or a CHIEF"),
     (lambda s: s.replica_specs.add(type=WORKER, replica_count=0), "replica_count"),
@@ -431,27 +452,100 @@ def test_bad_spec_is_invalid_argument_naming_the_field(admin, packages, mutate, 
     assert field in err.details()
 
 
+def test_path_outside_the_tenants_storage_is_permission_denied(stack, admin, packages, built, tmp_path):
+    """Local paths must resolve inside DATA_DIR/storage/<tenant>/."""
+    storage = stack.storage("admin")
+    other = stack.storage("someone-else")
+    os.makedirs(os.path.join(storage, "links"), exist_ok=True)
+    link = os.path.join(storage, "links", f"{tmp_path.name}.tar.gz")
+    os.symlink(built["plain"], link)  # inside by name, outside once resolved
+    refused = {
+        "spec.trainer_uri": ["file://" + built["plain"], built["plain"], "file:///nowhere/x.tar.gz",
+                             "file://" + link, f"file://{other}/packages/plain_trainer-1.0.tar.gz",
+                             f"file://{storage}-evil/plain_trainer-1.0.tar.gz"],
+        "spec.output_path": [str(tmp_path / "out"), "file:///etc/cloudml", other + "/jobs/x", storage + "-evil/x"],
+    }
+    for field, values in refused.items():
+        for value in values:
+            job_spec = plain(packages)
+            setattr(job_spec, field.removeprefix("spec."), value)
+            err = expect_error(Code.PERMISSION_DENIED, admin.submit, "outside", job_spec)
+            assert err.details().startswith(field) and "outside tenant 'admin'" in err.details(), err.details()
+    expect_error(Code.NOT_FOUND, admin.get, "outside")
+    # Inside the tenant's storage, an output path of its own choosing is fine.
+    job_spec = plain(packages, output_path=os.path.join(storage, "mine", "out"))
+    assert admin.submit("inside", job_spec, validate_only=True).job.spec.output_path == job_spec.output_path
+
+
+def test_upload_package_stores_the_package_by_content_in_the_tenants_storage(stack, admin, built, tmp_path):
+    stored = admin.upload_package(built["testing"])
+    again = admin.upload_package(built["testing"])
+    with open(built["testing"], "rb") as f:
+        data = f.read()
+    assert stored == again and stored.size_bytes == len(data)
+    assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored.uri == "file://" + os.path.join(stack.storage("admin"), "packages", stored.sha256[:16],
+                                                  os.path.basename(built["testing"]))
+    with open(stored.uri.removeprefix("file://"), "rb") as f:
+        assert f.read() == data
+    renamed = tmp_path / "notes.txt"
+    renamed.write_bytes(data)
+    err = expect_error(Code.INVALID_ARGUMENT, admin.upload_package, str(renamed))
+    assert "file_name" in err.details()
+
+
+def test_a_queued_job_whose_package_became_a_symlink_out_fails_with_path_refused(stack, admin, built):
+    """The scheduler checks the paths again right before a job runs: a job
+    accepted before (here: a package later swapped for a symlink to a file
+    outside the tenant's storage) fails with reason PathRefused."""
+    member = stack.new_tenant("pr")
+    packages = member.packages(built)
+    admin.set_quota(member.tenant, cpu_millis=100, memory_bytes=1 << 30, train_jobs=10)
+    member.submit("holder", faulty(packages, "sleep", "--seconds 30 --every 1"))
+    member.wait("holder", states={S.JOB_STATE_RUNNING}, timeout=60)
+    own = os.path.join(stack.storage(member.tenant), "mine")
+    os.makedirs(own, exist_ok=True)
+    package = os.path.join(own, os.path.basename(built["plain"]))
+    shutil.copyfile(built["plain"], package)
+    member.submit("swapped", plain({"plain": package}))
+    assert member.get("swapped").state == S.JOB_STATE_QUEUED
+    os.unlink(package)
+    os.symlink(built["plain"], package)
+    member.cancel("holder")
+    job = member.wait("swapped", timeout=30)
+    assert job.state == S.JOB_STATE_FAILED and job.reason == "PathRefused", reasons(job)
+    assert "spec.trainer_uri" in job.message and "outside" in job.message
+    assert job.attempts == 0
+
+
 def test_bad_name_is_invalid_argument(admin, packages):
     expect_error(Code.INVALID_ARGUMENT, admin.submit, "Not_A_Label", plain(packages))
 
 
-def test_tenancy_members_see_only_their_own_jobs(stack, admin, packages):
+def test_tenancy_members_see_only_their_own_jobs(stack, admin, built):
     alice, bob = stack.new_tenant("alice"), stack.new_tenant("bob")
-    alice.submit("mine", plain(packages, steps=1))
+    alices, bobs = alice.packages(built), bob.packages(built)
+    alice.submit("mine", plain(alices, steps=1))
     expect_error(Code.NOT_FOUND, bob.get, "mine", tenant=alice.tenant)
     expect_error(Code.NOT_FOUND, bob.get, "mine")
     expect_error(Code.NOT_FOUND, bob.cancel, "mine", tenant=alice.tenant)
-    err = expect_error(Code.NOT_FOUND, bob.submit, "theirs", plain(packages), tenant=alice.tenant)
+    err = expect_error(Code.NOT_FOUND, bob.submit, "theirs", plain(bobs), tenant=alice.tenant)
     assert alice.tenant in err.details()
     expect_error(Code.NOT_FOUND, bob.call, "ListJobs", pb.ListJobsRequest(tenant=alice.tenant))
+    # Nor may bob upload into alice's storage, or run a package from it.
+    err = expect_error(Code.NOT_FOUND, bob.upload_package, built["plain"], tenant=alice.tenant)
+    assert alice.tenant in err.details()
+    err = expect_error(Code.PERMISSION_DENIED, bob.submit, "borrowed", plain(alices))
+    assert "spec.trainer_uri" in err.details() and bob.tenant in err.details()
     # The admin may act on any tenant.
     assert admin.get("mine", tenant=alice.tenant).tenant == alice.tenant
     assert admin.wait("mine", tenant=alice.tenant).state == S.JOB_STATE_SUCCEEDED
     assert [j.name for j in bob.call("ListJobs", pb.ListJobsRequest()).jobs] == []
 
 
-def test_list_jobs_pages_in_name_order_and_filters_by_state(stack, admin, packages):
+def test_list_jobs_pages_in_name_order_and_filters_by_state(stack, admin, built):
     member = stack.new_tenant("list")
+    packages = member.packages(built)
     for i in range(5):
         member.submit(f"job-{i}", faulty(packages, "exit_code", f"--code {i % 2}"))
     for i in range(5):
@@ -531,7 +625,7 @@ def test_report_metrics_rpc_replaces_a_step(admin, packages):
                                          metrics={"accuracy": 1.0}))
 
 
-def test_cli_jobs_commands_through_the_gateway(stack, packages, tmp_path):
+def test_cli_jobs_commands_through_the_gateway(stack, built, tmp_path):
     env = stack.cli_env()
 
     def cli(*argv, check=True):
@@ -541,11 +635,13 @@ def test_cli_jobs_commands_through_the_gateway(stack, packages, tmp_path):
             assert result.returncode == 0, (argv, result.stdout, result.stderr)
         return result
 
-    seed = {"job_name": "cli-job", "module_name": "plain_trainer.task", "trainer_uri": packages["plain"],
+    # A path on this machine: the CLI uploads it (UploadPackage) and submits the stored copy.
+    seed = {"job_name": "cli-job", "module_name": "plain_trainer.task", "trainer_uri": built["plain"],
             "job_args": "--x1 3.14159 --x2 2.275 --steps 3", "cpu_limit": "0.1", "memory_limit": "256Mi"}
     (tmp_path / "spec.json").write_text(json.dumps(seed))
     watched = cli("jobs", "submit", "-f", str(tmp_path / "spec.json"), "--watch")
     assert "[master-0] Step: 2" in watched.stdout and "succeeded" in watched.stderr
+    assert "uploaded" in watched.stderr
     listed = json.loads(cli("jobs", "list", "--state", "succeeded", "-o", "json").stdout)
     assert "cli-job" in [j["name"] for j in listed]
     described = cli("jobs", "describe", "cli-job").stdout
@@ -554,7 +650,7 @@ def test_cli_jobs_commands_through_the_gateway(stack, packages, tmp_path):
     assert series[0]["name"] == "objective" and len(series[0]["points"]) == 3
     tail = cli("jobs", "logs", "cli-job", "--replica", "master-0", "--tail", "1").stdout
     assert tail.startswith('{"x1"')
-    again = cli("jobs", "submit", "-n", "cli-job", "-m", "other.module", "-u", packages["plain"], check=False)
+    again = cli("jobs", "submit", "-n", "cli-job", "-m", "other.module", "-u", built["plain"], check=False)
     assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr
     cli("jobs", "delete", "cli-job")
     missing = cli("jobs", "describe", "cli-job", check=False)
@@ -578,9 +674,10 @@ def own_stack(tmp_path, envs_dir):
     stack.stop()
 
 
-def test_kill_9_of_the_jobs_service_mid_run_loses_no_job(own_stack, packages):
+def test_kill_9_of_the_jobs_service_mid_run_loses_no_job(own_stack, built):
     jobs = own_stack.start_jobs()
     client = own_stack.admin()
+    packages = client.packages(built)
     client.submit("short", faulty(packages, "sleep", "--seconds 1.5 --every 0.5"))
     client.submit("long", faulty(packages, "sleep", "--seconds 8 --every 0.5"))
     client.submit("fails", faulty(packages, "flaky", "--fail-times 1",
@@ -609,15 +706,15 @@ def test_kill_9_of_the_jobs_service_mid_run_loses_no_job(own_stack, packages):
     assert client.usage("admin").train_jobs == 0
 
 
-def test_kill_9_while_installing_resumes_the_job(own_stack, packages, tmp_path):
+def test_kill_9_while_installing_resumes_the_job(own_stack, built, tmp_path):
     jobs = own_stack.start_jobs()
     client = own_stack.admin()
     # The same package with other bytes: a cache miss, so it installs anew.
-    cold = tmp_path / "cold" / os.path.basename(packages["plain"])
+    cold = tmp_path / "cold" / os.path.basename(built["plain"])
     cold.parent.mkdir()
-    with open(packages["plain"], "rb") as f:
+    with open(built["plain"], "rb") as f:
         cold.write_bytes(gzip.compress(gzip.decompress(f.read()), mtime=12345))
-    client.submit("installing", spec(str(cold), "plain_trainer.task", "--x1 1 --x2 2",
+    client.submit("installing", spec(client.upload(str(cold)), "plain_trainer.task", "--x1 1 --x2 2",
                                      replicas=[replica_spec(MASTER, cpu=100, memory=256 * MiB)]))
     deadline = time.monotonic() + 30
     while client.get("installing").reason != "Installing":
@@ -631,10 +728,11 @@ def test_kill_9_while_installing_resumes_the_job(own_stack, packages, tmp_path):
     assert "Recovered" in reasons(job) and len(final_events(job)) == 1
 
 
-def test_standby_takes_over_when_the_leader_dies(own_stack, packages):
+def test_standby_takes_over_when_the_leader_dies(own_stack, built):
     first = own_stack.start_jobs()
     second = own_stack.start_jobs()
     client = own_stack.admin(second)
+    packages = client.packages(built)
     client.submit("handover", faulty(packages, "sleep", "--seconds 3 --every 0.5"))
     client.wait("handover", states={S.JOB_STATE_RUNNING}, timeout=30)
     leader = next(p for p in (first, second) if "scheduler: leading" in open(p.log_path).read())
@@ -648,9 +746,10 @@ def test_standby_takes_over_when_the_leader_dies(own_stack, packages):
     assert "scheduler: leading" in open(standby.log_path).read()
 
 
-def test_a_job_that_failed_while_the_service_was_down_follows_its_policy(own_stack, packages):
+def test_a_job_that_failed_while_the_service_was_down_follows_its_policy(own_stack, built):
     jobs = own_stack.start_jobs()
     client = own_stack.admin()
+    packages = client.packages(built)
     client.submit("dies", faulty(packages, "sleep", "--seconds 1 --every 0.5"))
     job = client.wait("dies", states={S.JOB_STATE_RUNNING}, timeout=30)
     jobs.kill()

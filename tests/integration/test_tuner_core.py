@@ -76,7 +76,7 @@ async def etcd(etcd_process):
 
 
 def make_core(etcd) -> TunerCore:
-    return TunerCore(TunerStore(etcd), FakeJobs(), FakeQuota(), "/data")
+    return TunerCore(TunerStore(etcd), FakeJobs(), FakeQuota(), DATA_DIR)
 
 
 _COUNTER = iter(range(10**6))
@@ -86,10 +86,19 @@ def caller() -> Principal:
     return Principal(f"t{next(_COUNTER)}-{int(time.time() * 1000) % 10**6}", ROLE_MEMBER, "AK", time.time() + 3600)
 
 
-def branin_spec(**fields) -> pb.StudySpec:
+DATA_DIR = "/data"
+
+
+def package_uri(tenant: str) -> str:
+    """Where an uploaded package of `tenant` is: inside its storage (the core
+    checks the template's paths; the fake jobs service reads no file)."""
+    return f"file://{DATA_DIR}/storage/{tenant}/packages/0123456789abcdef/plain-trainer-1.0.tar.gz"
+
+
+def branin_spec(tenant: str, **fields) -> pb.StudySpec:
     spec = pb.StudySpec(goal=pb.GOAL_MINIMIZE, metric="objective", algorithm=fields.pop("algorithm", pb.ALGORITHM_TPE),
                         max_trials=fields.pop("max_trials", 10), seed=fields.pop("seed", 1), **fields)
-    spec.trial_template.trainer_uri = "file:///p/plain-trainer-1.0.tar.gz"
+    spec.trial_template.trainer_uri = package_uri(tenant)
     spec.trial_template.module_name = "plain_trainer.task"
     spec.parameters.add(name="x1", double_range=pb.DoubleRange(min=-5, max=10))
     spec.parameters.add(name="x2", double_range=pb.DoubleRange(min=0, max=15))
@@ -108,21 +117,43 @@ async def finish(core: TunerCore, tenant: str, study: str, trial, value: float |
 
 async def test_create_checks_the_template_with_the_jobs_service_and_holds_quota(etcd):
     core, who = make_core(etcd), caller()
-    study, created = await core.create_study(who, "", "s", branin_spec())
+    study, created = await core.create_study(who, "", "s", branin_spec(who.tenant))
     assert created and study.state == pb.STUDY_STATE_RUNNING and study.tenant == who.tenant
     (tenant, name, job), = core.jobs.validated
-    assert name == "s-1" and job.output_path == f"/data/storage/{who.tenant}/studies/s/1"
+    assert name == "s-1" and job.output_path == f"{DATA_DIR}/storage/{who.tenant}/studies/s/1"
+    assert job.trainer_uri == package_uri(who.tenant)
     assert job.env["CLOUDML_TRIAL_NUMBER"] == "1"
     assert core.quota.held == {(who.tenant, "tuner/s")}
-    again, created = await core.create_study(who, "", "s", branin_spec())
+    again, created = await core.create_study(who, "", "s", branin_spec(who.tenant))
     assert not created and again == study
     with pytest.raises(errors.NotFound):
         await core.get_study(caller(), who.tenant, "s")  # another tenant's member sees nothing
 
 
+@pytest.mark.parametrize("field, value, error", [
+    ("trainer_uri", "file:///p/plain-trainer-1.0.tar.gz", errors.PermissionDenied),
+    ("trainer_uri", f"file://{DATA_DIR}/storage/someone-else/packages/plain-trainer-1.0.tar.gz",
+     errors.PermissionDenied),
+    ("trainer_uri", f"file://{DATA_DIR}/storage/TENANT/../someone-else/plain-trainer-1.0.tar.gz",
+     errors.InvalidArgument),
+    ("trainer_uri", "s3://bucket/plain-trainer-1.0.tar.gz", errors.InvalidArgument),
+    ("output_path", "/tmp/out", errors.PermissionDenied),
+], ids=["elsewhere", "another-tenant", "dotdot", "scheme-not-allowed", "output-elsewhere"])
+async def test_create_refuses_template_paths_outside_the_tenants_storage(etcd, field, value, error):
+    core, who = make_core(etcd), caller()
+    spec = branin_spec(who.tenant)
+    setattr(spec.trial_template, field, value.replace("TENANT", who.tenant))
+    with pytest.raises(error) as info:
+        await core.create_study(who, "", "s", spec)
+    assert info.value.message.startswith(f"spec.trial_template.{field}"), info.value.message
+    assert core.jobs.validated == [] and core.quota.held == set()
+    with pytest.raises(errors.NotFound):
+        await core.get_study(who, "", "s")
+
+
 async def test_suggest_retry_with_the_same_client_id_returns_the_same_trials(etcd):
     core, who = make_core(etcd), caller()
-    await core.create_study(who, "", "s", branin_spec(max_parallel_trials=3))
+    await core.create_study(who, "", "s", branin_spec(who.tenant, max_parallel_trials=3))
     first = await core.suggest_trials(who, "", "s", 2, "worker-a")
     assert [t.number for t in first] == [1, 2] and all(t.client_id == "worker-a" for t in first)
     assert await core.suggest_trials(who, "", "s", 2, "worker-a") == first
@@ -145,7 +176,7 @@ async def test_suggest_retry_with_the_same_client_id_returns_the_same_trials(etc
 
 async def test_suggest_stops_at_max_trials_and_when_not_running(etcd):
     core, who = make_core(etcd), caller()
-    await core.create_study(who, "", "s", branin_spec(max_trials=2, max_parallel_trials=5))
+    await core.create_study(who, "", "s", branin_spec(who.tenant, max_trials=2, max_parallel_trials=5))
     trials = await core.suggest_trials(who, "", "s", 5, "a")
     assert len(trials) == 2
     for trial in trials:
@@ -159,7 +190,8 @@ async def test_suggest_stops_at_max_trials_and_when_not_running(etcd):
 
 async def test_concurrent_suggestions_get_distinct_trials(etcd):
     core, who = make_core(etcd), caller()
-    await core.create_study(who, "", "s", branin_spec(max_parallel_trials=6, algorithm=pb.ALGORITHM_RANDOM))
+    await core.create_study(who, "", "s", branin_spec(who.tenant, max_parallel_trials=6,
+                                                      algorithm=pb.ALGORITHM_RANDOM))
     cores = [core] + [make_core(etcd) for _ in range(2)]  # three "processes"
     results = await asyncio.gather(*(cores[i % 3].suggest(who.tenant, "s", 1, f"c{i}") for i in range(6)))
     numbers = sorted(t.number for r in results for t in r)
@@ -173,7 +205,7 @@ async def test_concurrent_suggestions_get_distinct_trials(etcd):
 
 async def test_the_sampler_continues_across_processes_as_one_optuna_study(etcd):
     who = caller()
-    await make_core(etcd).create_study(who, "", "s", branin_spec(seed=77, max_trials=15))
+    await make_core(etcd).create_study(who, "", "s", branin_spec(who.tenant, seed=77, max_trials=15))
     reference = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=77))
     reference.optimize(lambda t: branin(t.suggest_float("x1", -5, 10), t.suggest_float("x2", 0, 15)), n_trials=15)
     for n in range(15):  # each suggestion by a fresh core: a restarted service
@@ -195,7 +227,8 @@ def curve_series(points) -> list[jobs_pb.MetricSeries]:
 
 async def test_should_stop_trial_applies_the_median_rule_and_records_it(etcd):
     core, who = make_core(etcd), caller()
-    spec = branin_spec(max_parallel_trials=5, early_stopping=pb.EarlyStopping(enabled=True, min_trials=2))
+    spec = branin_spec(who.tenant, max_parallel_trials=5,
+                       early_stopping=pb.EarlyStopping(enabled=True, min_trials=2))
     await core.create_study(who, "", "s", spec)
     done = await core.suggest(who.tenant, "s", 2, "a")
     for trial, value in zip(done, (1.0, 2.0)):

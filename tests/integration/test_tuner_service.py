@@ -4,11 +4,14 @@ jobs service and a tuner service process, and the example trainers
 installed into real environments and run by the local runtime.
 
 One stack serves the module (`stack`); the kill -9 test kills and restarts
-the stack's tuner process.
+the stack's tuner process. Packages are built once (`built`) and uploaded
+(JobsService/UploadPackage) into each test's tenant's storage (`packages`),
+as a user would; templates name the stored copies.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import grpc
@@ -40,7 +43,8 @@ def expect_error(code: grpc.StatusCode, fn, *args, **kwargs) -> grpc.RpcError:
 
 
 @pytest.fixture(scope="module")
-def packages(tmp_path_factory) -> dict[str, str]:
+def built(tmp_path_factory) -> dict[str, str]:
+    """{trainer: sdist path} on this machine, outside any tenant's storage."""
     return build_trainers(str(tmp_path_factory.mktemp("tuner-packages")), str(tmp_path_factory.mktemp("tuner-src")))
 
 
@@ -61,6 +65,12 @@ def member(auth_service):
 @pytest.fixture
 def client(stack, member):
     return stack.client(member.token, member.tenant)
+
+
+@pytest.fixture
+def packages(client, built):
+    """{trainer: URI} of the packages in the member's storage (uploaded on first use)."""
+    return client.packages(built)
 
 
 def plain_template(packages, steps: int = 1, sleep: float = 0.0):
@@ -259,8 +269,10 @@ def _bad_spec(packages, **changes) -> pb.StudySpec:
         if key == "parameters":
             del spec.parameters[:]
             spec.parameters.extend(value)
-        elif key == "trainer_uri":
-            spec.trial_template.trainer_uri = value
+        elif key == "trainer_uri":  # a function of the uploaded package's URI
+            spec.trial_template.trainer_uri = value(spec.trial_template.trainer_uri)
+        elif key == "output_path":
+            spec.trial_template.output_path = value
         else:
             setattr(spec, key, value)
     return spec
@@ -276,13 +288,36 @@ def _bad_spec(packages, **changes) -> pb.StudySpec:
     (dict(parameters=[categorical("opt")]), "spec.parameters[0].categorical.values"),
     (dict(metric=""), "spec.metric"),
     (dict(algorithm=pb.ALGORITHM_GRID), "spec.algorithm"),
-    (dict(trainer_uri="file:///no/such/trainer-1.0.tar.gz"), "spec.trial_template.trainer_uri"),
+    # In the tenant's storage, but no such file (found by the jobs service's check).
+    (dict(trainer_uri=lambda uri: os.path.dirname(uri) + "-gone/trainer-1.0.tar.gz"),
+     "spec.trial_template.trainer_uri"),
+    (dict(trainer_uri=lambda uri: os.path.dirname(uri) + "/../x/trainer-1.0.tar.gz"),
+     "spec.trial_template.trainer_uri"),
+    (dict(trainer_uri=lambda uri: "s3://bucket/trainer-1.0.tar.gz"), "spec.trial_template.trainer_uri"),
+    (dict(output_path="relative/out"), "spec.trial_template.output_path"),
 ], ids=["empty-space", "min-gt-max", "unknown-algorithm", "unknown-goal", "no-goal", "log-min-zero",
-        "empty-categorical", "no-metric", "grid-over-double", "bad-template"])
+        "empty-categorical", "no-metric", "grid-over-double", "missing-package", "dotdot-package",
+        "scheme-not-allowed", "relative-output"])
 def test_create_study_bad_spec_is_invalid_argument_naming_the_field(client, packages, changes, field):
     err = expect_error(Code.INVALID_ARGUMENT, client.create, "bad", _bad_spec(packages, **changes))
     assert err.details().startswith(field) or f" {field}" in err.details(), err.details()
     expect_error(Code.NOT_FOUND, client.get, "bad")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("trainer_uri", lambda uri, built: "file:///no/such/trainer-1.0.tar.gz"),
+    ("trainer_uri", lambda uri, built: "file://" + built["plain"]),
+    ("trainer_uri", lambda uri, built: uri.replace("/storage/hp-", "/storage/other-")),
+    ("output_path", lambda uri, built: "/tmp/outside"),
+], ids=["elsewhere", "built-on-this-machine", "another-tenants-storage", "output-elsewhere"])
+def test_create_study_with_a_path_outside_the_tenants_storage_is_permission_denied(client, member, packages, built,
+                                                                                   field, value):
+    spec = _bad_spec(packages)
+    setattr(spec.trial_template, field, value(spec.trial_template.trainer_uri, built))
+    err = expect_error(Code.PERMISSION_DENIED, client.create, "outside", spec)
+    assert err.details().startswith(f"spec.trial_template.{field}"), err.details()
+    assert f"outside tenant {member.tenant!r}" in err.details(), err.details()
+    expect_error(Code.NOT_FOUND, client.get, "outside")
 
 
 def test_create_study_is_idempotent_and_names_conflict(client, packages):

@@ -4,10 +4,14 @@ plus a small synchronous TunerService client.
 
     tuner = TunerStack(workdir, etcd_endpoint, admin_access_key, admin_secret, envs_dir=...)
     tuner.start()                        # python -m services.jobs ..., python -m services.tuner ...
-    client = TunerClient(tuner.tuner.address, token)
-    client.create("s1", study_spec(...))
+    client = tuner.client(token, tenant)
+    client.create("s1", study_spec(template(client.upload(sdist), ...), ...))
     client.wait("s1")
     tuner.stop()
+
+A template's trainer package must lie in the tenant's storage: a client
+uploads it (JobsService/UploadPackage, once per tenant and stack) and names
+the answered URI.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from cloudml.jobs.v1 import jobs_service_pb2_grpc as jobs_grpc
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
 from cloudml.tuner.v1 import tuner_service_pb2_grpc as pb_grpc
 from deploy.local.service_process import ServiceProcess, service_command
-from tests.integration.jobs_stack import stop_replicas
+from tests.integration.jobs_stack import TenantPackages, UploadCache, stop_replicas, upload_requests
 
 MiB = 1 << 20
 FINAL = {pb.STUDY_STATE_SUCCEEDED, pb.STUDY_STATE_FAILED, pb.STUDY_STATE_CANCELLED}
@@ -57,7 +61,9 @@ def build_trainers(out_dir: str, scratch: str) -> dict[str, str]:
 
 def template(package: str, module: str, args=(), *, cpu: int = 100, memory: int = 256 * MiB,
              **fields) -> jobs_pb.TrainJobSpec:
-    spec = jobs_pb.TrainJobSpec(trainer_uri="file://" + package, module_name=module, job_args=list(args), **fields)
+    """A trial template; `package` a URI (an uploaded package's) or an absolute path."""
+    uri = package if "://" in package else "file://" + package
+    spec = jobs_pb.TrainJobSpec(trainer_uri=uri, module_name=module, job_args=list(args), **fields)
     spec.replica_specs.append(jobs_pb.ReplicaSpec(type=jobs_pb.REPLICA_TYPE_MASTER, replica_count=1,
                                                   resources=Resources(cpu_millis=cpu, memory_bytes=memory)))
     return spec
@@ -91,10 +97,21 @@ class TunerClient:
     jobs_channel: grpc.Channel
     token: str
     tenant: str = ""
+    uploads: UploadCache = field(default_factory=UploadCache)
 
     def __post_init__(self):
         self.stub = pb_grpc.TunerServiceStub(self.channel)
         self.jobs = jobs_grpc.JobsServiceStub(self.jobs_channel)
+
+    def upload(self, path: str) -> str:
+        """The URI of the package at `path` in this client's tenant's storage,
+        uploaded (JobsService/UploadPackage) once per tenant and stack."""
+        return self.uploads.get(self.tenant, path, lambda: self.jobs.UploadPackage(
+            upload_requests(path), metadata=self.md, timeout=60).uri)
+
+    def packages(self, built) -> TenantPackages:
+        """`built` ({name: local path}) as this client's tenant names them."""
+        return TenantPackages(self, built)
 
     @property
     def md(self):
@@ -143,10 +160,15 @@ class TunerStack:
     jobs: ServiceProcess | None = None
     tuners: list[ServiceProcess] = field(default_factory=list)
     _channels: list[grpc.Channel] = field(default_factory=list)
+    _uploads: UploadCache = field(default_factory=UploadCache)
 
     @property
     def data_dir(self) -> str:
         return os.path.join(self.workdir, "data")
+
+    def storage(self, tenant: str) -> str:
+        """The tenant's storage on this stack (DATA_DIR/storage/<tenant>)."""
+        return os.path.join(self.data_dir, "storage", tenant)
 
     def start(self) -> "TunerStack":
         os.makedirs(self.workdir, exist_ok=True)
@@ -186,10 +208,11 @@ class TunerStack:
         return next(p for p in reversed(self.tuners) if p.alive())
 
     def client(self, token: str, tenant: str = "") -> TunerClient:
+        """A client of `tenant` (the token's; "admin" for the admin's)."""
         channel = grpc.insecure_channel(self.tuner.poll_address())
         jobs_channel = grpc.insecure_channel(self.jobs.poll_address())
         self._channels += [channel, jobs_channel]
-        return TunerClient(channel, jobs_channel, token, tenant)
+        return TunerClient(channel, jobs_channel, token, tenant, self._uploads)
 
     def stop(self) -> None:
         for channel in self._channels:
