@@ -225,8 +225,10 @@ _CODES = {name: number for number, name in enumerate((
 
 
 def read_port_file(path: str) -> dict:
+    """The replica's port file (written by tenant code in its own working
+    directory): never through a link it planted, at most PORT_FILE_MAX bytes."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
             data = json.loads(f.read(PORT_FILE_MAX))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
@@ -270,8 +272,11 @@ class ReconcilerMetrics:
 
 class Reconciler:
     def __init__(self, etcd: Etcd, runtime: Runtime, auth: QuotaClient, settings: ReconcilerSettings,
-                 clock=time.time, metrics: ReconcilerMetrics | None = None):
+                 clock=time.time, metrics: ReconcilerMetrics | None = None, confiner=None):
         self.metrics = metrics or ReconcilerMetrics()
+        # Local model paths are checked again before each start (a version
+        # stored before the rules, or a link planted in the tenant's tree since).
+        self.confiner = confiner
         self.etcd = etcd
         self.runtime = runtime
         self.auth = auth
@@ -636,7 +641,10 @@ class Reconciler:
         self._retry_at.pop(record.key, None)
         request = ReplicaRequest(
             replica_id=record.runtime_id, group=record.runtime_id, argv=self._argv(record, version, path, port_file),
-            env={"PYTHONPATH": PROJECT_ROOT, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"},
+            # HOME and TMPDIR in the replica's own working directory (TensorFlow and
+            # Keras write caches there), never the platform's.
+            env={"PYTHONPATH": PROJECT_ROOT, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
+                 "HOME": record.workdir, "TMPDIR": record.workdir},
             workdir=record.workdir, log_path=os.path.join(record.workdir, LOG_FILE),
             resources=replica_amount(version), tenant=record.tenant,
         )
@@ -679,6 +687,13 @@ class Reconciler:
         """The SavedModel's local directory, or None while it is being fetched."""
         scheme, rest = split_uri(version.model_uri)
         if scheme == "file":
+            if self.confiner is not None:
+                try:
+                    where = self.confiner.check(version.tenant, version.model_uri, "model_version.model_uri")
+                    return os.path.join(where.root, where.relative) if where.relative else where.root
+                except errors.CloudMLError as err:
+                    self._fail(store.version_key(version.tenant, version.model, version.version), 7, err.message)
+                    return None
             return os.path.realpath(rest)
         vkey = store.version_key(version.tenant, version.model, version.version)
         digest = hashlib.sha256(version.model_uri.encode()).hexdigest()[:12]

@@ -89,7 +89,7 @@ class ModelsApp(ServiceApp):
                 data_dir=data_dir, stop_grace=extra.stop_grace, target_inflight=extra.target_inflight,
                 scale_down_delay=extra.scale_down_delay,
             ),
-            metrics=ReconcilerMetrics(platform.metrics_registry),
+            metrics=ReconcilerMetrics(platform.metrics_registry), confiner=self.core.confiner,
         )
         self.leading = False
         self._leader_task: asyncio.Task | None = None

@@ -345,7 +345,6 @@ def test_create_version_validates_its_spec(stack, team, deployed):
         (pb.ModelVersion(model_uri="relative/dir"), "absolute"),
         (pb.ModelVersion(model_uri="nosuchscheme://bucket/x"), "scheme"),
         (pb.ModelVersion(model_uri=file_uri(stack.storage(team.name, "missing"))), "no such directory"),
-        (pb.ModelVersion(model_uri=file_uri(stack.saved_model)), "own storage"),  # outside the tenant's storage
         (pb.ModelVersion(model_uri=path, min_replicas=3, max_replicas=2), "min_replicas"),
         (pb.ModelVersion(model_uri=path, resources={"cpu_millis": -1}), "cpu_millis"),
         (pb.ModelVersion(model_uri=path, batching={"enabled": True, "max_batch_size": 10**6}), "max_batch_size"),
@@ -354,6 +353,11 @@ def test_create_version_validates_its_spec(stack, team, deployed):
         details = expect_code(grpc.StatusCode.INVALID_ARGUMENT, stack.call, team, "CreateVersion",
                               pb.CreateVersionRequest(model="hp", model_version=spec))
         assert word in details, (spec, details)
+    # A path outside the tenant's storage: refused outright (PERMISSION_DENIED), one line naming the field.
+    details = expect_code(grpc.StatusCode.PERMISSION_DENIED, stack.call, team, "CreateVersion",
+                          pb.CreateVersionRequest(model="hp", model_version=pb.ModelVersion(
+                              model_uri=file_uri(stack.saved_model))))
+    assert "model_version.model_uri" in details and "own storage" in details and "\n" not in details
     details = expect_code(grpc.StatusCode.RESOURCE_EXHAUSTED, stack.call, team, "CreateVersion",
                           pb.CreateVersionRequest(model="hp", model_version=pb.ModelVersion(
                               model_uri=path, resources={"cpu_millis": 64_000})))
@@ -726,8 +730,11 @@ def test_cli_create_list_describe_label_scale_predict_delete(stack, tmp_path):
     assert data["created"] is True
     version = data["model_version"]
     assert version["state"] == "MODEL_VERSION_STATE_AVAILABLE" and version["version"] == "1"
-    stored = stack.storage(tenant.name, "models", "linear", "1")
-    assert version["model_uri"] == f"file://{stored}/" and os.path.isfile(os.path.join(stored, "saved_model.pb"))
+    # Uploaded through the API (ModelsService.UploadModel), stored by content hash in the tenant's storage.
+    models_dir = stack.storage(tenant.name, "models", "linear")
+    stored = version["model_uri"][len("file://"):].rstrip("/")
+    assert version["model_uri"].startswith(f"file://{models_dir}/") and os.path.dirname(stored) == models_dir
+    assert os.path.isfile(os.path.join(stored, "saved_model.pb"))
     # Again: same upload, same spec -> the existing version.
     again = cli(stack, tenant, "models", "create", "-n", "linear", "-v", "1", "-u", stack.saved_model,
                 "--cpu", "100m", "--memory", "1Gi", "-o", "json").json()
