@@ -236,16 +236,14 @@ def configure_supervisor_logging(layout: Layout, console: bool) -> None:
 
 
 def prepare(layout: Layout, grpc_port: int, rest_port: int) -> Ports:
-    """Directories, keys and credential files, and the saved etcd ports."""
+    """Directories, keys and credential files, and the saved gateway ports."""
     layout.make_dirs()
     # DIR/secrets/kek: the auth service's key-encryption key (it creates the file).
     os.makedirs(layout.path("secrets"), mode=0o700, exist_ok=True)
     os.chmod(layout.path("secrets"), 0o700)
     first = ensure_credentials(layout, grpc_port, rest_port)
     saved = read_json(layout.config) or {}
-    ports = Ports(grpc=grpc_port, rest=rest_port,
-                  etcd_client=int(saved.get("etcd_client_port", 0)),
-                  etcd_peer=int(saved.get("etcd_peer_port", 0)))
+    ports = Ports(grpc=grpc_port, rest=rest_port)
     save_ports(layout, ports)
     if first:
         log.info("first start: created the admin and service keys")
@@ -253,10 +251,9 @@ def prepare(layout: Layout, grpc_port: int, rest_port: int) -> Ports:
 
 
 def save_ports(layout: Layout, ports: Ports) -> None:
-    data = {"etcd_client_port": ports.etcd_client, "etcd_peer_port": ports.etcd_peer,
-            "grpc_port": ports.grpc, "rest_port": ports.rest}
-    if read_json(layout.config) != data:
-        write_json(layout.config, data)
+    data = {"grpc_port": ports.grpc, "rest_port": ports.rest}
+    if read_json(layout.config) != data or os.stat(layout.config).st_mode & 0o077:
+        write_json(layout.config, data, 0o600)  # nothing in the data dir is for tenant code
 
 
 def gateway_ports_in_use(ports: Ports, specs: list[ServiceSpec]) -> str | None:
@@ -372,9 +369,7 @@ def cmd_supervise(args) -> int:
         return 2
     configure_supervisor_logging(layout, console=False)
     saved = read_json(layout.config) or {}
-    ports = Ports(grpc=int(saved["grpc_port"]), rest=int(saved["rest_port"]),
-                  etcd_client=int(saved.get("etcd_client_port", 0)),
-                  etcd_peer=int(saved.get("etcd_peer_port", 0)))
+    ports = Ports(grpc=int(saved["grpc_port"]), rest=int(saved["rest_port"]))
     sup = Supervisor(layout, enabled_services(), ports, start_timeout=start_timeout(),
                      on_ports_changed=lambda p: save_ports(layout, p))
     return sup.run()

@@ -43,8 +43,6 @@ LOOP_INTERVAL = 0.2
 class Ports:
     grpc: int
     rest: int
-    etcd_client: int = 0
-    etcd_peer: int = 0
 
 
 @dataclass(frozen=True)
@@ -248,10 +246,9 @@ class EtcdComponent(Component):
         return self.etcd.endpoint
 
     def spawn(self) -> None:
-        # Blocks until healthy; reuses the saved ports when they are free.
+        # Blocks until healthy (its Unix sockets are recreated on each start).
         self.log_offset = _mark_log(self.etcd.log_path, self.name)
         self.etcd.start(attempts=3)
-        self.ports.etcd_client, self.ports.etcd_peer = self.etcd.client_port, self.etcd.peer_port
 
     def health(self) -> int:
         return etcd_health(self.address)
