@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import zlib
 from typing import Callable
 
 import grpc
@@ -71,6 +72,45 @@ def json_response(status: int, body: bytes) -> web.Response:
 
 def json_error(status: int, message: str) -> web.Response:
     return json_response(status, tfs_json.error_json(message))
+
+
+class _Decoder:
+    """Inflates a request body as it arrives (Content-Encoding identity, gzip, deflate)."""
+
+    def __init__(self, wbits: int | None):
+        self._zlib = zlib.decompressobj(wbits) if wbits is not None else None
+        self._raw_fallback = wbits == zlib.MAX_WBITS  # "deflate" is zlib-wrapped, some clients send it raw
+        self._started = False
+
+    @classmethod
+    def of(cls, encoding: str) -> "_Decoder":
+        encoding = encoding.strip().lower()
+        if encoding in ("", "identity"):
+            return cls(None)
+        if encoding in ("gzip", "x-gzip"):
+            return cls(16 + zlib.MAX_WBITS)
+        if encoding == "deflate":
+            return cls(zlib.MAX_WBITS)
+        raise _Respond(json_error(415, f"Unsupported Content-Encoding {encoding!r}: use gzip, deflate or identity"))
+
+    def feed(self, data: bytes, max_length: int) -> bytes:
+        if self._zlib is None:
+            return data
+        if not self._started and self._raw_fallback and data and (data[0] & 0x0F) != 8:
+            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._started = True
+        try:
+            out = self._zlib.decompress(data, max_length)
+        except zlib.error as err:
+            raise tfs_json.JsonError(f"Could not decode the request body ({err})") from None
+        return out
+
+    def flush(self) -> bytes:
+        if self._zlib is None:
+            return b""
+        if not self._zlib.eof and self._started:
+            raise tfs_json.JsonError("Could not decode the request body: the compressed stream is truncated")
+        return self._zlib.flush()
 
 
 class RestServer:
@@ -204,22 +244,34 @@ class RestServer:
         return min(router.request_limit(tenant, model, v) for v, _ in choices)
 
     async def _read_body(self, request: web.Request, verb: str, limit: int) -> bytes:
-        """The (decoded) body, at most `limit` bytes and BODY_READ_TIMEOUT seconds."""
+        """The (decoded) body, at most `limit` bytes and BODY_READ_TIMEOUT seconds.
+
+        The body is decoded here, not by aiohttp (the runner turns its
+        auto_decompress off): aiohttp answers a body it cannot inflate with a
+        plain-text 400 before any handler runs, and TF Serving's clients expect
+        `{"error": ...}`. Inflating is bounded: never more than `limit` + 1
+        bytes are produced, so a compression bomb costs nothing.
+        """
         api = verb.capitalize()
         if request.content_length is not None and request.content_length > limit:
             raise too_large(api, request.content_length, limit)
+        decoder = _Decoder.of(request.headers.get("Content-Encoding", ""))
         chunks, size = [], 0
 
-        async def read() -> None:
+        def add(data: bytes) -> None:
             nonlocal size
+            size += len(data)
+            if size > limit:  # decoded bytes
+                raise too_large(api, size, limit)
+            chunks.append(data)
+
+        async def read() -> None:
             while True:
                 chunk = await request.content.readany()
                 if not chunk:
+                    add(decoder.flush())
                     return
-                size += len(chunk)
-                if size > limit:  # decoded bytes (gzip/deflate inflate here)
-                    raise too_large(api, size, limit)
-                chunks.append(chunk)
+                add(decoder.feed(chunk, limit - size + 1))
 
         try:
             await asyncio.wait_for(read(), BODY_READ_TIMEOUT)
@@ -227,9 +279,9 @@ class RestServer:
             response = json_error(408, f"the request body did not arrive within {BODY_READ_TIMEOUT:g} seconds")
             response.force_close()
             raise _Respond(response) from None
-        except (RequestTooLarge, asyncio.CancelledError):
+        except (RequestTooLarge, tfs_json.JsonError, asyncio.CancelledError):
             raise
-        except Exception as err:  # noqa: BLE001 - a body aiohttp cannot decode (bad gzip, bad chunking)
+        except Exception as err:  # noqa: BLE001 - a body that cannot be decoded (bad gzip, bad chunking)
             raise tfs_json.JsonError(f"Could not read the request body: {getattr(err, 'message', None) or err}") \
                 from None
         return b"".join(chunks)
@@ -295,7 +347,7 @@ class RestServer:
         host, _, port = self.listen.rpartition(":")
         # lingering_time: after an early answer (413, 408), unread body bytes are
         # drained for at most a second before the connection closes.
-        self._runner = web.AppRunner(self.app, access_log=None, lingering_time=1.0)
+        self._runner = web.AppRunner(self.app, access_log=None, lingering_time=1.0, auto_decompress=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host or "127.0.0.1", int(port), reuse_address=True)
         await site.start()

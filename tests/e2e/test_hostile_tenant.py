@@ -100,8 +100,11 @@ def victim(platform):
     return {"job": "steady", "model": "hpt"}
 
 
-def forged(values) -> bool:
-    return "forged" in json.dumps(values) or "999" in json.dumps(values)
+def forged(metrics) -> bool:
+    """Whether the probe's forged point (step 999, loss -1) shows in a job's metrics."""
+    points = [p for series in metrics.get("series", []) for p in series.get("points", [])]
+    return "forged" in json.dumps(metrics) or any(int(p.get("step", 0)) == 999 or p.get("value") == -1.0
+                                                  for p in points)
 
 
 def test_hostile_trainer_reads_and_writes_nothing_of_others(platform, victim):
