@@ -11,6 +11,7 @@ gateway stops when its data plane dies (so its supervisor restarts both);
 themselves run through the data plane in test_gateway_predict.py."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_
 from deploy.local.service_process import ServiceProcess
 from deploy.local.stack import AuthGatewayStack
 from services.gateway.dataplane import binary_path
+from tests.e2e.serving_platform import wait_until
 from tests.integration.replicas import AVAILABLE, Replicas, predict, replica_of, versions
 
 ADMIN = ("AKGWDATAPLANEADMIN00", "admin-secret")
@@ -51,12 +53,27 @@ def env(tmp_path_factory):
     replicas.add("team-a", "linear", 2, "lin-2a")
     replicas.route(models_pb.ModelRoute(tenant="team-a", model="linear", labels={"stable": 1},
                                         default_version=1, versions=versions((1, AVAILABLE), (2, AVAILABLE))))
-    time.sleep(0.5)  # the gateway's watch catches up
+    md = (("authorization", f"Bearer {token}"),)
+    for version, replica in ((1, "lin-1a"), (2, "lin-2a")):  # the gateway's watch catches up
+        wait_routed(stack, md, f"linear/versions/{version}", replica)
     yield {"stack": stack, "channel": channel, "auth": auth_stub, "admin": admin_md,
-           "replicas": replicas, "md": (("authorization", f"Bearer {token}"),)}
+           "replicas": replicas, "md": md}
     channel.close()
     replicas.close()
     stack.stop()
+
+
+def wait_routed(stack, md, path: str, replica: str) -> None:
+    """Polls a REST Predict to /v1/models/PATH until `replica` answers. REST is
+    served by the gateway's Python process: the data plane's counters and
+    decision cache stay as they were."""
+    def routed():
+        request = urllib.request.Request(f"{stack.rest}/v1/models/{path}:predict", method="POST",
+                                         data=json.dumps({"instances": [1.0]}).encode())
+        request.add_header("Authorization", md[0][1])
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read()) == {"predictions": [replica]}
+    wait_until(routed, 10, f"{path} to route to {replica}", interval=0.02)
 
 
 def metrics(stack) -> str:
@@ -161,7 +178,7 @@ def test_a_response_from_another_version_sends_the_call_to_the_control_plane(env
     stack, replicas = env["stack"], env["replicas"]
     replicas.add("team-a", "stale", 1, "stale-1", answers_as=2)
     replicas.route(models_pb.ModelRoute(tenant="team-a", model="stale", versions=versions((1, AVAILABLE))))
-    time.sleep(0.3)
+    wait_routed(stack, env["md"], "stale", "stale-1")
     before = eventually(lambda: stack.dataplane_calls() or (_ for _ in ()).throw(AssertionError("no report")))
     for _ in range(6):
         predict(env["channel"], env["md"], name="stale")
@@ -283,7 +300,8 @@ def test_python_mode_serves_without_a_data_plane(env):
     try:
         assert not psutil.Process(gateway.process.pid).children()
         with grpc.insecure_channel(gateway.address) as channel:
-            time.sleep(0.3)
+            wait_until(lambda: replica_of(predict(channel, env["md"], version=2)) == "lin-2a", 10,
+                       "the python-mode gateway to route linear v2", interval=0.02)
             assert replica_of(predict(channel, env["md"], version=2)) == "lin-2a"
             assert replica_of(predict(channel, env["md"], version=2)) == "lin-2a"
     finally:
