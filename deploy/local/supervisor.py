@@ -130,10 +130,28 @@ def stop_replicas(data_dir: str, grace: float = STOP_GRACE) -> int:
         return len(running)
 
     try:
-        return asyncio.run(stop_all())
+        stopped = asyncio.run(stop_all())
     except Exception:  # noqa: BLE001 - stopping the rest of the platform matters more
         log.exception("could not stop the runtime's replicas")
         return 0
+    remove_socket_root(data_dir)
+    return stopped
+
+
+def remove_socket_root(data_dir: str) -> None:
+    """Removes the platform's directory of replica sockets (under /run, one
+    per data dir) once its replicas are stopped; the models service makes it
+    again. Only a real directory is removed, never what a link points to."""
+    import shutil
+
+    from services.models.reconciler import ReconcilerSettings
+
+    root = ReconcilerSettings(data_dir=data_dir).socket_root
+    try:
+        if os.path.isdir(root) and not os.path.islink(root):
+            shutil.rmtree(root)
+    except OSError as err:
+        log.warning("could not remove %s: %s", root, err)
 
 
 def _terminate(proc: psutil.Process, grace: float) -> None:

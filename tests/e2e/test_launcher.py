@@ -20,6 +20,7 @@ import pytest
 from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from deploy.local.etcd import free_port
+from services.models.reconciler import ReconcilerSettings
 
 pytestmark = pytest.mark.slow
 
@@ -259,9 +260,13 @@ def test_down_then_up_keeps_state_keys_and_internal_ports(new_platform):
     creds_before = platform.credentials
     etcd_address = platform.component("etcd")["address"]
 
+    # The replica sockets' directory (made by the models service when a replica starts) goes with `down`.
+    socket_root = ReconcilerSettings(data_dir=platform.data_dir).socket_root
+    os.makedirs(os.path.join(socket_root, "team-kept"), exist_ok=True)
     down = platform.down()
     assert down.returncode == 0 and "Stopped" in down.stdout, down.stdout + down.stderr
     assert platform.live_pids() == []
+    assert not os.path.exists(socket_root)
     code, status = platform.status()
     assert code == 3 and not status["running"]
     assert {c["health"] for c in status["components"]} == {"DOWN"}
