@@ -148,6 +148,7 @@ class Backend:
     version: int
     coalesce_max: int = 0
     max_request_bytes: int = 0  # 0: not published
+    batch_timeout_micros: int = 0
     outstanding: int = 0
     callables: dict = field(default_factory=dict)
 
@@ -199,8 +200,10 @@ class RoutingTable:
                 continue
             backend = self._by_key.get(key)
             if (backend is None or backend.address != ep.address or backend.coalesce_max != ep.coalesce_max
-                    or backend.max_request_bytes != ep.max_request_bytes):
-                backend = Backend(key, ep.address, ep.version, ep.coalesce_max, ep.max_request_bytes)
+                    or backend.max_request_bytes != ep.max_request_bytes
+                    or backend.batch_timeout_micros != ep.batch_timeout_micros):
+                backend = Backend(key, ep.address, ep.version, ep.coalesce_max, ep.max_request_bytes,
+                                  ep.batch_timeout_micros)
             by_key[key] = backend
             backends.setdefault((ep.tenant, ep.model, ep.version), []).append(backend)
         self._by_key = by_key
@@ -330,7 +333,8 @@ class PredictRouter:
             backends = self.table.backends.get((tenant, model, version), ())
             decision.choices.add(version=version, weight=weight, addresses=[b.address for b in backends],
                                  coalesce_max=min((b.coalesce_max for b in backends), default=0),
-                                 max_request_bytes=self.request_limit(tenant, model, version))
+                                 max_request_bytes=self.request_limit(tenant, model, version),
+                                 batch_timeout_micros=min((b.batch_timeout_micros for b in backends), default=0))
         return decision
 
     def pick(self, tenant: str, model: str, version: int, exclude: Backend | None = None) -> Backend | None:

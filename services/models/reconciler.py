@@ -836,7 +836,8 @@ class Reconciler:
                     port = read_port_file(port_path)
                     await self._set_endpoint(record, S.MODEL_VERSION_STATE_AVAILABLE, address,
                                              _count(port.get("coalesce_max"), COALESCE_MAX_LIMIT),
-                                             _count(port.get("max_request_bytes"), 1 << 62))
+                                             _count(port.get("max_request_bytes"), 1 << 62),
+                                             _count(port.get("batch_timeout_micros"), (1 << 32) - 1))
                 elif record.available or self._endpoint_state(record) == S.MODEL_VERSION_STATE_AVAILABLE:
                     await self._set_endpoint(record, S.MODEL_VERSION_STATE_UNLOADING)
                     call.cancel()
@@ -844,7 +845,8 @@ class Reconciler:
         return False
 
     async def _set_endpoint(self, record: store.ReplicaRecord, state: int | None, address: str = "",
-                            coalesce_max: int = 0, max_request_bytes: int = 0) -> None:
+                            coalesce_max: int = 0, max_request_bytes: int = 0,
+                            batch_timeout_micros: int = 0) -> None:
         """Writes the replica's endpoints/ entry: AVAILABLE (only while the
         replica is live), UNLOADING (only over an entry there is), or None:
         deleted. One replica's writes never interleave."""
@@ -864,6 +866,7 @@ class Reconciler:
                                                address, state, coalesce_max)
                 if max_request_bytes and "max_request_bytes" in pb.ReplicaEndpoint.DESCRIPTOR.fields_by_name:
                     endpoint.max_request_bytes = max_request_bytes
+                endpoint.batch_timeout_micros = batch_timeout_micros
                 if current is not None and _same_endpoint(current, endpoint):
                     return
             else:

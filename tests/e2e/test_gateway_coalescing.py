@@ -57,9 +57,10 @@ def env(tmp_path_factory):
     async def route():
         etcd = await Etcd.connect(stack.etcd.endpoint)
         # What the models service's reconciler publishes for a serving replica.
-        await store.put_endpoint(etcd, store.make_endpoint(
-            "team-c", "hpt", 1, "hpt-0", info.get("replica_address", info["address"]), AVAILABLE,
-            info["coalesce_max"]))
+        endpoint = store.make_endpoint("team-c", "hpt", 1, "hpt-0", info.get("replica_address", info["address"]),
+                                       AVAILABLE, info["coalesce_max"])
+        endpoint.batch_timeout_micros = info["batch_timeout_micros"]
+        await store.put_endpoint(etcd, endpoint)
         await etcd.put("/cloudml/models/routes/team-c/hpt", models_pb.ModelRoute(
             tenant="team-c", model="hpt", versions=[models_pb.VersionRoute(version=1, state=AVAILABLE)],
         ).SerializeToString())
@@ -174,6 +175,30 @@ def test_a_predict_batch_group_answers_each_member_as_its_own_predict(env):
         assert (results[i].code, results[i].message) == errors[i], (i, results[i], errors[i])
     assert results[4].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert wrong_version.results[0].code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_each_predict_batch_member_has_its_own_deadline_and_metadata(env):
+    """PredictBatch straight to the real replica: a member whose time ran out
+    is DEADLINE_EXCEEDED (and not run), the others are answered; a member's
+    own metadata applies to it alone (here the routed-version header, which
+    names a version this replica does not serve)."""
+    assert env["replica_info"]["batch_timeout_micros"] == 2000  # what the endpoint publishes
+    members = [
+        replica_pb2.PredictMember(request=request([1.0]).SerializeToString(), timeout_micros=5_000_000),
+        replica_pb2.PredictMember(request=request([2.0]).SerializeToString(), timeout_micros=1),
+        replica_pb2.PredictMember(request=request([3.0]).SerializeToString()),
+        replica_pb2.PredictMember(request=request([4.0]).SerializeToString(), metadata=[
+            replica_pb2.MetadataEntry(key="x-cloudml-resolved-version", value=b"2")]),
+    ]
+    with grpc.insecure_channel(env["replica"].address) as channel:
+        call = channel.unary_unary("/cloudml.models.v1.ReplicaService/PredictBatch",
+                                   request_serializer=replica_pb2.PredictBatchRequest.SerializeToString,
+                                   response_deserializer=replica_pb2.PredictBatchResponse.FromString)
+        answer = call(replica_pb2.PredictBatchRequest(members=members), timeout=10)
+    codes = [r.code for r in answer.results]
+    assert codes == [0, grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 0, grpc.StatusCode.NOT_FOUND.value[0]], answer
+    assert [predict_pb2.PredictResponse.FromString(answer.results[i].response).outputs["y"].float_val[0]
+            for i in (0, 2)] == [2.5, 3.5]
 
 
 def replica_metric(env, name: str) -> float:

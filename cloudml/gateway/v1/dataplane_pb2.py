@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cloudml/gateway/v1/dataplane.proto\x12\x12\x63loudml.gateway.v1\"\x8f\x01\n\x10\x44\x61taplaneControl\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x17\n\x0flatency_buckets\x18\x02 \x03(\x01\x12\x36\n\x08services\x18\x03 \x03(\x0b\x32$.cloudml.gateway.v1.ServiceInstances\x12\x16\n\x0epublic_methods\x18\x04 \x03(\t\"6\n\x0c\x41uthDecision\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"6\n\x10ServiceInstances\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\"z\n\rRouteDecision\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\x12\x32\n\x07\x63hoices\x18\x03 \x03(\x0b\x32!.cloudml.gateway.v1.VersionChoice\x12\r\n\x05model\x18\x04 \x01(\t\"t\n\rVersionChoice\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x14\n\x0c\x63oalesce_max\x18\x04 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x05 \x01(\x04\"\x92\x01\n\x10ModelRequestStat\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03\x61pi\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x1b\n\x13latency_sum_seconds\x18\x06 \x01(\x01\x12\x17\n\x0flatency_buckets\x18\x07 \x03(\x04\"\xc0\x01\n\x0f\x44\x61taplaneReport\x12\x33\n\x05stats\x18\x01 \x03(\x0b\x32$.cloudml.gateway.v1.ModelRequestStat\x12\x17\n\x0f\x66\x61st_path_calls\x18\x02 \x01(\x04\x12\x17\n\x0fslow_path_calls\x18\x03 \x01(\x04\x12-\n\x06relays\x18\x04 \x03(\x0b\x32\x1d.cloudml.gateway.v1.RelayStat\x12\x17\n\x0f\x63oalesced_calls\x18\x05 \x01(\x04\"I\n\tRelayStat\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x32\x64\n\tDataplane\x12W\n\x06\x41ttach\x12#.cloudml.gateway.v1.DataplaneReport\x1a$.cloudml.gateway.v1.DataplaneControl(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"cloudml/gateway/v1/dataplane.proto\x12\x12\x63loudml.gateway.v1\"\x8f\x01\n\x10\x44\x61taplaneControl\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x17\n\x0flatency_buckets\x18\x02 \x03(\x01\x12\x36\n\x08services\x18\x03 \x03(\x0b\x32$.cloudml.gateway.v1.ServiceInstances\x12\x16\n\x0epublic_methods\x18\x04 \x03(\t\"6\n\x0c\x41uthDecision\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"6\n\x10ServiceInstances\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\"z\n\rRouteDecision\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\x12\x32\n\x07\x63hoices\x18\x03 \x03(\x0b\x32!.cloudml.gateway.v1.VersionChoice\x12\r\n\x05model\x18\x04 \x01(\t\"\x92\x01\n\rVersionChoice\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x14\n\x0c\x63oalesce_max\x18\x04 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14\x62\x61tch_timeout_micros\x18\x06 \x01(\r\"\x92\x01\n\x10ModelRequestStat\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03\x61pi\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x1b\n\x13latency_sum_seconds\x18\x06 \x01(\x01\x12\x17\n\x0flatency_buckets\x18\x07 \x03(\x04\"\xc0\x01\n\x0f\x44\x61taplaneReport\x12\x33\n\x05stats\x18\x01 \x03(\x0b\x32$.cloudml.gateway.v1.ModelRequestStat\x12\x17\n\x0f\x66\x61st_path_calls\x18\x02 \x01(\x04\x12\x17\n\x0fslow_path_calls\x18\x03 \x01(\x04\x12-\n\x06relays\x18\x04 \x03(\x0b\x32\x1d.cloudml.gateway.v1.RelayStat\x12\x17\n\x0f\x63oalesced_calls\x18\x05 \x01(\x04\"I\n\tRelayStat\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x32\x64\n\tDataplane\x12W\n\x06\x41ttach\x12#.cloudml.gateway.v1.DataplaneReport\x1a$.cloudml.gateway.v1.DataplaneControl(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,14 +39,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICEINSTANCES']._serialized_end=314
   _globals['_ROUTEDECISION']._serialized_start=316
   _globals['_ROUTEDECISION']._serialized_end=438
-  _globals['_VERSIONCHOICE']._serialized_start=440
-  _globals['_VERSIONCHOICE']._serialized_end=556
-  _globals['_MODELREQUESTSTAT']._serialized_start=559
-  _globals['_MODELREQUESTSTAT']._serialized_end=705
-  _globals['_DATAPLANEREPORT']._serialized_start=708
-  _globals['_DATAPLANEREPORT']._serialized_end=900
-  _globals['_RELAYSTAT']._serialized_start=902
-  _globals['_RELAYSTAT']._serialized_end=975
-  _globals['_DATAPLANE']._serialized_start=977
-  _globals['_DATAPLANE']._serialized_end=1077
+  _globals['_VERSIONCHOICE']._serialized_start=441
+  _globals['_VERSIONCHOICE']._serialized_end=587
+  _globals['_MODELREQUESTSTAT']._serialized_start=590
+  _globals['_MODELREQUESTSTAT']._serialized_end=736
+  _globals['_DATAPLANEREPORT']._serialized_start=739
+  _globals['_DATAPLANEREPORT']._serialized_end=931
+  _globals['_RELAYSTAT']._serialized_start=933
+  _globals['_RELAYSTAT']._serialized_end=1006
+  _globals['_DATAPLANE']._serialized_start=1008
+  _globals['_DATAPLANE']._serialized_end=1108
 # @@protoc_insertion_point(module_scope)

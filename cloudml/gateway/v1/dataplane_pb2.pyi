@@ -47,18 +47,20 @@ class RouteDecision(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., expires_at: _Optional[float] = ..., choices: _Optional[_Iterable[_Union[VersionChoice, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class VersionChoice(_message.Message):
-    __slots__ = ("version", "weight", "addresses", "coalesce_max", "max_request_bytes")
+    __slots__ = ("version", "weight", "addresses", "coalesce_max", "max_request_bytes", "batch_timeout_micros")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     COALESCE_MAX_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TIMEOUT_MICROS_FIELD_NUMBER: _ClassVar[int]
     version: int
     weight: float
     addresses: _containers.RepeatedScalarFieldContainer[str]
     coalesce_max: int
     max_request_bytes: int
-    def __init__(self, version: _Optional[int] = ..., weight: _Optional[float] = ..., addresses: _Optional[_Iterable[str]] = ..., coalesce_max: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+    batch_timeout_micros: int
+    def __init__(self, version: _Optional[int] = ..., weight: _Optional[float] = ..., addresses: _Optional[_Iterable[str]] = ..., coalesce_max: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., batch_timeout_micros: _Optional[int] = ...) -> None: ...
 
 class ModelRequestStat(_message.Message):
     __slots__ = ("model", "version", "api", "code", "count", "latency_sum_seconds", "latency_buckets")

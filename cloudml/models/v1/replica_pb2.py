@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63loudml/models/v1/replica.proto\x12\x11\x63loudml.models.v1\"A\n\x13PredictBatchRequest\x12\x10\n\x08requests\x18\x01 \x03(\x0c\x12\x18\n\x10resolved_version\x18\x02 \x01(\x03\"I\n\x14PredictBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .cloudml.models.v1.PredictResult\"@\n\rPredictResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\x0c\x32q\n\x0eReplicaService\x12_\n\x0cPredictBatch\x12&.cloudml.models.v1.PredictBatchRequest\x1a\'.cloudml.models.v1.PredictBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63loudml/models/v1/replica.proto\x12\x11\x63loudml.models.v1\"t\n\x13PredictBatchRequest\x12\x10\n\x08requests\x18\x01 \x03(\x0c\x12\x18\n\x10resolved_version\x18\x02 \x01(\x03\x12\x31\n\x07members\x18\x03 \x03(\x0b\x32 .cloudml.models.v1.PredictMember\"l\n\rPredictMember\x12\x0f\n\x07request\x18\x01 \x01(\x0c\x12\x16\n\x0etimeout_micros\x18\x02 \x01(\x03\x12\x32\n\x08metadata\x18\x03 \x03(\x0b\x32 .cloudml.models.v1.MetadataEntry\"+\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"I\n\x14PredictBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .cloudml.models.v1.PredictResult\"t\n\rPredictResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08response\x18\x03 \x01(\x0c\x12\x32\n\x08trailers\x18\x04 \x03(\x0b\x32 .cloudml.models.v1.MetadataEntry2q\n\x0eReplicaService\x12_\n\x0cPredictBatch\x12&.cloudml.models.v1.PredictBatchRequest\x1a\'.cloudml.models.v1.PredictBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cloudml.models.v1.replica_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTBATCHREQUEST']._serialized_start=54
-  _globals['_PREDICTBATCHREQUEST']._serialized_end=119
-  _globals['_PREDICTBATCHRESPONSE']._serialized_start=121
-  _globals['_PREDICTBATCHRESPONSE']._serialized_end=194
-  _globals['_PREDICTRESULT']._serialized_start=196
-  _globals['_PREDICTRESULT']._serialized_end=260
-  _globals['_REPLICASERVICE']._serialized_start=262
-  _globals['_REPLICASERVICE']._serialized_end=375
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=170
+  _globals['_PREDICTMEMBER']._serialized_start=172
+  _globals['_PREDICTMEMBER']._serialized_end=280
+  _globals['_METADATAENTRY']._serialized_start=282
+  _globals['_METADATAENTRY']._serialized_end=325
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=327
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=400
+  _globals['_PREDICTRESULT']._serialized_start=402
+  _globals['_PREDICTRESULT']._serialized_end=518
+  _globals['_REPLICASERVICE']._serialized_start=520
+  _globals['_REPLICASERVICE']._serialized_end=633
 # @@protoc_insertion_point(module_scope)

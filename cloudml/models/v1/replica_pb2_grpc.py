@@ -27,16 +27,20 @@ if _version_not_supported:
 
 class ReplicaServiceStub:
     """Internal: served by every model-server replica next to TF Serving's
-    PredictionService, called only by the gateway's native data plane.
+    PredictionService, called only by the native data plane (the gateway's,
+    or the replica's own front).
 
     With server-side batching on, calls that will run in one TensorFlow batch
     anyway finish together, so the data plane sends concurrent Predict calls
     for one replica as one PredictBatch call (at most the replica's
     ReplicaEndpoint.coalesce_max): the replica pays its per-call gRPC cost once
-    per group instead of once per call. Each member is handled exactly as a
-    Predict call of its own (same batcher, errors and metrics); results come
-    back in order. With batching off the data plane never coalesces, since a
-    group would finish only when its slowest member does.
+    per group instead of once per call. A call waits in the data plane at most
+    the replica's batch timeout (ReplicaEndpoint.batch_timeout_micros) for
+    company, never for another call to finish; several groups may be in flight
+    to one replica. Each member is handled exactly as a Predict call of its own
+    (same batcher, errors, metrics, deadline, metadata and trailers); results
+    come back in order. With batching off the data plane never coalesces,
+    since a group would finish only when its slowest member does.
 
     This file imports nothing, so it loads beside TensorFlow's own protos.
     """
@@ -56,22 +60,27 @@ class ReplicaServiceStub:
 
 class ReplicaServiceServicer:
     """Internal: served by every model-server replica next to TF Serving's
-    PredictionService, called only by the gateway's native data plane.
+    PredictionService, called only by the native data plane (the gateway's,
+    or the replica's own front).
 
     With server-side batching on, calls that will run in one TensorFlow batch
     anyway finish together, so the data plane sends concurrent Predict calls
     for one replica as one PredictBatch call (at most the replica's
     ReplicaEndpoint.coalesce_max): the replica pays its per-call gRPC cost once
-    per group instead of once per call. Each member is handled exactly as a
-    Predict call of its own (same batcher, errors and metrics); results come
-    back in order. With batching off the data plane never coalesces, since a
-    group would finish only when its slowest member does.
+    per group instead of once per call. A call waits in the data plane at most
+    the replica's batch timeout (ReplicaEndpoint.batch_timeout_micros) for
+    company, never for another call to finish; several groups may be in flight
+    to one replica. Each member is handled exactly as a Predict call of its own
+    (same batcher, errors, metrics, deadline, metadata and trailers); results
+    come back in order. With batching off the data plane never coalesces,
+    since a group would finish only when its slowest member does.
 
     This file imports nothing, so it loads beside TensorFlow's own protos.
     """
 
     def PredictBatch(self, request, context):
-        """Always OK unless the call itself fails; each member's status is in its result.
+        """Always OK unless the call itself fails; each member's status is in its
+        result. The call's own deadline is its latest member's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,16 +104,20 @@ def add_ReplicaServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ReplicaService:
     """Internal: served by every model-server replica next to TF Serving's
-    PredictionService, called only by the gateway's native data plane.
+    PredictionService, called only by the native data plane (the gateway's,
+    or the replica's own front).
 
     With server-side batching on, calls that will run in one TensorFlow batch
     anyway finish together, so the data plane sends concurrent Predict calls
     for one replica as one PredictBatch call (at most the replica's
     ReplicaEndpoint.coalesce_max): the replica pays its per-call gRPC cost once
-    per group instead of once per call. Each member is handled exactly as a
-    Predict call of its own (same batcher, errors and metrics); results come
-    back in order. With batching off the data plane never coalesces, since a
-    group would finish only when its slowest member does.
+    per group instead of once per call. A call waits in the data plane at most
+    the replica's batch timeout (ReplicaEndpoint.batch_timeout_micros) for
+    company, never for another call to finish; several groups may be in flight
+    to one replica. Each member is handled exactly as a Predict call of its own
+    (same batcher, errors, metrics, deadline, metadata and trailers); results
+    come back in order. With batching off the data plane never coalesces,
+    since a group would finish only when its slowest member does.
 
     This file imports nothing, so it loads beside TensorFlow's own protos.
     """

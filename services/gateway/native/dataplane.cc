@@ -19,17 +19,27 @@
 //   endpoints, token keys or revocations change; a new generation empties the
 //   cache. Without a live Attach stream nothing is cached: every call takes
 //   the control plane's path. A decision never outlives the caller's token.
+//   Channels to replicas (Plane::backends) that are idle and were not used in
+//   this generation or the one before are dropped on each new generation, so
+//   replica churn never grows this process.
 // - Coalescing: for a replica with server-side batching (its coalesce_max
-//   in the decision), a Predict call that finds another call in flight to
-//   that replica waits here; the waiting calls go as one
-//   ReplicaService.PredictBatch call when a call to the replica returns, or
-//   at once when coalesce_max are waiting (a group that fills every batch
-//   thread of the replica). Under load the replica pays its per-call gRPC
-//   cost once per group and runs the group's batches without waiting out
-//   its batch timeout. A lone call is never delayed; a call that waits,
-//   waits at most for one call to the replica to return (the replica would
-//   hold it for its batch timeout otherwise). Each member keeps its own
-//   status, response, retry and metrics (see replica.proto).
+//   and batch timeout in the decision), a Predict call that finds another
+//   call in flight to that replica waits here in the replica's open group;
+//   the group goes as one ReplicaService.PredictBatch call at the first of:
+//   its batch timeout after its first member came (an alarm), coalesce_max
+//   members (a group that fills every batch thread of the replica), its
+//   max_request_bytes, or the return of any call to the replica. A lone call
+//   is never delayed; a call that waits, waits at most the batch timeout (the
+//   replica would hold it that long for company anyway), never for another
+//   call to finish: any number of groups may be in flight to one replica (see
+//   Group). Under load the replica pays its per-call gRPC cost once per group
+//   and runs the group's batches without waiting out its batch timeout again.
+//   Each member keeps its own status, response, retry, metrics, deadline,
+//   metadata and trailers (see replica.proto): a caller that cancels, or whose
+//   deadline passes, while it waits leaves its group at once and is never
+//   sent; a member whose deadline passed when its group goes is answered
+//   DEADLINE_EXCEEDED here; the others carry their own time left, and the
+//   group's call the latest member's deadline.
 // - Fast path: the version is picked by the decision's traffic-split
 //   weights, the replica by least outstanding requests of two random choices;
 //   UNAVAILABLE from the replica is retried once, on another replica of the
@@ -81,7 +91,10 @@
 // front of itself, so that callers who reach the replica directly (not
 // through a gateway) get the same coalescing:
 //   cloudml-gateway-dataplane --listen HOST:PORT --front-for HOST:PORT
-//                             --coalesce-max N [--spin-us N] [--max-request-bytes N]
+//                             --coalesce-max N [--batch-timeout-us N] [--spin-us N]
+//                             [--max-request-bytes N]
+// (--batch-timeout-us: the replica's batch_timeout_micros; default 0, when
+// only calls that arrive together are grouped.)
 // Every call goes to the one replica: Predict calls coalesce exactly as
 // above, every other call is relayed. No control plane, no cache, no retry,
 // no tokens; x-cloudml-* headers from callers are dropped, so the replica
@@ -302,16 +315,20 @@ struct Options {
   std::string front_for;      // replica front mode: the replica's own address
   uint32_t coalesce_max = 0;  // replica front mode: its ReplicaEndpoint.coalesce_max
   uint64_t max_request_bytes = 64 * 1024 * 1024;  // the largest model call taken at all
+  uint32_t batch_timeout_us = 0;  // replica front mode: the replica's batch_timeout_micros
   bool front() const { return !front_for.empty(); }
 };
 
 class Call;
+class Group;
 
 struct Backend {
   std::unique_ptr<grpc::GenericStub> stub;
   int outstanding = 0;    // model calls routed here and not answered (for balancing)
-  int rpcs = 0;           // Predict/PredictBatch RPCs in flight (for coalescing)
-  std::deque<Call*> queue;  // Predict calls waiting to be coalesced
+  int rpcs = 0;           // Predict calls and PredictBatch groups in flight (for coalescing)
+  Group* open = nullptr;  // the group Predict calls join while they wait, if any
+  uint64_t used = 0;      // Plane::epoch when last used (see Plane::Sweep)
+  bool idle() const { return outstanding == 0 && rpcs == 0 && open == nullptr; }
 };
 
 struct Decision {
@@ -324,6 +341,7 @@ struct Decision {
     std::vector<std::string> addresses;
     uint32_t coalesce_max;
     uint64_t max_request_bytes;  // 0: only the process-wide limit
+    uint32_t batch_timeout_us;
   };
   std::vector<Choice> choices;
   double total_weight = 0;
@@ -350,6 +368,7 @@ struct Plane {
   std::unordered_map<std::string, Backend> backends;
   std::unordered_map<std::string, Decision> cache;
   uint64_t generation = 0;  // 0: no live Attach stream, nothing is cached
+  uint64_t epoch = 0;       // generation changes seen (Backend::used)
   std::vector<double> bucket_bounds;
   std::map<std::tuple<std::string, std::string, std::string, std::string>, Stat> stats;
   uint64_t fast_calls = 0, slow_calls = 0, coalesced_calls = 0;
@@ -380,11 +399,37 @@ struct Plane {
 
   Backend& BackendFor(const std::string& address) {
     auto it = backends.find(address);
-    if (it != backends.end()) return it->second;
+    if (it != backends.end()) {
+      it->second.used = epoch;
+      return it->second;
+    }
     Backend& b = backends[address];
     b.stub = std::make_unique<grpc::GenericStub>(
         grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), ChannelArgs()));
+    b.used = epoch;
     return b;
+  }
+
+  // Drops the channels to addresses nothing uses any more: idle (no call,
+  // RPC or group), not in the service instance table, and not used in this
+  // generation or the one before (a live replica's decision is usually
+  // cached again within a generation; one that is not reconnects when next
+  // picked). Replica churn thus never grows `backends`.
+  void Sweep() {
+    for (auto it = backends.begin(); it != backends.end();) {
+      const Backend& b = it->second;
+      if (b.idle() && b.used + 1 < epoch && !InServices(it->first))
+        it = backends.erase(it);
+      else
+        ++it;
+    }
+  }
+
+  bool InServices(const std::string& address) const {
+    for (const auto& [name, in] : services)
+      for (const auto& a : in.addresses)
+        if (a == address) return true;
+    return false;
   }
 
   // The stub for a platform call's owning service, or the control plane's.
@@ -407,6 +452,8 @@ struct Plane {
     if (g != generation) {
       cache.clear();
       vouched.clear();
+      epoch++;
+      Sweep();
     }
     generation = g;
   }
@@ -469,7 +516,9 @@ void CopyTrailers(const grpc::ClientContext& from, grpc::GenericServerContext* t
 // plane's own service (kRefused), or anything else, relayed (kRelay).
 // The object lives until every operation it started has completed and gRPC
 // has reported the call done.
-void FlushQueue(const std::string& address);
+void JoinGroup(const std::string& address, Backend& backend, Call* call);
+void FlushGroup(const std::string& address);
+void LeaveGroup(Group* group, Call* call);
 
 class Call : public Handler {
  public:
@@ -478,17 +527,38 @@ class Call : public Handler {
     g_plane->service.RequestCall(&ctx_, &stream_, g_plane->cq.get(), g_plane->cq.get(), Tag_(kAccept));
   }
 
-  // For coalescing: this queued Predict call's request, deadline and version.
+  // For coalescing: this waiting Predict call's request, deadline, version and limits.
   const std::string& request_bytes() const { return request_bytes_; }
   std::chrono::system_clock::time_point deadline() const { return ctx_.deadline(); }
   int64_t version() const { return version_; }
   uint32_t coalesce_max() const { return coalesce_max_; }
   uint64_t max_request_bytes() const { return max_request_bytes_; }
+  uint32_t batch_timeout_us() const { return batch_timeout_us_; }
+  // The group it waits in (nullptr once the group is sent).
+  void set_group(Group* group) { group_ = group; }
 
-  // Its result, from the PredictBatch call it went in.
-  void BatchDone(const grpc::Status& status, const std::string& response) {
+  // Its caller's metadata as a PredictBatch member's, filtered as
+  // CopyClientMetadata does for a replica.
+  void MemberMetadata(cloudml::models::v1::PredictMember* member) const {
+    for (const auto& kv : ctx_.client_metadata()) {
+      std::string key(kv.first.data(), kv.first.size());
+      if (HopHeader(key) || key == "authorization") continue;
+      auto* entry = member->add_metadata();
+      entry->set_key(std::move(key));
+      entry->set_value(kv.second.data(), kv.second.size());
+    }
+  }
+
+  // Its result: from the PredictBatch group it went in, with the trailers
+  // the replica set for it, or from the group it never went out in.
+  void BatchDone(const grpc::Status& status, const std::string& response,
+                 const google::protobuf::RepeatedPtrField<cloudml::models::v1::MetadataEntry>* trailers) {
+    group_ = nullptr;
     status_ = status;
     response_ = ToBuffer(response);
+    if (trailers)
+      for (const auto& t : *trailers)
+        if (!HopHeader(t.key())) ctx_.AddTrailingMetadata(t.key(), t.value());
     Done(kBackend, true);
   }
 
@@ -511,7 +581,12 @@ class Call : public Handler {
       Accepted();
     } else if (op == kDone) {
       done_seen_ = true;
-      if (ctx_.IsCancelled() && client_) client_->TryCancel();
+      if (ctx_.IsCancelled()) {
+        if (client_) client_->TryCancel();
+        // Cancelled, or its deadline passed, while it waits for company:
+        // out of the group and finished now (BatchDone).
+        if (group_) LeaveGroup(group_, this);
+      }
     } else if (mode_ == kModel) {
       ModelOp(op, ok);
     } else {
@@ -601,6 +676,7 @@ class Call : public Handler {
     if (p.options.front()) {
       version_ = 0;  // unresolved: the replica checks the model_spec
       coalesce_max_ = api_ == "Predict" ? p.options.coalesce_max : 0;
+      batch_timeout_us_ = p.options.batch_timeout_us;
       return Fast(p.options.front_for);
     }
     if (!ParseSpec(api_, request_bytes_, &spec)) return Slow();
@@ -629,6 +705,7 @@ class Call : public Handler {
     version_ = choice->version;
     addresses_ = choice->addresses;
     coalesce_max_ = choice->coalesce_max;
+    batch_timeout_us_ = choice->batch_timeout_us;
     if (choice->max_request_bytes) max_request_bytes_ = std::min(max_request_bytes_, choice->max_request_bytes);
     if (TooLarge(max_request_bytes_)) return;
     // The replica resolves this spec to the same version by itself: no
@@ -660,15 +737,14 @@ class Call : public Handler {
     address_ = address;
     Backend& backend = g_plane->BackendFor(address);
     backend.outstanding++;
-    NewClient(true);
     batched_ = false;
     if (api_ == "Predict" && coalesce_max_ > 1 && backend.rpcs >= kRpcsBeforeCoalescing) {
       pending_++;  // BatchDone completes it
       batched_ = true;
-      backend.queue.push_back(this);
-      if (backend.queue.size() >= coalesce_max_) FlushQueue(address);
+      JoinGroup(address, backend, this);
       return;
     }
+    NewClient(true);
     if (api_ == "Predict") backend.rpcs++;
     if (!g_plane->options.front() && !bare_) client_->AddMetadata(kResolvedVersion, std::to_string(version_));
     unary_ = backend.stub->PrepareUnaryCall(client_.get(), ctx_.method(), request_, g_plane->cq.get());
@@ -694,7 +770,7 @@ class Call : public Handler {
       backend.outstanding--;
       if (api_ == "Predict" && !batched_) {
         backend.rpcs--;
-        FlushQueue(address_);
+        FlushGroup(address_);
       }
       if (status_.error_code() == grpc::StatusCode::UNAVAILABLE && !retried_ && !ctx_.IsCancelled() &&
           !p.options.front()) {
@@ -737,7 +813,7 @@ class Call : public Handler {
       for (const auto& c : msg.choices()) {
         if (c.addresses_size() == 0 || c.weight() <= 0) continue;
         d.choices.push_back({c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()},
-                             c.coalesce_max(), c.max_request_bytes()});
+                             c.coalesce_max(), c.max_request_bytes(), c.batch_timeout_micros()});
         d.total_weight += c.weight();
       }
       if (p.cache.size() > kCacheLimit) p.cache.clear();
@@ -839,7 +915,9 @@ class Call : public Handler {
   std::vector<std::string> addresses_;
   int64_t version_ = 0;
   uint32_t coalesce_max_ = 0;
+  uint32_t batch_timeout_us_ = 0;   // how long it may wait for company
   uint64_t max_request_bytes_ = 0;  // this call's limit; also its PredictBatch group's
+  Group* group_ = nullptr;          // the group it waits in, not sent yet
   std::string request_bytes_;
   bool fast_ = false, retried_ = false, batched_ = false;
   bool bare_ = false;  // sent without the routed-version header (see Route)
@@ -852,29 +930,114 @@ class Call : public Handler {
   std::string auth_;
 };
 
-// One PredictBatch call carrying queued Predict calls to a replica.
-class BatchRpc : public Handler {
+// Predict calls to one replica that wait together, then go as one
+// PredictBatch call. A group opens when a call finds another call in flight to
+// the replica (Backend::open), and is sent at the first of: its batch timeout
+// after it opened (an alarm), coalesce_max members, the next byte over the
+// replica's max_request_bytes, or the return of any call to the replica. So a
+// call waits at most the batch timeout for company, never for a call to
+// finish: any number of groups may be in flight to one replica. Each is
+// either full or has waited out the timeout the replica would have made its
+// calls wait anyway, and the replica's own batch queue (max_enqueued_batches)
+// bounds what it takes, as it does for direct callers.
+class Group : public Handler {
  public:
-  BatchRpc(const std::string& address, std::vector<Call*> members) : address_(address), members_(std::move(members)) {
-    cloudml::models::v1::PredictBatchRequest request;
-    request.set_resolved_version(members_[0]->version());
-    auto deadline = members_[0]->deadline();
-    g_plane->coalesced_calls += members_.size();
-    g_plane->stats_dirty = true;
-    for (Call* m : members_) {
-      request.add_requests(m->request_bytes());
-      deadline = std::max(deadline, m->deadline());
-    }
-    ctx_.set_deadline(deadline);
-    Backend& backend = g_plane->BackendFor(address_);
-    backend.rpcs++;
-    rpc_ = backend.stub->PrepareUnaryCall(&ctx_, kPredictBatch, ToBuffer(request.SerializeAsString()),
-                                          g_plane->cq.get());
-    rpc_->StartCall();
-    rpc_->Finish(&response_, &status_, &tag_);
+  Group(const std::string& address, const Call& first) : address_(address), coalesce_max_(first.coalesce_max()),
+      limit_(first.max_request_bytes()), version_(first.version()) {
+    pending_++;
+    alarm_.Set(g_plane->cq.get(), std::chrono::system_clock::now() + std::chrono::microseconds(first.batch_timeout_us()),
+               &tags_[kTimer]);
   }
 
-  void Done(int, bool) override {
+  bool Fits(const Call& call) const {
+    if (members_.size() >= std::max<uint32_t>(1, coalesce_max_)) return false;
+    return !limit_ || bytes_ + call.request_bytes().size() <= limit_;
+  }
+  bool Full() const { return members_.size() >= std::max<uint32_t>(1, coalesce_max_); }
+
+  void Add(Call* call) {
+    members_.push_back(call);
+    bytes_ += call->request_bytes().size();
+    call->set_group(this);
+  }
+
+  // A waiting member's caller went away: it is finished at once, never sent.
+  void Leave(Call* call) {
+    auto it = std::find(members_.begin(), members_.end(), call);
+    if (it == members_.end()) return;
+    members_.erase(it);
+    bytes_ -= call->request_bytes().size();
+    bool expired = call->deadline() <= std::chrono::system_clock::now();
+    call->BatchDone(expired ? grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded")
+                            : grpc::Status(grpc::StatusCode::CANCELLED, "Cancelled"),
+                    "", nullptr);
+    if (members_.empty()) Close();
+  }
+
+  // Sends the group: members whose deadline has passed are answered
+  // DEADLINE_EXCEEDED instead; each other member carries the time its caller
+  // has left and its caller's metadata. The call's deadline is the latest.
+  void Send() {
+    Close();
+    Plane& p = *g_plane;
+    auto now = std::chrono::system_clock::now();
+    std::vector<Call*> members;
+    members.swap(members_);
+    cloudml::models::v1::PredictBatchRequest request;
+    request.set_resolved_version(version_);
+    auto deadline = now;
+    for (Call* m : members) {
+      m->set_group(nullptr);
+      auto d = m->deadline();
+      if (d <= now) {
+        m->BatchDone(grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "Deadline Exceeded"), "", nullptr);
+        continue;
+      }
+      members_.push_back(m);
+      auto* member = request.add_members();
+      member->set_request(m->request_bytes());
+      if (d != std::chrono::system_clock::time_point::max())
+        member->set_timeout_micros(
+            std::max<int64_t>(1, std::chrono::duration_cast<std::chrono::microseconds>(d - now).count()));
+      m->MemberMetadata(member);
+      deadline = std::max(deadline, d);
+    }
+    if (members_.empty()) return;
+    p.coalesced_calls += members_.size();
+    p.stats_dirty = true;
+    ctx_.set_deadline(deadline);
+    Backend& backend = p.BackendFor(address_);
+    backend.rpcs++;
+    pending_++;
+    rpc_ = backend.stub->PrepareUnaryCall(&ctx_, kPredictBatch, ToBuffer(request.SerializeAsString()), p.cq.get());
+    rpc_->StartCall();
+    rpc_->Finish(&response_, &status_, &tags_[kRpc]);
+  }
+
+  void Done(int op, bool ok) override {
+    pending_--;
+    if (op == kTimer) {
+      if (ok && open_) Send();
+    } else {
+      Answer();
+      FlushGroup(address_);
+    }
+    if (pending_ == 0) delete this;
+  }
+
+ private:
+  enum Op { kTimer, kRpc };
+
+  // No longer takes members (sent, or every member left).
+  void Close() {
+    if (!open_) return;
+    open_ = false;
+    Backend& backend = g_plane->BackendFor(address_);
+    if (backend.open == this) backend.open = nullptr;
+    alarm_.Cancel();
+  }
+
+  void Answer() {
     g_plane->BackendFor(address_).rpcs--;
     cloudml::models::v1::PredictBatchResponse response;
     bool parsed = status_.ok() && response.ParseFromString(Flatten(response_)) &&
@@ -882,44 +1045,49 @@ class BatchRpc : public Handler {
     for (size_t i = 0; i < members_.size(); i++) {
       if (parsed) {
         const auto& r = response.results(static_cast<int>(i));
-        members_[i]->BatchDone(grpc::Status(static_cast<grpc::StatusCode>(r.code()), r.message()), r.response());
+        members_[i]->BatchDone(grpc::Status(static_cast<grpc::StatusCode>(r.code()), r.message()), r.response(),
+                               &r.trailers());
       } else {
         members_[i]->BatchDone(
-            status_.ok() ? grpc::Status(grpc::StatusCode::INTERNAL, "malformed PredictBatch response") : status_, "");
+            status_.ok() ? grpc::Status(grpc::StatusCode::INTERNAL, "malformed PredictBatch response") : status_, "",
+            nullptr);
       }
     }
-    FlushQueue(address_);
-    delete this;
+    members_.clear();
   }
 
- private:
   std::string address_;
-  std::vector<Call*> members_;
+  uint32_t coalesce_max_;
+  uint64_t limit_, bytes_ = 0;
+  int64_t version_;
+  std::vector<Call*> members_;  // waiting while open_, then the ones sent
+  bool open_ = true;
+  int pending_ = 0;
+  grpc::Alarm alarm_;
   grpc::ClientContext ctx_;
   grpc::ByteBuffer response_;
   grpc::Status status_;
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> rpc_;
-  Tag tag_{this, 0};
+  Tag tags_[2] = {{this, kTimer}, {this, kRpc}};
 };
 
-// Sends the calls waiting for `address` (at most coalesce_max, holding at
-// most the replica's max_request_bytes of requests) as one PredictBatch.
-void FlushQueue(const std::string& address) {
-  Backend& backend = g_plane->BackendFor(address);
-  if (backend.queue.empty()) return;
-  size_t n = std::min<size_t>(backend.queue.size(), std::max<uint32_t>(1, backend.queue.front()->coalesce_max()));
-  uint64_t limit = backend.queue.front()->max_request_bytes(), bytes = 0;
-  for (size_t i = 0; i < n; i++) {
-    bytes += backend.queue[i]->request_bytes().size();
-    if (i > 0 && limit && bytes > limit) {
-      n = i;
-      break;
-    }
-  }
-  std::vector<Call*> members(backend.queue.begin(), backend.queue.begin() + n);
-  backend.queue.erase(backend.queue.begin(), backend.queue.begin() + n);
-  new BatchRpc(address, std::move(members));
+// A Predict call that waits for company: into the replica's open group (a
+// new one if there is none or it cannot take the call), sent once full.
+void JoinGroup(const std::string& address, Backend& backend, Call* call) {
+  if (backend.open && !backend.open->Fits(*call)) backend.open->Send();
+  if (!backend.open) backend.open = new Group(address, *call);
+  Group* group = backend.open;
+  group->Add(call);
+  if (group->Full()) group->Send();
 }
+
+// A call to the replica returned: its waiting group goes now.
+void FlushGroup(const std::string& address) {
+  Backend& backend = g_plane->BackendFor(address);
+  if (backend.open) backend.open->Send();
+}
+
+void LeaveGroup(Group* group, Call* call) { group->Leave(call); }
 
 // --- the Attach stream to the control plane ------------------------------------------
 
@@ -1076,6 +1244,7 @@ bool ParseArgs(int argc, char** argv, Options* o) {
     else if (flag == "--front-for") o->front_for = value;
     else if (flag == "--coalesce-max") o->coalesce_max = static_cast<uint32_t>(atoi(value.c_str()));
     else if (flag == "--max-request-bytes") o->max_request_bytes = strtoull(value.c_str(), nullptr, 10);
+    else if (flag == "--batch-timeout-us") o->batch_timeout_us = static_cast<uint32_t>(atoi(value.c_str()));
     else return false;
   }
   const char* secret = getenv("CLOUDML_DATAPLANE_SECRET");
@@ -1099,7 +1268,8 @@ int main(int argc, char** argv) {
     fprintf(stderr,
             "usage: %s --listen HOST:PORT --upstream HOST:PORT [--spin-us N]\n"
             "  (and the control plane's secret in CLOUDML_DATAPLANE_SECRET)\n"
-            "   or: %s --listen HOST:PORT --front-for HOST:PORT --coalesce-max N [--spin-us N]\n",
+            "   or: %s --listen HOST:PORT --front-for HOST:PORT --coalesce-max N [--batch-timeout-us N]\n"
+            "       [--spin-us N] [--max-request-bytes N]\n",
             argv[0], argv[0]);
     return 2;
   }

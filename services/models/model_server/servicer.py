@@ -54,6 +54,36 @@ def routed_version(context) -> int | None:
     return None
 
 
+class MemberContext:
+    """What a PredictBatch member's Predict sees of its own call, in place of
+    a gRPC context: its caller's metadata and deadline (replica.proto
+    PredictMember), and the trailing metadata it sets, returned to its
+    caller in its PredictResult."""
+
+    def __init__(self, member: replica_pb2.PredictMember, now: float):
+        self._metadata = tuple((m.key, m.value if m.key.endswith("-bin") else m.value.decode("utf-8", "replace"))
+                               for m in member.metadata)
+        #: time.monotonic() at which its caller gives up; None: no deadline
+        self.deadline = now + member.timeout_micros / 1e6 if member.timeout_micros > 0 else None
+        self.trailers: tuple = ()
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailers = tuple(metadata)
+
+
+def deadline_exceeded() -> status.ServingError:
+    return status.ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
 def too_large(method: str, size: int, limit: int) -> status.ServingError:
     return status.ServingError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -113,48 +143,64 @@ class Servicer:
 
     async def _predict_batch(self, raw: bytes, context) -> bytes:
         """Each member is a Predict call of its own: checked on its own, given
-        its own answer or error, and counted as a Predict call. The members
-        that pass go to the batcher together and run without waiting out
-        batch_timeout_micros: they already waited in the gateway, and no more
-        of them are coming (`ServedModel.predict_group`)."""
+        its own answer or error, its caller's metadata and deadline, and
+        counted as a Predict call; its trailers go back in its result. A member
+        whose deadline has passed on arrival is not run; one whose deadline
+        passes before the group's answers are in is DEADLINE_EXCEEDED. The
+        members that pass go to the batcher together and run without waiting
+        out batch_timeout_micros: they already waited in the data plane
+        (`ServedModel.predict_group`)."""
         try:
             request = replica_pb2.PredictBatchRequest.FromString(raw)
         except (DecodeError, ValueError, RecursionError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Could not parse the PredictBatchRequest")
-        routed = request.resolved_version or None
+        # `requests`: a data plane that predates `members` (no deadline, no metadata).
+        members = list(request.members) or [replica_pb2.PredictMember(request=r) for r in request.requests]
         metrics = self.metrics
         start = time.perf_counter()
-        n = len(request.requests)
+        now = time.monotonic()
+        n = len(members)
         if metrics is not None:
             metrics.inflight.inc(n)
             metrics.groups.observe(n)
-        requests, results = [], [None] * n
-        for i, raw in enumerate(request.requests):
+        contexts = [MemberContext(m, now) for m in members]
+        planned, results = [], [None] * n
+        for i, (member, ctx) in enumerate(zip(members, contexts)):
             try:
-                requests.append((i, self.parse("Predict", predict_pb2.PredictRequest, raw)))
+                if ctx.expired():
+                    raise deadline_exceeded()
+                routed = request.resolved_version or routed_version(ctx)
+                planned.append((i, routed, self.parse("Predict", predict_pb2.PredictRequest, member.request)))
             except status.ServingError as err:
                 results[i] = err
         try:
-            outcomes = await self.model.predict_group([r for _, r in requests], routed)
+            # One call per resolved version (the data plane sends one; members may name their own).
+            for routed in {r for _, r, _ in planned}:
+                group = [(i, req) for i, r, req in planned if r == routed]
+                outcomes = await self.model.predict_group([req for _, req in group], routed)
+                for (i, _), outcome in zip(group, outcomes):
+                    results[i] = deadline_exceeded() if contexts[i].expired() else outcome
         finally:
             if metrics is not None:
                 metrics.inflight.dec(n)
-        for (i, _), outcome in zip(requests, outcomes):
-            results[i] = outcome
         elapsed = time.perf_counter() - start
         answers = []
-        for outcome in results:
+        for outcome, ctx in zip(results, contexts):
+            trailers = [replica_pb2.MetadataEntry(key=k, value=v if isinstance(v, bytes) else v.encode())
+                        for k, v in ctx.trailers]
             if isinstance(outcome, bytes):
                 code = grpc.StatusCode.OK
-                answers.append(replica_pb2.PredictResult(response=outcome))
+                answers.append(replica_pb2.PredictResult(response=outcome, trailers=trailers))
             elif isinstance(outcome, status.ServingError):
                 code = outcome.code
-                answers.append(replica_pb2.PredictResult(code=code.value[0], message=outcome.message))
+                answers.append(replica_pb2.PredictResult(code=code.value[0], message=outcome.message,
+                                                         trailers=trailers))
             else:
                 code = grpc.StatusCode.INTERNAL
                 log.error("%s/Predict (in PredictBatch) failed", PREDICTION_SERVICE, exc_info=outcome)
                 answers.append(replica_pb2.PredictResult(
-                    code=code.value[0], message="Internal error in Predict (see the model server log)"))
+                    code=code.value[0], message="Internal error in Predict (see the model server log)",
+                    trailers=trailers))
             if metrics is not None:
                 metrics.observe(PREDICTION_SERVICE, "Predict", code.name, elapsed)
         return replica_pb2.PredictBatchResponse(results=answers).SerializeToString()
