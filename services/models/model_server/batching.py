@@ -28,11 +28,12 @@ run once, and the outputs are split back by the rows each request sent.
   skips the queue's waiting: its members form closed batches at once and
   open batches stop waiting for more. When the group makes one batch and
   that signature's batches recently ran in under `inline_group_max_seconds`
-  (2 ms by default), the batch runs on the event loop itself: under load the
-  gateway sends one group at a time to a replica, so the loop has nothing
-  else to do meanwhile, and a thread hand-off and back costs two wake-ups.
-  On the MLP at concurrency 32 through the gateway, in alternating rounds:
-  7,405 rps inline against 6,584 on a batch thread. Groups of several
+  (2 ms by default), the batch runs on the event loop itself (a thread
+  hand-off and back costs two wake-ups, more than such a batch). On the MLP
+  at concurrency 32 through the gateway, in alternating rounds: 7,405 rps
+  inline against 6,584 on a batch thread (measured when the data plane sent
+  one group at a time; it now sends a group once it is full or has waited
+  the batch timeout, so several may arrive together). Groups of several
   batches run side by side on the batch threads.
 """
 from __future__ import annotations
@@ -165,9 +166,10 @@ class Batcher:
         coalesced Predict calls): each member is `(key, runner, arrays)`.
         Members with the same key go into closed batches of at most
         `max_batch_size` rows, which run as soon as a batch thread is free,
-        without waiting out the batch timeout (no more of the group's calls
-        are coming); open batches stop waiting too, since the gateway sends a
-        group only while calls queue. Returns each member's outputs or its
+        without waiting out the batch timeout (its calls already waited up
+        to it in the data plane, and no more of them are coming); open
+        batches stop waiting too, since the data plane sends a group only
+        while calls queue. Returns each member's outputs or its
         exception, in order; a member that needs a batch beyond
         `max_enqueued_batches` gets UNAVAILABLE, as `run` does."""
         loop = asyncio.get_running_loop()
