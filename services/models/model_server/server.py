@@ -25,17 +25,20 @@ gateways.
    `--drain-delay` (so gateways stop routing here) the server refuses new
    calls and in-flight ones get `--grace` seconds; then the process exits 0.
 
-With batching on, the native front (the gateway's data-plane binary in
-replica front mode, `--native-front`) owns the `--listen` address and this
-process listens on an address of its own (`server_address()`: a socket
-beside the front's, or a loopback port): concurrent Predict calls from
-direct callers reach it as PredictBatch groups, as the gateway's do, so the
-per-call cost of Python gRPC is paid once per group. Every other call is
-relayed as is. The endpoint published for gateways is this process's own
-address (the gateway coalesces already; a second hop would only add
-latency); the port file's `address` (and `grpc`) are the front's, for direct
-callers, and `replica_address` this process's. The front drains after this
-process; if it dies, the replica exits 1 and its supervisor restarts it.
+Every replica, batching or not, puts the native front (the gateway's
+data-plane binary in replica front mode, `--native-front`) on the
+`--listen` address, and this process listens on an address of its own
+(`server_address()`: a socket beside the front's, or a loopback port), so
+direct callers get the native fast path: the per-call cost of a Python gRPC
+hop is paid by this process only, once per call (batching off: the front
+relays every call as is, `--coalesce-max 0`) or once per group (batching on:
+concurrent Predict calls reach it as PredictBatch groups, as the gateway's
+do; every other call is relayed as is). The endpoint published for gateways
+is this process's own address (the gateway has the same fast path and
+coalesces already; a second hop would only add latency); the port file's
+`address` (and `grpc`) are the front's, for direct callers, and
+`replica_address` this process's. The front drains after this process; if
+it dies, the replica exits 1 and its supervisor restarts it.
 
 Metrics (`--metrics-listen`) are served over HTTP on `unix:/path` or
 `host:port` (see metrics.serve_metrics).
@@ -201,7 +204,8 @@ class ModelServer:
             ports.update(address=public, replica_address=self.address)
             if not self.settings.listen.startswith("unix:"):
                 ports["grpc"] = port
-            log.info("native front (pid %d) on %s coalesces direct Predict calls", self.front.process.pid, public)
+            log.info("native front (pid %d) on %s (%s)", self.front.process.pid, public,
+                     "coalesces direct Predict calls" if self.coalesce_max() else "relays calls, no coalescing")
         if self.settings.metrics_listen:
             ports["metrics"] = serve_metrics(self.settings.metrics_listen, self.metrics.registry)
         self.ports = ports
@@ -211,14 +215,14 @@ class ModelServer:
 
     def _front_wanted(self) -> bool:
         mode = self.settings.native_front
-        if not self.settings.batching.enabled or mode == "off":
+        if mode == "off":
             return False
         if not native.built():
             if mode == "on":
                 raise OSError(f"--native-front on, but {native.binary_path()} is not built "
                               "(run scripts/build_native.sh)")
-            log.warning("the native front is not built (%s): direct callers' Predict calls are not coalesced",
-                        native.binary_path())
+            log.warning("the native front is not built (%s): direct callers reach the Python server itself "
+                        "(their Predict calls are not coalesced)", native.binary_path())
             return False
         return True
 
