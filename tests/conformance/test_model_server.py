@@ -210,6 +210,11 @@ class Server:
     def address(self) -> str:
         return self.info["address"]
 
+    @property
+    def server_address(self) -> str:
+        """The Python server's own address (behind the native front: what gateways call)."""
+        return self.info.get("replica_address", self.info["address"])
+
     def log(self) -> str:
         with open(self.log_path) as f:
             return f.read()
@@ -440,13 +445,15 @@ def test_predict_unknown_label_returns_invalid_argument(call):
     assert_error(r, "INVALID_ARGUMENT", "Unrecognized servable version label: canary")
 
 
-def test_predict_routed_by_the_gateway(call):
+def test_predict_routed_by_the_gateway(call, hpt):
+    """Gateways call the Python server itself (the native front drops callers' x-cloudml-* headers)."""
     routed = [["x-cloudml-resolved-version", str(VERSION)]]
-    r = call("Predict", {"modelSpec": spec(versionLabel="stable")}, tensors=x_tensor([[2.0]]), metadata=routed)
+    r = call("Predict", {"modelSpec": spec(versionLabel="stable")}, tensors=x_tensor([[2.0]]), metadata=routed,
+             address=hpt.server_address)
     assert r["code"] == "OK", r
     assert r["response"]["modelSpec"] == {"name": MODEL, "version": "123", "signatureName": "serving_default"}
     stale = [["x-cloudml-resolved-version", "124"]]
-    r = call("Predict", {"modelSpec": spec()}, tensors=x_tensor([[2.0]]), metadata=stale)
+    r = call("Predict", {"modelSpec": spec()}, tensors=x_tensor([[2.0]]), metadata=stale, address=hpt.server_address)
     assert_error(r, "NOT_FOUND", f"Servable not found for request: Specific({MODEL}, 124)")
 
 

@@ -68,7 +68,7 @@ class Settings:
     inline_max_micros: int = 100
     #: batches of a coalesced group that recently took less than this run on the event loop
     inline_group_max_micros: int = 2000
-    #: the native front for direct callers with batching on: auto (if built), on (required), off
+    #: the native front for direct callers (batching on or off): auto (if built), on (required), off
     native_front: str = "auto"
     #: the replica's memory limit in bytes (0: none known)
     memory_limit_bytes: int = 0
@@ -170,9 +170,10 @@ def parser() -> argparse.ArgumentParser:
                         "loop while the signature's batches take less than this many microseconds; 0: always "
                         "on a batch thread")
     p.add_argument("--native-front", default="auto", choices=("auto", "on", "off"),
-                   help="with batching on, put the native front (build/native/cloudml-gateway-dataplane) on the "
-                        "listening port, so that concurrent Predict calls from direct callers are coalesced as "
-                        "the gateway coalesces its own; auto: if it is built")
+                   help="put the native front (build/native/cloudml-gateway-dataplane) on the listening port, "
+                        "so that direct callers get the native fast path (with batching on, their concurrent "
+                        "Predict calls are also coalesced as the gateway coalesces its own); this process then "
+                        "listens beside it; auto: if it is built")
     p.add_argument("--memory-limit-bytes", type=int, default=None,
                    help="this replica's memory limit, from which its request size limit is derived (default: "
                         "$CLOUDML_MEMORY_LIMIT_BYTES, else the cgroup's limit; 0: none)")
