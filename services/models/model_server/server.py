@@ -198,6 +198,7 @@ class ModelServer:
             self.front = native.NativeProcess("the replica's native front")
             port = await self.front.start(["--listen", self.settings.listen, "--front-for", self.address,
                                            "--coalesce-max", str(self.coalesce_max()), "--spin-us", "0",
+                                           "--batch-timeout-us", str(self.batch_timeout_micros()),
                                            "--max-request-bytes", str(self.settings.max_request_bytes())])
             self.front.watch(self._front_failed)
             public = bound_address(self.settings.listen, port)
@@ -288,12 +289,18 @@ class ModelServer:
         # What the endpoint record publishes, for the reconciler (before health
         # says SERVING, which is what it waits for).
         write_port_file(self.settings.port_file, {**self.ports, "coalesce_max": self.coalesce_max(),
-                                                  "max_request_bytes": self.servicer.max_request_bytes})
+                                                  "max_request_bytes": self.servicer.max_request_bytes,
+                                                  "batch_timeout_micros": self.batch_timeout_micros()})
         await self.set_health(True)
         log.info("health: SERVING (model %s version %d AVAILABLE)", self.settings.model_name, self.settings.version)
         await self.stop_event.wait()
         await self._shutdown(drain=not self.failed)
         return 1 if self.failed else 0
+
+    def batch_timeout_micros(self) -> int:
+        """How long a call held back to coalesce may wait for company (0 with batching off)."""
+        batching = self.settings.batching
+        return batching.batch_timeout_micros if batching.enabled else 0
 
     def coalesce_max(self) -> int:
         """How many Predict calls the gateway may send in one PredictBatch
