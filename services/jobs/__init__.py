@@ -4,8 +4,10 @@
     server.py      JobsApp: the index, core, scheduler and runtime of one process
     servicer.py    the gRPC servicer: request shape -> core -> response
     core.py        API-side rules: validation, exactly-once submit, cancel, delete, lists
-    scheduler.py   the leader's queue (gang admission: quota + capacity), one driver
+    scheduler.py   the leader's queue (gang admission: quota + capacity), one runner
                    per started job, adoption after a restart or failover
+    runner.py      JobRunner: drives one started job (prepare, attempts, restarts,
+                   cancel) to its final state
     policy.py      the state machine, outcome and restart rules (pure)
     tfconfig.py    replica names and TF_CONFIG as Kubeflow's TFJob builds it (pure)
     records.py     helpers over a TrainJob record (events, ids of what it holds)
