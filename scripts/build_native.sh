@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the gateway's native data plane (services/gateway/native/dataplane.cc)
+# Builds the gateway's native data plane (services/common/native/dataplane/dataplane.cc)
 # into build/native/cloudml-gateway-dataplane, with Debian's gRPC C++ and
 # protobuf (installed here if missing; needs root the first time).
 # Idempotent: rebuilds only when the sources or the proto changed.
@@ -23,7 +23,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 OUT=build/native
-SRC=services/gateway/native/dataplane.cc
+SRC=services/common/native/dataplane/dataplane.cc
 PROTOS=(protos/cloudml/gateway/v1/dataplane.proto protos/cloudml/models/v1/replica.proto)
 BIN=$OUT/cloudml-gateway-dataplane
 want="$(cat "$SRC" "${PROTOS[@]}" "$0" | sha256sum | cut -d' ' -f1)"

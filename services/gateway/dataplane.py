@@ -1,10 +1,10 @@
 """The gateway's native data plane: starting it, and its control stream.
 
-`native/dataplane.cc` (built by `scripts/build_native.sh` into
+`services/common/native/dataplane/` (built by `scripts/build_native.sh` into
 `build/native/cloudml-gateway-dataplane`) owns the gateway's public gRPC port.
 It answers repeat TF Serving calls itself, straight to replicas, from the
 routing decisions this process hands it, and relays everything else here (see
-the top of dataplane.cc for the whole design). This process stays the only
+the top of dataplane.cc there for the whole design). This process stays the only
 place where tokens are checked and routes resolved; the data plane only
 repeats decisions, and only for the current routing generation.
 

@@ -33,7 +33,7 @@ Balancing: least outstanding requests between two random choices
 fails with UNAVAILABLE (the replica died or its queue is full) is retried
 once on another replica. The client's deadline travels with the request.
 
-The native data plane (`native/dataplane.cc`, see `dataplane.py`) sits in
+The native data plane (`services/common/native/dataplane/`, see `dataplane.py`) sits in
 front of this code on the public port: a call it sends here (marked with its
 secret) gets, on success, this module's `RouteDecision` for the caller and
 model_spec in trailing metadata, which the data plane then applies itself to

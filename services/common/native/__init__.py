@@ -1,6 +1,6 @@
 """The native data-plane binary and running it as a child process.
 
-`services/gateway/native/dataplane.cc`, built by `scripts/build_native.sh`
+`services/common/native/dataplane/`, built by `scripts/build_native.sh`
 into `build/native/cloudml-gateway-dataplane`, runs in two roles: the
 gateway's data plane (services/gateway/dataplane.py) and the front of a
 model-server replica with batching on (services/models/model_server/server.py).
@@ -24,7 +24,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DEFAULT_BINARY = os.path.join(ROOT, "build", "native", "cloudml-gateway-dataplane")
 
 
