@@ -1,4 +1,4 @@
-"""The gateway's TF-free REST codec (services/gateway/tfs_json.py) agrees with TensorFlow.
+"""The gateway's TF-free REST codec (services/gateway/tfs_json/) agrees with TensorFlow.
 
 Requests: for a set of REST bodies, the codec builds PredictRequests (and
 Classification/Regression requests); a subprocess that imports TensorFlow and

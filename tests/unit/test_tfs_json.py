@@ -1,4 +1,4 @@
-"""services/gateway/tfs_json.py: TF Serving's REST JSON without TensorFlow.
+"""services/gateway/tfs_json/: TF Serving's REST JSON without TensorFlow.
 
 Cases follow TF Serving's own tests (tensorflow_serving/util/json_tensor_test.cc,
 model_servers/http_rest_api_handler_test.cc) and its REST API doc: row and
@@ -29,6 +29,8 @@ from cloudml.tfs.tensorflow_serving.apis import (
     regression_pb2,
 )
 from services.gateway import tfs_json as tj
+from services.gateway.tfs_json import text as tj_text
+from services.gateway.tfs_json import values as tj_values
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -481,11 +483,11 @@ def test_fast_and_slow_paths_agree():
     ]
     for dt, value in cases:
         dtype = types_pb2.DataType.Value(dt)
-        fast_shape, fast_vals = tj._tensor_values(value, dtype)
-        slow_shape, slow_vals = tj._fill_slow(value, dtype)
+        fast_shape, fast_vals = tj_values._tensor_values(value, dtype)
+        slow_shape, slow_vals = tj_values._fill_slow(value, dtype)
         assert fast_shape == slow_shape
-        a = tj._make_tensor(dtype, fast_shape, fast_vals)
-        b = tj._make_tensor(dtype, slow_shape, slow_vals)
+        a = tj_values._make_tensor(dtype, fast_shape, fast_vals)
+        b = tj_values._make_tensor(dtype, slow_shape, slow_vals)
         assert a.SerializeToString() == b.SerializeToString(), dt
 
 
@@ -581,13 +583,13 @@ def test_float_tokens_are_exact():
     a = np.concatenate([rng.standard_normal(2000).astype(np.float32),
                         (rng.standard_normal(500) * 1e30).astype(np.float32),
                         np.array([1e-45, 3.4028235e38, 1.17549435e-38, 0.1, 100, 1e6, 123456], np.float32)])
-    toks = tj._float_tokens(a, double=False)
+    toks = tj_text._float_tokens(a, double=False)
     assert [np.float32(float(x)) for x in toks] == a.tolist()
-    assert toks == [tj._write_decimal(float(x), double=False) for x in a]
+    assert toks == [tj_text._write_decimal(float(x), double=False) for x in a]
     d = rng.standard_normal(500) * 10.0 ** rng.integers(-300, 300, 500)
-    toks = tj._float_tokens(d, double=True)
+    toks = tj_text._float_tokens(d, double=True)
     assert [float(x) for x in toks] == d.tolist()
-    assert toks == [tj._write_decimal(float(x), double=True) for x in d]
+    assert toks == [tj_text._write_decimal(float(x), double=True) for x in d]
 
 
 def test_tensor_content_and_typed_fields_decode_alike():
