@@ -1,21 +1,32 @@
-"""Server-side batching on vs off, side by side, on the 3x1000 MLP.
+"""Server-side batching on vs off, and the native front with vs without,
+side by side on the 3x1000 MLP, direct to the replicas.
 
-Starts one model-server replica per configuration (batching off; on with
-max batch 32, 1 ms timeout, 2 batch threads; on with a 5 ms timeout), all
-with the replica's default thread settings, and loads each in turn with the
-same grpc.aio client (pre-serialized PredictRequests, one row each, at
-concurrency 32 by default). The rounds interleave the configurations so a
-burst of other load on the machine hits them alike; medians are reported.
+One model-server replica per configuration, all with the replica's default
+thread settings:
+  off_front     batching off, the native front on the port (as the platform
+                runs every replica: it relays calls, never coalesces)
+  on_front      batching on (max batch 32, 1 ms timeout, 2 batch threads),
+                the native front on the port (coalesces direct callers' calls)
+  on_nofront    batching on, `--native-front off`
+  off_nofront   batching off, `--native-front off`
+  (`--configs` adds on5_front: batching on with a 5 ms timeout, with the front)
+Each is loaded with the same grpc.aio client (pre-serialized PredictRequests,
+one row each, at concurrency 32 by default) for `--seconds`, after a warm-up
+load of its own; the rounds rotate the order of the configurations (the first
+run after the replicas start is slower), and medians over rounds are reported.
 
-Replicas with batching on have their native front on the port (see
-services/models/model_server/server.py), as they do in the platform.
+The ratios separate what each piece gives:
+  batching, front on both sides   on_front / off_front
+  batching, no front either side  on_nofront / off_nofront
+  the front, batching on          on_front / on_nofront
+  the front, batching off         off_front / off_nofront
 
-Per run it also reports the replica's (with its front) and the client's CPU
-(cores) and the CPU the rest of the machine used meanwhile ("foreign":
-another process's load makes a run unrepresentative), and the mean batch
-size (requests per batch, from the replica's metrics).
+Per run it also reports the replica's CPU with its front (cores) and the
+client's, the CPU the rest of the machine used meanwhile ("foreign": another
+process's load makes a run unrepresentative), and the mean batch size
+(requests per batch, from the replica's metrics).
 
-    .venv/bin/python bench/bench_batching.py [--seconds 3] [--rounds 3] [--concurrency 32]
+    .venv/bin/python bench/bench_batching.py [--seconds 3] [--rounds 3] [--concurrency 32] [--configs ...]
 """
 from __future__ import annotations
 
@@ -45,11 +56,24 @@ def batching(timeout_micros: int) -> dict:
             "max_enqueued_batches": 1000, "num_batch_threads": 2}
 
 
+OFF = {"enabled": False}
+#: name -> (batching config, --native-front)
 CONFIGS = {
-    "off": {"enabled": False},
-    "on_1ms": batching(1000),
-    "on_5ms": batching(5000),
+    "off_front": (OFF, "on"),
+    "on_front": (batching(1000), "on"),
+    "on_nofront": (batching(1000), "off"),
+    "off_nofront": (OFF, "off"),
+    "on5_front": (batching(5000), "on"),
 }
+DEFAULT_CONFIGS = "off_front,on_front,on_nofront,off_nofront"
+RATIOS = (  # (label, numerator, denominator)
+    ("batching, front on both sides", "on_front", "off_front"),
+    ("batching, no front on either side", "on_nofront", "off_nofront"),
+    ("batching 5 ms, front on both sides", "on5_front", "off_front"),
+    ("the front, batching on", "on_front", "on_nofront"),
+    ("the front, batching off", "off_front", "off_nofront"),
+    ("both (the old headline: on+front vs off without)", "on_front", "off_nofront"),
+)
 
 
 def batch_stats(metrics_port: int) -> tuple[float, float]:
@@ -95,39 +119,54 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--warmup-seconds", type=float, default=1.0)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"of {','.join(CONFIGS)}")
     args = parser.parse_args()
+    names = args.configs.split(",")
 
     d = tempfile.mkdtemp(prefix="cloudml-bench-batching-")
     mlp_path = build_mlp(d)
     procs: dict[str, ServiceProcess] = {}
     metrics_ports: dict[str, int] = {}
     try:
-        for name, config in CONFIGS.items():
+        for name in names:
+            config, front = CONFIGS[name]
             port_file = os.path.join(d, f"{name}.port")
             cmd = [sys.executable, "-m", "services.models.model_server", "--model-name", "mlp", "--version", "1",
                    "--base-path", mlp_path, "--port-file", port_file, "--batching-config", json.dumps(config),
-                   "--metrics-listen", "127.0.0.1:0", "--log-level", "WARNING"]
+                   "--native-front", front, "--metrics-listen", "127.0.0.1:0", "--log-level", "WARNING"]
             procs[name] = ServiceProcess(name, cmd, port_file, log_path=os.path.join(d, f"{name}.log")).start()
         for name, proc in procs.items():
             proc.wait_serving(180)
             metrics_ports[name] = read_port_file(proc.port_file)["metrics"]
 
         body = predict_bytes("mlp", {"x": np.random.default_rng(1).normal(size=(1, 256)).astype(np.float32)})
+        for name, proc in procs.items():  # the first load after a start is slower: not measured
+            asyncio.run(grpc_load(proc.address, body, (), args.concurrency, args.warmup_seconds))
         runs: dict[str, list[dict]] = {name: [] for name in procs}
         for r in range(args.rounds):
-            for name, proc in procs.items():
-                row = measure(proc, metrics_ports[name], body, args.concurrency, args.seconds)
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                row = measure(procs[name], metrics_ports[name], body, args.concurrency, args.seconds)
                 runs[name].append(row)
                 print(f"round {r} {name}: {json.dumps(row)}", file=sys.stderr, flush=True)
-        medians = {name: statistics.median(row["rps"] for row in rows) for name, rows in runs.items()}
-        results = {
-            "concurrency": args.concurrency,
-            "runs": runs,
-            "median_rps": medians,
-            "ratio_on_1ms_vs_off": round(medians["on_1ms"] / medians["off"], 2),
-            "ratio_on_5ms_vs_off": round(medians["on_5ms"] / medians["off"], 2),
-        }
-        print(json.dumps(results, indent=2))
+        median = {name: {key: statistics.median(row[key] for row in rows)
+                         for key in ("rps", "p50_ms", "p99_ms", "server_cpu")}
+                  for name, rows in runs.items()}
+        ratios = {label: round(median[a]["rps"] / median[b]["rps"], 2)
+                  for label, a, b in RATIOS if a in median and b in median}
+        print(json.dumps({"concurrency": args.concurrency, "runs": runs, "median": median, "ratios_rps": ratios},
+                         indent=2))
+        print(f"\nMLP direct at c={args.concurrency}, medians of {args.rounds} rounds of {args.seconds:g} s "
+              "(rps / p50 / p99 / replica+front CPU cores):")
+        for name in names:
+            m = median[name]
+            print(f"  {name:12s} {m['rps']:8,.0f} rps  {m['p50_ms']:6.2f} / {m['p99_ms']:6.2f} ms  "
+                  f"{m['server_cpu']:.2f} cores")
+        for label, a, b in RATIOS:
+            if label in ratios:
+                print(f"  {label:50s} {a} / {b}: {median[a]['rps']:,.0f} / {median[b]['rps']:,.0f} rps = "
+                      f"x{ratios[label]:.2f}")
     finally:
         for proc in procs.values():
             proc.stop()
