@@ -1,35 +1,59 @@
 #!/usr/bin/env python3
-"""Serving figures (issue 4), side by side in one script.
+"""Serving figures (issues 4 and 15), side by side in one script.
 
-For `half_plus_two` and a 3-layer MLP (1,000-wide layers), at client
-concurrency 1 and 32:
-  - gRPC through the gateway vs. gRPC direct to one model-server replica vs.
-    calling the loaded SavedModel in-process (the limit),
-  - REST through the gateway,
-  - MLP at concurrency 32 with server-side batching on (max batch 32, 1 ms
-    timeout) vs. off, through the gateway and direct, in alternating rounds;
-    every other row runs on replicas without batching,
-plus resident memory of the gateway (its Python process plus its native data
-plane) and of one model-server replica.
+Sections (`--sections`, default `pacing`; the README's tables name theirs):
 
-At concurrency 1 the gateway, direct and bare-proxy calls take turns in
-bursts of 1,000 calls (about half a second) over one connection each, until
-each has had `--rounds` x `--seconds` / 2 seconds of calls, and each figure
-pools all its calls: a burst of noise on this shared machine lands on every
-side alike. Shorter turns cost the three-process gateway path more than the
-direct one (bursts of 100: x1.21 where 1,000 gave x1.08-1.17), since every
-switch disturbs processes that were running steadily; a client at
-concurrency 1 calls one target steadily. The bare byte-forwarding
-grpc.aio proxy (`bare_proxy.py`) shows what any Python hop costs. The
-gateway's data plane reports how many calls it answered from its decision
-cache (fast) vs. sent to the Python gateway (control).
+pacing (default, ~1.5 min): half_plus_two at concurrency 1, one call at a
+  time back to back and with 3 ms and 20 ms pauses between calls, and
+  open-loop at 100 and 1,000 calls/s (calls sent on a fixed schedule, each
+  without waiting for the previous one). Targets, same client and request:
+    direct   the replica's Python server itself (what the gateway calls),
+    front    the replica's public address: its native front, which relays
+             (half_plus_two runs without batching),
+    gateway  the gateway's gRPC port (its native data plane).
+  Each pacing runs `--rounds` rounds, the targets in a rotated order each
+  round, and each figure pools its target's calls over the rounds. Per
+  pacing: p50/p99 per target and gateway / direct, front / direct (p50);
+  the CPU the gateway's data plane (build/native/cloudml-gateway-dataplane,
+  the gateway's child) used per gateway call while the gateway's turns ran
+  (per-thread run time from /proc/<pid>/task/*/schedstat, in ns: utime +
+  stime in /proc/<pid>/stat count 10 ms ticks; both are reported), the
+  same for the replica's front per front call, and the data plane's CPU at
+  idle (`--idle-seconds` with no calls, after the last pacing), and the
+  cores the whole machine kept busy per pacing (far above ~1: others' load,
+  and an unrepresentative run).
+  `--spin-us N` starts the gateway with `--dataplane-spin-us N`, and
+  `--dataplane-binary PATH` runs another build of the data plane in the
+  gateway (the replica's front keeps the tree's).
+
+models: for half_plus_two and a 3-layer MLP (1,000-wide layers), at client
+  concurrency 1 and 32: gRPC through the gateway vs. gRPC direct to one
+  model-server replica's Python server vs. calling the loaded SavedModel
+  in-process (the limit), REST through the gateway, and (half_plus_two) a
+  bare byte-forwarding grpc.aio proxy (`bare_proxy.py`: what any Python hop
+  costs). At concurrency 1 the targets take turns in bursts of 1,000 calls
+  until each has had `--rounds` x `--seconds` / 2 seconds of calls, each
+  figure pooling all its calls (shorter turns cost the three-process gateway
+  path more than the direct one: bursts of 100 gave x1.21 where 1,000 gave
+  x1.08-1.17, since every switch disturbs processes that ran steadily);
+  every replica here runs without batching.
+
+batching: the MLP at concurrency 32, batching on (max batch 32, 1 ms
+  timeout) vs off, through the gateway and direct to each replica's public
+  address (its native front: both replicas have one, so "direct" compares
+  batching with the front on both sides), in alternating rounds.
+
+Memory of the gateway (its Python process plus its native data plane) and
+of the replicas, and the data plane's call counts (answered from its
+decision cache vs sent to the Python gateway) close every run.
 
 The platform pieces are the real processes (etcd, auth, gateway, model
 servers); the routing record is written to etcd as the models service would,
 so the figures isolate the Predict hot path. Requests are serialized once and
 sent as bytes by a grpc.aio client, so client-side Python work stays small.
 
-    .venv/bin/python bench/bench_serving.py [--seconds 3]
+    .venv/bin/python bench/bench_serving.py [--sections pacing,models,batching] [--seconds 2] [--rounds 3]
+                                            [--spin-us N] [--dataplane-binary PATH]
 """
 from __future__ import annotations
 
@@ -214,12 +238,158 @@ def alternating(runs: dict, rounds: int) -> dict:
     return {name: sorted(rs, key=lambda r: r["p50_ms"])[len(rs) // 2] for name, rs in results.items()}
 
 
+PACINGS = (  # (name, pause between calls at c=1 in s, or open-loop rate in calls/s; share of --seconds)
+    ("back_to_back", ("pause", 0.0), 1),
+    ("pause_3ms", ("pause", 0.003), 1),
+    ("pause_20ms", ("pause", 0.020), 2),
+    ("open_100_per_s", ("rate", 100), 2),
+    ("open_1000_per_s", ("rate", 1000), 1),
+)
+
+
+def cpu_ns(pid: int) -> tuple[int, int]:
+    """(run time of the process's threads in ns from schedstat, utime + stime in ns from stat)."""
+    run = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                run += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return run, ticks * 10**9 // os.sysconf("SC_CLK_TCK")
+
+
+def native_child(pid: int) -> int | None:
+    for child in psutil.Process(pid).children():
+        if os.path.basename(child.exe()) == "cloudml-gateway-dataplane":
+            return child.pid
+    return None
+
+
+async def c1_turn(call, body: bytes, metadata, how: tuple, seconds: float, latencies: list[float]) -> int:
+    """One target's turn: calls at concurrency 1 with a pause between them, or
+    open-loop at a fixed rate; returns the number of calls."""
+    kind, value = how
+
+    async def one():
+        t = time.perf_counter()
+        await call(body, metadata=metadata, timeout=10)
+        latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    if kind == "pause":
+        n = 0
+        while time.perf_counter() - start < seconds:
+            await one()
+            n += 1
+            if value:
+                await asyncio.sleep(value)
+        return n
+    n = int(value * seconds)
+    tasks = []
+    for i in range(n):
+        delay = start + i / value - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    return n
+
+
+async def pacing_table(targets: dict, body: bytes, seconds: float, rounds: int, cpu_pids: dict,
+                       idle_seconds: float, dataplane_pid: int) -> dict:
+    """targets: name -> (address, metadata); cpu_pids: target name -> pid whose CPU its turns are charged."""
+    channels = {name: grpc.aio.insecure_channel(address) for name, (address, _) in targets.items()}
+    names = list(targets)
+    try:
+        calls = {name: ch.unary_unary(PREDICT, request_serializer=None, response_deserializer=None)
+                 for name, ch in channels.items()}
+        for name, call in calls.items():
+            for _ in range(100):
+                await call(body, metadata=targets[name][1], timeout=10)
+        table = {}
+        for pacing, how, share in PACINGS:
+            latencies: dict[str, list[float]] = {name: [] for name in names}
+            counts = dict.fromkeys(names, 0)
+            cpu = {name: [0, 0] for name in cpu_pids}
+            wall = dict.fromkeys(names, 0.0)
+            machine0, t0 = psutil.cpu_times(), time.perf_counter()
+            for r in range(rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    pid = cpu_pids.get(name)
+                    before = cpu_ns(pid) if pid else None
+                    t = time.perf_counter()
+                    counts[name] += await c1_turn(calls[name], body, targets[name][1], how,
+                                                  seconds * share / rounds, latencies[name])
+                    wall[name] += time.perf_counter() - t
+                    if pid:
+                        after = cpu_ns(pid)
+                        cpu[name][0] += after[0] - before[0]
+                        cpu[name][1] += after[1] - before[1]
+            row = {name: {"calls": counts[name], "calls_per_s": round(counts[name] / wall[name], 1),
+                          "p50_ms": round(pct(latencies[name], 0.5) * 1e3, 3),
+                          "p99_ms": round(pct(latencies[name], 0.99) * 1e3, 3)} for name in names}
+            for name, (run, stat) in cpu.items():
+                row[name]["cpu_us_per_call"] = round(run / 1e3 / max(1, counts[name]), 1)
+                row[name]["cpu_us_per_call_stat"] = round(stat / 1e3 / max(1, counts[name]), 1)
+                row[name]["cpu_cores"] = round(run / 1e9 / wall[name], 3)
+            machine1 = psutil.cpu_times()
+            # Everything that ran meanwhile, ours included: far above ~1 core means others' load.
+            row["machine_busy_cores"] = round(sum(
+                getattr(machine1, f) - getattr(machine0, f) for f in ("user", "nice", "system", "irq", "softirq")
+            ) / (time.perf_counter() - t0), 2)
+            for name in names:
+                if name != "direct":
+                    row[f"{name}_vs_direct_p50"] = round(row[name]["p50_ms"] / row["direct"]["p50_ms"], 3)
+                    row[f"{name}_vs_direct_p99"] = round(row[name]["p99_ms"] / row["direct"]["p99_ms"], 3)
+            table[pacing] = row
+            print(f"{pacing}: {json.dumps(row)}", file=sys.stderr, flush=True)
+        await asyncio.sleep(0.5)  # past any spinning window
+        before = cpu_ns(dataplane_pid)
+        await asyncio.sleep(idle_seconds)
+        after = cpu_ns(dataplane_pid)
+        table["dataplane_idle_cpu_percent"] = round((after[0] - before[0]) / 1e9 / idle_seconds * 100, 3)
+        table["dataplane_idle_cpu_percent_stat"] = round((after[1] - before[1]) / 1e9 / idle_seconds * 100, 3)
+        return table
+    finally:
+        for ch in channels.values():
+            await ch.close()
+
+
+def print_pacing(table: dict) -> None:
+    print("\nhalf_plus_two at c=1 / open loop: p50 / p99 ms; ratio p50 to direct; data plane (front) CPU per call")
+    print(f"  {'pacing':16s} {'direct':>15s} {'front':>15s} {'gateway':>15s} {'gw/dir':>7s} {'fr/dir':>7s} "
+          f"{'dp us/call':>10s} {'front us/call':>13s} {'machine':>7s}")
+    for pacing, _, _ in PACINGS:
+        row = table[pacing]
+        cell = {name: f"{row[name]['p50_ms']:.3f} / {row[name]['p99_ms']:.3f}" for name in ("direct", "front", "gateway")}
+        print(f"  {pacing:16s} {cell['direct']:>15s} {cell['front']:>15s} {cell['gateway']:>15s} "
+              f"x{row['gateway_vs_direct_p50']:<6.3f} x{row['front_vs_direct_p50']:<6.3f} "
+              f"{row['gateway']['cpu_us_per_call']:>10.1f} {row['front']['cpu_us_per_call']:>13.1f} "
+              f"{row['machine_busy_cores']:>7.2f}")
+    print(f"  data plane at idle: {table['dataplane_idle_cpu_percent']:.3f} % of a core "
+          "(machine: CPU cores busy meanwhile, all processes)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds for batching on vs off; at concurrency 1, each side gets rounds x seconds / 2 of calls")
-    parser.add_argument("--models", default="hpt,mlp", help="which models' rows to run (hpt, mlp)")
+    parser.add_argument("--sections", default="pacing", help="of pacing, models, batching")
+    parser.add_argument("--seconds", type=float, default=2.0,
+                        help="pacing: each target's calls per pacing (x2 at 20 ms and 100/s); models/batching: "
+                             "each run (3 in the README's runs)")
+    parser.add_argument("--rounds", type=int, default=3, help="pacing: rounds, the targets' order rotated each "
+                        "round; models at c=1: each side gets rounds x seconds / 2 of calls; batching: "
+                        "alternating rounds")
+    parser.add_argument("--idle-seconds", type=float, default=2.0)
+    parser.add_argument("--models", default="hpt,mlp", help="models section: which models' rows (hpt, mlp)")
+    parser.add_argument("--spin-us", type=int, default=None, help="the gateway's --dataplane-spin-us (its default: "
+                        "the data plane's)")
+    parser.add_argument("--dataplane-binary", default=None, help="the gateway's data-plane binary (default: the tree's)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
 
     import tensorflow as tf
     from cloudml.auth.v1 import auth_service_pb2 as auth_pb
@@ -233,7 +403,7 @@ def main() -> None:
 
     d = tempfile.mkdtemp(prefix="cloudml-bench-serving-")
     hpt_path = build_half_plus_two(os.path.join(d, "half_plus_two"), version=1)
-    mlp_path = build_mlp(d)
+    mlp_path = build_mlp(d) if sections & {"models", "batching"} else None
     stack = AuthGatewayStack(d, admin=ADMIN, service=SERVICE, flags=["--log-level", "WARNING"])
     procs: list[ServiceProcess] = []
 
@@ -242,7 +412,17 @@ def main() -> None:
         return proc.start().wait_serving(120)
 
     try:
-        stack.start()
+        gateway_env = {"CLOUDML_DATAPLANE_SPIN_US": args.spin_us, "CLOUDML_DATAPLANE_BINARY": args.dataplane_binary}
+        saved = {key: os.environ.get(key) for key in gateway_env}
+        os.environ.update({key: str(value) for key, value in gateway_env.items() if value is not None})
+        try:  # only the gateway (and auth) see these
+            stack.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         etcd, auth, gateway, rest_port = stack.etcd, stack.auth, stack.gateway, stack.rest_port
 
         # Latency runs use replicas without batching (what one deploys for
@@ -251,8 +431,12 @@ def main() -> None:
                                   "max_enqueued_batches": 1000, "num_batch_threads": 2})
         batching_off = json.dumps({"enabled": False})
         servers = {}
-        for name, path, batching in (("hpt", hpt_path, batching_off), ("mlp", mlp_path, batching_off),
-                                     ("mlp-batch", mlp_path, batching_on)):
+        replicas = [("hpt", hpt_path, batching_off)]
+        if "models" in sections or "batching" in sections:
+            replicas.append(("mlp", mlp_path, batching_off))
+        if "batching" in sections:
+            replicas.append(("mlp-batch", mlp_path, batching_on))
+        for name, path, batching in replicas:
             port_file = os.path.join(d, f"{name}.port")
             cmd = [sys.executable, "-m", "services.models.model_server", "--model-name", name, "--version", "1",
                    "--base-path", path, "--port-file", port_file,
@@ -283,24 +467,40 @@ def main() -> None:
         md = (("authorization", f"Bearer {token}"),)
         time.sleep(1.0)  # the gateway's watch picks up the routes and endpoints
 
-        # The floor of any Python hop: a bare byte-forwarding grpc.aio proxy.
-        import subprocess
-        bare = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "bare_proxy.py"), servers["hpt"].address],
-                                stdout=subprocess.PIPE, text=True)
-        bare_address = f"127.0.0.1:{bare.stdout.readline().strip()}"
-
+        # Each replica's Python server (what the gateway calls) and its public
+        # address (its native front, when built).
+        own = {name: read_port_file(proc.port_file).get("replica_address", proc.address)
+               for name, proc in servers.items()}
         hpt_inputs = {"x": np.array([[1.0]], dtype=np.float32)}
         mlp_inputs = {"x": np.random.default_rng(1).normal(size=(1, 256)).astype(np.float32)}
-        loaded = {"hpt": tf.saved_model.load(hpt_path).signatures["serving_default"],
-                  "mlp": tf.saved_model.load(mlp_path).signatures["serving_default"]}
         results: dict = {}
+        if "pacing" in sections:
+            dataplane_pid = native_child(gateway.process.pid)
+            front_pid = native_child(servers["hpt"].process.pid)
+            if dataplane_pid is None or front_pid is None:
+                raise SystemExit("the pacing section needs the native data plane and front (scripts/build_native.sh)")
+            targets = {"direct": (own["hpt"], ()), "front": (servers["hpt"].address, ()),
+                       "gateway": (gateway.address, md)}
+            table = asyncio.run(pacing_table(targets, predict_bytes("hpt", hpt_inputs), args.seconds, args.rounds,
+                                             {"gateway": dataplane_pid, "front": front_pid}, args.idle_seconds,
+                                             dataplane_pid))
+            table["spin_us"] = args.spin_us
+            results["hpt_c1_pacing"] = table
+
+        # The floor of any Python hop: a bare byte-forwarding grpc.aio proxy.
+        import subprocess
+        bare = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "bare_proxy.py"), own["hpt"]],
+                                stdout=subprocess.PIPE, text=True)
+        bare_address = f"127.0.0.1:{bare.stdout.readline().strip()}"
+        loaded = {}
         for model, inputs in (("hpt", hpt_inputs), ("mlp", mlp_inputs)):
-            if model not in args.models.split(","):
+            if "models" not in sections or model not in args.models.split(","):
                 continue
+            loaded[model] = tf.saved_model.load(hpt_path if model == "hpt" else mlp_path).signatures["serving_default"]
             body = predict_bytes(model, inputs)
             rest_body = json.dumps({"instances": inputs["x"].tolist()}).encode()
             for c in (1, 32):
-                targets = {"direct_grpc": (servers[model].address, ()), "gateway_grpc": (gateway.address, md)}
+                targets = {"direct_grpc": (own[model], ()), "gateway_grpc": (gateway.address, md)}
                 if model == "hpt":
                     targets["bare_python_proxy_grpc"] = (bare_address, ())
                 if c == 1:
@@ -317,7 +517,8 @@ def main() -> None:
                 row["gateway_vs_direct_p50"] = round(row["gateway_grpc"]["p50_ms"] / row["direct_grpc"]["p50_ms"], 3)
                 results[f"{model}_c{c}"] = row
         bare.kill()
-        if "mlp" in args.models.split(","):
+        if "batching" in sections:
+            loaded.setdefault("mlp", tf.saved_model.load(mlp_path).signatures["serving_default"])
             # Batching on vs off, MLP at c=32: the four runs alternate for
             # --rounds rounds, each figure the round with the median p50.
             on_body, off_body = predict_bytes("mlp-batch", mlp_inputs), predict_bytes("mlp", mlp_inputs)
@@ -342,9 +543,11 @@ def main() -> None:
                                 "gateway_python": rss_mb(gateway.process.pid),
                                 "gateway_dataplane": round(rss_mb(gateway.process.pid, children=True)
                                                            - rss_mb(gateway.process.pid), 1),
-                                "model_server_mlp": rss_mb(servers["mlp"].process.pid),
-                                "model_server_half_plus_two": rss_mb(servers["hpt"].process.pid)}
+                                **{f"model_server_{name}_with_front": rss_mb(proc.process.pid, children=True)
+                                   for name, proc in servers.items()}}
         print(json.dumps(results, indent=2))
+        if "hpt_c1_pacing" in results:
+            print_pacing(results["hpt_c1_pacing"])
     finally:
         for proc in reversed(procs):
             proc.stop()
