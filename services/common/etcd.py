@@ -3,7 +3,10 @@
 What is here (each piece is what etcd's own `clientv3/concurrency` offers):
 
 - `Etcd`: get / range / put / delete / transactions, with keys as `str`.
-  `update()` is a compare-and-swap read-modify-write on `mod_revision`.
+  `update()` is a compare-and-swap read-modify-write on `mod_revision`. The
+  `cmp_*` and `op_*` functions build a transaction's compares and operations
+  (`op_get_prefix` / `op_delete_prefix` for whole prefixes), so that no store
+  needs `aetcd` itself.
 - `Session`: a lease kept alive in the background; when it is lost (etcd
   down longer than the TTL) a new one is granted and the keys registered with
   `Session.keep()` are written again.
@@ -99,6 +102,19 @@ def op_delete(key: str) -> Any:
 
 def op_get(key: str) -> Any:
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=_b(key)))
+
+
+def op_get_prefix(prefix: str) -> Any:
+    """Ranges every key under `prefix`, in key order."""
+    return rpc.RequestOp(request_range=rpc.RangeRequest(
+        key=_b(prefix), range_end=prefix_end(_b(prefix)),
+        sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY,
+    ))
+
+
+def op_delete_prefix(prefix: str) -> Any:
+    """Deletes every key under `prefix`."""
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=_b(prefix), range_end=prefix_end(_b(prefix))))
 
 
 _UNAVAILABLE_CODES = {

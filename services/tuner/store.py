@@ -25,8 +25,8 @@ from typing import Callable
 from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
 from services.common import errors
-from services.common.etcd import (KV, Etcd, cmp_absent, cmp_mod_revision, op_delete, op_get, op_put,
-                                  prefix_end)
+from services.common.etcd import (KV, Etcd, cmp_absent, cmp_mod_revision, op_delete, op_delete_prefix, op_get,
+                                  op_get_prefix, op_put)
 
 PREFIX = "/cloudml/tuner/"
 STUDIES = PREFIX + "studies/"
@@ -139,14 +139,6 @@ class Unchanged(Exception):
     """Raised by a mutate function: nothing to write."""
 
 
-def _range(prefix: str):
-    from aetcd import rpc
-
-    return rpc.RequestOp(request_range=rpc.RangeRequest(
-        key=prefix.encode(), range_end=prefix_end(prefix.encode()),
-        sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY))
-
-
 # --- the study summary --------------------------------------------------------------
 
 _COUNT_FIELD = {
@@ -242,24 +234,18 @@ class TunerStore:
         raise errors.Conflict(f"too much contention on study {name!r}; retry")
 
     async def delete_study(self, tenant: str, name: str, revision: int) -> bool:
-        from aetcd import rpc
-
-        def delete_prefix(prefix: str):
-            return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                key=prefix.encode(), range_end=prefix_end(prefix.encode())))
-
         key = study_key(tenant, name)
         ok, _ = await self.etcd.txn(
             [cmp_mod_revision(key, revision)],
-            [op_delete(key), op_delete(algorithm_key(tenant, name)), delete_prefix(trials_prefix(tenant, name)),
-             delete_prefix(f"{JOBSPECS}{tenant}/{name}/"), delete_prefix(curves_prefix(tenant, name))],
+            [op_delete(key), op_delete(algorithm_key(tenant, name)), op_delete_prefix(trials_prefix(tenant, name)),
+             op_delete_prefix(f"{JOBSPECS}{tenant}/{name}/"), op_delete_prefix(curves_prefix(tenant, name))],
         )
         return ok
 
     # --- snapshots and trials -------------------------------------------------------------
 
     async def snapshot(self, tenant: str, name: str) -> Snapshot | None:
-        _, resp = await self.etcd.txn([], [op_get(study_key(tenant, name)), _range(trials_prefix(tenant, name)),
+        _, resp = await self.etcd.txn([], [op_get(study_key(tenant, name)), op_get_prefix(trials_prefix(tenant, name)),
                                            op_get(algorithm_key(tenant, name))])
         study_r, trials_r, algo_r = (r.response_range for r in resp.responses)
         if not study_r.kvs:

@@ -8,7 +8,7 @@ import pytest
 
 from deploy.local.etcd import EtcdProcess
 from services.common import errors
-from services.common.etcd import Election, Etcd, Mirror, Session
+from services.common.etcd import Election, Etcd, Mirror, Session, op_delete_prefix, op_get, op_get_prefix
 
 
 async def test_update_is_compare_and_swap_under_concurrency(etcd_endpoint, etcd_prefix):
@@ -39,6 +39,21 @@ async def test_create_only_once(etcd_endpoint, etcd_prefix):
     etcd = await Etcd.connect(etcd_endpoint)
     results = await asyncio.gather(*(etcd.create(etcd_prefix + "k", b"%d" % i) for i in range(10)))
     assert sorted(results) == [False] * 9 + [True]
+    await etcd.close()
+
+
+async def test_prefix_ops_range_and_delete_only_under_the_prefix_in_one_transaction(etcd_endpoint, etcd_prefix):
+    etcd = await Etcd.connect(etcd_endpoint)
+    for key in ("a/2", "a/1", "a/10", "ab", "b/1"):
+        await etcd.put(etcd_prefix + key, key.encode())
+    _, resp = await etcd.txn([], [op_get_prefix(etcd_prefix + "a/"), op_get(etcd_prefix + "ab")])
+    listed, single = (r.response_range for r in resp.responses)
+    assert [kv.value for kv in listed.kvs] == [b"a/1", b"a/10", b"a/2"]  # key order
+    assert [kv.value for kv in single.kvs] == [b"ab"]
+    ok, resp = await etcd.txn([], [op_delete_prefix(etcd_prefix + "a/")])
+    assert ok and resp.responses[0].response_delete_range.deleted == 3
+    kvs, _, _ = await etcd.get_prefix(etcd_prefix)
+    assert [kv.key[len(etcd_prefix):] for kv in kvs] == ["ab", "b/1"]
     await etcd.close()
 
 
