@@ -66,11 +66,13 @@ from services.common.wire import varint as _varint
 from services.common.etcd import Etcd, Mirror
 from services.common.tokens import Principal, TokenVerifier, bearer_from_metadata
 from services.gateway.model_metrics import ModelRequestMetrics
+from services.models import store as models_store
 
 log = logging.getLogger(__name__)
 
-ROUTES_PREFIX = "/cloudml/models/routes/"
-ENDPOINTS_PREFIX = "/cloudml/models/endpoints/"
+# What the models service publishes for the gateway (its key layout, not a copy).
+ROUTES_PREFIX = models_store.ROUTES
+ENDPOINTS_PREFIX = models_store.ENDPOINTS
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"

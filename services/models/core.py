@@ -6,7 +6,7 @@ What the API writes is the desired state (the spec of each version, its
 replica bounds, deletion marks); the reconciler (`reconciler.py`, on the
 leader) drives replicas toward it and writes back the observed state. Both
 change records by compare-and-swap, and whoever changes a record republishes
-the model's route (`store.publish_route`).
+the model's route (`ModelStore.publish_route`).
 
 Tenancy: an empty `tenant` means the caller's own; a member naming another
 tenant gets NOT_FOUND exactly as for a missing model; the admin tenant may
@@ -39,16 +39,11 @@ from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import errors, validation
 from services.common.confine import Confiner, Location, open_beneath, refuse_http_directory
 from services.common.uploads import Stored, Uploads
-from services.common.etcd import (
-    Etcd,
-    PrefixWatcher,
-    cmp_absent,
-    cmp_mod_revision,
-    op_put,
-)
+from services.common.etcd import Etcd, PrefixWatcher
 from services.common.runtime.base import Amount, Runtime, Unschedulable
 from services.common.tokens import Principal
 from services.models import store
+from services.models.store import ModelStore
 from services.common.quota import QuotaClient
 
 log = logging.getLogger(__name__)
@@ -138,8 +133,10 @@ def _decode_token(token: str) -> str:
 class ModelsCore:
     def __init__(self, etcd: Etcd, auth: QuotaClient, runtime: Runtime | None, *, storage_root: str | None,
                  defaults: Defaults = Defaults(), clock=time.time, confiner: Confiner | None = None,
-                 uploads: Uploads | None = None):
+                 uploads: Uploads | None = None, store: ModelStore | None = None):
         self.etcd = etcd
+        self.store = store or ModelStore(etcd)
+        self.keys = self.store.keys
         self.auth = auth
         self.runtime = runtime
         self.storage_root = os.path.abspath(storage_root) if storage_root else None
@@ -163,14 +160,14 @@ class ModelsCore:
 
     async def _model(self, tenant: str, name: str) -> tuple[pb.Model, int]:
         validation.check_model_name(name, "model")
-        kv = await self.etcd.get(store.model_key(tenant, name))
-        if kv is None:
+        found = await self.store.get_model(tenant, name)
+        if found is None:
             raise errors.NotFound(f"model {name!r} not found in tenant {tenant!r}")
-        return pb.Model.FromString(kv.value), kv.mod_revision
+        return found
 
     async def _snapshot(self, tenant: str, name: str) -> store.ModelSnapshot:
         validation.check_model_name(name, "model")
-        snap = await store.read_model_snapshot(self.etcd, tenant, name)
+        snap = await self.store.snapshot(tenant, name)
         if snap.model is None:
             raise errors.NotFound(f"model {name!r} not found in tenant {tenant!r}")
         return snap
@@ -184,7 +181,7 @@ class ModelsCore:
 
     async def _publish(self, tenant: str, name: str) -> None:
         try:
-            await store.publish_route(self.etcd, tenant, name)
+            await self.store.publish_route(tenant, name)
         except errors.CloudMLError as err:
             # The reconciler republishes stale routes; the change itself is made.
             log.warning("route of %s/%s not published now (%s); the reconciler will", tenant, name, err.message)
@@ -200,11 +197,9 @@ class ModelsCore:
         now = ts(self.clock())
         model = pb.Model(name=name, tenant=tenant, description=description, public=public,
                          create_time=now, update_time=now)
-        key = store.model_key(tenant, name)
         # A model being deleted still has its record, so the name stays taken
         # until its replicas are gone; its counter goes with it.
-        ok, _ = await self.etcd.txn([cmp_absent(key)], [op_put(key, model.SerializeToString())])
-        if not ok:
+        if not await self.store.create_model(model):
             raise errors.AlreadyExists(f"model {name!r} already exists in tenant {tenant!r}")
         await self._publish(tenant, name)
         return model
@@ -218,16 +213,14 @@ class ModelsCore:
                           page_token: str) -> tuple[list[pb.Model], str]:
         tenant = await self._tenant(caller, tenant)
         size = validation.check_page_size(page_size)
-        start = None
+        after = ""
         if page_token:
             after = _decode_token(page_token)
             try:
                 validation.check_model_name(after)
             except errors.InvalidArgument:
                 raise errors.InvalidArgument("page_token is not one this service issued") from None
-            start = store.model_key(tenant, after) + "\0"
-        kvs, _, more = await self.etcd.get_prefix(store.models_prefix(tenant), start=start, limit=size)
-        models = [pb.Model.FromString(kv.value) for kv in kvs]
+        models, more = await self.store.list_models(tenant, after, size)
         token = _encode_token(models[-1].name) if more and models else ""
         return models, token
 
@@ -274,13 +267,9 @@ class ModelsCore:
                 del model.traffic_split[:]
                 model.traffic_split.extend(changes.traffic_split)
             model.update_time.CopyFrom(ts(self.clock()))
-            key = store.model_key(tenant, name)
-            compares = [cmp_mod_revision(key, snap.model_revision)]
             # The versions named must still be as read (not marked deleted since).
-            compares += [cmp_mod_revision(store.version_key(tenant, name, n), snap.version_revisions[n])
-                         for n in sorted(named)]
-            ok, _ = await self.etcd.txn(compares, [op_put(key, model.SerializeToString())])
-            if ok:
+            named_revisions = {n: snap.version_revisions[n] for n in named}
+            if await self.store.put_model_if(model, snap.model_revision, named_revisions):
                 await self._publish(tenant, name)
                 return model
             await asyncio.sleep(0.005)
@@ -322,16 +311,17 @@ class ModelsCore:
             marked[:] = [model]
             return model.SerializeToString()
 
-        await self.etcd.update(store.model_key(tenant, name), change)
+        await self.store.update_model(tenant, name, change)
         # The route goes at once; then every version shows UNLOADING (the
         # reconciler drains versions of a deleted model whether marked or not).
         await self._publish(tenant, name)
-        kvs, _, _ = await self.etcd.get_prefix(store.versions_prefix(tenant, name))
-        for kv in kvs:
-            await self._mark_version_deleted(kv.key, now)
+        versions, _ = await self.store.list_versions(tenant, name, 0)
+        for version in versions:
+            await self._mark_version_deleted(tenant, name, version.version, now)
         return marked[0]
 
-    async def _mark_version_deleted(self, key: str, now: float) -> pb.ModelVersion | None:
+    async def _mark_version_deleted(self, tenant: str, model: str, number: int,
+                                    now: float) -> pb.ModelVersion | None:
         result: list[pb.ModelVersion] = []
 
         def change(kv):
@@ -344,7 +334,7 @@ class ModelsCore:
             result[:] = [version]
             return version.SerializeToString()
 
-        await self.etcd.update(key, change)
+        await self.store.update_version(tenant, model, number, change)
         return result[0] if result else None
 
     # --- versions --------------------------------------------------------------------
@@ -465,8 +455,7 @@ class ModelsCore:
             snap = await self._snapshot(tenant, model)
             if snap.model.HasField("delete_time"):
                 raise errors.FailedPrecondition(f"model {model!r} is being deleted")
-            counter_kv = await self.etcd.get(store.counter_key(tenant, model))
-            highest = int(counter_kv.value) if counter_kv else 0
+            highest, counter_revision = await self.store.get_counter(tenant, model)
             number = spec.version
             if number:
                 existing = next((v for v in snap.versions if v.version == number), None)
@@ -491,13 +480,7 @@ class ModelsCore:
             version.state = S.MODEL_VERSION_STATE_START
             version.desired_replicas = version.min_replicas
             version.create_time.CopyFrom(ts(self.clock()))
-            vkey, ckey = store.version_key(tenant, model, number), store.counter_key(tenant, model)
-            ok, _ = await self.etcd.txn(
-                [cmp_mod_revision(store.model_key(tenant, model), snap.model_revision), cmp_absent(vkey),
-                 cmp_mod_revision(ckey, counter_kv.mod_revision if counter_kv else 0)],
-                [op_put(vkey, version.SerializeToString()), op_put(ckey, str(max(highest, number)).encode())],
-            )
-            if ok:
+            if await self.store.create_version(version, snap.model_revision, highest, counter_revision):
                 await self._publish(tenant, model)
                 return version, True
             await asyncio.sleep(0.005)
@@ -508,25 +491,24 @@ class ModelsCore:
         validation.check_model_name(model, "model")
         if number <= 0:
             raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
-        kv = await self.etcd.get(store.version_key(tenant, model, number))
-        if kv is None:
+        version = await self.store.get_version(tenant, model, number)
+        if version is None:
             await self._model(tenant, model)  # NOT_FOUND for the model first
             raise errors.NotFound(f"version {number} of model {model!r} not found")
-        return pb.ModelVersion.FromString(kv.value)
+        return version
 
     async def list_versions(self, caller: Principal, tenant: str, model: str, page_size: int,
                             page_token: str) -> tuple[list[pb.ModelVersion], str]:
         tenant = await self._tenant(caller, tenant)
         await self._model(tenant, model)
         size = validation.check_page_size(page_size)
-        start = None
+        after = 0
         if page_token:
-            after = _decode_token(page_token)
-            if not after.isdigit():
+            token = _decode_token(page_token)
+            if not token.isdigit():
                 raise errors.InvalidArgument("page_token is not one this service issued")
-            start = store.version_key(tenant, model, int(after)) + "\0"
-        kvs, _, more = await self.etcd.get_prefix(store.versions_prefix(tenant, model), start=start, limit=size)
-        versions = [pb.ModelVersion.FromString(kv.value) for kv in kvs]
+            after = int(token)
+        versions, more = await self.store.list_versions(tenant, model, after, size)
         token = _encode_token(str(versions[-1].version)) if more and versions else ""
         return versions, token
 
@@ -549,13 +531,7 @@ class ModelsCore:
                 )
             version.delete_time.CopyFrom(ts(self.clock()))
             version.state = S.MODEL_VERSION_STATE_UNLOADING
-            vkey = store.version_key(tenant, model, number)
-            ok, _ = await self.etcd.txn(
-                [cmp_mod_revision(store.model_key(tenant, model), snap.model_revision),
-                 cmp_mod_revision(vkey, snap.version_revisions[number])],
-                [op_put(vkey, version.SerializeToString())],
-            )
-            if ok:
+            if await self.store.put_version_if(version, snap.model_revision, snap.version_revisions[number]):
                 await self._publish(tenant, model)
                 return version
             await asyncio.sleep(0.005)
@@ -595,13 +571,7 @@ class ModelsCore:
                 return m
             m.labels[label] = number
             m.update_time.CopyFrom(ts(self.clock()))
-            key = store.model_key(tenant, model)
-            ok, _ = await self.etcd.txn(
-                [cmp_mod_revision(key, snap.model_revision),
-                 cmp_mod_revision(store.version_key(tenant, model, number), snap.version_revisions[number])],
-                [op_put(key, m.SerializeToString())],
-            )
-            if ok:
+            if await self.store.put_model_if(m, snap.model_revision, {number: snap.version_revisions[number]}):
                 await self._publish(tenant, model)
                 return m
             await asyncio.sleep(0.005)
@@ -626,7 +596,7 @@ class ModelsCore:
             changed[0] = True
             return m.SerializeToString()
 
-        await self.etcd.update(store.model_key(tenant, model), change)
+        await self.store.update_model(tenant, model, change)
         if changed[0]:
             await self._publish(tenant, model)
         return result[0]
@@ -652,7 +622,7 @@ class ModelsCore:
             return version.SerializeToString()
 
         try:
-            await self.etcd.update(store.version_key(tenant, model, number), change)
+            await self.store.update_version(tenant, model, number, change)
         except errors.NotFound:
             await self._model(tenant, model)
             raise
@@ -665,7 +635,7 @@ class ModelsCore:
         tenant = await self._tenant(caller, tenant)
         validation.check_model_name(name, "name")
         changed = asyncio.Event()
-        model_key = store.model_key(tenant, name)
+        model_key = self.keys.model(tenant, name)
 
         def on_reset(items, revision):
             changed.set()
@@ -676,7 +646,7 @@ class ModelsCore:
 
         watchers = [
             PrefixWatcher(self.etcd, model_key, on_reset, on_model_event),
-            PrefixWatcher(self.etcd, store.versions_prefix(tenant, name), on_reset, lambda event: changed.set()),
+            PrefixWatcher(self.etcd, self.keys.versions_of(tenant, name), on_reset, lambda event: changed.set()),
         ]
         tasks = [asyncio.create_task(w.run()) for w in watchers]
         try:
@@ -685,7 +655,7 @@ class ModelsCore:
             last = None
             while True:
                 changed.clear()
-                snap = await store.read_model_snapshot(self.etcd, tenant, name)
+                snap = await self.store.snapshot(tenant, name)
                 if snap.model is None:
                     raise errors.NotFound(f"model {name!r} not found in tenant {tenant!r}")
                 current = (snap.model.SerializeToString(deterministic=True),

@@ -116,7 +116,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import errors
-from services.common.etcd import Etcd, Mirror, cmp_mod_revision, op_delete
+from services.common.etcd import Etcd, Mirror
 from services.common.runtime.base import (
     CapacityBusy,
     ReplicaPhase,
@@ -126,6 +126,7 @@ from services.common.runtime.base import (
     Unschedulable,
 )
 from services.models import store
+from services.models.store import ModelStore
 from services.models.autoscaler import Autoscaler
 from services.models.core import replica_amount, replica_resources, split_uri, ts
 from services.common.quota import QuotaClient
@@ -272,12 +273,15 @@ class ReconcilerMetrics:
 
 class Reconciler:
     def __init__(self, etcd: Etcd, runtime: Runtime, auth: QuotaClient, settings: ReconcilerSettings,
-                 clock=time.time, metrics: ReconcilerMetrics | None = None, confiner=None):
+                 clock=time.time, metrics: ReconcilerMetrics | None = None, confiner=None,
+                 store: ModelStore | None = None):
         self.metrics = metrics or ReconcilerMetrics()
         # Local model paths are checked again before each start (a version
         # stored before the rules, or a link planted in the tenant's tree since).
         self.confiner = confiner
         self.etcd = etcd
+        self.store = store or ModelStore(etcd)
+        self.keys = self.store.keys
         self.runtime = runtime
         self.auth = auth
         self.settings = settings
@@ -314,9 +318,9 @@ class Reconciler:
     async def run(self) -> None:
         """The leader's loop; cancelled when leadership is lost."""
         self._reset()
-        self.models = Mirror(self.etcd, store.MODELS, store.decode_kv_model)
-        self.versions = Mirror(self.etcd, store.VERSIONS, store.decode_kv_version)
-        self.endpoints = Mirror(self.etcd, store.ENDPOINTS, store.decode_kv_endpoint)
+        self.models = Mirror(self.etcd, self.keys.models, store.decode_kv_model)
+        self.versions = Mirror(self.etcd, self.keys.versions, store.decode_kv_version)
+        self.endpoints = Mirror(self.etcd, self.keys.endpoints, store.decode_kv_endpoint)
         mirrors = (self.models, self.versions, self.endpoints)
         try:
             for mirror in mirrors:
@@ -355,10 +359,10 @@ class Reconciler:
         async def handle(event):
             key = event.kv.key
             try:
-                if key.startswith(store.MODELS):
-                    self._route_dirty.add(store.parse_model_key(key))
+                if key.startswith(self.keys.models):
+                    self._route_dirty.add(self.keys.parse_model(key))
                 else:
-                    tenant, model, _ = store.parse_version_key(key)
+                    tenant, model, _ = self.keys.parse_version(key)
                     self._route_dirty.add((tenant, model))
             except ValueError:
                 pass
@@ -367,13 +371,7 @@ class Reconciler:
         return handle
 
     async def _load(self) -> None:
-        kvs, _, _ = await self.etcd.get_prefix(store.REPLICAS)
-        for kv in kvs:
-            try:
-                record = store.ReplicaRecord.decode(kv.value)
-            except (ValueError, TypeError):
-                log.exception("dropping unreadable replica record %s", kv.key)
-                continue
+        for record in await self.store.list_replicas():
             self.replicas[record.key] = record
         adopted = await self.runtime.adopt()
         known = {r.runtime_id for r in self.replicas.values()}
@@ -395,12 +393,9 @@ class Reconciler:
         log.info("reconciler leading: %d replica records, %d running replicas adopted", len(self.replicas), running)
         # Republish every route once: a process may have died between a
         # change and its publish.
-        routes, _, _ = await self.etcd.get_prefix(store.ROUTES, keys_only=True)
-        for kv in routes:
-            tenant, model = kv.key[len(store.ROUTES):].split("/")
-            self._route_dirty.add((tenant, model))
+        self._route_dirty.update(await self.store.routed_models())
         for key in self.models.items:
-            self._route_dirty.add(store.parse_model_key(key))
+            self._route_dirty.add(self.keys.parse_model(key))
 
     # --- the pass ---------------------------------------------------------------------
 
@@ -426,12 +421,12 @@ class Reconciler:
         (left by a leader killed mid-way, or by replicas of older releases)."""
         for key in list(self.endpoints.items):
             try:
-                tenant, model, number, replica_id = store.parse_endpoint_key(key)
+                tenant, model, number, replica_id = self.keys.parse_endpoint(key)
             except ValueError:
                 continue
-            if store.replica_key(tenant, model, number, replica_id) not in self.replicas:
+            if self.keys.replica(tenant, model, number, replica_id) not in self.replicas:
                 log.info("deleting endpoint %s: no replica record", key)
-                await self.etcd.delete(key)
+                await self.store.delete_key(key)
                 self.endpoints.items.pop(key, None)
 
     def _export_counts(self) -> None:
@@ -449,7 +444,7 @@ class Reconciler:
         dirty, self._route_dirty = sorted(self._route_dirty), set()
         for i, (tenant, model) in enumerate(dirty):
             try:
-                await store.publish_route(self.etcd, tenant, model)
+                await self.store.publish_route(tenant, model)
             except errors.CloudMLError:
                 self._route_dirty.update(dirty[i:])
                 raise
@@ -458,30 +453,22 @@ class Reconciler:
         for key, model in list(self.models.items.items()):
             if not model.HasField("delete_time"):
                 continue
-            tenant, name = store.parse_model_key(key)
-            prefix = store.versions_prefix(tenant, name)
+            tenant, name = self.keys.parse_model(key)
+            prefix = self.keys.versions_of(tenant, name)
             if any(k.startswith(prefix) for k in self.versions.items):
                 continue
             if any(r.tenant == tenant and r.model == name for r in self.replicas.values()):
                 continue
-            if await self.etcd.count_prefix(prefix):
-                continue  # the mirror has not seen a delete of ours yet
-            kv = await self.etcd.get(key)
-            if kv is None:
-                continue
-            ok, _ = await self.etcd.txn(
-                [cmp_mod_revision(key, kv.mod_revision)],
-                [op_delete(key), op_delete(store.counter_key(tenant, name))],
-            )
-            if ok:
+            # False too while etcd still has versions the mirror saw deleted.
+            if await self.store.delete_model_if_empty(tenant, name):
                 log.info("model %s/%s deleted", tenant, name)
                 self._route_dirty.add((tenant, name))
 
     def _model_of(self, tenant: str, model: str) -> pb.Model | None:
-        return self.models.items.get(store.model_key(tenant, model))
+        return self.models.items.get(self.keys.model(tenant, model))
 
     async def _reconcile_version(self, vkey: str, records: list[store.ReplicaRecord]) -> None:
-        tenant, model_name, number = store.parse_version_key(vkey)
+        tenant, model_name, number = self.keys.parse_version(vkey)
         version = self.versions.items.get(vkey)
         model = self._model_of(tenant, model_name)
         deleting = (version is None or version.HasField("delete_time") or model is None
@@ -573,14 +560,14 @@ class Reconciler:
         record = store.ReplicaRecord(
             tenant=version.tenant, model=version.model, version=version.version, replica_id=replica_id,
             runtime_id=runtime_id, owner_id=f"models/{version.model}/{version.version}/{replica_id}",
-            workdir=os.path.join(self.settings.replicas_dir, runtime_id), created=now,
+            workdir=os.path.join(self.settings.replicas_dir, runtime_id), created=now, keys=self.keys,
         )
         await self._save(record)
         log.info("replica %s of %s/%s v%d added", replica_id, version.tenant, version.model, version.version)
         return record
 
     async def _save(self, record: store.ReplicaRecord) -> None:
-        await self.etcd.put(record.key, record.encode())
+        await self.store.put_replica(record)
         self.replicas[record.key] = record
 
     # --- placing a replica ------------------------------------------------------------
@@ -619,7 +606,7 @@ class Reconciler:
             return
         path = self._model_path(version)
         if path is None:
-            download = self._downloads.get(store.version_key(version.tenant, version.model, version.version))
+            download = self._downloads.get(self.keys.version(version.tenant, version.model, version.version))
             if download is not None and download.error:
                 self._fail(record.version_key, 5, f"cannot fetch {version.model_uri}: {download.error}")
                 return
@@ -692,10 +679,10 @@ class Reconciler:
                     where = self.confiner.check(version.tenant, version.model_uri, "model_version.model_uri")
                     return os.path.join(where.root, where.relative) if where.relative else where.root
                 except errors.CloudMLError as err:
-                    self._fail(store.version_key(version.tenant, version.model, version.version), 7, err.message)
+                    self._fail(self.keys.version(version.tenant, version.model, version.version), 7, err.message)
                     return None
             return os.path.realpath(rest)
-        vkey = store.version_key(version.tenant, version.model, version.version)
+        vkey = self.keys.version(version.tenant, version.model, version.version)
         digest = hashlib.sha256(version.model_uri.encode()).hexdigest()[:12]
         target = os.path.join(self.settings.cache_dir, version.tenant, version.model,
                               f"{version.version}-{digest}")
@@ -850,12 +837,12 @@ class Reconciler:
         """Writes the replica's endpoints/ entry: AVAILABLE (only while the
         replica is live), UNLOADING (only over an entry there is), or None:
         deleted. One replica's writes never interleave."""
-        key = store.endpoint_key(record.tenant, record.model, record.version, record.replica_id)
+        key = self.keys.endpoint(record.tenant, record.model, record.version, record.replica_id)
         lock = self._endpoint_locks.setdefault(record.key, asyncio.Lock())
         async with lock:
             current = self.endpoints.items.get(key)
             if state is None:
-                await self.etcd.delete(key)
+                await self.store.delete_key(key)
                 self.endpoints.items.pop(key, None)
                 self._endpoint_locks.pop(record.key, None)
                 return
@@ -875,7 +862,7 @@ class Reconciler:
                 endpoint = pb.ReplicaEndpoint()
                 endpoint.CopyFrom(current)
                 endpoint.state = state
-            await store.put_endpoint(self.etcd, endpoint)
+            await self.store.put_endpoint(endpoint)
             self.endpoints.items[key] = endpoint
             log.info("endpoint of replica %s: %s %s", record.runtime_id,
                      S.Name(state)[len("MODEL_VERSION_STATE_"):], endpoint.address)
@@ -884,7 +871,7 @@ class Reconciler:
     # --- observing replicas --------------------------------------------------------------
 
     def _endpoint(self, record: store.ReplicaRecord) -> pb.ReplicaEndpoint | None:
-        return self.endpoints.items.get(store.endpoint_key(record.tenant, record.model, record.version,
+        return self.endpoints.items.get(self.keys.endpoint(record.tenant, record.model, record.version,
                                                            record.replica_id))
 
     def _endpoint_state(self, record: store.ReplicaRecord) -> int:
@@ -1005,7 +992,7 @@ class Reconciler:
         if record.started and status is not None and status.phase != ReplicaPhase.UNKNOWN:
             await self.runtime.forget(rid)
         self._remove_sockets(record)
-        await self.etcd.delete(record.key)
+        await self.store.delete_replica(record)
         self.replicas.pop(record.key, None)
         self.statuses.pop(rid, None)
         self._ports.pop(record.key, None)
@@ -1034,8 +1021,7 @@ class Reconciler:
         self.statuses.pop(rid, None)
 
     async def _delete_version(self, vkey: str, tenant: str, model: str, number: int) -> None:
-        await self.etcd.delete(vkey)
-        await self.etcd.delete_prefix(f"{store.ENDPOINTS}{tenant}/{model}/{number}/")
+        await self.store.delete_version(tenant, model, number)
         self.versions.items.pop(vkey, None)
         self._failed.pop(vkey, None)
         self._failures.pop(vkey, None)
@@ -1112,7 +1098,7 @@ class Reconciler:
             return current.SerializeToString()
 
         try:
-            await self.etcd.update(vkey, change)
+            await self.store.update_version(version.tenant, version.model, version.version, change)
         except _Gone:
             return
         self.versions.items[vkey] = written[0]

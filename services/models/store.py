@@ -33,78 +33,117 @@ latest records whatever process dies when.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
-from aetcd import rpc
 from google.protobuf import timestamp_pb2
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import errors
-from services.common.etcd import KV, Etcd, cmp_mod_revision, op_delete, op_get, op_put, prefix_end
+from services.common.etcd import (
+    KV,
+    Etcd,
+    cmp_absent,
+    cmp_mod_revision,
+    op_delete,
+    op_get,
+    op_get_prefix,
+    op_put,
+)
+
+log = logging.getLogger(__name__)
 
 PREFIX = "/cloudml/models/"
-MODELS = PREFIX + "models/"
-VERSIONS = PREFIX + "versions/"
-COUNTERS = PREFIX + "counters/"
-REPLICAS = PREFIX + "replicas/"
-ROUTES = PREFIX + "routes/"
-ENDPOINTS = PREFIX + "endpoints/"
-ELECTION = PREFIX + "election/"
 
 S = pb.ModelVersionState
 ROUTABLE_STATES = (S.MODEL_VERSION_STATE_AVAILABLE,)
 
 
-def model_key(tenant: str, model: str) -> str:
-    return f"{MODELS}{tenant}/{model}"
+class ModelKeys:
+    """The key builders of the layout above, under `root` (default
+    /cloudml/models/; tests give each their own root in one shared etcd).
+    The gateway reads routes/ and endpoints/ through these too."""
+
+    def __init__(self, root: str = PREFIX):
+        self.root = root if root.endswith("/") else root + "/"
+        self.models = self.root + "models/"
+        self.versions = self.root + "versions/"
+        self.counters = self.root + "counters/"
+        self.replicas = self.root + "replicas/"
+        self.routes = self.root + "routes/"
+        self.endpoints = self.root + "endpoints/"
+        self.election = self.root + "election/"
+
+    def model(self, tenant: str, model: str) -> str:
+        return f"{self.models}{tenant}/{model}"
+
+    def models_of(self, tenant: str) -> str:
+        return f"{self.models}{tenant}/"
+
+    def versions_of(self, tenant: str, model: str) -> str:
+        return f"{self.versions}{tenant}/{model}/"
+
+    def version(self, tenant: str, model: str, version: int) -> str:
+        return f"{self.versions_of(tenant, model)}{version:019d}"
+
+    def counter(self, tenant: str, model: str) -> str:
+        return f"{self.counters}{tenant}/{model}"
+
+    def replicas_of(self, tenant: str, model: str, version: int) -> str:
+        return f"{self.replicas}{tenant}/{model}/{version:019d}/"
+
+    def replica(self, tenant: str, model: str, version: int, replica_id: str) -> str:
+        return self.replicas_of(tenant, model, version) + replica_id
+
+    def route(self, tenant: str, model: str) -> str:
+        return f"{self.routes}{tenant}/{model}"
+
+    def endpoints_of(self, tenant: str, model: str, version: int) -> str:
+        return f"{self.endpoints}{tenant}/{model}/{version}/"
+
+    def endpoint(self, tenant: str, model: str, version: int, replica_id: str) -> str:
+        return self.endpoints_of(tenant, model, version) + replica_id
+
+    def parse_version(self, key: str) -> tuple[str, str, int]:
+        tenant, model, version = key[len(self.versions):].split("/")
+        return tenant, model, int(version)
+
+    def parse_model(self, key: str) -> tuple[str, str]:
+        tenant, model = key[len(self.models):].split("/")
+        return tenant, model
+
+    def parse_route(self, key: str) -> tuple[str, str]:
+        tenant, model = key[len(self.routes):].split("/")
+        return tenant, model
+
+    def parse_endpoint(self, key: str) -> tuple[str, str, int, str]:
+        tenant, model, version, replica_id = key[len(self.endpoints):].split("/")
+        return tenant, model, int(version), replica_id
 
 
-def models_prefix(tenant: str) -> str:
-    return f"{MODELS}{tenant}/"
-
-
-def versions_prefix(tenant: str, model: str) -> str:
-    return f"{VERSIONS}{tenant}/{model}/"
-
-
-def version_key(tenant: str, model: str, version: int) -> str:
-    return f"{versions_prefix(tenant, model)}{version:019d}"
-
-
-def counter_key(tenant: str, model: str) -> str:
-    return f"{COUNTERS}{tenant}/{model}"
-
-
-def replicas_prefix(tenant: str, model: str, version: int) -> str:
-    return f"{REPLICAS}{tenant}/{model}/{version:019d}/"
-
-
-def replica_key(tenant: str, model: str, version: int, replica_id: str) -> str:
-    return replicas_prefix(tenant, model, version) + replica_id
-
-
-def route_key(tenant: str, model: str) -> str:
-    return f"{ROUTES}{tenant}/{model}"
-
-
-def endpoint_key(tenant: str, model: str, version: int, replica_id: str) -> str:
-    return f"{ENDPOINTS}{tenant}/{model}/{version}/{replica_id}"
-
-
-def parse_version_key(key: str) -> tuple[str, str, int]:
-    tenant, model, version = key[len(VERSIONS):].split("/")
-    return tenant, model, int(version)
-
-
-def parse_model_key(key: str) -> tuple[str, str]:
-    tenant, model = key[len(MODELS):].split("/")
-    return tenant, model
-
-
-def parse_endpoint_key(key: str) -> tuple[str, str, int, str]:
-    tenant, model, version, replica_id = key[len(ENDPOINTS):].split("/")
-    return tenant, model, int(version), replica_id
+# The default layout, as module names (what other modules and tests import).
+DEFAULT_KEYS = ModelKeys()
+MODELS = DEFAULT_KEYS.models
+VERSIONS = DEFAULT_KEYS.versions
+COUNTERS = DEFAULT_KEYS.counters
+REPLICAS = DEFAULT_KEYS.replicas
+ROUTES = DEFAULT_KEYS.routes
+ENDPOINTS = DEFAULT_KEYS.endpoints
+ELECTION = DEFAULT_KEYS.election
+model_key = DEFAULT_KEYS.model
+models_prefix = DEFAULT_KEYS.models_of
+versions_prefix = DEFAULT_KEYS.versions_of
+version_key = DEFAULT_KEYS.version
+counter_key = DEFAULT_KEYS.counter
+replicas_prefix = DEFAULT_KEYS.replicas_of
+replica_key = DEFAULT_KEYS.replica
+route_key = DEFAULT_KEYS.route
+endpoint_key = DEFAULT_KEYS.endpoint
+parse_version_key = DEFAULT_KEYS.parse_version
+parse_model_key = DEFAULT_KEYS.parse_model
+parse_endpoint_key = DEFAULT_KEYS.parse_endpoint
 
 
 @dataclass
@@ -139,35 +178,29 @@ class ReplicaRecord:
     # The gRPC address it was told to listen on (`unix:<socket dir>/<replica id>.sock`),
     # chosen before it starts; kept so that a later leader finds its sockets again.
     address: str = ""
+    # The layout its keys are in (not stored).
+    keys: ModelKeys = field(default=DEFAULT_KEYS, repr=False, compare=False)
 
     @property
     def key(self) -> str:
-        return replica_key(self.tenant, self.model, self.version, self.replica_id)
+        return self.keys.replica(self.tenant, self.model, self.version, self.replica_id)
 
     @property
     def version_key(self) -> str:
-        return version_key(self.tenant, self.model, self.version)
+        return self.keys.version(self.tenant, self.model, self.version)
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "keys"}
+        return json.dumps(data, sort_keys=True).encode()
 
     @classmethod
-    def decode(cls, raw: bytes) -> "ReplicaRecord":
+    def decode(cls, raw: bytes, keys: ModelKeys = DEFAULT_KEYS) -> "ReplicaRecord":
         data = json.loads(raw)
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        known = {f for f in cls.__dataclass_fields__ if f != "keys"}
+        return cls(**{k: v for k, v in data.items() if k in known}, keys=keys)
 
 
 # --- snapshot reads ------------------------------------------------------------------
-
-def op_get_prefix(prefix: str):
-    """A transaction op that ranges every key under `prefix`, in key order."""
-    key = prefix.encode()
-    return rpc.RequestOp(request_range=rpc.RangeRequest(
-        key=key, range_end=prefix_end(key),
-        sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY,
-    ))
-
 
 @dataclass
 class ModelSnapshot:
@@ -179,27 +212,6 @@ class ModelSnapshot:
     version_revisions: dict[int, int]
     route: bytes | None
     route_revision: int
-
-
-async def read_model_snapshot(etcd: Etcd, tenant: str, model: str) -> ModelSnapshot:
-    _, resp = await etcd.txn([], [
-        op_get(model_key(tenant, model)),
-        op_get_prefix(versions_prefix(tenant, model)),
-        op_get(route_key(tenant, model)),
-    ])
-    model_r, versions_r, route_r = (r.response_range for r in resp.responses)
-    record = pb.Model.FromString(model_r.kvs[0].value) if model_r.kvs else None
-    versions, revisions = [], {}
-    for kv in versions_r.kvs:
-        version = pb.ModelVersion.FromString(kv.value)
-        versions.append(version)
-        revisions[version.version] = kv.mod_revision
-    return ModelSnapshot(
-        model=record, model_revision=model_r.kvs[0].mod_revision if model_r.kvs else 0,
-        versions=versions, version_revisions=revisions,
-        route=route_r.kvs[0].value if route_r.kvs else None,
-        route_revision=route_r.kvs[0].mod_revision if route_r.kvs else 0,
-    )
 
 
 # --- routes ----------------------------------------------------------------------------
@@ -224,31 +236,16 @@ def route_bytes(model: pb.Model | None, versions: list[pb.ModelVersion]) -> byte
     return build_route(model, versions).SerializeToString(deterministic=True)
 
 
-async def publish_route(etcd: Etcd, tenant: str, model: str, attempts: int = 20) -> None:
-    """Makes routes/<tenant>/<model> match the model's records now."""
-    for _ in range(attempts):
-        snap = await read_model_snapshot(etcd, tenant, model)
-        want = route_bytes(snap.model, snap.versions)
-        if want == snap.route:
-            return
-        key = route_key(tenant, model)
-        op = op_delete(key) if want is None else op_put(key, want)
-        # Only over the route as read, and only while the records are as read:
-        # a later writer publishes after its own change.
-        compares = [cmp_mod_revision(key, snap.route_revision),
-                    cmp_mod_revision(model_key(tenant, model), snap.model_revision)]
-        ok, _ = await etcd.txn(compares, [op])
-        if ok:
-            return
-    raise errors.Conflict(f"too much contention publishing the route of {tenant}/{model}; retry")
-
-
 def decode_kv_model(kv: KV) -> pb.Model:
     return pb.Model.FromString(kv.value)
 
 
 def decode_kv_version(kv: KV) -> pb.ModelVersion:
     return pb.ModelVersion.FromString(kv.value)
+
+
+def decode_kv_endpoint(kv: KV) -> pb.ReplicaEndpoint:
+    return pb.ReplicaEndpoint.FromString(kv.value)
 
 
 def make_endpoint(tenant: str, model: str, version: int, replica_id: str, address: str, state: int,
@@ -263,10 +260,189 @@ def make_endpoint(tenant: str, model: str, version: int, replica_id: str, addres
 
 
 async def put_endpoint(etcd: Etcd, endpoint: pb.ReplicaEndpoint) -> None:
-    """Writes a replica's entry in endpoints/ (no lease: it stays until deleted)."""
-    await etcd.put(endpoint_key(endpoint.tenant, endpoint.model, endpoint.version, endpoint.replica_id),
-                   endpoint.SerializeToString())
+    """Writes a replica's entry in endpoints/ under the default root."""
+    await ModelStore(etcd).put_endpoint(endpoint)
 
 
-def decode_kv_endpoint(kv: KV) -> pb.ReplicaEndpoint:
-    return pb.ReplicaEndpoint.FromString(kv.value)
+# --- the store -------------------------------------------------------------------------
+
+class ModelStore:
+    """Reads and compare-and-swap writes of the models service's records
+    (the layout above, under `root`)."""
+
+    def __init__(self, etcd: Etcd, root: str = PREFIX):
+        self.etcd = etcd
+        self.keys = ModelKeys(root)
+
+    # --- models and versions ----------------------------------------------------------
+
+    async def get_model(self, tenant: str, model: str) -> tuple[pb.Model, int] | None:
+        """The model record and its mod_revision."""
+        kv = await self.etcd.get(self.keys.model(tenant, model))
+        return (pb.Model.FromString(kv.value), kv.mod_revision) if kv else None
+
+    async def snapshot(self, tenant: str, model: str) -> ModelSnapshot:
+        """The model, its versions and its route, read in one transaction."""
+        keys = self.keys
+        _, resp = await self.etcd.txn([], [
+            op_get(keys.model(tenant, model)),
+            op_get_prefix(keys.versions_of(tenant, model)),
+            op_get(keys.route(tenant, model)),
+        ])
+        model_r, versions_r, route_r = (r.response_range for r in resp.responses)
+        record = pb.Model.FromString(model_r.kvs[0].value) if model_r.kvs else None
+        versions, revisions = [], {}
+        for kv in versions_r.kvs:
+            version = pb.ModelVersion.FromString(kv.value)
+            versions.append(version)
+            revisions[version.version] = kv.mod_revision
+        return ModelSnapshot(
+            model=record, model_revision=model_r.kvs[0].mod_revision if model_r.kvs else 0,
+            versions=versions, version_revisions=revisions,
+            route=route_r.kvs[0].value if route_r.kvs else None,
+            route_revision=route_r.kvs[0].mod_revision if route_r.kvs else 0,
+        )
+
+    async def create_model(self, model: pb.Model) -> bool:
+        """Writes a new model record; False if the name is taken."""
+        key = self.keys.model(model.tenant, model.name)
+        ok, _ = await self.etcd.txn([cmp_absent(key)], [op_put(key, model.SerializeToString())])
+        return ok
+
+    async def list_models(self, tenant: str, after: str, limit: int) -> tuple[list[pb.Model], bool]:
+        """Up to `limit` of the tenant's models named after `after`; and whether more follow."""
+        start = self.keys.model(tenant, after) + "\0" if after else None
+        kvs, _, more = await self.etcd.get_prefix(self.keys.models_of(tenant), start=start, limit=limit)
+        return [pb.Model.FromString(kv.value) for kv in kvs], more
+
+    async def put_model_if(self, model: pb.Model, model_revision: int, versions: dict[int, int]) -> bool:
+        """Writes the model record only while it and the versions named in
+        `versions` (number: mod_revision) are as read."""
+        key = self.keys.model(model.tenant, model.name)
+        compares = [cmp_mod_revision(key, model_revision)]
+        compares += [cmp_mod_revision(self.keys.version(model.tenant, model.name, n), versions[n])
+                     for n in sorted(versions)]
+        ok, _ = await self.etcd.txn(compares, [op_put(key, model.SerializeToString())])
+        return ok
+
+    async def update_model(self, tenant: str, model: str, change: Callable[[KV | None], bytes | None]) -> None:
+        """Compare-and-swap read-modify-write of the model record (`Etcd.update`)."""
+        await self.etcd.update(self.keys.model(tenant, model), change)
+
+    async def get_counter(self, tenant: str, model: str) -> tuple[int, int]:
+        """The highest version number the model ever had, and the counter's mod_revision."""
+        kv = await self.etcd.get(self.keys.counter(tenant, model))
+        return (int(kv.value), kv.mod_revision) if kv else (0, 0)
+
+    async def create_version(self, version: pb.ModelVersion, model_revision: int, highest: int,
+                             counter_revision: int) -> bool:
+        """Writes a new version and raises the counter to it, only while the
+        model record and the counter are as read."""
+        keys, tenant, model = self.keys, version.tenant, version.model
+        vkey, ckey = keys.version(tenant, model, version.version), keys.counter(tenant, model)
+        ok, _ = await self.etcd.txn(
+            [cmp_mod_revision(keys.model(tenant, model), model_revision), cmp_absent(vkey),
+             cmp_mod_revision(ckey, counter_revision)],
+            [op_put(vkey, version.SerializeToString()), op_put(ckey, str(max(highest, version.version)).encode())],
+        )
+        return ok
+
+    async def get_version(self, tenant: str, model: str, number: int) -> pb.ModelVersion | None:
+        kv = await self.etcd.get(self.keys.version(tenant, model, number))
+        return pb.ModelVersion.FromString(kv.value) if kv else None
+
+    async def list_versions(self, tenant: str, model: str, after: int, limit: int = 0
+                            ) -> tuple[list[pb.ModelVersion], bool]:
+        """The model's versions numbered after `after` (up to `limit`, 0: all); and whether more follow."""
+        start = self.keys.version(tenant, model, after) + "\0" if after else None
+        kvs, _, more = await self.etcd.get_prefix(self.keys.versions_of(tenant, model), start=start, limit=limit)
+        return [pb.ModelVersion.FromString(kv.value) for kv in kvs], more
+
+    async def put_version_if(self, version: pb.ModelVersion, model_revision: int, version_revision: int) -> bool:
+        """Writes a version record only while it and its model are as read."""
+        keys, tenant, model = self.keys, version.tenant, version.model
+        vkey = keys.version(tenant, model, version.version)
+        ok, _ = await self.etcd.txn(
+            [cmp_mod_revision(keys.model(tenant, model), model_revision), cmp_mod_revision(vkey, version_revision)],
+            [op_put(vkey, version.SerializeToString())],
+        )
+        return ok
+
+    async def update_version(self, tenant: str, model: str, number: int,
+                             change: Callable[[KV | None], bytes | None]) -> None:
+        """Compare-and-swap read-modify-write of a version record (`Etcd.update`)."""
+        await self.etcd.update(self.keys.version(tenant, model, number), change)
+
+    async def delete_version(self, tenant: str, model: str, number: int) -> None:
+        """Deletes a version record and whatever is left of its endpoints."""
+        await self.etcd.delete(self.keys.version(tenant, model, number))
+        await self.etcd.delete_prefix(self.keys.endpoints_of(tenant, model, number))
+
+    async def delete_model_if_empty(self, tenant: str, model: str) -> bool:
+        """Deletes a model record (the caller saw it marked deleted) and its
+        counter once it has no versions left; False while it has, or if the
+        record changed meanwhile."""
+        keys = self.keys
+        if await self.etcd.count_prefix(keys.versions_of(tenant, model)):
+            return False
+        kv = await self.etcd.get(keys.model(tenant, model))
+        if kv is None:
+            return False
+        ok, _ = await self.etcd.txn(
+            [cmp_mod_revision(kv.key, kv.mod_revision)],
+            [op_delete(kv.key), op_delete(keys.counter(tenant, model))],
+        )
+        return ok
+
+    # --- routes -----------------------------------------------------------------------
+
+    async def publish_route(self, tenant: str, model: str, attempts: int = 20) -> None:
+        """Makes routes/<tenant>/<model> match the model's records now."""
+        for _ in range(attempts):
+            snap = await self.snapshot(tenant, model)
+            want = route_bytes(snap.model, snap.versions)
+            if want == snap.route:
+                return
+            key = self.keys.route(tenant, model)
+            op = op_delete(key) if want is None else op_put(key, want)
+            # Only over the route as read, and only while the records are as read:
+            # a later writer publishes after its own change.
+            compares = [cmp_mod_revision(key, snap.route_revision),
+                        cmp_mod_revision(self.keys.model(tenant, model), snap.model_revision)]
+            ok, _ = await self.etcd.txn(compares, [op])
+            if ok:
+                return
+        raise errors.Conflict(f"too much contention publishing the route of {tenant}/{model}; retry")
+
+    async def routed_models(self) -> list[tuple[str, str]]:
+        """(tenant, model) of every route published."""
+        kvs, _, _ = await self.etcd.get_prefix(self.keys.routes, keys_only=True)
+        return [self.keys.parse_route(kv.key) for kv in kvs]
+
+    # --- replicas and endpoints -------------------------------------------------------
+
+    async def list_replicas(self) -> list[ReplicaRecord]:
+        """Every replica record; unreadable ones are logged and skipped."""
+        kvs, _, _ = await self.etcd.get_prefix(self.keys.replicas)
+        records = []
+        for kv in kvs:
+            try:
+                records.append(ReplicaRecord.decode(kv.value, self.keys))
+            except (ValueError, TypeError):
+                log.exception("dropping unreadable replica record %s", kv.key)
+        return records
+
+    async def put_replica(self, record: ReplicaRecord) -> None:
+        await self.etcd.put(record.key, record.encode())
+
+    async def delete_replica(self, record: ReplicaRecord) -> None:
+        await self.etcd.delete(record.key)
+
+    async def put_endpoint(self, endpoint: pb.ReplicaEndpoint) -> None:
+        """Writes a replica's entry in endpoints/ (no lease: it stays until deleted)."""
+        await self.etcd.put(self.keys.endpoint(endpoint.tenant, endpoint.model, endpoint.version,
+                                               endpoint.replica_id), endpoint.SerializeToString())
+
+    async def delete_key(self, key: str) -> None:
+        """Deletes one key of this layout (an endpoint found stale)."""
+        await self.etcd.delete(key)
