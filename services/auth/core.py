@@ -24,9 +24,10 @@ from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.common.v1 import resources_pb2
 from services.auth import kek as kek_module
 from services.auth import store
+from services.auth.store import AuthStore, KeyRecord
 from services.auth.kek import KeyEncryptionError, KeyEncryptionKey
 from services.common import errors, validation
-from services.common.etcd import KV, Etcd, Mirror, cmp_absent, cmp_mod_revision, op_delete, op_get, op_put
+from services.common.etcd import KV, Etcd, Mirror
 from services.common.tokens import ADMIN_TENANT, AUDIENCE, ISSUER, ROLE_ADMIN, ROLE_MEMBER, Principal, TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,18 @@ def _private_der(private: Ed25519PrivateKey) -> bytes:
 
 
 class AuthCore:
-    def __init__(self, etcd: Etcd, verifier: TokenVerifier, key_encryption_key_file: str, clock=time.time):
-        self.etcd = etcd
+    def __init__(self, etcd: Etcd, verifier: TokenVerifier, key_encryption_key_file: str, clock=time.time,
+                 store: AuthStore | None = None):
+        self.store = store or AuthStore(etcd)
+        self.keys = self.store.keys
         self.verifier = verifier
         self.clock = clock
         #: where the key-encryption key lives (outside etcd); loaded by start()
         self.key_encryption_key_file = key_encryption_key_file
         self._kek: KeyEncryptionKey | None = None
         self._signing_cache: tuple[str, Ed25519PrivateKey] | None = None
-        self._signing: Mirror = Mirror(etcd, store.SIGNING, decode=lambda kv: json.loads(kv.value))
-        self._keys: Mirror = Mirror(etcd, store.KEYS, decode=lambda kv: store.KeyRecord.decode(kv.value))
+        self._signing: Mirror = Mirror(etcd, self.keys.signing, decode=lambda kv: json.loads(kv.value))
+        self._keys: Mirror = Mirror(etcd, self.keys.keys, decode=lambda kv: KeyRecord.decode(kv.value))
         self._signing.listeners.append(self._keys_changed)
         self._keys.listeners.append(self._keys_changed)
         self._snapshot = pb.VerificationKeys(issuer=ISSUER, audience=AUDIENCE)
@@ -137,8 +140,7 @@ class AuthCore:
         """Loads the key-encryption key, checks that it opens every signing key
         in etcd, seals any plaintext private key an older version stored, and
         creates the first signing key if there is none."""
-        kvs, _, _ = await self.etcd.get_prefix(store.SIGNING)
-        records = {kv.key: json.loads(kv.value) for kv in kvs}
+        records = await self.store.signing_records()
         sealed_by = sorted({r["private_key"].get("kek_id", "?") for r in records.values()
                             if isinstance(r.get("private_key"), dict)})
         path = self.key_encryption_key_file
@@ -181,7 +183,7 @@ class AuthCore:
             record["private_key"] = self._kek.seal(kid, _private_der(private))
             return json.dumps(record).encode()
 
-        await self.etcd.update(key, change)
+        await self.store.update_signing_key(key, change)
         log.warning("signing key %s was stored in plaintext; encrypted it at rest", kid)
 
     def _new_signing_key(self) -> tuple[str, dict]:
@@ -198,28 +200,16 @@ class AuthCore:
         return kid, record
 
     async def _ensure_signing_key(self) -> None:
-        kvs, _, _ = await self.etcd.get_prefix(store.SIGNING)
-        if kvs:
+        if await self.store.signing_records():
             return
         kid, record = self._new_signing_key()
-        # Only one signing key may be created even when two processes race:
-        # the first to create the marker wins.
-        ok, _ = await self.etcd.txn(
-            [cmp_absent(store.PREFIX + "signing-initialized")],
-            [op_put(store.PREFIX + "signing-initialized", kid.encode()),
-             op_put(store.signing_key(kid), json.dumps(record).encode())],
-        )
-        if ok:
+        # Only one signing key may be created even when two processes race.
+        if await self.store.create_first_signing_key(kid, record):
             log.info("created token signing key %s", kid)
 
     async def _ensure_tenant(self, name: str, description: str, quota) -> None:
         tenant = pb.Tenant(name=name, description=description, create_time=_ts(self.clock()))
-        await self.etcd.txn(
-            [cmp_absent(store.tenant_key(name))],
-            [op_put(store.tenant_key(name), tenant.SerializeToString()),
-             op_put(store.quota_key(name), quota.SerializeToString()),
-             op_put(store.usage_key(name), resources_pb2.Resources().SerializeToString())],
-        )
+        await self.store.create_tenant(tenant, quota)
 
     async def _ensure_key(self, entry: dict) -> None:
         tenant = entry.get("tenant", ADMIN_TENANT)
@@ -229,7 +219,7 @@ class AuthCore:
             secret_hash=_hash_secret(salt, entry["secret_key"]),
             description=entry.get("description", ""), created=self.clock(),
         )
-        await self.etcd.create(store.access_key_key(record.access_key_id), record.encode())
+        await self.store.create_access_key(record)
 
     # --- verification keys ------------------------------------------------------------
 
@@ -277,10 +267,10 @@ class AuthCore:
         validation.check_name(name, "tenant")
         if not caller.may_access(name):
             raise errors.NotFound(f"tenant {name!r} not found")
-        kv = await self.etcd.get(store.tenant_key(name))
-        if kv is None:
+        found = await self.store.get_tenant(name)
+        if found is None:
             raise errors.NotFound(f"tenant {name!r} not found")
-        return pb.Tenant.FromString(kv.value), kv
+        return found
 
     # --- tenants --------------------------------------------------------------------
 
@@ -288,13 +278,7 @@ class AuthCore:
         self._require_admin(caller)
         validation.check_name(name, "name")
         tenant = pb.Tenant(name=name, description=description, create_time=_ts(self.clock()))
-        ok, _ = await self.etcd.txn(
-            [cmp_absent(store.tenant_key(name))],
-            [op_put(store.tenant_key(name), tenant.SerializeToString()),
-             op_put(store.quota_key(name), DEFAULT_QUOTA.SerializeToString()),
-             op_put(store.usage_key(name), resources_pb2.Resources().SerializeToString())],
-        )
-        if not ok:
+        if not await self.store.create_tenant(tenant, DEFAULT_QUOTA):
             raise errors.AlreadyExists(f"tenant {name!r} already exists")
         return tenant
 
@@ -307,16 +291,14 @@ class AuthCore:
         if not caller.is_admin:
             tenant, _ = await self._visible_tenant(caller, caller.tenant)
             return ([tenant] if not page_token else []), ""
-        start = None
+        after = ""
         if page_token:
             try:
                 after = base64.b64decode(page_token.encode(), altchars=b"-_", validate=True).decode()
                 validation.check_name(after)
             except (ValueError, UnicodeDecodeError, errors.InvalidArgument):
                 raise errors.InvalidArgument("page_token is not one this service issued") from None
-            start = store.tenant_key(after) + "\0"
-        kvs, _, more = await self.etcd.get_prefix(store.TENANTS, start=start, limit=size)
-        tenants = [pb.Tenant.FromString(kv.value) for kv in kvs]
+        tenants, more = await self.store.list_tenants(after, size)
         token = base64.urlsafe_b64encode(tenants[-1].name.encode()).decode() if more and tenants else ""
         return tenants, token
 
@@ -325,11 +307,12 @@ class AuthCore:
         validation.check_name(name, "name")
         if name == ADMIN_TENANT:
             raise errors.FailedPrecondition("the admin tenant cannot be deleted")
-        kv = await self.etcd.get(store.tenant_key(name))
-        if kv is None:
+        found = await self.store.get_tenant(name)
+        if found is None:
             raise errors.NotFound(f"tenant {name!r} not found")
-        usage = await self.etcd.get(store.usage_key(name))
-        held = await self.etcd.count_prefix(store.reservations_prefix(name))
+        _, kv = found
+        usage_revision = await self.store.usage_revision(name)
+        held = await self.store.count_reservations(name)
         if held:
             raise errors.FailedPrecondition(
                 f"tenant {name!r} still holds {held} reservation(s); stop its jobs, models and studies first"
@@ -337,13 +320,8 @@ class AuthCore:
         # Revoke its keys first: once the tenant is gone nothing may act for it.
         now = self.clock()
         await self._revoke_tenant_keys(name, now)
-        ok, _ = await self.etcd.txn(
-            # A reservation made since the count would have changed usage.
-            [cmp_mod_revision(store.tenant_key(name), kv.mod_revision),
-             cmp_mod_revision(store.usage_key(name), usage.mod_revision if usage else 0)],
-            [op_delete(store.tenant_key(name)), op_delete(store.quota_key(name)), op_delete(store.usage_key(name))],
-        )
-        if not ok:
+        # A reservation made since the count would have changed usage.
+        if not await self.store.delete_tenant(name, kv.mod_revision, usage_revision):
             raise errors.Conflict(f"tenant {name!r} changed while being deleted; retry")
         # A key created between the first pass and the delete (creation
         # compares the tenant's revision, so none can follow the delete).
@@ -352,8 +330,7 @@ class AuthCore:
     async def _revoke_tenant_keys(self, name: str, now: float) -> None:
         # Read from etcd, not the mirror: a key created a moment ago may not
         # have reached the mirror's watch yet.
-        kvs, _, _ = await self.etcd.get_prefix(store.KEYS)
-        for record in (store.KeyRecord.decode(kv.value) for kv in kvs):
+        for record in await self.store.list_access_keys():
             if record.tenant == name and not record.revoked:
                 await self._revoke(record.access_key_id, now)
 
@@ -380,27 +357,21 @@ class AuthCore:
             access_key_id=new_access_key_id(), tenant=tenant, salt=salt,
             secret_hash=_hash_secret(salt, secret), description=description[:200], created=self.clock(),
         )
-        key = store.access_key_key(record.access_key_id)
         # Only while the tenant exists as read: a concurrent DeleteTenant must
         # not leave a live key behind.
-        ok, _ = await self.etcd.txn(
-            [cmp_absent(key), cmp_mod_revision(store.tenant_key(tenant), tenant_kv.mod_revision)],
-            [op_put(key, record.encode())],
-        )
-        if not ok:
+        if not await self.store.create_access_key(record, tenant_kv.mod_revision):
             raise errors.Conflict(f"tenant {tenant!r} changed (or key id collision) while creating the key; retry")
         return self._key_message(record), secret
 
     async def list_access_keys(self, caller: Principal, tenant: str) -> list[pb.AccessKey]:
         await self._visible_tenant(caller, tenant)
-        kvs, _, _ = await self.etcd.get_prefix(store.KEYS)
-        records = [store.KeyRecord.decode(kv.value) for kv in kvs]
+        records = await self.store.list_access_keys()
         return [self._key_message(r) for r in sorted(records, key=lambda r: r.created) if r.tenant == tenant]
 
     async def revoke_access_key(self, caller: Principal, tenant: str, access_key_id: str) -> pb.AccessKey:
         await self._visible_tenant(caller, tenant)
-        kv = await self.etcd.get(store.access_key_key(access_key_id)) if access_key_id else None
-        if kv is None or store.KeyRecord.decode(kv.value).tenant != tenant:
+        record = await self.store.get_access_key(access_key_id) if access_key_id else None
+        if record is None or record.tenant != tenant:
             raise errors.NotFound(f"access key {access_key_id!r} not found in tenant {tenant!r}")
         return self._key_message(await self._revoke(access_key_id, self.clock()))
 
@@ -416,9 +387,9 @@ class AuthCore:
             result[:] = [record]
             return record.encode()
 
-        await self.etcd.update(store.access_key_key(access_key_id), change)
+        await self.store.update_access_key(access_key_id, change)
         # Reflect it locally at once rather than waiting for the watch.
-        self._keys.items[store.access_key_key(access_key_id)] = result[0]
+        self._keys.items[self.keys.access_key(access_key_id)] = result[0]
         self._keys_changed()
         return result[0]
 
@@ -431,10 +402,9 @@ class AuthCore:
         refused = errors.Unauthenticated("invalid access key or secret key")
         if not access_key_id or not secret_key:
             raise refused
-        kv = await self.etcd.get(store.access_key_key(access_key_id))
-        if kv is None:
+        record = await self.store.get_access_key(access_key_id)
+        if record is None:
             raise refused
-        record = store.KeyRecord.decode(kv.value)
         if record.revoked or not hmac.compare_digest(record.secret_hash, _hash_secret(record.salt, secret_key)):
             raise refused
         kid, signing = self._current_signing_key()
@@ -466,21 +436,21 @@ class AuthCore:
         keys superseded more than SIGNING_KEY_MEMORY ago."""
         self._require_admin(caller)
         kid, record = self._new_signing_key()
-        if not await self.etcd.create(store.signing_key(kid), json.dumps(record).encode()):
+        if not await self.store.create_signing_key(kid, record):
             raise errors.Conflict("signing key id collision; retry")
         log.info("rotated the token signing key: new key %s", kid)
         # Read from etcd, not the mirror, which may lag behind another process.
-        kvs, _, _ = await self.etcd.get_prefix(store.SIGNING)
-        keys = sorted(((kv.key, json.loads(kv.value)["created"]) for kv in kvs), key=lambda item: item[1])
+        records = await self.store.signing_records()
+        keys = sorted(((key, value["created"]) for key, value in records.items()), key=lambda item: item[1])
         now = self.clock()
         retired = []
         for (key, _), (_, superseded) in zip(keys, keys[1:]):
-            if now - superseded > SIGNING_KEY_MEMORY and key != store.signing_key(kid):
-                await self.etcd.delete(key)
+            if now - superseded > SIGNING_KEY_MEMORY and key != self.keys.signing_key(kid):
+                await self.store.delete(key)
                 retired.append(key.rsplit("/", 1)[-1])
                 self._signing.items.pop(key, None)
         # Sign with the new key at once rather than after the watch delivers it.
-        self._signing.items[store.signing_key(kid)] = record
+        self._signing.items[self.keys.signing_key(kid)] = record
         self._keys_changed()
         return pb.PublicKey(key_id=kid, public_key_pem=record["public_pem"]), retired
 
@@ -488,21 +458,14 @@ class AuthCore:
 
     async def get_quota(self, caller: Principal, tenant: str):
         await self._visible_tenant(caller, tenant)
-        ok, resp = await self.etcd.txn([], [op_get(store.quota_key(tenant)), op_get(store.usage_key(tenant))])
-        limits, usage = (self._resources(r) for r in resp.responses)
-        return limits, usage
+        return await self.store.quota_and_usage(tenant)
 
     async def set_quota(self, caller: Principal, tenant: str, limits) -> tuple:
         self._require_admin(caller)
         validation.check_resources(limits, "limits")
         await self._visible_tenant(caller, tenant)
-        await self.etcd.put(store.quota_key(tenant), limits.SerializeToString())
+        await self.store.put_quota(tenant, limits)
         return await self.get_quota(caller, tenant)
-
-    @staticmethod
-    def _resources(range_response) -> resources_pb2.Resources:
-        kvs = range_response.response_range.kvs
-        return resources_pb2.Resources.FromString(kvs[0].value) if kvs else resources_pb2.Resources()
 
     def _lock(self, tenant: str) -> asyncio.Lock:
         lock = self._tenant_locks.get(tenant)
@@ -518,14 +481,12 @@ class AuthCore:
         # comes from the transaction's compares (other auth processes race too).
         async with self._lock(tenant):
             for _ in range(100):
-                rkey, ukey, qkey = store.reservation_key(tenant, owner_id), store.usage_key(tenant), store.quota_key(tenant)
-                _, snap = await self.etcd.txn([], [op_get(qkey), op_get(ukey), op_get(rkey)])
-                quota_r, usage_r, res_r = snap.responses
-                if not quota_r.response_range.kvs:
+                snap = await self.store.quota_snapshot(tenant, owner_id)
+                if snap.limits is None:
                     raise errors.NotFound(f"tenant {tenant!r} not found")
-                limits, usage = self._resources(quota_r), self._resources(usage_r)
-                if res_r.response_range.kvs:
-                    existing = pb.Reservation.FromString(res_r.response_range.kvs[0].value)
+                limits, usage = snap.limits, snap.usage
+                if snap.reservation is not None:
+                    existing = snap.reservation
                     if existing.resources == resources:
                         return self._shown(caller, existing), False
                     raise errors.AlreadyExists(
@@ -539,13 +500,7 @@ class AuthCore:
                     tenant=tenant, owner_id=owner_id, resources=resources, create_time=_ts(self.clock()),
                     creator_access_key_id=caller.access_key_id,
                 )
-                usage_rev = usage_r.response_range.kvs[0].mod_revision if usage_r.response_range.kvs else 0
-                ok, _ = await self.etcd.txn(
-                    [cmp_mod_revision(ukey, usage_rev), cmp_absent(rkey),
-                     cmp_mod_revision(qkey, quota_r.response_range.kvs[0].mod_revision)],
-                    [op_put(ukey, new_usage.SerializeToString()), op_put(rkey, reservation.SerializeToString())],
-                )
-                if ok:
+                if await self.store.commit_reservation(snap, reservation, new_usage):
                     return reservation, True
                 await asyncio.sleep(0)
         raise errors.Conflict("too much contention on the quota; retry")
@@ -572,16 +527,13 @@ class AuthCore:
         await self._visible_tenant(caller, tenant)
         async with self._lock(tenant):
             for _ in range(100):
-                rkey, ukey = store.reservation_key(tenant, owner_id), store.usage_key(tenant)
-                _, snap = await self.etcd.txn([], [op_get(ukey), op_get(rkey)])
-                usage_r, res_r = snap.responses
-                if not res_r.response_range.kvs:
+                snap = await self.store.quota_snapshot(tenant, owner_id, with_limits=False)
+                if snap.reservation is None:
                     return False
-                res_kv = res_r.response_range.kvs[0]
-                reservation = pb.Reservation.FromString(res_kv.value)
+                reservation = snap.reservation
                 self._check_may_release(caller, reservation)
                 held = reservation.resources
-                usage = self._resources(usage_r)
+                usage = snap.usage
                 values = {}
                 for f in RESOURCE_FIELDS:
                     value = getattr(usage, f) - getattr(held, f)
@@ -589,12 +541,7 @@ class AuthCore:
                         log.error("usage of %s for %s would go negative (%d); clamping", f, tenant, value)
                         value = 0
                     values[f] = value
-                usage_rev = usage_r.response_range.kvs[0].mod_revision if usage_r.response_range.kvs else 0
-                ok, _ = await self.etcd.txn(
-                    [cmp_mod_revision(ukey, usage_rev), cmp_mod_revision(rkey, res_kv.mod_revision)],
-                    [op_put(ukey, resources_pb2.Resources(**values).SerializeToString()), op_delete(rkey)],
-                )
-                if ok:
+                if await self.store.commit_release(tenant, owner_id, snap, resources_pb2.Resources(**values)):
                     return True
                 await asyncio.sleep(0)
         raise errors.Conflict("too much contention on the quota; retry")
@@ -628,5 +575,4 @@ class AuthCore:
 
     async def list_reservations(self, caller: Principal, tenant: str) -> list[pb.Reservation]:
         await self._visible_tenant(caller, tenant)
-        kvs, _, _ = await self.etcd.get_prefix(store.reservations_prefix(tenant))
-        return [self._shown(caller, pb.Reservation.FromString(kv.value)) for kv in kvs]
+        return [self._shown(caller, reservation) for reservation in await self.store.list_reservations(tenant)]

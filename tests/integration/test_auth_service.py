@@ -968,3 +968,30 @@ def test_health_not_serving_until_etcd_reachable(tmp_path, auth_launcher):
         assert service.admin.call("WhoAmI", pb.WhoAmIRequest()).role == pb.ROLE_ADMIN
     finally:
         etcd.stop()
+
+
+async def test_auth_store_under_its_own_root_reserves_and_releases_atomically(etcd_endpoint, etcd_prefix):
+    from services.auth.store import AuthStore
+
+    etcd = await Etcd.connect(etcd_endpoint)
+    try:
+        store = AuthStore(etcd, etcd_prefix + "auth")
+        tenant = pb.Tenant(name="team-a")
+        assert await store.create_tenant(tenant, Resources(cpu_millis=1000))
+        assert not await store.create_tenant(tenant, Resources(cpu_millis=1))
+        snap = await store.quota_snapshot("team-a", "job-1")
+        assert snap.limits.cpu_millis == 1000 and snap.reservation is None
+        reservation = pb.Reservation(tenant="team-a", owner_id="job-1", resources=Resources(cpu_millis=300))
+        assert await store.commit_reservation(snap, reservation, Resources(cpu_millis=300))
+        assert not await store.commit_reservation(snap, reservation, Resources(cpu_millis=300))  # stale snapshot
+        limits, usage = await store.quota_and_usage("team-a")
+        assert (limits.cpu_millis, usage.cpu_millis) == (1000, 300)
+        assert await store.count_reservations("team-a") == 1
+        snap = await store.quota_snapshot("team-a", "job-1", with_limits=False)
+        assert snap.limits is None and snap.reservation == reservation
+        assert await store.commit_release("team-a", "job-1", snap, Resources())
+        assert await store.list_reservations("team-a") == []
+        kvs, _, _ = await etcd.get_prefix(etcd_prefix)
+        assert kvs and all(kv.key.startswith(etcd_prefix + "auth/") for kv in kvs)
+    finally:
+        await etcd.close()
