@@ -1,7 +1,8 @@
 """python -m services.auth --etcd HOST:PORT --key-encryption-key-file F [--listen HOST:PORT] [--bootstrap-file F]"""
+import functools
 import os
 
-from services.auth.server import AuthApp
+from services.auth.server import AuthApp, AuthSettings
 from services.common.server import parse_settings, run
 
 KEK_ENV = "CLOUDML_KEY_ENCRYPTION_KEY_FILE"
@@ -22,9 +23,10 @@ def _arguments(parser) -> None:
 
 
 if __name__ == "__main__":
-    settings = parse_settings("auth", add_arguments=_arguments)
-    if not settings.extra.key_encryption_key_file:
+    settings, args = parse_settings("auth", add_arguments=_arguments)
+    if not args.key_encryption_key_file:
         raise SystemExit(f"error: --key-encryption-key-file (or ${KEK_ENV}) is required: the token signing "
                          "keys are stored in etcd only encrypted with that key")
-    settings.extra.key_encryption_key_file = os.path.abspath(settings.extra.key_encryption_key_file)
-    run(settings, AuthApp)
+    auth = AuthSettings(key_encryption_key_file=os.path.abspath(args.key_encryption_key_file),
+                        bootstrap_file=args.bootstrap_file)
+    run(settings, functools.partial(AuthApp, settings=auth))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
@@ -18,15 +19,25 @@ SERVICE = pb.DESCRIPTOR.services_by_name["AuthService"].full_name
 EXIT_KEY_ENCRYPTION = 78  # EX_CONFIG
 
 
+@dataclass(frozen=True)
+class AuthSettings:
+    """The auth service's own flags (`python -m services.auth --help`), built in its __main__."""
+
+    #: the file holding the key that encrypts the token signing keys at rest (absolute)
+    key_encryption_key_file: str
+    #: JSON {keys: [...]} registered on start if absent
+    bootstrap_file: str | None = None
+
+
 class AuthApp(ServiceApp):
     grpc_services = (SERVICE,)
     public_methods = frozenset({f"/{SERVICE}/IssueToken", f"/{SERVICE}/WatchVerificationKeys"})
     provides_verification_keys = True
 
-    def __init__(self, platform: Platform):
+    def __init__(self, platform: Platform, settings: AuthSettings):
         super().__init__(platform)
-        self.core = AuthCore(platform.etcd, platform.verifier, platform.settings.extra.key_encryption_key_file)
-        self.bootstrap_file = getattr(platform.settings.extra, "bootstrap_file", None)
+        self.core = AuthCore(platform.etcd, platform.verifier, settings.key_encryption_key_file)
+        self.bootstrap_file = settings.bootstrap_file
 
     def add_to_server(self, server) -> None:
         pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.core), server)

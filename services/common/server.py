@@ -1,8 +1,9 @@
 """Server bootstrap shared by every service process.
 
-A service's `__main__` parses `Settings` (once), then calls
-`run(settings, factory)` with a factory that builds its `ServiceApp`. This
-module owns everything around the app:
+A service's `__main__` parses the flags once (`parse_settings`: the common
+`Settings`, plus the namespace it builds its own settings dataclass from),
+then calls `run(settings, factory)` with a factory that builds its
+`ServiceApp`. This module owns everything around the app:
 
 - a `grpc.aio` server with the interceptor pipeline (observability, errors, auth),
   `grpc.health.v1` and reflection, bound on `--listen` (port 0 allowed: the
@@ -16,8 +17,10 @@ module owns everything around the app:
 - the token verifier, fed by the auth service's key stream (the auth service
   feeds its own);
 - Prometheus metrics on `--metrics-listen`;
+- for apps with an `election`, the campaign: the app's `lead()` runs only
+  while this process leads (one leader per service, on the session's lease);
 - SIGTERM/SIGINT: health off, registry entry deleted, `server.stop(grace)`,
-  app stop, lease revoked.
+  leader work cancelled, app stop, lease revoked.
 """
 from __future__ import annotations
 
@@ -41,11 +44,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common import errors
-from services.common.etcd import Etcd, Session
+from services.common.etcd import Election, Etcd, Session, run_as_leader
 from services.common.identity import ServiceIdentity, follow_verification_keys
 from services.common.interceptors import ServerMetrics, ServerPipeline
 from services.common.registry import Directory, deregister, register
 from services.common.tokens import TokenVerifier
+from services.common.uploads import UploadLimits
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,9 @@ SERVER_OPTIONS = (
 
 @dataclass
 class Settings:
-    """Everything a service process is told at start; read once in __main__."""
+    """What every service process is told at start; read once in __main__.
+    A service's own flags go into its own settings dataclass, which its
+    `__main__` builds and hands to its app."""
 
     service: str
     listen: str = "127.0.0.1:0"
@@ -71,14 +77,18 @@ class Settings:
     instance: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     lease_ttl: int = 10
     grace_seconds: float = 5.0
-    extra: argparse.Namespace = field(default_factory=argparse.Namespace)
+    #: remote URI schemes tenants may name besides file (services.common.confine)
+    allowed_uri_schemes: str = ""
+    uploads: UploadLimits = field(default_factory=UploadLimits)
 
 
 def parse_settings(
     service: str,
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-) -> Settings:
+) -> tuple[Settings, argparse.Namespace]:
+    """The common settings, and the parsed namespace (the service's own flags,
+    added by `add_arguments`, included) for the service's settings dataclass."""
     parser = argparse.ArgumentParser(prog=f"python -m services.{service}", description=f"Cloud-ML {service} service")
     parser.add_argument("--listen", default=os.environ.get("CLOUDML_LISTEN", "127.0.0.1:0"),
                         help="host:port for gRPC (port 0 picks a free one)")
@@ -102,14 +112,14 @@ def parse_settings(
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    known = {"listen", "etcd", "port_file", "data_dir", "credentials_file", "metrics_listen", "log_level", "lease_ttl"}
-    extra = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in known})
-    return Settings(
+    settings = Settings(
         service=service, listen=args.listen, etcd=args.etcd, port_file=args.port_file,
         data_dir=args.data_dir, credentials_file=args.credentials_file,
         metrics_listen=args.metrics_listen, log_level=args.log_level.upper(),
-        lease_ttl=args.lease_ttl, extra=extra,
+        lease_ttl=args.lease_ttl, allowed_uri_schemes=args.allowed_uri_schemes or "",
+        uploads=UploadLimits.from_settings(args),
     )
+    return settings, args
 
 
 @dataclass
@@ -135,6 +145,9 @@ class ServiceApp(abc.ABC):
     public_methods: frozenset[str] = frozenset()
     #: whether this app feeds the token verifier itself (the auth service)
     provides_verification_keys: bool = False
+    #: the etcd prefix of the service's leader election, for apps with work
+    #: only one process may do at a time (`lead()`); None: no election
+    election: str | None = None
 
     def __init__(self, platform: Platform):
         self.platform = platform
@@ -156,8 +169,17 @@ class ServiceApp(abc.ABC):
     def ready(self) -> bool:
         return True
 
+    async def lead(self) -> None:
+        """The leader's work (apps with an `election`). Runs once `start()`
+        has succeeded and this process leads; cancelled when it stops leading
+        (the lease was lost) or the process stops, run again when it leads
+        again; a return or an error resigns and campaigns again."""
+
+    def leadership_changed(self, leading: bool) -> None:
+        """Called as this process becomes (True) or stops being (False) the leader."""
+
     async def stop(self) -> None:
-        """Stops loops; the server is already draining."""
+        """Stops loops; the server is already draining and `lead()` is over."""
 
 
 def configure_logging(level: str) -> None:
@@ -191,6 +213,14 @@ async def _retry_until_done(what: str, action, stop: asyncio.Event) -> bool:
         await asyncio.sleep(delay)
         delay = min(delay * 2, 2.0)
     return False
+
+
+async def _campaign(app: ServiceApp, session: Session, instance: str) -> None:
+    """Runs `app.lead()` while this process leads `app.election`; never returns."""
+    while session.lease_id == 0:  # the bootstrap starts the session beside the app
+        await asyncio.sleep(0.05)
+    election = Election(session, app.election, instance.encode())
+    await run_as_leader(election, app.lead, on_change=app.leadership_changed)
 
 
 async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -> None:
@@ -259,8 +289,13 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
             await register(session, settings.service, settings.instance, address)
             registered = True
 
+    leader: asyncio.Task | None = None
+
     async def start_app() -> None:
+        nonlocal leader
         await app.start()
+        if app.election and leader is None:
+            leader = asyncio.create_task(_campaign(app, session, settings.instance), name=f"{settings.service}-leader")
         app_started.set()
 
     async def health_loop() -> None:
@@ -297,6 +332,10 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
     if front:
         await front.stop()
     await server.stop(settings.grace_seconds)
+    if leader is not None:
+        leader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await leader
     with contextlib.suppress(Exception):
         await app.stop()
     for task in tasks:

@@ -1,14 +1,15 @@
 """python -m services.gateway --etcd HOST:PORT --listen 127.0.0.1:8500 --rest-listen 127.0.0.1:8501"""
+import functools
 import os
 
 from services.common.server import parse_settings, run
-from services.gateway.server import GatewayApp
+from services.gateway.server import GatewayApp, GatewaySettings
 
 
 def _arguments(parser) -> None:
-    parser.add_argument("--rest-listen", default="127.0.0.1:8501", help="host:port for the HTTP API")
+    parser.add_argument("--rest-listen", default=GatewaySettings.rest_listen, help="host:port for the HTTP API")
     parser.add_argument("--dataplane", choices=("auto", "native", "python"),
-                        default=os.environ.get("CLOUDML_DATAPLANE", "auto"),
+                        default=os.environ.get("CLOUDML_DATAPLANE", GatewaySettings.dataplane),
                         help="who serves the gRPC port: the native data plane, this process, or native if built "
                              "(see services/gateway/dataplane.py)")
     parser.add_argument("--dataplane-spin-us", type=int,
@@ -16,11 +17,15 @@ def _arguments(parser) -> None:
                             "CLOUDML_DATAPLANE_SPIN_US") else None,
                         help="the data plane polls this long after each event before sleeping (default 1000; 0: never)")
     parser.add_argument("--max-request-bytes", type=int,
-                        default=int(os.environ.get("CLOUDML_MAX_REQUEST_BYTES") or 64 * 1024 * 1024),
+                        default=int(os.environ.get("CLOUDML_MAX_REQUEST_BYTES") or GatewaySettings.max_request_bytes),
                         help="platform-wide cap on a model call's request size in bytes (default 64 MiB); each "
                              "model's own limit, derived from its replicas' memory, is at most this "
                              "(see services/gateway/predict.py)")
 
 
 if __name__ == "__main__":
-    run(parse_settings("gateway", add_arguments=_arguments), GatewayApp)
+    settings, args = parse_settings("gateway", add_arguments=_arguments)
+    run(settings, functools.partial(GatewayApp, settings=GatewaySettings(
+        rest_listen=args.rest_listen, dataplane=args.dataplane, dataplane_spin_us=args.dataplane_spin_us,
+        max_request_bytes=args.max_request_bytes or GatewaySettings.max_request_bytes,
+    )))

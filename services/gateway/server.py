@@ -12,6 +12,7 @@ metrics (`rest.RestServer`).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from cloudml.auth.v1 import auth_service_pb2
 from cloudml.tfs.tensorflow_serving.apis import model_service_pb2, prediction_service_pb2  # noqa: F401 (reflection)
@@ -35,24 +36,38 @@ log = logging.getLogger(__name__)
 _AUTH = auth_service_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 
 
+@dataclass(frozen=True)
+class GatewaySettings:
+    """The gateway's own flags (`python -m services.gateway --help`), built in its __main__."""
+
+    #: host:port for the HTTP API (None: no HTTP API)
+    rest_listen: str | None = "127.0.0.1:8501"
+    #: who serves the gRPC port: "native", "python" or "auto" (see dataplane.py)
+    dataplane: str = "auto"
+    #: the data plane's polling after each event, microseconds (None: its default)
+    dataplane_spin_us: int | None = None
+    #: platform-wide cap on a model call's request size, bytes (see predict.py)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
 class GatewayApp(ServiceApp):
     # Calls that need no token pass through to the auth service unchecked;
     # TF Serving calls authenticate in their handler (public models need no token).
     # The data plane's Attach checks its own secret.
     public_methods = frozenset({f"/{_AUTH}/IssueToken", f"/{_AUTH}/WatchVerificationKeys", ATTACH}) | TFS_METHODS
 
-    def __init__(self, platform: Platform):
+    def __init__(self, platform: Platform, settings: GatewaySettings = GatewaySettings()):
         super().__init__(platform)
         self.routes = platform_routes()
         self.grpc_services = (*service_names(self.routes), PREDICTION_SERVICE, MODEL_SERVICE)
         self.proxy = Proxy(self.routes, platform.directory)
         self.table = RoutingTable(platform.etcd, platform.directory.channel_for)
-        max_request_bytes = getattr(platform.settings.extra, "max_request_bytes", None) or DEFAULT_MAX_REQUEST_BYTES
+        max_request_bytes = settings.max_request_bytes
         self.router = PredictRouter(self.table, platform.verifier, platform.metrics_registry, max_request_bytes)
-        mode = choose_mode(getattr(platform.settings.extra, "dataplane", "auto"))
+        mode = choose_mode(settings.dataplane)
         self.dataplane = None
         if mode == "native":
-            spin_us = getattr(platform.settings.extra, "dataplane_spin_us", None)
+            spin_us = settings.dataplane_spin_us
             owners = {route.method.split("/")[1]: route.owner for route in self.routes.values()}
             self.dataplane = NativeDataplane(self.table, self.router.metrics, platform.directory, platform.verifier,
                                              owners, self.public_methods - TFS_METHODS - {ATTACH},
@@ -60,8 +75,9 @@ class GatewayApp(ServiceApp):
                                              **({"spin_us": spin_us} if spin_us is not None else {}))
             platform.verifier.listeners.append(self.table.changed)
             self.proxy.vouch = self.dataplane.vouch
-        rest_listen = getattr(platform.settings.extra, "rest_listen", None)
+        rest_listen = settings.rest_listen
         self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router) if rest_listen else None
+        self._table_started = False
         self._started = False
 
     def add_to_server(self, server) -> None:
@@ -74,8 +90,9 @@ class GatewayApp(ServiceApp):
 
     async def start(self) -> None:
         await self.platform.directory.wait_synced(5)
-        if not self.table.routes_mirror._task:
+        if not self._table_started:
             self.table.start()
+            self._table_started = True
         await self.table.wait_synced(5)
         if self.rest and not self.rest.port:
             await self.rest.start()

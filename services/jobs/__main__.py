@@ -9,9 +9,13 @@ dir), envs/ (trainer environments by package hash), runtime/local/ (the local
 runtime's replica records and capacity, shared with other services),
 storage/<tenant>/jobs/<job>/ (the default output_path).
 """
+import functools
+
 from cloudml import units
+from services.common.runtime.factory import RUNTIMES
 from services.common.server import parse_settings, run
-from services.jobs.server import JobsApp
+from services.jobs.core import Defaults
+from services.jobs.server import JobsApp, JobsSettings
 
 
 def _type(parse):
@@ -27,7 +31,7 @@ def _type(parse):
 
 
 def _arguments(parser) -> None:
-    parser.add_argument("--runtime", default="local", choices=("local",), help="where replicas run")
+    parser.add_argument("--runtime", default=JobsSettings.runtime, choices=RUNTIMES, help="where replicas run")
     parser.add_argument("--default-cpu", type=_type(units.parse_cpu), default=None,
                         help="per-replica CPU when a spec gives none (default 0.5)")
     parser.add_argument("--default-memory", type=_type(units.parse_memory), default=None,
@@ -37,7 +41,7 @@ def _arguments(parser) -> None:
                         help="the local runtime's CPU capacity (default: the machine's cores)")
     parser.add_argument("--capacity-memory", type=_type(units.parse_memory), default=None,
                         help="the local runtime's memory capacity (default: physical memory - 1Gi)")
-    parser.add_argument("--stop-grace", type=float, default=3.0,
+    parser.add_argument("--stop-grace", type=float, default=JobsSettings.stop_grace,
                         help="seconds between SIGTERM and SIGKILL when replicas are stopped")
     parser.add_argument("--base-python", default=None,
                         help="the interpreter trainer environments are built on (default: this one)")
@@ -47,5 +51,18 @@ def _arguments(parser) -> None:
                         help="extra `uv pip install` argument for trainer packages (repeatable)")
 
 
+def _jobs_settings(args) -> JobsSettings:
+    return JobsSettings(
+        runtime=args.runtime,
+        defaults=Defaults(cpu_millis=args.default_cpu or Defaults.cpu_millis,
+                          memory_bytes=args.default_memory or Defaults.memory_bytes,
+                          gpus=args.default_gpus or Defaults.gpus),
+        capacity_cpu=args.capacity_cpu, capacity_memory=args.capacity_memory,
+        stop_grace=args.stop_grace, base_python=args.base_python, envs_dir=args.envs_dir,
+        install_args=tuple(args.install_arg or ()),
+    )
+
+
 if __name__ == "__main__":
-    run(parse_settings("jobs", add_arguments=_arguments), JobsApp)
+    settings, args = parse_settings("jobs", add_arguments=_arguments)
+    run(settings, functools.partial(JobsApp, settings=_jobs_settings(args)))

@@ -1,9 +1,10 @@
 """The scheduler: admits queued jobs and drives started ones (leader only).
 
-Every jobs process runs `Scheduler.run()`, which campaigns in the election
-under /cloudml/jobs/election/; only the leader schedules, the others stand by
-(and serve the API). Losing the lease stops the leader's loops at once
-without touching any replica process: the next leader adopts them.
+Every jobs process campaigns in the election under /cloudml/jobs/election/
+(the bootstrap does, `ServiceApp.election`); only the leader runs
+`Scheduler.lead()`, the others stand by (and serve the API). Losing the lease
+cancels the leader's loops at once without touching any replica process: the
+next leader adopts them.
 
 Queue policy
 ------------
@@ -49,13 +50,12 @@ from dataclasses import dataclass
 from cloudml.common.v1 import resources_pb2
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from services.common import errors
-from services.common.etcd import Election, Session, run_as_leader
 from services.common.runtime.base import Amount, CapacityBusy, ReplicaStatus, Runtime, Unschedulable
 from services.jobs import policy, records
 from services.jobs.envs import EnvCache
 from services.jobs.observability import JobsMetrics
 from services.jobs.runner import JobRunner, held_of, truncate
-from services.jobs.store import ELECTION, Held, JobIndex, JobStore, Unchanged, job_key
+from services.jobs.store import Held, JobIndex, JobStore, Unchanged, job_key
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,8 @@ def _dominates(need: resources_pb2.Resources, busy: resources_pb2.Resources) -> 
 
 
 class Scheduler:
-    def __init__(self, session: Session, store: JobStore, index: JobIndex, quota, runtime: Runtime,
+    def __init__(self, store: JobStore, index: JobIndex, quota, runtime: Runtime,
                  envs: EnvCache, settings: SchedulerSettings, clock=time.time, metrics: JobsMetrics | None = None):
-        self.session = session
         self.store = store
         self.index = index
         self.quota = quota
@@ -109,13 +108,6 @@ class Scheduler:
 
     # --- leadership ---------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Campaigns forever; schedules while leading."""
-        while self.session.lease_id == 0:
-            await asyncio.sleep(0.1)
-        election = Election(self.session, ELECTION, self.settings.instance.encode())
-        await run_as_leader(election, self._lead)
-
     def _on_change(self, key: str, job: pb.TrainJob | None) -> None:
         if not self.leading:
             return
@@ -129,7 +121,8 @@ class Scheduler:
             self._queued.add(key)
             self._wake.set()
 
-    async def _lead(self) -> None:
+    async def lead(self) -> None:
+        """Schedules until cancelled (this process stopped leading)."""
         log.info("scheduler: leading (instance %s)", self.settings.instance)
         await self.index.wait_synced()
         self.leading = True

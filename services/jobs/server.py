@@ -1,17 +1,16 @@
 """The jobs service's app: the index, the core, the scheduler and the runtime."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 from services.common.confine import Confiner
-from services.common.runtime.base import Amount, Runtime
-from services.common.uploads import UploadLimits, Uploads
+from services.common.runtime.factory import make_runtime
+from services.common.uploads import Uploads
 from services.common.server import Platform, ServiceApp
 from services.jobs.core import Defaults, JobsCore
 from services.jobs.envs import EnvCache
@@ -19,81 +18,75 @@ from services.jobs.observability import JobsMetrics
 from services.common.quota import QuotaClient
 from services.jobs.scheduler import Scheduler, SchedulerSettings
 from services.jobs.servicer import JobsServicer
-from services.jobs.store import JobIndex, JobStore
+from services.jobs.store import ELECTION, JobIndex, JobStore
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["JobsService"].full_name
 
 
-def runtime_state_dir(data_dir: str, runtime: str) -> str:
-    """Shared by every service that places replicas on this runtime, so
-    that they share (and account) the machine's capacity."""
-    return os.path.join(data_dir, "runtime", runtime)
+@dataclass(frozen=True)
+class JobsSettings:
+    """The jobs service's own flags (`python -m services.jobs --help`), built in its __main__."""
 
-
-def make_runtime(name: str, data_dir: str, extra) -> Runtime:
-    if name != "local":
-        raise SystemExit(f"error: --runtime {name!r} is not available (only 'local')")
-    from services.common.runtime.local import LocalRuntime
-
-    total = None
-    cpu, memory = getattr(extra, "capacity_cpu", None), getattr(extra, "capacity_memory", None)
-    if cpu is not None or memory is not None:
-        probe = LocalRuntime(runtime_state_dir(data_dir, name)).total()
-        total = Amount(cpu if cpu is not None else probe.cpu_millis,
-                       memory if memory is not None else probe.memory_bytes, probe.gpus)
-    return LocalRuntime(runtime_state_dir(data_dir, name), total=total)
+    runtime: str = "local"
+    #: per-replica resources for amounts a spec leaves at zero
+    defaults: Defaults = Defaults()
+    #: the local runtime's capacity (None: the machine's cores / physical memory - 1Gi)
+    capacity_cpu: int | None = None
+    capacity_memory: int | None = None
+    #: SIGTERM -> SIGKILL when replicas are stopped
+    stop_grace: float = SchedulerSettings.stop_grace
+    #: the interpreter trainer environments are built on (None: this one)
+    base_python: str | None = None
+    #: where trainer environments are cached (None: DIR/envs)
+    envs_dir: str | None = None
+    #: extra `uv pip install` arguments for trainer packages
+    install_args: tuple[str, ...] = ()
 
 
 class JobsApp(ServiceApp):
     grpc_services = (SERVICE,)
+    election = ELECTION
 
-    def __init__(self, platform: Platform):
+    def __init__(self, platform: Platform, settings: JobsSettings = JobsSettings()):
         super().__init__(platform)
-        settings = platform.settings
-        extra = settings.extra
-        if not settings.data_dir:
+        common = platform.settings
+        if not common.data_dir:
             raise SystemExit("error: the jobs service needs --data-dir")
-        data_dir = os.path.abspath(settings.data_dir)
-        self.runtime = make_runtime(getattr(extra, "runtime", "local"), data_dir, extra)
+        data_dir = os.path.abspath(common.data_dir)
+        self.runtime = make_runtime(settings.runtime, data_dir, settings.capacity_cpu, settings.capacity_memory)
         self.index = JobIndex(platform.etcd)
         self.store = JobStore(platform.etcd, self.index)
         quota = QuotaClient(platform.directory, platform.identity)
-        defaults = Defaults(
-            cpu_millis=getattr(extra, "default_cpu", None) or Defaults.cpu_millis,
-            memory_bytes=getattr(extra, "default_memory", None) or Defaults.memory_bytes,
-            gpus=getattr(extra, "default_gpus", None) or Defaults.gpus,
-        )
         metrics = JobsMetrics(platform.metrics_registry)
         storage = os.path.join(data_dir, "storage")
-        schemes = getattr(extra, "allowed_uri_schemes", "") or ""
-        uploads = Uploads(storage, getattr(self.runtime, "tenancy", None), UploadLimits.from_settings(extra))
-        self.core = JobsCore(self.store, self.index, quota, self.runtime, data_dir, defaults, metrics=metrics,
-                             confiner=Confiner(storage, schemes), uploads=uploads)
+        schemes = common.allowed_uri_schemes
+        uploads = Uploads(storage, getattr(self.runtime, "tenancy", None), common.uploads)
+        self.core = JobsCore(self.store, self.index, quota, self.runtime, data_dir, settings.defaults,
+                             metrics=metrics, confiner=Confiner(storage, schemes), uploads=uploads)
         tenancy = getattr(self.runtime, "tenancy", None)
         if tenancy is not None:  # tenant code must reach its own directories below the data dir
             tenancy.ensure_reachable(data_dir)
-        envs = EnvCache(getattr(extra, "envs_dir", None) or os.path.join(data_dir, "envs"), getattr(extra, "base_python", None) or sys.executable,
-                        install_args=tuple(getattr(extra, "install_arg", None) or ()), tenancy=tenancy)
+        envs = EnvCache(settings.envs_dir or os.path.join(data_dir, "envs"), settings.base_python or sys.executable,
+                        install_args=settings.install_args, tenancy=tenancy)
         self.scheduler = Scheduler(
-            platform.session, self.store, self.index, quota, self.runtime, envs,
-            SchedulerSettings(data_dir=data_dir, instance=settings.instance,
-                              stop_grace=getattr(extra, "stop_grace", 3.0), allowed_uri_schemes=schemes),
+            self.store, self.index, quota, self.runtime, envs,
+            SchedulerSettings(data_dir=data_dir, instance=common.instance, stop_grace=settings.stop_grace,
+                              allowed_uri_schemes=schemes),
             metrics=metrics,
         )
-        self._scheduler_task: asyncio.Task | None = None
+        self._index_started = False
         self._ready = False
 
     def add_to_server(self, server) -> None:
         pb_grpc.add_JobsServiceServicer_to_server(JobsServicer(self.core), server)
 
     async def start(self) -> None:
-        if self.index._task is None:
+        if not self._index_started:
             self.index.start()
+            self._index_started = True
         await self.index.wait_synced(30)
-        if self._scheduler_task is None:
-            self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="jobs-scheduler")
         self._ready = True
         log.info("jobs: %d job record(s) loaded; runtime %s with %s", len(self.index), self.runtime.name,
                  self.runtime.total())
@@ -101,10 +94,10 @@ class JobsApp(ServiceApp):
     def ready(self) -> bool:
         return self._ready
 
+    async def lead(self) -> None:
+        await self.scheduler.lead()
+
     async def stop(self) -> None:
-        # Replica processes keep running: the next leader adopts them.
-        if self._scheduler_task:
-            self._scheduler_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._scheduler_task
+        # The scheduler is already cancelled; replica processes keep running:
+        # the next leader adopts them.
         await self.index.stop()

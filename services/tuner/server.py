@@ -1,15 +1,13 @@
 """The tuner service's app: the core (every process) and the driver (leader only)."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
+from dataclasses import dataclass
 
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
 from cloudml.tuner.v1 import tuner_service_pb2_grpc as pb_grpc
 from services.common.confine import Confiner
-from services.common.etcd import Election, run_as_leader
 from services.common.server import Platform, ServiceApp
 from services.tuner import algorithms
 from services.tuner.clients import JobsClient, StudyQuota
@@ -23,23 +21,30 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["TunerService"].full_name
 
 
+@dataclass(frozen=True)
+class TunerSettings:
+    """The tuner service's own flags (`python -m services.tuner --help`), built in its __main__."""
+
+    #: how often the driver reads running trials' metrics for early stopping
+    poll_seconds: float = DriverSettings.poll_seconds
+
+
 class TunerApp(ServiceApp):
     grpc_services = (SERVICE,)
+    election = ELECTION
 
-    def __init__(self, platform: Platform):
+    def __init__(self, platform: Platform, settings: TunerSettings = TunerSettings()):
         super().__init__(platform)
-        settings = platform.settings
+        common = platform.settings
         algorithms.quiet_optuna()
-        data_dir = os.path.abspath(settings.data_dir) if settings.data_dir else ""
+        data_dir = os.path.abspath(common.data_dir) if common.data_dir else ""
         self.store = TunerStore(platform.etcd)
         self.jobs = JobsClient(platform.directory, platform.identity)
-        confiner = (Confiner(os.path.join(data_dir, "storage"), getattr(settings.extra, "allowed_uri_schemes", "") or "")
-                    if data_dir else None)
+        confiner = Confiner(os.path.join(data_dir, "storage"), common.allowed_uri_schemes) if data_dir else None
         self.core = TunerCore(self.store, self.jobs, StudyQuota(platform.directory, platform.identity), data_dir,
                               confiner=confiner)
-        poll = getattr(settings.extra, "poll_seconds", 1.0)
-        self.driver = Driver(platform.etcd, self.core, self.store, self.jobs, DriverSettings(poll_seconds=poll))
-        self._leader_task: asyncio.Task | None = None
+        self.driver = Driver(platform.etcd, self.core, self.store, self.jobs,
+                             DriverSettings(poll_seconds=settings.poll_seconds))
         self._ready = False
 
     def add_to_server(self, server) -> None:
@@ -47,22 +52,10 @@ class TunerApp(ServiceApp):
 
     async def start(self) -> None:
         await self.platform.etcd.ping()
-        if self._leader_task is None:
-            self._leader_task = asyncio.create_task(self._lead(), name="tuner-leader")
         self._ready = True
 
-    async def _lead(self) -> None:
-        session = self.platform.session
-        while session.lease_id == 0:  # the bootstrap starts the session beside the app
-            await asyncio.sleep(0.05)
-        election = Election(session, ELECTION, self.platform.settings.instance.encode())
-        await run_as_leader(election, self.driver.run)
+    async def lead(self) -> None:
+        await self.driver.run()
 
     def ready(self) -> bool:
         return self._ready
-
-    async def stop(self) -> None:
-        if self._leader_task:
-            self._leader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._leader_task
