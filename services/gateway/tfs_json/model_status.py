@@ -7,7 +7,7 @@ from typing import Any
 from cloudml.tfs.tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 from cloudml.tfs.xla.tsl.protobuf import error_codes_pb2
 
-from services.gateway.tfs_json.errors import JsonError
+from services.gateway.tfs_json.signatures import signature_def_map
 from services.gateway.tfs_json.strings import _encode_out
 
 
@@ -37,12 +37,7 @@ def model_metadata_to_json(response: get_model_metadata_pb2.GetModelMetadataResp
     {"model_spec": {...}, "metadata": {"signature_def": <SignatureDefMap>}}."""
     from google.protobuf import json_format
 
-    if "signature_def" not in response.metadata:
-        raise JsonError("Failed to find 'signature_def' key in the GetModelMetadataResponse "
-                        "metadata map.", "INTERNAL")
-    sdm = get_model_metadata_pb2.SignatureDefMap()
-    if not response.metadata["signature_def"].Unpack(sdm):
-        raise JsonError("Failed to unpack 'Any' object to 'SignatureDefMap'.", "INTERNAL")
+    sdm = signature_def_map(response)
     opts = dict(preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     doc = {
         "model_spec": json_format.MessageToDict(response.model_spec, **opts),

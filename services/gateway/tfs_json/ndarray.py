@@ -5,24 +5,9 @@ import numpy as np
 
 from cloudml.tfs.tensorflow.core.framework import tensor_pb2
 
-from services.gateway.tfs_json.dtypes import (
-    DT_BFLOAT16,
-    DT_BOOL,
-    DT_COMPLEX128,
-    DT_COMPLEX64,
-    DT_DOUBLE,
-    DT_FLOAT,
-    DT_HALF,
-    DT_INT16,
-    DT_INT32,
-    DT_INT64,
-    DT_INT8,
-    DT_STRING,
-    DT_UINT16,
-    DT_UINT32,
-    DT_UINT64,
-    DT_UINT8,
-)
+from services.gateway.tfs_json.dtypes import (DT_BFLOAT16, DT_BOOL, DT_COMPLEX128, DT_COMPLEX64, DT_DOUBLE,
+    DT_FLOAT, DT_HALF, DT_INT16, DT_INT32, DT_INT64, DT_INT8, DT_STRING, DT_UINT16, DT_UINT32, DT_UINT64,
+    DT_UINT8)
 from services.gateway.tfs_json.errors import JsonError
 from services.gateway.tfs_json.text import _dtype_string, _shape_str
 from services.gateway.tfs_json.values import _CONTENT_DTYPE

@@ -11,13 +11,8 @@ from services.gateway.tfs_json.errors import JsonError
 from services.gateway.tfs_json.parse import _is_b64_object, _parse_json
 from services.gateway.tfs_json.signatures import _infer_dtype, _resolve_signature, SignatureSource
 from services.gateway.tfs_json.text import _shape_str, _vts
-from services.gateway.tfs_json.values import (
-    _fast_leaves,
-    _fast_values,
-    _fill_slow,
-    _make_tensor,
-    _tensor_values,
-)
+from services.gateway.tfs_json.values import (_fast_leaves, _fast_values, _fill_slow, _make_tensor,
+    _tensor_values)
 
 
 class ParsedPredict(NamedTuple):

@@ -9,21 +9,8 @@ import numpy as np
 from cloudml.tfs.tensorflow.core.framework import tensor_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2
 
-from services.gateway.tfs_json.dtypes import (
-    DT_BFLOAT16,
-    DT_BOOL,
-    DT_DOUBLE,
-    DT_FLOAT,
-    DT_HALF,
-    DT_INT16,
-    DT_INT32,
-    DT_INT64,
-    DT_INT8,
-    DT_STRING,
-    DT_UINT32,
-    DT_UINT64,
-    DT_UINT8,
-)
+from services.gateway.tfs_json.dtypes import (DT_BFLOAT16, DT_BOOL, DT_DOUBLE, DT_FLOAT, DT_HALF, DT_INT16,
+    DT_INT32, DT_INT64, DT_INT8, DT_STRING, DT_UINT32, DT_UINT64, DT_UINT8)
 from services.gateway.tfs_json.errors import JsonError
 from services.gateway.tfs_json.ndarray import tensor_to_ndarray
 from services.gateway.tfs_json.strings import _bytes_to_text, _encode_out, _jstr

@@ -6,32 +6,30 @@ from typing import Any, Mapping
 from cloudml.tfs.tensorflow.core.protobuf import meta_graph_pb2
 from cloudml.tfs.tensorflow_serving.apis import get_model_metadata_pb2
 
-from services.gateway.tfs_json.dtypes import (
-    DEFAULT_SIGNATURE,
-    DT_BOOL,
-    DT_FLOAT,
-    DT_INT32,
-    DT_INT64,
-    DT_STRING,
-    INT32_MAX,
-    INT32_MIN,
-)
+from services.gateway.tfs_json.dtypes import (DEFAULT_SIGNATURE, DT_BOOL, DT_FLOAT, DT_INT32, DT_INT64,
+    DT_STRING, INT32_MAX, INT32_MIN)
 from services.gateway.tfs_json.errors import JsonError
 
 
 SignatureSource = Any  # SignatureDef | Mapping[str, SignatureDef] | Callable | ... | None
 
 
-def signature_map_from_metadata(
-        response: get_model_metadata_pb2.GetModelMetadataResponse) -> dict[str, meta_graph_pb2.SignatureDef]:
-    """The signatures in a GetModelMetadataResponse (its 'signature_def' Any)."""
+def signature_def_map(
+        response: get_model_metadata_pb2.GetModelMetadataResponse) -> get_model_metadata_pb2.SignatureDefMap:
+    """A GetModelMetadataResponse's 'signature_def' Any, unpacked (INTERNAL errors as TF Serving words them)."""
     if "signature_def" not in response.metadata:
         raise JsonError("Failed to find 'signature_def' key in the GetModelMetadataResponse "
                         "metadata map.", "INTERNAL")
     sdm = get_model_metadata_pb2.SignatureDefMap()
     if not response.metadata["signature_def"].Unpack(sdm):
         raise JsonError("Failed to unpack 'Any' object to 'SignatureDefMap'.", "INTERNAL")
-    return dict(sdm.signature_def)
+    return sdm
+
+
+def signature_map_from_metadata(
+        response: get_model_metadata_pb2.GetModelMetadataResponse) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The signatures in a GetModelMetadataResponse (its 'signature_def' Any)."""
+    return dict(signature_def_map(response).signature_def)
 
 
 def _resolve_signature(source: SignatureSource, name: str) -> meta_graph_pb2.SignatureDef | None:

@@ -9,30 +9,9 @@ import numpy as np
 
 from cloudml.tfs.tensorflow.core.framework import tensor_pb2
 
-from services.gateway.tfs_json.dtypes import (
-    DOUBLE_MAX_INT,
-    DT_BFLOAT16,
-    DT_BOOL,
-    DT_DOUBLE,
-    DT_FLOAT,
-    DT_HALF,
-    DT_INT16,
-    DT_INT32,
-    DT_INT64,
-    DT_INT8,
-    DT_STRING,
-    DT_UINT32,
-    DT_UINT64,
-    DT_UINT8,
-    FLOAT_MAX_INT,
-    FLT_MAX,
-    INT32_MAX,
-    INT32_MIN,
-    INT64_MAX,
-    INT64_MIN,
-    UINT32_MAX,
-    UINT64_MAX,
-)
+from services.gateway.tfs_json.dtypes import (DOUBLE_MAX_INT, DT_BFLOAT16, DT_BOOL, DT_DOUBLE, DT_FLOAT,
+    DT_HALF, DT_INT16, DT_INT32, DT_INT64, DT_INT8, DT_STRING, DT_UINT32, DT_UINT64, DT_UINT8, FLOAT_MAX_INT,
+    FLT_MAX, INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, UINT32_MAX, UINT64_MAX)
 from services.gateway.tfs_json.errors import JsonError
 from services.gateway.tfs_json.parse import _b64decode, _decode_b64_object, _is_b64_object, _str_bytes
 from services.gateway.tfs_json.text import _as_double, _dtype_string, _jtype, _num_kind, _vts
