@@ -32,11 +32,11 @@ Adoption (a new leader, after a crash or a failover)
 ----------------------------------------------------
 `runtime.adopt()` restores the runtime's view; then every job the records
 show as PREPARING, RUNNING, RESTARTING or CANCELLING gets a runner again,
-which resumes from the stored state (see `services.jobs.runner`). Replicas of no active job are stopped, and quota and capacity held
-for jobs that are no longer active (held markers, reservations) are
-returned. Quota and capacity are always released after the final state is
-written, and a held marker stays until both are released, so no crash can
-leak them.
+which resumes from the stored state (see `services.jobs.runner`).
+Replicas of no active job are stopped, and quota and capacity held for jobs
+that are no longer active (held markers, reservations) are returned. Quota
+and capacity are always released after the final state is written, and a
+held marker stays until both are released, so no crash can leak them.
 """
 from __future__ import annotations
 
