@@ -42,6 +42,7 @@ from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 from deploy.local.etcd import EtcdProcess
 from deploy.local.service_process import ServiceProcess, service_command
+from services.common.runtime.factory import runtime_state_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ADMIN_KEY = "AKJOBSTESTADMIN00000"
@@ -80,7 +81,7 @@ def spec(package: str, module: str, args: list[str] | str = (), *, replicas: lis
 
 def stop_replicas(data_dir: str) -> None:
     """Stops every replica process the local runtime under `data_dir` knows."""
-    state_dir = os.path.join(data_dir, "runtime", "local")
+    state_dir = runtime_state_dir(data_dir, "local")
     if not os.path.isdir(state_dir):
         return
     import asyncio
