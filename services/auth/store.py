@@ -25,15 +25,7 @@ from typing import Callable
 
 from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.common.v1 import resources_pb2
-from services.common.etcd import (
-    KV,
-    Etcd,
-    cmp_absent,
-    cmp_mod_revision,
-    op_delete,
-    op_get,
-    op_put,
-)
+from services.common.etcd import KV, Etcd, cmp_absent, cmp_mod_revision, op_delete, op_get, op_put
 
 PREFIX = "/cloudml/auth/"
 
@@ -44,14 +36,10 @@ class AuthKeys:
 
     def __init__(self, root: str = PREFIX):
         self.root = root if root.endswith("/") else root + "/"
-        self.tenants = self.root + "tenants/"
-        self.keys = self.root + "keys/"
-        self.signing = self.root + "signing/"
+        self.tenants, self.keys, self.signing, self.quotas, self.usage, self.reservations, self.election = (
+            self.root + folder for folder in
+            ("tenants/", "keys/", "signing/", "quotas/", "usage/", "reservations/", "election/"))
         self.signing_initialized = self.root + "signing-initialized"
-        self.quotas = self.root + "quotas/"
-        self.usage = self.root + "usage/"
-        self.reservations = self.root + "reservations/"
-        self.election = self.root + "election/"
 
     def tenant(self, tenant: str) -> str:
         return self.tenants + tenant
@@ -73,24 +61,6 @@ class AuthKeys:
 
     def reservation(self, tenant: str, owner_id: str) -> str:
         return self.reservations_of(tenant) + owner_id
-
-
-# The default layout, as module names.
-DEFAULT_KEYS = AuthKeys()
-TENANTS = DEFAULT_KEYS.tenants
-KEYS = DEFAULT_KEYS.keys
-SIGNING = DEFAULT_KEYS.signing
-QUOTAS = DEFAULT_KEYS.quotas
-USAGE = DEFAULT_KEYS.usage
-RESERVATIONS = DEFAULT_KEYS.reservations
-ELECTION = DEFAULT_KEYS.election
-tenant_key = DEFAULT_KEYS.tenant
-access_key_key = DEFAULT_KEYS.access_key
-signing_key = DEFAULT_KEYS.signing_key
-quota_key = DEFAULT_KEYS.quota
-usage_key = DEFAULT_KEYS.usage_of
-reservations_prefix = DEFAULT_KEYS.reservations_of
-reservation_key = DEFAULT_KEYS.reservation
 
 
 @dataclass

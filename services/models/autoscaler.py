@@ -29,9 +29,23 @@ needs to load. Versions with min_replicas == max_replicas are never scraped.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from cloudml.models.v1 import models_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+S = pb.ModelVersionState
+# The model server's gauge of calls it is handling (queued for a batch or running).
+INFLIGHT_METRICS = ("cloudml_model_server_inflight_requests", "cloudml_model_inflight_requests")
+METRICS_MAX = 1 << 20
 
 
 @dataclass
@@ -88,3 +102,57 @@ class Autoscaler:
 
     def forget(self, key: str) -> None:
         self._history.pop(key, None)
+
+
+class InflightScraper:
+    """The scrape behind the rule above, for the reconciler (a mixin of
+    `Reconciler`): uses its `settings`, `clock`, `replicas`, `versions`,
+    `autoscaler`, `_endpoint_state()`, `_socket_path()` and `wake()`."""
+
+    async def _scrape_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.scrape_interval)
+            try:
+                await self._scrape()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a scrape must never stop the loop
+                log.exception("autoscaling scrape failed")
+
+    async def _scrape(self) -> None:
+        """Reads each autoscaled AVAILABLE replica's in-flight gauge from its
+        metrics socket (`<replica id>.metrics.sock`, HTTP)."""
+        targets: dict[str, list[str]] = defaultdict(list)
+        for record in list(self.replicas.values()):
+            version = self.versions.items.get(record.version_key)
+            if version is None or version.min_replicas == version.max_replicas or record.stopping:
+                continue
+            if self._endpoint_state(record) != S.MODEL_VERSION_STATE_AVAILABLE:
+                continue
+            if record.address.startswith("unix:"):
+                targets[record.version_key].append(self._socket_path(record, "metrics"))
+        now = self.clock()
+        for vkey, paths in targets.items():
+            values = await asyncio.gather(*(self._inflight(path) for path in paths))
+            total = sum(v for v in values if v is not None)
+            self.autoscaler.observe(vkey, total, now)
+            version = self.versions.items.get(vkey)
+            if version is not None:
+                current = version.desired_replicas or version.min_replicas
+                if self.autoscaler.desired(vkey, current, version.min_replicas, version.max_replicas,
+                                           now) != current:
+                    self.wake()
+
+    async def _inflight(self, path: str) -> float | None:
+        timeout = aiohttp.ClientTimeout(total=max(self.settings.scrape_interval * 0.8, 0.2))
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path), timeout=timeout) as http:
+                async with http.get("http://replica/metrics") as resp:
+                    text = (await resp.content.read(METRICS_MAX)).decode(errors="replace")
+            families = list(text_string_to_metric_families(text))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return None
+        for family in families:
+            if family.name in INFLIGHT_METRICS:
+                return sum(sample.value for sample in family.samples)
+        return None

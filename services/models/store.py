@@ -18,7 +18,7 @@
                                               replica: replicas are tenant code and never reach etcd),
                                               with no lease: AVAILABLE once the replica reports itself
                                               serving, UNLOADING before it is stopped, deleted once its
-                                              process is gone (see reconciler.py)
+                                              process is gone (see observe.py)
     election/<lease>                          the reconciler's leader election
 
 The gateway reads routes/ and endpoints/ (read-only); nothing else outside
@@ -68,13 +68,9 @@ class ModelKeys:
 
     def __init__(self, root: str = PREFIX):
         self.root = root if root.endswith("/") else root + "/"
-        self.models = self.root + "models/"
-        self.versions = self.root + "versions/"
-        self.counters = self.root + "counters/"
-        self.replicas = self.root + "replicas/"
-        self.routes = self.root + "routes/"
-        self.endpoints = self.root + "endpoints/"
-        self.election = self.root + "election/"
+        self.models, self.versions, self.counters, self.replicas, self.routes, self.endpoints, self.election = (
+            self.root + folder for folder in
+            ("models/", "versions/", "counters/", "replicas/", "routes/", "endpoints/", "election/"))
 
     def model(self, tenant: str, model: str) -> str:
         return f"{self.models}{tenant}/{model}"
@@ -123,27 +119,10 @@ class ModelKeys:
         return tenant, model, int(version), replica_id
 
 
-# The default layout, as module names (what other modules and tests import).
+# The default layout; the gateway reads these two prefixes.
 DEFAULT_KEYS = ModelKeys()
-MODELS = DEFAULT_KEYS.models
-VERSIONS = DEFAULT_KEYS.versions
-COUNTERS = DEFAULT_KEYS.counters
-REPLICAS = DEFAULT_KEYS.replicas
 ROUTES = DEFAULT_KEYS.routes
 ENDPOINTS = DEFAULT_KEYS.endpoints
-ELECTION = DEFAULT_KEYS.election
-model_key = DEFAULT_KEYS.model
-models_prefix = DEFAULT_KEYS.models_of
-versions_prefix = DEFAULT_KEYS.versions_of
-version_key = DEFAULT_KEYS.version
-counter_key = DEFAULT_KEYS.counter
-replicas_prefix = DEFAULT_KEYS.replicas_of
-replica_key = DEFAULT_KEYS.replica
-route_key = DEFAULT_KEYS.route
-endpoint_key = DEFAULT_KEYS.endpoint
-parse_version_key = DEFAULT_KEYS.parse_version
-parse_model_key = DEFAULT_KEYS.parse_model
-parse_endpoint_key = DEFAULT_KEYS.parse_endpoint
 
 
 @dataclass

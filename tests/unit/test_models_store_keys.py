@@ -7,11 +7,11 @@ from services.models import store
 from services.models.store import ModelKeys, ModelStore, ReplicaRecord
 
 
-def test_default_keys_are_the_module_layout():
+def test_default_keys_are_the_default_layout():
     keys = ModelStore(None).keys
     assert keys.root == store.PREFIX == "/cloudml/models/"
-    assert keys.version("t", "m", 3) == store.version_key("t", "m", 3) == "/cloudml/models/versions/t/m/" + "3".zfill(19)
-    assert keys.endpoint("t", "m", 3, "r") == store.endpoint_key("t", "m", 3, "r") == "/cloudml/models/endpoints/t/m/3/r"
+    assert keys.version("t", "m", 3) == store.DEFAULT_KEYS.version("t", "m", 3) == "/cloudml/models/versions/t/m/" + "3".zfill(19)
+    assert keys.endpoint("t", "m", 3, "r") == store.DEFAULT_KEYS.endpoint("t", "m", 3, "r") == "/cloudml/models/endpoints/t/m/3/r"
 
 
 def test_keys_under_another_root_parse_back():
@@ -33,4 +33,4 @@ def test_replica_record_keys_follow_its_layout_which_is_not_stored():
     assert "keys" not in json.loads(raw)
     again = ReplicaRecord.decode(raw, keys)
     assert again == record and again.key == record.key
-    assert ReplicaRecord.decode(raw).key == store.replica_key("t", "m", 2, "r1")
+    assert ReplicaRecord.decode(raw).key == store.DEFAULT_KEYS.replica("t", "m", 2, "r1")
