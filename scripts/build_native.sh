@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the gateway's native data plane (services/common/native/dataplane/dataplane.cc)
-# into build/native/cloudml-gateway-dataplane, with Debian's gRPC C++ and
+# Builds the native data plane (services/common/native/dataplane/*.cc: the
+# gateway's data plane and every model-server replica's front) into
+# build/native/cloudml-gateway-dataplane, with Debian's gRPC C++ and
 # protobuf (installed here if missing; needs root the first time).
-# Idempotent: rebuilds only when the sources or the proto changed.
+# Idempotent: rebuilds only when the sources, the protos or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,19 +24,31 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 OUT=build/native
-SRC=services/common/native/dataplane/dataplane.cc
+SRC_DIR=services/common/native/dataplane
+SRCS=("$SRC_DIR"/*.cc)
 PROTOS=(protos/cloudml/gateway/v1/dataplane.proto protos/cloudml/models/v1/replica.proto)
 BIN=$OUT/cloudml-gateway-dataplane
-want="$(cat "$SRC" "${PROTOS[@]}" "$0" | sha256sum | cut -d' ' -f1)"
+want="$(cat "${SRCS[@]}" "$SRC_DIR"/*.h "${PROTOS[@]}" "$0" | sha256sum | cut -d' ' -f1)"
 if [ -x "$BIN" ] && [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$want" ]; then
   exit 0
 fi
 log "compiling $BIN"
-mkdir -p "$OUT"
+mkdir -p "$OUT/obj"
 protoc --cpp_out="$OUT" -Iprotos "${PROTOS[@]}"
+# One object per translation unit, as many at once as there are CPUs, then one link.
+# shellcheck disable=SC2207
+CXXFLAGS=(-O2 -std=c++17 -Wall -I"$OUT" $(pkg-config --cflags grpc++ protobuf absl_synchronization))
+units=("${SRCS[@]}" "$OUT/cloudml/gateway/v1/dataplane.pb.cc" "$OUT/cloudml/models/v1/replica.pb.cc")
+objs=() running=()
+for src in "${units[@]}"; do
+  obj="$OUT/obj/$(basename "${src%.cc}").o"
+  objs+=("$obj")
+  g++ "${CXXFLAGS[@]}" -c -o "$obj" "$src" &
+  running+=($!)
+  if [ ${#running[@]} -ge "$(nproc)" ]; then wait "${running[0]}"; running=("${running[@]:1}"); fi
+done
+for pid in "${running[@]}"; do wait "$pid"; done
 # shellcheck disable=SC2046
-g++ -O2 -std=c++17 -Wall -o "$BIN.tmp" "$SRC" "$OUT/cloudml/gateway/v1/dataplane.pb.cc" \
-  "$OUT/cloudml/models/v1/replica.pb.cc" -I"$OUT" \
-  $(pkg-config --cflags --libs grpc++ protobuf absl_synchronization) -lpthread
+g++ -O2 -o "$BIN.tmp" "${objs[@]}" $(pkg-config --libs grpc++ protobuf absl_synchronization) -lpthread
 mv "$BIN.tmp" "$BIN"
 echo "$want" > "$OUT/.stamp"

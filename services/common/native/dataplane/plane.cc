@@ -1,0 +1,97 @@
+#include "plane.h"
+
+namespace cloudml::dataplane {
+
+const char* CodeName(grpc::StatusCode code) {
+  static const char* names[] = {"OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+                                "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+                                "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL",
+                                "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"};
+  int i = static_cast<int>(code);
+  return i >= 0 && i < 17 ? names[i] : "UNKNOWN";
+}
+
+grpc::ChannelArguments Plane::ChannelArgs() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(kMaxMessage);
+  args.SetMaxSendMessageSize(kMaxMessage);
+  // This process retries (once, on another replica) itself; gRPC's own
+  // retry support would only copy every request for nothing.
+  args.SetInt(GRPC_ARG_ENABLE_RETRIES, 0);
+  // No client-side filters beyond what a call needs (~20-35 µs less per hop
+  // at concurrency 1, measured three times in alternating bursts). What they
+  // did happens elsewhere: the deadline still travels as grpc-timeout and the
+  // replica or service enforces it, as does this process's server side, and
+  // the caller's own client checks the size of what it receives.
+  args.SetInt(GRPC_ARG_MINIMAL_STACK, 1);
+  return args;
+}
+
+Backend& Plane::NewBackend(const std::string& address) {
+  Backend& b = backends[address];
+  b.stub = std::make_unique<grpc::GenericStub>(
+      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), ChannelArgs()));
+  b.used = epoch;
+  return b;
+}
+
+// Drops the channels to addresses nothing uses any more: idle (no call,
+// RPC or group), not in the service instance table, and not used in this
+// generation or the one before (a live replica's decision is usually
+// cached again within a generation; one that is not reconnects when next
+// picked). Replica churn thus never grows `backends`.
+void Plane::Sweep() {
+  for (auto it = backends.begin(); it != backends.end();) {
+    const Backend& b = it->second;
+    if (b.idle() && b.used + 1 < epoch && !InServices(it->first))
+      it = backends.erase(it);
+    else
+      ++it;
+  }
+}
+
+bool Plane::InServices(const std::string& address) const {
+  for (const auto& [name, in] : services)
+    for (const auto& a : in.addresses)
+      if (a == address) return true;
+  return false;
+}
+
+grpc::GenericStub* Plane::RelayStub(const std::string& method, const std::string* auth, bool* direct) {
+  *direct = false;
+  size_t slash = method.find('/', 1);
+  if (slash == std::string::npos || !generation) return upstream.get();
+  if (!public_methods.count(method)) {
+    auto v = auth ? vouched.find(*auth) : vouched.end();
+    if (v == vouched.end() || v->second <= Now()) return upstream.get();
+  }
+  auto it = services.find(method.substr(0, slash + 1));
+  if (it == services.end() || it->second.addresses.empty()) return upstream.get();
+  Instances& in = it->second;
+  *direct = true;
+  return BackendFor(in.addresses[in.next++ % in.addresses.size()]).stub.get();
+}
+
+void Plane::SetGeneration(uint64_t g) {
+  if (g != generation) {
+    cache.clear();
+    vouched.clear();
+    epoch++;
+    Sweep();
+  }
+  generation = g;
+}
+
+void Plane::Record(const std::string& model, const std::string& version, const std::string& api,
+                   grpc::StatusCode code, double seconds) {
+  Stat& s = stats[{model, version, api, CodeName(code)}];
+  if (s.buckets.size() != bucket_bounds.size() + 1) s.buckets.assign(bucket_bounds.size() + 1, 0);
+  size_t i = 0;
+  while (i < bucket_bounds.size() && seconds > bucket_bounds[i]) i++;
+  s.buckets[i]++;
+  s.count++;
+  s.sum += seconds;
+  stats_dirty = true;
+}
+
+}  // namespace cloudml::dataplane

@@ -1,0 +1,132 @@
+// The data plane's state: its options, the channels to replicas and
+// services (Backend), the routing decisions the control plane handed it
+// (Decision, cached per caller and model_spec for one generation), the
+// service instance table, and the figures it reports. One Plane per
+// process, owned by main() and handed to every handler.
+#pragma once
+
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace cloudml::dataplane {
+
+constexpr int kMaxMessage = 64 * 1024 * 1024;  // as the Python services
+constexpr size_t kCacheLimit = 100000;  // entries; the cache starts over beyond it
+
+class Group;
+
+struct Options {
+  std::string listen = "127.0.0.1:0", upstream, secret;
+  int spin_us = 1000;
+  std::string front_for;      // replica front mode: the replica's own address
+  uint32_t coalesce_max = 0;  // replica front mode: its ReplicaEndpoint.coalesce_max
+  uint64_t max_request_bytes = 64 * 1024 * 1024;  // the largest model call taken at all
+  uint32_t batch_timeout_us = 0;  // replica front mode: the replica's batch_timeout_micros
+  bool front() const { return !front_for.empty(); }
+};
+
+struct Backend {
+  std::unique_ptr<grpc::GenericStub> stub;
+  int outstanding = 0;    // model calls routed here and not answered (for balancing)
+  int rpcs = 0;           // Predict calls and PredictBatch groups in flight (for coalescing)
+  Group* open = nullptr;  // the group Predict calls join while they wait, if any
+  uint64_t used = 0;      // Plane::epoch when last used (see Plane::Sweep)
+  bool idle() const { return outstanding == 0 && rpcs == 0 && open == nullptr; }
+};
+
+struct Decision {
+  uint64_t generation = 0;
+  double expires_at = 0;
+  std::string model;  // as the replicas know it
+  struct Choice {
+    int64_t version;
+    double weight;
+    std::vector<std::string> addresses;
+    uint32_t coalesce_max;
+    uint64_t max_request_bytes;  // 0: only the process-wide limit
+    uint32_t batch_timeout_us;
+  };
+  std::vector<Choice> choices;
+  double total_weight = 0;
+};
+
+struct Instances {
+  std::vector<std::string> addresses;
+  size_t next = 0;
+};
+
+struct Stat {
+  uint64_t count = 0;
+  double sum = 0;
+  std::vector<uint64_t> buckets;
+};
+
+const char* CodeName(grpc::StatusCode code);
+
+struct Plane {
+  Options options;
+  grpc::AsyncGenericService service;
+  std::unique_ptr<grpc::ServerCompletionQueue> cq;
+  std::unique_ptr<grpc::Server> server;
+  std::shared_ptr<grpc::Channel> upstream_channel;
+  std::unique_ptr<grpc::GenericStub> upstream;
+  std::unordered_map<std::string, Backend> backends;
+  std::unordered_map<std::string, Decision> cache;
+  uint64_t generation = 0;  // 0: no live Attach stream, nothing is cached
+  uint64_t epoch = 0;       // generation changes seen (Backend::used)
+  std::vector<double> bucket_bounds;
+  std::map<std::tuple<std::string, std::string, std::string, std::string>, Stat> stats;
+  uint64_t fast_calls = 0, slow_calls = 0, coalesced_calls = 0;
+  std::unordered_map<std::string, Instances> services;  // "/pkg.Service/" -> instances
+  std::unordered_set<std::string> public_methods;
+  std::unordered_map<std::string, double> vouched;  // authorization -> token expiry (this generation)
+  std::map<std::tuple<std::string, std::string, std::string>, uint64_t> relays;  // (service, method, code)
+  int model_calls_in_flight = 0;  // accepted TF Serving calls not yet finished
+  bool stats_dirty = true;
+  std::mt19937_64 rng{std::random_device{}()};
+  bool stopping = false;
+
+  grpc::ChannelArguments ChannelArgs();
+
+  Backend& BackendFor(const std::string& address) {
+    auto it = backends.find(address);
+    if (it != backends.end()) {
+      it->second.used = epoch;
+      return it->second;
+    }
+    return NewBackend(address);
+  }
+
+  // Drops the channels to addresses nothing uses any more (see plane.cc).
+  void Sweep();
+  bool InServices(const std::string& address) const;
+
+  // The stub for a platform call's owning service, or the control plane's.
+  grpc::GenericStub* RelayStub(const std::string& method, const std::string* auth, bool* direct);
+
+  void SetGeneration(uint64_t g);
+
+  static double Now() {
+    return std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  }
+
+  void Record(const std::string& model, const std::string& version, const std::string& api,
+              grpc::StatusCode code, double seconds);
+
+ private:
+  Backend& NewBackend(const std::string& address);
+};
+
+}  // namespace cloudml::dataplane
