@@ -39,15 +39,14 @@ import grpc
 from cloudml.gateway.v1 import dataplane_pb2
 from services.common.interceptors import ServerMetrics
 from services.common.native import NativeProcess, binary_path, built
+from services.common.native.protocol import ATTACH, AUTH_DECISION_HEADER, SECRET_ENV, SECRET_HEADER
 from services.common.registry import Directory
 from services.common.tokens import TokenVerifier, bearer_from_metadata
 from services.gateway.model_metrics import BUCKETS, ModelRequestMetrics
-from services.gateway.predict import DATAPLANE_SECRET, DEFAULT_MAX_REQUEST_BYTES, RoutingTable
+from services.gateway.predict import DEFAULT_MAX_REQUEST_BYTES, RoutingTable
 
 log = logging.getLogger(__name__)
 
-ATTACH = "/cloudml.gateway.v1.Dataplane/Attach"
-AUTH_DECISION = "x-cloudml-auth-bin"
 DEFAULT_SPIN_US = 1000
 
 
@@ -98,7 +97,7 @@ class NativeDataplane:
 
     async def start(self, listen: str, upstream: str, on_failure: Callable[[], None]) -> int:
         """Starts the data plane on `listen` in front of `upstream`; returns its port."""
-        env = dict(os.environ, CLOUDML_DATAPLANE_SECRET=self.secret)
+        env = dict(os.environ, **{SECRET_ENV: self.secret})
         port = await self.native.start(["--listen", listen, "--upstream", upstream, "--spin-us", str(self.spin_us),
                                         "--max-request-bytes", str(self.max_request_bytes)], env)
         log.info("native data plane (pid %d) on port %d, in front of %s", self.native.process.pid, port, upstream)
@@ -130,7 +129,7 @@ class NativeDataplane:
         return Handler()
 
     async def _attach(self, reports, context):
-        if (DATAPLANE_SECRET, self.secret) not in context.invocation_metadata():
+        if (SECRET_HEADER, self.secret) not in context.invocation_metadata():
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not this gateway's data plane")
 
         async def read_reports() -> None:
@@ -178,7 +177,7 @@ class NativeDataplane:
         """Trailing metadata vouching for the token of a platform call that the
         data plane sent here and that succeeded; () for anyone else.
         Verified again now, so the generation and the verdict go together."""
-        if (DATAPLANE_SECRET, self.secret) not in metadata:
+        if (SECRET_HEADER, self.secret) not in metadata:
             return ()
         token = bearer_from_metadata(metadata)
         if token is None or not self.verifier.loaded:
@@ -188,4 +187,4 @@ class NativeDataplane:
         except Exception:  # noqa: BLE001 - no verdict, no vouching
             return ()
         decision = dataplane_pb2.AuthDecision(generation=self.table.generation, expires_at=principal.expires_at)
-        return ((AUTH_DECISION, decision.SerializeToString()),)
+        return ((AUTH_DECISION_HEADER, decision.SerializeToString()),)

@@ -51,7 +51,6 @@ plane, which checks it alike (and fills PredictBatch groups up to it).
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -64,6 +63,17 @@ from cloudml.tfs.tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from services.common import errors
 from services.common.wire import varint as _varint
 from services.common.etcd import Etcd, Mirror
+from services.common.native.protocol import (
+    AUTHORIZATION,
+    FORWARDED_METHODS,
+    PREDICTION_SERVICE,
+    RESOLVED_VERSION_HEADER,
+    ROUTE_DECISION_HEADER,
+    SECRET_HEADER,
+    is_hop_header,
+    pick_two,
+    pick_weighted,
+)
 from services.common.tokens import Principal, TokenVerifier, bearer_from_metadata
 from services.gateway.model_metrics import ModelRequestMetrics
 from services.models import store as models_store
@@ -74,9 +84,7 @@ log = logging.getLogger(__name__)
 ROUTES_PREFIX = models_store.ROUTES
 ENDPOINTS_PREFIX = models_store.ENDPOINTS
 
-PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
-FORWARDED_METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
 TFS_METHODS = frozenset(
     {f"/{PREDICTION_SERVICE}/{m}" for m in FORWARDED_METHODS}
     | {f"/{MODEL_SERVICE}/GetModelStatus", f"/{MODEL_SERVICE}/HandleReloadConfigRequest"}
@@ -84,24 +92,14 @@ TFS_METHODS = frozenset(
 
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 
-# The version the gateway resolved (from a label, the traffic split, a
-# qualified `<tenant>.<model>` name...). Replicas know nothing of labels or
-# tenants, so they trust this header from the gateway (they listen on loopback
-# only); a caller's own value is always dropped.
-RESOLVED_VERSION = "x-cloudml-resolved-version"
-
 #: The gateway's default platform-wide cap on a model call's request size.
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 
-# The native data plane marks the calls it sends here with its secret, and
-# takes the routing decision back in this trailer (see dataplane.py).
-DATAPLANE_SECRET = "x-cloudml-dataplane"
-ROUTE_DECISION = "x-cloudml-route-bin"
-
-# Metadata that belongs to one hop, or that only the gateway may set. (The
-# caller's `authorization` is not forwarded either: tokens stop at the gateway.)
-_HOP = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-encoding",
-                  "grpc-timeout", "accept-encoding", "host", RESOLVED_VERSION, DATAPLANE_SECRET})
+# The headers between the gateway, its native data plane and replicas (the
+# version the gateway resolved, which replicas trust from the gateway only;
+# the data plane's secret; the routing decision handed back to it), what
+# never crosses a hop, and the picking rules: services/common/native/protocol.py,
+# shared with the data plane's C++.
 
 
 # --- reading model_spec off the wire --------------------------------------------
@@ -230,16 +228,8 @@ def _not_found(name: str, version: int | None) -> errors.NotFound:
     return errors.NotFound(f"Servable not found for request: Specific({name}, {version})")
 
 
-def pick_version(choices: list[tuple[int, float]]) -> int:
-    """One version of (version, weight) choices, by weight."""
-    if len(choices) == 1:
-        return choices[0][0]
-    pick = random.uniform(0, sum(w for _, w in choices))
-    for version, weight in choices:
-        pick -= weight
-        if pick <= 0:
-            return version
-    return choices[-1][0]
+def _outstanding(backend: Backend) -> int:
+    return backend.outstanding
 
 
 class RequestTooLarge(errors.ResourceExhausted):
@@ -324,7 +314,7 @@ class PredictRouter:
     def resolve(self, caller: Principal | None, spec: model_pb2.ModelSpec) -> tuple[str, str, int]:
         """(tenant, model, version) that should answer this spec."""
         tenant, model, choices = self.candidates(caller, spec)
-        return tenant, model, pick_version(choices)
+        return tenant, model, pick_weighted(choices)
 
     def decision(self, caller: Principal | None, tenant: str, model: str,
                  choices: list[tuple[int, float]], generation: int) -> dataplane_pb2.RouteDecision:
@@ -340,15 +330,11 @@ class PredictRouter:
         return decision
 
     def pick(self, tenant: str, model: str, version: int, exclude: Backend | None = None) -> Backend | None:
+        """Least outstanding requests of two random replicas (protocol.pick_two), never `exclude`."""
         candidates = self.table.backends.get((tenant, model, version), ())
         if exclude is not None:
             candidates = [b for b in candidates if b is not exclude]
-        if not candidates:
-            return None
-        if len(candidates) == 1:
-            return candidates[0]
-        a, b = random.sample(candidates, 2)
-        return a if a.outstanding <= b.outstanding else b
+        return pick_two(candidates, _outstanding)
 
     # --- forwarding -----------------------------------------------------------------
 
@@ -373,15 +359,14 @@ class PredictRouter:
             caller = self.caller(metadata)
             tenant, model, choices = self.candidates(caller, spec)
             decision = self.decision(caller, tenant, model, choices, generation) if decide else None
-            version = pick_version(choices)
+            version = pick_weighted(choices)
             label_version = str(version)
             limit = self.request_limit(tenant, model, version)
             if len(request) > limit:
                 raise too_large(api, len(request), limit)
             method = f"/{PREDICTION_SERVICE}/{api}"
-            forwarded = tuple((k, v) for k, v in metadata
-                              if k not in _HOP and k != "authorization" and not k.startswith(":")) + (
-                (RESOLVED_VERSION, label_version),)
+            forwarded = tuple((k, v) for k, v in metadata if not is_hop_header(k) and k != AUTHORIZATION) + (
+                (RESOLVED_VERSION_HEADER, label_version),)
             backend = self.pick(tenant, model, version)
             if backend is None:
                 raise _not_found(spec.name, version)
@@ -469,10 +454,10 @@ class TfServingHandler(grpc.GenericRpcHandler):
         async def handle(request: bytes, context) -> bytes:
             metadata = context.invocation_metadata()
             try:
-                if secret is None or (DATAPLANE_SECRET, secret) not in metadata:
+                if secret is None or (SECRET_HEADER, secret) not in metadata:
                     return await router.forward(api, request, metadata, context.time_remaining())
                 response, decision = await router.forward_routed(api, request, metadata, context.time_remaining())
-                context.set_trailing_metadata(((ROUTE_DECISION, decision.SerializeToString()),))
+                context.set_trailing_metadata(((ROUTE_DECISION_HEADER, decision.SerializeToString()),))
                 return response
             except grpc.aio.AioRpcError as err:
                 await context.abort(err.code(), err.details() or "",

@@ -16,20 +16,17 @@ import logging
 
 import grpc
 
+from services.common.native.protocol import is_hop_header
 from services.common.registry import Directory
-from services.gateway.predict import DATAPLANE_SECRET
 from services.gateway.routes import Route
 
 log = logging.getLogger(__name__)
 
-# Metadata that belongs to one hop and must not be forwarded (the data plane's
-# secret included).
-_HOP_HEADERS = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-encoding",
-                          "grpc-timeout", "accept-encoding", "host", ":authority", DATAPLANE_SECRET})
-
 
 def forwarded_metadata(context) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple((k, v) for k, v in context.invocation_metadata() if k not in _HOP_HEADERS and not k.startswith(":"))
+    """The call's metadata but the hop's own (protocol.is_hop_header, as the
+    native data plane's relay); the caller's `authorization` goes on."""
+    return tuple((k, v) for k, v in context.invocation_metadata() if not is_hop_header(k))
 
 
 class Proxy(grpc.GenericRpcHandler):
