@@ -90,24 +90,26 @@ def parse_settings(
     """The common settings, and the parsed namespace (the service's own flags,
     added by `add_arguments`, included) for the service's settings dataclass."""
     parser = argparse.ArgumentParser(prog=f"python -m services.{service}", description=f"Cloud-ML {service} service")
-    parser.add_argument("--listen", default=os.environ.get("CLOUDML_LISTEN", "127.0.0.1:0"),
+    parser.add_argument("--listen", default=os.environ.get("CLOUDML_LISTEN", Settings.listen),
                         help="host:port for gRPC (port 0 picks a free one)")
-    parser.add_argument("--etcd", default=os.environ.get("CLOUDML_ETCD", "127.0.0.1:2379"),
+    parser.add_argument("--etcd", default=os.environ.get("CLOUDML_ETCD", Settings.etcd),
                         help="etcd client endpoint host:port")
     parser.add_argument("--port-file", help="write the bound ports as JSON here once listening")
     parser.add_argument("--data-dir", help="the platform's data directory")
     parser.add_argument("--credentials-file",
                         help="JSON {access_key, secret_key} this service uses to call other services")
     parser.add_argument("--metrics-listen", default=None, help="host:port for Prometheus metrics (port 0 ok)")
-    parser.add_argument("--log-level", default=os.environ.get("CLOUDML_LOG_LEVEL", "INFO"))
-    parser.add_argument("--lease-ttl", type=int, default=10, help="etcd session lease TTL, seconds")
-    parser.add_argument("--allowed-uri-schemes", default=os.environ.get("CLOUDML_ALLOWED_URI_SCHEMES", ""),
+    parser.add_argument("--log-level", default=os.environ.get("CLOUDML_LOG_LEVEL", Settings.log_level))
+    parser.add_argument("--lease-ttl", type=int, default=Settings.lease_ttl, help="etcd session lease TTL, seconds")
+    parser.add_argument("--allowed-uri-schemes",
+                        default=os.environ.get("CLOUDML_ALLOWED_URI_SCHEMES", Settings.allowed_uri_schemes),
                         help="remote URI schemes tenants may name besides file (comma-separated, e.g. s3,https; "
                              "see services/common/confine.py)")
-    parser.add_argument("--upload-max-bytes", type=int, default=int(os.environ.get("CLOUDML_UPLOAD_MAX_BYTES", 4 << 30)),
+    parser.add_argument("--upload-max-bytes", type=int,
+                        default=int(os.environ.get("CLOUDML_UPLOAD_MAX_BYTES", UploadLimits.max_upload_bytes)),
                         help="largest upload (UploadPackage, UploadModel), bytes")
     parser.add_argument("--tenant-storage-max-bytes", type=int,
-                        default=int(os.environ.get("CLOUDML_TENANT_STORAGE_MAX_BYTES", 100 << 30)),
+                        default=int(os.environ.get("CLOUDML_TENANT_STORAGE_MAX_BYTES", UploadLimits.max_tenant_bytes)),
                         help="uploads are refused once a tenant's storage would exceed this, bytes")
     if add_arguments:
         add_arguments(parser)
