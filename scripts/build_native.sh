@@ -36,7 +36,7 @@ log "compiling $BIN"
 mkdir -p "$OUT/obj"
 protoc --cpp_out="$OUT" -Iprotos "${PROTOS[@]}"
 # One object per translation unit, as many at once as there are CPUs, then one link.
-# shellcheck disable=SC2207
+# shellcheck disable=SC2046
 CXXFLAGS=(-O2 -std=c++17 -Wall -I"$OUT" $(pkg-config --cflags grpc++ protobuf absl_synchronization))
 units=("${SRCS[@]}" "$OUT/cloudml/gateway/v1/dataplane.pb.cc" "$OUT/cloudml/models/v1/replica.pb.cc")
 objs=() running=()

@@ -109,7 +109,7 @@ def _c(value: str) -> str:
 def render_header() -> str:
     """dataplane/protocol.h as this module defines it."""
     def array(name: str, values: Sequence[str]) -> str:
-        return f"constexpr const char* {name}[] = {{{', '.join(_c(v) for v in values)}}};"
+        return "\n".join([f"constexpr const char* {name}[] = {{", *(f"    {_c(v)}," for v in values), "};"])
 
     return "\n".join([
         "// Generated from services/common/native/protocol.py by",
