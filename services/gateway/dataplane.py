@@ -4,7 +4,7 @@
 `build/native/cloudml-gateway-dataplane`) owns the gateway's public gRPC port.
 It answers repeat TF Serving calls itself, straight to replicas, from the
 routing decisions this process hands it, and relays everything else here (see
-the top of dataplane.cc there for the whole design). This process stays the only
+the top of its main.cc for the whole design). This process stays the only
 place where tokens are checked and routes resolved; the data plane only
 repeats decisions, and only for the current routing generation.
 
