@@ -109,7 +109,14 @@ def _c(value: str) -> str:
 def render_header() -> str:
     """dataplane/protocol.h as this module defines it."""
     def array(name: str, values: Sequence[str]) -> str:
-        return "\n".join([f"constexpr const char* {name}[] = {{", *(f"    {_c(v)}," for v in values), "};"])
+        lines, line = [], f"constexpr const char* {name}[] = {{"
+        for v in values:  # packed, at most 110 characters a line
+            item = f" {_c(v)},"
+            if len(line) + len(item) > 110:
+                lines.append(line)
+                line = "   "
+            line += item
+        return "\n".join([*lines, line + " };"])
 
     return "\n".join([
         "// Generated from services/common/native/protocol.py by",

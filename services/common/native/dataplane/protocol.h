@@ -14,31 +14,14 @@ constexpr char kAuthorization[] = "authorization";
 constexpr char kSecretEnv[] = "CLOUDML_DATAPLANE_SECRET";
 
 // Metadata never forwarded: these keys and keys with these prefixes (IsHopHeader).
-constexpr const char* kHopHeaders[] = {
-    "user-agent",
-    "te",
-    "content-type",
-    "host",
-    "accept-encoding",
-    "x-cloudml-dataplane",
-    "x-cloudml-route-bin",
-    "x-cloudml-auth-bin",
-    "x-cloudml-resolved-version",
-};
-constexpr const char* kHopPrefixes[] = {
-    ":",
-    "grpc-",
-};
+constexpr const char* kHopHeaders[] = { "user-agent", "te", "content-type", "host", "accept-encoding",
+    "x-cloudml-dataplane", "x-cloudml-route-bin", "x-cloudml-auth-bin", "x-cloudml-resolved-version", };
+constexpr const char* kHopPrefixes[] = { ":", "grpc-", };
 
 constexpr char kPredictionService[] = "/tensorflow.serving.PredictionService/";
 // PredictionService methods routed to replicas (model calls).
-constexpr const char* kForwardedMethods[] = {
-    "Predict",
-    "Classify",
-    "Regress",
-    "MultiInference",
-    "GetModelMetadata",
-};
+constexpr const char* kForwardedMethods[] = { "Predict", "Classify", "Regress", "MultiInference",
+    "GetModelMetadata", };
 constexpr char kDataplaneService[] = "/cloudml.gateway.v1.Dataplane/";
 constexpr char kAttach[] = "/cloudml.gateway.v1.Dataplane/Attach";
 
