@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from tests.e2e.serving_platform import ROOT, ServingPlatform, clean_env, wait_until
@@ -100,6 +101,26 @@ def victim(platform):
     return {"job": "steady", "model": "hpt"}
 
 
+def _listening_ports(data_dir: str) -> set[int]:
+    """TCP ports this platform's processes (a command line naming its data dir, and
+    their children, such as the gateway's data plane) listen on; its etcd must have none."""
+    ports = set()
+
+    def ours(proc) -> bool:
+        return any(data_dir in arg for arg in proc.cmdline())
+
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        try:
+            if not (ours(proc) or any(ours(parent) for parent in proc.parents())):
+                continue
+            listening = {c.laddr.port for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        assert not (proc.info["name"] == "etcd" and listening), ("the platform's etcd listens on TCP", listening)
+        ports |= listening
+    return ports
+
+
 def forged(metrics) -> bool:
     """Whether the probe's forged point (step 999, loss -1) shows in a job's metrics."""
     points = [p for series in metrics.get("series", []) for p in series.get("points", [])]
@@ -132,8 +153,16 @@ def test_hostile_trainer_reads_and_writes_nothing_of_others(platform, victim):
     assert foreign_reads == [] and foreign_lists == [], (foreign_reads, foreign_lists)
     assert report["secrets"] == {}
     assert report["environ"] == [], "read other users' /proc/<pid>/environ"
-    assert report["etcd"] == {} or all("socket listed" in v for v in report["etcd"].values()), report["etcd"]
-    assert report["replicas"] == {}, "a model server answered without a token"
+    # An etcd the probe reached over TCP is another test's fixture (single-service
+    # stacks use loopback etcd), never this platform's: its etcd has no TCP listener.
+    platform_ports = _listening_ports(data_dir)
+    reached = {int(k) for k, v in report["etcd"].items() if k.isdigit()}
+    assert not reached & platform_ports, (report["etcd"], platform_ports)
+    assert all(k.isdigit() or "socket listed" in v for k, v in report["etcd"].items()), report["etcd"]
+    # This platform's replicas listen on no TCP port; one reached on loopback is another process's.
+    answered = {int(k.rsplit(":", 1)[1]) for k in report["replicas"] if k.rsplit(":", 1)[-1].isdigit()}
+    assert not answered & platform_ports, ("a model server answered without a token", report["replicas"])
+    assert all(k.rsplit(":", 1)[-1].isdigit() for k in report["replicas"]), report["replicas"]
     assert report["wrote"] == []
     for value in (*secrets.values(), kek.hex()):
         assert value not in logs
