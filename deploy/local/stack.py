@@ -65,6 +65,23 @@ class AuthGatewayStack:
             self.path(f"{name}.port"), log_path=self.path(f"{name}.log"), env=env).start().wait_serving()
         return gateway, rest_port
 
+    def tenant_token(self, tenant: str) -> str:
+        """Creates `tenant` and an access key of it (as the admin, through the
+        gateway) and returns a token of that key."""
+        import grpc
+
+        from cloudml.auth.v1 import auth_service_pb2 as pb
+        from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(self.gateway.address) as channel:
+            auth = pb_grpc.AuthServiceStub(channel)
+            admin = (("authorization", "Bearer " + auth.IssueToken(
+                pb.IssueTokenRequest(access_key_id=self.admin[0], secret_key=self.admin[1]), timeout=10).token),)
+            auth.CreateTenant(pb.CreateTenantRequest(name=tenant), metadata=admin, timeout=10)
+            key = auth.CreateAccessKey(pb.CreateAccessKeyRequest(tenant=tenant), metadata=admin, timeout=10)
+            return auth.IssueToken(pb.IssueTokenRequest(access_key_id=key.access_key.access_key_id,
+                                                        secret_key=key.secret_key), timeout=10).token
+
     def dataplane_calls(self) -> dict[str, int]:
         """The gateway data plane's call counts by path (cloudml_gateway_dataplane_calls_total)."""
         text = urllib.request.urlopen(f"{self.rest}/metrics", timeout=5).read().decode()

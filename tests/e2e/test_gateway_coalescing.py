@@ -20,8 +20,6 @@ import grpc
 import psutil
 import pytest
 
-from cloudml.auth.v1 import auth_service_pb2 as auth_pb
-from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.models.v1 import replica_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -67,13 +65,7 @@ def env(tmp_path_factory):
         await etcd.close()
     asyncio.run(route())
     channel = grpc.insecure_channel(stack.gateway.address)
-    auth = auth_grpc.AuthServiceStub(channel)
-    admin = (("authorization", "Bearer " + auth.IssueToken(
-        auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token),)
-    auth.CreateTenant(auth_pb.CreateTenantRequest(name="team-c"), metadata=admin)
-    key = auth.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant="team-c"), metadata=admin)
-    token = auth.IssueToken(auth_pb.IssueTokenRequest(access_key_id=key.access_key.access_key_id,
-                                                      secret_key=key.secret_key)).token
+    token = stack.tenant_token("team-c")
     time.sleep(0.5)  # the gateway's watch catches up
     yield {"stack": stack, "channel": channel, "md": (("authorization", f"Bearer {token}"),), "replica": replica,
            "replica_info": read_port_file(str(d / "hpt.port"))}

@@ -22,8 +22,6 @@ import time
 import grpc
 import pytest
 
-from cloudml.auth.v1 import auth_service_pb2 as auth_pb
-from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.tfs.tensorflow_serving.apis import prediction_service_pb2_grpc
 from deploy.local.stack import AuthGatewayStack
@@ -174,13 +172,7 @@ def test_each_member_of_a_group_gets_its_own_metadata_and_trailers(replica, fron
 def gateway(tmp_path_factory, replica):
     stack = AuthGatewayStack(tmp_path_factory.mktemp("bounds"), admin=ADMIN, service=SERVICE).start()
     channel = grpc.insecure_channel(stack.gateway.address)
-    auth = auth_grpc.AuthServiceStub(channel)
-    admin = (("authorization", "Bearer " + auth.IssueToken(
-        auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token),)
-    auth.CreateTenant(auth_pb.CreateTenantRequest(name="team-b"), metadata=admin)
-    key = auth.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant="team-b"), metadata=admin)
-    token = auth.IssueToken(auth_pb.IssueTokenRequest(access_key_id=key.access_key.access_key_id,
-                                                      secret_key=key.secret_key)).token
+    token = stack.tenant_token("team-b")
 
     async def route():
         etcd = await Etcd.connect(stack.etcd.endpoint)

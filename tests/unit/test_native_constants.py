@@ -148,8 +148,7 @@ int main() {
 @pytest.fixture(scope="module")
 def picking_driver(tmp_path_factory):
     compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("g++ is not installed (scripts/build_native.sh installs it)")
+    assert compiler is not None, "g++ is missing: run scripts/setup.sh (its build_native.sh installs it)"
     d = tmp_path_factory.mktemp("picking")
     (d / "driver.cc").write_text(DRIVER)
     binary = str(d / "driver")
