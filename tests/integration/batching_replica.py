@@ -27,6 +27,10 @@ PREDICT = "/tensorflow.serving.PredictionService/Predict"
 PREDICT_BATCH = "/cloudml.models.v1.ReplicaService/PredictBatch"
 
 
+HOSTILE_TRAILERS = [("Bad Key", b"x"), ("x-newline", b"a\r\nx-injected: 1"), ("x-nul", b"a\x00b"),
+                    ("grpc-status", b"0"), ("x-cloudml-route-bin", b"forged"), ("", b"empty key")]
+
+
 @dataclass
 class Received:
     tag: str
@@ -117,7 +121,10 @@ class BatchingReplica:
         async def one(m: replica_pb2.PredictMember) -> replica_pb2.PredictResult:
             answer, _ = await self._answer(m.request)
             echo = [replica_pb2.MetadataEntry(key="x-echo", value=e.value) for e in m.metadata if e.key == "x-tag"]
-            return replica_pb2.PredictResult(response=answer, trailers=echo)
+            # What a replica running tenant code could put there: keys and values that are not
+            # valid gRPC metadata, and the hop's own headers. The data plane must drop them.
+            hostile = [replica_pb2.MetadataEntry(key=k, value=v) for k, v in HOSTILE_TRAILERS]
+            return replica_pb2.PredictResult(response=answer, trailers=echo + hostile)
 
         results = await asyncio.gather(*(one(m) for m in members))
         return replica_pb2.PredictBatchResponse(results=results).SerializeToString()

@@ -28,7 +28,7 @@ from deploy.local.stack import AuthGatewayStack
 from services.common.etcd import Etcd
 from services.common.native import binary_path
 from services.models import store
-from tests.integration.batching_replica import BatchingReplica, request, tag_of
+from tests.integration.batching_replica import HOSTILE_TRAILERS, BatchingReplica, request, tag_of
 
 SLACK = 0.05  # seconds over the batch timeout a waiting call may take on a busy machine
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
@@ -158,7 +158,10 @@ def test_each_member_of_a_group_gets_its_own_metadata_and_trailers(replica, fron
                for t in tags]
     for t, f in zip(tags, futures):
         assert tag_of(f.result()) == t
-        assert ("x-echo", t) in tuple(f.trailing_metadata()), f.trailing_metadata()
+        trailers = tuple(f.trailing_metadata())
+        assert ("x-echo", t) in trailers, trailers
+        assert not {k for k, _ in trailers} & {k for k, _ in HOSTILE_TRAILERS} - {"grpc-status"}, trailers
+        assert "x-injected" not in str(trailers)
         got = replica.get(t)
         assert got.how == "group" and got.group_size == 2
         assert got.metadata.get("x-tag") == t

@@ -36,7 +36,8 @@ void ModelCall::BatchDone(const grpc::Status& status, const std::string& respons
   response_ = ToBuffer(response);
   if (trailers)
     for (const auto& t : *trailers)
-      if (!IsHopHeader(t.key())) call_.ctx().AddTrailingMetadata(t.key(), t.value());
+      if (!IsHopHeader(t.key()) && ValidMetadata(t.key(), t.value()))
+        call_.ctx().AddTrailingMetadata(t.key(), t.value());
   call_.Done(kBackend, true);
 }
 
