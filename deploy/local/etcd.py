@@ -18,6 +18,7 @@ both start etcd the same way. Two ways to listen:
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -48,9 +49,27 @@ def open_log(path: str):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for a listener started later. Picked below the
+    kernel's ephemeral range where possible: a port from that range (what
+    binding port 0 gives) can be taken in the meantime by any outgoing
+    connection or port-0 listener on the machine, which made start-ups fail
+    now and then ("cannot listen") when many processes ran at once."""
+    low = _ephemeral_low()
+    for _ in range(50):
+        port = random.randrange(max(1024, low - 12000), low)
+        if port_is_free(port, host):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
