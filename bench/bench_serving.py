@@ -14,7 +14,7 @@ pacing (default, ~1.5 min): half_plus_two at concurrency 1, one call at a
   Each pacing runs `--rounds` rounds, the targets in a rotated order each
   round, and each figure pools its target's calls over the rounds. Per
   pacing: p50/p99 per target and gateway / direct, front / direct (p50);
-  the CPU the gateway's data plane (build/native/cloudml-gateway-dataplane,
+  the CPU the gateway's data plane (build/native/cloudml-dataplane,
   the gateway's child) used per gateway call while the gateway's turns ran
   (per-thread run time from /proc/<pid>/task/*/schedstat, in ns: utime +
   stime in /proc/<pid>/stat count 10 ms ticks; both are reported), the
@@ -264,7 +264,7 @@ def cpu_ns(pid: int) -> tuple[int, int]:
 
 def native_child(pid: int) -> int | None:
     for child in psutil.Process(pid).children():
-        if os.path.basename(child.exe()) == "cloudml-gateway-dataplane":
+        if os.path.basename(child.exe()) == "cloudml-dataplane":
             return child.pid
     return None
 

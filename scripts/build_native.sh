@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the native data plane (services/common/native/dataplane/*.cc: the
 # gateway's data plane and every model-server replica's front) into
-# build/native/cloudml-gateway-dataplane, with Debian's gRPC C++ and
+# build/native/cloudml-dataplane, with Debian's gRPC C++ and
 # protobuf (installed here if missing; needs root the first time).
 # Idempotent: rebuilds only when the sources, the protos or this script changed.
 set -euo pipefail
@@ -26,8 +26,8 @@ fi
 OUT=build/native
 SRC_DIR=services/common/native/dataplane
 SRCS=("$SRC_DIR"/*.cc)
-PROTOS=(protos/cloudml/gateway/v1/dataplane.proto protos/cloudml/models/v1/replica.proto)
-BIN=$OUT/cloudml-gateway-dataplane
+PROTOS=(protos/cloudml/internal/v1/dataplane.proto protos/cloudml/internal/v1/replica.proto)
+BIN=$OUT/cloudml-dataplane
 want="$(cat "${SRCS[@]}" "$SRC_DIR"/*.h "${PROTOS[@]}" "$0" | sha256sum | cut -d' ' -f1)"
 if [ -x "$BIN" ] && [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$want" ]; then
   exit 0
@@ -38,7 +38,7 @@ protoc --cpp_out="$OUT" -Iprotos "${PROTOS[@]}"
 # One object per translation unit, as many at once as there are CPUs, then one link.
 # shellcheck disable=SC2046
 CXXFLAGS=(-O2 -std=c++17 -Wall -I"$OUT" $(pkg-config --cflags grpc++ protobuf absl_synchronization))
-units=("${SRCS[@]}" "$OUT/cloudml/gateway/v1/dataplane.pb.cc" "$OUT/cloudml/models/v1/replica.pb.cc")
+units=("${SRCS[@]}" "$OUT/cloudml/internal/v1/dataplane.pb.cc" "$OUT/cloudml/internal/v1/replica.pb.cc")
 objs=() running=()
 for src in "${units[@]}"; do
   obj="$OUT/obj/$(basename "${src%.cc}").o"

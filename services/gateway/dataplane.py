@@ -1,7 +1,7 @@
 """The gateway's native data plane: starting it, and its control stream.
 
 `services/common/native/dataplane/` (built by `scripts/build_native.sh` into
-`build/native/cloudml-gateway-dataplane`) owns the gateway's public gRPC port.
+`build/native/cloudml-dataplane`) owns the gateway's public gRPC port.
 It answers repeat TF Serving calls itself, straight to replicas, from the
 routing decisions this process hands it, and relays everything else here (see
 the top of its main.cc for the whole design). This process stays the only
@@ -36,7 +36,7 @@ from typing import Callable
 
 import grpc
 
-from cloudml.gateway.v1 import dataplane_pb2
+from cloudml.internal.v1 import dataplane_pb2
 from services.common.interceptors import ServerMetrics
 from services.common.native import NativeProcess, binary_path, built
 from services.common.native.protocol import ATTACH, AUTH_DECISION_HEADER, SECRET_ENV, SECRET_HEADER

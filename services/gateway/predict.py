@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import grpc
 from prometheus_client import CollectorRegistry
 
-from cloudml.gateway.v1 import dataplane_pb2
+from cloudml.internal.v1 import dataplane_pb2
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.tfs.tensorflow_serving.apis import get_model_status_pb2, model_pb2
 from services.common import errors

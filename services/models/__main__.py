@@ -4,7 +4,7 @@ import functools
 from cloudml import units
 from services.common.runtime.factory import RUNTIMES
 from services.common.server import parse_settings, run
-from services.models.core import Defaults
+from services.models.rules import Defaults
 from services.models.server import ModelsApp, ModelsSettings
 
 

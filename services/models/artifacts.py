@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import errors
-from services.models.core import split_uri
+from services.models.rules import split_uri
 
 
 @dataclass

@@ -21,18 +21,12 @@ too: a platform API key is not a licence to read the machine's files).
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import logging
 import os
-import re
 import secrets
-import stat
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from cloudml.common.v1 import resources_pb2
 from cloudml.models.v1 import models_service_pb2 as pb
@@ -40,95 +34,16 @@ from services.common import errors, validation
 from services.common.confine import Confiner, Location, open_beneath, refuse_http_directory
 from services.common.uploads import Stored, Uploads
 from services.common.etcd import Etcd, PrefixWatcher
-from services.common.runtime.base import Amount, Runtime, Unschedulable
+from services.common.runtime.base import Runtime, Unschedulable
 from services.common.tokens import Principal
-from services.models import store
+from services.models import rules, store
+from services.models.rules import (DESCRIPTION_MAX, MAX_VERSION, SAVED_MODEL_FILES, UPDATABLE, Defaults, S,
+                                   decode_page_token, encode_page_token, is_file_at, replica_amount,
+                                   replica_resources, spec_of, ts)
 from services.models.store import ModelStore
 from services.common.quota import QuotaClient
 
 log = logging.getLogger(__name__)
-
-S = pb.ModelVersionState
-MAX_VERSION = 2**63 - 1
-MAX_REPLICAS = 1000
-LABEL_RE = re.compile(r"[A-Za-z0-9_-]{1,63}")
-UPDATABLE = ("description", "public", "default_version", "traffic_split")
-DESCRIPTION_MAX = 1000
-SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
-LOCAL_SCHEMES = ("file", "local")
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """What a zero in a version's spec takes."""
-
-    cpu_millis: int = 500
-    memory_bytes: int = 2 * 2**30
-    gpus: int = 0
-
-
-def ts(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
-
-
-def replica_resources(version: pb.ModelVersion) -> resources_pb2.Resources:
-    """What one replica of `version` reserves against the tenant's quota."""
-    r = version.resources
-    return resources_pb2.Resources(cpu_millis=r.cpu_millis, memory_bytes=r.memory_bytes, gpus=r.gpus,
-                                   model_replicas=1)
-
-
-def replica_amount(version: pb.ModelVersion) -> Amount:
-    r = version.resources
-    return Amount(cpu_millis=r.cpu_millis, memory_bytes=r.memory_bytes, gpus=r.gpus)
-
-
-def spec_of(version: pb.ModelVersion) -> bytes:
-    """The fields that make a version's spec, for idempotency checks."""
-    spec = pb.ModelVersion(
-        version=version.version, model_uri=version.model_uri, description=version.description,
-        resources=version.resources, min_replicas=version.min_replicas, max_replicas=version.max_replicas,
-        batching=version.batching,
-    )
-    return spec.SerializeToString(deterministic=True)
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    """("file", "/abs/path") for local paths and file:// URIs, (scheme, uri) otherwise."""
-    if "://" not in uri:
-        return "file", uri
-    scheme, rest = uri.split("://", 1)
-    scheme = scheme.lower()
-    if scheme in LOCAL_SCHEMES:
-        return "file", rest
-    return scheme, uri
-
-
-def _is_file_at(dirfd: int, name: str) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
-    except OSError:
-        return False
-
-
-def checked_fetch_source(confiner: Confiner, version: pb.ModelVersion) -> Location:
-    """The version's model_uri checked again for its tenant, right before the
-    platform copies it (the reconciler's fetch): raises a typed error."""
-    return confiner.check(version.tenant, version.model_uri, "model_version.model_uri")
-
-
-def _encode_token(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode()
-
-
-def _decode_token(token: str) -> str:
-    try:
-        return base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise errors.InvalidArgument("page_token is not one this service issued") from None
-
 
 class ModelsCore:
     def __init__(self, etcd: Etcd, auth: QuotaClient, runtime: Runtime | None, *, storage_root: str | None,
@@ -215,13 +130,13 @@ class ModelsCore:
         size = validation.check_page_size(page_size)
         after = ""
         if page_token:
-            after = _decode_token(page_token)
+            after = decode_page_token(page_token)
             try:
                 validation.check_model_name(after)
             except errors.InvalidArgument:
                 raise errors.InvalidArgument("page_token is not one this service issued") from None
         models, more = await self.store.list_models(tenant, after, size)
-        token = _encode_token(models[-1].name) if more and models else ""
+        token = encode_page_token(models[-1].name) if more and models else ""
         return models, token
 
     async def update_model(self, caller: Principal, tenant: str, name: str, changes: pb.Model,
@@ -241,7 +156,7 @@ class ModelsCore:
         if "default_version" in paths and changes.default_version < 0:
             raise errors.InvalidArgument("default_version must not be negative")
         if "traffic_split" in paths:
-            self._check_split_shape(changes.traffic_split)
+            rules.check_split_shape(changes.traffic_split)
         for _ in range(20):
             snap = await self._snapshot(tenant, name)
             model = snap.model
@@ -274,26 +189,6 @@ class ModelsCore:
                 return model
             await asyncio.sleep(0.005)
         raise errors.Conflict(f"model {name!r} changed too often while being updated; retry")
-
-    @staticmethod
-    def _check_split_shape(split) -> None:
-        if not split:
-            return  # clears the split
-        seen: set[int] = set()
-        total = 0
-        for target in split:
-            if target.version <= 0:
-                raise errors.InvalidArgument(f"traffic_split names version {target.version}; versions are >= 1")
-            if target.version in seen:
-                raise errors.InvalidArgument(f"traffic_split names version {target.version} more than once")
-            if not 1 <= target.percent <= 100:
-                raise errors.InvalidArgument(
-                    f"traffic_split gives version {target.version} {target.percent}%; each share is 1..100"
-                )
-            seen.add(target.version)
-            total += target.percent
-        if total != 100:
-            raise errors.InvalidArgument(f"traffic_split percents sum to {total}, not 100")
 
     async def delete_model(self, caller: Principal, tenant: str, name: str) -> pb.Model:
         tenant = await self._tenant(caller, tenant)
@@ -362,41 +257,12 @@ class ModelsCore:
         )
         min_replicas = given.min_replicas or 1
         max_replicas = given.max_replicas or max(min_replicas, 1)
-        self.check_replica_bounds(min_replicas, max_replicas, "model_version.")
-        batching = self.check_batching(given.batching)
+        rules.check_replica_bounds(min_replicas, max_replicas, "model_version.")
+        batching = rules.check_batching(given.batching)
         return pb.ModelVersion(
             version=given.version, model_uri=given.model_uri, description=given.description, resources=resources,
             min_replicas=min_replicas, max_replicas=max_replicas, batching=batching,
         )
-
-    @staticmethod
-    def check_replica_bounds(min_replicas: int, max_replicas: int, prefix: str = "") -> None:
-        if not 1 <= min_replicas <= max_replicas <= MAX_REPLICAS:
-            raise errors.InvalidArgument(
-                f"{prefix}min_replicas = {min_replicas} and {prefix}max_replicas = {max_replicas}: "
-                f"need 1 <= min_replicas <= max_replicas <= {MAX_REPLICAS}"
-            )
-
-    @staticmethod
-    def check_batching(batching: pb.BatchingConfig) -> pb.BatchingConfig:
-        if not 0 <= batching.max_batch_size <= 100_000:
-            raise errors.InvalidArgument(
-                f"model_version.batching.max_batch_size must be within 1..100000 (got {batching.max_batch_size})")
-        if not 0 <= batching.batch_timeout_micros <= 60_000_000:
-            raise errors.InvalidArgument(
-                "model_version.batching.batch_timeout_micros must be within 0..60000000 "
-                f"(got {batching.batch_timeout_micros})")
-        if not 0 <= batching.max_enqueued_batches <= 1_000_000:
-            raise errors.InvalidArgument(
-                "model_version.batching.max_enqueued_batches must be within 0..1000000 "
-                f"(got {batching.max_enqueued_batches})")
-        if not 0 <= batching.num_batch_threads <= 1024:
-            raise errors.InvalidArgument(
-                f"model_version.batching.num_batch_threads must be within 0..1024 (got {batching.num_batch_threads})")
-        return pb.BatchingConfig(enabled=batching.enabled, max_batch_size=batching.max_batch_size,
-                                 batch_timeout_micros=batching.batch_timeout_micros,
-                                 max_enqueued_batches=batching.max_enqueued_batches,
-                                 num_batch_threads=batching.num_batch_threads)
 
     def check_model_uri(self, uri: str, tenant: str, caller: Principal | None = None) -> Location:
         """`uri` checked for the version's tenant (services.common.confine:
@@ -422,7 +288,7 @@ class ModelsCore:
                 raise errors.PermissionDenied(
                     f"{field} {uri!r} cannot be reached without following a symlink ({err.strerror})") from None
             try:
-                if not any(_is_file_at(fd, name) for name in SAVED_MODEL_FILES):
+                if not any(is_file_at(fd, name) for name in SAVED_MODEL_FILES):
                     raise errors.InvalidArgument(f"{field} {uri!r} is not a SavedModel directory (no saved_model.pb)")
             finally:
                 os.close(fd)
@@ -504,12 +370,12 @@ class ModelsCore:
         size = validation.check_page_size(page_size)
         after = 0
         if page_token:
-            token = _decode_token(page_token)
+            token = decode_page_token(page_token)
             if not token.isdigit():
                 raise errors.InvalidArgument("page_token is not one this service issued")
             after = int(token)
         versions, more = await self.store.list_versions(tenant, model, after, size)
-        token = _encode_token(str(versions[-1].version)) if more and versions else ""
+        token = encode_page_token(str(versions[-1].version)) if more and versions else ""
         return versions, token
 
     async def delete_version(self, caller: Principal, tenant: str, model: str, number: int) -> pb.ModelVersion:
@@ -539,17 +405,10 @@ class ModelsCore:
 
     # --- labels and scaling ------------------------------------------------------------
 
-    @staticmethod
-    def check_label(label: str) -> None:
-        if not LABEL_RE.fullmatch(label or "") or label.isdigit():
-            raise errors.InvalidArgument(
-                f"label {label!r} is invalid: use 1..63 characters of [A-Za-z0-9_-], not all digits"
-            )
-
     async def set_label(self, caller: Principal, tenant: str, model: str, label: str, number: int,
                         allow_unavailable: bool) -> pb.Model:
         tenant = await self._tenant(caller, tenant)
-        self.check_label(label)
+        rules.check_label(label)
         if number <= 0:
             raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
         for _ in range(20):
@@ -605,7 +464,7 @@ class ModelsCore:
                             max_replicas: int) -> pb.ModelVersion:
         tenant = await self._tenant(caller, tenant)
         validation.check_model_name(model, "model")
-        self.check_replica_bounds(min_replicas, max_replicas)
+        rules.check_replica_bounds(min_replicas, max_replicas)
         if number <= 0:
             raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
         result: list[pb.ModelVersion] = []

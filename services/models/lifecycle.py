@@ -15,7 +15,7 @@ from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import errors
 from services.common.runtime.base import CapacityBusy, ReplicaPhase, ReplicaRequest, ReplicaStatus, Unschedulable
 from services.models import store
-from services.models.core import replica_amount, replica_resources
+from services.models.rules import replica_amount, replica_resources
 from services.models.observe import PORT_FILE
 
 log = logging.getLogger(__name__)

@@ -85,7 +85,7 @@ from services.common.runtime.base import ReplicaStatus, Runtime
 from services.models import store
 from services.models.artifacts import ArtifactFetcher, _Download, _fetch  # noqa: F401 - importable here
 from services.models.autoscaler import Autoscaler, InflightScraper
-from services.models.core import ts
+from services.models.rules import ts
 from services.models.lifecycle import LOG_FILE, ReplicaLauncher
 from services.models.observe import (  # noqa: F401 - importable here, as before the split
     PORT_FILE,

@@ -26,7 +26,8 @@ from services.common.uploads import Uploads
 from services.common.runtime.factory import make_runtime
 from services.common.server import Platform, ServiceApp
 from services.models.store import ModelStore
-from services.models.core import Defaults, ModelsCore
+from services.models.core import ModelsCore
+from services.models.rules import Defaults
 from services.common.quota import QuotaClient
 from services.models.reconciler import Reconciler, ReconcilerMetrics, ReconcilerSettings
 from services.models.servicer import ModelsServicer

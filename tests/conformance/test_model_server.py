@@ -806,7 +806,7 @@ def test_unix_socket_replica_and_its_front_open_no_tcp_port(probe, servers, sock
     assert info["coalesce_max"] == 8 * 2  # max_batch_size x batch threads
     if native.built():  # the front owns the public socket, the Python server the one beside it
         assert info["replica_address"] == f"unix:{socket_dir}/r.server.sock"
-        assert [p.name() for p in psutil.Process(unix.proc.pid).children()] == ["cloudml-gateway-dataplane"]
+        assert [p.name() for p in psutil.Process(unix.proc.pid).children()] == ["cloudml-dataplane"]
     for address in {info["address"], info.get("replica_address", info["address"])}:
         r = probe.send(cmd="call", address=address, method="Predict", request={"modelSpec": spec()},
                        tensors=x_tensor([[4.0]]))

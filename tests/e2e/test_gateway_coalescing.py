@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from cloudml.models.v1 import models_service_pb2 as models_pb
-from cloudml.models.v1 import replica_pb2
+from cloudml.internal.v1 import replica_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from deploy.local.service_process import ServiceProcess, read_port_file
 from deploy.local.stack import AuthGatewayStack
@@ -138,7 +138,7 @@ def test_a_predict_batch_group_answers_each_member_as_its_own_predict(env):
         request([6.0]).SerializeToString(),
     ]
     with grpc.insecure_channel(env["replica"].address) as channel:
-        call = channel.unary_unary("/cloudml.models.v1.ReplicaService/PredictBatch",
+        call = channel.unary_unary("/cloudml.internal.v1.ReplicaService/PredictBatch",
                                    request_serializer=replica_pb2.PredictBatchRequest.SerializeToString,
                                    response_deserializer=replica_pb2.PredictBatchResponse.FromString)
         answer = call(replica_pb2.PredictBatchRequest(requests=members, resolved_version=1), timeout=10)
@@ -183,7 +183,7 @@ def test_each_predict_batch_member_has_its_own_deadline_and_metadata(env):
             replica_pb2.MetadataEntry(key="x-cloudml-resolved-version", value=b"2")]),
     ]
     with grpc.insecure_channel(env["replica"].address) as channel:
-        call = channel.unary_unary("/cloudml.models.v1.ReplicaService/PredictBatch",
+        call = channel.unary_unary("/cloudml.internal.v1.ReplicaService/PredictBatch",
                                    request_serializer=replica_pb2.PredictBatchRequest.SerializeToString,
                                    response_deserializer=replica_pb2.PredictBatchResponse.FromString)
         answer = call(replica_pb2.PredictBatchRequest(members=members), timeout=10)
@@ -205,7 +205,7 @@ def test_direct_callers_of_a_batching_replica_are_coalesced_by_its_native_front(
     it in groups, and each caller gets exactly its own answer or error."""
     info = env["replica_info"]
     replica = psutil.Process(env["replica"].process.pid)
-    fronts = [p for p in replica.children() if os.path.basename(p.exe()) == "cloudml-gateway-dataplane"]
+    fronts = [p for p in replica.children() if os.path.basename(p.exe()) == "cloudml-dataplane"]
     assert len(fronts) == 1, replica.children()
     port = int(info["address"].rpartition(":")[2])
     assert port in {c.laddr.port for c in fronts[0].net_connections() if c.status == psutil.CONN_LISTEN}
@@ -243,6 +243,6 @@ def test_the_replica_exits_when_its_native_front_dies(env):
     """Last in this module: it ends the replica. Its supervisor (the models
     service's reconciler) restarts it whole."""
     replica = psutil.Process(env["replica"].process.pid)
-    front = next(p for p in replica.children() if os.path.basename(p.exe()) == "cloudml-gateway-dataplane")
+    front = next(p for p in replica.children() if os.path.basename(p.exe()) == "cloudml-dataplane")
     front.kill()
     assert env["replica"].process.wait(15) == 1

@@ -1,7 +1,7 @@
 """A stand-in for a model-server replica with batching on, for the data
 plane's coalescing tests: a real grpc.aio server (on a background event loop)
 serving tensorflow.serving.PredictionService/Predict and
-cloudml.models.v1.ReplicaService/PredictBatch.
+cloudml.internal.v1.ReplicaService/PredictBatch.
 
 A request names itself with a string input "tag"; a tag that starts with
 "slow" takes `slow_seconds`, any other no work. Every call and every
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from cloudml.models.v1 import replica_pb2
+from cloudml.internal.v1 import replica_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
-PREDICT_BATCH = "/cloudml.models.v1.ReplicaService/PredictBatch"
+PREDICT_BATCH = "/cloudml.internal.v1.ReplicaService/PredictBatch"
 
 
 HOSTILE_TRAILERS = [("Bad Key", b"x"), ("x-newline", b"a\r\nx-injected: 1"), ("x-nul", b"a\x00b"),

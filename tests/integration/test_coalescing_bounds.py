@@ -1,5 +1,5 @@
 """Bounds on the native data plane's Predict coalescing
-(services/gateway/native/dataplane.cc), in replica front mode and through a
+(services/common/native/dataplane/), in replica front mode and through a
 full gateway, against a stand-in batching replica whose "slow" calls take 1 s
 (tests/integration/batching_replica.py).
 

@@ -25,7 +25,7 @@ import time
 import grpc
 import pytest
 
-from cloudml.gateway.v1 import dataplane_pb2
+from cloudml.internal.v1 import dataplane_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from services.common.native import binary_path
 from tests.integration.batching_replica import BatchingReplica, request, tag_of
@@ -90,7 +90,7 @@ class ControlPlane:
 
         class Handler(grpc.GenericRpcHandler):
             def service(self, details):
-                if details.method == "/cloudml.gateway.v1.Dataplane/Attach":
+                if details.method == "/cloudml.internal.v1.Dataplane/Attach":
                     return grpc.stream_stream_rpc_method_handler(plane._attach)
                 if details.method == "/tensorflow.serving.PredictionService/Predict":
                     return grpc.unary_unary_rpc_method_handler(plane._predict)

@@ -207,6 +207,28 @@ def test_unknown_method_is_unimplemented(platform):
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+
+def test_internal_services_are_neither_routed_nor_listed(platform):
+    """ReplicaService (replicas' PredictBatch) and Dataplane (the gateway's own
+    attach stream) are internal: the gateway does not relay them to any
+    service, and reflection lists only the public APIs."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    from services.gateway.routes import platform_routes
+    public = {"cloudml.auth.v1.AuthService", "cloudml.jobs.v1.JobsService", "cloudml.models.v1.ModelsService",
+              "cloudml.tuner.v1.TunerService"}
+    assert {m.split("/")[1] for m in platform_routes()} == public
+    for method in ("/cloudml.internal.v1.ReplicaService/PredictBatch", "/cloudml.internal.v1.Dataplane/Attach"):
+        call = platform["channel"].unary_unary(method)
+        with pytest.raises(grpc.RpcError) as err:
+            call(b"", metadata=platform["md"], timeout=5)
+        assert err.value.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED), method
+    stub = reflection_pb2_grpc.ServerReflectionStub(platform["channel"])
+    answer = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                            metadata=platform["md"], timeout=5))
+    listed = {s.name for s in answer.list_services_response.service}
+    assert listed == public | {"tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
+                               "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}, listed
+
 def test_rest_probes_and_metrics(platform):
     import urllib.error
     import urllib.request

@@ -1,4 +1,4 @@
-"""The gateway's native data plane (services/gateway/native/dataplane.cc), as
+"""The gateway's native data plane (services/common/native/dataplane/), as
 real processes: a gateway with its data plane in front, a real etcd and auth
 service, and stand-in replicas.
 
@@ -103,7 +103,7 @@ def assert_unauthenticated(call) -> None:
 
 def dataplane_process(gateway: ServiceProcess) -> psutil.Process:
     children = [p for p in psutil.Process(gateway.process.pid).children()
-                if os.path.basename(p.exe()) == "cloudml-gateway-dataplane"]
+                if os.path.basename(p.exe()) == "cloudml-dataplane"]
     assert len(children) == 1, children
     return children[0]
 
@@ -247,7 +247,7 @@ def test_expired_token_is_refused_on_the_fast_path(env):
 
 
 def test_control_stream_is_not_reachable_by_callers(env):
-    attach = "/cloudml.gateway.v1.Dataplane/Attach"
+    attach = "/cloudml.internal.v1.Dataplane/Attach"
     call = env["channel"].stream_stream(attach)
     with pytest.raises(grpc.RpcError) as err:
         list(call(iter([b""]), metadata=env["admin"], timeout=5))

@@ -400,7 +400,7 @@ def test_fuzz_replica_grpc_never_answers_internal_or_unknown(env):
     channel = grpc.insecure_channel(env["direct"])
 
     @FUZZ
-    @given(method=st.sampled_from(sorted(TFS_METHODS) + ["/cloudml.models.v1.ReplicaService/PredictBatch"]),
+    @given(method=st.sampled_from(sorted(TFS_METHODS) + ["/cloudml.internal.v1.ReplicaService/PredictBatch"]),
            body=st.binary(max_size=200))
     def check(method, body):
         try:

@@ -100,7 +100,7 @@ def test_replicas_and_their_fronts_listen_on_no_tcp_port_and_never_reach_etcd(st
     for replica_id in endpoints(stack, team):
         procs = processes(replica_pid(stack, team, replica_id))
         if native.built():
-            assert [os.path.basename(p.exe()) for p in procs[1:]] == ["cloudml-gateway-dataplane"]
+            assert [os.path.basename(p.exe()) for p in procs[1:]] == ["cloudml-dataplane"]
         for proc in procs:
             assert "--etcd" not in proc.cmdline()
             assert [c for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN] == []

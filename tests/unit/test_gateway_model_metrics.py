@@ -2,7 +2,7 @@
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cloudml.gateway.v1 import dataplane_pb2
+from cloudml.internal.v1 import dataplane_pb2
 from services.gateway.model_metrics import BUCKETS, ModelRequestMetrics
 
 

@@ -8,7 +8,8 @@ from services.common import errors
 from services.common.confine import Confiner
 from services.common.tokens import ROLE_ADMIN, ROLE_MEMBER, Principal
 from services.models import store
-from services.models.core import ModelsCore, spec_of, split_uri
+from services.models.core import ModelsCore
+from services.models.rules import check_label, check_split_shape, spec_of, split_uri
 from services.models.reconciler import _fetch, error_code
 
 MEMBER = Principal("team-a", ROLE_MEMBER, "AK1", 0)
@@ -77,24 +78,24 @@ def test_spec_ignores_output_fields():
 
 @pytest.mark.parametrize("label", ["stable", "canary-2", "A_b", "x" * 63])
 def test_good_labels(label):
-    ModelsCore.check_label(label)
+    check_label(label)
 
 
 @pytest.mark.parametrize("label", ["", "123", "x" * 64, "with space", "dot.ted"])
 def test_bad_labels(label):
     with pytest.raises(errors.InvalidArgument):
-        ModelsCore.check_label(label)
+        check_label(label)
 
 
 @pytest.mark.parametrize("split", [[(1, 90)], [(1, 50), (1, 50)], [(1, 0), (2, 100)], [(0, 100)], [(1, 101)]])
 def test_bad_traffic_splits(split):
     with pytest.raises(errors.InvalidArgument):
-        ModelsCore._check_split_shape([pb.TrafficTarget(version=v, percent=p) for v, p in split])
+        check_split_shape([pb.TrafficTarget(version=v, percent=p) for v, p in split])
 
 
 def test_good_traffic_splits():
-    ModelsCore._check_split_shape([pb.TrafficTarget(version=1, percent=90), pb.TrafficTarget(version=2, percent=10)])
-    ModelsCore._check_split_shape([])
+    check_split_shape([pb.TrafficTarget(version=1, percent=90), pb.TrafficTarget(version=2, percent=10)])
+    check_split_shape([])
 
 
 def test_load_error_codes():

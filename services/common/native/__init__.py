@@ -1,7 +1,7 @@
 """The native data-plane binary and running it as a child process.
 
 `services/common/native/dataplane/`, built by `scripts/build_native.sh`
-into `build/native/cloudml-gateway-dataplane`, runs in two roles: the
+into `build/native/cloudml-dataplane`, runs in two roles: the
 gateway's data plane (services/gateway/dataplane.py) and the front of a
 model-server replica with batching on (services/models/model_server/server.py).
 Either way it prints its bound port on its first line, dies with the process
@@ -25,7 +25,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-DEFAULT_BINARY = os.path.join(ROOT, "build", "native", "cloudml-gateway-dataplane")
+DEFAULT_BINARY = os.path.join(ROOT, "build", "native", "cloudml-dataplane")
 
 
 def binary_path() -> str:

@@ -59,7 +59,7 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 #: PredictionService methods routed to replicas (the data plane's model calls).
 FORWARDED_METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
 #: The control plane's own service, which the public port refuses.
-DATAPLANE_SERVICE = "cloudml.gateway.v1.Dataplane"
+DATAPLANE_SERVICE = "cloudml.internal.v1.Dataplane"
 ATTACH = f"/{DATAPLANE_SERVICE}/Attach"
 
 # --- picking --------------------------------------------------------------------------

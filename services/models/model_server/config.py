@@ -170,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
                         "loop while the signature's batches take less than this many microseconds; 0: always "
                         "on a batch thread")
     p.add_argument("--native-front", default="auto", choices=("auto", "on", "off"),
-                   help="put the native front (build/native/cloudml-gateway-dataplane) on the listening port, "
+                   help="put the native front (build/native/cloudml-dataplane) on the listening port, "
                         "so that direct callers get the native fast path (with batching on, their concurrent "
                         "Predict calls are also coalesced as the gateway coalesces its own); this process then "
                         "listens beside it; auto: if it is built")

@@ -29,7 +29,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from cloudml.models.v1 import replica_pb2
+from cloudml.internal.v1 import replica_pb2
 from services.models.model_server import predict as predict_lib
 from services.models.model_server import status
 from services.models.model_server.config import DEFAULT_MAX_REQUEST_BYTES_CAP
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
-REPLICA_SERVICE = "cloudml.models.v1.ReplicaService"
+REPLICA_SERVICE = "cloudml.internal.v1.ReplicaService"
 #: Set by the gateway: the model version it routed this request to (see core.py).
 ROUTED_VERSION_KEY = "x-cloudml-resolved-version"
 

@@ -314,7 +314,7 @@ def predict_response_bytes(outputs: list[tuple[str, bytes]], model_spec: bytes) 
     """A serialized PredictResponse from (alias, TensorProto bytes) pairs.
     model_spec (field 2) comes first: field order is free in the wire format,
     and the gateway's data plane reads the served version from the first
-    bytes of a response (services/gateway/native/dataplane.cc)."""
+    bytes of a response (services/common/native/dataplane/)."""
     parts = [_len_field(0x12, model_spec)]  # model_spec = 2
     for alias, tensor in outputs:
         entry = _len_field(0x0A, alias.encode()) + _len_field(0x12, tensor)

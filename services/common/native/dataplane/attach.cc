@@ -4,13 +4,13 @@
 #include <string>
 #include <unordered_map>
 
-#include "cloudml/gateway/v1/dataplane.pb.h"
+#include "cloudml/internal/v1/dataplane.pb.h"
 #include "protocol.h"
 #include "wire.h"
 
 namespace cloudml::dataplane {
 
-namespace pb = cloudml::gateway::v1;
+namespace pb = cloudml::internal::v1;
 
 void Attachment::Connect() {
   client_ = std::make_unique<grpc::ClientContext>();

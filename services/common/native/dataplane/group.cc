@@ -3,13 +3,13 @@
 #include <algorithm>
 #include <chrono>
 
-#include "cloudml/models/v1/replica.pb.h"
+#include "cloudml/internal/v1/replica.pb.h"
 #include "model_call.h"
 #include "wire.h"
 
 namespace cloudml::dataplane {
 
-constexpr char kPredictBatch[] = "/cloudml.models.v1.ReplicaService/PredictBatch";
+constexpr char kPredictBatch[] = "/cloudml.internal.v1.ReplicaService/PredictBatch";
 
 Group::Group(Plane& plane, const std::string& address, const ModelCall& first)
     : plane_(plane), address_(address), coalesce_max_(first.coalesce_max()), limit_(first.max_request_bytes()),
@@ -50,7 +50,7 @@ void Group::Send() {
   auto now = std::chrono::system_clock::now();
   std::vector<ModelCall*> members;
   members.swap(members_);
-  cloudml::models::v1::PredictBatchRequest request;
+  cloudml::internal::v1::PredictBatchRequest request;
   request.set_resolved_version(version_);
   auto deadline = now;
   for (ModelCall* m : members) {
@@ -102,7 +102,7 @@ void Group::Close() {
 
 void Group::Answer() {
   plane_.BackendFor(address_).rpcs--;
-  cloudml::models::v1::PredictBatchResponse response;
+  cloudml::internal::v1::PredictBatchResponse response;
   bool parsed = status_.ok() && response.ParseFromString(Flatten(response_)) &&
                 response.results_size() == static_cast<int>(members_.size());
   for (size_t i = 0; i < members_.size(); i++) {

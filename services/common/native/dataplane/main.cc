@@ -77,7 +77,7 @@
 //   the gateway fell from ~2.0 to ~1.3 ms and its throughput rose ~6 %.
 //
 // Usage (the Python gateway starts it; it dies with its parent):
-//   cloudml-gateway-dataplane --listen HOST:PORT --upstream HOST:PORT [--spin-us N]
+//   cloudml-dataplane --listen HOST:PORT --upstream HOST:PORT [--spin-us N]
 //                             [--max-request-bytes N]
 //   with the secret in $CLOUDML_DATAPLANE_SECRET. Prints the bound port.
 //
@@ -91,7 +91,7 @@
 // Replica front mode: a model-server replica with batching on starts it in
 // front of itself, so that callers who reach the replica directly (not
 // through a gateway) get the same coalescing:
-//   cloudml-gateway-dataplane --listen HOST:PORT --front-for HOST:PORT
+//   cloudml-dataplane --listen HOST:PORT --front-for HOST:PORT
 //                             --coalesce-max N [--batch-timeout-us N] [--spin-us N]
 //                             [--max-request-bytes N]
 // (--batch-timeout-us: the replica's batch_timeout_micros; default 0, when

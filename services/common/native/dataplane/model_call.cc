@@ -3,7 +3,7 @@
 #include <algorithm>
 
 #include "call.h"
-#include "cloudml/gateway/v1/dataplane.pb.h"
+#include "cloudml/internal/v1/dataplane.pb.h"
 #include "group.h"
 #include "metadata.h"
 #include "picking.h"
@@ -19,7 +19,7 @@ constexpr int kRpcsBeforeCoalescing = 1;
 
 std::chrono::system_clock::time_point ModelCall::deadline() const { return call_.ctx().deadline(); }
 
-void ModelCall::MemberMetadata(cloudml::models::v1::PredictMember* member) const {
+void ModelCall::MemberMetadata(cloudml::internal::v1::PredictMember* member) const {
   for (const auto& kv : call_.ctx().client_metadata()) {
     std::string key(kv.first.data(), kv.first.size());
     if (IsHopHeader(key) || key == kAuthorization) continue;
@@ -30,7 +30,7 @@ void ModelCall::MemberMetadata(cloudml::models::v1::PredictMember* member) const
 }
 
 void ModelCall::BatchDone(const grpc::Status& status, const std::string& response,
-                          const google::protobuf::RepeatedPtrField<cloudml::models::v1::MetadataEntry>* trailers) {
+                          const google::protobuf::RepeatedPtrField<cloudml::internal::v1::MetadataEntry>* trailers) {
   group_ = nullptr;
   status_ = status;
   response_ = ToBuffer(response);
@@ -209,7 +209,7 @@ void ModelCall::Remember() {
   Plane& p = call_.plane();
   for (const auto& kv : client_->GetServerTrailingMetadata()) {
     if (kv.first != kDecisionHeader) continue;
-    cloudml::gateway::v1::RouteDecision msg;
+    cloudml::internal::v1::RouteDecision msg;
     if (!msg.ParseFromArray(kv.second.data(), static_cast<int>(kv.second.size())) ||
         msg.generation() != p.generation)
       return;

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "cloudml/models/v1/replica.pb.h"
+#include "cloudml/internal/v1/replica.pb.h"
 
 namespace cloudml::dataplane {
 
@@ -45,12 +45,12 @@ class ModelCall {
 
   // Its caller's metadata as a PredictBatch member's, filtered as
   // NewClient does for a replica.
-  void MemberMetadata(cloudml::models::v1::PredictMember* member) const;
+  void MemberMetadata(cloudml::internal::v1::PredictMember* member) const;
 
   // Its result: from the PredictBatch group it went in, with the trailers
   // the replica set for it, or from the group it never went out in.
   void BatchDone(const grpc::Status& status, const std::string& response,
-                 const google::protobuf::RepeatedPtrField<cloudml::models::v1::MetadataEntry>* trailers);
+                 const google::protobuf::RepeatedPtrField<cloudml::internal::v1::MetadataEntry>* trailers);
 
  private:
   bool TooLarge(uint64_t limit);

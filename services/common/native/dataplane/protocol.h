@@ -22,7 +22,7 @@ constexpr char kPredictionService[] = "/tensorflow.serving.PredictionService/";
 // PredictionService methods routed to replicas (model calls).
 constexpr const char* kForwardedMethods[] = { "Predict", "Classify", "Regress", "MultiInference",
     "GetModelMetadata", };
-constexpr char kDataplaneService[] = "/cloudml.gateway.v1.Dataplane/";
-constexpr char kAttach[] = "/cloudml.gateway.v1.Dataplane/Attach";
+constexpr char kDataplaneService[] = "/cloudml.internal.v1.Dataplane/";
+constexpr char kAttach[] = "/cloudml.internal.v1.Dataplane/Attach";
 
 }  // namespace cloudml::dataplane

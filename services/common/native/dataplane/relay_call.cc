@@ -1,7 +1,7 @@
 #include "relay_call.h"
 
 #include "call.h"
-#include "cloudml/gateway/v1/dataplane.pb.h"
+#include "cloudml/internal/v1/dataplane.pb.h"
 #include "metadata.h"
 #include "protocol.h"
 
@@ -80,7 +80,7 @@ void RelayCall::Vouched() {
   Plane& p = call_.plane();
   for (const auto& kv : client_->GetServerTrailingMetadata()) {
     if (kv.first != kAuthHeader) continue;
-    cloudml::gateway::v1::AuthDecision msg;
+    cloudml::internal::v1::AuthDecision msg;
     if (!auth_.empty() && p.generation &&
         msg.ParseFromArray(kv.second.data(), static_cast<int>(kv.second.size())) &&
         msg.generation() == p.generation)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from cloudml.gateway.v1 import dataplane_pb2 as cloudml_dot_gateway_dot_v1_dot_dataplane__pb2
+from cloudml.internal.v1 import dataplane_pb2 as cloudml_dot_internal_dot_v1_dot_dataplane__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in cloudml/gateway/v1/dataplane_pb2_grpc.py depends on'
+        + ' but the generated code in cloudml/internal/v1/dataplane_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -28,7 +28,7 @@ if _version_not_supported:
 class DataplaneStub:
     """Internal to the gateway: between its control plane (the Python gateway
     process, which owns authentication, routing state and every platform API)
-    and its native data plane (services/gateway/native/dataplane.cc, which
+    and its native data plane (services/common/native/dataplane/, which
     owns the public gRPC port and forwards TF Serving calls to replicas).
 
     Never reachable by callers: the data plane answers this service with
@@ -44,16 +44,16 @@ class DataplaneStub:
             channel: A grpc.Channel.
         """
         self.Attach = channel.stream_stream(
-                '/cloudml.gateway.v1.Dataplane/Attach',
-                request_serializer=cloudml_dot_gateway_dot_v1_dot_dataplane__pb2.DataplaneReport.SerializeToString,
-                response_deserializer=cloudml_dot_gateway_dot_v1_dot_dataplane__pb2.DataplaneControl.FromString,
+                '/cloudml.internal.v1.Dataplane/Attach',
+                request_serializer=cloudml_dot_internal_dot_v1_dot_dataplane__pb2.DataplaneReport.SerializeToString,
+                response_deserializer=cloudml_dot_internal_dot_v1_dot_dataplane__pb2.DataplaneControl.FromString,
                 _registered_method=True)
 
 
 class DataplaneServicer:
     """Internal to the gateway: between its control plane (the Python gateway
     process, which owns authentication, routing state and every platform API)
-    and its native data plane (services/gateway/native/dataplane.cc, which
+    and its native data plane (services/common/native/dataplane/, which
     owns the public gRPC port and forwards TF Serving calls to replicas).
 
     Never reachable by callers: the data plane answers this service with
@@ -77,21 +77,21 @@ def add_DataplaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Attach': grpc.stream_stream_rpc_method_handler(
                     servicer.Attach,
-                    request_deserializer=cloudml_dot_gateway_dot_v1_dot_dataplane__pb2.DataplaneReport.FromString,
-                    response_serializer=cloudml_dot_gateway_dot_v1_dot_dataplane__pb2.DataplaneControl.SerializeToString,
+                    request_deserializer=cloudml_dot_internal_dot_v1_dot_dataplane__pb2.DataplaneReport.FromString,
+                    response_serializer=cloudml_dot_internal_dot_v1_dot_dataplane__pb2.DataplaneControl.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'cloudml.gateway.v1.Dataplane', rpc_method_handlers)
+            'cloudml.internal.v1.Dataplane', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('cloudml.gateway.v1.Dataplane', rpc_method_handlers)
+    server.add_registered_method_handlers('cloudml.internal.v1.Dataplane', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
 class Dataplane:
     """Internal to the gateway: between its control plane (the Python gateway
     process, which owns authentication, routing state and every platform API)
-    and its native data plane (services/gateway/native/dataplane.cc, which
+    and its native data plane (services/common/native/dataplane/, which
     owns the public gRPC port and forwards TF Serving calls to replicas).
 
     Never reachable by callers: the data plane answers this service with
@@ -114,9 +114,9 @@ class Dataplane:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/cloudml.gateway.v1.Dataplane/Attach',
-            cloudml_dot_gateway_dot_v1_dot_dataplane__pb2.DataplaneReport.SerializeToString,
-            cloudml_dot_gateway_dot_v1_dot_dataplane__pb2.DataplaneControl.FromString,
+            '/cloudml.internal.v1.Dataplane/Attach',
+            cloudml_dot_internal_dot_v1_dot_dataplane__pb2.DataplaneReport.SerializeToString,
+            cloudml_dot_internal_dot_v1_dot_dataplane__pb2.DataplaneControl.FromString,
             options,
             channel_credentials,
             insecure,

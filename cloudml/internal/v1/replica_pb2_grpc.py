@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from cloudml.models.v1 import replica_pb2 as cloudml_dot_models_dot_v1_dot_replica__pb2
+from cloudml.internal.v1 import replica_pb2 as cloudml_dot_internal_dot_v1_dot_replica__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in cloudml/models/v1/replica_pb2_grpc.py depends on'
+        + ' but the generated code in cloudml/internal/v1/replica_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -52,9 +52,9 @@ class ReplicaServiceStub:
             channel: A grpc.Channel.
         """
         self.PredictBatch = channel.unary_unary(
-                '/cloudml.models.v1.ReplicaService/PredictBatch',
-                request_serializer=cloudml_dot_models_dot_v1_dot_replica__pb2.PredictBatchRequest.SerializeToString,
-                response_deserializer=cloudml_dot_models_dot_v1_dot_replica__pb2.PredictBatchResponse.FromString,
+                '/cloudml.internal.v1.ReplicaService/PredictBatch',
+                request_serializer=cloudml_dot_internal_dot_v1_dot_replica__pb2.PredictBatchRequest.SerializeToString,
+                response_deserializer=cloudml_dot_internal_dot_v1_dot_replica__pb2.PredictBatchResponse.FromString,
                 _registered_method=True)
 
 
@@ -91,14 +91,14 @@ def add_ReplicaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'PredictBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.PredictBatch,
-                    request_deserializer=cloudml_dot_models_dot_v1_dot_replica__pb2.PredictBatchRequest.FromString,
-                    response_serializer=cloudml_dot_models_dot_v1_dot_replica__pb2.PredictBatchResponse.SerializeToString,
+                    request_deserializer=cloudml_dot_internal_dot_v1_dot_replica__pb2.PredictBatchRequest.FromString,
+                    response_serializer=cloudml_dot_internal_dot_v1_dot_replica__pb2.PredictBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'cloudml.models.v1.ReplicaService', rpc_method_handlers)
+            'cloudml.internal.v1.ReplicaService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('cloudml.models.v1.ReplicaService', rpc_method_handlers)
+    server.add_registered_method_handlers('cloudml.internal.v1.ReplicaService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -136,9 +136,9 @@ class ReplicaService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/cloudml.models.v1.ReplicaService/PredictBatch',
-            cloudml_dot_models_dot_v1_dot_replica__pb2.PredictBatchRequest.SerializeToString,
-            cloudml_dot_models_dot_v1_dot_replica__pb2.PredictBatchResponse.FromString,
+            '/cloudml.internal.v1.ReplicaService/PredictBatch',
+            cloudml_dot_internal_dot_v1_dot_replica__pb2.PredictBatchRequest.SerializeToString,
+            cloudml_dot_internal_dot_v1_dot_replica__pb2.PredictBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
