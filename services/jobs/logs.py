@@ -21,6 +21,7 @@ import asyncio
 import os
 import re
 import shutil
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -145,6 +146,36 @@ def _tail_offset(path: str, lines: int) -> int:
         if cut < 0:
             return start
     return start + cut + 1
+
+
+LAST_LINE_WINDOW = 8192
+LAST_LINE_MAX = 240
+
+
+def last_line(path: str) -> str:
+    """The last non-blank line a replica wrote (its log holds the tenant's
+    output: read without following links or blocking, control characters
+    dropped, cut to LAST_LINE_MAX characters); "" if there is none. For a
+    Python trainer that died of an exception this is the exception's line,
+    e.g. "ModuleNotFoundError: No module named 'trainer.tsk'"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        end = os.lseek(fd, 0, os.SEEK_END)
+        data = os.pread(fd, LAST_LINE_WINDOW, max(0, end - LAST_LINE_WINDOW))
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    for raw in reversed(data.splitlines()):
+        text = "".join(c for c in raw.decode("utf-8", "replace") if c.isprintable()).strip()
+        if text:
+            return text if len(text) <= LAST_LINE_MAX else text[:LAST_LINE_MAX - 1] + "…"
+    return ""
 
 
 @dataclass

@@ -32,7 +32,7 @@ from services.common.runtime.base import ReplicaPhase, ReplicaRequest, ReplicaSt
 from services.jobs import policy, records
 from services.jobs.core import confine_spec
 from services.jobs.envs import FetchFailed, InstallFailed, fetch
-from services.jobs.logs import JobLog, JobPaths
+from services.jobs.logs import JobLog, JobPaths, last_line
 from services.jobs.metrics import Ingester
 from services.jobs.store import Held, Unchanged
 from services.jobs.tfconfig import Replica, assign_addresses, cluster_spec, tf_config
@@ -246,8 +246,8 @@ class JobRunner:
                 if not noted and self.s.clock() - started >= 0.5:
                     noted = True
                     await self._transition(self.job.state, "Installing",
-                                           f"installing {os.path.basename(self.job.spec.trainer_uri)} into a new "
-                                           "environment (output in the job log)")
+                                           f"{os.path.basename(self.job.spec.trainer_uri)} into a new environment "
+                                           "(output in the job log)")
             self.python = task.result()
             return True
         except InstallFailed as err:
@@ -526,6 +526,10 @@ class JobRunner:
         failure = verdict.exit
         memory = records.format_memory(self.resources[failure.replica].memory_bytes)
         message = policy.failure_message(failure, memory)
+        if policy.failure_reason(failure) == "ReplicaFailed":
+            said = await asyncio.to_thread(last_line, self.paths.replica_log(attempt, failure.replica))
+            if said:
+                message += f": {said}"
         spec = self.job.spec
         if policy.should_restart(spec.restart_policy, spec.max_retries, attempt, failure):
             await self._transition(pb.JOB_STATE_RESTARTING, policy.failure_reason(failure),

@@ -227,8 +227,10 @@ def test_exit_1_fails_with_the_exit_code_in_the_event(admin, packages):
     admin.submit("exit1", faulty(packages, "exit_code", "--code 1"))
     job = admin.wait("exit1", timeout=60)
     assert job.state == S.JOB_STATE_FAILED
-    assert job.reason == "ReplicaFailed" and job.message == "ReplicaFailed master-0 exit 1"
-    assert final_events(job)[-1].message == "ReplicaFailed master-0 exit 1"
+    # The reason carries the last line the replica wrote, so a user sees why without reading logs.
+    said = "faulty_trainer.exit_code: exiting with code 1"
+    assert job.reason == "ReplicaFailed" and job.message == f"ReplicaFailed master-0 exit 1: {said}"
+    assert final_events(job)[-1].message == f"ReplicaFailed master-0 exit 1: {said}"
     (master,) = job.replicas
     assert master.state == pb.REPLICA_STATE_FAILED and master.exit_code == 1
 
@@ -238,7 +240,7 @@ def test_exit_code_policy_does_not_retry_the_trainers_own_error(admin, packages)
                                  max_retries=2))
     job = admin.wait("exit3", timeout=60)
     assert job.state == S.JOB_STATE_FAILED and job.attempts == 1
-    assert job.message == "ReplicaFailed master-0 exit 3"
+    assert job.message == "ReplicaFailed master-0 exit 3: faulty_trainer.exit_code: exiting with code 3"
 
 
 def test_memory_hog_is_oom_killed(admin, packages):
@@ -269,7 +271,8 @@ def test_on_failure_restarts_and_succeeds_on_the_third_attempt(admin, packages):
     assert job.state == S.JOB_STATE_SUCCEEDED and job.attempts == 3, reasons(job)
     restarts = [e for e in job.events if e.state == S.JOB_STATE_RESTARTING]
     assert [(e.reason, e.attempt) for e in restarts] == [("ReplicaFailed", 1), ("ReplicaFailed", 2)]
-    assert "ReplicaFailed master-0 exit 1; restarting" in restarts[0].message
+    assert restarts[0].message == ("ReplicaFailed master-0 exit 1: faulty_trainer.flaky: attempt 1 of 2 failing ones: "
+                                   "exit 1; restarting (attempt 2 of at most 4)")
     starts = [e.attempt for e in job.events if e.reason == "Started"]
     assert starts == [1, 2, 3]
     # Each attempt has its own log.
@@ -655,6 +658,14 @@ def test_cli_jobs_commands_through_the_gateway(stack, built, tmp_path):
     cli("jobs", "delete", "cli-job")
     missing = cli("jobs", "describe", "cli-job", check=False)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+    # A typo in the module name: the job's status says what Python said, not only "exit 1".
+    (tmp_path / "typo.json").write_text(json.dumps({**seed, "job_name": "cli-typo", "module_name": "plain_trainer.tsk"}))
+    failed = cli("jobs", "submit", "-f", str(tmp_path / "typo.json"), "--watch", check=False)
+    assert failed.returncode == 1 and "No module named plain_trainer.tsk" in failed.stderr, failed.stderr
+    described = cli("jobs", "describe", "cli-typo").stdout
+    assert "ReplicaFailed master-0 exit 1: " in described and "No module named plain_trainer.tsk" in described
+    events = [line for line in described.splitlines() if "Installing" in line]
+    assert not [line for line in events if "installing" in line.split("Installing", 1)[1]], events
 
 
 def test_jobs_service_process_never_loaded_tensorflow(stack):
@@ -758,4 +769,4 @@ def test_a_job_that_failed_while_the_service_was_down_follows_its_policy(own_sta
     own_stack.start_jobs()
     client = own_stack.admin()
     job = client.wait("dies", timeout=30)
-    assert job.state == S.JOB_STATE_FAILED and job.message == "ReplicaFailed master-0 exit 137", reasons(job)
+    assert job.state == S.JOB_STATE_FAILED and job.message.startswith("ReplicaFailed master-0 exit 137"), reasons(job)
