@@ -39,6 +39,10 @@ proto's header documents the same list.
                             "replica", "attempt"} lines; the scheduler ingests them
     CUDA_VISIBLE_DEVICES    set by the runtime: the replica's whole GPUs, "" for none
     PYTHONUNBUFFERED        1 (unless spec.env says otherwise), so logs are live
+    TF_CPP_MIN_LOG_LEVEL    2 (unless spec.env says otherwise): TensorFlow's C++
+                            INFO/WARNING chatter (CPU features, oneDNN) stays out
+                            of the job's logs. The few lines TF prints before its
+                            logging starts (CUDA probing) still appear.
 
 plus the spec's own `env` and the runtime's minimal base (PATH, HOME, LANG, ...).
 """

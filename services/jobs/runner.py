@@ -332,7 +332,8 @@ class JobRunner:
         spec = self.job.spec
         # HOME and TMPDIR in the job's own work directory: tenant code writes
         # its caches and temporary files where no other tenant can look.
-        env = {"PYTHONUNBUFFERED": "1", "HOME": self.paths.workdir, "TMPDIR": self.paths.workdir}
+        env = {"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "HOME": self.paths.workdir,
+               "TMPDIR": self.paths.workdir}
         env.update(spec.env)
         env.update({
             "TF_CONFIG": tf_config(cluster, replica, spec.env.get("CLOUDML_TRIAL_NUMBER", "")),

@@ -139,6 +139,8 @@ def test_linear_example_end_to_end(admin, packages):
     text = [line.text for line in lines if line.HasField("replica")]
     assert any(t.startswith("Epoch: 9, loss:") for t in text), text[-20:]
     assert any("Done exporting!" in t for t in text)
+    # TensorFlow's start-up chatter stays out (TF_CPP_MIN_LOG_LEVEL=2 unless the job's env says otherwise).
+    assert not [t for t in text if "cpu_feature_guard" in t or "oneDNN custom operations" in t], text[:20]
     assert any("[platform]" in line.text for line in lines if not line.HasField("replica"))
     w, b = map(float, re.search(r"w: ([-\d.e]+), b: ([-\d.e]+)", "\n".join(text)).groups())
     assert abs(w - 2) < 0.1 and abs(b - 10) < 0.5
@@ -215,6 +217,7 @@ def test_replica_environment_contract(admin, packages):
         assert env["CLOUDML_OUTPUT_PATH"] == job.spec.output_path
         assert env["CLOUDML_METRICS_FILE"].endswith(os.path.join("attempt-1", f"{role}-{index}.jsonl"))
         assert env["CUDA_VISIBLE_DEVICES"] == "" and env["MY_FLAG"] == "on" and env["PYTHONUNBUFFERED"] == "1"
+        assert env["TF_CPP_MIN_LOG_LEVEL"] == "2"
     assert job.spec.output_path.endswith(os.path.join("storage", "admin", "jobs", "envdump"))
     admin.cancel("envdump")
     assert admin.wait("envdump", timeout=10).state == S.JOB_STATE_CANCELLED
