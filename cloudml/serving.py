@@ -179,23 +179,33 @@ def _copy_fsspec(source: str, uri: str) -> None:
 # --- versions --------------------------------------------------------------------------
 
 def wait_for_version(client, model: str, version: int, *, tenant: str = "", timeout: float = 300.0,
-                     poll: float = 0.5):
-    """Polls until the version is AVAILABLE (returns it) or ends (raises
-    FailedPrecondition with the load error); DeadlineExceeded after `timeout`."""
+                     poll: float = 0.5, progress=None):
+    """Polls until the version is AVAILABLE with at least its min_replicas
+    replicas ready (returns it) or ends (raises FailedPrecondition with the
+    load error); DeadlineExceeded after `timeout`, naming how many replicas
+    were ready. `progress(ready, wanted, state_name)` is called whenever
+    those change."""
     pb, _ = _models_pb()
     stub = models_stub(client)
     deadline = time.monotonic() + timeout
+    shown = None
     while True:
         found = client.call(stub.GetVersion, pb.GetVersionRequest(tenant=tenant, model=model,
                                                                   version=version)).model_version
-        if found.state == pb.MODEL_VERSION_STATE_AVAILABLE:
+        ready = sum(r.state == pb.MODEL_VERSION_STATE_AVAILABLE for r in found.replicas)
+        wanted = max(1, found.min_replicas)
+        state = pb.ModelVersionState.Name(found.state).removeprefix("MODEL_VERSION_STATE_")
+        if progress is not None and (ready, wanted, state) != shown:
+            shown = (ready, wanted, state)
+            progress(ready, wanted, state)
+        if found.state == pb.MODEL_VERSION_STATE_AVAILABLE and ready >= wanted:
             return found
         if found.state == pb.MODEL_VERSION_STATE_END:
             raise errors.FailedPrecondition(
                 f"version {version} of model {model!r} failed: {found.status.message or 'it ended'}")
         if time.monotonic() >= deadline:
             raise errors.DeadlineExceeded(
-                f"version {version} of model {model!r} is still {pb.ModelVersionState.Name(found.state)} "
+                f"version {version} of model {model!r} is {state} with {ready} of {wanted} replicas ready "
                 f"after {timeout:.0f}s")
         time.sleep(poll)
 

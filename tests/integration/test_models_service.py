@@ -703,6 +703,23 @@ def cli(stack, tenant: Tenant, *argv: str, rest_endpoint: str = "", timeout: flo
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+def test_cli_create_wait_exits_1_short_of_the_requested_replicas(stack):
+    """`models create --replicas 2 --wait` with quota for one replica: it shows
+    replicas becoming ready and fails when the timeout passes at 1 of 2, rather
+    than reporting success with half the replicas."""
+    tenant = stack.new_tenant()
+    set_replica_quota(stack, tenant.name, 1)
+    waited = cli(stack, tenant, "models", "create", "-n", "half", "-v", "v1", "-u", stack.saved_model,
+                 "--cpu", "100m", "--memory", "1Gi", "--replicas", "2", "--wait", "--timeout", "20")
+    assert waited.code == 1, (waited.out, waited.err)
+    assert "0/2 replicas ready" in waited.err and "1/2 replicas ready" in waited.err, waited.err
+    assert "DEADLINE_EXCEEDED" in waited.err and "1 of 2 replicas ready" in waited.err, waited.err
+    set_replica_quota(stack, tenant.name, 2)
+    again = cli(stack, tenant, "models", "create", "-n", "half", "-v", "v1", "-u", stack.saved_model,
+                "--cpu", "100m", "--memory", "1Gi", "--replicas", "2", "--wait", "--timeout", str(LOAD_TIMEOUT))
+    assert again.code == 0 and "2/2 replicas ready" in again.err, (again.out, again.err)
+
+
 class _RecordingHandler(http.server.BaseHTTPRequestHandler):
     seen: list = []
 

@@ -75,7 +75,9 @@ def _add_spec_arguments(p, *, version_default: str) -> None:
     p.add_argument("--max-enqueued-batches", type=int, default=0,
                    help="batching: batches that may wait; beyond, UNAVAILABLE (implies --batching)")
     p.add_argument("--num-batch-threads", type=int, default=0, help="batching: parallel batches (implies --batching)")
-    p.add_argument("--wait", action="store_true", help="wait until the version is AVAILABLE (or fails)")
+    p.add_argument("--wait", action="store_true",
+                   help="wait until the version is AVAILABLE with all its --replicas ready "
+                        "(exit 1 if it fails or --timeout passes first)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits (default 600)")
     p.add_argument("--tenant", default="", help=TENANT_HELP)
 
@@ -289,8 +291,9 @@ def _create_version(ctx: Context, model: str) -> None:
         ctx.note(f"version {version.version} of model {model} already exists with this spec")
     if args.wait:
         ctx.note(f"waiting for version {version.version} of model {model} to be AVAILABLE ...")
-        version = serving.wait_for_version(ctx.client, model, version.version, tenant=args.tenant,
-                                           timeout=args.timeout)
+        version = serving.wait_for_version(
+            ctx.client, model, version.version, tenant=args.tenant, timeout=args.timeout,
+            progress=lambda ready, wanted, state: ctx.note(f"  {state.lower()}: {ready}/{wanted} replicas ready"))
     _print_version(ctx, version, resp.created)
 
 
