@@ -761,6 +761,7 @@ def test_cli_create_list_describe_label_scale_predict_delete(stack, tmp_path):
     assert [m["name"] for m in listed] == ["linear"]
     table = cli(stack, tenant, "models", "list")
     assert table.code == 0 and table.out.splitlines()[0].split()[:2] == ["NAME", "PUBLIC"]
+    assert "v1 AVAILABLE 1/1" in table.out.splitlines()[1], table.out  # each model's state, not "-"
 
     labelled = cli(stack, tenant, "models", "label", "linear", "stable", "v1", "-o", "json").json()
     assert labelled["labels"] == {"stable": "1"}

@@ -340,15 +340,25 @@ def _all_versions(ctx: Context, tenant: str, name: str) -> list:
             return versions
 
 
+def _model_status(model, versions) -> str:
+    """"v1 AVAILABLE 2/2, v2 LOADING 0/1"; "DELETING"; "no versions"."""
+    if model.HasField("delete_time"):
+        return "DELETING"
+    return ", ".join(f"v{v.version} {_state(v.state)} {_ready(v)}" for v in versions) or "no versions"
+
+
 def list_(ctx: Context) -> None:
     models = _all_models(ctx, ctx.args.tenant)
+    if ctx.json:
+        ctx.emit([message_to_dict(m) for m in models])
+        return
     rows = []
     for m in models:
-        state = "DELETING" if m.HasField("delete_time") else "-"
+        versions = _all_versions(ctx, m.tenant, m.name) if not m.HasField("delete_time") else []
         rows.append([m.name, "yes" if m.public else "no",
-                     ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items())) or "-", state,
+                     ", ".join(f"{k}={v}" for k, v in sorted(m.labels.items())) or "-", _model_status(m, versions),
                      format_time(m.create_time)])
-    ctx.emit([message_to_dict(m) for m in models], table=(["NAME", "PUBLIC", "LABELS", "STATUS", "CREATED"], rows))
+    ctx.emit(None, table=(["NAME", "PUBLIC", "LABELS", "STATUS", "CREATED"], rows))
 
 
 def describe(ctx: Context) -> None:
