@@ -291,6 +291,19 @@ def test_quota_set_parses_units_and_keeps_unspecified_fields(cli, admin):
     assert limits["gpus"] == "2" and limits["studies"] == "7"
 
 
+def test_quota_set_below_usage_warns_and_names_what_keeps_running(cli, admin, auth_service):
+    tenant, member = new_member(cli, admin)
+    assert cli("quota", "set", "--tenant", tenant, "--cpu", "2", key=admin).code == 0
+    with cloudml.Client(auth_service.address, member.access_key, member.secret_key) as client:
+        client.reserve("jobs/train/big", cpu="1.5")
+    r = cli("quota", "set", "--tenant", tenant, "--cpu", "1", key=admin)
+    assert r.code == 0, r.err
+    assert f"warning: the cpu limit 1 is below what tenant {tenant} uses now (1500m)" in r.err, r.err
+    assert "what runs keeps running" in r.err and "jobs/train/big  cpu=1500m" in r.err, r.err
+    quiet = cli("quota", "set", "--tenant", tenant, "--cpu", "4", key=admin)
+    assert quiet.code == 0 and "warning" not in quiet.err
+
+
 def test_quota_set_absurd_value_is_invalid_argument(cli, admin):
     tenant, _ = new_member(cli, admin)
     r = cli("quota", "set", "--tenant", tenant, "--gpus", "100000000", key=admin)

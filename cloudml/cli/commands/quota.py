@@ -67,4 +67,22 @@ def set_(ctx: Context) -> None:
     limits = client.get_quota(args.tenant).limits
     for field, value in changes.items():
         setattr(limits, field, value)
-    _show(ctx, client.set_quota(args.tenant, limits))
+    resp = client.set_quota(args.tenant, limits)
+    _warn_below_usage(ctx, resp)
+    _show(ctx, resp)
+
+
+def _warn_below_usage(ctx: Context, resp) -> None:
+    """A limit set below what the tenant holds now stops nothing: say so, and
+    name what keeps running (its reservations)."""
+    over = [(name, fmt(getattr(resp.limits, field)), fmt(getattr(resp.usage, field)))
+            for name, field, fmt in ROWS if getattr(resp.usage, field) > getattr(resp.limits, field)]
+    if not over:
+        return
+    for name, limit, used in over:
+        ctx.note(f"warning: the {name} limit {limit} is below what tenant {resp.tenant} uses now ({used})")
+    held = ctx.client.list_reservations(resp.tenant)
+    ctx.note("what runs keeps running; new jobs, replicas and studies wait until usage falls below the limits. "
+             f"Running now ({len(held)}):")
+    for reservation in held:
+        ctx.note(f"  {reservation.owner_id}  {resource_summary(reservation.resources)}")
