@@ -11,7 +11,8 @@ import grpc
 
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-from services.common.etcd import Etcd, Session
+from services.common.etcd import Etcd
+from services.common.etcd_concurrency import Session
 
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 

@@ -16,7 +16,8 @@ from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as jobs_grpc
 from deploy.local.stack import AuthGatewayStack
-from services.common.etcd import Etcd, Session
+from services.common.etcd import Etcd
+from services.common.etcd_concurrency import Session
 from services.common.registry import register
 
 ADMIN = ("AKGWTESTADMIN0000000", "gw-admin-secret")
