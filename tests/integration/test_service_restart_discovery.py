@@ -19,7 +19,6 @@ from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from deploy.local.service_process import ServiceProcess
 from deploy.local.stack import AuthGatewayStack
-from services.common.etcd import Etcd
 from services.common.registry import Directory
 from tests.integration.restart_probe import Probe, wait_health
 
@@ -46,8 +45,8 @@ class LoopThread:
 
 
 @pytest.fixture
-def stack(tmp_path):
-    stack = AuthGatewayStack(str(tmp_path)).start()
+def stack(tmp_path, etcd_server):
+    stack = AuthGatewayStack(str(tmp_path), etcd_server.endpoint).start()
     yield stack
     stack.stop()
 
@@ -72,7 +71,7 @@ def test_killed_auth_replaced_on_new_port_is_used_within_a_second(stack):
     loop = LoopThread()
 
     async def open_directory():
-        etcd = await Etcd.connect(stack.etcd.endpoint)
+        etcd = await stack.etcd.connect()
         directory = Directory(etcd).start()
         await directory.wait_synced(5)
         return etcd, directory
@@ -150,7 +149,7 @@ def test_clean_exit_revokes_the_lease_so_the_entry_goes_at_once(stack):
     loop = LoopThread()
 
     async def entries():
-        etcd = await Etcd.connect(stack.etcd.endpoint)
+        etcd = await stack.etcd.connect()
         try:
             kvs, _, _ = await etcd.get_prefix("/cloudml/registry/auth/")
             return kvs
