@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from deploy.local.etcd import EtcdProcess
+from deploy.local.stack import EtcdTarget
 from services.common import errors
 from services.common.etcd import (Etcd, Mirror, cmp_absent, cmp_mod_revision, op_delete, op_delete_prefix, op_get,
                                   op_get_prefix, op_put)
@@ -229,6 +230,43 @@ async def test_namespaced_sessions_and_elections_are_independent(etcd_endpoint, 
     assert await raw.count_prefix(etcd_prefix) == 0
     for etcd in (a, b, raw):
         await etcd.close()
+
+
+def test_namespaced_stacks_on_one_etcd_work_end_to_end_and_apart(etcd_server, tmp_path):
+    """Two platform slices (auth + gateway, the same admin key) on one etcd:
+    each finds its own services and keeps its own tenants."""
+    import grpc
+
+    from cloudml.auth.v1 import auth_service_pb2 as auth_pb
+    from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
+    from deploy.local.stack import AuthGatewayStack, Stack
+
+    a = AuthGatewayStack(str(tmp_path / "a"), etcd_server.endpoint)
+    b = Stack(str(tmp_path / "b"), etcd_server.endpoint)
+    try:
+        a.start()
+        b.start()
+        assert a.etcd.namespace != b.etcd.namespace and a.admin == b.admin
+        a.tenant_token("only-in-a")  # through A's auth
+        with grpc.insecure_channel(a.gateway.address) as channel:  # A's gateway found A's auth
+            stub = auth_grpc.AuthServiceStub(channel)
+            md = (("authorization", f"Bearer {a.issue_token()}"),)
+            assert stub.GetTenant(auth_pb.GetTenantRequest(name="only-in-a"), metadata=md, timeout=10).tenant.name
+        with grpc.insecure_channel(b.auth.address) as channel:
+            stub = auth_grpc.AuthServiceStub(channel)
+            md = (("authorization", f"Bearer {b.issue_token()}"),)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetTenant(auth_pb.GetTenantRequest(name="only-in-a"), metadata=md, timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        registry = {name: list(s.etcd.get_prefix("/cloudml/registry/")) for name, s in (("a", a), ("b", b))}
+        assert sorted(k.split("/")[3] for k in registry["a"]) == ["auth", "gateway"]
+        assert [k.split("/")[3] for k in registry["b"]] == ["auth"]
+        everything = EtcdTarget(etcd_server.endpoint).get_prefix(a.etcd.namespace + "/")
+        assert everything and all(k.startswith(a.etcd.namespace + "/cloudml/") for k in everything)
+    finally:
+        a.stop()
+        b.stop()
+    assert not EtcdTarget(etcd_server.endpoint).get_prefix(a.etcd.namespace + "/")  # a stack leaves nothing behind
 
 
 async def _pings(etcd) -> bool:
