@@ -86,8 +86,13 @@ class EtcdTarget:
 
         asyncio.run(write())
 
-    def flags(self) -> list[str]:
-        return ["--etcd-namespace", self.namespace] if self.namespace else []
+    def delete_prefix(self, prefix: str) -> int:
+        """Deletes every key under `prefix`, from synchronous code."""
+        async def delete():
+            async with self.client() as etcd:
+                return await etcd.delete_prefix(prefix)
+
+        return asyncio.run(delete())
 
 
 def as_target(etcd: EtcdTarget | str) -> EtcdTarget:
@@ -303,12 +308,8 @@ class Stack:
         if self.etcd.process is not None:
             self.etcd.process.stop()
         elif self.etcd.namespace:
-            async def forget():
-                async with self.etcd.client() as etcd:
-                    await etcd.delete_prefix("")
-
             with contextlib.suppress(Exception):
-                asyncio.run(forget())
+                self.etcd.delete_prefix("")
 
 
 class AuthGatewayStack(Stack):

@@ -103,7 +103,7 @@ def connect(process: ServiceProcess, admin_secret: str) -> AuthService:
 
 
 class AuthLauncher:
-    """Starts auth processes for one test (on etcds of its own) and stops them after it."""
+    """Starts auth processes for one test (on an etcd or a namespace of its own) and stops them after it."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
@@ -111,11 +111,11 @@ class AuthLauncher:
         self.processes: list[ServiceProcess] = []
         self.services: list[AuthService] = []
 
-    def start(self, etcd_endpoint: str, *, wait: bool = True) -> ServiceProcess:
+    def start(self, etcd: EtcdTarget | str, *, wait: bool = True) -> ServiceProcess:
         # A directory per process (port file, log); all share the admin key
         # and the key-encryption key.
         workdir = os.path.join(self.workdir, str(len(self.processes)))
-        process = start_auth(etcd_endpoint, workdir, admin_secret=self.secret, wait=wait,
+        process = start_auth(etcd, workdir, admin_secret=self.secret, wait=wait,
                              kek_file=os.path.join(self.workdir, "kek"))
         self.processes.append(process)
         return process
