@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ADMIN = ("AKCOALESCEADMIN00000", "admin-secret")
 SERVICE = ("AKCOALESCESERVICE000", "service-secret")
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
+# Starts its own etcd namespace, auth, gateway and replica, and kills the replica's front.
+pytestmark = pytest.mark.needs_local_platform
 
 
 @pytest.fixture(scope="module")
