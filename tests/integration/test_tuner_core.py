@@ -1,7 +1,7 @@
 """`TunerCore` in-process on a real etcd (a key namespace of its own on the
 session etcd), with the jobs and auth services replaced by fakes:
-SuggestTrials idempotency (client_id), limits, concurrent suggestions, the sampler continuing across processes, and
-ShouldStopTrial."""
+SuggestTrials idempotency (client_id), limits, concurrent suggestions, the
+sampler continuing across processes, and ShouldStopTrial."""
 from __future__ import annotations
 
 import asyncio
