@@ -42,7 +42,6 @@ from cloudml.models.v1 import models_service_pb2 as pb  # noqa: E402
 from cloudml.models.v1 import models_service_pb2_grpc as pb_grpc  # noqa: E402
 from cloudml.tfs.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
-from deploy.local.service_process import ServiceProcess, service_command  # noqa: E402
 from deploy.local.stack import AuthGatewayStack  # noqa: E402
 from services.common.etcd import Etcd  # noqa: E402
 
@@ -116,7 +115,6 @@ def main() -> None:
     d = tempfile.mkdtemp(prefix="bench-deploy-")
     os.chmod(d, 0o755)  # replicas run as their tenant's user (with the platform as root): they must reach DIR
     stack = AuthGatewayStack(d, flags=["--log-level", "WARNING"])
-    models = None
     ok = False
     try:
         build = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "conformance", "half_plus_two.py"),
@@ -125,11 +123,7 @@ def main() -> None:
                                  env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         stack.start()
         data_dir = os.path.join(d, "data")
-        models = ServiceProcess(
-            "models", service_command("models", stack.etcd.endpoint, stack.path("models.port"), data_dir=data_dir,
-                                      credentials_file=stack.path("svc.json"),
-                                      extra=["--log-level", "WARNING", "--stop-grace", "5"]),
-            stack.path("models.port"), log_path=stack.path("models.log")).start().wait_serving(30)
+        models = stack.start_service("models", data_dir=data_dir, extra=["--stop-grace", "5"])
         out, err = build.communicate(timeout=180)
         assert build.returncode == 0, err
         saved_model = out.strip().splitlines()[-1]
@@ -208,20 +202,7 @@ def main() -> None:
             print(f"endpoint -> first Predict: median {summary['warm_endpoint_to_predict_ms_median']:.0f} ms")
         ok = True
     finally:
-        if models is not None:
-            models.stop()
-        # Replicas outlive their service by design: stop what the runtime still runs.
-        state_dir = os.path.join(d, "data", "runtime", "local")
-        if os.path.isdir(state_dir):
-            from services.common.runtime.local import LocalRuntime  # noqa: PLC0415
-
-            async def stop_all():
-                runtime = LocalRuntime(state_dir)
-                for status in await runtime.adopt():
-                    if not status.ended:
-                        await runtime.stop(status.replica_id, 2.0)
-            asyncio.run(stop_all())
-        stack.stop()
+        stack.stop()  # the models service, then the replicas it leaves running by design, auth, etcd
         if ok:
             shutil.rmtree(d, ignore_errors=True)
         else:

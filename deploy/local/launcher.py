@@ -1,6 +1,6 @@
 """`cloudml-platform`: runs the whole platform on this machine.
 
-    cloudml-platform up --data-dir DIR [--grpc-port 8500] [--rest-port 8501] [--detach]
+    cloudml-platform up --data-dir DIR [--grpc-port 8500] [--rest-port 8501] [--detach] [--etcd-namespace NS]
     cloudml-platform down --data-dir DIR
     cloudml-platform status --data-dir DIR [-o json]
 
@@ -235,23 +235,40 @@ def configure_supervisor_logging(layout: Layout, console: bool) -> None:
         root.addHandler(stream)
 
 
-def prepare(layout: Layout, grpc_port: int, rest_port: int) -> Ports:
-    """Directories, keys and credential files, and the saved gateway ports."""
+def etcd_namespace(layout: Layout, requested: str | None) -> str:
+    """The etcd key namespace of the platform's services: chosen on the first
+    start (`up --etcd-namespace`, default none) and kept, since the state in
+    etcd lives under it; asking for another one later is an error."""
+    first = not os.path.exists(layout.bootstrap)
+    saved = (read_json(layout.config) or {}).get("etcd_namespace", "")
+    if requested is None or requested == saved:
+        return saved
+    if first:
+        return requested
+    raise RuntimeError(f"the platform on {layout.root} keeps its state under etcd namespace {saved!r}, "
+                       f"not {requested!r}")
+
+
+def prepare(layout: Layout, grpc_port: int, rest_port: int, namespace: str | None = None) -> tuple[Ports, str]:
+    """Directories, keys and credential files, and the saved gateway ports and
+    etcd namespace."""
+    namespace = etcd_namespace(layout, namespace)
     layout.make_dirs()
     # DIR/secrets/kek: the auth service's key-encryption key (it creates the file).
     os.makedirs(layout.path("secrets"), mode=0o700, exist_ok=True)
     os.chmod(layout.path("secrets"), 0o700)
     first = ensure_credentials(layout, grpc_port, rest_port)
-    saved = read_json(layout.config) or {}
     ports = Ports(grpc=grpc_port, rest=rest_port)
-    save_ports(layout, ports)
+    save_ports(layout, ports, namespace)
     if first:
         log.info("first start: created the admin and service keys")
-    return ports
+    return ports, namespace
 
 
-def save_ports(layout: Layout, ports: Ports) -> None:
+def save_ports(layout: Layout, ports: Ports, namespace: str = "") -> None:
     data = {"grpc_port": ports.grpc, "rest_port": ports.rest}
+    if namespace:
+        data["etcd_namespace"] = namespace
     if read_json(layout.config) != data or os.stat(layout.config).st_mode & 0o077:
         write_json(layout.config, data, 0o600)  # nothing in the data dir is for tenant code
 
@@ -304,15 +321,15 @@ def cmd_up(args) -> int:
         if error:
             print(error, file=sys.stderr)
             return 1
-        ports = prepare(layout, args.grpc_port, args.rest_port)
+        ports, namespace = prepare(layout, args.grpc_port, args.rest_port, args.etcd_namespace)
         if args.detach:
             return _up_detached(layout, lock_fd, budget)
         configure_supervisor_logging(layout, console=True)
         print(f"Starting the platform on {layout.root} ...", flush=True)
-        sup = Supervisor(layout, specs, ports, start_timeout=start_timeout(),
+        sup = Supervisor(layout, specs, ports, start_timeout=start_timeout(), etcd_namespace=namespace,
                          on_ready=lambda s: print(summary(layout) + "\n\nSupervising; Ctrl-C stops the platform.",
                                                   flush=True),
-                         on_ports_changed=lambda p: save_ports(layout, p))
+                         on_ports_changed=lambda p: save_ports(layout, p, namespace))
         code = sup.run()
         if code:
             print(f"error: {sup.error}", file=sys.stderr)
@@ -370,8 +387,9 @@ def cmd_supervise(args) -> int:
     configure_supervisor_logging(layout, console=False)
     saved = read_json(layout.config) or {}
     ports = Ports(grpc=int(saved["grpc_port"]), rest=int(saved["rest_port"]))
-    sup = Supervisor(layout, enabled_services(), ports, start_timeout=start_timeout(),
-                     on_ports_changed=lambda p: save_ports(layout, p))
+    namespace = saved.get("etcd_namespace", "")
+    sup = Supervisor(layout, enabled_services(), ports, start_timeout=start_timeout(), etcd_namespace=namespace,
+                     on_ports_changed=lambda p: save_ports(layout, p, namespace))
     return sup.run()
 
 
@@ -445,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--rest-port", type=int, default=8501, help="the gateway's HTTP port (default 8501)")
     up.add_argument("--detach", action="store_true",
                     help="return once everything is SERVING, leaving a background supervisor")
+    up.add_argument("--etcd-namespace", default=None,
+                    help="keep the services' etcd keys under this prefix (set on the first start and kept)")
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop every component of the platform")

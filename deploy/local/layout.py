@@ -2,7 +2,7 @@
 credentials written on its first start.
 
     DIR/                          0711: tenant code may pass through to its own directories, never list
-    DIR/platform.json             ports chosen on the first start (gateway)
+    DIR/platform.json             the gateway ports and the etcd namespace (if any) of the services
     DIR/etcd/                     etcd's data: all platform state (0700)
     DIR/run/etcd/                 etcd's Unix sockets (client and peer; 0700: the platform's alone)
     DIR/bootstrap.json            keys the auth service registers on start (0600)

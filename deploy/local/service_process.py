@@ -17,10 +17,12 @@ from deploy.local.etcd import open_log
 
 
 def service_command(service: str, etcd: str, port_file: str, *, listen: str = "127.0.0.1:0",
-                    data_dir: str | None = None, credentials_file: str | None = None,
+                    data_dir: str | None = None, credentials_file: str | None = None, etcd_namespace: str = "",
                     extra: list[str] | tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, "-m", f"services.{service}", "--etcd", etcd, "--listen", listen,
            "--port-file", port_file]
+    if etcd_namespace:
+        cmd += ["--etcd-namespace", etcd_namespace]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     if credentials_file:

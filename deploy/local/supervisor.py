@@ -276,8 +276,9 @@ class EtcdComponent(Component):
 
 
 class ServiceComponent(Component):
-    def __init__(self, spec: ServiceSpec, layout: Layout, ports: Ports, etcd: EtcdComponent):
+    def __init__(self, spec: ServiceSpec, layout: Layout, ports: Ports, etcd: EtcdComponent, etcd_namespace: str = ""):
         super().__init__(spec.name)
+        self.etcd_namespace = etcd_namespace
         self.spec = spec
         self.layout = layout
         self.ports = ports
@@ -296,7 +297,7 @@ class ServiceComponent(Component):
         return service_command(
             self.name, self.etcd.address, self.layout.port_file(self.name),
             listen=self.spec.listen(self.ports), data_dir=self.layout.root,
-            credentials_file=self.layout.service_credentials,
+            credentials_file=self.layout.service_credentials, etcd_namespace=self.etcd_namespace,
             extra=self.spec.extra(self.layout, self.ports),
         )
 
@@ -323,6 +324,8 @@ class Supervisor:
     specs: list[ServiceSpec]
     ports: Ports
     start_timeout: float = 60.0
+    #: the services' etcd key namespace (`up --etcd-namespace`)
+    etcd_namespace: str = ""
     on_ready: Callable[["Supervisor"], None] | None = None
     on_ports_changed: Callable[[Ports], None] | None = None
     stopping: bool = False
@@ -333,7 +336,8 @@ class Supervisor:
 
     def __post_init__(self):
         self.etcd = EtcdComponent(self.layout, self.ports)
-        self.services = [ServiceComponent(s, self.layout, self.ports, self.etcd) for s in self.specs]
+        self.services = [ServiceComponent(s, self.layout, self.ports, self.etcd, self.etcd_namespace)
+                         for s in self.specs]
 
     @property
     def components(self) -> list[Component]:

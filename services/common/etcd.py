@@ -1,19 +1,18 @@
 """All etcd access of the platform, on top of `aetcd`'s channel and v3 stubs.
 
-What is here (each piece is what etcd's own `clientv3/concurrency` offers):
+What is here, and beside it (each piece is what etcd's own clientv3 offers):
 
 - `Etcd`: get / range / put / delete / transactions, with keys as `str`.
   `update()` is a compare-and-swap read-modify-write on `mod_revision`. The
   `cmp_*` and `op_*` functions build a transaction's compares and operations
   (`op_get_prefix` / `op_delete_prefix` for whole prefixes), so that no store
-  needs `aetcd` itself.
-- `Session`: a lease kept alive in the background; when it is lost (etcd
-  down longer than the TTL) a new one is granted and the keys registered with
-  `Session.keep()` are written again.
-- `Election`: leader election under a prefix (lowest create_revision wins),
-  with `run_as_leader()` to run a loop only while leading.
+  needs `aetcd` itself. `Etcd(namespace=...)` keeps every key under a
+  namespace (`services/common/etcd_namespace.py`, clientv3's `namespace`):
+  services sharing one etcd under different namespaces never meet.
 - `PrefixWatcher` / `Mirror`: list-then-watch that resumes from the last seen
   revision after a reconnect and lists again after a compaction.
+- `services/common/etcd_concurrency.py`: `Session` (a lease kept alive) and
+  `Election` / `run_as_leader` (clientv3's `concurrency`).
 
 Key builders live with their owners (`services/<svc>/store.py`); every key
 starts with `/cloudml/<owner>/`.
@@ -28,27 +27,18 @@ import contextlib
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import aetcd
 import grpc
 from aetcd import rpc
 
 from services.common import errors
+from services.common.etcd_namespace import Namespace, NamespacedWatch, prefix_end
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The range end that selects every key starting with `prefix`."""
-    end = bytearray(prefix)
-    for i in range(len(end) - 1, -1, -1):
-        if end[i] < 0xFF:
-            end[i] += 1
-            return bytes(end[: i + 1])
-    return b"\0"
 
 
 def _b(key: str | bytes) -> bytes:
@@ -138,9 +128,14 @@ def _mapped():
 
 class Etcd:
     """A connection to etcd. Create with `await Etcd.connect("127.0.0.1:2379")`
-    (or a Unix socket: `"unix:/path/etcd:2379"`, as the local launcher runs it)."""
+    (or a Unix socket: `"unix:/path/etcd:2379"`, as the local launcher runs it).
 
-    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT):
+    `namespace` (e.g. "/cloudml-test/3f2a"): every key sent goes under it and
+    every key returned comes back without it, in reads, writes, transactions,
+    watches and the keys of sessions and elections, so that code using this
+    connection sees one etcd of its own. Empty: the whole keyspace."""
+
+    def __init__(self, endpoint: str, timeout: float = DEFAULT_TIMEOUT, namespace: str = ""):
         if endpoint.startswith("unix:"):
             # aetcd dials f"{host}:{port}": "unix" + ":" + the socket path.
             host, port = "unix", endpoint[len("unix:"):]
@@ -149,6 +144,8 @@ class Etcd:
             port = int(port)
         self.endpoint = endpoint
         self.timeout = timeout
+        self.namespace = namespace
+        self._ns = Namespace(namespace) if namespace else None
         self._client = aetcd.Client(
             host=host or "127.0.0.1",
             port=port,
@@ -167,8 +164,8 @@ class Etcd:
         self._maintenance = None
 
     @classmethod
-    async def connect(cls, endpoint: str, timeout: float = DEFAULT_TIMEOUT) -> "Etcd":
-        self = cls(endpoint, timeout)
+    async def connect(cls, endpoint: str, timeout: float = DEFAULT_TIMEOUT, namespace: str = "") -> "Etcd":
+        self = cls(endpoint, timeout, namespace)
         await self._client.connect()
         channel = self._client.channel
         self._kv = rpc.KVStub(channel)
@@ -180,13 +177,29 @@ class Etcd:
     async def close(self) -> None:
         await self._client.close()
 
+    # --- the namespace (no-ops without one) ------------------------------------------
+
+    def _key(self, key: str | bytes) -> bytes:
+        return self._ns.key(_b(key)) if self._ns else _b(key)
+
+    def _prefix(self, prefix: str) -> tuple[bytes, bytes]:
+        """(key, range_end) selecting every key under `prefix`."""
+        key = _b(prefix)
+        if self._ns:
+            return self._ns.key(key), self._ns.range_end(prefix_end(key))
+        return key, prefix_end(key)
+
+    def _strip(self, kvs) -> None:
+        if self._ns:
+            self._ns.strip_kvs(kvs)
+
     # --- health -------------------------------------------------------------------
 
     async def ping(self, timeout: float = 1.0) -> int:
         """Returns the store's revision; raises `errors.Unavailable` when down."""
         with _mapped():
             resp = await self._kv.Range(
-                rpc.RangeRequest(key=b"/cloudml/", count_only=True), timeout=timeout
+                rpc.RangeRequest(key=self._key(b"/cloudml/"), count_only=True), timeout=timeout
             )
         return resp.header.revision
 
@@ -194,7 +207,8 @@ class Etcd:
 
     async def get(self, key: str) -> KV | None:
         with _mapped():
-            resp = await self._kv.Range(rpc.RangeRequest(key=_b(key)), timeout=self.timeout)
+            resp = await self._kv.Range(rpc.RangeRequest(key=self._key(key)), timeout=self.timeout)
+        self._strip(resp.kvs)
         return KV.from_pb(resp.kvs[0]) if resp.kvs else None
 
     async def get_prefix(
@@ -210,12 +224,14 @@ class Etcd:
 
         Returns (kvs, store revision, more) where `more` says the limit cut it.
         """
-        key = _b(start) if start else _b(prefix)
+        key, end = self._prefix(prefix)
+        if start:
+            key = self._key(start)
         with _mapped():
             resp = await self._kv.Range(
                 rpc.RangeRequest(
                     key=key,
-                    range_end=prefix_end(_b(prefix)),
+                    range_end=end,
                     limit=limit,
                     keys_only=keys_only,
                     revision=revision,
@@ -224,12 +240,14 @@ class Etcd:
                 ),
                 timeout=self.timeout,
             )
+        self._strip(resp.kvs)
         return [KV.from_pb(kv) for kv in resp.kvs], resp.header.revision, resp.more
 
     async def count_prefix(self, prefix: str) -> int:
+        key, end = self._prefix(prefix)
         with _mapped():
             resp = await self._kv.Range(
-                rpc.RangeRequest(key=_b(prefix), range_end=prefix_end(_b(prefix)), count_only=True),
+                rpc.RangeRequest(key=key, range_end=end, count_only=True),
                 timeout=self.timeout,
             )
         return resp.count
@@ -238,28 +256,35 @@ class Etcd:
 
     async def put(self, key: str, value: bytes, lease: int = 0) -> int:
         with _mapped():
-            resp = await self._kv.Put(rpc.PutRequest(key=_b(key), value=value, lease=lease), timeout=self.timeout)
+            resp = await self._kv.Put(rpc.PutRequest(key=self._key(key), value=value, lease=lease),
+                                     timeout=self.timeout)
         return resp.header.revision
 
     async def delete(self, key: str) -> bool:
         with _mapped():
-            resp = await self._kv.DeleteRange(rpc.DeleteRangeRequest(key=_b(key)), timeout=self.timeout)
+            resp = await self._kv.DeleteRange(rpc.DeleteRangeRequest(key=self._key(key)), timeout=self.timeout)
         return resp.deleted > 0
 
     async def delete_prefix(self, prefix: str) -> int:
+        key, end = self._prefix(prefix)
         with _mapped():
-            resp = await self._kv.DeleteRange(
-                rpc.DeleteRangeRequest(key=_b(prefix), range_end=prefix_end(_b(prefix))), timeout=self.timeout
-            )
+            resp = await self._kv.DeleteRange(rpc.DeleteRangeRequest(key=key, range_end=end), timeout=self.timeout)
         return resp.deleted
 
     async def txn(self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()) -> tuple[bool, Any]:
-        """One etcd transaction; returns (succeeded, raw TxnResponse)."""
+        """One etcd transaction; returns (succeeded, raw TxnResponse), the
+        response's keys without the namespace."""
+        if self._ns:
+            compare = [self._ns.compare(c) for c in compare]
+            success = [self._ns.op(o) for o in success]
+            failure = [self._ns.op(o) for o in failure]
         with _mapped():
             resp = await self._kv.Txn(
                 rpc.TxnRequest(compare=list(compare), success=list(success), failure=list(failure)),
                 timeout=self.timeout,
             )
+        if self._ns:
+            self._ns.strip_txn(resp)
         return resp.succeeded, resp
 
     async def create(self, key: str, value: bytes, lease: int = 0) -> bool:
@@ -321,11 +346,13 @@ class Etcd:
     # --- watches ----------------------------------------------------------------------
 
     def watch_stream(self, prefix: str, start_revision: int):
-        """A raw bidi watch call on a prefix from `start_revision` (inclusive)."""
+        """A raw bidi watch call on a prefix from `start_revision` (inclusive)
+        (`read()` and `cancel()`; its events' keys without the namespace)."""
+        key, end = self._prefix(prefix)
         request = rpc.WatchRequest(
             create_request=rpc.WatchCreateRequest(
-                key=_b(prefix),
-                range_end=prefix_end(_b(prefix)),
+                key=key,
+                range_end=end,
                 start_revision=start_revision,
                 progress_notify=True,
             )
@@ -336,208 +363,8 @@ class Etcd:
             # Keep the request side open; the call is cancelled to stop.
             await asyncio.Event().wait()
 
-        return self._watch.Watch(requests())
-
-
-class Session:
-    """A lease kept alive in the background, like etcd's concurrency.Session.
-
-    `keep(key, value)` writes a key bound to the lease and writes it again
-    whenever the lease had to be replaced. `lost` is set while no valid lease
-    is held (leaders must step down then).
-    """
-
-    def __init__(self, etcd: Etcd, ttl: int = 10):
-        self.etcd = etcd
-        self.ttl = ttl
-        self.lease_id = 0
-        self.lost = asyncio.Event()
-        self.renewed = asyncio.Event()
-        self._kept: dict[str, bytes] = {}
-        self._task: asyncio.Task | None = None
-        self._generation = 0
-
-    @property
-    def generation(self) -> int:
-        """Bumped each time a new lease replaces a lost one."""
-        return self._generation
-
-    async def start(self) -> "Session":
-        self.lease_id = await self.etcd.grant_lease(self.ttl)
-        self._task = asyncio.create_task(self._keepalive(), name="etcd-session-keepalive")
-        return self
-
-    async def keep(self, key: str, value: bytes) -> None:
-        self._kept[key] = value
-        await self.etcd.put(key, value, lease=self.lease_id)
-
-    async def forget(self, key: str) -> None:
-        self._kept.pop(key, None)
-        with contextlib.suppress(errors.Unavailable):
-            await self.etcd.delete(key)
-
-    async def _keepalive(self) -> None:
-        loop = asyncio.get_running_loop()
-        expires = loop.time() + self.ttl
-        while True:
-            await asyncio.sleep(max(self.ttl / 3, 0.2))
-            try:
-                remaining = await self.etcd.keepalive_once(self.lease_id)
-            except errors.Unavailable:
-                if loop.time() < expires:
-                    continue
-                remaining = 0
-            except Exception:  # noqa: BLE001 - keep the session alive whatever happens
-                log.exception("lease keep-alive failed")
-                continue
-            if remaining > 0:
-                expires = loop.time() + remaining
-                continue
-            # The lease is gone: say so, then get a new one and re-register.
-            self.lost.set()
-            log.warning("etcd lease %x lost; granting a new one", self.lease_id)
-            await self._renew()
-            expires = loop.time() + self.ttl
-
-    async def _renew(self) -> None:
-        delay = 0.2
-        while True:
-            try:
-                self.lease_id = await self.etcd.grant_lease(self.ttl)
-                for key, value in list(self._kept.items()):
-                    await self.etcd.put(key, value, lease=self.lease_id)
-                self._generation += 1
-                self.lost.clear()
-                self.renewed.set()
-                self.renewed = asyncio.Event()
-                return
-            except errors.Unavailable:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def close(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(Exception):
-            await self.etcd.revoke_lease(self.lease_id)
-
-
-class Election:
-    """Leader election under `/cloudml/<owner>/election/<name>/`.
-
-    Each candidate writes a key bound to its session's lease; the one with the
-    lowest create_revision leads. A candidate waits for the deletion of the
-    key just before its own (no thundering herd), as etcd's recipe does.
-    """
-
-    def __init__(self, session: Session, prefix: str, value: bytes = b""):
-        self.session = session
-        self.etcd = session.etcd
-        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
-        self.value = value
-        self.key = ""
-
-    async def campaign(self) -> None:
-        """Returns once this candidate leads."""
-        while True:
-            try:
-                self.key = f"{self.prefix}{self.session.lease_id:016x}"
-                await self.etcd.create(self.key, self.value, lease=self.session.lease_id)
-                mine = await self.etcd.get(self.key)
-                if mine is None:  # lease lost between the two calls
-                    await asyncio.sleep(0.2)
-                    continue
-                while True:
-                    kvs, revision, _ = await self.etcd.get_prefix(self.prefix)
-                    ahead = [kv for kv in kvs if kv.create_revision < mine.create_revision]
-                    if all(kv.key != self.key for kv in kvs):
-                        break  # our key vanished (lease lost): campaign again
-                    if not ahead:
-                        return
-                    predecessor = max(ahead, key=lambda kv: kv.create_revision)
-                    await self._wait_deleted(predecessor.key, revision + 1)
-            except errors.Unavailable:
-                await asyncio.sleep(0.5)
-
-    async def _wait_deleted(self, key: str, start_revision: int) -> None:
-        # The pending read is kept across the periodic re-checks: cancelling
-        # it (as asyncio.wait_for would on timeout) cancels the whole watch
-        # call, and a predecessor that outlives one TTL would then end the
-        # campaign by accident.
-        call = self.etcd.watch_stream(key, start_revision)
-        reader: asyncio.Future | None = None
-        try:
-            while True:
-                if await self.etcd.get(key) is None:
-                    return
-                if reader is None:
-                    reader = asyncio.ensure_future(call.read())
-                done, _ = await asyncio.wait({reader}, timeout=self.session.ttl)
-                if not done:
-                    continue
-                resp, reader = reader.result(), None
-                if resp is grpc.aio.EOF or resp.canceled:
-                    return
-                if any(ev.type == ev.DELETE for ev in resp.events):
-                    return
-        except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.5)
-        finally:
-            if reader is not None:
-                reader.cancel()
-            call.cancel()
-
-    async def leader(self) -> str | None:
-        """The current leader's value, or None when nobody leads."""
-        kvs, _, _ = await self.etcd.get_prefix(self.prefix)
-        if not kvs:
-            return None
-        return min(kvs, key=lambda kv: kv.create_revision).value.decode()
-
-    async def resign(self) -> None:
-        if self.key:
-            with contextlib.suppress(errors.Unavailable):
-                await self.etcd.delete(self.key)
-            self.key = ""
-
-
-async def run_as_leader(
-    election: Election,
-    work: Callable[[], Awaitable[None]],
-    *,
-    on_change: Callable[[bool], None] | None = None,
-) -> None:
-    """Runs `work()` only while `election` leads; restarts it after leadership
-    is regained. Never returns until cancelled (then it resigns)."""
-    session = election.session
-    try:
-        while True:
-            await election.campaign()
-            log.info("became leader for %s", election.prefix)
-            if on_change:
-                on_change(True)
-            task = asyncio.create_task(work(), name=f"leader:{election.prefix}")
-            lost = asyncio.create_task(session.lost.wait())
-            done, _ = await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
-            if on_change:
-                on_change(False)
-            if task in done:
-                lost.cancel()
-                exc = task.exception()
-                if exc:
-                    log.error("leader loop for %s failed: %r; campaigning again", election.prefix, exc)
-                await election.resign()
-                await asyncio.sleep(0.5)
-                continue
-            log.warning("lost leadership for %s (lease lost)", election.prefix)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            await session.renewed.wait() if session.lost.is_set() else None
-    finally:
-        await election.resign()
+        call = self._watch.Watch(requests())
+        return NamespacedWatch(call, self._ns) if self._ns else call
 
 
 class PrefixWatcher:

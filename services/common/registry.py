@@ -37,7 +37,8 @@ from typing import Any, Callable
 import grpc
 
 from services.common import errors
-from services.common.etcd import KV, Etcd, Mirror, Session
+from services.common.etcd import KV, Etcd, Mirror
+from services.common.etcd_concurrency import Session
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common import errors
-from services.common.etcd import Election, Etcd, Session, run_as_leader
+from services.common.etcd import Etcd
+from services.common.etcd_concurrency import Election, Session, run_as_leader
 from services.common.identity import ServiceIdentity, follow_verification_keys
 from services.common.interceptors import ServerMetrics, ServerPipeline
 from services.common.registry import Directory, deregister, register
@@ -69,6 +70,8 @@ class Settings:
     service: str
     listen: str = "127.0.0.1:0"
     etcd: str = "127.0.0.1:2379"
+    #: a key prefix every etcd key of this process goes under (services.common.etcd)
+    etcd_namespace: str = ""
     port_file: str | None = None
     data_dir: str | None = None
     credentials_file: str | None = None
@@ -94,6 +97,9 @@ def parse_settings(
                         help="host:port for gRPC (port 0 picks a free one)")
     parser.add_argument("--etcd", default=os.environ.get("CLOUDML_ETCD", Settings.etcd),
                         help="etcd client endpoint host:port")
+    parser.add_argument("--etcd-namespace", default=os.environ.get("CLOUDML_ETCD_NAMESPACE", Settings.etcd_namespace),
+                        help="keep every etcd key under this prefix (services on one etcd with different "
+                             "namespaces never see each other's keys); default: none")
     parser.add_argument("--port-file", help="write the bound ports as JSON here once listening")
     parser.add_argument("--data-dir", help="the platform's data directory")
     parser.add_argument("--credentials-file",
@@ -115,7 +121,8 @@ def parse_settings(
         add_arguments(parser)
     args = parser.parse_args(argv)
     settings = Settings(
-        service=service, listen=args.listen, etcd=args.etcd, port_file=args.port_file,
+        service=service, listen=args.listen, etcd=args.etcd, etcd_namespace=args.etcd_namespace,
+        port_file=args.port_file,
         data_dir=args.data_dir, credentials_file=args.credentials_file,
         metrics_listen=args.metrics_listen, log_level=args.log_level.upper(),
         lease_ttl=args.lease_ttl, allowed_uri_schemes=args.allowed_uri_schemes or "",
@@ -227,7 +234,7 @@ async def _campaign(app: ServiceApp, session: Session, instance: str) -> None:
 
 async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -> None:
     metrics_registry = CollectorRegistry()
-    etcd = await Etcd.connect(settings.etcd)
+    etcd = await Etcd.connect(settings.etcd, namespace=settings.etcd_namespace)
     session = Session(etcd, ttl=settings.lease_ttl)
     directory = Directory(etcd).start()
     verifier = TokenVerifier()

@@ -70,14 +70,14 @@ from dataclasses import dataclass  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.conformance.stock_client import Probe, assert_error, examples, x_tensor  # noqa: E402
-from tests.e2e.serving_platform import CLOUDML_CLI, ServingPlatform, clean_env, wait_until  # noqa: E402
+from tests.e2e.serving_platform import CLOUDML_CLI, PlatformClient, clean_env, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 @dataclass
 class Deployment:
-    platform: ServingPlatform
+    platform: PlatformClient
     probe: Probe
     admin_token: str
     public_config: str   # PUBLIC_TENANT's credentials (owner of the public model)
@@ -85,9 +85,9 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, serving_platform):
     workdir = tmp_path_factory.mktemp("gateway_conformance")
-    platform = ServingPlatform(str(workdir / "data")).start()
+    platform = serving_platform(str(workdir / "data")).start()
     probe = None
     try:
         # The probe imports TensorFlow and builds the model while the platform starts.

@@ -1,7 +1,20 @@
-"""A whole local platform for the serving tests (conformance and end to end):
-started with `cloudml-platform up --detach` on free ports in a temporary data
-dir, driven through the `cloudml` CLI and the `cloudml.Client` SDK exactly as
-a user would, and always stopped with `cloudml-platform down`.
+"""A whole platform for the serving tests (conformance and end to end),
+driven through the `cloudml` CLI and the `cloudml.Client` SDK exactly as a
+user would (`PlatformClient`):
+
+- `ServingPlatform`: a local one, started with `cloudml-platform up --detach`
+  on free ports in a temporary data dir and always stopped with
+  `cloudml-platform down`;
+- `RemotePlatform`: one that runs already (pytest `--endpoint HOST:PORT
+  --credentials FILE`, tests/conftest.py), with the same client methods; its
+  `start()`, `wait_up()` and `down()` start and stop nothing. Tests that kill
+  or inspect the platform's processes or files are marked
+  `needs_local_platform` and are deselected then. Files the platform writes
+  for a tenant (a job's output) are read where the tenant's storage is, so
+  the platform must run on this machine, as this user.
+
+The serving tests get theirs from the `serving_platform` fixture
+(tests/conftest.py), which picks one of the two.
 
 Not a test module: tests/conformance/test_gateway_conformance.py and
 tests/e2e/test_*.py import it as `tests.e2e.serving_platform`. It never
@@ -59,51 +72,27 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
         time.sleep(interval)
 
 
-class ServingPlatform:
-    """One platform in `data_dir`; `start()` returns at once, `wait_up()` blocks."""
+class PlatformClient:
+    """A platform as a user reaches it: its credentials file (the admin's, as
+    `cloudml-platform up` writes it, at `credentials_path`), the CLI, the SDK
+    and REST. Config files of tenants it creates go to `config_dir`."""
 
-    def __init__(self, data_dir: str):
-        self.data_dir = data_dir
-        self.grpc_port = free_port()
-        self.rest_port = free_port()
-        self._up: subprocess.Popen | None = None
-        self._clients: list = []
+    config_dir: str
+    _clients: list
 
-    # --- life cycle ---------------------------------------------------------------------
-
-    def start(self) -> "ServingPlatform":
-        self._up = subprocess.Popen(
-            [*PLATFORM_CLI, "up", "--data-dir", self.data_dir, "--grpc-port", str(self.grpc_port),
-             "--rest-port", str(self.rest_port), "--detach"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=ROOT,
-        )
-        return self
-
-    def wait_up(self, timeout: float = 180) -> "ServingPlatform":
-        out, err = self._up.communicate(timeout=timeout)
-        assert self._up.returncode == 0, f"cloudml-platform up failed:\n{out}\n{err}"
-        return self
-
-    def down(self) -> None:
+    def close_clients(self) -> None:
         for client in self._clients:
             try:
                 client.close()
             except Exception:  # noqa: BLE001
                 pass
-        if self._up is not None and self._up.poll() is None:
-            self._up.kill()
-            self._up.wait()
-        result = subprocess.run([*PLATFORM_CLI, "down", "--data-dir", self.data_dir], capture_output=True,
-                                text=True, timeout=180, env=clean_env(), cwd=ROOT)
-        assert result.returncode == 0, result.stdout + result.stderr
-        # `down` stops the model-server replicas too (they run under shims of their own).
-        wait_until(lambda: not self.replica_processes(), 30, "no model-server process left after down")
+        self._clients.clear()
 
     # --- credentials ---------------------------------------------------------------------
 
     @property
     def credentials_path(self) -> str:
-        return os.path.join(self.data_dir, "credentials.json")
+        return os.path.join(self.config_dir, "credentials.json")
 
     @property
     def credentials(self) -> dict:
@@ -132,7 +121,7 @@ class ServingPlatform:
         admin = self.client()
         admin.create_tenant(name)
         key = admin.create_access_key(name, description="tests")
-        path = os.path.join(self.data_dir, f"credentials-{name}.json")
+        path = os.path.join(self.config_dir, f"credentials-{name}.json")
         with open(path, "w") as f:
             json.dump({"endpoint": self.endpoint, "rest_endpoint": self.rest_endpoint,
                        "access_key": key.access_key.access_key_id,
@@ -179,6 +168,47 @@ class ServingPlatform:
             except ValueError:
                 return err.code, raw.decode(errors="replace")
 
+
+class ServingPlatform(PlatformClient):
+    """One platform in `data_dir`; `start()` returns at once, `wait_up()` blocks.
+    `env`: settings of its processes (e.g. CLOUDML_UPLOAD_MAX_BYTES);
+    `up_args`: more flags of `cloudml-platform up`."""
+
+    def __init__(self, data_dir: str, *, env: dict[str, str] | None = None, up_args: tuple[str, ...] = ()):
+        self.data_dir = self.config_dir = data_dir
+        self.env = env or {}
+        self.up_args = tuple(up_args)
+        self.grpc_port = free_port()
+        self.rest_port = free_port()
+        self._up: subprocess.Popen | None = None
+        self._clients: list = []
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> "ServingPlatform":
+        self._up = subprocess.Popen(
+            [*PLATFORM_CLI, "up", "--data-dir", self.data_dir, "--grpc-port", str(self.grpc_port),
+             "--rest-port", str(self.rest_port), "--detach", *self.up_args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env(**self.env), cwd=ROOT,
+        )
+        return self
+
+    def wait_up(self, timeout: float = 180) -> "ServingPlatform":
+        out, err = self._up.communicate(timeout=timeout)
+        assert self._up.returncode == 0, f"cloudml-platform up failed:\n{out}\n{err}"
+        return self
+
+    def down(self) -> None:
+        self.close_clients()
+        if self._up is not None and self._up.poll() is None:
+            self._up.kill()
+            self._up.wait()
+        result = subprocess.run([*PLATFORM_CLI, "down", "--data-dir", self.data_dir], capture_output=True,
+                                text=True, timeout=180, env=clean_env(), cwd=ROOT)
+        assert result.returncode == 0, result.stdout + result.stderr
+        # `down` stops the model-server replicas too (they run under shims of their own).
+        wait_until(lambda: not self.replica_processes(), 30, "no model-server process left after down")
+
     # --- model-server replicas ------------------------------------------------------------------
 
     def replica_processes(self, replica_id: str | None = None) -> list[psutil.Process]:
@@ -203,3 +233,33 @@ class ServingPlatform:
                 return f.read()
         except OSError:
             return ""
+
+
+class RemotePlatform(PlatformClient):
+    """A platform that runs already, reached at `endpoint` (gRPC) and
+    `rest_endpoint` with the admin key of `credentials_file`; `workdir` (on
+    this machine) takes the config files written for it."""
+
+    def __init__(self, workdir: str, endpoint: str, credentials_file: str, rest_endpoint: str | None = None):
+        with open(credentials_file) as f:
+            credentials = json.load(f)
+        rest_endpoint = rest_endpoint or credentials.get("rest_endpoint")
+        if not rest_endpoint:
+            raise ValueError(f"{credentials_file} names no rest_endpoint: give --rest-endpoint")
+        credentials.update(endpoint=endpoint, rest_endpoint=rest_endpoint)
+        os.makedirs(workdir, exist_ok=True)
+        self.config_dir = workdir
+        self._clients: list = []
+        fd = os.open(self.credentials_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(credentials, f)
+
+    def start(self) -> "RemotePlatform":
+        return self
+
+    def wait_up(self, timeout: float = 180) -> "RemotePlatform":
+        return self
+
+    def down(self) -> None:
+        """Closes this side's clients; the platform runs on."""
+        self.close_clients()

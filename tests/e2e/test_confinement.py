@@ -23,27 +23,21 @@ from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.models.v1 import models_service_pb2_grpc as models_grpc
 from cloudml.tuner.v1 import tuner_service_pb2 as tuner_pb
 from cloudml.tuner.v1 import tuner_service_pb2_grpc as tuner_grpc
-from tests.e2e.serving_platform import PLATFORM_CLI, ROOT, ServingPlatform, clean_env
+from tests.e2e.serving_platform import ROOT, ServingPlatform, clean_env
 from tests.unit.test_jobs_metrics import event, record, simple_value
 
-pytestmark = pytest.mark.slow
+# Starts a platform of its own settings and reads tenants' storage on disk.
+pytestmark = [pytest.mark.slow, pytest.mark.needs_local_platform]
 REFUSED = (errors.InvalidArgument, errors.PermissionDenied)
 
 
-class ConfinedPlatform(ServingPlatform):
-    def start(self):
-        self._up = subprocess.Popen(
-            [*PLATFORM_CLI, "up", "--data-dir", self.data_dir, "--grpc-port", str(self.grpc_port),
-             "--rest-port", str(self.rest_port), "--detach"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-            env=clean_env(CLOUDML_ALLOWED_URI_SCHEMES="http,https", CLOUDML_UPLOAD_MAX_BYTES=str(32 << 20)))
-        return self
+CONFINED = {"CLOUDML_ALLOWED_URI_SCHEMES": "http,https", "CLOUDML_UPLOAD_MAX_BYTES": str(32 << 20)}
 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("confinement")
-    platform = ConfinedPlatform(str(workdir / "data")).start()
+    platform = ServingPlatform(str(workdir / "data"), env=CONFINED).start()
     try:
         build = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "build_packages.py"),
                                 str(workdir / "packages"), "--only", "plain", "--json"],

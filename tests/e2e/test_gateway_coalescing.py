@@ -25,24 +25,25 @@ from cloudml.internal.v1 import replica_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from deploy.local.service_process import ServiceProcess, read_port_file
 from deploy.local.stack import AuthGatewayStack
-from services.common.etcd import Etcd
 from services.models import store
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ADMIN = ("AKCOALESCEADMIN00000", "admin-secret")
 SERVICE = ("AKCOALESCESERVICE000", "service-secret")
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
+# Starts its own etcd namespace, auth, gateway and replica, and kills the replica's front.
+pytestmark = pytest.mark.needs_local_platform
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, etcd_server):
     d = tmp_path_factory.mktemp("coalesce")
     # The model is built in another process: this one never imports TensorFlow.
     path = subprocess.run(
         [sys.executable, "-c", "import sys; from tests.conformance.half_plus_two import build_half_plus_two; "
                                "print(build_half_plus_two(sys.argv[1], 1))", str(d / "hpt")],
         cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    stack = AuthGatewayStack(d, admin=ADMIN, service=SERVICE).start()
+    stack = AuthGatewayStack(d, etcd_server.endpoint, admin=ADMIN, service=SERVICE).start()
     batching = {"enabled": True, "max_batch_size": 16, "batch_timeout_micros": 2000, "max_enqueued_batches": 1000}
     replica = ServiceProcess("hpt", [
         sys.executable, "-m", "services.models.model_server", "--model-name", "hpt", "--version", "1",
@@ -53,7 +54,7 @@ def env(tmp_path_factory):
     info = read_port_file(str(d / "hpt.port"))
 
     async def route():
-        etcd = await Etcd.connect(stack.etcd.endpoint)
+        etcd = await stack.etcd.connect()
         # What the models service's reconciler publishes for a serving replica.
         endpoint = store.make_endpoint("team-c", "hpt", 1, "hpt-0", info.get("replica_address", info["address"]),
                                        AVAILABLE, info["coalesce_max"])

@@ -29,7 +29,8 @@ import pytest
 
 from tests.e2e.serving_platform import ROOT, ServingPlatform, clean_env, wait_until
 
-pytestmark = pytest.mark.slow
+# Reads the platform's data dir and processes as the attacker's probe saw them.
+pytestmark = [pytest.mark.slow, pytest.mark.needs_local_platform]
 
 HOSTILE = os.path.join(ROOT, "tests", "e2e", "hostile")
 DONE = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")

@@ -22,7 +22,8 @@ from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from deploy.local.etcd import free_port
 from services.models.reconciler import ReconcilerSettings
 
-pytestmark = pytest.mark.slow
+# Drives `cloudml-platform` itself: up, down, status, killed components.
+pytestmark = [pytest.mark.slow, pytest.mark.needs_local_platform]
 
 _SCRIPT = os.path.join(os.path.dirname(sys.executable), "cloudml-platform")
 CLI = [_SCRIPT] if os.path.exists(_SCRIPT) else [sys.executable, "-m", "deploy.local.launcher"]

@@ -15,7 +15,8 @@ from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from services.common.etcd import Etcd
 from tests.e2e.test_launcher import Platform, admin_stub, eventually
 
-pytestmark = pytest.mark.slow
+# Reads the platform's etcd and secrets directory.
+pytestmark = [pytest.mark.slow, pytest.mark.needs_local_platform]
 
 #: only etcd, auth and the gateway: the others play no part here
 LIGHT = {"CLOUDML_PLATFORM_DISABLE": "jobs,tuner,models"}

@@ -19,7 +19,8 @@ from deploy.local.service_process import read_port_file
 from tests.e2e.test_launcher import new_platform  # noqa: F401 (fixture)
 from tests.integration.restart_probe import Probe, wait_health
 
-pytestmark = pytest.mark.slow
+# Kills the platform's jobs service.
+pytestmark = [pytest.mark.slow, pytest.mark.needs_local_platform]
 
 MAX_WINDOW = 1.0
 OBSERVE = float(os.environ.get("CLOUDML_TEST_RESTART_OBSERVE", "3"))

@@ -31,7 +31,7 @@ import pytest
 
 from cloudml.tfs.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-from tests.e2e.serving_platform import CLOUDML_CLI, ROOT, ServingPlatform, clean_env, wait_until
+from tests.e2e.serving_platform import CLOUDML_CLI, ROOT, clean_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +51,9 @@ def finish(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
+def platform(tmp_path_factory, serving_platform):
     workdir = tmp_path_factory.mktemp("serving_resilience")
-    platform = ServingPlatform(str(workdir / "data")).start()
+    platform = serving_platform(str(workdir / "data")).start()
     try:
         build = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "conformance", "half_plus_two.py"),
                                 str(workdir / "models"), "--version", "1"],
@@ -156,6 +156,7 @@ def summary(results) -> str:
     return f"{len(results)} requests, codes {dict(codes)}, first failures {first}"
 
 
+@pytest.mark.needs_local_platform  # kills a model-server process and reads the gateway's log
 def test_kill_9_one_of_two_replicas_under_load(platform):
     before = version_info(platform, "failover", 1)
     assert before["state"] == AVAILABLE and len(before["replicas"]) == 2, before

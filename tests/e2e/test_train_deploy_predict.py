@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from tests.e2e.serving_platform import ROOT, ServingPlatform, clean_env, wait_until
+from tests.e2e.serving_platform import ROOT, clean_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,9 @@ EXPECTED = [30.0, 70.0]  # 2x + 10
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
+def platform(tmp_path_factory, serving_platform):
     workdir = tmp_path_factory.mktemp("train_deploy_predict")
-    platform = ServingPlatform(str(workdir / "data")).start()
+    platform = serving_platform(str(workdir / "data")).start()
     try:
         build = subprocess.run(
             [sys.executable, os.path.join(ROOT, "examples", "build_packages.py"), str(workdir / "packages"),

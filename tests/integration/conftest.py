@@ -4,11 +4,11 @@
 (`tests/conftest.py`). Its keys are global under `/cloudml/auth/`, so there is
 one auth per etcd: tests share it and keep apart by using unique tenant names
 (`new_tenant`). Tests that kill or restart etcd or auth start their own with
-`start_auth` on their own `EtcdProcess`.
+`start_auth` on their own `EtcdProcess`. Processes start through the
+harness of `deploy/local/stack.py`.
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import uuid
@@ -19,30 +19,20 @@ import pytest
 
 from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
-from deploy.local.service_process import ServiceProcess, service_command
+from deploy.local.service_process import ServiceProcess
+from deploy.local.stack import EtcdTarget, auth_flags, start_service, write_bootstrap
 
 ADMIN_ACCESS_KEY = "AKTESTADMIN000000000"
 
 
-def start_auth(etcd_endpoint: str, workdir: str, *, admin_secret: str, wait: bool = True,
+def start_auth(etcd: EtcdTarget | str, workdir: str, *, admin_secret: str, wait: bool = True,
                kek_file: str | None = None) -> ServiceProcess:
     """Starts `python -m services.auth` on 127.0.0.1:0 with a bootstrap admin key
     (and the key-encryption key `kek_file`, default WORKDIR/kek)."""
     os.makedirs(workdir, exist_ok=True)
-    bootstrap = os.path.join(workdir, "bootstrap.json")
-    with open(bootstrap, "w") as f:
-        json.dump({"keys": [{"access_key": ADMIN_ACCESS_KEY, "secret_key": admin_secret, "tenant": "admin"}]}, f)
-    port_file = os.path.join(workdir, "auth.port")
-    proc = ServiceProcess(
-        "auth",
-        service_command("auth", etcd_endpoint, port_file, extra=[
-            "--bootstrap-file", bootstrap, "--key-encryption-key-file", kek_file or os.path.join(workdir, "kek")]),
-        port_file,
-        log_path=os.path.join(workdir, "auth.log"),
-    ).start()
-    if wait:
-        proc.wait_serving(20)
-    return proc
+    bootstrap = write_bootstrap(os.path.join(workdir, "bootstrap.json"), (ADMIN_ACCESS_KEY, admin_secret))
+    return start_service("auth", etcd, workdir, extra=auth_flags(bootstrap, kek_file or os.path.join(workdir, "kek")),
+                         wait=20 if wait else None)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -113,7 +103,7 @@ def connect(process: ServiceProcess, admin_secret: str) -> AuthService:
 
 
 class AuthLauncher:
-    """Starts auth processes for one test (on etcds of its own) and stops them after it."""
+    """Starts auth processes for one test (on an etcd or a namespace of its own) and stops them after it."""
 
     def __init__(self, workdir: str):
         self.workdir = workdir
@@ -121,11 +111,11 @@ class AuthLauncher:
         self.processes: list[ServiceProcess] = []
         self.services: list[AuthService] = []
 
-    def start(self, etcd_endpoint: str, *, wait: bool = True) -> ServiceProcess:
+    def start(self, etcd: EtcdTarget | str, *, wait: bool = True) -> ServiceProcess:
         # A directory per process (port file, log); all share the admin key
         # and the key-encryption key.
         workdir = os.path.join(self.workdir, str(len(self.processes)))
-        process = start_auth(etcd_endpoint, workdir, admin_secret=self.secret, wait=wait,
+        process = start_auth(etcd, workdir, admin_secret=self.secret, wait=wait,
                              kek_file=os.path.join(self.workdir, "kek"))
         self.processes.append(process)
         return process

@@ -2,7 +2,7 @@
 service and one or more jobs service processes on loopback, plus a small
 synchronous client.
 
-    stack = JobsStack(workdir).start()
+    stack = JobsStack(workdir, etcd_endpoint=etcd_server.endpoint).start()
     jobs = stack.start_jobs()            # python -m services.jobs ...
     client = stack.admin()               # JobsClient with the admin's token
     client.submit("j1", spec(client.upload(sdist), ...))
@@ -15,10 +15,11 @@ the spec's trainer_uri; the platform refuses local paths outside that
 storage. `client.packages(built)` gives a tenant's view of packages built on
 this machine, each uploaded on first use, once per tenant and stack.
 
-Every stack has its own etcd (jobs keys are global under /cloudml/jobs/ and
-the runtime's state is per data dir), so tests that kill services never
-disturb others. Trainer environments can be shared between stacks
-(`envs_dir`), so each package is installed once per session.
+Every stack has an etcd keyspace of its own: a key namespace on the
+session's etcd (`etcd_endpoint`) or an etcd it starts, and the runtime's
+state is per data dir, so tests that kill services never disturb others.
+Trainer environments can be shared between stacks (`envs_dir`), so each
+package is installed once per session.
 """
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.common.v1.resources_pb2 import Resources
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
-from deploy.local.etcd import EtcdProcess
-from deploy.local.service_process import ServiceProcess, service_command
-from services.common.runtime.factory import runtime_state_dir
+from deploy.local.service_process import ServiceProcess
+from deploy.local.stack import Stack
+from deploy.local.supervisor import stop_replicas  # noqa: F401 - tuner_stack and tests take it from here
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ADMIN_KEY = "AKJOBSTESTADMIN00000"
@@ -77,24 +78,6 @@ def spec(package: str, module: str, args: list[str] | str = (), *, replicas: lis
         message.job_args.extend(args)
     message.replica_specs.extend(replicas if replicas is not None else [replica_spec(pb.REPLICA_TYPE_MASTER)])
     return message
-
-
-def stop_replicas(data_dir: str) -> None:
-    """Stops every replica process the local runtime under `data_dir` knows."""
-    state_dir = runtime_state_dir(data_dir, "local")
-    if not os.path.isdir(state_dir):
-        return
-    import asyncio
-
-    from services.common.runtime.local import LocalRuntime
-
-    async def stop_all():
-        runtime = LocalRuntime(state_dir)
-        statuses = await runtime.adopt()
-        await asyncio.gather(*(runtime.stop(s.replica_id, 1.0) for s in statuses if not s.ended),
-                             return_exceptions=True)
-
-    asyncio.run(stop_all())
 
 
 def upload_requests(path: str, tenant: str = "") -> Iterator[pb.UploadPackageRequest]:
@@ -223,65 +206,53 @@ class JobsClient:
         return self.auth.GetQuota(auth_pb.GetQuotaRequest(tenant=tenant), metadata=self.md, timeout=10).usage
 
 
-@dataclass
 class JobsStack:
-    workdir: str
-    envs_dir: str | None = None
-    lease_ttl: int = 3
-    etcd: EtcdProcess | None = None
-    auth: ServiceProcess | None = None
-    jobs: list[ServiceProcess] = field(default_factory=list)
-    gateway: ServiceProcess | None = None
-    secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    _channels: list[grpc.Channel] = field(default_factory=list)
-    _data_dirs: set[str] = field(default_factory=set)
-    _uploads: UploadCache = field(default_factory=UploadCache)
+    """etcd (`etcd_endpoint`: a namespace on a shared one; default: its own),
+    an auth service (the admin's key is the services' own too) and jobs
+    services started one by one (`start_jobs`), with clients; a thin layer on
+    the harness of deploy/local/stack.py (`harness`)."""
+
+    def __init__(self, workdir: str, envs_dir: str | None = None, lease_ttl: int = 3, *,
+                 etcd_endpoint: str | None = None):
+        self.secret = secrets.token_urlsafe(24)
+        self.harness = Stack(workdir, etcd_endpoint=etcd_endpoint, admin=(ADMIN_KEY, self.secret), service=None,
+                             lease_ttl=lease_ttl,
+                             service_flags={"jobs": ["--envs-dir", envs_dir] if envs_dir else []})
+        self.workdir = self.harness.workdir
+        self._channels: list[grpc.Channel] = []
+        self._uploads = UploadCache()
 
     def start(self) -> "JobsStack":
-        os.makedirs(self.workdir, exist_ok=True)
-        self.etcd = EtcdProcess(os.path.join(self.workdir, "etcd"), log_path=None).start()
-        bootstrap = os.path.join(self.workdir, "bootstrap.json")
-        with open(bootstrap, "w") as f:
-            json.dump({"keys": [{"access_key": ADMIN_KEY, "secret_key": self.secret, "tenant": "admin"}]}, f)
-        self.credentials = os.path.join(self.workdir, "service-credentials.json")
-        with open(self.credentials, "w") as f:
-            json.dump({"access_key": ADMIN_KEY, "secret_key": self.secret}, f)
-        port_file = os.path.join(self.workdir, "auth.port")
-        self.auth = ServiceProcess(
-            "auth", service_command("auth", self.etcd.endpoint, port_file, extra=[
-                "--bootstrap-file", bootstrap, "--key-encryption-key-file", os.path.join(self.workdir, "kek")]),
-            port_file, log_path=os.path.join(self.workdir, "auth.log"),
-        ).start().wait_serving(30)
+        self.harness.start()
         return self
 
+    @property
+    def etcd(self):
+        return self.harness.etcd
+
+    @property
+    def auth(self) -> ServiceProcess:
+        return self.harness.auth
+
+    @property
+    def gateway(self) -> ServiceProcess | None:
+        return self.harness.gateway
+
+    @property
+    def jobs(self) -> list[ServiceProcess]:
+        return self.harness.processes.setdefault("jobs", [])
+
+    @property
+    def credentials(self) -> str:
+        return self.harness.credentials
+
     def start_jobs(self, data_dir: str | None = None, *, wait: bool = True, extra: list[str] = ()) -> ServiceProcess:
-        n = len(self.jobs)
-        data_dir = data_dir or os.path.join(self.workdir, "data")
-        self._data_dirs.add(data_dir)
-        port_file = os.path.join(self.workdir, f"jobs-{n}.port")
-        args = ["--lease-ttl", str(self.lease_ttl), *extra]
-        if self.envs_dir:
-            args += ["--envs-dir", self.envs_dir]
-        process = ServiceProcess(
-            "jobs", service_command("jobs", self.etcd.endpoint, port_file, data_dir=data_dir,
-                                    credentials_file=self.credentials, extra=args),
-            port_file, log_path=os.path.join(self.workdir, f"jobs-{n}.log"),
-        ).start()
-        self.jobs.append(process)
-        if wait:
-            process.wait_serving(60)
-        return process
+        return self.harness.start_service("jobs", f"jobs-{len(self.jobs)}", data_dir=data_dir, extra=extra,
+                                          wait=60 if wait else None)
 
     def start_gateway(self) -> ServiceProcess:
         """The platform's gateway in front of this stack (for the CLI and SDK)."""
-        if self.gateway is None:
-            port_file = os.path.join(self.workdir, "gateway.port")
-            self.gateway = ServiceProcess(
-                "gateway", service_command("gateway", self.etcd.endpoint, port_file,
-                                           extra=["--rest-listen", "127.0.0.1:0"]),
-                port_file, log_path=os.path.join(self.workdir, "gateway.log"),
-            ).start().wait_serving(30)
-        return self.gateway
+        return self.gateway or self.harness.start_gateway("gateway")[0]
 
     def cli_env(self) -> dict[str, str]:
         """Environment for `cloudml ...` as the admin, through the gateway."""
@@ -297,41 +268,26 @@ class JobsStack:
 
     def client(self, jobs: ServiceProcess | None = None, *, tenant: str = "admin", access_key: str = ADMIN_KEY,
                secret: str | None = None) -> JobsClient:
-        jobs = jobs or next(p for p in reversed(self.jobs) if p.alive())
-        auth_channel = self._channel(self.auth.address)
-        token = auth_grpc.AuthServiceStub(auth_channel).IssueToken(
-            auth_pb.IssueTokenRequest(access_key_id=access_key, secret_key=secret or self.secret), timeout=10).token
-        return JobsClient(self._channel(jobs.poll_address()), auth_channel, token, tenant, self._uploads)
+        jobs = jobs or self.harness.alive("jobs")
+        token = self.harness.issue_token((access_key, secret or self.secret))
+        return JobsClient(self._channel(jobs.poll_address()), self._channel(self.auth.address), token, tenant,
+                          self._uploads)
 
     def admin(self, jobs: ServiceProcess | None = None) -> JobsClient:
         return self.client(jobs)
 
     def new_tenant(self, prefix: str = "t", jobs: ServiceProcess | None = None) -> JobsClient:
         """Creates a tenant and returns a member client of it."""
-        admin = self.admin(jobs)
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        admin.auth.CreateTenant(auth_pb.CreateTenantRequest(name=name), metadata=admin.md, timeout=10)
-        key = admin.auth.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant=name), metadata=admin.md, timeout=10)
-        return self.client(jobs, tenant=name, access_key=key.access_key.access_key_id, secret=key.secret_key)
+        access_key, secret = self.harness.create_tenant(name)
+        return self.client(jobs, tenant=name, access_key=access_key, secret=secret)
 
     def storage(self, tenant: str, data_dir: str | None = None) -> str:
         """The tenant's storage on the jobs services of `data_dir` (default: the stack's)."""
-        return os.path.join(data_dir or os.path.join(self.workdir, "data"), "storage", tenant)
-
-    def data_dirs(self) -> set[str]:
-        return {os.path.join(self.workdir, "data")} | set(self._data_dirs)
+        return os.path.join(data_dir or self.harness.data_dir, "storage", tenant)
 
     def stop(self) -> None:
         for channel in self._channels:
             channel.close()
-        for process in self.jobs:
-            process.stop()
-        if self.gateway:
-            self.gateway.stop()
         # Replicas outlive the jobs service by design; a test leaves none behind.
-        for data_dir in self.data_dirs():
-            stop_replicas(data_dir)
-        if self.auth:
-            self.auth.stop()
-        if self.etcd:
-            self.etcd.stop()
+        self.harness.stop(replica_grace=1.0)

@@ -11,7 +11,8 @@ import grpc
 
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-from services.common.etcd import Etcd, Session
+from deploy.local.stack import EtcdTarget
+from services.common.etcd_concurrency import Session
 
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 
@@ -19,14 +20,14 @@ AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 class Replicas:
     """Stand-in model-server replicas in one background event loop."""
 
-    def __init__(self, etcd_endpoint: str):
-        self.etcd_endpoint = etcd_endpoint
+    def __init__(self, etcd: EtcdTarget):
+        """`etcd`: where the gateway under test watches (a stack's `etcd`)."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.servers: dict[str, grpc.aio.Server] = {}
         self.hits = collections.Counter()
-        self.etcd = self.run(Etcd.connect(etcd_endpoint))
+        self.etcd = self.run(etcd.connect())
         self.session = self.run(Session(self.etcd, ttl=5).start())
 
     def run(self, coro, timeout=10):

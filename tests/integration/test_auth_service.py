@@ -4,8 +4,9 @@ over every RPC, bad input, concurrent and idempotent reservations, kill -9
 recovery, and etcd going away and coming back.
 
 Most tests share the session's auth process (`auth_service`) and keep apart
-with unique tenant names; the kill/restart tests start their own etcd and
-auth (`own_etcd`, `auth_launcher`).
+with unique tenant names; the kill/restart tests start their own auth
+(`auth_launcher`) on a key namespace of their own on the session etcd
+(`etcd_space`), or on an etcd of their own when they stop etcd (`own_etcd`).
 """
 from __future__ import annotations
 
@@ -619,11 +620,11 @@ def test_fifty_parallel_reserves_against_room_for_ten_exactly_ten_succeed(auth_s
     assert member.call("Reserve", reserve_request(member.tenant, "late", **one)).created
 
 
-def test_fifty_parallel_reserves_across_two_auth_processes_exactly_ten_succeed(own_etcd, auth_launcher):
+def test_fifty_parallel_reserves_across_two_auth_processes_exactly_ten_succeed(etcd_space, auth_launcher):
     """Two auth processes on one etcd: only the etcd transaction (not a
     process-local lock) keeps them from overbooking."""
-    first = auth_launcher.connect(auth_launcher.start(own_etcd.endpoint))
-    second = auth_launcher.connect(auth_launcher.start(own_etcd.endpoint))
+    first = auth_launcher.connect(auth_launcher.start(etcd_space))
+    second = auth_launcher.connect(auth_launcher.start(etcd_space))
     member = _tenant_with_room_for_ten(first)
     stubs = [first.stub, second.stub]
     for stub in stubs:  # warm both connections so that the burst really races
@@ -797,8 +798,8 @@ def test_lowering_limit_below_usage_keeps_reservations_and_refuses_new_ones(auth
 
 # --- failures: kill -9, etcd restarts ---------------------------------------------------
 
-def test_kill_9_during_reservation_burst_loses_nothing_acknowledged(own_etcd, auth_launcher):
-    service = auth_launcher.connect(auth_launcher.start(own_etcd.endpoint))
+def test_kill_9_during_reservation_burst_loses_nothing_acknowledged(etcd_space, auth_launcher):
+    service = auth_launcher.connect(auth_launcher.start(etcd_space))
     # Several tenants, so that several quota transactions are in flight at
     # the kill (each process serializes one tenant's reservations).
     members = [service.new_tenant("burst") for _ in range(3)]
@@ -852,7 +853,7 @@ def test_kill_9_during_reservation_burst_loses_nothing_acknowledged(own_etcd, au
     assert len(errors_seen) == len(threads)  # every worker was still calling when it died
     assert {e.code() for e in errors_seen} <= {Code.UNAVAILABLE}, [(e.code(), e.details()) for e in errors_seen]
 
-    restarted = auth_launcher.connect(auth_launcher.start(own_etcd.endpoint))
+    restarted = auth_launcher.connect(auth_launcher.start(etcd_space))
     assert restarted.process.process.pid != first.process.pid
     # The signing key lives in etcd: a token issued before the crash still works.
     members[0].stub = restarted.stub

@@ -25,7 +25,6 @@ import pytest
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from cloudml.tfs.tensorflow_serving.apis import prediction_service_pb2_grpc
 from deploy.local.stack import AuthGatewayStack
-from services.common.etcd import Etcd
 from services.common.native import binary_path
 from services.models import store
 from tests.integration.batching_replica import HOSTILE_TRAILERS, BatchingReplica, request, tag_of
@@ -172,13 +171,13 @@ def test_each_member_of_a_group_gets_its_own_metadata_and_trailers(replica, fron
 # --- through a gateway ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory, replica):
-    stack = AuthGatewayStack(tmp_path_factory.mktemp("bounds"), admin=ADMIN, service=SERVICE).start()
+def gateway(tmp_path_factory, replica, etcd_server):
+    stack = AuthGatewayStack(tmp_path_factory.mktemp("bounds"), etcd_server.endpoint, admin=ADMIN, service=SERVICE).start()
     channel = grpc.insecure_channel(stack.gateway.address)
     token = stack.tenant_token("team-b")
 
     async def route():
-        etcd = await Etcd.connect(stack.etcd.endpoint)
+        etcd = await stack.etcd.connect()
         endpoint = store.make_endpoint("team-b", "m", 1, "m-0", replica.address, AVAILABLE, 8)
         endpoint.batch_timeout_micros = 20_000
         await store.put_endpoint(etcd, endpoint)

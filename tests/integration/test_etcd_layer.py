@@ -1,5 +1,6 @@
 """services.common.etcd against a real etcd: CAS updates, sessions, leader
-election, and list-then-watch across a compaction and an etcd restart."""
+election, list-then-watch across a compaction and an etcd restart, and key
+namespaces (two namespaces on one etcd never see each other's keys)."""
 from __future__ import annotations
 
 import asyncio
@@ -7,8 +8,11 @@ import asyncio
 import pytest
 
 from deploy.local.etcd import EtcdProcess
+from deploy.local.stack import EtcdTarget
 from services.common import errors
-from services.common.etcd import Election, Etcd, Mirror, Session, op_delete_prefix, op_get, op_get_prefix
+from services.common.etcd import (Etcd, Mirror, cmp_absent, cmp_mod_revision, op_delete, op_delete_prefix, op_get,
+                                  op_get_prefix, op_put)
+from services.common.etcd_concurrency import Election, Session
 
 
 async def test_update_is_compare_and_swap_under_concurrency(etcd_endpoint, etcd_prefix):
@@ -129,6 +133,140 @@ async def test_mirror_resumes_after_etcd_restart(tmp_path, etcd_prefix):
         await etcd.close()
     finally:
         server.stop()
+
+
+# --- namespaces --------------------------------------------------------------------------
+
+async def _namespaced(endpoint: str, root: str) -> tuple[Etcd, Etcd, Etcd]:
+    """Clients in namespaces ROOT/a and ROOT/b, and one in the whole keyspace."""
+    return (await Etcd.connect(endpoint, namespace=root + "a"), await Etcd.connect(endpoint, namespace=root + "b"),
+            await Etcd.connect(endpoint))
+
+
+async def test_namespaces_keep_keys_apart_in_reads_writes_and_prefix_ranges(etcd_endpoint, etcd_prefix):
+    a, b, raw = await _namespaced(etcd_endpoint, etcd_prefix)
+    for key in ("/cloudml/x/1", "/cloudml/x/2", "/cloudml/y"):
+        await a.put(key, b"a" + key.encode())
+    await b.put("/cloudml/x/1", b"b")
+    # Each sees its own keys, without the namespace; the same key is two keys.
+    assert (await a.get("/cloudml/x/1")).value == b"a/cloudml/x/1"
+    assert (await b.get("/cloudml/x/1")).value == b"b"
+    assert await b.get("/cloudml/y") is None
+    kvs, _, _ = await a.get_prefix("/cloudml/x/")
+    assert [kv.key for kv in kvs] == ["/cloudml/x/1", "/cloudml/x/2"]
+    kvs, _, more = await a.get_prefix("/cloudml/", start="/cloudml/x/2", limit=1)
+    assert [kv.key for kv in kvs] == ["/cloudml/x/2"] and more
+    assert [kv.key for kv in (await b.get_prefix(""))[0]] == ["/cloudml/x/1"]  # the whole namespace, no further
+    assert (await a.count_prefix("/cloudml/"), await b.count_prefix("/cloudml/")) == (3, 1)
+    # Underneath, the keys carry their namespace.
+    assert [kv.key for kv in (await raw.get_prefix(etcd_prefix))[0]] == [
+        etcd_prefix + "a/cloudml/x/1", etcd_prefix + "a/cloudml/x/2", etcd_prefix + "a/cloudml/y",
+        etcd_prefix + "b/cloudml/x/1"]
+    # Deletes stay inside the namespace too.
+    assert await b.delete_prefix("/cloudml/") == 1
+    assert await a.count_prefix("/cloudml/") == 3
+    assert await a.delete("/cloudml/y") and not await b.delete("/cloudml/y")
+    assert await a.delete_prefix("") == 2
+    assert await raw.count_prefix(etcd_prefix) == 0
+    for etcd in (a, b, raw):
+        await etcd.close()
+
+
+async def test_namespaced_transactions_compare_and_answer_inside_the_namespace(etcd_endpoint, etcd_prefix):
+    a, b, raw = await _namespaced(etcd_endpoint, etcd_prefix)
+    assert await a.create("/k", b"1") and await b.create("/k", b"2")  # absent in each namespace
+    assert not await a.create("/k", b"again")
+    kv = await a.get("/k")
+    ok, resp = await b.txn([cmp_mod_revision("/k", kv.mod_revision)], [op_put("/k", b"no")], [op_get("/k")])
+    assert not ok and [(x.key, x.value) for x in resp.responses[0].response_range.kvs] == [(b"/k", b"2")]
+    await a.put("/p/1", b"x")
+    await a.put("/p/2", b"y")
+    ok, resp = await a.txn([cmp_absent("/q")], [op_get_prefix("/p/"), op_delete("/k"), op_delete_prefix("/p/")])
+    assert ok and [x.key for x in resp.responses[0].response_range.kvs] == [b"/p/1", b"/p/2"]
+    assert resp.responses[2].response_delete_range.deleted == 2
+    assert await a.get("/k") is None and (await b.get("/k")).value == b"2"
+    assert await a.update("/k", lambda cur: b"new") == b"new"
+    assert (await raw.get(etcd_prefix + "a/k")).value == b"new"
+    await b.delete("/k")
+    await a.delete("/k")
+    for etcd in (a, b, raw):
+        await etcd.close()
+
+
+async def test_namespaced_watches_see_only_their_namespace(etcd_endpoint, etcd_prefix):
+    a, b, raw = await _namespaced(etcd_endpoint, etcd_prefix)
+    await a.put("/cloudml/m/old", b"0")
+    mirrors = [Mirror(etcd, "/cloudml/", decode=lambda kv: kv.value).start() for etcd in (a, b)]
+    for mirror in mirrors:
+        await mirror.wait_synced(5)
+    await b.put("/cloudml/m/1", b"b1")
+    await a.put("/cloudml/m/1", b"a1")
+    await raw.put(etcd_prefix + "c/cloudml/m/1", b"elsewhere")  # a third namespace
+    await a.delete("/cloudml/m/old")
+    await _eventually(lambda: mirrors[0].items == {"/cloudml/m/1": b"a1"})
+    await _eventually(lambda: mirrors[1].items == {"/cloudml/m/1": b"b1"})
+    await asyncio.sleep(0.2)
+    assert mirrors[0].items == {"/cloudml/m/1": b"a1"} and mirrors[1].items == {"/cloudml/m/1": b"b1"}
+    for mirror in mirrors:
+        await mirror.stop()
+    await raw.delete_prefix(etcd_prefix)
+    for etcd in (a, b, raw):
+        await etcd.close()
+
+
+async def test_namespaced_sessions_and_elections_are_independent(etcd_endpoint, etcd_prefix):
+    a, b, raw = await _namespaced(etcd_endpoint, etcd_prefix)
+    sa, sb = await Session(a, ttl=2).start(), await Session(b, ttl=2).start()
+    await sa.keep("/cloudml/registry/x", b"a")
+    assert (await raw.get(etcd_prefix + "a/cloudml/registry/x")).lease == sa.lease_id
+    assert await b.get("/cloudml/registry/x") is None
+    # The same election prefix in two namespaces: two leaders, each alone in its own.
+    ea, eb = Election(sa, "/cloudml/svc/election", b"one"), Election(sb, "/cloudml/svc/election", b"two")
+    await asyncio.wait_for(asyncio.gather(ea.campaign(), eb.campaign()), 5)
+    assert (await ea.leader(), await eb.leader()) == ("one", "two")
+    assert ea.key == f"/cloudml/svc/election/{sa.lease_id:016x}"
+    await sa.close()
+    await sb.close()
+    assert await raw.count_prefix(etcd_prefix) == 0
+    for etcd in (a, b, raw):
+        await etcd.close()
+
+
+def test_namespaced_stacks_on_one_etcd_work_end_to_end_and_apart(etcd_server, tmp_path):
+    """Two platform slices (auth + gateway, the same admin key) on one etcd:
+    each finds its own services and keeps its own tenants."""
+    import grpc
+
+    from cloudml.auth.v1 import auth_service_pb2 as auth_pb
+    from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
+    from deploy.local.stack import AuthGatewayStack, Stack
+
+    a = AuthGatewayStack(str(tmp_path / "a"), etcd_server.endpoint)
+    b = Stack(str(tmp_path / "b"), etcd_server.endpoint)
+    try:
+        a.start()
+        b.start()
+        assert a.etcd.namespace != b.etcd.namespace and a.admin == b.admin
+        a.tenant_token("only-in-a")  # through A's auth
+        with grpc.insecure_channel(a.gateway.address) as channel:  # A's gateway found A's auth
+            stub = auth_grpc.AuthServiceStub(channel)
+            md = (("authorization", f"Bearer {a.issue_token()}"),)
+            assert stub.GetTenant(auth_pb.GetTenantRequest(name="only-in-a"), metadata=md, timeout=10).tenant.name
+        with grpc.insecure_channel(b.auth.address) as channel:
+            stub = auth_grpc.AuthServiceStub(channel)
+            md = (("authorization", f"Bearer {b.issue_token()}"),)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetTenant(auth_pb.GetTenantRequest(name="only-in-a"), metadata=md, timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        registry = {name: list(s.etcd.get_prefix("/cloudml/registry/")) for name, s in (("a", a), ("b", b))}
+        assert sorted(k.split("/")[3] for k in registry["a"]) == ["auth", "gateway"]
+        assert [k.split("/")[3] for k in registry["b"]] == ["auth"]
+        everything = EtcdTarget(etcd_server.endpoint).get_prefix(a.etcd.namespace + "/")
+        assert everything and all(k.startswith(a.etcd.namespace + "/cloudml/") for k in everything)
+    finally:
+        a.stop()
+        b.stop()
+    assert not EtcdTarget(etcd_server.endpoint).get_prefix(a.etcd.namespace + "/")  # a stack leaves nothing behind
 
 
 async def _pings(etcd) -> bool:

@@ -15,8 +15,9 @@ from cloudml.auth.v1 import auth_service_pb2 as auth_pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as jobs_grpc
-from deploy.local.stack import AuthGatewayStack
-from services.common.etcd import Etcd, Session
+from deploy.local.stack import AuthGatewayStack, EtcdTarget
+from services.common.etcd import Etcd
+from services.common.etcd_concurrency import Session
 from services.common.registry import register
 
 ADMIN = ("AKGWTESTADMIN0000000", "gw-admin-secret")
@@ -26,8 +27,8 @@ SERVICE = ("AKGWTESTSERVICE00000", "gw-service-secret")
 class EchoJobsBackend:
     """A JobsService stand-in: records metadata and deadlines, echoes names."""
 
-    def __init__(self, etcd_endpoint: str):
-        self.etcd_endpoint = etcd_endpoint
+    def __init__(self, etcd: EtcdTarget):
+        self.etcd = etcd
         self.seen: list[dict] = []
         self.ready = threading.Event()
         self._stop = None
@@ -68,7 +69,7 @@ class EchoJobsBackend:
         jobs_grpc.add_JobsServiceServicer_to_server(Servicer(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        etcd = await Etcd.connect(self.etcd_endpoint)
+        etcd = await self.etcd.connect()
         session = await Session(etcd, ttl=5).start()
         await register(session, "jobs", "echo", f"127.0.0.1:{port}")
         self.ready.set()
@@ -79,9 +80,9 @@ class EchoJobsBackend:
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
-    stack = AuthGatewayStack(tmp_path_factory.mktemp("gw"), admin=ADMIN, service=SERVICE).start()
-    backend = EchoJobsBackend(stack.etcd.endpoint).start()
+def platform(tmp_path_factory, etcd_server):
+    stack = AuthGatewayStack(tmp_path_factory.mktemp("gw"), etcd_server.endpoint, admin=ADMIN, service=SERVICE).start()
+    backend = EchoJobsBackend(stack.etcd).start()
     channel = grpc.insecure_channel(stack.gateway.address)
     token = auth_grpc.AuthServiceStub(channel).IssueToken(
         auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token

@@ -37,9 +37,9 @@ SERVICE = ("AKGWDATAPLANESERVICE", "service-secret")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, etcd_server):
     assert os.access(binary_path(), os.X_OK), "the native data plane is not built: run scripts/build_native.sh"
-    stack = AuthGatewayStack(tmp_path_factory.mktemp("gwdp"), admin=ADMIN, service=SERVICE).start()
+    stack = AuthGatewayStack(tmp_path_factory.mktemp("gwdp"), etcd_server.endpoint, admin=ADMIN, service=SERVICE).start()
     channel = grpc.insecure_channel(stack.gateway.address)
     auth_stub = auth_grpc.AuthServiceStub(channel)
     admin_token = auth_stub.IssueToken(auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token
@@ -48,7 +48,7 @@ def env(tmp_path_factory):
     key = auth_stub.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant="team-a"), metadata=admin_md)
     token = auth_stub.IssueToken(auth_pb.IssueTokenRequest(
         access_key_id=key.access_key.access_key_id, secret_key=key.secret_key)).token
-    replicas = Replicas(stack.etcd.endpoint)
+    replicas = Replicas(stack.etcd)
     replicas.add("team-a", "linear", 1, "lin-1a")
     replicas.add("team-a", "linear", 2, "lin-2a")
     replicas.route(models_pb.ModelRoute(tenant="team-a", model="linear", labels={"stable": 1},

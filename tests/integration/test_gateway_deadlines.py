@@ -53,15 +53,15 @@ PYTHON_HOP, NATIVE_HOP = "grpc-python-asyncio/", "grpc-c++/"
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory):
+def platform(tmp_path_factory, etcd_server):
     assert os.access(binary_path(), os.X_OK), "the native data plane is not built: run scripts/build_native.sh"
-    stack = AuthGatewayStack(tmp_path_factory.mktemp("gwdl"), admin=ADMIN, service=SERVICE).start()
+    stack = AuthGatewayStack(tmp_path_factory.mktemp("gwdl"), etcd_server.endpoint, admin=ADMIN, service=SERVICE).start()
     channel = grpc.insecure_channel(stack.gateway.address)
     auth = auth_grpc.AuthServiceStub(channel)
     admin_md = (("authorization", "Bearer " + auth.IssueToken(
         auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token),)
     auth.CreateTenant(auth_pb.CreateTenantRequest(name=TENANT), metadata=admin_md)
-    replicas = Replicas(stack.etcd.endpoint)
+    replicas = Replicas(stack.etcd)
     replica = DeadlineReplica(replicas, TENANT, MODEL, 1, "clock-1")
     replicas.route(models_pb.ModelRoute(tenant=TENANT, model=MODEL, versions=versions((1, AVAILABLE))))
     yield {"stack": stack, "auth": auth, "admin": admin_md, "replica": replica}

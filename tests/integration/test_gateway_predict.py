@@ -27,8 +27,8 @@ AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    stack = AuthGatewayStack(tmp_path_factory.mktemp("gwp"), admin=ADMIN, service=SERVICE).start()
+def env(tmp_path_factory, etcd_server):
+    stack = AuthGatewayStack(tmp_path_factory.mktemp("gwp"), etcd_server.endpoint, admin=ADMIN, service=SERVICE).start()
     gateway, etcd, rest_port = stack.gateway, stack.etcd, stack.rest_port
     channel = grpc.insecure_channel(gateway.address)
     auth_stub = auth_grpc.AuthServiceStub(channel)
@@ -40,7 +40,7 @@ def env(tmp_path_factory):
         key = auth_stub.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant=tenant), metadata=admin_md)
         tokens[tenant] = auth_stub.IssueToken(auth_pb.IssueTokenRequest(
             access_key_id=key.access_key.access_key_id, secret_key=key.secret_key)).token
-    replicas = Replicas(etcd.endpoint)
+    replicas = Replicas(etcd)
 
     # team-a/linear: v1 (two replicas) and v2, labels, default 1.
     replicas.add("team-a", "linear", 1, "lin-1a")

@@ -1,5 +1,5 @@
-"""The jobs service as real processes: its own etcd, a real auth service, the
-jobs service, and real trainer packages (examples/trainers) installed into
+"""The jobs service as real processes: a key namespace of its own on the
+session's etcd, a real auth service, the jobs service, and real trainer packages (examples/trainers) installed into
 real environments and run by the local runtime.
 
 Most tests share one stack (`stack`, module-scoped); the failure-tolerance
@@ -78,8 +78,9 @@ def envs_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, envs_dir, built):
-    stack = JobsStack(str(tmp_path_factory.mktemp("jobs-stack")), envs_dir=envs_dir).start()
+def stack(tmp_path_factory, envs_dir, built, etcd_server):
+    stack = JobsStack(str(tmp_path_factory.mktemp("jobs-stack")), envs_dir=envs_dir,
+                      etcd_endpoint=etcd_server.endpoint).start()
     stack.start_jobs()
     yield stack
     stack.stop()
@@ -682,8 +683,8 @@ def test_jobs_service_process_never_loaded_tensorflow(stack):
 
 
 @pytest.fixture
-def own_stack(tmp_path, envs_dir):
-    stack = JobsStack(str(tmp_path / "stack"), envs_dir=envs_dir, lease_ttl=2).start()
+def own_stack(tmp_path, envs_dir, etcd_server):
+    stack = JobsStack(str(tmp_path / "stack"), envs_dir=envs_dir, lease_ttl=2, etcd_endpoint=etcd_server.endpoint).start()
     yield stack
     stack.stop()
 

@@ -1,10 +1,11 @@
-"""The models service as a real process, with real components around it: its
-own etcd, the real auth service, a real gateway (for the CLI), and real
-model-server replicas (`python -m services.models.model_server`, TensorFlow)
-on TF Serving's half_plus_two SavedModel, placed by the local runtime.
+"""The models service as a real process, with real components around it: a
+key namespace of its own on the session's etcd, the real auth service, a real
+gateway (for the CLI), and real model-server replicas (`python -m
+services.models.model_server`, TensorFlow) on TF Serving's half_plus_two
+SavedModel, placed by the local runtime.
 
-The stack is started once for the module (its own etcd, so no other test's
-models service competes for the leadership) and the tests run in file order,
+The stack is started once for the module (its own namespace, so no other
+test's models service competes for the leadership) and the tests run in file order,
 reusing the replicas they start: model servers take seconds to import
 TensorFlow. The pytest process itself never imports TensorFlow (the model is
 built in a subprocess; Predict uses the project's own TF Serving protos).
@@ -31,11 +32,10 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from cloudml.auth.v1 import auth_service_pb2 as auth_pb
 from cloudml.models.v1 import models_service_pb2 as pb
 from cloudml.models.v1 import models_service_pb2_grpc as pb_grpc
-from deploy.local.etcd import EtcdProcess, free_port
-from deploy.local.service_process import ServiceProcess, service_command
-from services.common.etcd import Etcd
+from deploy.local import stack as harness
+from deploy.local.service_process import ServiceProcess
 
-from tests.integration.conftest import ADMIN_ACCESS_KEY, AuthService, Client, connect, start_auth
+from tests.integration.conftest import ADMIN_ACCESS_KEY, AuthService, Client, connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 S = pb.ModelVersionState
@@ -46,18 +46,6 @@ LOAD_TIMEOUT = 90
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-def etcd_prefix(endpoint: str, prefix: str) -> dict[str, bytes]:
-    async def read():
-        etcd = await Etcd.connect(endpoint)
-        try:
-            kvs, _, _ = await etcd.get_prefix(prefix)
-        finally:
-            await etcd.close()
-        return {kv.key: kv.value for kv in kvs}
-
-    return asyncio.run(read())
-
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
     deadline = time.monotonic() + timeout
@@ -85,37 +73,29 @@ class Tenant:
 
 
 class Stack:
-    def __init__(self, workdir: str):
+    """The models service with auth and a gateway, under a key namespace of
+    their own on the session's etcd (the harness of deploy/local/stack.py),
+    the admin's key the services' own."""
+
+    def __init__(self, workdir: str, etcd_endpoint: str):
         self.workdir = workdir
-        self.data_dir = os.path.join(workdir, "data")
-        self.etcd = EtcdProcess(os.path.join(workdir, "etcd")).start()
         self.secret = uuid.uuid4().hex
-        self.auth_process = start_auth(self.etcd.endpoint, os.path.join(workdir, "auth"), admin_secret=self.secret)
-        self.auth: AuthService = connect(self.auth_process, self.secret)
-        self.credentials = os.path.join(workdir, "service-credentials.json")
-        with open(self.credentials, "w") as f:
-            json.dump({"access_key": ADMIN_ACCESS_KEY, "secret_key": self.secret}, f)
+        self.harness = harness.Stack(workdir, etcd_endpoint=etcd_endpoint, admin=(ADMIN_ACCESS_KEY, self.secret),
+                                     service=None, lease_ttl=3,
+                                     service_flags={"models": ["--stop-grace", "10", "--scale-down-delay", "3"]})
+        self.harness.start()
+        self.data_dir = self.harness.data_dir
+        self.etcd = self.harness.etcd
+        self.auth: AuthService = connect(self.harness.auth, self.secret)
         self.models: ServiceProcess | None = None
+        self.channel: grpc.Channel | None = None
         self.start_models()
-        self.rest_port = free_port()
-        self.gateway = ServiceProcess(
-            "gateway",
-            service_command("gateway", self.etcd.endpoint, os.path.join(workdir, "gw.port"),
-                            credentials_file=self.credentials,
-                            extra=["--rest-listen", f"127.0.0.1:{self.rest_port}"]),
-            os.path.join(workdir, "gw.port"), log_path=os.path.join(workdir, "gateway.log"),
-        ).start().wait_serving(30)
+        self.gateway, self.rest_port = self.harness.start_gateway()
 
     def start_models(self) -> ServiceProcess:
-        port_file = os.path.join(self.workdir, "models.port")
-        self.models = ServiceProcess(
-            "models",
-            service_command("models", self.etcd.endpoint, port_file, data_dir=self.data_dir,
-                            credentials_file=self.credentials,
-                            extra=["--lease-ttl", "3", "--stop-grace", "10",
-                                   "--scale-down-delay", "3"]),
-            port_file, log_path=os.path.join(self.workdir, "models.log"),
-        ).start().wait_serving(30)
+        self.models = self.harness.start_service("models", "models")
+        if self.channel is not None:
+            self.channel.close()
         self.channel = grpc.insecure_channel(self.models.address)
         self.stub = pb_grpc.ModelsServiceStub(self.channel)
         return self.models
@@ -164,24 +144,10 @@ class Stack:
         return records
 
     def close(self) -> None:
-        for process in (self.gateway, self.models):
-            if process is not None:
-                process.stop()
-        # Stop every replica the runtime still runs (the service leaves them running by design).
-        state_dir = os.path.join(self.data_dir, "runtime", "local")
-        if os.path.isdir(state_dir):
-            from services.common.runtime.local import LocalRuntime
-
-            async def stop_all():
-                runtime = LocalRuntime(state_dir)
-                for status in await runtime.adopt():
-                    if not status.ended:
-                        await runtime.stop(status.replica_id, 2.0)
-
-            asyncio.run(stop_all())
+        self.channel.close()
         self.auth.channel.close()
-        self.auth_process.stop()
-        self.etcd.stop()
+        # Stops every replica the runtime still runs too (the service leaves them running by design).
+        self.harness.stop(replica_grace=2.0)
 
 
 def build_models(workdir: str) -> subprocess.Popen:
@@ -195,10 +161,10 @@ def build_models(workdir: str) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, etcd_server):
     workdir = str(tmp_path_factory.mktemp("models"))
     builder = build_models(workdir)
-    stack = Stack(workdir)
+    stack = Stack(workdir, etcd_server.endpoint)
     _, err = builder.communicate(timeout=120)
     assert builder.returncode == 0, err.decode()
     stack.saved_model = os.path.join(workdir, "hp", "1")
@@ -296,14 +262,14 @@ def test_create_version_becomes_available_with_endpoint_and_route(stack, team, d
     replica = version.replicas[0]
     assert replica.state == AVAILABLE and replica.address and replica.start_time.seconds
 
-    endpoints = etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/endpoints/{team.name}/hp/1/")
+    endpoints = stack.etcd.get_prefix(f"/cloudml/models/endpoints/{team.name}/hp/1/")
     assert list(endpoints) == [f"/cloudml/models/endpoints/{team.name}/hp/1/{replica.id}"]
     endpoint = pb.ReplicaEndpoint.FromString(next(iter(endpoints.values())))
     assert (endpoint.tenant, endpoint.model, endpoint.version, endpoint.state) == (team.name, "hp", 1, AVAILABLE)
     assert endpoint.address == replica.address
 
     def route_available():
-        raw = etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/routes/{team.name}/hp")
+        raw = stack.etcd.get_prefix(f"/cloudml/models/routes/{team.name}/hp")
         route = pb.ModelRoute.FromString(raw[f"/cloudml/models/routes/{team.name}/hp"])
         return route if [(v.version, v.state) for v in route.versions] == [(1, AVAILABLE)] else None
 
@@ -324,7 +290,7 @@ def test_broken_saved_model_ends_with_its_load_error(stack, team, deployed):
     assert version.status.code != 0
     assert version.status.message, version
     assert not [r for r in version.replicas if r.state != END]
-    raw = etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/routes/{team.name}/broken")
+    raw = stack.etcd.get_prefix(f"/cloudml/models/routes/{team.name}/broken")
     route = pb.ModelRoute.FromString(raw[f"/cloudml/models/routes/{team.name}/broken"])
     assert route.versions[0].state == END and route.versions[0].status.message == version.status.message
 
@@ -421,7 +387,7 @@ def test_labels_default_version_and_traffic_split_rules(stack, team, deployed):
     assert [(t.version, t.percent) for t in model.traffic_split] == [(1, 90), (2, 10)]
 
     def route_has_split():
-        raw = etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/routes/{team.name}/hp")
+        raw = stack.etcd.get_prefix(f"/cloudml/models/routes/{team.name}/hp")
         route = pb.ModelRoute.FromString(raw[f"/cloudml/models/routes/{team.name}/hp"])
         return route if route.public and len(route.traffic_split) == 2 else None
 
@@ -470,7 +436,7 @@ def test_replica_killed_with_sigkill_is_replaced(stack, team, deployed):
         lambda v: [(r.id != old.id, r.state) for r in v.replicas] == [(True, AVAILABLE)],
         "a new replica to replace the killed one")
     assert replaced.state == AVAILABLE
-    endpoints = etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/endpoints/{team.name}/hp/1/")
+    endpoints = stack.etcd.get_prefix(f"/cloudml/models/endpoints/{team.name}/hp/1/")
     assert list(endpoints) == [f"/cloudml/models/endpoints/{team.name}/hp/1/{replaced.replicas[0].id}"]
     usage = team.client.call("GetQuota", auth_pb.GetQuotaRequest(tenant=team.name)).usage
     assert usage.model_replicas == 2  # hp v1 and v2, one each: the dead replica's quota is back
@@ -501,7 +467,7 @@ def test_scale_up_waits_for_quota_then_scales_down(stack, team, deployed):
         set_replica_quota(stack, team.name, 10)
     version = stack.wait_version(team, "hp", 2, lambda v: [r.state for r in v.replicas] == [AVAILABLE] * 2,
                                  "two AVAILABLE replicas once quota is free")
-    assert len(etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/endpoints/{team.name}/hp/2/")) == 2
+    assert len(stack.etcd.get_prefix(f"/cloudml/models/endpoints/{team.name}/hp/2/")) == 2
     assert team.client.call("GetQuota", auth_pb.GetQuotaRequest(tenant=team.name)).usage.model_replicas == 3
     expect_code(grpc.StatusCode.INVALID_ARGUMENT, stack.call, team, "ScaleVersion",
                 pb.ScaleVersionRequest(model="hp", version=2, min_replicas=0, max_replicas=1))
@@ -569,7 +535,7 @@ def test_killed_models_service_restarts_and_adopts_its_replicas(stack, team, dep
 
     def new_leader():
         async def read():
-            etcd = await Etcd.connect(stack.etcd.endpoint)
+            etcd = await stack.etcd.connect()
             try:
                 kvs, _, _ = await etcd.get_prefix("/cloudml/models/election/")
             finally:
@@ -648,13 +614,13 @@ def test_delete_version_drains_and_releases_quota(stack, team, deployed):
         return False
 
     wait_for(gone, 30, "hp v2 to drain and disappear")
-    assert etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/endpoints/{team.name}/hp/2/") == {}
+    assert stack.etcd.get_prefix(f"/cloudml/models/endpoints/{team.name}/hp/2/") == {}
 
     # Then the whole models: every version drains, then the model goes.
     for name in ("hp", "broken"):
         marked = stack.call(team, "DeleteModel", pb.DeleteModelRequest(name=name)).model
         assert marked.HasField("delete_time")
-    assert etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/routes/{team.name}/") == {}  # at once
+    assert stack.etcd.get_prefix(f"/cloudml/models/routes/{team.name}/") == {}  # at once
     expect_code(grpc.StatusCode.FAILED_PRECONDITION, stack.call, team, "CreateVersion", pb.CreateVersionRequest(
         model="hp", model_version=pb.ModelVersion(model_uri=file_uri(stack.storage(team.name, "models", "hp", "1")))))
 
@@ -670,8 +636,8 @@ def test_delete_version_drains_and_releases_quota(stack, team, deployed):
     usage = team.client.call("GetQuota", auth_pb.GetQuotaRequest(tenant=team.name)).usage
     assert (usage.model_replicas, usage.cpu_millis, usage.memory_bytes) == (0, 0, 0)
     assert not team.client.call("ListReservations", auth_pb.ListReservationsRequest(tenant=team.name)).reservations
-    assert etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/endpoints/{team.name}/") == {}
-    assert etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/replicas/{team.name}/") == {}
+    assert stack.etcd.get_prefix(f"/cloudml/models/endpoints/{team.name}/") == {}
+    assert stack.etcd.get_prefix(f"/cloudml/models/replicas/{team.name}/") == {}
     assert not [r for r in stack.runtime_records() if r.get("replica_id", "").startswith(f"models.{team.name}.")]
     replicas_dir = os.path.join(stack.data_dir, "models", "replicas")
     assert not [n for n in os.listdir(replicas_dir) if n.startswith(f"models.{team.name}.")]  # logs kept until now

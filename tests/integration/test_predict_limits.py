@@ -75,7 +75,6 @@ from cloudml.auth.v1 import auth_service_pb2 as auth_pb  # noqa: E402
 from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc  # noqa: E402
 from cloudml.models.v1 import models_service_pb2 as models_pb  # noqa: E402
 from deploy.local.stack import AuthGatewayStack  # noqa: E402
-from services.common.etcd import Etcd  # noqa: E402
 from services.models.model_server import config  # noqa: E402
 from tests.conformance.stock_client import Probe  # noqa: E402
 from tests.e2e.serving_platform import clean_env, wait_until  # noqa: E402
@@ -86,28 +85,15 @@ MODEL = "half_plus_two"
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 
 
-def _put(endpoint: str, key: str, value: bytes) -> None:
-    import asyncio
-
-    async def put():
-        etcd = await Etcd.connect(endpoint)
-        try:
-            await etcd.put(key, value)
-        finally:
-            await etcd.close()
-
-    asyncio.run(put())
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, etcd_server):
     work = tmp_path_factory.mktemp("limits")
     probe = Probe(__file__, str(work / "probe.log"), clean_env(), ROOT)
     stack = None
     replica = None
     try:
         base = probe.send(cmd="build", dir=str(work / "model"), version=1)["path"]
-        stack = AuthGatewayStack(work, admin=ADMIN, service=SERVICE).start()
+        stack = AuthGatewayStack(work, etcd_server.endpoint, admin=ADMIN, service=SERVICE).start()
         python_gateway, python_rest = stack.start_gateway("gwpy", env=dict(os.environ, CLOUDML_DATAPLANE="python"))
         port_file = str(work / "replica.port")
         replica = subprocess.Popen(
@@ -118,10 +104,10 @@ def env(tmp_path_factory):
         ports = wait_until(lambda: _ready(port_file), 120, "the replica to load")
         assert ports["max_request_bytes"] == LIMIT, ports
         # Published as the models service's reconciler publishes it.
-        _put(stack.etcd.endpoint, f"/cloudml/models/endpoints/admin/{MODEL}/1/r1", models_pb.ReplicaEndpoint(
+        stack.etcd.put(f"/cloudml/models/endpoints/admin/{MODEL}/1/r1", models_pb.ReplicaEndpoint(
             tenant="admin", model=MODEL, version=1, replica_id="r1", address=ports["address"], state=AVAILABLE,
             max_request_bytes=ports["max_request_bytes"]).SerializeToString())
-        _put(stack.etcd.endpoint, f"/cloudml/models/routes/admin/{MODEL}", models_pb.ModelRoute(
+        stack.etcd.put(f"/cloudml/models/routes/admin/{MODEL}", models_pb.ModelRoute(
             tenant="admin", model=MODEL, versions=[models_pb.VersionRoute(version=1, state=AVAILABLE)],
         ).SerializeToString())
         channel = grpc.insecure_channel(stack.gateway.address)

@@ -12,7 +12,8 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.common import errors
-from services.common.etcd import Etcd, Session
+from services.common.etcd import Etcd
+from services.common.etcd_concurrency import Session
 from services.common.registry import Directory, register, registry_key
 
 

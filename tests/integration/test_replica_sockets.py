@@ -24,7 +24,7 @@ import pytest
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import native
 from tests.integration.test_models_service import (
-    AVAILABLE, REPLICA, Stack, build_models, etcd_prefix, file_uri, predict, wait_for,
+    AVAILABLE, REPLICA, Stack, build_models, file_uri, predict, wait_for,
 )
 
 UNLOADING = pb.MODEL_VERSION_STATE_UNLOADING
@@ -32,10 +32,10 @@ MODEL = "sock"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, etcd_server):
     workdir = str(tmp_path_factory.mktemp("sockets"))
     builder = build_models(workdir)
-    stack = Stack(workdir)
+    stack = Stack(workdir, etcd_server.endpoint)
     _, err = builder.communicate(timeout=120)
     assert builder.returncode == 0, err.decode()
     stack.saved_model = os.path.join(workdir, "hp", "1")
@@ -57,7 +57,7 @@ def team(stack):
 
 
 def endpoints(stack, team) -> dict[str, pb.ReplicaEndpoint]:
-    raw = etcd_prefix(stack.etcd.endpoint, f"/cloudml/models/endpoints/{team.name}/{MODEL}/1/")
+    raw = stack.etcd.get_prefix(f"/cloudml/models/endpoints/{team.name}/{MODEL}/1/")
     return {key.rsplit("/", 1)[1]: pb.ReplicaEndpoint.FromString(value) for key, value in raw.items()}
 
 
@@ -180,7 +180,7 @@ def test_kill_9_of_the_models_service_keeps_endpoints_and_predicts(stack, team):
     stack.start_models()
 
     def leads() -> bool:
-        raw = etcd_prefix(stack.etcd.endpoint, "/cloudml/models/election/")
+        raw = stack.etcd.get_prefix("/cloudml/models/election/")
         return bool(raw) and f"-{stack.models.process.pid}-" in raw[min(raw)].decode()
 
     wait_for(leads, 20, "the restarted service to lead")

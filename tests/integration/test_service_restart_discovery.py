@@ -18,8 +18,7 @@ import pytest
 from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from deploy.local.service_process import ServiceProcess
-from deploy.local.stack import AuthGatewayStack
-from services.common.etcd import Etcd
+from deploy.local.stack import AuthGatewayStack, auth_flags
 from services.common.registry import Directory
 from tests.integration.restart_probe import Probe, wait_health
 
@@ -46,19 +45,16 @@ class LoopThread:
 
 
 @pytest.fixture
-def stack(tmp_path):
-    stack = AuthGatewayStack(str(tmp_path)).start()
+def stack(tmp_path, etcd_server):
+    stack = AuthGatewayStack(str(tmp_path), etcd_server.endpoint).start()
     yield stack
     stack.stop()
 
 
 def start_second_auth(stack: AuthGatewayStack) -> ServiceProcess:
-    """The first auth's command line with a port file of its own (port 0: a new port)."""
-    port_file = stack.path("auth2.port")
-    command = list(stack.auth.command)
-    command[command.index("--port-file") + 1] = port_file
-    return ServiceProcess("auth", command, port_file, log_path=stack.path("auth2.log"),
-                          env=stack.auth.env).start()
+    """Another auth process with the first one's flags and files of its own (port 0: a new port)."""
+    return stack.start_service("auth", "auth2", extra=auth_flags(stack.path("bootstrap.json"), stack.kek_file),
+                               wait=None)
 
 
 def test_killed_auth_replaced_on_new_port_is_used_within_a_second(stack):
@@ -72,7 +68,7 @@ def test_killed_auth_replaced_on_new_port_is_used_within_a_second(stack):
     loop = LoopThread()
 
     async def open_directory():
-        etcd = await Etcd.connect(stack.etcd.endpoint)
+        etcd = await stack.etcd.connect()
         directory = Directory(etcd).start()
         await directory.wait_synced(5)
         return etcd, directory
@@ -150,7 +146,7 @@ def test_clean_exit_revokes_the_lease_so_the_entry_goes_at_once(stack):
     loop = LoopThread()
 
     async def entries():
-        etcd = await Etcd.connect(stack.etcd.endpoint)
+        etcd = await stack.etcd.connect()
         try:
             kvs, _, _ = await etcd.get_prefix("/cloudml/registry/auth/")
             return kvs

@@ -1,7 +1,7 @@
-"""`TunerCore` in-process on a real etcd of its own, with the jobs and auth
-services replaced by fakes: SuggestTrials idempotency (client_id), limits,
-concurrent suggestions, the sampler continuing across processes, and
-ShouldStopTrial."""
+"""`TunerCore` in-process on a real etcd (a key namespace of its own on the
+session etcd), with the jobs and auth services replaced by fakes:
+SuggestTrials idempotency (client_id), limits, concurrent suggestions, the
+sampler continuing across processes, and ShouldStopTrial."""
 from __future__ import annotations
 
 import asyncio
@@ -13,9 +13,8 @@ import pytest
 
 from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
-from deploy.local.etcd import EtcdProcess
+from deploy.local.stack import EtcdTarget, fresh_namespace
 from services.common import errors
-from services.common.etcd import Etcd
 from services.common.tokens import ROLE_MEMBER, Principal
 from services.tuner.core import TunerCore
 from services.tuner.store import TunerStore
@@ -62,15 +61,16 @@ class FakeQuota:
 
 
 @pytest.fixture(scope="module")
-def etcd_process(tmp_path_factory):
-    process = EtcdProcess(str(tmp_path_factory.mktemp("tuner-core-etcd")), log_path=None).start()
-    yield process
-    process.stop()
+def tuner_space(etcd_server):
+    """The module's keyspace: a key namespace on the session etcd."""
+    target = EtcdTarget(etcd_server.endpoint, fresh_namespace())
+    yield target
+    EtcdTarget(etcd_server.endpoint).delete_prefix(target.namespace + "/")
 
 
 @pytest.fixture
-async def etcd(etcd_process):
-    client = await Etcd.connect(etcd_process.endpoint)
+async def etcd(tuner_space):
+    client = await tuner_space.connect()
     yield client
     await client.close()
 

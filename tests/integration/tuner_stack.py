@@ -1,6 +1,6 @@
 """A real tuning slice for tests and benchmarks: a jobs service and a tuner
-service process on an etcd and auth service (the session's, or a JobsStack's),
-plus a small synchronous TunerService client.
+service process on an etcd and auth service (the session's, or a JobsStack's:
+then its `etcd.namespace` too), plus a small synchronous TunerService client.
 
     tuner = TunerStack(workdir, etcd_endpoint, admin_access_key, admin_secret, envs_dir=...)
     tuner.start()                        # python -m services.jobs ..., python -m services.tuner ...
@@ -15,7 +15,6 @@ the answered URI.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -28,8 +27,9 @@ from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as jobs_grpc
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
 from cloudml.tuner.v1 import tuner_service_pb2_grpc as pb_grpc
-from deploy.local.service_process import ServiceProcess, service_command
-from tests.integration.jobs_stack import TenantPackages, UploadCache, stop_replicas, upload_requests
+from deploy.local.service_process import ServiceProcess
+from deploy.local.stack import Stack
+from tests.integration.jobs_stack import TenantPackages, UploadCache, upload_requests
 
 MiB = 1 << 20
 FINAL = {pb.STUDY_STATE_SUCCEEDED, pb.STUDY_STATE_FAILED, pb.STUDY_STATE_CANCELLED}
@@ -148,64 +148,48 @@ class TunerClient:
             time.sleep(0.1)
 
 
-@dataclass
 class TunerStack:
-    workdir: str
-    etcd_endpoint: str
-    access_key: str
-    secret: str
-    envs_dir: str | None = None
-    lease_ttl: int = 3
-    poll_seconds: float = 0.5
-    jobs: ServiceProcess | None = None
-    tuners: list[ServiceProcess] = field(default_factory=list)
-    _channels: list[grpc.Channel] = field(default_factory=list)
-    _uploads: UploadCache = field(default_factory=UploadCache)
+    """A jobs and a tuner service on an etcd whose auth service runs already
+    (`access_key`/`secret`: its admin's key, the services' own too); a thin
+    layer on the harness of deploy/local/stack.py (`harness`)."""
+
+    def __init__(self, workdir: str, etcd_endpoint: str, access_key: str, secret: str, envs_dir: str | None = None,
+                 lease_ttl: int = 3, poll_seconds: float = 0.5, namespace: str = ""):
+        self.harness = Stack(workdir, etcd_endpoint=etcd_endpoint, namespace=namespace, admin=(access_key, secret),
+                             service=None, lease_ttl=lease_ttl,
+                             service_flags={"jobs": ["--envs-dir", envs_dir] if envs_dir else [],
+                                            "tuner": ["--poll-seconds", str(poll_seconds)]})
+        self.workdir = self.harness.workdir
+        self._channels: list[grpc.Channel] = []
+        self._uploads = UploadCache()
 
     @property
     def data_dir(self) -> str:
-        return os.path.join(self.workdir, "data")
+        return self.harness.data_dir
+
+    @property
+    def jobs(self) -> ServiceProcess:
+        return self.harness.processes["jobs"][0]
+
+    @property
+    def tuners(self) -> list[ServiceProcess]:
+        return self.harness.processes.setdefault("tuner", [])
 
     def storage(self, tenant: str) -> str:
         """The tenant's storage on this stack (DATA_DIR/storage/<tenant>)."""
         return os.path.join(self.data_dir, "storage", tenant)
 
     def start(self) -> "TunerStack":
-        os.makedirs(self.workdir, exist_ok=True)
-        self.credentials = os.path.join(self.workdir, "service-credentials.json")
-        with open(self.credentials, "w") as f:
-            json.dump({"access_key": self.access_key, "secret_key": self.secret}, f)
-        os.chmod(self.credentials, 0o600)
-        port_file = os.path.join(self.workdir, "jobs.port")
-        extra = ["--lease-ttl", str(self.lease_ttl)]
-        if self.envs_dir:
-            extra += ["--envs-dir", self.envs_dir]
-        self.jobs = ServiceProcess(
-            "jobs", service_command("jobs", self.etcd_endpoint, port_file, data_dir=self.data_dir,
-                                    credentials_file=self.credentials, extra=extra),
-            port_file, log_path=os.path.join(self.workdir, "jobs.log"),
-        ).start().wait_serving(60)
+        self.harness.start("jobs", auth=False)
         self.start_tuner()
         return self
 
     def start_tuner(self, wait: bool = True) -> ServiceProcess:
-        n = len(self.tuners)
-        port_file = os.path.join(self.workdir, f"tuner-{n}.port")
-        process = ServiceProcess(
-            "tuner", service_command("tuner", self.etcd_endpoint, port_file, data_dir=self.data_dir,
-                                     credentials_file=self.credentials,
-                                     extra=["--lease-ttl", str(self.lease_ttl),
-                                            "--poll-seconds", str(self.poll_seconds)]),
-            port_file, log_path=os.path.join(self.workdir, f"tuner-{n}.log"),
-        ).start()
-        self.tuners.append(process)
-        if wait:
-            process.wait_serving(60)
-        return process
+        return self.harness.start_service("tuner", f"tuner-{len(self.tuners)}", wait=60 if wait else None)
 
     @property
     def tuner(self) -> ServiceProcess:
-        return next(p for p in reversed(self.tuners) if p.alive())
+        return self.harness.alive("tuner")
 
     def client(self, token: str, tenant: str = "") -> TunerClient:
         """A client of `tenant` (the token's; "admin" for the admin's)."""
@@ -217,8 +201,4 @@ class TunerStack:
     def stop(self) -> None:
         for channel in self._channels:
             channel.close()
-        for process in self.tuners:
-            process.stop()
-        if self.jobs:
-            self.jobs.stop()
-        stop_replicas(self.data_dir)
+        self.harness.stop(replica_grace=1.0)

@@ -10,7 +10,8 @@ from services.jobs.server import JobsSettings
 
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
-    for name in ("CLOUDML_ALLOWED_URI_SCHEMES", "CLOUDML_UPLOAD_MAX_BYTES", "CLOUDML_TENANT_STORAGE_MAX_BYTES"):
+    for name in ("CLOUDML_ALLOWED_URI_SCHEMES", "CLOUDML_UPLOAD_MAX_BYTES", "CLOUDML_TENANT_STORAGE_MAX_BYTES",
+                 "CLOUDML_ETCD_NAMESPACE"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -20,6 +21,12 @@ def test_common_flags_are_typed_fields():
     assert settings.data_dir == "/d" and settings.lease_ttl == 3
     assert settings.allowed_uri_schemes == "s3,https"
     assert settings.uploads == UploadLimits(max_upload_bytes=1024)
+    assert settings.etcd_namespace == ""
+
+
+def test_etcd_namespace_flag_reaches_the_settings():
+    settings, _ = parse_settings("auth", ["--etcd", "127.0.0.1:2379", "--etcd-namespace", "/cloudml-test/ab12"])
+    assert (settings.etcd, settings.etcd_namespace) == ("127.0.0.1:2379", "/cloudml-test/ab12")
 
 
 def test_jobs_flags_left_out_give_the_settings_defaults():
