@@ -385,7 +385,7 @@ class JobRunner:
                 argv=[self.python, "-m", spec.module_name, *spec.job_args],
                 env=self._env(replica, attempt, cluster), workdir=self.paths.workdir,
                 log_path=self.paths.replica_log(attempt, replica),
-                resources=self.resources[replica], tenant=self.tenant,
+                resources=self.resources[replica], tenant=self.tenant, image=spec.docker_image,
             ))
         results = await asyncio.gather(*(self.s.runtime.start(r) for r in requests), return_exceptions=True)
         failed = [(req, res) for req, res in zip(requests, results) if isinstance(res, BaseException)]
