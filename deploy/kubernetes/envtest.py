@@ -159,8 +159,8 @@ class KubeEnv:
     def _stop_apiserver(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            try:
-                self.process.wait(10)
+            try:  # it waits for open watches to end: a test server need not
+                self.process.wait(3)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import uuid
 
 import pytest
@@ -279,3 +280,40 @@ async def test_an_unreachable_api_server_is_a_clear_error_not_a_crash(tmp_path):
 def test_a_missing_kubeconfig_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="--kubeconfig"):
         make_kubernetes_runtime(str(tmp_path / "nope"), "default")
+
+
+async def test_a_watch_whose_version_expired_lists_again(kube_env, ns, monkeypatch):
+    """410 Gone (the watch's resourceVersion was compacted away): the runtime
+    lists again and misses nothing that changed meanwhile."""
+    from kubernetes import watch
+    from kubernetes.client.exceptions import ApiException
+
+    real = watch.Watch.stream
+    gone = {"pods": 0}
+    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def stream(self, func, *args, **kwargs):
+        if "pod" in getattr(func, "__name__", "") and gone["pods"] == 0:
+            gone["pods"] += 1
+            # Meanwhile (between the list and this watch) a replica's Pod was deleted.
+            loop.call_soon_threadsafe(ready.set)
+            time.sleep(1.0)
+            raise ApiException(status=410, reason="Gone")
+        return real(self, func, *args, **kwargs)
+
+    monkeypatch.setattr(watch.Watch, "stream", stream)
+    runtime = make_kubernetes_runtime(kube_env.kubeconfig, ns)
+    try:
+        await runtime.wait_synced(30)
+        [request] = await _group(runtime, "expired", roles=[("worker", 0)])
+        await ready.wait()
+        name = _pods(kube_env, ns)[request.replica_id].metadata.name
+        kube_env.core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+        status = await runtime.wait(request.replica_id, 10)
+        assert gone["pods"] == 1
+        assert (status.phase, status.reason) == (ReplicaPhase.UNKNOWN, "Lost")
+        await _forget_all(runtime, [request])
+        assert _empty(kube_env, ns)
+    finally:
+        runtime.close()
