@@ -15,6 +15,7 @@ tests play the kubelet's part the way kwok does, with the helpers here:
     env.set_failed("ns", "pod-b", exit_code=137, reason="OOMKilled")
     env.evict("ns", "pod-c")
     env.finish_deletions("ns")   # what a kubelet does for Pods deleted with a grace period
+    env.pod_logs[("ns", "pod-a")] = b"line\n"   # what pods/log answers (served at the Nodes' kubelet port)
     env.stop()
 
 Every helper is synchronous (tests call them from threads or directly).
@@ -22,11 +23,13 @@ What this cannot show: that Pods really run, pull images or reach each other.
 """
 from __future__ import annotations
 
+import http.server
 import os
 import secrets
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -71,6 +74,54 @@ def _service_account_keys(directory: str) -> tuple[str, str]:
     return private, public
 
 
+def _serving_cert(directory: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (the fake kubelet's)."""
+    import datetime as dt  # noqa: PLC0415
+    import ipaddress  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubelet")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(directory, "kubelet.crt"), os.path.join(directory, "kubelet.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    return cert_path, key_path
+
+
+class _LogHandler(http.server.BaseHTTPRequestHandler):
+    """GET /containerLogs/<ns>/<pod>/<container>: the log the test set, whole."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        parts = self.path.split("?", 1)[0].strip("/").split("/")
+        body = self.server.logs.get(tuple(parts[1:3])) if len(parts) == 4 and parts[0] == "containerLogs" else None
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
 class KubeEnv:
     """etcd + kube-apiserver under `base_dir`, plus kwok-style kubelet helpers."""
 
@@ -82,6 +133,9 @@ class KubeEnv:
         self.process: subprocess.Popen | None = None
         self.kubeconfig = os.path.join(self.base_dir, "kubeconfig")
         self._api = None
+        #: (namespace, pod) -> bytes: what `pods/log` of that Pod answers
+        self.pod_logs: dict[tuple[str, str], bytes] = {}
+        self._kubelet: http.server.ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
@@ -114,6 +168,7 @@ class KubeEnv:
             log.close()
             if self._wait_ready(timeout):
                 self._write_kubeconfig()
+                self._serve_logs()
                 return self
             last = (f"exited with {self.process.poll()}" if self.process.poll() is not None
                     else f"not ready in {timeout:.0f} s")
@@ -166,7 +221,24 @@ class KubeEnv:
                 self.process.wait()
         self.process = None
 
+    def _serve_logs(self) -> None:
+        """The Nodes' kubelet endpoint (HTTPS on loopback), serving `pod_logs`:
+        the API server proxies pods/log to it, as kwok's does."""
+        cert, key = _serving_cert(self.base_dir)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _LogHandler)
+        server.daemon_threads = True
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        server.logs = self.pod_logs
+        threading.Thread(target=server.serve_forever, name="envtest-kubelet", daemon=True).start()
+        self._kubelet = server
+
     def stop(self) -> None:
+        if self._kubelet is not None:
+            self._kubelet.shutdown()
+            self._kubelet.server_close()
+            self._kubelet = None
         self._stop_apiserver()
         if self.etcd is not None:
             self.etcd.stop()
@@ -207,6 +279,7 @@ class KubeEnv:
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                             "lastHeartbeatTime": _now(), "lastTransitionTime": _now()}],
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self._kubelet.server_address[1] if self._kubelet else 0}},
         }})
 
     def delete_node(self, name: str) -> None:

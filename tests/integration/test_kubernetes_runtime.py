@@ -317,3 +317,21 @@ async def test_a_watch_whose_version_expired_lists_again(kube_env, ns, monkeypat
         assert _empty(kube_env, ns)
     finally:
         runtime.close()
+
+
+async def test_a_running_pods_log_is_followed_into_its_log_file(kube_env, ns, rt, tmp_path):
+    """pods/log, proxied by the API server to the Node's kubelet endpoint
+    (envtest serves the test's text there, as kwok does)."""
+    rt.reserve("logged", [Amount(500, GiB)])
+    request = _req("logged", "master", 0, tmp=str(tmp_path))
+    await rt.start(request)
+    name = _pods(kube_env, ns)[request.replica_id].metadata.name
+    kube_env.pod_logs[(ns, name)] = b"epoch 1 loss 0.5\nepoch 2 loss 0.25\n"
+    kube_env.bind(ns, name, "node-a")
+    kube_env.set_running(ns, name)
+    await _until(lambda: os.path.exists(request.log_path) and "loss 0.25" in open(request.log_path).read())
+    kube_env.set_succeeded(ns, name)
+    assert (await rt.wait(request.replica_id, 10)).phase == ReplicaPhase.SUCCEEDED
+    await _forget_all(rt, [request])
+    with open(request.log_path) as f:  # the platform's copy outlives the Pod
+        assert f.read() == "epoch 1 loss 0.5\nepoch 2 loss 0.25\n"

@@ -42,9 +42,12 @@ later is CapacityBusy. Until the first list succeeded nothing is known:
 Reservations live in this process; `adopt()` restores them from the Pods.
 
 Logs are best-effort: while a Pod runs, a thread follows `pods/log` into
-`request.log_path` (the API server proxies it to the Node's kubelet). The
-test API server has no kubelet, so there the stream fails and is retried
-while the Pod runs; nothing else depends on it.
+`request.log_path` (the API server proxies it to the Node's kubelet), so the
+platform's copy outlives the Pod. A follower that fails (no kubelet, a node
+restart) retries a few times while the Pod runs; on reconnecting it asks for
+the last second again, so a line may be doubled or lost there. Tested
+against the real API server with envtest's stand-in kubelet endpoint, which
+serves a whole log at once (not a live follow of a running container).
 """
 from __future__ import annotations
 
@@ -86,6 +89,8 @@ from services.common.runtime.kube_objects import (
 )
 
 log = logging.getLogger(__name__)
+#: A log follower gives up on a replica silent for this long (and reconnects).
+LOG_READ_TIMEOUT = 24 * 3600.0
 
 class KubernetesRuntime(Runtime):
     name = "kubernetes"
@@ -506,7 +511,7 @@ class KubernetesRuntime(Runtime):
             try:
                 response = self.core.read_namespaced_pod_log(
                     name, self.namespace, container=CONTAINER, follow=True, since_seconds=since,
-                    _preload_content=False, _request_timeout=(REQUEST_TIMEOUT, None))
+                    _preload_content=False, _request_timeout=(REQUEST_TIMEOUT, LOG_READ_TIMEOUT))
                 os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
                 with open(path, "ab") as out:
                     for chunk in response.stream(4096):
