@@ -197,6 +197,10 @@ class KubeEnv:
         return False
 
     def _write_kubeconfig(self) -> None:
+        self.write_kubeconfig(self.kubeconfig, self.token)
+
+    def write_kubeconfig(self, path: str, token: str) -> str:
+        """A kubeconfig for this API server that authenticates with `token`."""
         import json  # noqa: PLC0415 - YAML is a superset of JSON
 
         config = {
@@ -204,12 +208,27 @@ class KubeEnv:
             # The API server's self-signed certificate (with the CA that signed it) from --cert-dir.
             "clusters": [{"name": "envtest", "cluster": {
                 "server": self.url, "certificate-authority": os.path.join(self.base_dir, "certs", "apiserver.crt")}}],
-            "users": [{"name": "admin", "user": {"token": self.token}}],
-            "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": "admin"}}],
+            "users": [{"name": "user", "user": {"token": token}}],
+            "contexts": [{"name": "envtest", "context": {"cluster": "envtest", "user": "user"}}],
         }
-        with open(self.kubeconfig, "w") as f:
+        with open(path, "w") as f:
             json.dump(config, f, indent=1)
-        os.chmod(self.kubeconfig, 0o600)
+        os.chmod(path, 0o600)
+        return path
+
+    def service_account_token(self, namespace: str, name: str) -> str:
+        """A token of ServiceAccount `name` (created if missing) from the
+        TokenRequest API: exactly what its RBAC bindings grant."""
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+        try:
+            self.core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        made = self.core.create_namespaced_service_account_token(
+            name, namespace, {"spec": {"audiences": [], "expirationSeconds": 3600}})
+        return made.status.token
 
     def _stop_apiserver(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -335,3 +335,55 @@ async def test_a_running_pods_log_is_followed_into_its_log_file(kube_env, ns, rt
     await _forget_all(rt, [request])
     with open(request.log_path) as f:  # the platform's copy outlives the Pod
         assert f.read() == "epoch 1 loss 0.5\nepoch 2 loss 0.25\n"
+
+
+def _grant(env, ns: str, account: str) -> None:
+    """What the runtime needs: Pods, their logs and Services in its namespace;
+    reading Nodes (capacity) cluster-wide."""
+    from kubernetes import client
+
+    rbac = client.RbacAuthorizationV1Api(env.core.api_client)
+    verbs = ["get", "list", "watch", "create", "delete"]
+    rbac.create_namespaced_role(ns, {"metadata": {"name": "cloudml-runtime"}, "rules": [
+        {"apiGroups": [""], "resources": ["pods", "services"], "verbs": verbs},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}]})
+    subject = [{"kind": "ServiceAccount", "name": account, "namespace": ns}]
+    rbac.create_namespaced_role_binding(ns, {"metadata": {"name": "cloudml-runtime"}, "subjects": subject,
+                                             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                                         "name": "cloudml-runtime"}})
+    rbac.create_cluster_role({"metadata": {"name": f"cloudml-nodes-{ns}"}, "rules": [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]})
+    rbac.create_cluster_role_binding({"metadata": {"name": f"cloudml-nodes-{ns}"}, "subjects": subject,
+                                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                                  "name": f"cloudml-nodes-{ns}"}})
+
+
+async def test_the_runtime_needs_only_its_roles_and_says_when_refused(kube_env, ns, tmp_path):
+    """With a ServiceAccount's token (RBAC enforced by the API server) and
+    only the grants above, a group runs and ends; in a namespace it may not
+    write, the error names the refusal."""
+    kube_env.core.create_namespace({"metadata": {"name": ns + "-other"}})
+    _grant(kube_env, ns, "cloudml-jobs")
+    kubeconfig = kube_env.write_kubeconfig(str(tmp_path / "sa.kubeconfig"),
+                                           kube_env.service_account_token(ns, "cloudml-jobs"))
+    runtime = make_kubernetes_runtime(kubeconfig, ns)
+    refused = make_kubernetes_runtime(kubeconfig, ns + "-other")
+    try:
+        await runtime.wait_synced(30)
+        requests = await _group(runtime, "least", roles=[("master", 0), ("worker", 0)], tmp=str(tmp_path))
+        for request in requests:
+            name = _pods(kube_env, ns)[request.replica_id].metadata.name
+            kube_env.bind(ns, name, "node-a")
+            kube_env.set_running(ns, name)
+            kube_env.set_succeeded(ns, name)
+        ended = await asyncio.gather(*(runtime.wait(r.replica_id, 10) for r in requests))
+        assert {s.phase for s in ended} == {ReplicaPhase.SUCCEEDED}
+        await _forget_all(runtime, requests)
+        assert _empty(kube_env, ns)
+        with pytest.raises(ConnectionError, match="cannot list pods.*403"):
+            await refused.wait_synced(3)
+        with pytest.raises(CapacityBusy, match="403"):
+            refused.reserve("g", [Amount(100, GiB)])
+    finally:
+        runtime.close()
+        refused.close()
