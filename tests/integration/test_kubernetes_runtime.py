@@ -256,6 +256,14 @@ async def test_an_image_the_api_server_rejects_is_a_clear_error_and_leaves_nothi
     rt.release("bad-image")
 
 
+async def _unavailable(runtime, pattern: str) -> None:
+    """The runtime cannot list the cluster: waiting says why, and so does reserve()."""
+    with pytest.raises(ConnectionError, match=pattern):
+        await runtime.wait_synced(2.0)
+    with pytest.raises(CapacityBusy, match=pattern):
+        runtime.reserve("g", [Amount(100, GiB)])
+
+
 async def test_an_unreachable_api_server_is_a_clear_error_not_a_crash(tmp_path):
     from deploy.local.etcd import free_port
 
@@ -269,10 +277,7 @@ async def test_an_unreachable_api_server_is_a_clear_error_not_a_crash(tmp_path):
     runtime = make_kubernetes_runtime(str(kubeconfig), "default")
     try:
         runtime.check_fits_ever([Amount(100, GiB)])  # not known yet: reserve() decides
-        with pytest.raises(ConnectionError, match="127.0.0.1"):
-            await runtime.wait_synced(1.0)
-        with pytest.raises(CapacityBusy, match="API server https://127.0.0.1"):
-            runtime.reserve("g", [Amount(100, GiB)])
+        await _unavailable(runtime, "API server https://127.0.0.1")
     finally:
         runtime.close()
 
@@ -380,10 +385,7 @@ async def test_the_runtime_needs_only_its_roles_and_says_when_refused(kube_env, 
         assert {s.phase for s in ended} == {ReplicaPhase.SUCCEEDED}
         await _forget_all(runtime, requests)
         assert _empty(kube_env, ns)
-        with pytest.raises(ConnectionError, match="cannot list pods.*403"):
-            await refused.wait_synced(3)
-        with pytest.raises(CapacityBusy, match="403"):
-            refused.reserve("g", [Amount(100, GiB)])
+        await _unavailable(refused, "cannot list pods.*403")
     finally:
         runtime.close()
         refused.close()
