@@ -117,6 +117,7 @@ class KubernetesRuntime(Runtime):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
         self._group_locks: dict[str, asyncio.Lock] = {}
+        self._services: dict[str, str] = {}  # group -> uid of the Service this runtime made or found
         self._logs: dict[str, threading.Thread] = {}
         for kind in ("pods", "nodes"):
             threading.Thread(target=self._watch_loop, args=(kind,), name=f"k8s-watch-{kind}", daemon=True).start()
@@ -134,8 +135,11 @@ class KubernetesRuntime(Runtime):
         else:
             lister, kwargs, cache = self.core.list_node, {}, self._nodes
         listed = lister(**kwargs, _request_timeout=REQUEST_TIMEOUT)
+        version = listed.metadata.resource_version
         with self._lock:
-            gone = [cache[n] for n in set(cache) - {o.metadata.name for o in listed.items}]
+            # Gone since the last list; not a Pod that start() made after this list was taken.
+            gone = [cache[n] for n in set(cache) - {o.metadata.name for o in listed.items}
+                    if not _newer(cache[n].metadata.resource_version, version)]
             cache.clear()
             cache.update((o.metadata.name, o) for o in listed.items)
             for obj in gone:
@@ -143,7 +147,6 @@ class KubernetesRuntime(Runtime):
         self._synced[kind].set()
         self._error = ""
         self._notify()
-        version = listed.metadata.resource_version
         while not self._closed.is_set():
             stream = watch.Watch().stream(lister, **kwargs, resource_version=version, timeout_seconds=WATCH_SECONDS,
                                           allow_watch_bookmarks=True, _request_timeout=WATCH_SECONDS + 30)
@@ -331,6 +334,8 @@ class KubernetesRuntime(Runtime):
     async def _ensure_service(self, group: str, tenant: str) -> tuple[str, str]:
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
+        if group in self._services:
+            return object_name(group), self._services[group]
         svc, body = object_name(group), service_body(group, tenant)
         try:
             made = await asyncio.to_thread(self.core.create_namespaced_service, self.namespace, body,
@@ -340,6 +345,7 @@ class KubernetesRuntime(Runtime):
                 raise api_error(f"cannot create the Service of group {group}", err) from None
             made = await asyncio.to_thread(self.core.read_namespaced_service, svc, self.namespace,
                                            _request_timeout=REQUEST_TIMEOUT)
+        self._services[group] = made.metadata.uid
         return svc, made.metadata.uid
 
     def _group_lock(self, group: str) -> asyncio.Lock:
@@ -478,6 +484,7 @@ class KubernetesRuntime(Runtime):
                                        _request_timeout=REQUEST_TIMEOUT)
         if left.items:
             return
+        self._services.pop(group, None)
         try:
             # (1.20 answers a Status the client cannot read as a Service: not parsed)
             await asyncio.to_thread(self.core.delete_namespaced_service, svc, self.namespace,
@@ -522,6 +529,16 @@ class KubernetesRuntime(Runtime):
                 log.debug("cannot follow the log of Pod %s: %s", name, err)
                 since = 1
                 self._closed.wait(2.0)
+
+
+def _newer(version: str | None, than: str | None) -> bool:
+    """Whether resourceVersion `version` is later than `than`. They are
+    opaque to clients, but etcd revisions (integers) on every API server
+    this talks to; anything else counts as not newer."""
+    try:
+        return int(version or 0) > int(than or 0)
+    except ValueError:
+        return False
 
 
 class _Gone(Exception):
