@@ -54,32 +54,57 @@ def cluster(kube_env):
     kubelet.join(5)
 
 
+def _start_jobs(stack, kube_env, namespace):
+    return stack.start_jobs(extra=["--runtime", "kubernetes", "--kubeconfig", kube_env.kubeconfig,
+                                   "--namespace", namespace, "--image", "registry.example/cloudml/trainer:1"])
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, kube_env, cluster):
     stack = JobsStack(str(tmp_path_factory.mktemp("jobs-kube"))).start()
-    stack.start_jobs(extra=["--runtime", "kubernetes", "--kubeconfig", kube_env.kubeconfig,
-                            "--namespace", cluster, "--image", "registry.example/cloudml/trainer:1"])
+    _start_jobs(stack, kube_env, cluster)
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="module")
+def plain_uri(tmp_path_factory, stack):
+    built = build_packages(str(tmp_path_factory.mktemp("packages")))
+    return stack.admin().upload(built["plain"])
 
 
 def _pods(env, namespace):
     return env.core.list_namespaced_pod(namespace, label_selector=SELECTOR).items
 
 
-def test_a_distributed_job_runs_as_pods_and_succeeds(kube_env, cluster, stack, tmp_path):
-    built = build_packages(str(tmp_path / "packages"))
+def _running_pods(env, namespace, count: int, timeout: float = 60.0) -> list:
+    """The job's Pods once `count` of them run (the Kubelet thread runs them)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pods = [p for p in _pods(env, namespace) if p.metadata.deletion_timestamp is None]
+        if len(pods) == count and all(p.status.phase == "Running" for p in pods):
+            return pods
+        assert time.monotonic() < deadline, [(p.metadata.name, p.status.phase) for p in pods]
+        time.sleep(0.1)
+
+
+def _gone(env, namespace, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while (_pods(env, namespace) or env.core.list_namespaced_service(namespace).items) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _pods(env, namespace) and not env.core.list_namespaced_service(namespace).items
+
+
+def test_a_distributed_job_runs_as_pods_and_succeeds(kube_env, cluster, stack, plain_uri):
     admin = stack.admin()
     replicas = [replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=512 * MiB),
                 replica_spec(pb.REPLICA_TYPE_PS, cpu=500, memory=512 * MiB),
                 replica_spec(pb.REPLICA_TYPE_WORKER, count=2, cpu=500, memory=512 * MiB)]
-    admin.submit("kube", spec(admin.upload(built["plain"]), "plain_trainer.task", "--steps 1", replicas=replicas))
+    admin.submit("kube", spec(plain_uri, "plain_trainer.task", "--steps 1", replicas=replicas))
     job = admin.wait("kube", states=(S.JOB_STATE_RUNNING, S.JOB_STATE_FAILED), timeout=180)
     assert job.state == S.JOB_STATE_RUNNING, [(e.reason, e.message) for e in job.events]
-    deadline = time.monotonic() + 30
-    while not all(p.status.phase == "Running" for p in _pods(kube_env, cluster)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    pods = _pods(kube_env, cluster)
+    pods = _running_pods(kube_env, cluster, 4)
     assert sorted(p.metadata.labels["cloudml.io/role"] + "-" + p.metadata.labels["cloudml.io/index"]
                   for p in pods) == ["master-0", "ps-0", "worker-0", "worker-1"]
     [svc] = kube_env.core.list_namespaced_service(cluster).items
@@ -97,8 +122,55 @@ def test_a_distributed_job_runs_as_pods_and_succeeds(kube_env, cluster, stack, t
         kube_env.set_succeeded(cluster, pod.metadata.name)
     job = admin.wait("kube", timeout=60)
     assert job.state == S.JOB_STATE_SUCCEEDED, [(e.reason, e.message) for e in job.events]
-    deadline = time.monotonic() + 30
-    while (_pods(kube_env, cluster) or kube_env.core.list_namespaced_service(cluster).items) \
-            and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _pods(kube_env, cluster), "the job's Pods are left behind"
+    assert _gone(kube_env, cluster), "the job's Pods or Service are left behind"
+
+
+def test_an_evicted_pod_is_retried_and_an_oom_killed_one_fails_the_job(kube_env, cluster, stack, plain_uri):
+    admin = stack.admin()
+    replicas = [replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB),
+                replica_spec(pb.REPLICA_TYPE_WORKER, cpu=500, memory=256 * MiB)]
+    admin.submit("evict", spec(plain_uri, "plain_trainer.task", "--steps 1", replicas=replicas,
+                               restart_policy=pb.RESTART_POLICY_EXIT_CODE, max_retries=1))
+    admin.wait("evict", states=(S.JOB_STATE_RUNNING,), timeout=120)
+    first = {p.metadata.labels["cloudml.io/role"]: p.metadata.name for p in _running_pods(kube_env, cluster, 2)}
+    kube_env.evict(cluster, first["worker"])
+    # A second attempt: new Pods (the first attempt's are stopped and removed).
+    deadline = time.monotonic() + 60
+    while True:
+        pods = _running_pods(kube_env, cluster, 2)
+        if not {p.metadata.name for p in pods} & set(first.values()):
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    master = next(p.metadata.name for p in pods if p.metadata.labels["cloudml.io/role"] == "master")
+    kube_env.set_failed(cluster, master, exit_code=137, reason="OOMKilled")
+    job = admin.wait("evict", timeout=60)
+    events = [(e.reason, e.message) for e in job.events]
+    assert job.state == S.JOB_STATE_FAILED and job.attempts == 2, events
+    assert "ReplicaEvicted" in [e.reason for e in job.events], events
+    assert job.events[-1].reason == "OOMKilled", events
+    assert _gone(kube_env, cluster), "the job's Pods or Service are left behind"
+
+
+def test_a_killed_jobs_service_adopts_its_pods_without_duplicates(kube_env, cluster, stack, plain_uri):
+    admin = stack.admin()
+    replicas = [replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB),
+                replica_spec(pb.REPLICA_TYPE_WORKER, cpu=500, memory=256 * MiB)]
+    admin.submit("adopted", spec(plain_uri, "plain_trainer.task", "--steps 1", replicas=replicas))
+    admin.wait("adopted", states=(S.JOB_STATE_RUNNING,), timeout=120)
+    before = {p.metadata.name: p.metadata.uid for p in _running_pods(kube_env, cluster, 2)}
+    stack.jobs[-1].kill()
+    worker = next(n for n in before if "-worker-" in n)
+    kube_env.set_succeeded(cluster, worker)  # ends while nobody watches
+    _start_jobs(stack, kube_env, cluster)
+    admin = stack.admin()
+    deadline = time.monotonic() + 60
+    while "Recovered" not in [e.reason for e in admin.get("adopted").events]:
+        assert time.monotonic() < deadline, admin.get("adopted").events
+        time.sleep(0.1)
+    assert {p.metadata.name: p.metadata.uid for p in _pods(kube_env, cluster)} == before
+    master = next(n for n in before if "-master-" in n)
+    kube_env.set_succeeded(cluster, master)
+    job = admin.wait("adopted", timeout=60)
+    assert job.state == S.JOB_STATE_SUCCEEDED and job.attempts == 1, [(e.reason, e.message) for e in job.events]
+    assert _gone(kube_env, cluster)
