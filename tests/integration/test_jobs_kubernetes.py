@@ -152,6 +152,17 @@ def test_an_evicted_pod_is_retried_and_an_oom_killed_one_fails_the_job(kube_env,
     assert _gone(kube_env, cluster), "the job's Pods or Service are left behind"
 
 
+def test_a_job_needing_more_gpus_than_the_nodes_have_fails_at_submit(stack, plain_uri):
+    import grpc
+
+    admin = stack.admin()
+    with pytest.raises(grpc.RpcError) as info:
+        admin.submit("gpus", spec(plain_uri, "plain_trainer.task", "--steps 1",
+                                  replicas=[replica_spec(pb.REPLICA_TYPE_MASTER, gpus=1)]))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "nvidia.com/gpu: requested 1" in info.value.details()
+
+
 def test_a_killed_jobs_service_adopts_its_pods_without_duplicates(kube_env, cluster, stack, plain_uri):
     admin = stack.admin()
     replicas = [replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB),
