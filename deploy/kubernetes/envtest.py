@@ -53,6 +53,19 @@ def find_binary(name: str) -> str:
                             "(scripts/build_kube_apiserver.sh builds it once, ~8 minutes)")
 
 
+def unreachable_kubeconfig(path: str) -> str:
+    """A kubeconfig naming an API server that is not there (a free loopback port)."""
+    import json  # noqa: PLC0415
+
+    with open(path, "w") as f:
+        json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "c",
+                   "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{free_port()}",
+                                                         "insecure-skip-tls-verify": True}}],
+                   "users": [{"name": "u", "user": {"token": "x"}}],
+                   "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}, f)
+    return path
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

@@ -97,7 +97,7 @@ class JobsApp(ServiceApp):
                  self.runtime.total())
 
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and self.runtime.synced
 
     async def lead(self) -> None:
         await self.scheduler.lead()

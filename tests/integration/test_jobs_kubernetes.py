@@ -185,3 +185,26 @@ def test_a_killed_jobs_service_adopts_its_pods_without_duplicates(kube_env, clus
     job = admin.wait("adopted", timeout=60)
     assert job.state == S.JOB_STATE_SUCCEEDED and job.attempts == 1, [(e.reason, e.message) for e in job.events]
     assert _gone(kube_env, cluster)
+
+
+def test_an_unreachable_api_server_keeps_the_service_up_and_not_serving(tmp_path):
+    from deploy.kubernetes.envtest import unreachable_kubeconfig
+    from deploy.local.service_process import health_status
+
+    kubeconfig = unreachable_kubeconfig(str(tmp_path / "kubeconfig"))
+    stack = JobsStack(str(tmp_path / "stack")).start()
+    try:
+        jobs = stack.start_jobs(wait=False, extra=["--runtime", "kubernetes", "--kubeconfig", kubeconfig,
+                                                    "--namespace", "default"])
+        deadline = time.monotonic() + 30
+        while not jobs.poll_address():
+            assert jobs.alive() and time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(3)
+        assert jobs.alive(), "the service crashed"
+        assert health_status(jobs.address) == 2  # NOT_SERVING
+        with open(stack.workdir + "/jobs-0.log") as f:
+            text = f.read()
+        assert "cannot list" in text and "(retrying)" in text, text[-2000:]
+    finally:
+        stack.stop()

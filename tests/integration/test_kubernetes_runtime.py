@@ -265,16 +265,10 @@ async def _unavailable(runtime, pattern: str) -> None:
 
 
 async def test_an_unreachable_api_server_is_a_clear_error_not_a_crash(tmp_path):
-    from deploy.local.etcd import free_port
+    from deploy.kubernetes.envtest import unreachable_kubeconfig
 
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{free_port()}",
-                                              "insecure-skip-tls-verify": True}}],
-        "users": [{"name": "u", "user": {"token": "x"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
-    runtime = make_kubernetes_runtime(str(kubeconfig), "default")
+    kubeconfig = unreachable_kubeconfig(str(tmp_path / "kubeconfig"))
+    runtime = make_kubernetes_runtime(kubeconfig, "default")
     try:
         runtime.check_fits_ever([Amount(100, GiB)])  # not known yet: reserve() decides
         await _unavailable(runtime, "API server https://127.0.0.1")

@@ -120,6 +120,13 @@ class Runtime(abc.ABC):
     #: "local" or "kubernetes"; named in Unschedulable messages
     name: str = ""
 
+    @property
+    def synced(self) -> bool:
+        """Whether the runtime knows its capacity and replicas now (always on
+        `local`; on `kubernetes` once the API server was listed). A service
+        reports NOT_SERVING until it is."""
+        return True
+
     @abc.abstractmethod
     def total(self) -> Amount:
         """The runtime's whole capacity."""
