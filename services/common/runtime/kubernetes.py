@@ -469,6 +469,7 @@ class KubernetesRuntime(Runtime):
             self._stopping.discard(replica_id)
             if pod is not None:
                 self._pods.pop(pod.metadata.name, None)
+                self._logs.pop(pod.metadata.name, None)
         if group:
             async with self._group_lock(group):
                 await self._delete_service_if_empty(group)
