@@ -23,6 +23,10 @@ install_tool() {  # atomically: a reader never sees half a binary
 }
 
 if [ -z "$(missing_tools)" ]; then
+  if [ -d "$WORK" ]; then  # the source tree of a build that stopped before cleaning up (~2 GB)
+    exec 9>"$CACHE/.lock"
+    if flock -n 9; then rm -rf "$WORK"; fi
+  fi
   echo "$BIN_DIR"
   exit 0
 fi
