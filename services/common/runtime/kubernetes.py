@@ -44,8 +44,9 @@ Reservations live in this process; `adopt()` restores them from the Pods.
 Logs are best-effort: while a Pod runs, a thread follows `pods/log` into
 `request.log_path` (the API server proxies it to the Node's kubelet), so the
 platform's copy outlives the Pod. A follower that fails (no kubelet, a node
-restart) retries a few times while the Pod runs; on reconnecting it asks for
-the last second again, so a line may be doubled or lost there. Tested
+restart) retries a few times while the Pod runs; when the log file already
+has lines (a follower before a restart of the service), it asks only for
+those since the file's last write (whole seconds: a line may be doubled). Tested
 against the real API server with envtest's stand-in kubelet endpoint, which
 serves a whole log at once (not a live follow of a running container).
 """
@@ -510,12 +511,15 @@ class KubernetesRuntime(Runtime):
         thread.start()
 
     def _stream_log(self, name: str, path: str) -> None:
-        since = None
         for _ in range(5):
             with self._lock:
                 pod = self._pods.get(name)
             if pod is None or self._closed.is_set() or pod.status.phase != "Running":
                 return
+            try:  # what the file has (an earlier follower's, before a restart) is not asked for again
+                since = int(time.time() - os.path.getmtime(path)) + 1 if os.path.getsize(path) else None
+            except OSError:
+                since = None
             try:
                 response = self.core.read_namespaced_pod_log(
                     name, self.namespace, container=CONTAINER, follow=True, since_seconds=since,
@@ -528,7 +532,6 @@ class KubernetesRuntime(Runtime):
                 return
             except Exception as err:  # noqa: BLE001 - best effort (no kubelet, a restart of the node...)
                 log.debug("cannot follow the log of Pod %s: %s", name, err)
-                since = 1
                 self._closed.wait(2.0)
 
 
