@@ -16,8 +16,10 @@ and memory; GPUs as whole `nvidia.com/gpu`. The container runs
 `request.argv` in `request.image` (else the platform's default image), with
 `request.env` (plus CUDA_VISIBLE_DEVICES="" when it has no GPU: the device
 plugin names the GPUs it hands out), its working directory an emptyDir, no
-service-account token (tenant code must not act on the cluster) and no
-privilege escalation.
+service-account token (tenant code must not act on the cluster), no
+privilege escalation, as uid 1000 (runAsNonRoot; `run_as_user=None` leaves
+the image's user). `forget()` deletes the Pod, and the Service once its
+group has no Pod left: the runtime does not rely on the garbage collector.
 
 State
 -----
@@ -36,7 +38,9 @@ Capacity comes from the cluster: `total()` is the Ready, schedulable Nodes'
 allocatable; what is held is, per group, the larger of its reservation and
 its live Pods' requests. A group that can never fit (more than all Nodes,
 or a replica bigger than every single Node) is Unschedulable; one that fits
-later is CapacityBusy. Until the first list succeeded nothing is known:
+later is CapacityBusy. Other workloads on the Nodes are not subtracted
+(the cluster's scheduler still has the last word: such a Pod stays Pending,
+its message says why). Until the first list succeeded nothing is known:
 `reserve()` raises CapacityBusy naming the API server, and
 `check_fits_ever()` lets the request through (reserve decides later).
 Reservations live in this process; `adopt()` restores them from the Pods.
