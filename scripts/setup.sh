@@ -4,7 +4,10 @@
 #   - a virtualenv in .venv with the project (editable) and every dependency,
 #     TensorFlow included (model servers, trainers and tests need it),
 #   - the gateway's native data plane (scripts/build_native.sh: Debian's g++,
-#     gRPC C++ and protobuf; compiled into build/native/).
+#     gRPC C++ and protobuf; compiled into build/native/),
+#   - a real kube-apiserver and kubectl for the kubernetes runtime's tests
+#     (scripts/build_kube_apiserver.sh: from Debian's source package, once,
+#     cached outside the work tree in /var/cache/cloudml/kubernetes; ~8 min).
 # Re-running it only checks what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +46,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 bash scripts/build_native.sh
-log "ready: $(.venv/bin/python --version), etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}')"
+kube_bin="$(bash scripts/build_kube_apiserver.sh)"
+log "ready: $(.venv/bin/python --version), etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}'), kube-apiserver in $kube_bin"

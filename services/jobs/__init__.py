@@ -38,6 +38,7 @@ proto's header documents the same list.
                             `cloudml.report()` appends {"step", "metrics", "time",
                             "replica", "attempt"} lines; the scheduler ingests them
     CUDA_VISIBLE_DEVICES    set by the runtime: the replica's whole GPUs, "" for none
+                            (kubernetes: "" for none; with GPUs the device plugin's)
     PYTHONUNBUFFERED        1 (unless spec.env says otherwise), so logs are live
     TF_CPP_MIN_LOG_LEVEL    2 (unless spec.env says otherwise): TensorFlow's C++
                             INFO/WARNING chatter (CPU features, oneDNN) stays out

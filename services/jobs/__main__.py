@@ -1,5 +1,6 @@
 """python -m services.jobs --etcd HOST:PORT --data-dir DIR --credentials-file C
-[--listen 127.0.0.1:0] [--port-file F] [--runtime local]
+[--listen 127.0.0.1:0] [--port-file F] [--runtime local|kubernetes]
+[--kubeconfig FILE] [--namespace NS] [--image IMAGE]
 [--default-cpu 0.5] [--default-memory 2Gi] [--default-gpus 0]
 [--capacity-cpu N] [--capacity-memory M] [--stop-grace S] [--envs-dir D] [--install-arg ARG ...]
 
@@ -32,6 +33,12 @@ def _type(parse):
 
 def _arguments(parser) -> None:
     parser.add_argument("--runtime", default=JobsSettings.runtime, choices=RUNTIMES, help="where replicas run")
+    parser.add_argument("--kubeconfig", default=None,
+                        help="kubernetes runtime: the API server and credentials (default: in-cluster service account)")
+    parser.add_argument("--namespace", default=None,
+                        help="kubernetes runtime: the namespace of the replicas' Pods (default: the service account's)")
+    parser.add_argument("--image", default=None,
+                        help="kubernetes runtime: the trainer image of jobs that name none")
     parser.add_argument("--default-cpu", type=_type(units.parse_cpu), default=None,
                         help="per-replica CPU when a spec gives none (default 0.5)")
     parser.add_argument("--default-memory", type=_type(units.parse_memory), default=None,
@@ -53,7 +60,7 @@ def _arguments(parser) -> None:
 
 def _jobs_settings(args) -> JobsSettings:
     return JobsSettings(
-        runtime=args.runtime,
+        runtime=args.runtime, kubeconfig=args.kubeconfig, namespace=args.namespace, image=args.image,
         defaults=Defaults(cpu_millis=args.default_cpu or Defaults.cpu_millis,
                           memory_bytes=args.default_memory or Defaults.memory_bytes,
                           gpus=args.default_gpus or Defaults.gpus),

@@ -67,12 +67,13 @@ class Exit:
 
     replica: Replica
     exit_code: int | None
-    # The runtime's reason: Completed, Error, OOMKilled, Killed, Lost.
+    # The runtime's reason: Completed, Error, OOMKilled, Killed, Lost, Evicted
+    # (kubernetes: the node evicted its Pod).
     reason: str = ""
 
     @property
     def succeeded(self) -> bool:
-        return self.exit_code == 0 and self.reason not in ("OOMKilled", "Lost")
+        return self.exit_code == 0 and self.reason not in ("OOMKilled", "Lost", "Evicted")
 
 
 @dataclass(frozen=True)
@@ -107,15 +108,15 @@ def should_restart(policy: int, max_retries: int, attempts: int, failure: Exit) 
 
     NEVER (and UNSPECIFIED): never. ON_FAILURE: any failure, OOMKilled and a
     lost replica included. EXIT_CODE: only exits by signal (code >= 128, which
-    covers OOMKilled as 137) and lost replicas (the machine's fault, not the
-    trainer's). Both retry at most max_retries times: 1 + max_retries attempts.
+    covers OOMKilled as 137), lost replicas and evicted ones (the machine's
+    fault, not the trainer's). Both retry at most max_retries times: 1 + max_retries attempts.
     """
     if attempts >= 1 + max(0, max_retries):
         return False
     if policy == pb.RESTART_POLICY_ON_FAILURE:
         return True
     if policy == pb.RESTART_POLICY_EXIT_CODE:
-        if failure.reason in ("OOMKilled", "Lost"):
+        if failure.reason in ("OOMKilled", "Lost", "Evicted"):
             return True
         return failure.exit_code is not None and failure.exit_code >= SIGNAL_EXIT_BASE
     return False
@@ -127,6 +128,8 @@ def failure_reason(failure: Exit) -> str:
         return "OOMKilled"
     if failure.reason == "Lost":
         return "ReplicaLost"
+    if failure.reason == "Evicted":
+        return "ReplicaEvicted"
     return "ReplicaFailed"
 
 

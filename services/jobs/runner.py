@@ -35,7 +35,7 @@ from services.jobs.envs import FetchFailed, InstallFailed, fetch
 from services.jobs.logs import JobLog, JobPaths, last_line
 from services.jobs.metrics import Ingester
 from services.jobs.store import Held, Unchanged
-from services.jobs.tfconfig import Replica, assign_addresses, cluster_spec, tf_config
+from services.jobs.tfconfig import Replica, assign_addresses, cluster_spec, members, tf_config
 
 if TYPE_CHECKING:
     from services.jobs.scheduler import Scheduler
@@ -366,9 +366,8 @@ class JobRunner:
             return
         await self._clear_attempt(attempt)
         spec = self.job.spec
-        in_cluster = [r for r in self.replicas if r.in_cluster]
-        ports = await self.s.runtime.allocate_ports(len(in_cluster))
-        addresses = assign_addresses(self.replicas, ports)
+        group = records.group_of(self.job)
+        addresses = assign_addresses(self.replicas, await self.s.runtime.addresses(group, members(self.replicas)))
         cluster = cluster_spec(addresses)
         try:  # every attempt: a restart re-checks the paths too (a link planted since)
             await asyncio.to_thread(self._confined)
@@ -383,11 +382,11 @@ class JobRunner:
         requests = []
         for replica in self.replicas:
             requests.append(ReplicaRequest(
-                replica_id=self.rid(attempt, replica), group=records.group_of(self.job),
+                replica_id=self.rid(attempt, replica), group=group, role=replica.role, index=replica.index,
                 argv=[self.python, "-m", spec.module_name, *spec.job_args],
                 env=self._env(replica, attempt, cluster), workdir=self.paths.workdir,
                 log_path=self.paths.replica_log(attempt, replica),
-                resources=self.resources[replica], tenant=self.tenant,
+                resources=self.resources[replica], tenant=self.tenant, image=spec.docker_image,
             ))
         results = await asyncio.gather(*(self.s.runtime.start(r) for r in requests), return_exceptions=True)
         failed = [(req, res) for req, res in zip(requests, results) if isinstance(res, BaseException)]

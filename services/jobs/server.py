@@ -30,6 +30,10 @@ class JobsSettings:
     """The jobs service's own flags (`python -m services.jobs --help`), built in its __main__."""
 
     runtime: str = "local"
+    #: kubernetes runtime: kubeconfig (None: in-cluster credentials), namespace, default trainer image
+    kubeconfig: str | None = None
+    namespace: str | None = None
+    image: str | None = None
     #: per-replica resources for amounts a spec leaves at zero
     defaults: Defaults = Defaults()
     #: the local runtime's capacity (None: the machine's cores / physical memory - 1Gi)
@@ -55,7 +59,8 @@ class JobsApp(ServiceApp):
         if not common.data_dir:
             raise SystemExit("error: the jobs service needs --data-dir")
         data_dir = os.path.abspath(common.data_dir)
-        self.runtime = make_runtime(settings.runtime, data_dir, settings.capacity_cpu, settings.capacity_memory)
+        self.runtime = make_runtime(settings.runtime, data_dir, settings.capacity_cpu, settings.capacity_memory,
+                                    kubeconfig=settings.kubeconfig, namespace=settings.namespace, image=settings.image)
         self.index = JobIndex(platform.etcd)
         self.store = JobStore(platform.etcd, self.index)
         quota = QuotaClient(platform.directory, platform.identity)
@@ -92,7 +97,7 @@ class JobsApp(ServiceApp):
                  self.runtime.total())
 
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and self.runtime.synced
 
     async def lead(self) -> None:
         await self.scheduler.lead()

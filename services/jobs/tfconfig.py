@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import Mapping
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 
@@ -112,10 +113,16 @@ def tf_config(cluster: dict[str, list[str]], replica: Replica, trial: str = "") 
                       separators=(",", ":"), sort_keys=False)
 
 
-def assign_addresses(replicas: list[Replica], ports: list[int], host: str = "127.0.0.1") -> dict[Replica, str]:
-    """host:port for each replica in the cluster, ports taken in replica order;
-    the evaluator gets none."""
-    members = [r for r in replicas if r.in_cluster]
-    if len(ports) < len(members):
-        raise ValueError(f"{len(members)} ports needed, {len(ports)} given")
-    return {r: f"{host}:{port}" for r, port in zip(members, ports)}
+def members(replicas: list[Replica]) -> list[tuple[str, int]]:
+    """(role, index) of each replica in the training cluster, in replica order:
+    what the runtime is asked addresses for (the evaluator listens on none)."""
+    return [(r.role, r.index) for r in replicas if r.in_cluster]
+
+
+def assign_addresses(replicas: list[Replica], addresses: Mapping[tuple[str, int], str]) -> dict[Replica, str]:
+    """host:port of each replica in the cluster, from the runtime's addresses
+    by (role, index); the evaluator gets none."""
+    missing = [f"{role}-{index}" for role, index in members(replicas) if (role, index) not in addresses]
+    if missing:
+        raise ValueError(f"no address for {', '.join(missing)}")
+    return {r: addresses[(r.role, r.index)] for r in replicas if r.in_cluster}

@@ -9,7 +9,9 @@ from services.models.server import ModelsApp, ModelsSettings
 
 
 def _arguments(parser) -> None:
-    parser.add_argument("--runtime", default=ModelsSettings.runtime, choices=RUNTIMES, help="where replicas run")
+    # Model replicas do not run on the kubernetes runtime yet (issue 18).
+    parser.add_argument("--runtime", default=ModelsSettings.runtime, choices=[r for r in RUNTIMES if r == "local"],
+                        help="where replicas run")
     parser.add_argument("--storage-dir", help="the platform's storage root (default DIR/storage)")
     parser.add_argument("--default-cpu", dest="default_cpu_millis", type=units.parse_cpu, default=Defaults.cpu_millis,
                         help="cpu per replica when a version names none (default 500m)")

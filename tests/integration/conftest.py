@@ -147,3 +147,15 @@ def auth_service(etcd_server, tmp_path_factory):
     yield service
     service.channel.close()
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def kube_env(tmp_path_factory):
+    """A real kube-apiserver (and its own etcd) for one test file, with an
+    admin kubeconfig; tests play the kubelet (deploy/kubernetes/envtest.py).
+    Fails, not skips, without the binary: scripts/setup.sh builds it."""
+    from deploy.kubernetes.envtest import KubeEnv
+
+    env = KubeEnv(str(tmp_path_factory.mktemp("kube"))).start()
+    yield env
+    env.stop()

@@ -131,6 +131,7 @@ def test_exit_code_retries_only_signals_oom_and_lost():
     assert should_restart(EXIT_CODE, 3, 1, failed(MASTER, code=143))
     assert should_restart(EXIT_CODE, 3, 1, failed(MASTER, code=137, reason="OOMKilled"))
     assert should_restart(EXIT_CODE, 3, 1, Exit(Replica(MASTER, 0), None, "Lost"))
+    assert should_restart(EXIT_CODE, 3, 1, Exit(Replica(MASTER, 0), 0, "Evicted"))
     assert not should_restart(EXIT_CODE, 3, 4, failed(MASTER, code=143))
 
 
@@ -138,3 +139,10 @@ def test_deadline():
     assert not policy.deadline_passed(100.0, 0, 1e9)
     assert not policy.deadline_passed(100.0, 10, 109.9)
     assert policy.deadline_passed(100.0, 10, 110.0)
+
+
+def test_an_evicted_replica_failed_and_says_so():
+    evicted = Exit(Replica(MASTER, 0), 137, "Evicted")
+    assert not evicted.succeeded and not Exit(Replica(MASTER, 0), 0, "Evicted").succeeded
+    assert policy.failure_reason(evicted) == "ReplicaEvicted"
+    assert policy.failure_message(evicted) == "ReplicaEvicted master-0 exit 137"

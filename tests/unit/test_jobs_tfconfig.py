@@ -4,10 +4,15 @@ import json
 import pytest
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
-from services.jobs.tfconfig import Replica, assign_addresses, cluster_spec, coordinator, expand, tf_config
+from services.jobs.tfconfig import Replica, assign_addresses, cluster_spec, coordinator, expand, members, tf_config
 
 MASTER, CHIEF, PS, WORKER, EVALUATOR = (pb.REPLICA_TYPE_MASTER, pb.REPLICA_TYPE_CHIEF, pb.REPLICA_TYPE_PS,
                                         pb.REPLICA_TYPE_WORKER, pb.REPLICA_TYPE_EVALUATOR)
+
+
+def _loopback(replicas, ports):
+    """What the local runtime's addresses() gives: a loopback port per cluster member."""
+    return assign_addresses(replicas, {key: f"127.0.0.1:{port}" for key, port in zip(members(replicas), ports)})
 
 
 def test_expand_orders_by_type_then_index():
@@ -25,7 +30,7 @@ def test_replica_names_round_trip():
 
 def test_tf_config_for_ps_strategy_matches_tfjob():
     replicas = expand({CHIEF: 1, PS: 1, WORKER: 2})
-    addresses = assign_addresses(replicas, [5001, 5002, 5003, 5004])
+    addresses = _loopback(replicas, [5001, 5002, 5003, 5004])
     cluster = cluster_spec(addresses)
     config = json.loads(tf_config(cluster, Replica(WORKER, 1)))
     assert config == {
@@ -38,14 +43,14 @@ def test_tf_config_for_ps_strategy_matches_tfjob():
 
 def test_master_is_written_master_not_renamed():
     replicas = expand({MASTER: 1, WORKER: 1})
-    cluster = cluster_spec(assign_addresses(replicas, [1, 2]))
+    cluster = cluster_spec(_loopback(replicas, [1, 2]))
     assert set(cluster) == {"master", "worker"}
     assert json.loads(tf_config(cluster, Replica(MASTER, 0)))["task"] == {"type": "master", "index": 0}
 
 
 def test_evaluator_is_not_in_the_cluster_but_has_its_task():
     replicas = expand({CHIEF: 1, WORKER: 1, EVALUATOR: 1})
-    addresses = assign_addresses(replicas, [7001, 7002])
+    addresses = _loopback(replicas, [7001, 7002])
     assert Replica(EVALUATOR, 0) not in addresses
     cluster = cluster_spec(addresses)
     assert "evaluator" not in cluster
@@ -55,13 +60,13 @@ def test_evaluator_is_not_in_the_cluster_but_has_its_task():
 
 
 def test_single_master_job_has_a_one_member_cluster():
-    cluster = cluster_spec(assign_addresses(expand({MASTER: 1}), [9000]))
+    cluster = cluster_spec(_loopback(expand({MASTER: 1}), [9000]))
     assert cluster == {"master": ["127.0.0.1:9000"]}
 
 
 def test_too_few_ports_is_an_error():
     with pytest.raises(ValueError):
-        assign_addresses(expand({WORKER: 3}), [1, 2])
+        _loopback(expand({WORKER: 3}), [1, 2])
 
 
 def test_coordinator_is_master_then_chief_then_worker_zero():

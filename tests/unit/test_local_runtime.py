@@ -412,11 +412,16 @@ async def test_replicas_of_one_group_get_different_gpus(state_dir, tmp_path):
 
 # ---------------------------------------------------------------- ports
 
-async def test_ports_are_distinct_and_free(rt):
-    first = await rt.allocate_ports(4)
-    second = await rt.allocate_ports(4)
-    assert len(set(first + second)) == 8
-    for port in first + second:
+async def test_addresses_are_distinct_free_loopback_ports(rt):
+    keys = [("chief", 0), ("ps", 0), ("worker", 0), ("worker", 1)]
+    first = await rt.addresses("g", keys)
+    second = await rt.addresses("h", keys)
+    assert set(first) == set(second) == set(keys)
+    hosts_ports = [a.rsplit(":", 1) for a in [*first.values(), *second.values()]]
+    assert {h for h, _ in hosts_ports} == {"127.0.0.1"}
+    ports = [int(p) for _, p in hosts_ports]
+    assert len(set(ports)) == 8
+    for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
 

@@ -1,7 +1,8 @@
 """The `Runtime` interface: where train-job replicas and model-server replicas run.
 
 One interface, two implementations: `local` (child processes on this machine,
-`services.common.runtime.local`) and `kubernetes` (Pods, later). The jobs and
+`services.common.runtime.local`) and `kubernetes` (Pods,
+`services.common.runtime.kubernetes`). The jobs and
 models services place every replica through it and never touch processes or
 Pods themselves.
 
@@ -76,6 +77,11 @@ class ReplicaRequest:
     # root), the replica runs as that tenant's own unprivileged user
     # (services.common.tenancy), and a request without a tenant is refused.
     tenant: str = ""
+    # The replica's place in its group ("worker", 1), as `addresses()` was
+    # asked for it: `kubernetes` names the Pod (and its DNS name) after it.
+    # A group of one replica may leave it empty.
+    role: str = ""
+    index: int = 0
 
 
 class ReplicaPhase(enum.Enum):
@@ -114,6 +120,13 @@ class Runtime(abc.ABC):
     #: "local" or "kubernetes"; named in Unschedulable messages
     name: str = ""
 
+    @property
+    def synced(self) -> bool:
+        """Whether the runtime knows its capacity and replicas now (always on
+        `local`; on `kubernetes` once the API server was listed). A service
+        reports NOT_SERVING until it is."""
+        return True
+
     @abc.abstractmethod
     def total(self) -> Amount:
         """The runtime's whole capacity."""
@@ -136,8 +149,11 @@ class Runtime(abc.ABC):
         """Returns a group's capacity (idempotent). Its replicas must have ended."""
 
     @abc.abstractmethod
-    async def allocate_ports(self, count: int) -> list[int]:
-        """Free loopback ports for a group's replicas to listen on (TF_CONFIG)."""
+    async def addresses(self, group: str, replicas: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        """"host:port" where each (role, index) replica of a group will listen
+        (what TF_CONFIG names), before any of them starts: a free loopback port
+        each on `local`, the Pod's stable DNS name on `kubernetes`. The
+        replicas are then started with the same role and index."""
 
     @abc.abstractmethod
     async def start(self, request: ReplicaRequest) -> ReplicaStatus:

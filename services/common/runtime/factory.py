@@ -11,7 +11,9 @@ import os
 
 from services.common.runtime.base import Amount, Runtime
 
-RUNTIMES = ("local",)
+RUNTIMES = ("local", "kubernetes")
+#: Where a Pod finds its service account's namespace (in-cluster credentials).
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 def runtime_state_dir(data_dir: str, kind: str) -> str:
@@ -23,12 +25,16 @@ def runtime_state_dir(data_dir: str, kind: str) -> str:
 
 
 def make_runtime(kind: str, data_dir: str, capacity_cpu: int | None = None,
-                 capacity_memory: int | None = None) -> Runtime:
-    """The runtime named `kind`, its state in `runtime_state_dir(data_dir, kind)`.
-    `capacity_cpu` (millis) and `capacity_memory` (bytes) override what the
-    machine has (None: probe it)."""
+                 capacity_memory: int | None = None, *, kubeconfig: str | None = None,
+                 namespace: str | None = None, image: str | None = None) -> Runtime:
+    """The runtime named `kind`. `local`: its state in
+    `runtime_state_dir(data_dir, kind)`; `capacity_cpu` (millis) and
+    `capacity_memory` (bytes) override what the machine has (None: probe it).
+    `kubernetes`: see `make_kubernetes_runtime`."""
     if kind not in RUNTIMES:
-        raise SystemExit(f"error: --runtime {kind!r} is not available (only 'local')")
+        raise SystemExit(f"error: --runtime {kind!r} is not available (one of {', '.join(RUNTIMES)})")
+    if kind == "kubernetes":
+        return make_kubernetes_runtime(kubeconfig, namespace, image)
     from services.common.runtime.local import LocalRuntime  # noqa: PLC0415 - only the runtime in use is loaded
 
     state_dir = runtime_state_dir(data_dir, kind)
@@ -38,3 +44,31 @@ def make_runtime(kind: str, data_dir: str, capacity_cpu: int | None = None,
         total = Amount(capacity_cpu if capacity_cpu is not None else probe.cpu_millis,
                        capacity_memory if capacity_memory is not None else probe.memory_bytes, probe.gpus)
     return LocalRuntime(state_dir, total=total)
+
+
+def make_kubernetes_runtime(kubeconfig: str | None, namespace: str | None, image: str | None = None) -> Runtime:
+    """Pods in `namespace` through the API server of `kubeconfig`; without a
+    kubeconfig, the in-cluster service account's credentials (and its
+    namespace when none is given). Never connects here: an unreachable API
+    server is retried by the runtime (reserve() says so meanwhile)."""
+    from kubernetes import client, config  # noqa: PLC0415
+
+    from services.common.runtime.kube_objects import DEFAULT_IMAGE  # noqa: PLC0415
+    from services.common.runtime.kubernetes import KubernetesRuntime  # noqa: PLC0415
+
+    configuration = client.Configuration()
+    try:
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        else:
+            config.load_incluster_config(client_configuration=configuration)
+            if not namespace and os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
+                with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+                    namespace = f.read().strip()
+    except (config.ConfigException, OSError, ValueError) as err:
+        where = f"--kubeconfig {kubeconfig}" if kubeconfig else "in-cluster credentials (no --kubeconfig given)"
+        raise SystemExit(f"error: --runtime kubernetes: cannot use {where}: {err}") from None
+    if not namespace:
+        raise SystemExit("error: --runtime kubernetes needs --namespace")
+    configuration.connection_pool_maxsize = 32  # two watches, log followers, concurrent writes
+    return KubernetesRuntime(client.ApiClient(configuration), namespace, image=image or DEFAULT_IMAGE)

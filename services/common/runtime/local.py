@@ -302,7 +302,13 @@ class LocalRuntime(Runtime):
                 g.get("assigned", {}).pop(replica_id, None)
 
     # ------------------------------------------------------------------ ports
-    async def allocate_ports(self, count: int) -> list[int]:
+    async def addresses(self, group: str, replicas: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+        if len(set(replicas)) != len(replicas):
+            raise ValueError(f"replicas named twice in {replicas}")
+        ports = self._free_ports(len(replicas))
+        return {key: f"127.0.0.1:{port}" for key, port in zip(replicas, ports)}
+
+    def _free_ports(self, count: int) -> list[int]:
         now = time.monotonic()
         self._recent_ports = {p: t for p, t in self._recent_ports.items()
                               if now - t < PORT_QUARANTINE_SECONDS}
