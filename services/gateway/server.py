@@ -54,7 +54,8 @@ class GatewayApp(ServiceApp):
     # Calls that need no token pass through to the auth service unchecked;
     # TF Serving calls authenticate in their handler (public models need no token).
     # The data plane's Attach checks its own secret.
-    public_methods = frozenset({f"/{_AUTH}/IssueToken", f"/{_AUTH}/WatchVerificationKeys", ATTACH}) | TFS_METHODS
+    public_methods = frozenset({f"/{_AUTH}/IssueToken", f"/{_AUTH}/WatchVerificationKeys",
+                                f"/{_AUTH}/RedeemLoginLink", ATTACH}) | TFS_METHODS
 
     def __init__(self, platform: Platform, settings: GatewaySettings = GatewaySettings()):
         super().__init__(platform)
