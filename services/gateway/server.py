@@ -28,6 +28,7 @@ from services.gateway.predict import (
     TfServingHandler,
 )
 from services.gateway.proxy import Proxy
+from services.gateway.pages import BrowserPages
 from services.gateway.rest import RestServer
 from services.gateway.routes import platform_routes, service_names
 
@@ -77,7 +78,8 @@ class GatewayApp(ServiceApp):
             platform.verifier.listeners.append(self.table.changed)
             self.proxy.vouch = self.dataplane.vouch
         rest_listen = settings.rest_listen
-        self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router) if rest_listen else None
+        self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router,
+                               BrowserPages(platform.verifier, platform.directory)) if rest_listen else None
         self._table_started = False
         self._started = False
 
