@@ -53,6 +53,8 @@ COOKIE = "cloudml_page"
 KINDS = {"tensorboard": "jobs"}
 CALL_TIMEOUT = 5.0
 CHUNK = 64 * 1024
+#: connection pools kept, one per page server address
+MAX_SESSIONS = 256
 # Never forwarded either way (RFC 9110 hop-by-hop, plus what carries credentials).
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "transfer-encoding", "upgrade", "host"}
@@ -153,12 +155,21 @@ class BrowserPages:
         if session is None or session.closed:
             if not address.startswith("unix:"):
                 raise _Answer(_page(502, "The page's server has no usable address."))
+            self._sessions.pop(address, None)
+            if len(self._sessions) >= MAX_SESSIONS:  # replicas come and go: keep the newest
+                oldest = self._sessions.pop(next(iter(self._sessions)))
+                asyncio.get_running_loop().create_task(oldest.close())
             session = aiohttp.ClientSession(
                 connector=aiohttp.UnixConnector(path=address[len("unix:"):], limit=64),
                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=300))
             self._sessions[address] = session
         return session
+
+    async def _drop_session(self, address: str) -> None:
+        session = self._sessions.pop(address, None)
+        if session is not None:
+            await session.close()
 
     async def page(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -177,6 +188,7 @@ class BrowserPages:
                                              data=request.content if request.body_exists else None)
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as err:
             self._addresses.pop((kind, request.match_info["tenant"], request.match_info["name"]), None)
+            await self._drop_session(address)
             log.info("page %s: its server did not answer: %s", request.path, err)
             return _page(502, "The page's server did not answer: try again in a moment.")
         try:
