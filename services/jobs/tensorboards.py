@@ -201,6 +201,8 @@ class TensorBoards:
         existing = await self._all(tenant)
         if any(b.name == name for b in existing):
             raise errors.AlreadyExists(f"tensorboard {name!r} already exists in tenant {tenant!r}")
+        # A cap, not a quota: two creates racing may pass it together (the
+        # quota's cpu and memory still hold exactly).
         if len(existing) >= self.settings.max_per_tenant:
             raise errors.ResourceExhausted(
                 f"tenant {tenant!r} has {len(existing)} TensorBoards, the most allowed "
