@@ -87,7 +87,8 @@ class JobsServicer(pb_grpc.JobsServiceServicer):
     # --- TensorBoards (services.jobs.tensorboards) ---
 
     async def CreateTensorBoard(self, request, context):
-        board = await self.tensorboards.create(principal(), request.tenant, request.name, request.logdir, request.job)
+        board = await self.tensorboards.create(principal(), request.tenant, request.name, request.logdir, request.job,
+                                               request.runs)
         return pb.CreateTensorBoardResponse(tensorboard=board)
 
     async def GetTensorBoard(self, request, context):

@@ -28,7 +28,9 @@ def _without_tensorflow() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.jobs.tensorboard_replica")
     parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
-    parser.add_argument("--logdir", required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--logdir")
+    where.add_argument("--logdir-spec", help="name:path,name:path (one run per directory)")
     parser.add_argument("--path-prefix", required=True, help="e.g. /tensorboard/<tenant>/<name>")
     parser.add_argument("--reload-interval", default="5")
     args = parser.parse_args(argv)
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"TensorBoard on unix:{args.socket} under {args.path_prefix}/", flush=True)
 
     board = program.TensorBoard(default.get_plugins(), server_class=UnixSocketServer)
-    board.configure(argv=["tensorboard", "--logdir", args.logdir, "--path_prefix", args.path_prefix,
+    logdir = ["--logdir", args.logdir] if args.logdir else ["--logdir_spec", args.logdir_spec]
+    board.configure(argv=["tensorboard", *logdir, "--path_prefix", args.path_prefix,
                           "--load_fast", "false", "--reload_interval", args.reload_interval])
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     # Not board.main(): it writes a TensorBoardInfo file meant for `tensorboard`'s

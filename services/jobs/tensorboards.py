@@ -42,7 +42,8 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 
 from cloudml.common.v1 import resources_pb2
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
@@ -61,6 +62,8 @@ PREFIX = "/cloudml/jobs/tensorboards/"
 RUNTIME_PREFIX = "tensorboard."
 ACCESS_WRITE_SECONDS = 30.0
 RESERVE_SECONDS = 60.0
+MAX_RUNS = 100
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_.=+ -]{1,100}$")
 #: the leader looks for replicas of no board every this many passes
 ORPHAN_SWEEP_PASSES = 30
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -99,6 +102,8 @@ class Board:
     started: float = 0.0
     address: str = ""
     message: str = ""
+    #: [[run name, logdir, job], ...] of a board over several directories (logdir is then "")
+    runs: list = field(default_factory=list)
     #: False until create() holds its quota: the leader leaves it alone (and
     #: removes it after RESERVE_SECONDS: its creator died in between)
     reserved: bool = True
@@ -176,28 +181,51 @@ class TensorBoards:
         kvs, _, _ = await self.etcd.get_prefix(self.prefix + (f"{tenant}/" if tenant else ""))
         return [Board.decode(kv.value) for kv in kvs]
 
-    def _logdir(self, tenant: str, logdir: str, job: str) -> tuple[str, str]:
-        """(normalized logdir, job) of a create request."""
-        if bool(logdir) == bool(job):
-            raise errors.InvalidArgument("give exactly one of logdir and job")
-        field_name = "logdir"
-        if job:
-            validation.check_name(job, "job")
-            found = self.jobs(tenant, job)
-            if found is None:
-                raise errors.NotFound(f"job {job!r} not found in tenant {tenant!r}")
-            if not found.spec.output_path:
-                raise errors.FailedPrecondition(f"job {job!r} has no output_path, so no TensorBoard logdir")
-            logdir, field_name = found.spec.output_path.rstrip("/") + "/tensorboard", "the job's logdir"
+    def _job_logdir(self, tenant: str, job: str) -> str:
+        validation.check_name(job, "job")
+        found = self.jobs(tenant, job)
+        if found is None:
+            raise errors.NotFound(f"job {job!r} not found in tenant {tenant!r}")
+        if not found.spec.output_path:
+            raise errors.FailedPrecondition(f"job {job!r} has no output_path, so no TensorBoard logdir")
+        return found.spec.output_path.rstrip("/") + "/tensorboard"
+
+    def _confined(self, tenant: str, logdir: str, field_name: str) -> str:
         where = self.confiner.check(tenant, logdir.strip(), field_name, keep_plain=False)
         if not where.local:
             raise errors.InvalidArgument(f"{field_name} must be in the tenant's storage (TensorBoard reads local files)")
-        return where.uri, job
+        if "," in where.uri:
+            raise errors.InvalidArgument(f"{field_name} may not contain ','")
+        return where.uri
 
-    async def create(self, caller: Principal, tenant: str, name: str, logdir: str, job: str) -> pb.TensorBoard:
+    def _logdirs(self, tenant: str, logdir: str, job: str, runs) -> tuple[str, str, list[list[str]]]:
+        """(normalized logdir, job, [[run name, normalized logdir, job], ...]) of a create request."""
+        if sum(map(bool, (logdir, job, runs))) != 1:
+            raise errors.InvalidArgument("give exactly one of logdir, job and runs")
+        if job:
+            return self._confined(tenant, self._job_logdir(tenant, job), "the job's logdir"), job, []
+        if logdir:
+            return self._confined(tenant, logdir, "logdir"), "", []
+        if len(runs) > MAX_RUNS:
+            raise errors.InvalidArgument(f"at most {MAX_RUNS} runs")
+        out, names = [], set()
+        for i, run in enumerate(runs):
+            field_name = f"runs[{i}]"
+            if not _RUN_NAME.match(run.name) or run.name in names:
+                raise errors.InvalidArgument(f"{field_name}.name must be 1..100 letters, digits, spaces or "
+                                             "_.=+- and unique")
+            names.add(run.name)
+            if bool(run.logdir) == bool(run.job):
+                raise errors.InvalidArgument(f"{field_name}: give exactly one of logdir and job")
+            path = run.logdir or self._job_logdir(tenant, run.job)
+            out.append([run.name, self._confined(tenant, path, f"{field_name}.logdir"), run.job])
+        return "", "", out
+
+    async def create(self, caller: Principal, tenant: str, name: str, logdir: str, job: str,
+                     runs=()) -> pb.TensorBoard:
         validation.check_name(name, "name")
         tenant = self._tenant(caller, tenant)
-        logdir, job = await asyncio.to_thread(self._logdir, tenant, logdir, job)
+        logdir, job, run_list = await asyncio.to_thread(self._logdirs, tenant, logdir, job, list(runs))
         existing = await self._all(tenant)
         if any(b.name == name for b in existing):
             raise errors.AlreadyExists(f"tensorboard {name!r} already exists in tenant {tenant!r}")
@@ -208,7 +236,7 @@ class TensorBoards:
                 f"tenant {tenant!r} has {len(existing)} TensorBoards, the most allowed "
                 f"(--max-tensorboards {self.settings.max_per_tenant}): delete one first")
         now = self.clock()
-        board = Board(tenant=tenant, name=name, uid=secrets.token_hex(4), logdir=logdir, job=job,
+        board = Board(tenant=tenant, name=name, uid=secrets.token_hex(4), logdir=logdir, job=job, runs=run_list,
                       cpu_millis=self.settings.cpu_millis, memory_bytes=self.settings.memory_bytes,
                       created=now, last_access=now, message="reserving quota", reserved=False)
         key = self._key(tenant, name)
@@ -264,6 +292,7 @@ class TensorBoards:
     def message(self, board: Board) -> pb.TensorBoard:
         out = pb.TensorBoard(
             tenant=board.tenant, name=board.name, uid=board.uid, logdir=board.logdir, job=board.job,
+            runs=[pb.TensorBoardRun(name=n, logdir=d, job=j) for n, d, j in board.runs],
             state=board.state, path=board.path, message=board.message,
             resources=resources_pb2.Resources(cpu_millis=board.cpu_millis, memory_bytes=board.memory_bytes),
             create_time=timestamp(board.created), last_access_time=timestamp(board.last_access),
@@ -390,6 +419,15 @@ class TensorBoards:
         sockets = tenant_socket_dir(socket_root(self.settings.data_dir), board.tenant, self.tenancy)
         return self._workdir(board), os.path.join(sockets, socket_name(board))
 
+    def _logdir_args(self, board: Board) -> list[str]:
+        """The replica's --logdir or --logdir-spec (checked again: a symlink may have appeared)."""
+        def real(uri: str) -> str:
+            return self.confiner.check(board.tenant, uri, "logdir", keep_plain=False).real_path
+
+        if not board.runs:
+            return ["--logdir", real(board.logdir)]
+        return ["--logdir-spec", ",".join(f"{name}:{real(uri)}" for name, uri, _ in board.runs)]
+
     async def _start(self, board: Board) -> None:
         amount = Amount(cpu_millis=board.cpu_millis, memory_bytes=board.memory_bytes)
         try:
@@ -403,14 +441,13 @@ class TensorBoards:
         workdir, sock = await asyncio.to_thread(self._prepare, board)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
-        location = await asyncio.to_thread(self.confiner.check, board.tenant, board.logdir, "logdir",
-                                           keep_plain=False)
+        logdir_args = await asyncio.to_thread(self._logdir_args, board)
         stored = await self._set(board, S.TENSORBOARD_STATE_STARTING, "starting its server",
                                  address=f"unix:{sock}", started=self.clock())
         if stored is None or stored.uid != board.uid or stored.state != S.TENSORBOARD_STATE_STARTING:
             return
         argv = [self.settings.python or "python3", "-m", "services.jobs.tensorboard_replica",
-                "--socket", sock, "--logdir", location.real_path, "--path-prefix", board.path.rstrip("/")]
+                "--socket", sock, *logdir_args, "--path-prefix", board.path.rstrip("/")]
         request = ReplicaRequest(
             replica_id=board.replica_id, group=board.replica_id, argv=argv,
             env={"PYTHONPATH": PROJECT_ROOT, "PYTHONUNBUFFERED": "1", "HOME": workdir, "TMPDIR": workdir},

@@ -243,3 +243,34 @@ async def test_board_whose_creator_died_before_its_quota_is_never_started_then_r
     await boards.reconcile()
     await boards.reconcile()
     assert await boards.list(ACME, "") == [] and env["runtime"].started == []
+
+
+async def test_runs_over_jobs_become_a_logdir_spec(env, tmp_path):
+    jobs = {name: pb.TrainJob(name=name, spec=pb.TrainJobSpec(output_path="file://" + env["logdir"] + "/" + name))
+            for name in ("s-1", "s-2")}
+    boards = env["make"]()
+    boards.jobs = lambda tenant, name: jobs.get(name) if tenant == "acme" else None
+    runs = [pb.TensorBoardRun(name="t1 lr=0.1", job="s-1"), pb.TensorBoardRun(name="t2 lr=0.2", job="s-2")]
+    created = await boards.create(ACME, "", "study", "", "", runs)
+    assert [(r.name, r.job) for r in created.runs] == [("t1 lr=0.1", "s-1"), ("t2 lr=0.2", "s-2")]
+    assert created.runs[0].logdir == f"file://{env['logdir']}/s-1/tensorboard" and not created.logdir
+    await running(boards, "study")
+    board = (await boards._all("acme"))[0]
+    assert boards._logdir_args(board) == [
+        "--logdir-spec", f"t1 lr=0.1:{env['logdir']}/s-1/tensorboard,t2 lr=0.2:{env['logdir']}/s-2/tensorboard"]
+
+
+@pytest.mark.parametrize("runs,error", [
+    ([pb.TensorBoardRun(name="a:b", logdir="{d}")], errors.InvalidArgument),
+    ([pb.TensorBoardRun(name="a,b", logdir="{d}")], errors.InvalidArgument),
+    ([pb.TensorBoardRun(name="a", logdir="{d}"), pb.TensorBoardRun(name="a", logdir="{d}")], errors.InvalidArgument),
+    ([pb.TensorBoardRun(name="a", logdir="{d}", job="j")], errors.InvalidArgument),
+    ([pb.TensorBoardRun(name="a", logdir="/etc")], errors.PermissionDenied),
+    ([pb.TensorBoardRun(name="a", job="nope")], errors.NotFound),
+])
+async def test_bad_runs_create_nothing(env, runs, error):
+    for run in runs:
+        run.logdir = run.logdir.format(d=env["logdir"])
+    with pytest.raises(error):
+        await env["boards"].create(ACME, "", "study", "", "", runs)
+    assert await env["boards"].list(ACME, "") == []

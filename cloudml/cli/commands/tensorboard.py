@@ -2,6 +2,7 @@
 
     cloudml tensorboard create loss --logdir file:///DIR/storage/acme/runs
     cloudml jobs tensorboard linear            # the job's <output_path>/tensorboard, then its login link
+    cloudml hp tensorboard study1              # every trial side by side, a run per trial named by its parameters
     cloudml tensorboard open loss              # prints a one-time login link (valid about a minute)
     cloudml tensorboard list
     cloudml tensorboard delete loss
@@ -14,6 +15,7 @@ idle time (default 4 h), it is deleted.
 """
 from __future__ import annotations
 
+import re
 import time
 
 from cloudml.cli.base import Context, add_command, add_group, enum_label, format_time, message_to_dict
@@ -39,7 +41,8 @@ def _state(board) -> str:
 
 
 def _row(board) -> list:
-    return [board.name, _state(board), board.logdir, board.path, format_time(board.create_time)]
+    logdir = board.logdir or f"{len(board.runs)} runs"
+    return [board.name, _state(board), logdir, board.path, format_time(board.create_time)]
 
 
 def register(subparsers) -> None:
@@ -65,6 +68,16 @@ def register_job_shortcut(jobs_group) -> None:
                     "Start (or reuse) a TensorBoard on a job's event files and print its login link")
     p.add_argument("job", metavar="JOB")
     p.add_argument("--name", help="the TensorBoard's name (default: the job's)")
+    p.add_argument("--tenant", help=TENANT_HELP)
+    add_wait_arguments(p)
+
+
+def register_hp_shortcut(hp_group) -> None:
+    """`cloudml hp tensorboard STUDY`: one TensorBoard over every trial, a run per trial named by its parameters."""
+    p = add_command(hp_group, "tensorboard", from_study,
+                    "Start (or reuse) a TensorBoard over a study's trials side by side and print its login link")
+    p.add_argument("study", metavar="STUDY")
+    p.add_argument("--name", help="the TensorBoard's name (default: the study's)")
     p.add_argument("--tenant", help=TENANT_HELP)
     add_wait_arguments(p)
 
@@ -120,6 +133,36 @@ def from_job(ctx: Context) -> None:
     _emit_with_link(ctx, _wait(ctx, board))
 
 
+def run_name(trial) -> str:
+    """`t<number> <param>=<value> ...`, within the platform's run-name rule."""
+    from cloudml.cli.commands.hp import params_text
+
+    text = f"t{trial.number} {params_text(trial.params)}".strip()
+    return re.sub(r"[^A-Za-z0-9_.=+ -]", "_", text)[:100]
+
+
+def from_study(ctx: Context) -> None:
+    from cloudml import errors
+    from cloudml.cli.commands.hp import _all_trials
+
+    pb = _pb()
+    trials = [t for t in _all_trials(ctx, ctx.args.study) if t.job_name]
+    if not trials:
+        raise errors.FailedPrecondition(f"study {ctx.args.study} has no trial with a job yet",
+                                        code="FAILED_PRECONDITION")
+    name = ctx.args.name or ctx.args.study
+    runs = [pb.TensorBoardRun(name=run_name(t), job=t.job_name) for t in sorted(trials, key=lambda t: t.number)]
+    try:
+        board = _call(ctx, "CreateTensorBoard", pb.CreateTensorBoardRequest(
+            tenant=ctx.args.tenant or "", name=name, runs=runs)).tensorboard
+    except errors.AlreadyExists:
+        board = _call(ctx, "GetTensorBoard", pb.GetTensorBoardRequest(tenant=ctx.args.tenant or "",
+                                                                      name=name)).tensorboard
+        if not board.runs:
+            raise
+    _emit_with_link(ctx, _wait(ctx, board))
+
+
 def list_(ctx: Context) -> None:
     boards = _call(ctx, "ListTensorBoards", _pb().ListTensorBoardsRequest(tenant=ctx.args.tenant or "")).tensorboards
     ctx.emit([message_to_dict(b) for b in boards], table=(HEADERS, [_row(b) for b in boards]))
@@ -130,7 +173,8 @@ def describe(ctx: Context) -> None:
                                                                      name=ctx.args.name)).tensorboard
     ctx.emit(message_to_dict(board), fields=[
         ("Name", board.name), ("Tenant", board.tenant), ("State", _state(board)), ("Message", board.message),
-        ("Logdir", board.logdir), ("Job", board.job), ("Path", board.path),
+        ("Logdir", board.logdir), ("Job", board.job),
+        ("Runs", "; ".join(f"{r.name} ({r.job or r.logdir})" for r in board.runs)), ("Path", board.path),
         ("CPU", f"{board.resources.cpu_millis}m"), ("Memory", f"{board.resources.memory_bytes >> 20} MiB"),
         ("Created", format_time(board.create_time)), ("Last used", format_time(board.last_access_time)),
         ("Deleted if idle at", format_time(board.idle_delete_time)),

@@ -435,7 +435,7 @@ class UploadPackageResponse(_message.Message):
     def __init__(self, uri: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class TensorBoard(_message.Message):
-    __slots__ = ("tenant", "name", "uid", "logdir", "job", "state", "path", "resources", "create_time", "last_access_time", "idle_delete_time", "message")
+    __slots__ = ("tenant", "name", "uid", "logdir", "job", "state", "path", "resources", "create_time", "last_access_time", "idle_delete_time", "message", "runs")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
@@ -448,6 +448,7 @@ class TensorBoard(_message.Message):
     LAST_ACCESS_TIME_FIELD_NUMBER: _ClassVar[int]
     IDLE_DELETE_TIME_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     name: str
     uid: str
@@ -460,19 +461,32 @@ class TensorBoard(_message.Message):
     last_access_time: _timestamp_pb2.Timestamp
     idle_delete_time: _timestamp_pb2.Timestamp
     message: str
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., uid: _Optional[str] = ..., logdir: _Optional[str] = ..., job: _Optional[str] = ..., state: _Optional[_Union[TensorBoardState, str]] = ..., path: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_access_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    runs: _containers.RepeatedCompositeFieldContainer[TensorBoardRun]
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., uid: _Optional[str] = ..., logdir: _Optional[str] = ..., job: _Optional[str] = ..., state: _Optional[_Union[TensorBoardState, str]] = ..., path: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_access_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., runs: _Optional[_Iterable[_Union[TensorBoardRun, _Mapping]]] = ...) -> None: ...
 
 class CreateTensorBoardRequest(_message.Message):
-    __slots__ = ("tenant", "name", "logdir", "job")
+    __slots__ = ("tenant", "name", "logdir", "job", "runs")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOGDIR_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     name: str
     logdir: str
     job: str
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., logdir: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
+    runs: _containers.RepeatedCompositeFieldContainer[TensorBoardRun]
+    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., logdir: _Optional[str] = ..., job: _Optional[str] = ..., runs: _Optional[_Iterable[_Union[TensorBoardRun, _Mapping]]] = ...) -> None: ...
+
+class TensorBoardRun(_message.Message):
+    __slots__ = ("name", "logdir", "job")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOGDIR_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    logdir: str
+    job: str
+    def __init__(self, name: _Optional[str] = ..., logdir: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
 
 class CreateTensorBoardResponse(_message.Message):
     __slots__ = ("tensorboard",)

@@ -255,8 +255,8 @@ class JobsServiceServicer:
         deleted.
 
         Creates a TensorBoard; it is STARTING until its server answers.
-        INVALID_ARGUMENT: a bad name, an empty logdir, or both or neither of
-        logdir and job. PERMISSION_DENIED: the logdir lies outside the tenant's
+        INVALID_ARGUMENT: a bad name, an empty logdir, not exactly one of
+        logdir, job and runs, or a bad run name. PERMISSION_DENIED: the logdir lies outside the tenant's
         storage. ALREADY_EXISTS: the name is taken. NOT_FOUND: no such job (or
         tenant). RESOURCE_EXHAUSTED: over the tenant's quota or TensorBoard count
         (nothing is created).
