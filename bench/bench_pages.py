@@ -39,13 +39,11 @@ from services.gateway.pages import COOKIE, BrowserPages  # noqa: E402
 PREFIX = "/tensorboard/bench/board"
 
 
-class Pages(BrowserPages):
-    def __init__(self, verifier, address):
-        super().__init__(verifier, directory=None)
-        self.address = address
-
-    async def _address(self, kind, tenant, name, token):
-        return self.address
+def fixed(address: str):
+    """A page-address lookup that always answers `address`."""
+    async def resolve(kind, tenant, name, token):
+        return address
+    return resolve
 
 
 def percentile(values, p):
@@ -90,7 +88,7 @@ async def main(requests: int) -> None:
         now = int(time.time())
         token = jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": "bench", "role": 1, "akid": "AK",
                             "iat": now, "exp": now + 3600}, key, algorithm="EdDSA", headers={"kid": "k"})
-        pages = Pages(verifier, "unix:" + sock)
+        pages = BrowserPages(verifier, None, fixed("unix:" + sock))
         app = web.Application()
         pages.add_routes(app)
         runner = web.AppRunner(app, access_log=None)

@@ -70,9 +70,11 @@ def _page(status: int, text: str) -> web.Response:
 
 
 class BrowserPages:
-    def __init__(self, verifier, directory):
+    def __init__(self, verifier, directory, resolve=None):
         self.verifier = verifier
         self.directory = directory
+        #: async (kind, tenant, name, token) -> address; default: ask the owning service
+        self.resolve = resolve or self._resolve
         self._addresses: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
@@ -128,7 +130,7 @@ class BrowserPages:
             raise _Answer(_page(404, "No such page."))
         return token
 
-    async def _address(self, kind: str, tenant: str, name: str, token: str) -> str:
+    async def _resolve(self, kind: str, tenant: str, name: str, token: str) -> str:
         key = (kind, tenant, name)
         cached = self._addresses.get(key)
         now = time.monotonic()
@@ -175,7 +177,7 @@ class BrowserPages:
         try:
             token = self._caller(request)
             kind = request.path.split("/", 2)[1]
-            address = await self._address(kind, request.match_info["tenant"], request.match_info["name"], token)
+            address = await self.resolve(kind, request.match_info["tenant"], request.match_info["name"], token)
             session = self._session(address)
         except _Answer as answer:
             return answer.response

@@ -64,13 +64,11 @@ class StandIn:
         return socket
 
 
-class Pages(BrowserPages):
-    def __init__(self, verifier, address):
-        super().__init__(verifier, directory=None)
-        self.address = address
-
-    async def _address(self, kind, tenant, name, token):
-        return self.address
+def fixed(address: str):
+    """A page-address lookup that always answers `address`."""
+    async def resolve(kind, tenant, name, token):
+        return address
+    return resolve
 
 
 @pytest.fixture
@@ -92,7 +90,7 @@ async def env(tmp_path):
     backend = web.AppRunner(stand_in.app)
     await backend.setup()
     await web.UnixSite(backend, socket_path).start()
-    pages = Pages(verifier, "unix:" + socket_path)
+    pages = BrowserPages(verifier, None, fixed("unix:" + socket_path))
     front_app = web.Application()
     pages.add_routes(front_app)
     front = web.AppRunner(front_app)

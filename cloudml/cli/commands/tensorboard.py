@@ -62,24 +62,25 @@ def register(subparsers) -> None:
         p.add_argument("--tenant", help=TENANT_HELP)
 
 
-def register_job_shortcut(jobs_group) -> None:
-    """`cloudml jobs tensorboard JOB`: a TensorBoard named after the job, on its logdir."""
-    p = add_command(jobs_group, "tensorboard", from_job,
-                    "Start (or reuse) a TensorBoard on a job's event files and print its login link")
-    p.add_argument("job", metavar="JOB")
-    p.add_argument("--name", help="the TensorBoard's name (default: the job's)")
+def _shortcut(group, handler, what: str, text: str) -> None:
+    """`cloudml <group> tensorboard <WHAT>`: a TensorBoard named after the job or study."""
+    p = add_command(group, "tensorboard", handler, text)
+    p.add_argument(what, metavar=what.upper())
+    p.add_argument("--name", help=f"the TensorBoard's name (default: the {what}'s)")
     p.add_argument("--tenant", help=TENANT_HELP)
     add_wait_arguments(p)
+
+
+def register_job_shortcut(jobs_group) -> None:
+    """`cloudml jobs tensorboard JOB`: on the job's logdir."""
+    _shortcut(jobs_group, from_job, "job",
+              "Start (or reuse) a TensorBoard on a job's event files and print its login link")
 
 
 def register_hp_shortcut(hp_group) -> None:
-    """`cloudml hp tensorboard STUDY`: one TensorBoard over every trial, a run per trial named by its parameters."""
-    p = add_command(hp_group, "tensorboard", from_study,
-                    "Start (or reuse) a TensorBoard over a study's trials side by side and print its login link")
-    p.add_argument("study", metavar="STUDY")
-    p.add_argument("--name", help="the TensorBoard's name (default: the study's)")
-    p.add_argument("--tenant", help=TENANT_HELP)
-    add_wait_arguments(p)
+    """`cloudml hp tensorboard STUDY`: every trial, a run per trial named by its parameters."""
+    _shortcut(hp_group, from_study, "study",
+              "Start (or reuse) a TensorBoard over a study's trials side by side and print its login link")
 
 
 def add_wait_arguments(p) -> None:
