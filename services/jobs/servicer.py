@@ -5,6 +5,7 @@ from cloudml.internal.v1 import pages_pb2 as pages_pb
 from cloudml.internal.v1 import pages_pb2_grpc as pages_grpc
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+from cloudml.jobs.v1 import tensorboards_pb2 as tb_pb
 from services.common import errors
 from services.common.tokens import principal
 from services.jobs.core import JobsCore
@@ -89,18 +90,18 @@ class JobsServicer(pb_grpc.JobsServiceServicer):
     async def CreateTensorBoard(self, request, context):
         board = await self.tensorboards.create(principal(), request.tenant, request.name, request.logdir, request.job,
                                                request.runs)
-        return pb.CreateTensorBoardResponse(tensorboard=board)
+        return tb_pb.CreateTensorBoardResponse(tensorboard=board)
 
     async def GetTensorBoard(self, request, context):
-        return pb.GetTensorBoardResponse(
+        return tb_pb.GetTensorBoardResponse(
             tensorboard=await self.tensorboards.get(principal(), request.tenant, request.name))
 
     async def ListTensorBoards(self, request, context):
-        return pb.ListTensorBoardsResponse(tensorboards=await self.tensorboards.list(principal(), request.tenant))
+        return tb_pb.ListTensorBoardsResponse(tensorboards=await self.tensorboards.list(principal(), request.tenant))
 
     async def DeleteTensorBoard(self, request, context):
         await self.tensorboards.delete(principal(), request.tenant, request.name)
-        return pb.DeleteTensorBoardResponse()
+        return tb_pb.DeleteTensorBoardResponse()
 
 
 class PageBackendsServicer(pages_grpc.PageBackendsServicer):

@@ -46,7 +46,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from cloudml.common.v1 import resources_pb2
-from cloudml.jobs.v1 import jobs_service_pb2 as pb
+from cloudml.jobs.v1 import tensorboards_pb2 as pb
 from services.common import errors, validation
 from services.common.confine import Confiner
 from services.common.etcd import Etcd, cmp_absent, op_put

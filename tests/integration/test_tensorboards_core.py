@@ -11,6 +11,7 @@ import os
 import pytest
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
+from cloudml.jobs.v1 import tensorboards_pb2 as tb_pb
 from services.common import errors
 from services.common.confine import Confiner
 from services.common.etcd import Etcd
@@ -19,7 +20,7 @@ from services.common.tokens import ROLE_MEMBER, Principal
 from services.common.sockets import socket_root
 from services.jobs.tensorboards import Board, TensorBoards, TensorBoardSettings, socket_name
 
-S = pb.TensorBoardState
+S = tb_pb.TensorBoardState
 ACME = Principal("acme", ROLE_MEMBER, "AK1", 2e9)
 RIVAL = Principal("rival", ROLE_MEMBER, "AK2", 2e9)
 
@@ -250,7 +251,7 @@ async def test_runs_over_jobs_become_a_logdir_spec(env, tmp_path):
             for name in ("s-1", "s-2")}
     boards = env["make"]()
     boards.jobs = lambda tenant, name: jobs.get(name) if tenant == "acme" else None
-    runs = [pb.TensorBoardRun(name="t1 lr=0.1", job="s-1"), pb.TensorBoardRun(name="t2 lr=0.2", job="s-2")]
+    runs = [tb_pb.TensorBoardRun(name="t1 lr=0.1", job="s-1"), tb_pb.TensorBoardRun(name="t2 lr=0.2", job="s-2")]
     created = await boards.create(ACME, "", "study", "", "", runs)
     assert [(r.name, r.job) for r in created.runs] == [("t1 lr=0.1", "s-1"), ("t2 lr=0.2", "s-2")]
     assert created.runs[0].logdir == f"file://{env['logdir']}/s-1/tensorboard" and not created.logdir
@@ -261,12 +262,12 @@ async def test_runs_over_jobs_become_a_logdir_spec(env, tmp_path):
 
 
 @pytest.mark.parametrize("runs,error", [
-    ([pb.TensorBoardRun(name="a:b", logdir="{d}")], errors.InvalidArgument),
-    ([pb.TensorBoardRun(name="a,b", logdir="{d}")], errors.InvalidArgument),
-    ([pb.TensorBoardRun(name="a", logdir="{d}"), pb.TensorBoardRun(name="a", logdir="{d}")], errors.InvalidArgument),
-    ([pb.TensorBoardRun(name="a", logdir="{d}", job="j")], errors.InvalidArgument),
-    ([pb.TensorBoardRun(name="a", logdir="/etc")], errors.PermissionDenied),
-    ([pb.TensorBoardRun(name="a", job="nope")], errors.NotFound),
+    ([tb_pb.TensorBoardRun(name="a:b", logdir="{d}")], errors.InvalidArgument),
+    ([tb_pb.TensorBoardRun(name="a,b", logdir="{d}")], errors.InvalidArgument),
+    ([tb_pb.TensorBoardRun(name="a", logdir="{d}"), tb_pb.TensorBoardRun(name="a", logdir="{d}")], errors.InvalidArgument),
+    ([tb_pb.TensorBoardRun(name="a", logdir="{d}", job="j")], errors.InvalidArgument),
+    ([tb_pb.TensorBoardRun(name="a", logdir="/etc")], errors.PermissionDenied),
+    ([tb_pb.TensorBoardRun(name="a", job="nope")], errors.NotFound),
 ])
 async def test_bad_runs_create_nothing(env, runs, error):
     for run in runs:

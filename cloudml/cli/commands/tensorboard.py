@@ -25,9 +25,9 @@ HEADERS = ["NAME", "STATE", "LOGDIR", "PATH", "CREATED"]
 
 
 def _pb():
-    from cloudml.jobs.v1 import jobs_service_pb2
+    from cloudml.jobs.v1 import tensorboards_pb2
 
-    return jobs_service_pb2
+    return tensorboards_pb2
 
 
 def _call(ctx: Context, method: str, request):

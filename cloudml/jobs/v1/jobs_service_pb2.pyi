@@ -1,6 +1,7 @@
 import datetime
 
 from cloudml.common.v1 import resources_pb2 as _resources_pb2
+from cloudml.jobs.v1 import tensorboards_pb2 as _tensorboards_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -54,14 +55,6 @@ class MetricSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METRIC_SOURCE_UNSPECIFIED: _ClassVar[MetricSource]
     METRIC_SOURCE_REPORTED: _ClassVar[MetricSource]
     METRIC_SOURCE_TENSORBOARD: _ClassVar[MetricSource]
-
-class TensorBoardState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    TENSORBOARD_STATE_UNSPECIFIED: _ClassVar[TensorBoardState]
-    TENSORBOARD_STATE_STARTING: _ClassVar[TensorBoardState]
-    TENSORBOARD_STATE_RUNNING: _ClassVar[TensorBoardState]
-    TENSORBOARD_STATE_FAILED: _ClassVar[TensorBoardState]
-    TENSORBOARD_STATE_DELETING: _ClassVar[TensorBoardState]
 REPLICA_TYPE_UNSPECIFIED: ReplicaType
 REPLICA_TYPE_MASTER: ReplicaType
 REPLICA_TYPE_CHIEF: ReplicaType
@@ -90,11 +83,6 @@ REPLICA_STATE_STOPPED: ReplicaState
 METRIC_SOURCE_UNSPECIFIED: MetricSource
 METRIC_SOURCE_REPORTED: MetricSource
 METRIC_SOURCE_TENSORBOARD: MetricSource
-TENSORBOARD_STATE_UNSPECIFIED: TensorBoardState
-TENSORBOARD_STATE_STARTING: TensorBoardState
-TENSORBOARD_STATE_RUNNING: TensorBoardState
-TENSORBOARD_STATE_FAILED: TensorBoardState
-TENSORBOARD_STATE_DELETING: TensorBoardState
 
 class ReplicaId(_message.Message):
     __slots__ = ("type", "index")
@@ -433,101 +421,3 @@ class UploadPackageResponse(_message.Message):
     size_bytes: int
     sha256: str
     def __init__(self, uri: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
-
-class TensorBoard(_message.Message):
-    __slots__ = ("tenant", "name", "uid", "logdir", "job", "state", "path", "resources", "create_time", "last_access_time", "idle_delete_time", "message", "runs")
-    TENANT_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    UID_FIELD_NUMBER: _ClassVar[int]
-    LOGDIR_FIELD_NUMBER: _ClassVar[int]
-    JOB_FIELD_NUMBER: _ClassVar[int]
-    STATE_FIELD_NUMBER: _ClassVar[int]
-    PATH_FIELD_NUMBER: _ClassVar[int]
-    RESOURCES_FIELD_NUMBER: _ClassVar[int]
-    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
-    LAST_ACCESS_TIME_FIELD_NUMBER: _ClassVar[int]
-    IDLE_DELETE_TIME_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    RUNS_FIELD_NUMBER: _ClassVar[int]
-    tenant: str
-    name: str
-    uid: str
-    logdir: str
-    job: str
-    state: TensorBoardState
-    path: str
-    resources: _resources_pb2.Resources
-    create_time: _timestamp_pb2.Timestamp
-    last_access_time: _timestamp_pb2.Timestamp
-    idle_delete_time: _timestamp_pb2.Timestamp
-    message: str
-    runs: _containers.RepeatedCompositeFieldContainer[TensorBoardRun]
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., uid: _Optional[str] = ..., logdir: _Optional[str] = ..., job: _Optional[str] = ..., state: _Optional[_Union[TensorBoardState, str]] = ..., path: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_access_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., runs: _Optional[_Iterable[_Union[TensorBoardRun, _Mapping]]] = ...) -> None: ...
-
-class CreateTensorBoardRequest(_message.Message):
-    __slots__ = ("tenant", "name", "logdir", "job", "runs")
-    TENANT_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    LOGDIR_FIELD_NUMBER: _ClassVar[int]
-    JOB_FIELD_NUMBER: _ClassVar[int]
-    RUNS_FIELD_NUMBER: _ClassVar[int]
-    tenant: str
-    name: str
-    logdir: str
-    job: str
-    runs: _containers.RepeatedCompositeFieldContainer[TensorBoardRun]
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ..., logdir: _Optional[str] = ..., job: _Optional[str] = ..., runs: _Optional[_Iterable[_Union[TensorBoardRun, _Mapping]]] = ...) -> None: ...
-
-class TensorBoardRun(_message.Message):
-    __slots__ = ("name", "logdir", "job")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    LOGDIR_FIELD_NUMBER: _ClassVar[int]
-    JOB_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    logdir: str
-    job: str
-    def __init__(self, name: _Optional[str] = ..., logdir: _Optional[str] = ..., job: _Optional[str] = ...) -> None: ...
-
-class CreateTensorBoardResponse(_message.Message):
-    __slots__ = ("tensorboard",)
-    TENSORBOARD_FIELD_NUMBER: _ClassVar[int]
-    tensorboard: TensorBoard
-    def __init__(self, tensorboard: _Optional[_Union[TensorBoard, _Mapping]] = ...) -> None: ...
-
-class GetTensorBoardRequest(_message.Message):
-    __slots__ = ("tenant", "name")
-    TENANT_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    tenant: str
-    name: str
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
-
-class GetTensorBoardResponse(_message.Message):
-    __slots__ = ("tensorboard",)
-    TENSORBOARD_FIELD_NUMBER: _ClassVar[int]
-    tensorboard: TensorBoard
-    def __init__(self, tensorboard: _Optional[_Union[TensorBoard, _Mapping]] = ...) -> None: ...
-
-class ListTensorBoardsRequest(_message.Message):
-    __slots__ = ("tenant",)
-    TENANT_FIELD_NUMBER: _ClassVar[int]
-    tenant: str
-    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
-
-class ListTensorBoardsResponse(_message.Message):
-    __slots__ = ("tensorboards",)
-    TENSORBOARDS_FIELD_NUMBER: _ClassVar[int]
-    tensorboards: _containers.RepeatedCompositeFieldContainer[TensorBoard]
-    def __init__(self, tensorboards: _Optional[_Iterable[_Union[TensorBoard, _Mapping]]] = ...) -> None: ...
-
-class DeleteTensorBoardRequest(_message.Message):
-    __slots__ = ("tenant", "name")
-    TENANT_FIELD_NUMBER: _ClassVar[int]
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    tenant: str
-    name: str
-    def __init__(self, tenant: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
-
-class DeleteTensorBoardResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...

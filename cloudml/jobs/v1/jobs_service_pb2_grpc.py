@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from cloudml.jobs.v1 import jobs_service_pb2 as cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2
+from cloudml.jobs.v1 import tensorboards_pb2 as cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -86,23 +87,23 @@ class JobsServiceStub:
                 _registered_method=True)
         self.CreateTensorBoard = channel.unary_unary(
                 '/cloudml.jobs.v1.JobsService/CreateTensorBoard',
-                request_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.CreateTensorBoardRequest.SerializeToString,
-                response_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.CreateTensorBoardResponse.FromString,
+                request_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardRequest.SerializeToString,
+                response_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardResponse.FromString,
                 _registered_method=True)
         self.GetTensorBoard = channel.unary_unary(
                 '/cloudml.jobs.v1.JobsService/GetTensorBoard',
-                request_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.GetTensorBoardRequest.SerializeToString,
-                response_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.GetTensorBoardResponse.FromString,
+                request_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardRequest.SerializeToString,
+                response_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardResponse.FromString,
                 _registered_method=True)
         self.ListTensorBoards = channel.unary_unary(
                 '/cloudml.jobs.v1.JobsService/ListTensorBoards',
-                request_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ListTensorBoardsRequest.SerializeToString,
-                response_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ListTensorBoardsResponse.FromString,
+                request_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsRequest.SerializeToString,
+                response_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsResponse.FromString,
                 _registered_method=True)
         self.DeleteTensorBoard = channel.unary_unary(
                 '/cloudml.jobs.v1.JobsService/DeleteTensorBoard',
-                request_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.DeleteTensorBoardRequest.SerializeToString,
-                response_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.DeleteTensorBoardResponse.FromString,
+                request_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardRequest.SerializeToString,
+                response_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardResponse.FromString,
                 _registered_method=True)
 
 
@@ -342,23 +343,23 @@ def add_JobsServiceServicer_to_server(servicer, server):
             ),
             'CreateTensorBoard': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTensorBoard,
-                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.CreateTensorBoardRequest.FromString,
-                    response_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.CreateTensorBoardResponse.SerializeToString,
+                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardRequest.FromString,
+                    response_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardResponse.SerializeToString,
             ),
             'GetTensorBoard': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTensorBoard,
-                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.GetTensorBoardRequest.FromString,
-                    response_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.GetTensorBoardResponse.SerializeToString,
+                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardRequest.FromString,
+                    response_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardResponse.SerializeToString,
             ),
             'ListTensorBoards': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTensorBoards,
-                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ListTensorBoardsRequest.FromString,
-                    response_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ListTensorBoardsResponse.SerializeToString,
+                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsRequest.FromString,
+                    response_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsResponse.SerializeToString,
             ),
             'DeleteTensorBoard': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteTensorBoard,
-                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.DeleteTensorBoardRequest.FromString,
-                    response_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.DeleteTensorBoardResponse.SerializeToString,
+                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardRequest.FromString,
+                    response_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -656,8 +657,8 @@ class JobsService:
             request,
             target,
             '/cloudml.jobs.v1.JobsService/CreateTensorBoard',
-            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.CreateTensorBoardRequest.SerializeToString,
-            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.CreateTensorBoardResponse.FromString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardRequest.SerializeToString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -683,8 +684,8 @@ class JobsService:
             request,
             target,
             '/cloudml.jobs.v1.JobsService/GetTensorBoard',
-            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.GetTensorBoardRequest.SerializeToString,
-            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.GetTensorBoardResponse.FromString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardRequest.SerializeToString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -710,8 +711,8 @@ class JobsService:
             request,
             target,
             '/cloudml.jobs.v1.JobsService/ListTensorBoards',
-            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ListTensorBoardsRequest.SerializeToString,
-            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.ListTensorBoardsResponse.FromString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsRequest.SerializeToString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -737,8 +738,8 @@ class JobsService:
             request,
             target,
             '/cloudml.jobs.v1.JobsService/DeleteTensorBoard',
-            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.DeleteTensorBoardRequest.SerializeToString,
-            cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.DeleteTensorBoardResponse.FromString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardRequest.SerializeToString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardResponse.FromString,
             options,
             channel_credentials,
             insecure,
