@@ -297,6 +297,14 @@ class Client:
         """The caller's tenant, role, access key id and token expiry."""
         return self.call(self._auth.WhoAmI, auth_pb.WhoAmIRequest())
 
+    def login_link(self, path: str) -> str:
+        """A one-time browser login link (valid about a minute) that opens
+        `path` (e.g. "/tensorboard/<tenant>/<name>/") on the gateway's HTTP
+        endpoint (AuthService/CreateLoginLink)."""
+        response = self.call(self._auth.CreateLoginLink, auth_pb.CreateLoginLinkRequest(path=path))
+        base = (self.rest_endpoint or "http://127.0.0.1:8501").rstrip("/")
+        return base + response.login_path
+
     # --- tenants ---------------------------------------------------------------------
 
     def create_tenant(self, name: str, description: str = "") -> auth_pb.Tenant:

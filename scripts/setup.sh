@@ -3,6 +3,8 @@
 #   - etcd from Debian's etcd-server package,
 #   - a virtualenv in .venv with the project (editable) and every dependency,
 #     TensorFlow included (model servers, trainers and tests need it),
+#   - Debian's chromium + chromium-driver for the browser tests (nothing
+#     downloads a browser: Selenium is pointed at /usr/bin/chromium),
 #   - the gateway's native data plane (scripts/build_native.sh: Debian's g++,
 #     gRPC C++ and protobuf; compiled into build/native/),
 #   - a real kube-apiserver and kubectl for the kubernetes runtime's tests
@@ -21,6 +23,16 @@ if ! command -v etcd >/dev/null 2>&1; then
   log "installing etcd-server (apt)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
+fi
+
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    log "chromium is missing and this is not root: run 'apt-get install -y chromium chromium-driver' as root"
+  else
+    log "installing chromium and chromium-driver (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
 fi
 
 PYTHON="${PYTHON:-python3.11}"

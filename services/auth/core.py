@@ -407,6 +407,10 @@ class AuthCore:
             raise refused
         if record.revoked or not hmac.compare_digest(record.secret_hash, _hash_secret(record.salt, secret_key)):
             raise refused
+        return self.sign_token(record, ttl, audience)
+
+    def sign_token(self, record: KeyRecord, ttl: int, audience: str = "") -> tuple[str, float]:
+        """A token for `record`'s tenant and key, valid `ttl` seconds (the caller checked the key)."""
         kid, signing = self._current_signing_key()
         now = self.clock()
         expires = now + ttl

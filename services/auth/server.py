@@ -9,6 +9,7 @@ from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from services.auth.core import AuthCore
 from services.auth.kek import KeyEncryptionError
+from services.auth.login import LoginLinks
 from services.auth.servicer import AuthServicer
 from services.common.server import Platform, ServiceApp
 
@@ -31,16 +32,18 @@ class AuthSettings:
 
 class AuthApp(ServiceApp):
     grpc_services = (SERVICE,)
-    public_methods = frozenset({f"/{SERVICE}/IssueToken", f"/{SERVICE}/WatchVerificationKeys"})
+    public_methods = frozenset({f"/{SERVICE}/IssueToken", f"/{SERVICE}/WatchVerificationKeys",
+                                f"/{SERVICE}/RedeemLoginLink"})
     provides_verification_keys = True
 
     def __init__(self, platform: Platform, settings: AuthSettings):
         super().__init__(platform)
         self.core = AuthCore(platform.etcd, platform.verifier, settings.key_encryption_key_file)
         self.bootstrap_file = settings.bootstrap_file
+        self.login = LoginLinks(self.core, platform.etcd, self.core.keys.login, self.core.clock)
 
     def add_to_server(self, server) -> None:
-        pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.core), server)
+        pb_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.core, self.login), server)
 
     async def start(self) -> None:
         keys = []

@@ -7,6 +7,7 @@ from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from cloudml.common.v1 import resources_pb2
 from services.auth.core import AuthCore
+from services.auth.login import LoginLinks
 from services.common.tokens import principal
 
 
@@ -15,8 +16,9 @@ def _ts(seconds: float) -> Timestamp:
 
 
 class AuthServicer(pb_grpc.AuthServiceServicer):
-    def __init__(self, core: AuthCore):
+    def __init__(self, core: AuthCore, login: LoginLinks | None = None):
         self.core = core
+        self.login = login
 
     async def CreateTenant(self, request, context):
         tenant = await self.core.create_tenant(principal(), request.name, request.description)
@@ -86,3 +88,11 @@ class AuthServicer(pb_grpc.AuthServiceServicer):
     async def ListReservations(self, request, context):
         reservations = await self.core.list_reservations(principal(), request.tenant)
         return pb.ListReservationsResponse(reservations=reservations)
+
+    async def CreateLoginLink(self, request, context):
+        login_path, expires = await self.login.create(principal(), request.path)
+        return pb.CreateLoginLinkResponse(login_path=login_path, expire_time=_ts(expires))
+
+    async def RedeemLoginLink(self, request, context):
+        token, expires, path, cookie_path = await self.login.redeem(request.code)
+        return pb.RedeemLoginLinkResponse(token=token, expire_time=_ts(expires), path=path, cookie_path=cookie_path)

@@ -10,6 +10,9 @@
     quotas/<tenant>                  cloudml.common.v1.Resources (limits)
     usage/<tenant>                   cloudml.common.v1.Resources (sum of reservations)
     reservations/<tenant>/<owner>    cloudml.auth.v1.Reservation
+    login/<sha256 of a code>         JSON {tenant, access_key_id, path, expires} of a one-time
+                                     browser login link, under a lease of about a minute
+                                     (services/auth/login.py)
 
 A reservation records the access key that made it (`creator_access_key_id`);
 only that key or an admin may release it.
@@ -40,6 +43,7 @@ class AuthKeys:
             self.root + folder for folder in
             ("tenants/", "keys/", "signing/", "quotas/", "usage/", "reservations/", "election/"))
         self.signing_initialized = self.root + "signing-initialized"
+        self.login = self.root + "login/"
 
     def tenant(self, tenant: str) -> str:
         return self.tenants + tenant

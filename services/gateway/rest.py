@@ -25,6 +25,7 @@ body that cannot be decoded is 400.
 Beyond TF Serving: `GET /v1/models` lists the caller's models, `/healthz`
 (alive) and `/readyz` (routing data and the auth keys loaded), and Prometheus
 metrics at `/metrics` and TF Serving's `/monitoring/prometheus/metrics`.
+Browser pages (`/login`, `/tensorboard/...`): `services.gateway.pages`.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from cloudml.tfs.tensorflow_serving.apis import (
 )
 from services.common import errors
 from services.gateway import tfs_json
+from services.gateway.pages import BrowserPages
 from services.gateway.predict import PredictRouter, RequestTooLarge, too_large
 
 log = logging.getLogger(__name__)
@@ -115,7 +117,7 @@ class _Decoder:
 
 class RestServer:
     def __init__(self, listen: str, registry: CollectorRegistry, ready: Callable[[], bool],
-                 router: PredictRouter | None = None):
+                 router: PredictRouter | None = None, pages: BrowserPages | None = None):
         self.listen = listen
         self.registry = registry
         self.ready = ready
@@ -129,6 +131,9 @@ class RestServer:
         self.app.router.add_get("/monitoring/prometheus/metrics", self._metrics)
         self.app.router.add_get("/v1/models", self._list_models)
         self.app.router.add_route("*", "/v1/models/{tail:.*}", self._model)
+        self.pages = pages
+        if pages is not None:
+            pages.add_routes(self.app)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -357,6 +362,8 @@ class RestServer:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+        if self.pages is not None:
+            await self.pages.close()
 
 
 class _Respond(Exception):

@@ -28,6 +28,7 @@ from services.gateway.predict import (
     TfServingHandler,
 )
 from services.gateway.proxy import Proxy
+from services.gateway.pages import BrowserPages
 from services.gateway.rest import RestServer
 from services.gateway.routes import platform_routes, service_names
 
@@ -54,7 +55,8 @@ class GatewayApp(ServiceApp):
     # Calls that need no token pass through to the auth service unchecked;
     # TF Serving calls authenticate in their handler (public models need no token).
     # The data plane's Attach checks its own secret.
-    public_methods = frozenset({f"/{_AUTH}/IssueToken", f"/{_AUTH}/WatchVerificationKeys", ATTACH}) | TFS_METHODS
+    public_methods = frozenset({f"/{_AUTH}/IssueToken", f"/{_AUTH}/WatchVerificationKeys",
+                                f"/{_AUTH}/RedeemLoginLink", ATTACH}) | TFS_METHODS
 
     def __init__(self, platform: Platform, settings: GatewaySettings = GatewaySettings()):
         super().__init__(platform)
@@ -76,7 +78,8 @@ class GatewayApp(ServiceApp):
             platform.verifier.listeners.append(self.table.changed)
             self.proxy.vouch = self.dataplane.vouch
         rest_listen = settings.rest_listen
-        self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router) if rest_listen else None
+        self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router,
+                               BrowserPages(platform.verifier, platform.directory)) if rest_listen else None
         self._table_started = False
         self._started = False
 

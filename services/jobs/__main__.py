@@ -3,12 +3,14 @@
 [--kubeconfig FILE] [--namespace NS] [--image IMAGE]
 [--default-cpu 0.5] [--default-memory 2Gi] [--default-gpus 0]
 [--capacity-cpu N] [--capacity-memory M] [--stop-grace S] [--envs-dir D] [--install-arg ARG ...]
+[--max-tensorboards 5] [--tensorboard-idle-seconds 14400] [--tensorboard-cpu 0.5] [--tensorboard-memory 1Gi]
 
 The jobs service never imports TensorFlow (tests/unit/test_jobs_no_tensorflow.py).
 Files under DIR: jobs/<tenant>/<job>/ (logs, metrics files, package, work
 dir), envs/ (trainer environments by package hash), runtime/local/ (the local
 runtime's replica records and capacity, shared with other services),
-storage/<tenant>/jobs/<job>/ (the default output_path).
+storage/<tenant>/jobs/<job>/ (the default output_path), tensorboards/<tenant>/<name>.<uid>/
+(a TensorBoard replica's work dir and log).
 """
 import functools
 
@@ -17,6 +19,7 @@ from services.common.runtime.factory import RUNTIMES
 from services.common.server import parse_settings, run
 from services.jobs.core import Defaults
 from services.jobs.server import JobsApp, JobsSettings
+from services.jobs.tensorboards import TensorBoardSettings
 
 
 def _type(parse):
@@ -56,6 +59,15 @@ def _arguments(parser) -> None:
                         help="where trainer environments are cached (default DIR/envs)")
     parser.add_argument("--install-arg", action="append", default=[],
                         help="extra `uv pip install` argument for trainer packages (repeatable)")
+    parser.add_argument("--max-tensorboards", type=int, default=TensorBoardSettings.max_per_tenant,
+                        help="TensorBoards a tenant may have at once")
+    parser.add_argument("--tensorboard-idle-seconds", type=float, default=TensorBoardSettings.idle_seconds,
+                        help="a TensorBoard with no page request for this long is deleted")
+    parser.add_argument("--tensorboard-cpu", type=_type(units.parse_cpu), default=TensorBoardSettings.cpu_millis,
+                        help="CPU a TensorBoard holds of its tenant's quota (default 0.5)")
+    parser.add_argument("--tensorboard-memory", type=_type(units.parse_memory),
+                        default=TensorBoardSettings.memory_bytes,
+                        help="memory limit of a TensorBoard, held of its tenant's quota (default 1Gi)")
 
 
 def _jobs_settings(args) -> JobsSettings:
@@ -67,6 +79,8 @@ def _jobs_settings(args) -> JobsSettings:
         capacity_cpu=args.capacity_cpu, capacity_memory=args.capacity_memory,
         stop_grace=args.stop_grace, base_python=args.base_python, envs_dir=args.envs_dir,
         install_args=tuple(args.install_arg or ()),
+        max_tensorboards=args.max_tensorboards, tensorboard_idle_seconds=args.tensorboard_idle_seconds,
+        tensorboard_cpu=args.tensorboard_cpu, tensorboard_memory=args.tensorboard_memory,
     )
 
 

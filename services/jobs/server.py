@@ -1,11 +1,14 @@
 """The jobs service's app: the index, the core, the scheduler and the runtime."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 from dataclasses import dataclass
 
+from cloudml.internal.v1 import pages_pb2 as pages_pb
+from cloudml.internal.v1 import pages_pb2_grpc as pages_grpc
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 from services.common.confine import Confiner
@@ -17,12 +20,14 @@ from services.jobs.envs import EnvCache
 from services.jobs.observability import JobsMetrics
 from services.common.quota import QuotaClient
 from services.jobs.scheduler import Scheduler, SchedulerSettings
-from services.jobs.servicer import JobsServicer
+from services.jobs.servicer import JobsServicer, PageBackendsServicer
+from services.jobs.tensorboards import TensorBoards, TensorBoardSettings
 from services.jobs.store import ELECTION, JobIndex, JobStore
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["JobsService"].full_name
+PAGES = pages_pb.DESCRIPTOR.services_by_name["PageBackends"].full_name
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,15 @@ class JobsSettings:
     envs_dir: str | None = None
     #: extra `uv pip install` arguments for trainer packages
     install_args: tuple[str, ...] = ()
+    #: TensorBoards (services.jobs.tensorboards)
+    max_tensorboards: int = TensorBoardSettings.max_per_tenant
+    tensorboard_idle_seconds: float = TensorBoardSettings.idle_seconds
+    tensorboard_cpu: int = TensorBoardSettings.cpu_millis
+    tensorboard_memory: int = TensorBoardSettings.memory_bytes
 
 
 class JobsApp(ServiceApp):
-    grpc_services = (SERVICE,)
+    grpc_services = (SERVICE, PAGES)
     election = ELECTION
 
     def __init__(self, platform: Platform, settings: JobsSettings = JobsSettings()):
@@ -81,11 +91,21 @@ class JobsApp(ServiceApp):
                               allowed_uri_schemes=schemes),
             metrics=metrics,
         )
+        self.tensorboards = TensorBoards(
+            platform.etcd, quota, self.runtime, Confiner(storage, schemes), self._job,
+            TensorBoardSettings(data_dir=data_dir, python=sys.executable, cpu_millis=settings.tensorboard_cpu,
+                                memory_bytes=settings.tensorboard_memory, max_per_tenant=settings.max_tensorboards,
+                                idle_seconds=settings.tensorboard_idle_seconds, stop_grace=settings.stop_grace))
         self._index_started = False
         self._ready = False
 
+    def _job(self, tenant: str, name: str):
+        entry = self.index.get(tenant, name)
+        return entry.job if entry is not None else None
+
     def add_to_server(self, server) -> None:
-        pb_grpc.add_JobsServiceServicer_to_server(JobsServicer(self.core), server)
+        pb_grpc.add_JobsServiceServicer_to_server(JobsServicer(self.core, self.tensorboards), server)
+        pages_grpc.add_PageBackendsServicer_to_server(PageBackendsServicer(self.tensorboards), server)
 
     async def start(self) -> None:
         if not self._index_started:
@@ -100,7 +120,10 @@ class JobsApp(ServiceApp):
         return self._ready and self.runtime.synced
 
     async def lead(self) -> None:
-        await self.scheduler.lead()
+        # Both until this process stops leading (cancelled together).
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.scheduler.lead(), name="jobs-scheduler")
+            group.create_task(self.tensorboards.lead(), name="jobs-tensorboards")
 
     async def stop(self) -> None:
         # The scheduler is already cancelled; replica processes keep running:

@@ -1,12 +1,16 @@
 """cloudml.jobs.v1.JobsService over `JobsCore`: check shape, call, respond."""
 from __future__ import annotations
 
+from cloudml.internal.v1 import pages_pb2 as pages_pb
+from cloudml.internal.v1 import pages_pb2_grpc as pages_grpc
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+from cloudml.jobs.v1 import tensorboards_pb2 as tb_pb
 from services.common import errors
 from services.common.tokens import principal
 from services.jobs.core import JobsCore
 from services.jobs.records import seconds
+from services.jobs.tensorboards import TensorBoards
 from services.jobs.tfconfig import ROLES, Replica
 
 
@@ -19,8 +23,9 @@ def _replica(message: pb.ReplicaId, field: str) -> Replica:
 
 
 class JobsServicer(pb_grpc.JobsServiceServicer):
-    def __init__(self, core: JobsCore):
+    def __init__(self, core: JobsCore, tensorboards: TensorBoards | None = None):
         self.core = core
+        self.tensorboards = tensorboards
 
     async def SubmitJob(self, request, context):
         job, created = await self.core.submit(principal(), request.tenant, request.name, request.spec,
@@ -79,3 +84,34 @@ class JobsServicer(pb_grpc.JobsServiceServicer):
         await self.core.report_metrics(principal(), request.tenant, request.job_name, replica, request.attempt,
                                        request.step, dict(request.metrics), wall)
         return pb.ReportMetricsResponse()
+
+    # --- TensorBoards (services.jobs.tensorboards) ---
+
+    async def CreateTensorBoard(self, request, context):
+        board = await self.tensorboards.create(principal(), request.tenant, request.name, request.logdir, request.job,
+                                               request.runs)
+        return tb_pb.CreateTensorBoardResponse(tensorboard=board)
+
+    async def GetTensorBoard(self, request, context):
+        return tb_pb.GetTensorBoardResponse(
+            tensorboard=await self.tensorboards.get(principal(), request.tenant, request.name))
+
+    async def ListTensorBoards(self, request, context):
+        return tb_pb.ListTensorBoardsResponse(tensorboards=await self.tensorboards.list(principal(), request.tenant))
+
+    async def DeleteTensorBoard(self, request, context):
+        await self.tensorboards.delete(principal(), request.tenant, request.name)
+        return tb_pb.DeleteTensorBoardResponse()
+
+
+class PageBackendsServicer(pages_grpc.PageBackendsServicer):
+    """cloudml.internal.v1.PageBackends for the gateway: where a TensorBoard listens."""
+
+    def __init__(self, tensorboards: TensorBoards):
+        self.tensorboards = tensorboards
+
+    async def ResolvePage(self, request, context):
+        if request.kind != "tensorboard":
+            raise errors.NotFound(f"no {request.kind!r} pages here")
+        address = await self.tensorboards.resolve(principal(), request.tenant, request.name)
+        return pages_pb.ResolvePageResponse(address=address, cache_seconds=2)

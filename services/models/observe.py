@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -53,6 +52,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common.runtime.base import ReplicaPhase, ReplicaStatus
+from services.common.sockets import tenant_socket_dir
 from services.models import store
 
 log = logging.getLogger(__name__)
@@ -104,17 +104,6 @@ def _count(value, limit: int) -> int:
     """A non-negative int a replica reported, within `limit` (0 if it is not one)."""
     return min(value, limit) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
-def _private_dir(path: str, mode: int) -> None:
-    """Creates `path` (one level) as this process's own directory with `mode`;
-    refuses one that someone else made (the temp dir is shared)."""
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, mode)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise PermissionError(f"{path} is not a directory of this platform's user")
-    if stat.S_IMODE(st.st_mode) != mode:
-        os.chmod(path, mode)
-
 def _same_endpoint(a: pb.ReplicaEndpoint, b: pb.ReplicaEndpoint) -> bool:
     """Equal but for register_time."""
     a2, b2 = pb.ReplicaEndpoint(), pb.ReplicaEndpoint()
@@ -133,24 +122,10 @@ class ReplicaObserver:
     `wake()`."""
 
     def socket_dir(self, tenant: str) -> str:
-        """The directory of `tenant`'s replica sockets, created if missing:
-        `<socket_root>/<tenant>` (a long name is cut and hashed), mode 0700,
-        under a root of mode 0711 that only the platform's user owns. With
-        tenant isolation on, the tenant's user owns it (its replicas create
-        their sockets there; no other tenant can reach them). Blocking (it may
+        """The directory of `tenant`'s replica sockets, created if missing
+        (`services.common.sockets.tenant_socket_dir`). Blocking (it may
         create the tenant's account): run it on a thread."""
-        root = self.settings.socket_root
-        _private_dir(root, 0o711)
-        name = tenant if len(tenant) <= 40 else f"{tenant[:31]}-{hashlib.sha256(tenant.encode()).hexdigest()[:8]}"
-        path = os.path.join(root, name)
-        tenancy = getattr(self.runtime, "tenancy", None)
-        if tenancy is not None and tenancy.enabled:
-            if os.path.islink(path):
-                raise PermissionError(f"{path} is a symbolic link")
-            tenancy.own_dir(path, tenant, 0o700)
-        else:
-            _private_dir(path, 0o700)
-        return path
+        return tenant_socket_dir(self.settings.socket_root, tenant, getattr(self.runtime, "tenancy", None))
 
     @staticmethod
     def _socket_path(record: store.ReplicaRecord, role: str = "") -> str:

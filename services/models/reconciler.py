@@ -64,13 +64,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -81,6 +79,7 @@ from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import errors
 from services.common.etcd import Etcd, Mirror
 from services.common.quota import QuotaClient
+from services.common.sockets import socket_root
 from services.common.runtime.base import ReplicaStatus, Runtime
 from services.models import store
 from services.models.artifacts import ArtifactFetcher, _Download, _fetch  # noqa: F401 - importable here
@@ -133,9 +132,7 @@ class ReconcilerSettings:
         """The platform's directory of replica sockets: short (socket paths
         are limited to 107 bytes, and data dirs can be long), one per data
         dir (two platforms side by side never share it)."""
-        digest = hashlib.sha256(os.path.realpath(self.data_dir).encode()).hexdigest()[:10]
-        base = "/run" if os.access("/run", os.W_OK | os.X_OK) else tempfile.gettempdir()
-        return os.path.join(base, f"cloudml-{digest}")
+        return socket_root(self.data_dir)
 
 
 @dataclass

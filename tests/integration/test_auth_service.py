@@ -31,7 +31,7 @@ Code = grpc.StatusCode
 SERVING, NOT_SERVING = 1, 2
 SERVICE = pb.DESCRIPTOR.services_by_name["AuthService"]
 ALL_RPCS = sorted(m.name for m in SERVICE.methods)
-PUBLIC_RPCS = {"IssueToken", "WatchVerificationKeys"}
+PUBLIC_RPCS = {"IssueToken", "WatchVerificationKeys", "RedeemLoginLink"}
 ADMIN_ONLY_RPCS = ("CreateTenant", "DeleteTenant", "SetQuota", "RotateSigningKey")
 FIELDS = ("cpu_millis", "memory_bytes", "gpus", "train_jobs", "model_replicas", "studies")
 BOUNDS = {"cpu_millis": 10**9, "memory_bytes": 2**60, "gpus": 10**5,
@@ -405,6 +405,16 @@ def _check_watch_verification_keys(victim, intruder, auth_service):
     assert intruder.tenant not in str(snapshot)
 
 
+def _check_redeem_login_link(victim, intruder, auth_service):
+    # A code is the credential: a made-up one is refused; B's own link logs in B only.
+    expect_error(Code.UNAUTHENTICATED, auth_service.stub.RedeemLoginLink, pb.RedeemLoginLinkRequest(code="x" * 27))
+    path = f"/tensorboard/{intruder.tenant}/board/"
+    link = intruder.call("CreateLoginLink", pb.CreateLoginLinkRequest(path=path)).login_path
+    redeemed = auth_service.stub.RedeemLoginLink(pb.RedeemLoginLinkRequest(code=link.split("code=", 1)[1]))
+    assert claims_of(redeemed.token)["sub"] == intruder.tenant and redeemed.path == path
+    victim.assert_no_leak(str(redeemed))
+
+
 CROSS_TENANT = {
     "CreateTenant": _denied((lambda v, i: pb.CreateTenantRequest(name=v.tenant + "-x"), Code.PERMISSION_DENIED)),
     "GetTenant": _denied((lambda v, i: pb.GetTenantRequest(name=v.tenant), Code.NOT_FOUND)),
@@ -429,6 +439,10 @@ CROSS_TENANT = {
                         Code.NOT_FOUND)),
     "Release": _denied((lambda v, i: pb.ReleaseRequest(tenant=v.tenant, owner_id=v.owner), Code.NOT_FOUND)),
     "ListReservations": _denied((lambda v, i: pb.ListReservationsRequest(tenant=v.tenant), Code.NOT_FOUND)),
+    "CreateLoginLink": _denied(
+        (lambda v, i: pb.CreateLoginLinkRequest(path=f"/tensorboard/{v.tenant}/board/"), Code.NOT_FOUND),
+        (lambda v, i: pb.CreateLoginLinkRequest(path=f"/dev/{v.tenant}/nb/lab"), Code.NOT_FOUND)),
+    "RedeemLoginLink": _check_redeem_login_link,
 }
 for _rpc, _check in CROSS_TENANT.items():
     _check.rpc = _rpc

@@ -114,6 +114,16 @@ class AuthServiceStub:
                 request_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.ListReservationsRequest.SerializeToString,
                 response_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.ListReservationsResponse.FromString,
                 _registered_method=True)
+        self.CreateLoginLink = channel.unary_unary(
+                '/cloudml.auth.v1.AuthService/CreateLoginLink',
+                request_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.CreateLoginLinkRequest.SerializeToString,
+                response_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.CreateLoginLinkResponse.FromString,
+                _registered_method=True)
+        self.RedeemLoginLink = channel.unary_unary(
+                '/cloudml.auth.v1.AuthService/RedeemLoginLink',
+                request_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RedeemLoginLinkRequest.SerializeToString,
+                response_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RedeemLoginLinkResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -270,6 +280,37 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateLoginLink(self, request, context):
+        """Browser login, step 1: a one-time login link for a browser page on the
+        gateway's HTTP port (TensorBoard now; notebooks and the console later).
+        Browsers cannot send Bearer headers, so the caller (the CLI) opens
+        `<rest endpoint><login_path>`; the gateway redeems the code
+        (RedeemLoginLink), sets an HttpOnly, SameSite=Strict cookie scoped to the
+        page's path that carries a platform token, and redirects to the page.
+        The code is random (160 bits), stored only as its SHA-256, usable once,
+        and expires LOGIN_LINK_TTL (60 s) after it is made.
+        INVALID_ARGUMENT: `path` is not a browser page (`/tensorboard/<tenant>/<name>/...`
+        or `/dev/<tenant>/<name>/...`, no `..`, no query).
+        NOT_FOUND: the path names another tenant and the caller is not an ADMIN
+        (whether the page exists is checked when the page is opened).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeemLoginLink(self, request, context):
+        """Browser login, step 2 (the gateway's `GET /login?code=...`): consumes a
+        code, at most once, and issues a platform token for the access key that
+        made the link (its tenant and role), valid LOGIN_TOKEN_TTL (1 h); the
+        token is refused everywhere once that key is revoked, like any token.
+        Needs no token (the code is the credential).
+        UNAUTHENTICATED: an unknown, used or expired code, or its key was revoked
+        since (one message for all).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -352,6 +393,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.ListReservations,
                     request_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.ListReservationsRequest.FromString,
                     response_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.ListReservationsResponse.SerializeToString,
+            ),
+            'CreateLoginLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateLoginLink,
+                    request_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.CreateLoginLinkRequest.FromString,
+                    response_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.CreateLoginLinkResponse.SerializeToString,
+            ),
+            'RedeemLoginLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeemLoginLink,
+                    request_deserializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RedeemLoginLinkRequest.FromString,
+                    response_serializer=cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RedeemLoginLinkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -786,6 +837,60 @@ class AuthService:
             '/cloudml.auth.v1.AuthService/ListReservations',
             cloudml_dot_auth_dot_v1_dot_auth__service__pb2.ListReservationsRequest.SerializeToString,
             cloudml_dot_auth_dot_v1_dot_auth__service__pb2.ListReservationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateLoginLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.auth.v1.AuthService/CreateLoginLink',
+            cloudml_dot_auth_dot_v1_dot_auth__service__pb2.CreateLoginLinkRequest.SerializeToString,
+            cloudml_dot_auth_dot_v1_dot_auth__service__pb2.CreateLoginLinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemLoginLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.auth.v1.AuthService/RedeemLoginLink',
+            cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RedeemLoginLinkRequest.SerializeToString,
+            cloudml_dot_auth_dot_v1_dot_auth__service__pb2.RedeemLoginLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

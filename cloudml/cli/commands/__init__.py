@@ -15,4 +15,5 @@ GROUPS = (
     "jobs",
     "models",
     "hp",
+    "tensorboard",
 )

@@ -159,6 +159,10 @@ def register(subparsers) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--tenant", help=TENANT_HELP)
 
+    from cloudml.cli.commands.tensorboard import register_hp_shortcut
+
+    register_hp_shortcut(hp)
+
 
 # --- presentation ----------------------------------------------------------------------------
 

@@ -298,6 +298,10 @@ def register(subparsers) -> None:
     p.add_argument("--tail", type=int, default=0, help="only the last N lines of each replica")
     p.add_argument("--tenant", help=TENANT_HELP)
 
+    from cloudml.cli.commands.tensorboard import register_job_shortcut
+
+    register_job_shortcut(jobs)
+
     p = add_command(jobs, "metrics", metrics, "Show a job's metric series")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--name", dest="metric", action="append", help="only this metric (repeatable)")

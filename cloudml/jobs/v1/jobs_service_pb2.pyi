@@ -1,6 +1,7 @@
 import datetime
 
 from cloudml.common.v1 import resources_pb2 as _resources_pb2
+from cloudml.jobs.v1 import tensorboards_pb2 as _tensorboards_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from cloudml.jobs.v1 import jobs_service_pb2 as cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2
+from cloudml.jobs.v1 import tensorboards_pb2 as cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -83,6 +84,26 @@ class JobsServiceStub:
                 '/cloudml.jobs.v1.JobsService/UploadPackage',
                 request_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageRequest.SerializeToString,
                 response_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageResponse.FromString,
+                _registered_method=True)
+        self.CreateTensorBoard = channel.unary_unary(
+                '/cloudml.jobs.v1.JobsService/CreateTensorBoard',
+                request_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardRequest.SerializeToString,
+                response_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardResponse.FromString,
+                _registered_method=True)
+        self.GetTensorBoard = channel.unary_unary(
+                '/cloudml.jobs.v1.JobsService/GetTensorBoard',
+                request_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardRequest.SerializeToString,
+                response_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardResponse.FromString,
+                _registered_method=True)
+        self.ListTensorBoards = channel.unary_unary(
+                '/cloudml.jobs.v1.JobsService/ListTensorBoards',
+                request_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsRequest.SerializeToString,
+                response_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsResponse.FromString,
+                _registered_method=True)
+        self.DeleteTensorBoard = channel.unary_unary(
+                '/cloudml.jobs.v1.JobsService/DeleteTensorBoard',
+                request_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardRequest.SerializeToString,
+                response_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardResponse.FromString,
                 _registered_method=True)
 
 
@@ -220,6 +241,53 @@ class JobsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTensorBoard(self, request, context):
+        """TensorBoards: a TensorBoard server (the `tensorboard` package) on a logdir
+        in the tenant's storage, run as a replica of the tenant (its own
+        unprivileged user on `local`) and reached only through the gateway's HTTP
+        port at `/tensorboard/<tenant>/<name>/` (browser login: AuthService
+        CreateLoginLink). The jobs service owns them: it already places the
+        tenant's replicas through the runtime, reserves their quota and adopts
+        them after a restart, and trainers write their event files into a job's
+        output path (`<output_path>/tensorboard`), which a job's TensorBoard reads.
+        Each holds the tenant's quota (cpu_millis, memory_bytes) while it exists;
+        a tenant may have at most the service's --max-tensorboards of them. One
+        unused (no page request) for the service's --tensorboard-idle-seconds is
+        deleted.
+
+        Creates a TensorBoard; it is STARTING until its server answers.
+        INVALID_ARGUMENT: a bad name, an empty logdir, not exactly one of
+        logdir, job and runs, or a bad run name. PERMISSION_DENIED: the logdir lies outside the tenant's
+        storage. ALREADY_EXISTS: the name is taken. NOT_FOUND: no such job (or
+        tenant). RESOURCE_EXHAUSTED: over the tenant's quota or TensorBoard count
+        (nothing is created).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTensorBoard(self, request, context):
+        """NOT_FOUND: no such TensorBoard (or another tenant's, for a MEMBER).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTensorBoards(self, request, context):
+        """The tenant's TensorBoards in name order (at most --max-tensorboards, one page).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTensorBoard(self, request, context):
+        """Stops its server and returns its quota; the event files stay.
+        NOT_FOUND: no such TensorBoard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JobsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -272,6 +340,26 @@ def add_JobsServiceServicer_to_server(servicer, server):
                     servicer.UploadPackage,
                     request_deserializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageRequest.FromString,
                     response_serializer=cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageResponse.SerializeToString,
+            ),
+            'CreateTensorBoard': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTensorBoard,
+                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardRequest.FromString,
+                    response_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardResponse.SerializeToString,
+            ),
+            'GetTensorBoard': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTensorBoard,
+                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardRequest.FromString,
+                    response_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardResponse.SerializeToString,
+            ),
+            'ListTensorBoards': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTensorBoards,
+                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsRequest.FromString,
+                    response_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsResponse.SerializeToString,
+            ),
+            'DeleteTensorBoard': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTensorBoard,
+                    request_deserializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardRequest.FromString,
+                    response_serializer=cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -544,6 +632,114 @@ class JobsService:
             '/cloudml.jobs.v1.JobsService/UploadPackage',
             cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageRequest.SerializeToString,
             cloudml_dot_jobs_dot_v1_dot_jobs__service__pb2.UploadPackageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTensorBoard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.jobs.v1.JobsService/CreateTensorBoard',
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardRequest.SerializeToString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.CreateTensorBoardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTensorBoard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.jobs.v1.JobsService/GetTensorBoard',
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardRequest.SerializeToString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.GetTensorBoardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTensorBoards(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.jobs.v1.JobsService/ListTensorBoards',
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsRequest.SerializeToString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.ListTensorBoardsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTensorBoard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.jobs.v1.JobsService/DeleteTensorBoard',
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardRequest.SerializeToString,
+            cloudml_dot_jobs_dot_v1_dot_tensorboards__pb2.DeleteTensorBoardResponse.FromString,
             options,
             channel_credentials,
             insecure,
