@@ -58,6 +58,8 @@ RESOURCE_FIELDS = {
     "train_jobs": ("train_jobs", lambda v: units.parse_count(v, "train_jobs")),
     "model_replicas": ("model_replicas", lambda v: units.parse_count(v, "model_replicas")),
     "studies": ("studies", lambda v: units.parse_count(v, "studies")),
+    "dev_environments": ("dev_environments", lambda v: units.parse_count(v, "dev_environments")),
+    "tensorboards": ("tensorboards", lambda v: units.parse_count(v, "tensorboards")),
 }
 
 
@@ -65,7 +67,7 @@ def make_resources(base: resources_pb2.Resources | None = None, **amounts) -> re
     """A `Resources` message from human amounts, over `base` (copied).
 
     Keywords: cpu ("0.5", "500m", 2), memory ("100M", "1Gi", 4096), gpus,
-    train_jobs, model_replicas, studies; None leaves a field as in `base`.
+    train_jobs, model_replicas, studies, dev_environments, tensorboards; None leaves a field as in `base`.
     Raises ValueError on a malformed or negative amount.
     """
     result = resources_pb2.Resources()
@@ -305,6 +307,19 @@ class Client:
         base = (self.rest_endpoint or "http://127.0.0.1:8501").rstrip("/")
         return base + response.login_path
 
+    def list_jobs(self, tenant: str | None = None) -> list:
+        """Every train job of `tenant` (default: the caller's own), newest pages first as ListJobs gives them."""
+        from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
+        from cloudml.jobs.v1 import jobs_service_pb2_grpc as jobs_grpc
+
+        stub, jobs, token = self.stub(jobs_grpc.JobsServiceStub), [], ""
+        while True:
+            page = self.call(stub.ListJobs, jobs_pb.ListJobsRequest(tenant=tenant or "", page_token=token))
+            jobs.extend(page.jobs)
+            token = page.next_page_token
+            if not token:
+                return jobs
+
     # --- tenants ---------------------------------------------------------------------
 
     def create_tenant(self, name: str, description: str = "") -> auth_pb.Tenant:
@@ -353,16 +368,16 @@ class Client:
 
     def set_quota(self, tenant: str | None = None, limits: resources_pb2.Resources | None = None, *,
                   cpu=None, memory=None, gpus=None, train_jobs=None, model_replicas=None,
-                  studies=None) -> auth_pb.SetQuotaResponse:
+                  studies=None, dev_environments=None, tensorboards=None) -> auth_pb.SetQuotaResponse:
         """Sets `tenant`'s limits (ADMIN only).
 
-        With `limits`, all six are replaced by it; otherwise the keywords
+        With `limits`, all are replaced by it; otherwise the keywords
         (human forms: cpu="0.5", memory="16Gi") change only the given fields
         and the others keep their current values (read, then write).
         """
         tenant = self._tenant(tenant)
         amounts = dict(cpu=cpu, memory=memory, gpus=gpus, train_jobs=train_jobs, model_replicas=model_replicas,
-                       studies=studies)
+                       studies=studies, dev_environments=dev_environments, tensorboards=tensorboards)
         if limits is None:
             limits = self.get_quota(tenant).limits
         limits = make_resources(limits, **amounts)

@@ -44,16 +44,19 @@ REVOCATION_MEMORY = MAX_TTL + 300
 SIGNING_KEY_MEMORY = MAX_TTL + 300
 
 DEFAULT_QUOTA = resources_pb2.Resources(
-    cpu_millis=4_000, memory_bytes=8 * 2**30, gpus=0, train_jobs=10, model_replicas=10, studies=5
+    cpu_millis=4_000, memory_bytes=8 * 2**30, gpus=0, train_jobs=10, model_replicas=10, studies=5,
+    dev_environments=2, tensorboards=5,
 )
 ADMIN_QUOTA = resources_pb2.Resources(
-    cpu_millis=64_000, memory_bytes=256 * 2**30, gpus=8, train_jobs=100, model_replicas=100, studies=20
+    cpu_millis=64_000, memory_bytes=256 * 2**30, gpus=8, train_jobs=100, model_replicas=100, studies=20,
+    dev_environments=20, tensorboards=20,
 )
 
 UNITS = {"cpu_millis": "m", "memory_bytes": " bytes"}
 LABELS = {
     "cpu_millis": "cpu", "memory_bytes": "memory", "gpus": "gpus", "train_jobs": "train jobs",
     "model_replicas": "model replicas", "studies": "studies",
+    "dev_environments": "dev environments", "tensorboards": "TensorBoards",
 }
 
 

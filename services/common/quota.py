@@ -81,6 +81,17 @@ class QuotaClient(ServiceCaller):
             return False
         return resp.released
 
+    async def create_access_key(self, tenant: str, description: str) -> tuple[str, str]:
+        """(access key id, secret) of a new key of `tenant` (a MEMBER key: e.g. a
+        dev environment's kernels act as the tenant, never as this service)."""
+        resp = await self._auth("CreateAccessKey", auth_pb.CreateAccessKeyRequest(tenant=tenant,
+                                                                                 description=description))
+        return resp.access_key.access_key_id, resp.secret_key
+
+    async def revoke_access_key(self, tenant: str, access_key_id: str) -> None:
+        await self._auth("RevokeAccessKey", auth_pb.RevokeAccessKeyRequest(tenant=tenant,
+                                                                          access_key_id=access_key_id))
+
     async def reservations(self, tenant: str) -> list[auth_pb.Reservation]:
         try:
             resp = await self._auth("ListReservations", auth_pb.ListReservationsRequest(tenant=tenant))

@@ -23,6 +23,8 @@ RESOURCE_BOUNDS = {
     "train_jobs": 10**6,
     "model_replicas": 10**6,
     "studies": 10**6,
+    "dev_environments": 10**6,
+    "tensorboards": 10**6,
 }
 
 

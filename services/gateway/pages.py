@@ -2,6 +2,7 @@
 
     GET  /login?code=<code>                      (a link from AuthService.CreateLoginLink)
     *    /tensorboard/<tenant>/<name>/...        HTTP and WebSocket, to the TensorBoard's replica
+    *    /dev/<tenant>/<name>/...                HTTP and WebSocket (kernels), to the notebook server
 
 Login: the gateway redeems the one-time code with the auth service
 (RedeemLoginLink), sets the cookie `cloudml_page` = the platform token it
@@ -20,7 +21,10 @@ so that service checks again), cached for the seconds it says.
 
 What the replica (tenant code) receives: the method, path and query, the
 body streamed, and the request's headers except the cookie,
-`Authorization`, `Host` and hop-by-hop ones: it never sees a token. What
+`Authorization`, `Host` and hop-by-hop ones: it never sees a platform
+token. When the owning service names one (`ResolvePageResponse.authorization`:
+a notebook server's own Jupyter token), the gateway sends that as the
+`Authorization` header instead; the browser never sees it. What
 the browser receives: the replica's status, headers (but `Set-Cookie` and
 hop-by-hop ones) and body, streamed in chunks (never buffered whole), still
 compressed if the replica compressed it.
@@ -50,7 +54,7 @@ from services.common import errors
 log = logging.getLogger(__name__)
 
 COOKIE = "cloudml_page"
-KINDS = {"tensorboard": "jobs"}
+KINDS = {"tensorboard": "jobs", "dev": "jobs"}
 CALL_TIMEOUT = 5.0
 CHUNK = 64 * 1024
 #: connection pools kept, one per page server address
@@ -73,9 +77,10 @@ class BrowserPages:
     def __init__(self, verifier, directory, resolve=None):
         self.verifier = verifier
         self.directory = directory
-        #: async (kind, tenant, name, token) -> address; default: ask the owning service
+        #: async (kind, tenant, name, token) -> address or (address, Authorization for the
+        #: server); default: ask the owning service
         self.resolve = resolve or self._resolve
-        self._addresses: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._addresses: dict[tuple[str, str, str], tuple[tuple[str, str], float]] = {}
         self._sessions: dict[str, aiohttp.ClientSession] = {}
 
     def add_routes(self, app: web.Application) -> None:
@@ -121,7 +126,7 @@ class BrowserPages:
         token = request.cookies.get(COOKIE, "")
         if not token:
             raise _Answer(_page(401, "Not logged in: open the page through a login link "
-                                     "(e.g. `cloudml tensorboard open NAME`)."))
+                                     "(e.g. `cloudml tensorboard open NAME`, `cloudml dev open NAME`)."))
         try:
             caller = self.verifier.verify(token)
         except errors.CloudMLError as err:
@@ -130,7 +135,7 @@ class BrowserPages:
             raise _Answer(_page(404, "No such page."))
         return token
 
-    async def _resolve(self, kind: str, tenant: str, name: str, token: str) -> str:
+    async def _resolve(self, kind: str, tenant: str, name: str, token: str) -> tuple[str, str]:
         key = (kind, tenant, name)
         cached = self._addresses.get(key)
         now = time.monotonic()
@@ -149,8 +154,9 @@ class BrowserPages:
             raise _Answer(_page(503, "The page's service is unavailable: try again.")) from None
         if len(self._addresses) > 10_000:
             self._addresses.clear()
-        self._addresses[key] = (found.address, now + max(0, found.cache_seconds))
-        return found.address
+        answer = (found.address, found.authorization)
+        self._addresses[key] = (answer, now + max(0, found.cache_seconds))
+        return answer
 
     def _session(self, address: str) -> aiohttp.ClientSession:
         session = self._sessions.get(address)
@@ -177,11 +183,14 @@ class BrowserPages:
         try:
             token = self._caller(request)
             kind = request.path.split("/", 2)[1]
-            address = await self.resolve(kind, request.match_info["tenant"], request.match_info["name"], token)
+            found = await self.resolve(kind, request.match_info["tenant"], request.match_info["name"], token)
+            address, authorization = (found, "") if isinstance(found, str) else found
             session = self._session(address)
         except _Answer as answer:
             return answer.response
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP}
+        if authorization:
+            headers["Authorization"] = authorization
         url = URL("http://page" + request.raw_path, encoded=True)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request, session, url, headers)

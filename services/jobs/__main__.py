@@ -4,13 +4,15 @@
 [--default-cpu 0.5] [--default-memory 2Gi] [--default-gpus 0]
 [--capacity-cpu N] [--capacity-memory M] [--stop-grace S] [--envs-dir D] [--install-arg ARG ...]
 [--max-tensorboards 5] [--tensorboard-idle-seconds 14400] [--tensorboard-cpu 0.5] [--tensorboard-memory 1Gi]
+[--dev-idle-seconds 14400] [--dev-cpu 1] [--dev-memory 2Gi] [--gateway-endpoint HOST:PORT]
 
 The jobs service never imports TensorFlow (tests/unit/test_jobs_no_tensorflow.py).
 Files under DIR: jobs/<tenant>/<job>/ (logs, metrics files, package, work
 dir), envs/ (trainer environments by package hash), runtime/local/ (the local
 runtime's replica records and capacity, shared with other services),
 storage/<tenant>/jobs/<job>/ (the default output_path), tensorboards/<tenant>/<name>.<uid>/
-(a TensorBoard replica's work dir and log).
+(a TensorBoard replica's work dir and log), devenvs/<tenant>/<name>.<uid>/ (a dev
+environment's config, log and home; its notebooks live in storage/<tenant>/).
 """
 import functools
 
@@ -19,6 +21,7 @@ from services.common.runtime.factory import RUNTIMES
 from services.common.server import parse_settings, run
 from services.jobs.core import Defaults
 from services.jobs.server import JobsApp, JobsSettings
+from services.jobs.devenvs import DevEnvSettings
 from services.jobs.tensorboards import TensorBoardSettings
 
 
@@ -68,6 +71,16 @@ def _arguments(parser) -> None:
     parser.add_argument("--tensorboard-memory", type=_type(units.parse_memory),
                         default=TensorBoardSettings.memory_bytes,
                         help="memory limit of a TensorBoard, held of its tenant's quota (default 1Gi)")
+    parser.add_argument("--dev-idle-seconds", type=float, default=DevEnvSettings.idle_seconds,
+                        help="a dev environment with no page request and no kernel activity for this long "
+                             "is stopped (default 4 h)")
+    parser.add_argument("--dev-cpu", type=_type(units.parse_cpu), default=DevEnvSettings.cpu_millis,
+                        help="CPU of a dev environment that asks for none (default 1)")
+    parser.add_argument("--dev-memory", type=_type(units.parse_memory), default=DevEnvSettings.memory_bytes,
+                        help="memory limit of a dev environment that asks for none (default 2Gi)")
+    parser.add_argument("--gateway-endpoint", default=None,
+                        help="the gateway's gRPC address written into dev environments' kernels "
+                             "(default: DIR/credentials.json's endpoint)")
 
 
 def _jobs_settings(args) -> JobsSettings:
@@ -81,6 +94,8 @@ def _jobs_settings(args) -> JobsSettings:
         install_args=tuple(args.install_arg or ()),
         max_tensorboards=args.max_tensorboards, tensorboard_idle_seconds=args.tensorboard_idle_seconds,
         tensorboard_cpu=args.tensorboard_cpu, tensorboard_memory=args.tensorboard_memory,
+        dev_idle_seconds=args.dev_idle_seconds, dev_cpu=args.dev_cpu, dev_memory=args.dev_memory,
+        gateway_endpoint=args.gateway_endpoint,
     )
 
 

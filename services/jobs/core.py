@@ -51,7 +51,7 @@ MAX_ENV, MAX_ENV_CHARS = 200, 32768
 MAX_REPLICAS = 100
 MAX_RETRIES = 100
 MAX_PRIORITY = 1000
-COUNT_FIELDS = ("train_jobs", "model_replicas", "studies")
+COUNT_FIELDS = ("train_jobs", "model_replicas", "studies", "dev_environments", "tensorboards")
 LABELS = {"cpu_millis": "cpu", "memory_bytes": "memory", "gpus": "gpus", "train_jobs": "train jobs"}
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from cloudml.internal.v1 import pages_pb2 as pages_pb
 from cloudml.internal.v1 import pages_pb2_grpc as pages_grpc
+from cloudml.jobs.v1 import dev_environments_pb2 as dev_pb
+from cloudml.jobs.v1 import dev_environments_pb2_grpc as dev_grpc
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 from services.common.confine import Confiner
@@ -20,13 +22,15 @@ from services.jobs.envs import EnvCache
 from services.jobs.observability import JobsMetrics
 from services.common.quota import QuotaClient
 from services.jobs.scheduler import Scheduler, SchedulerSettings
-from services.jobs.servicer import JobsServicer, PageBackendsServicer
+from services.jobs.devenvs import DevEnvironments, DevEnvSettings
+from services.jobs.servicer import DevEnvironmentServicer, JobsServicer, PageBackendsServicer
 from services.jobs.tensorboards import TensorBoards, TensorBoardSettings
 from services.jobs.store import ELECTION, JobIndex, JobStore
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["JobsService"].full_name
+DEV = dev_pb.DESCRIPTOR.services_by_name["DevEnvironmentService"].full_name
 PAGES = pages_pb.DESCRIPTOR.services_by_name["PageBackends"].full_name
 
 
@@ -57,10 +61,16 @@ class JobsSettings:
     tensorboard_idle_seconds: float = TensorBoardSettings.idle_seconds
     tensorboard_cpu: int = TensorBoardSettings.cpu_millis
     tensorboard_memory: int = TensorBoardSettings.memory_bytes
+    #: dev environments (services.jobs.devenvs)
+    dev_idle_seconds: float = DevEnvSettings.idle_seconds
+    dev_cpu: int = DevEnvSettings.cpu_millis
+    dev_memory: int = DevEnvSettings.memory_bytes
+    #: the gateway's gRPC address for the kernels' config (None: DIR/credentials.json's "endpoint")
+    gateway_endpoint: str | None = None
 
 
 class JobsApp(ServiceApp):
-    grpc_services = (SERVICE, PAGES)
+    grpc_services = (SERVICE, DEV, PAGES)
     election = ELECTION
 
     def __init__(self, platform: Platform, settings: JobsSettings = JobsSettings()):
@@ -96,6 +106,12 @@ class JobsApp(ServiceApp):
             TensorBoardSettings(data_dir=data_dir, python=sys.executable, cpu_millis=settings.tensorboard_cpu,
                                 memory_bytes=settings.tensorboard_memory, max_per_tenant=settings.max_tensorboards,
                                 idle_seconds=settings.tensorboard_idle_seconds, stop_grace=settings.stop_grace))
+        endpoint, rest_endpoint = _gateway_endpoints(data_dir, settings.gateway_endpoint)
+        self.devenvs = DevEnvironments(
+            platform.etcd, quota, self.runtime,
+            DevEnvSettings(data_dir=data_dir, python=sys.executable, endpoint=endpoint, rest_endpoint=rest_endpoint,
+                           cpu_millis=settings.dev_cpu, memory_bytes=settings.dev_memory,
+                           idle_seconds=settings.dev_idle_seconds, stop_grace=settings.stop_grace))
         self._index_started = False
         self._ready = False
 
@@ -105,7 +121,8 @@ class JobsApp(ServiceApp):
 
     def add_to_server(self, server) -> None:
         pb_grpc.add_JobsServiceServicer_to_server(JobsServicer(self.core, self.tensorboards), server)
-        pages_grpc.add_PageBackendsServicer_to_server(PageBackendsServicer(self.tensorboards), server)
+        dev_grpc.add_DevEnvironmentServiceServicer_to_server(DevEnvironmentServicer(self.devenvs), server)
+        pages_grpc.add_PageBackendsServicer_to_server(PageBackendsServicer(self.tensorboards, self.devenvs), server)
 
     async def start(self) -> None:
         if not self._index_started:
@@ -124,8 +141,25 @@ class JobsApp(ServiceApp):
         async with asyncio.TaskGroup() as group:
             group.create_task(self.scheduler.lead(), name="jobs-scheduler")
             group.create_task(self.tensorboards.lead(), name="jobs-tensorboards")
+            group.create_task(self.devenvs.lead(), name="jobs-devenvs")
 
     async def stop(self) -> None:
         # The scheduler is already cancelled; replica processes keep running:
         # the next leader adopts them.
         await self.index.stop()
+
+
+def _gateway_endpoints(data_dir: str, endpoint: str | None) -> tuple[str, str]:
+    """The gateway's gRPC and REST addresses for kernels: the flag, else the
+    local platform's DIR/credentials.json (only its endpoints are read)."""
+    import json
+
+    rest = ""
+    if not endpoint:
+        try:
+            with open(os.path.join(data_dir, "credentials.json")) as f:
+                data = json.load(f)
+            endpoint, rest = data.get("endpoint", ""), data.get("rest_endpoint", "")
+        except (OSError, ValueError, AttributeError):
+            endpoint = ""
+    return endpoint or "", rest or ""

@@ -5,11 +5,14 @@ from cloudml.internal.v1 import pages_pb2 as pages_pb
 from cloudml.internal.v1 import pages_pb2_grpc as pages_grpc
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+from cloudml.jobs.v1 import dev_environments_pb2 as dev_pb
+from cloudml.jobs.v1 import dev_environments_pb2_grpc as dev_grpc
 from cloudml.jobs.v1 import tensorboards_pb2 as tb_pb
 from services.common import errors
 from services.common.tokens import principal
 from services.jobs.core import JobsCore
 from services.jobs.records import seconds
+from services.jobs.devenvs import DevEnvironments
 from services.jobs.tensorboards import TensorBoards
 from services.jobs.tfconfig import ROLES, Replica
 
@@ -104,14 +107,49 @@ class JobsServicer(pb_grpc.JobsServiceServicer):
         return tb_pb.DeleteTensorBoardResponse()
 
 
-class PageBackendsServicer(pages_grpc.PageBackendsServicer):
-    """cloudml.internal.v1.PageBackends for the gateway: where a TensorBoard listens."""
+class DevEnvironmentServicer(dev_grpc.DevEnvironmentServiceServicer):
+    """cloudml.jobs.v1.DevEnvironmentService over `DevEnvironments`."""
 
-    def __init__(self, tensorboards: TensorBoards):
+    def __init__(self, devenvs: DevEnvironments):
+        self.devenvs = devenvs
+
+    async def CreateDevEnvironment(self, request, context):
+        env = await self.devenvs.create(principal(), request.tenant, request.name, request.resources, request.image)
+        return dev_pb.CreateDevEnvironmentResponse(dev_environment=env)
+
+    async def GetDevEnvironment(self, request, context):
+        return dev_pb.GetDevEnvironmentResponse(
+            dev_environment=await self.devenvs.get(principal(), request.tenant, request.name))
+
+    async def ListDevEnvironments(self, request, context):
+        return dev_pb.ListDevEnvironmentsResponse(
+            dev_environments=await self.devenvs.list(principal(), request.tenant))
+
+    async def StopDevEnvironment(self, request, context):
+        return dev_pb.StopDevEnvironmentResponse(
+            dev_environment=await self.devenvs.stop(principal(), request.tenant, request.name))
+
+    async def StartDevEnvironment(self, request, context):
+        return dev_pb.StartDevEnvironmentResponse(
+            dev_environment=await self.devenvs.start(principal(), request.tenant, request.name))
+
+    async def DeleteDevEnvironment(self, request, context):
+        await self.devenvs.delete(principal(), request.tenant, request.name)
+        return dev_pb.DeleteDevEnvironmentResponse()
+
+
+class PageBackendsServicer(pages_grpc.PageBackendsServicer):
+    """cloudml.internal.v1.PageBackends for the gateway: where a TensorBoard or a notebook server listens."""
+
+    def __init__(self, tensorboards: TensorBoards, devenvs: DevEnvironments | None = None):
         self.tensorboards = tensorboards
+        self.devenvs = devenvs
 
     async def ResolvePage(self, request, context):
-        if request.kind != "tensorboard":
-            raise errors.NotFound(f"no {request.kind!r} pages here")
-        address = await self.tensorboards.resolve(principal(), request.tenant, request.name)
-        return pages_pb.ResolvePageResponse(address=address, cache_seconds=2)
+        if request.kind == "tensorboard":
+            address = await self.tensorboards.resolve(principal(), request.tenant, request.name)
+            return pages_pb.ResolvePageResponse(address=address, cache_seconds=2)
+        if request.kind == "dev" and self.devenvs is not None:
+            address, authorization = await self.devenvs.resolve(principal(), request.tenant, request.name)
+            return pages_pb.ResolvePageResponse(address=address, cache_seconds=2, authorization=authorization)
+        raise errors.NotFound(f"no {request.kind!r} pages here")

@@ -245,7 +245,7 @@ class TensorBoards:
             raise errors.AlreadyExists(f"tensorboard {name!r} already exists in tenant {tenant!r}")
         try:
             await self.quota.reserve(tenant, board.owner_id, resources_pb2.Resources(
-                cpu_millis=board.cpu_millis, memory_bytes=board.memory_bytes))
+                cpu_millis=board.cpu_millis, memory_bytes=board.memory_bytes, tensorboards=1))
         except BaseException as err:
             with contextlib.suppress(Exception):
                 await self.etcd.delete(key)

@@ -33,9 +33,11 @@ SERVICE = pb.DESCRIPTOR.services_by_name["AuthService"]
 ALL_RPCS = sorted(m.name for m in SERVICE.methods)
 PUBLIC_RPCS = {"IssueToken", "WatchVerificationKeys", "RedeemLoginLink"}
 ADMIN_ONLY_RPCS = ("CreateTenant", "DeleteTenant", "SetQuota", "RotateSigningKey")
-FIELDS = ("cpu_millis", "memory_bytes", "gpus", "train_jobs", "model_replicas", "studies")
+FIELDS = ("cpu_millis", "memory_bytes", "gpus", "train_jobs", "model_replicas", "studies", "dev_environments",
+          "tensorboards")
 BOUNDS = {"cpu_millis": 10**9, "memory_bytes": 2**60, "gpus": 10**5,
-          "train_jobs": 10**6, "model_replicas": 10**6, "studies": 10**6}
+          "train_jobs": 10**6, "model_replicas": 10**6, "studies": 10**6, "dev_environments": 10**6,
+          "tensorboards": 10**6}
 
 
 # --- helpers ------------------------------------------------------------------------

@@ -69,9 +69,11 @@ def test_every_leaf_command_takes_output_option():
 
 def test_quota_set_parses_human_units():
     args = parse("quota", "set", "--tenant", "team-a", "--cpu", "0.5", "--memory", "100M", "--gpus", "2",
-                 "--train-jobs", "3", "--model-replicas", "4", "--studies", "5")
+                 "--train-jobs", "3", "--model-replicas", "4", "--studies", "5", "--dev-environments", "6",
+                 "--tensorboards", "7")
     assert (args.tenant, args.cpu, args.memory, args.gpus) == ("team-a", 500, 100 * 10**6, 2)
     assert (args.train_jobs, args.model_replicas, args.studies) == (3, 4, 5)
+    assert (args.dev_environments, args.tensorboards) == (6, 7)
     args = parse("quota", "set", "--cpu", "500m", "--memory", "1Gi")
     assert (args.tenant, args.cpu, args.memory, args.gpus) == (None, 500, 2**30, None)
 
@@ -231,7 +233,8 @@ def test_table_columns_are_aligned_with_headers():
 
 def test_message_json_has_every_field_in_proto_order():
     data = base.message_to_dict(Resources(cpu_millis=500, studies=2))
-    assert list(data) == ["cpu_millis", "memory_bytes", "gpus", "train_jobs", "model_replicas", "studies"]
+    assert list(data) == ["cpu_millis", "memory_bytes", "gpus", "train_jobs", "model_replicas", "studies",
+                          "dev_environments", "tensorboards"]
     assert data["cpu_millis"] == "500" and data["gpus"] == "0"
 
 

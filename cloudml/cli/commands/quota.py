@@ -14,6 +14,8 @@ ROWS = (
     ("train_jobs", "train_jobs", str),
     ("model_replicas", "model_replicas", str),
     ("studies", "studies", str),
+    ("dev_environments", "dev_environments", str),
+    ("tensorboards", "tensorboards", str),
 )
 
 
@@ -33,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--train-jobs", type=_count("train jobs"), help="train jobs running at once")
     p.add_argument("--model-replicas", type=_count("model replicas"), help="model-server replicas at once")
     p.add_argument("--studies", type=_count("studies"), help="hyperparameter studies running at once")
+    p.add_argument("--dev-environments", type=_count("dev environments"),
+                   help="dev environments (notebook servers) a tenant may have, running or stopped")
+    p.add_argument("--tensorboards", type=_count("TensorBoards"), help="TensorBoards a tenant may have")
 
 
 def resource_summary(resources) -> str:
@@ -58,11 +63,12 @@ def set_(ctx: Context) -> None:
     args = ctx.args
     # Parsed values are already whole numbers (millicores, bytes, counts).
     changes = {"cpu_millis": args.cpu, "memory_bytes": args.memory, "gpus": args.gpus,
-               "train_jobs": args.train_jobs, "model_replicas": args.model_replicas, "studies": args.studies}
+               "train_jobs": args.train_jobs, "model_replicas": args.model_replicas, "studies": args.studies,
+               "dev_environments": args.dev_environments, "tensorboards": args.tensorboards}
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         raise UsageError("nothing to set: give at least one of --cpu, --memory, --gpus, --train-jobs, "
-                         "--model-replicas, --studies")
+                         "--model-replicas, --studies, --dev-environments, --tensorboards")
     client = ctx.client
     limits = client.get_quota(args.tenant).limits
     for field, value in changes.items():

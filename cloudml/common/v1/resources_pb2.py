@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cloudml/common/v1/resources.proto\x12\x11\x63loudml.common.v1\"\x80\x01\n\tResources\x12\x12\n\ncpu_millis\x18\x01 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04gpus\x18\x03 \x01(\x03\x12\x12\n\ntrain_jobs\x18\x04 \x01(\x03\x12\x16\n\x0emodel_replicas\x18\x05 \x01(\x03\x12\x0f\n\x07studies\x18\x06 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!cloudml/common/v1/resources.proto\x12\x11\x63loudml.common.v1\"\xb0\x01\n\tResources\x12\x12\n\ncpu_millis\x18\x01 \x01(\x03\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x03\x12\x0c\n\x04gpus\x18\x03 \x01(\x03\x12\x12\n\ntrain_jobs\x18\x04 \x01(\x03\x12\x16\n\x0emodel_replicas\x18\x05 \x01(\x03\x12\x0f\n\x07studies\x18\x06 \x01(\x03\x12\x18\n\x10\x64\x65v_environments\x18\x07 \x01(\x03\x12\x14\n\x0ctensorboards\x18\x08 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cloudml.common.v1.resources
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESOURCES']._serialized_start=57
-  _globals['_RESOURCES']._serialized_end=185
+  _globals['_RESOURCES']._serialized_end=233
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63loudml/internal/v1/pages.proto\x12\x13\x63loudml.internal.v1\"@\n\x12ResolvePageRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"=\n\x13ResolvePageResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x15\n\rcache_seconds\x18\x02 \x01(\x05\x32p\n\x0cPageBackends\x12`\n\x0bResolvePage\x12\'.cloudml.internal.v1.ResolvePageRequest\x1a(.cloudml.internal.v1.ResolvePageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63loudml/internal/v1/pages.proto\x12\x13\x63loudml.internal.v1\"@\n\x12ResolvePageRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"T\n\x13ResolvePageResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x15\n\rcache_seconds\x18\x02 \x01(\x05\x12\x15\n\rauthorization\x18\x03 \x01(\t2p\n\x0cPageBackends\x12`\n\x0bResolvePage\x12\'.cloudml.internal.v1.ResolvePageRequest\x1a(.cloudml.internal.v1.ResolvePageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESOLVEPAGEREQUEST']._serialized_start=56
   _globals['_RESOLVEPAGEREQUEST']._serialized_end=120
   _globals['_RESOLVEPAGERESPONSE']._serialized_start=122
-  _globals['_RESOLVEPAGERESPONSE']._serialized_end=183
-  _globals['_PAGEBACKENDS']._serialized_start=185
-  _globals['_PAGEBACKENDS']._serialized_end=297
+  _globals['_RESOLVEPAGERESPONSE']._serialized_end=206
+  _globals['_PAGEBACKENDS']._serialized_start=208
+  _globals['_PAGEBACKENDS']._serialized_end=320
 # @@protoc_insertion_point(module_scope)

@@ -15,9 +15,11 @@ class ResolvePageRequest(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class ResolvePageResponse(_message.Message):
-    __slots__ = ("address", "cache_seconds")
+    __slots__ = ("address", "cache_seconds", "authorization")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
     address: str
     cache_seconds: int
-    def __init__(self, address: _Optional[str] = ..., cache_seconds: _Optional[int] = ...) -> None: ...
+    authorization: str
+    def __init__(self, address: _Optional[str] = ..., cache_seconds: _Optional[int] = ..., authorization: _Optional[str] = ...) -> None: ...

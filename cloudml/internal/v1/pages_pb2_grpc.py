@@ -27,8 +27,10 @@ if _version_not_supported:
 
 class PageBackendsStub:
     """Internal: where the gateway forwards a browser page's requests
-    (`/tensorboard/<tenant>/<name>/...` on its HTTP port). Served by the
-    service that owns the page's kind (the jobs service for TensorBoards);
+    (`/tensorboard/<tenant>/<name>/...` and `/dev/<tenant>/<name>/...` on
+    its HTTP port). Served by the
+    service that owns the page's kind (the jobs service for TensorBoards and dev
+    environments);
     called only by the gateway, which never routes this service for callers.
 
     The gateway calls it with the browser's own token (from its login cookie)
@@ -51,8 +53,10 @@ class PageBackendsStub:
 
 class PageBackendsServicer:
     """Internal: where the gateway forwards a browser page's requests
-    (`/tensorboard/<tenant>/<name>/...` on its HTTP port). Served by the
-    service that owns the page's kind (the jobs service for TensorBoards);
+    (`/tensorboard/<tenant>/<name>/...` and `/dev/<tenant>/<name>/...` on
+    its HTTP port). Served by the
+    service that owns the page's kind (the jobs service for TensorBoards and dev
+    environments);
     called only by the gateway, which never routes this service for callers.
 
     The gateway calls it with the browser's own token (from its login cookie)
@@ -87,8 +91,10 @@ def add_PageBackendsServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PageBackends:
     """Internal: where the gateway forwards a browser page's requests
-    (`/tensorboard/<tenant>/<name>/...` on its HTTP port). Served by the
-    service that owns the page's kind (the jobs service for TensorBoards);
+    (`/tensorboard/<tenant>/<name>/...` and `/dev/<tenant>/<name>/...` on
+    its HTTP port). Served by the
+    service that owns the page's kind (the jobs service for TensorBoards and dev
+    environments);
     called only by the gateway, which never routes this service for callers.
 
     The gateway calls it with the browser's own token (from its login cookie)

@@ -1,0 +1,69 @@
+"""A dev environment's replica: JupyterLab on a Unix socket, under
+`--base-url /dev/<tenant>/<name>/`, with the tenant's storage as its root.
+
+Started by the jobs service (`services.jobs.devenvs`) through the runtime,
+as the tenant's own unprivileged user; it opens no TCP port. Only the
+platform (the gateway, as the platform's user) reaches the socket, in the
+tenant's 0700 directory, and it presents Jupyter's token, which this process
+takes from CLOUDML_JUPYTER_TOKEN and removes from its environment before
+anything starts (kernels never inherit it, and it never appears on a
+command line). What stays in the environment is for the kernels:
+CLOUDML_CONFIG (an access key of the tenant), PATH with the platform's
+Python (SDK, TensorFlow, the `cloudml` CLI).
+
+The gateway already decides who may reach the page (its login cookie,
+SameSite=Strict), drops cookies and Host on the way and presents the token:
+so the server accepts any Origin (browsers see the gateway's) and needs no
+XSRF cookie of its own. Nothing is fetched at run time: no update check,
+no news, a read-only extension manager.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def jupyter_argv(socket: str, base_url: str, root_dir: str, token: str) -> list[str]:
+    return [
+        f"--ServerApp.sock={socket}", "--ServerApp.sock_mode=0600",
+        f"--ServerApp.base_url={base_url}", f"--ServerApp.root_dir={root_dir}",
+        f"--IdentityProvider.token={token}", "--ServerApp.password=",
+        "--ServerApp.allow_origin=*", "--ServerApp.allow_remote_access=True",
+        "--ServerApp.disable_check_xsrf=True", "--ServerApp.open_browser=False",
+        # Isolation runs it as the tenant's user; without root there is no other user to be.
+        "--ServerApp.allow_root=True", "--ServerApp.quit_button=False",
+        "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.jobs.devenv_replica")
+    parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
+    parser.add_argument("--base-url", required=True, help="e.g. /dev/<tenant>/<name>/")
+    parser.add_argument("--root-dir", required=True, help="the notebooks' directory (the tenant's storage)")
+    args = parser.parse_args(argv)
+    token = os.environ.pop("CLOUDML_JUPYTER_TOKEN", "")
+    if len(token) < 32:
+        print("error: CLOUDML_JUPYTER_TOKEN must hold the server's token", file=sys.stderr)
+        return 2
+    if os.path.exists(args.socket):
+        os.unlink(args.socket)
+    os.chdir(args.root_dir)
+    home = os.environ.get("HOME", args.root_dir)
+    os.environ.setdefault("JUPYTER_DATA_DIR", os.path.join(home, ".jupyter-data"))
+    os.environ.setdefault("JUPYTER_CONFIG_DIR", os.path.join(home, ".jupyter"))
+    os.environ.setdefault("JUPYTER_RUNTIME_DIR", os.path.join(home, ".jupyter-runtime"))
+    os.environ.setdefault("IPYTHONDIR", os.path.join(home, ".ipython"))
+    os.environ.setdefault("JUPYTERLAB_SETTINGS_DIR", os.path.join(home, ".jupyter", "lab", "user-settings"))
+    os.environ.setdefault("JUPYTERLAB_WORKSPACES_DIR", os.path.join(home, ".jupyter", "lab", "workspaces"))
+    from jupyterlab.labapp import LabApp
+
+    print(f"JupyterLab on unix:{args.socket} under {args.base_url}", flush=True)
+    LabApp.launch_instance(argv=jupyter_argv(args.socket, args.base_url, args.root_dir, token))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

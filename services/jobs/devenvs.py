@@ -1,0 +1,588 @@
+"""Dev environments: a tenant's JupyterLab servers as managed replicas.
+
+Owned by the jobs service for the reasons TensorBoards are
+(`services.jobs.tensorboards`): a notebook server is a replica of its tenant
+placed through the same `Runtime` (capacity, the tenant's own unprivileged
+user, adoption after a restart by the leader) and holding the tenant's quota
+through the same reservations. The pieces TensorBoards built are reused:
+the socket directory, the readiness probe, the replica stop, the page
+resolution for the gateway.
+
+Layout
+
+    /cloudml/jobs/devenvs/<tenant>/<name>        JSON `Env` (below), compare-and-swap writes
+    DIR/devenvs/<tenant>/<name>.<uid>/           root-owned, the tenant's group (0750)
+        config.json                              the env's access key (root's, 0640): CLOUDML_CONFIG
+        server.log                               the replica's output
+        home/                                    HOME of the server and its kernels (the tenant's)
+    DIR/storage/<tenant>/                        the working directory (notebooks live here)
+
+Quota: `jobs/devenv/<name>/<uid>` holds `dev_environments: 1` from create
+to delete; `.../run` holds cpu/memory/gpus while it runs (reserved by
+create and start, in the API call, so an over-quota answer is immediate and
+nothing is left behind; released by the leader when the server is stopped).
+
+Credentials: create makes an access key *of the tenant* (never the
+platform's) through the auth service and writes it to config.json; delete
+revokes it. The secret is on disk only, never in etcd. The server's Jupyter
+token is an HMAC of the env's uid under a key in `DIR/secrets/` (so nothing
+stores it); only the gateway sends it (`ResolvePage.authorization`).
+
+The leader (`lead`) each pass: STARTING -> runtime capacity, start
+`services.jobs.devenv_replica`, RUNNING once its socket answers; RUNNING
+whose server ended -> restarted (STARTING); idle (no page request through
+the gateway and no kernel activity for `idle_seconds`) -> STOPPING;
+STOPPING -> stop, release capacity and the run quota -> STOPPED; DELETING
+-> the same, then revoke the key, release the count, remove the record.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from cloudml.common.v1 import resources_pb2
+from cloudml.jobs.v1 import dev_environments_pb2 as pb
+from services.common import errors, validation
+from services.common.etcd import Etcd, cmp_absent, op_put
+from services.common.runtime.base import (
+    Amount, CapacityBusy, ReplicaPhase, ReplicaRequest, Runtime, Unschedulable)
+from services.common.sockets import socket_root, tenant_socket_dir
+from services.common.tokens import Principal
+from services.jobs.logs import timestamp
+from services.jobs.tensorboards import PROJECT_ROOT, TensorBoards
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/cloudml/jobs/devenvs/"
+RUNTIME_PREFIX = "devenv."
+ACCESS_WRITE_SECONDS = 30.0
+RESERVE_SECONDS = 60.0
+LOG_FILE = "server.log"
+ORPHAN_SWEEP_PASSES = 30
+
+S = pb.DevEnvironmentState
+
+
+@dataclass
+class DevEnvSettings:
+    data_dir: str
+    python: str = ""
+    #: the gateway's gRPC address written into the kernels' config (`cloudml.Client()`)
+    endpoint: str = ""
+    rest_endpoint: str = ""
+    cpu_millis: int = 1000
+    memory_bytes: int = 2 << 30
+    idle_seconds: float = 4 * 3600.0
+    pass_seconds: float = 1.0
+    start_timeout: float = 90.0
+    stop_grace: float = 3.0
+
+
+@dataclass
+class Env:
+    """A dev environment's record (JSON in etcd)."""
+
+    tenant: str
+    name: str
+    uid: str
+    state: int = S.DEV_ENVIRONMENT_STATE_STARTING
+    cpu_millis: int = 0
+    memory_bytes: int = 0
+    gpus: int = 0
+    image: str = ""
+    access_key_id: str = ""
+    created: float = 0.0
+    last_activity: float = 0.0
+    started: float = 0.0
+    address: str = ""
+    message: str = ""
+    #: False until create() holds its quota and key (the leader leaves it alone meanwhile)
+    reserved: bool = True
+
+    @property
+    def replica_id(self) -> str:
+        return f"{RUNTIME_PREFIX}{self.tenant}.{self.name}.{self.uid}"
+
+    @property
+    def owner_id(self) -> str:
+        return f"jobs/devenv/{self.name}/{self.uid}"
+
+    @property
+    def run_owner_id(self) -> str:
+        return f"{self.owner_id}/run"
+
+    @property
+    def path(self) -> str:
+        return f"/dev/{self.tenant}/{self.name}/"
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Env":
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def socket_name(env: Env) -> str:
+    """At most 37 characters (see tensorboards.socket_name)."""
+    return f"nb-{env.name[:20]}-{env.uid}.sock"
+
+
+def _quota_error(tenant: str, what: str, err: errors.CloudMLError) -> errors.CloudMLError:
+    if isinstance(err, errors.QuotaBusy):
+        return errors.FailedPrecondition(f"tenant {tenant!r} has no room now for {what}: {err.message} "
+                                         "(stop a dev environment or a job first)")
+    if isinstance(err, errors.ResourceExhausted):
+        return errors.ResourceExhausted(f"tenant {tenant!r} is over its quota for {what}: {err.message}")
+    return err
+
+
+class DevEnvironments:
+    def __init__(self, etcd: Etcd, quota, runtime: Runtime, settings: DevEnvSettings, clock=time.time,
+                 prefix: str = PREFIX):
+        self.etcd = etcd
+        self.quota = quota
+        self.runtime = runtime
+        self.settings = settings
+        self.clock = clock
+        self.prefix = prefix
+        self.tenancy = getattr(runtime, "tenancy", None)
+        self._accessed: dict[str, float] = {}
+        self._starting: dict[str, float] = {}
+        self._token_key: bytes | None = None
+
+    def _key(self, tenant: str, name: str) -> str:
+        return f"{self.prefix}{tenant}/{name}"
+
+    # --- the API ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _tenant(caller: Principal, tenant: str, name: str = "") -> str:
+        tenant = tenant or caller.tenant
+        validation.check_name(tenant, "tenant")
+        if not caller.may_access(tenant):
+            raise errors.NotFound(f"dev environment {name!r} not found" if name else f"tenant {tenant!r} not found")
+        return tenant
+
+    async def _get(self, tenant: str, name: str) -> Env | None:
+        kv = await self.etcd.get(self._key(tenant, name))
+        return Env.decode(kv.value) if kv else None
+
+    async def _load(self, caller: Principal, tenant: str, name: str) -> Env:
+        validation.check_name(name, "name")
+        tenant = self._tenant(caller, tenant, name)
+        env = await self._get(tenant, name)
+        if env is None:
+            raise errors.NotFound(f"dev environment {name!r} not found in tenant {tenant!r}")
+        return env
+
+    async def _all(self, tenant: str = "") -> list[Env]:
+        kvs, _, _ = await self.etcd.get_prefix(self.prefix + (f"{tenant}/" if tenant else ""))
+        return [Env.decode(kv.value) for kv in kvs]
+
+    def _amount(self, resources) -> Amount:
+        validation.check_resources(resources, "resources")
+        for field in ("train_jobs", "model_replicas", "studies", "dev_environments", "tensorboards"):
+            if getattr(resources, field):
+                raise errors.InvalidArgument(f"resources.{field} must be 0 (only cpu_millis, memory_bytes, gpus apply)")
+        return Amount(cpu_millis=resources.cpu_millis or self.settings.cpu_millis,
+                      memory_bytes=resources.memory_bytes or self.settings.memory_bytes, gpus=resources.gpus)
+
+    async def create(self, caller: Principal, tenant: str, name: str, resources, image: str) -> pb.DevEnvironment:
+        validation.check_name(name, "name")
+        tenant = self._tenant(caller, tenant)
+        amount = self._amount(resources)
+        if image:
+            if self.runtime.name == "local":
+                raise errors.InvalidArgument(
+                    "the local runtime runs dev environments in the platform's own Python environment "
+                    "(SDK, TensorFlow, JupyterLab) and cannot run an image: drop --image")
+            raise errors.InvalidArgument(f"the {self.runtime.name} runtime cannot run dev environments yet")
+        try:
+            self.runtime.check_fits_ever([amount])
+        except Unschedulable as err:
+            raise errors.ResourceExhausted(f"a dev environment of that size cannot fit the runtime: {err}") from None
+        if await self._get(tenant, name) is not None:
+            raise errors.AlreadyExists(f"dev environment {name!r} already exists in tenant {tenant!r}")
+        now = self.clock()
+        env = Env(tenant=tenant, name=name, uid=secrets.token_hex(4), cpu_millis=amount.cpu_millis,
+                  memory_bytes=amount.memory_bytes, gpus=amount.gpus, created=now, last_activity=now,
+                  message="reserving quota", reserved=False)
+        key = self._key(tenant, name)
+        ok, _ = await self.etcd.txn([cmp_absent(key)], [op_put(key, env.encode())])
+        if not ok:
+            raise errors.AlreadyExists(f"dev environment {name!r} already exists in tenant {tenant!r}")
+        undo: list = [lambda: self.etcd.delete(key)]
+        try:
+            try:
+                await self.quota.reserve(tenant, env.owner_id, resources_pb2.Resources(dev_environments=1))
+            except errors.CloudMLError as err:
+                raise _quota_error(tenant, "another dev environment", err) from None
+            undo.append(lambda: self.quota.release(tenant, env.owner_id))
+            await self._reserve_run(env)
+            undo.append(lambda: self.quota.release(tenant, env.run_owner_id))
+            key_id, secret = await self.quota.create_access_key(tenant, f"dev environment {name} ({env.uid})")
+            undo.append(lambda: self.quota.revoke_access_key(tenant, key_id))
+            await asyncio.to_thread(self._write_config, env, key_id, secret)
+        except BaseException:
+            for step in reversed(undo):
+                with contextlib.suppress(Exception):
+                    await step()
+            raise
+        stored = await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, "starting", reserved=True,
+                                 access_key_id=key_id)
+        return self.message(stored or env)
+
+    async def _reserve_run(self, env: Env) -> None:
+        try:
+            await self.quota.reserve(env.tenant, env.run_owner_id, resources_pb2.Resources(
+                cpu_millis=env.cpu_millis, memory_bytes=env.memory_bytes, gpus=env.gpus))
+        except errors.CloudMLError as err:
+            raise _quota_error(env.tenant, f"a running dev environment ({env.cpu_millis}m CPU, "
+                               f"{env.memory_bytes >> 20} MiB, {env.gpus} GPUs)", err) from None
+
+    async def get(self, caller: Principal, tenant: str, name: str) -> pb.DevEnvironment:
+        return self.message(await self._load(caller, tenant, name))
+
+    async def list(self, caller: Principal, tenant: str) -> list[pb.DevEnvironment]:
+        tenant = self._tenant(caller, tenant)
+        return [self.message(e) for e in sorted(await self._all(tenant), key=lambda e: e.name)]
+
+    async def stop(self, caller: Principal, tenant: str, name: str) -> pb.DevEnvironment:
+        env = await self._load(caller, tenant, name)
+        if env.state in (S.DEV_ENVIRONMENT_STATE_STARTING, S.DEV_ENVIRONMENT_STATE_RUNNING):
+            env = await self._set(env, S.DEV_ENVIRONMENT_STATE_STOPPING, "stopping (asked)") or env
+        elif env.state == S.DEV_ENVIRONMENT_STATE_DELETING:
+            raise errors.FailedPrecondition(f"dev environment {name!r} is being deleted")
+        return self.message(env)
+
+    async def start(self, caller: Principal, tenant: str, name: str) -> pb.DevEnvironment:
+        env = await self._load(caller, tenant, name)
+        if env.state in (S.DEV_ENVIRONMENT_STATE_STARTING, S.DEV_ENVIRONMENT_STATE_RUNNING):
+            return self.message(env)
+        if env.state != S.DEV_ENVIRONMENT_STATE_STOPPED and env.state != S.DEV_ENVIRONMENT_STATE_FAILED:
+            raise errors.FailedPrecondition(
+                f"dev environment {name!r} is {S.Name(env.state)[len('DEV_ENVIRONMENT_STATE_'):].lower()}: "
+                "start it once it is STOPPED")
+        await self._reserve_run(env)
+        now = self.clock()
+        stored = await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, "starting", last_activity=now,
+                                 only_from=(S.DEV_ENVIRONMENT_STATE_STOPPED, S.DEV_ENVIRONMENT_STATE_FAILED))
+        if stored is None or stored.state != S.DEV_ENVIRONMENT_STATE_STARTING or stored.uid != env.uid:
+            await self.quota.release(env.tenant, env.run_owner_id)
+            raise errors.Conflict(f"dev environment {name!r} changed meanwhile: try again")
+        return self.message(stored)
+
+    async def delete(self, caller: Principal, tenant: str, name: str) -> None:
+        env = await self._load(caller, tenant, name)
+        await self._set(env, S.DEV_ENVIRONMENT_STATE_DELETING, "deleting")
+
+    async def resolve(self, caller: Principal, tenant: str, name: str) -> tuple[str, str]:
+        """(address, Authorization header for the server) of a RUNNING env
+        (NOT_FOUND otherwise); marks it used."""
+        env = await self._load(caller, tenant, name)
+        if env.state != S.DEV_ENVIRONMENT_STATE_RUNNING or not env.address:
+            raise errors.NotFound(f"dev environment {name!r} is not running")
+        now = self.clock()
+        if now - max(env.last_activity, self._accessed.get(env.replica_id, 0.0)) >= ACCESS_WRITE_SECONDS:
+            self._accessed[env.replica_id] = now
+            await self._touch(env, now)
+        return env.address, f"token {self.jupyter_token(env)}"
+
+    async def _touch(self, env: Env, when: float) -> None:
+        def touch(kv):
+            if kv is None:
+                return None
+            current = Env.decode(kv.value)
+            if current.uid != env.uid or current.last_activity >= when:
+                return kv.value
+            current.last_activity = when
+            return current.encode()
+
+        with contextlib.suppress(errors.CloudMLError):
+            await self.etcd.update(self._key(env.tenant, env.name), touch)
+
+    def message(self, env: Env) -> pb.DevEnvironment:
+        out = pb.DevEnvironment(
+            tenant=env.tenant, name=env.name, uid=env.uid, state=env.state, path=env.path, image=env.image,
+            working_dir="file://" + self._storage(env.tenant), access_key_id=env.access_key_id,
+            resources=resources_pb2.Resources(cpu_millis=env.cpu_millis, memory_bytes=env.memory_bytes,
+                                              gpus=env.gpus),
+            create_time=timestamp(env.created), last_activity_time=timestamp(env.last_activity),
+            idle_stop_seconds=int(self.settings.idle_seconds), message=env.message)
+        if env.state in (S.DEV_ENVIRONMENT_STATE_STARTING, S.DEV_ENVIRONMENT_STATE_RUNNING):
+            out.idle_stop_time.CopyFrom(timestamp(env.last_activity + self.settings.idle_seconds))
+        return out
+
+    async def _set(self, env: Env, state: int, message: str, only_from=None, **changes) -> Env | None:
+        """Compare-and-swap of one env's state (never out of DELETING, never
+        onto another uid; with `only_from`, only from those states)."""
+        result: list[Env | None] = [None]
+
+        def change(kv):
+            if kv is None:
+                return None
+            current = Env.decode(kv.value)
+            result[0] = current
+            if current.uid != env.uid:
+                return kv.value
+            if current.state == S.DEV_ENVIRONMENT_STATE_DELETING and state != S.DEV_ENVIRONMENT_STATE_DELETING:
+                return kv.value
+            if only_from is not None and current.state not in only_from:
+                return kv.value
+            current.state, current.message = state, message
+            for name, value in changes.items():
+                setattr(current, name, value)
+            return current.encode()
+
+        await self.etcd.update(self._key(env.tenant, env.name), change)
+        return result[0]
+
+    # --- files and secrets ----------------------------------------------------------------------
+
+    def _storage(self, tenant: str) -> str:
+        return os.path.join(self.settings.data_dir, "storage", tenant)
+
+    def _env_dir(self, env: Env) -> str:
+        return os.path.join(self.settings.data_dir, "devenvs", env.tenant, f"{env.name}.{env.uid}")
+
+    def _gate(self, path: str, tenant: str, mode: int) -> None:
+        if self.tenancy is not None and self.tenancy.enabled:
+            self.tenancy.gate(path, tenant, mode)
+        else:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+
+    def _write_config(self, env: Env, key_id: str, secret: str) -> None:
+        """DIR/devenvs/<tenant>/<name>.<uid>/config.json: root's, readable by the tenant's group. Blocking."""
+        base = os.path.join(self.settings.data_dir, "devenvs")
+        os.makedirs(base, mode=0o711, exist_ok=True)
+        self._gate(os.path.join(base, env.tenant), env.tenant, 0o710)
+        self._gate(self._env_dir(env), env.tenant, 0o750)
+        data = {"endpoint": self.settings.endpoint, "rest_endpoint": self.settings.rest_endpoint,
+                "access_key": key_id, "secret_key": secret}
+        path = os.path.join(self._env_dir(env), "config.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            account = self.tenancy.account(env.tenant) if self.tenancy is not None and self.tenancy.enabled else None
+            if account is not None:
+                os.fchown(f.fileno(), 0, account.gid)
+                os.fchmod(f.fileno(), 0o640)
+            json.dump({k: v for k, v in data.items() if v}, f)
+
+    def jupyter_token(self, env: Env) -> str:
+        if self._token_key is None:
+            self._token_key = self._load_token_key()
+        return hmac.new(self._token_key, f"{env.tenant}/{env.name}/{env.uid}".encode(), hashlib.sha256).hexdigest()
+
+    def _load_token_key(self) -> bytes:
+        directory = os.path.join(self.settings.data_dir, "secrets")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        path = os.path.join(directory, "devenv-token.key")
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) != 32:
+            raise errors.Unavailable(f"{path} is not a 32-byte key")
+        return key
+
+    def _prepare(self, env: Env) -> tuple[str, str, str]:
+        """(home, socket path, working dir), created for the tenant. Blocking."""
+        storage = os.path.join(self.settings.data_dir, "storage")
+        os.makedirs(storage, exist_ok=True)
+        own = self._storage(env.tenant)
+        if self.tenancy is not None and self.tenancy.enabled:
+            os.chmod(storage, 0o711)
+            self.tenancy.own_dir(own, env.tenant)
+        else:
+            os.makedirs(own, mode=0o700, exist_ok=True)
+        sockets = tenant_socket_dir(socket_root(self.settings.data_dir), env.tenant, self.tenancy)
+        return os.path.join(self._env_dir(env), "home"), os.path.join(sockets, socket_name(env)), own
+
+    # --- the leader ----------------------------------------------------------------------------
+
+    async def lead(self) -> None:
+        """Reconciles until cancelled (this process stopped leading)."""
+        adopted = [s for s in await self.runtime.adopt() if s.replica_id.startswith(RUNTIME_PREFIX)]
+        log.info("dev environments: leading; %d replica(s) adopted", len(adopted))
+        rounds = 0
+        while True:
+            try:
+                await self.reconcile(sweep=rounds % ORPHAN_SWEEP_PASSES == 0)
+            except errors.CloudMLError as err:
+                log.info("dev environment pass interrupted: %s", err.message)
+            except Exception:  # noqa: BLE001 - keep reconciling whatever happens
+                log.exception("dev environment pass failed")
+            rounds += 1
+            await asyncio.sleep(self.settings.pass_seconds)
+
+    async def reconcile(self, sweep: bool = True) -> None:
+        envs = await self._all()
+        if sweep:
+            running = {e.replica_id for e in envs if e.state in (
+                S.DEV_ENVIRONMENT_STATE_STARTING, S.DEV_ENVIRONMENT_STATE_RUNNING, S.DEV_ENVIRONMENT_STATE_STOPPING)}
+            for status in await self.runtime.adopt():
+                if status.replica_id.startswith(RUNTIME_PREFIX) and status.replica_id not in running:
+                    log.warning("stopping dev environment replica %s of no running record", status.replica_id)
+                    await self._stop_replica(status.replica_id)
+        for env in envs:
+            try:
+                await self._reconcile_one(env)
+            except errors.CloudMLError as err:
+                log.info("dev environment %s/%s: %s", env.tenant, env.name, err.message)
+
+    async def _reconcile_one(self, env: Env) -> None:
+        now = self.clock()
+        if env.state == S.DEV_ENVIRONMENT_STATE_DELETING:
+            await self._stop_replica(env.replica_id)
+            await self.quota.release(env.tenant, env.run_owner_id)
+            if env.access_key_id:
+                with contextlib.suppress(errors.NotFound):
+                    await self.quota.revoke_access_key(env.tenant, env.access_key_id)
+            await self.quota.release(env.tenant, env.owner_id)
+            await asyncio.to_thread(shutil.rmtree, self._env_dir(env), True)
+            await self.etcd.delete(self._key(env.tenant, env.name))
+            log.info("dev environment %s/%s deleted", env.tenant, env.name)
+            return
+        if not env.reserved:
+            if now - env.created > RESERVE_SECONDS:
+                await self._set(env, S.DEV_ENVIRONMENT_STATE_DELETING, "its creation did not finish")
+            return
+        if env.state == S.DEV_ENVIRONMENT_STATE_STOPPING:
+            await self._stop_replica(env.replica_id)
+            await self.quota.release(env.tenant, env.run_owner_id)
+            self._starting.pop(env.replica_id, None)
+            await self._set(env, S.DEV_ENVIRONMENT_STATE_STOPPED, env.message.replace("stopping", "stopped", 1),
+                            address="")
+            return
+        if env.state == S.DEV_ENVIRONMENT_STATE_RUNNING and now - env.last_activity >= self.settings.idle_seconds:
+            seen = await self._kernel_activity(env)
+            if seen is not None and now - seen < self.settings.idle_seconds:
+                await self._touch(env, seen)
+                return
+            await self._set(env, S.DEV_ENVIRONMENT_STATE_STOPPING,
+                            f"stopping: idle for {_duration(self.settings.idle_seconds)} "
+                            "(no page request or kernel activity)")
+            return
+        if env.state not in (S.DEV_ENVIRONMENT_STATE_STARTING, S.DEV_ENVIRONMENT_STATE_RUNNING):
+            return
+        status = await self.runtime.status(env.replica_id)
+        if env.state == S.DEV_ENVIRONMENT_STATE_STARTING:
+            if status.phase != ReplicaPhase.RUNNING:
+                if env.replica_id in self._starting and status.ended:
+                    await self._fail(env, status)
+                    return
+                await self._start(env)
+                return
+            if await TensorBoards._answers(env.address):
+                self._starting.pop(env.replica_id, None)
+                await self._set(env, S.DEV_ENVIRONMENT_STATE_RUNNING, "running")
+            elif now - self._starting.setdefault(env.replica_id, now) > self.settings.start_timeout:
+                await self._stop_replica(env.replica_id)
+                await self._failed(env, f"its server did not answer within {self.settings.start_timeout:g} s")
+        elif status.phase != ReplicaPhase.RUNNING:
+            # A server that ended while running (killed, over its memory, the
+            # machine restarted) comes back: its files are in the tenant's storage.
+            detail = ": ".join(filter(None, (status.reason, status.message))) or "ended"
+            await self._stop_replica(env.replica_id)
+            await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, f"restarting: its server {detail}")
+
+    async def _fail(self, env: Env, status) -> None:
+        detail = status.message or status.reason or "ended"
+        tail = await asyncio.to_thread(self._log_tail, env)
+        await self._stop_replica(env.replica_id)
+        await self._failed(env, f"its server {detail}" + (f": {tail}" if tail else ""))
+
+    async def _failed(self, env: Env, message: str) -> None:
+        self._starting.pop(env.replica_id, None)
+        await self.quota.release(env.tenant, env.run_owner_id)
+        await self._set(env, S.DEV_ENVIRONMENT_STATE_FAILED, message, address="")
+
+    def _log_tail(self, env: Env) -> str:
+        with contextlib.suppress(OSError), open(os.path.join(self._env_dir(env), LOG_FILE), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 300))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+            return lines[-1][:300] if lines else ""
+        return ""
+
+    async def _start(self, env: Env) -> None:
+        amount = Amount(cpu_millis=env.cpu_millis, memory_bytes=env.memory_bytes, gpus=env.gpus)
+        try:
+            self.runtime.reserve(env.replica_id, [amount])
+        except Unschedulable as err:
+            await self._failed(env, f"cannot fit the runtime: {err}")
+            return
+        except CapacityBusy as err:
+            await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, f"waiting for capacity: {err}")
+            return
+        home, sock, workdir = await asyncio.to_thread(self._prepare, env)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock)
+        stored = await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, "starting its server",
+                                 address=f"unix:{sock}", started=self.clock(),
+                                 only_from=(S.DEV_ENVIRONMENT_STATE_STARTING,))
+        if stored is None or stored.uid != env.uid or stored.state != S.DEV_ENVIRONMENT_STATE_STARTING:
+            self.runtime.release(env.replica_id)
+            return
+        python = self.settings.python or "python3"
+        argv = [python, "-m", "services.jobs.devenv_replica", "--socket", sock, "--base-url", env.path,
+                "--root-dir", workdir]
+        request = ReplicaRequest(
+            replica_id=env.replica_id, group=env.replica_id, argv=argv,
+            env={"PYTHONPATH": PROJECT_ROOT, "PYTHONUNBUFFERED": "1", "HOME": home, "TMPDIR": home,
+                 "PATH": f"{os.path.dirname(python)}:/usr/local/bin:/usr/bin:/bin",
+                 "CLOUDML_CONFIG": os.path.join(self._env_dir(env), "config.json"),
+                 "CLOUDML_TENANT": env.tenant, "TF_CPP_MIN_LOG_LEVEL": "2",
+                 "CLOUDML_JUPYTER_TOKEN": self.jupyter_token(env)},
+            workdir=home, log_path=os.path.join(self._env_dir(env), LOG_FILE), resources=amount,
+            tenant=env.tenant)
+        self._starting[env.replica_id] = self.clock()
+        status = await self.runtime.start(request)
+        log.info("dev environment %s/%s: replica %s started (pid %s) on %s", env.tenant, env.name,
+                 env.replica_id, status.pid, sock)
+
+    async def _kernel_activity(self, env: Env) -> float | None:
+        """The server's own last activity (API requests, kernels, terminals), as epoch seconds."""
+        if not env.address.startswith("unix:"):
+            return None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(env.address[5:]), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        try:
+            writer.write(f"GET {env.path}api/status HTTP/1.0\r\nHost: devenv\r\n"
+                         f"Authorization: token {self.jupyter_token(env)}\r\n\r\n".encode())
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(65536), 3.0)
+            body = raw.split(b"\r\n\r\n", 1)[1]
+            stamp = json.loads(body)["last_activity"]
+            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        except (OSError, asyncio.TimeoutError, IndexError, KeyError, ValueError, TypeError):
+            return None
+        finally:
+            writer.close()
+
+    async def _stop_replica(self, replica_id: str) -> None:
+        await TensorBoards._stop_replica(self, replica_id)  # same runtime steps
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
