@@ -38,6 +38,22 @@ def jupyter_argv(socket: str, base_url: str, root_dir: str, token: str) -> list[
     ]
 
 
+def without_token_in_pages(lab_app) -> None:
+    """Stock JupyterLab writes the server's token into every page's config
+    for its frontend to send back; here the gateway sends it instead, so the
+    pages carry none. (Patched on the class: the server loads the
+    `jupyterlab` extension by its own name, not through a subclass.)"""
+    original = lab_app.initialize_handlers
+
+    def initialize_handlers(self):
+        original(self)
+        settings = self.serverapp.web_app.settings
+        settings.setdefault("page_config_data", {})["token"] = ""
+        settings["page_config_hook"] = lambda handler, page_config: {**page_config, "token": ""}
+
+    lab_app.initialize_handlers = initialize_handlers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.jobs.devenv_replica")
     parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
@@ -60,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JUPYTERLAB_WORKSPACES_DIR", os.path.join(home, ".jupyter", "lab", "workspaces"))
     from jupyterlab.labapp import LabApp
 
+    without_token_in_pages(LabApp)
     print(f"JupyterLab on unix:{args.socket} under {args.base_url}", flush=True)
     LabApp.launch_instance(argv=jupyter_argv(args.socket, args.base_url, args.root_dir, token))
     return 0
