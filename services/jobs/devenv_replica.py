@@ -54,6 +54,16 @@ def without_token_in_pages(lab_app) -> None:
     lab_app.initialize_handlers = initialize_handlers
 
 
+def quiet_news(settings_dir: str) -> None:
+    """The tenant's JupyterLab settings, unless they chose otherwise: no
+    prompt about fetching Jupyter's news (there is nothing to fetch from)."""
+    path = os.path.join(settings_dir, "@jupyterlab", "apputils-extension", "notification.jupyterlab-settings")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write('{"fetchNews": "false", "checkForUpdates": false}\n')
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.jobs.devenv_replica")
     parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
@@ -76,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("JUPYTERLAB_WORKSPACES_DIR", os.path.join(home, ".jupyter", "lab", "workspaces"))
     from jupyterlab.labapp import LabApp
 
+    quiet_news(os.environ["JUPYTERLAB_SETTINGS_DIR"])
     without_token_in_pages(LabApp)
     print(f"JupyterLab on unix:{args.socket} under {args.base_url}", flush=True)
     LabApp.launch_instance(argv=jupyter_argv(args.socket, args.base_url, args.root_dir, token))

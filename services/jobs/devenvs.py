@@ -203,12 +203,12 @@ class DevEnvironments:
         validation.check_name(name, "name")
         tenant = self._tenant(caller, tenant)
         amount = self._amount(resources)
+        if self.runtime.name != "local":  # the gateway reaches page servers on local Unix sockets only
+            raise errors.FailedPrecondition(f"the {self.runtime.name} runtime cannot run dev environments yet")
         if image:
-            if self.runtime.name == "local":
-                raise errors.InvalidArgument(
-                    "the local runtime runs dev environments in the platform's own Python environment "
-                    "(SDK, TensorFlow, JupyterLab) and cannot run an image: drop --image")
-            raise errors.InvalidArgument(f"the {self.runtime.name} runtime cannot run dev environments yet")
+            raise errors.InvalidArgument(
+                "the local runtime runs dev environments in the platform's own Python environment "
+                "(SDK, TensorFlow, JupyterLab) and cannot run an image: drop --image")
         try:
             self.runtime.check_fits_ever([amount])
         except Unschedulable as err:
@@ -556,7 +556,21 @@ class DevEnvironments:
                  env.replica_id, status.pid, sock)
 
     async def _kernel_activity(self, env: Env) -> float | None:
-        """The server's own last activity (API requests, kernels, terminals), as epoch seconds."""
+        """The server's own last activity (API requests, kernel messages,
+        terminals) as epoch seconds, or now while a kernel is busy (a long
+        silent cell sends nothing); None if it cannot tell."""
+        status = await self._server_json(env, "api/status")
+        kernels = await self._server_json(env, "api/kernels")
+        if isinstance(kernels, list) and any(k.get("execution_state") == "busy" for k in kernels
+                                             if isinstance(k, dict)):
+            return self.clock()
+        try:
+            return datetime.fromisoformat(status["last_activity"].replace("Z", "+00:00")).timestamp()
+        except (KeyError, AttributeError, TypeError, ValueError):
+            return None
+
+    async def _server_json(self, env: Env, path: str):
+        """GET <page>/<path> on the server's socket with its token, decoded; None on any failure."""
         if not env.address.startswith("unix:"):
             return None
         try:
@@ -564,14 +578,12 @@ class DevEnvironments:
         except (OSError, asyncio.TimeoutError):
             return None
         try:
-            writer.write(f"GET {env.path}api/status HTTP/1.0\r\nHost: devenv\r\n"
+            writer.write(f"GET {env.path}{path} HTTP/1.0\r\nHost: devenv\r\n"
                          f"Authorization: token {self.jupyter_token(env)}\r\n\r\n".encode())
             await writer.drain()
-            raw = await asyncio.wait_for(reader.read(65536), 3.0)
-            body = raw.split(b"\r\n\r\n", 1)[1]
-            stamp = json.loads(body)["last_activity"]
-            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-        except (OSError, asyncio.TimeoutError, IndexError, KeyError, ValueError, TypeError):
+            raw = await asyncio.wait_for(reader.read(), 3.0)  # HTTP/1.0: to the end
+            return json.loads(raw.split(b"\r\n\r\n", 1)[1])
+        except (OSError, asyncio.TimeoutError, IndexError, ValueError):
             return None
         finally:
             writer.close()

@@ -14,8 +14,8 @@ Authorization header that carries Jupyter's token.
 The whole platform in a browser: tests/e2e/test_devenv_browser.py."""
 from __future__ import annotations
 
+import asyncio
 import json
-import secrets
 import time
 import uuid
 
@@ -26,19 +26,29 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloudml.jobs.v1 import dev_environments_pb2 as dev_pb
 from services.common.tokens import AUDIENCE, ISSUER, ROLE_MEMBER, TokenVerifier
 from services.gateway.pages import COOKIE, BrowserPages
-from tests.integration.jupyter_kernel import execute, start_server, wait_answers
+from services.jobs.devenvs import DevEnvironments, DevEnvSettings, Env
+from tests.integration.jupyter_kernel import execute, message, start_server, wait_answers
+
+S = dev_pb.DevEnvironmentState
+TOKEN = ""
 
 BASE = "/dev/acme/nb/"
-TOKEN = secrets.token_hex(32)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("devenv_gateway")
+    # The token the jobs service would derive for this env (so its idle probe can ask the server too).
+    devenvs = DevEnvironments(None, None, object(), DevEnvSettings(data_dir=str(workdir / "data")))
+    env = Env(tenant="acme", name="nb", uid="0123abcd", state=S.DEV_ENVIRONMENT_STATE_RUNNING)
+    global TOKEN
+    TOKEN = devenvs.jupyter_token(env)
     sock, proc = start_server(str(workdir), BASE, TOKEN)
-    yield {"sock": sock, "workdir": workdir}
+    env.address = "unix:" + sock
+    yield {"sock": sock, "workdir": workdir, "devenvs": devenvs, "env": env}
     proc.terminate()
     proc.wait(15)
 
@@ -71,7 +81,7 @@ async def env(server):
     session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
     direct = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=server["sock"]))
     await wait_answers(direct, f"http://nb{BASE}api/status")
-    yield {"url": f"http://127.0.0.1:{port}", "token": token, "verifier": verifier, "pem": pem, "session": session,
+    yield {"server": server, "url": f"http://127.0.0.1:{port}", "token": token, "verifier": verifier, "pem": pem, "session": session,
            "direct": direct}
     await session.close()
     await direct.close()
@@ -119,7 +129,23 @@ async def test_kernel_websocket_through_the_gateway_runs_code(env):
                 env["url"] + f"{BASE}api/kernels/{kernel['id']}/channels?session_id={session_id}",
                 headers=good) as socket:
             text, reply = await execute(socket, "import os; print(6 * 7, os.getcwd())", session_id)
-        assert reply["status"] == "ok" and text.split()[0] == "42", text
+            assert reply["status"] == "ok" and text.split()[0] == "42", text
+            # The idle probe of the jobs service (its own token, straight to the socket): a kernel
+            # busy with a silent cell counts as activity now.
+            devenvs, dev_env = env["server"]["devenvs"], env["server"]["env"]
+            devenvs.clock = lambda: 4e9
+            idle = await devenvs._kernel_activity(dev_env)
+            assert idle is not None and idle < 4e9
+            await socket.send_json(message("execute_request", {"code": "import time; time.sleep(4)", "silent": False,
+                                                               "store_history": False, "user_expressions": {},
+                                                               "allow_stdin": False}, session_id))
+            busy = None
+            for _ in range(30):
+                busy = await devenvs._kernel_activity(dev_env)
+                if busy == 4e9:
+                    break
+                await asyncio.sleep(0.1)
+            assert busy == 4e9
     finally:
         async with env["session"].delete(env["url"] + f"{BASE}api/kernels/{kernel['id']}", headers=good):
             pass

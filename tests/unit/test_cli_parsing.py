@@ -291,3 +291,11 @@ def test_connect_failure_is_connection_failed():
     )
     assert isinstance(err, errors.ConnectionFailed)
     assert str(err) == "cannot reach the platform at 127.0.0.1:1: Connection refused"
+
+
+def test_dev_create_parses_sizes_and_open_may_skip_the_browser():
+    args = parse("dev", "create", "nb", "--cpu", "2", "--memory", "4Gi", "--gpus", "1", "--no-wait")
+    assert (args.name, args.cpu, args.memory, args.gpus, args.image, args.wait) == ("nb", 2000, 4 << 30, 1, "", False)
+    assert parse("dev", "open", "nb", "--no-browser").browser is False
+    for command in ("stop", "start", "delete", "describe"):
+        assert parse("dev", command, "nb", "--tenant", "acme").tenant == "acme"

@@ -45,6 +45,10 @@ def _state(env) -> str:
     return enum_label(_pb().DevEnvironmentState, env.state, "DEV_ENVIRONMENT_STATE_")
 
 
+def _is(env, *states: str) -> bool:
+    return any(env.state == getattr(_pb(), f"DEV_ENVIRONMENT_STATE_{s}") for s in states)
+
+
 def _row(env) -> list:
     r = env.resources
     return [env.name, _state(env), units.format_cpu(r.cpu_millis), units.format_memory(r.memory_bytes), r.gpus,
@@ -102,8 +106,8 @@ def _wait(ctx: Context, env):
 
 def _emit(ctx: Context, env, verb: str) -> None:
     ctx.emit(message_to_dict(env), text=f"dev environment {env.name}: {_state(env)}"
-             + (f" ({env.message})" if env.message and _state(env) != "RUNNING" else "")
-             + (f"\n{verb}; `cloudml dev open {env.name}` prints its login link" if _state(env) == "RUNNING" else ""))
+             + (f" ({env.message})" if env.message and not _is(env, "RUNNING") else "")
+             + (f"\n{verb}; `cloudml dev open {env.name}` prints its login link" if _is(env, "RUNNING") else ""))
 
 
 def create(ctx: Context) -> None:
@@ -159,12 +163,12 @@ def _browser_available() -> bool:
 
 def open_(ctx: Context) -> None:
     env = _get(ctx)
-    if _state(env) != "RUNNING":
+    if not _is(env, "RUNNING"):
         from cloudml import errors
 
         raise errors.FailedPrecondition(
             f"dev environment {env.name} is {_state(env)}" + (f" ({env.message})" if env.message else "")
-            + (f": start it with `cloudml dev start {env.name}`" if _state(env) in ("STOPPED", "FAILED") else ""),
+            + (f": start it with `cloudml dev start {env.name}`" if _is(env, "STOPPED", "FAILED") else ""),
             code="FAILED_PRECONDITION")
     link = ctx.client.login_link(env.path)
     opened = False

@@ -109,7 +109,8 @@ class DevEnvironmentServiceServicer:
         cannot run one (the local runtime). ALREADY_EXISTS: the name is taken.
         RESOURCE_EXHAUSTED: over the tenant's dev-environment count, CPU, memory
         or GPUs (nothing is created). FAILED_PRECONDITION: the quota fits but
-        not with what runs now (nothing is created).
+        not with what runs now, or the service's runtime is not `local` (the
+        only one that runs them yet); nothing is created.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
