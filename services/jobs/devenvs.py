@@ -227,8 +227,9 @@ class DevEnvironments:
         try:
             try:
                 await self.quota.reserve(tenant, env.owner_id, resources_pb2.Resources(dev_environments=1))
-            except errors.CloudMLError as err:
-                raise _quota_error(tenant, "another dev environment", err) from None
+            except (errors.QuotaBusy, errors.ResourceExhausted):  # the count is full: no waiting helps
+                raise errors.ResourceExhausted(f"tenant {tenant!r} has all the dev environments its quota allows "
+                                               "(`cloudml quota get`): delete one first") from None
             undo.append(lambda: self.quota.release(tenant, env.owner_id))
             await self._reserve_run(env)
             undo.append(lambda: self.quota.release(tenant, env.run_owner_id))

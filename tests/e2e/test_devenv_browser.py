@@ -105,10 +105,15 @@ def run_first_cell(browser) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    editor = wait_for(browser, lambda: browser.driver.find_element(By.CSS_SELECTOR, ".jp-Cell .cm-content"),
-                      "the cell's editor")
+    wait_for(browser, lambda: browser.driver.find_element(By.CSS_SELECTOR, ".jp-Cell .cm-content"),
+             "the cell's editor")
     wait_for(browser, lambda: "Idle" in browser.body_text() or None, "the kernel to be idle", timeout=120)
-    editor.click()
+
+    def click():  # found again each time: JupyterLab re-renders the cell while it settles
+        browser.driver.find_element(By.CSS_SELECTOR, ".jp-Cell .cm-content").click()
+        return True
+
+    wait_for(browser, click, "a clickable cell editor", timeout=30)
     ActionChains(browser.driver).key_down(Keys.SHIFT).send_keys(Keys.ENTER).key_up(Keys.SHIFT).perform()
 
 
