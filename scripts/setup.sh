@@ -57,6 +57,17 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   $UV pip install -q --python .venv/bin/python -e ".[all]"
   echo "$want" > "$stamp"
 fi
+# Bytecode for every installed module, compiled once as root: tenant code
+# (dev environments' JupyterLab and kernels, trainers, model servers) runs as
+# users who cannot write __pycache__ into .venv, so without it each of their
+# processes compiles what it imports (TensorFlow, Jupyter) from source again.
+compiled=.venv/.cloudml-compiled
+if [ ! -f "$compiled" ] || [ "$(cat "$compiled")" != "$want" ]; then
+  log "compiling .venv's modules to bytecode (once per install)"
+  .venv/bin/python -m compileall -q -j 0 .venv/lib/python3*/site-packages >/dev/null 2>&1 || \
+    log "some modules did not compile (files of other Python versions): harmless"
+  echo "$want" > "$compiled"
+fi
 bash scripts/build_native.sh
 kube_bin="$(bash scripts/build_kube_apiserver.sh)"
 log "ready: $(.venv/bin/python --version), etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}'), kube-apiserver in $kube_bin"

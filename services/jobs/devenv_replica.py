@@ -35,6 +35,8 @@ def jupyter_argv(socket: str, base_url: str, root_dir: str, token: str) -> list[
         "--ServerApp.allow_root=True", "--ServerApp.quit_button=False",
         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         "--LabApp.extension_manager=readonly",
+        # No language servers are installed, and no classic-notebook extensions: ~20 % of the start's CPU.
+        '--ServerApp.jpserver_extensions={"jupyter_lsp":False,"notebook_shim":False}',
     ]
 
 

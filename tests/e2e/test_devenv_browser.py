@@ -211,7 +211,10 @@ def test_no_cookie_or_another_tenants_gets_no_page_and_no_websocket(platform, nb
 
 @pytest.mark.parametrize("case", ["name taken", "over count", "image on local"])
 def test_bad_create_is_one_error_line_and_creates_nothing(platform, nb, case):
-    before = platform.cli_json("dev", "list", config=platform.acme)
+    def listed():
+        return [(e["name"], e["uid"], e["state"]) for e in platform.cli_json("dev", "list", config=platform.acme)]
+
+    before = listed()
     held = sorted(r.owner_id for r in platform.client().list_reservations("acme"))
     args = {"name taken": ["nb"], "over count": ["second"],
             "image on local": ["img", "--image", "jupyter/scipy-notebook"]}[case]
@@ -226,17 +229,19 @@ def test_bad_create_is_one_error_line_and_creates_nothing(platform, nb, case):
             platform.cli("quota", "set", "--tenant", "acme", "--dev-environments", "2")
     assert result.returncode == 1 and expected in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert platform.cli_json("dev", "list", config=platform.acme) == before
+    assert listed() == before
     assert sorted(r.owner_id for r in platform.client().list_reservations("acme")) == held
 
 
 def server_processes(platform):
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    """acme/nb's notebook servers (not a child of one caught between its fork and exec, not a zombie)."""
+    found = {}
+    for proc in psutil.process_iter(["cmdline", "ppid", "status"]):
         cmd = proc.info["cmdline"] or []
-        if "services.jobs.devenv_replica" in cmd and "/dev/acme/nb/" in cmd:
-            found.append(proc)
-    return found
+        if "services.jobs.devenv_replica" in cmd and "/dev/acme/nb/" in cmd \
+                and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found[proc.pid] = proc
+    return [p for p in found.values() if p.info["ppid"] not in found]
 
 
 def test_killed_jobs_service_adopts_the_server_and_delete_returns_everything(platform, nb):

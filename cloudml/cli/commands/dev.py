@@ -37,8 +37,10 @@ def _call(ctx: Context, method: str, request):
     from cloudml.jobs.v1 import dev_environments_pb2_grpc
 
     stub = ctx.client.stub(dev_environments_pb2_grpc.DevEnvironmentServiceStub)
-    return ctx.client.call(getattr(stub, method), request).dev_environment if method != "ListDevEnvironments" \
-        else ctx.client.call(getattr(stub, method), request).dev_environments
+    response = ctx.client.call(getattr(stub, method), request)
+    if method == "DeleteDevEnvironment":
+        return None
+    return response.dev_environments if method == "ListDevEnvironments" else response.dev_environment
 
 
 def _state(env) -> str:
