@@ -428,7 +428,8 @@ class DevEnvironments:
             except Exception:  # noqa: BLE001 - keep reconciling whatever happens
                 log.exception("dev environment pass failed")
             rounds += 1
-            await asyncio.sleep(self.settings.pass_seconds)
+            # While a server starts, passes come every 0.1 s: it is RUNNING as soon as it answers.
+            await asyncio.sleep(min(0.1, self.settings.pass_seconds) if self._starting else self.settings.pass_seconds)
 
     async def reconcile(self, sweep: bool = True) -> None:
         envs = await self._all()
