@@ -14,7 +14,8 @@ whole platform (`cloudml-platform up --detach`), tenants `acme` and `rival`.
 4. bad input (a name taken, over the dev-environment count set with
    `cloudml quota set --dev-environments`, an image on the local runtime):
    one error line each, nothing created;
-5. the jobs service killed: its successor adopts the running server (same
+5. the platform restarted (`down`, `up`): the server comes back with the
+   notebook; the jobs service killed: its successor adopts the running server (same
    process) and the page still answers; `cloudml dev delete` returns the
    quota and revokes the environment's key.
 
@@ -196,6 +197,17 @@ def test_stop_frees_resources_and_start_brings_the_notebook_back(platform, brows
     browser.driver.get(platform.rest_endpoint + f"/dev/acme/nb/lab/tree/{NOTEBOOK}")
     wait_for(browser, lambda: "JOBS ['hello']" in browser.body_text(), "the saved output after start")
     browser.screenshot("notebook-after-restart")
+
+
+def test_platform_restart_brings_the_server_back_with_the_notebook(platform, browser, nb):
+    platform.down()  # stops every replica, the notebook server too
+    assert not server_processes(platform)
+    platform.start().wait_up()
+    wait_until(lambda: platform.cli_json("dev", "describe", "nb", config=platform.acme)["state"]
+               == "DEV_ENVIRONMENT_STATE_RUNNING" and server_processes(platform), 180, "the server back after up")
+    token = token_of(platform, platform.acme)
+    status, _, body = get(platform, f"/dev/acme/nb/api/contents/{NOTEBOOK}", token)
+    assert status == 200 and "JOBS ['hello']" in body.decode(), (status, body[:300])
 
 
 def test_no_cookie_or_another_tenants_gets_no_page_and_no_websocket(platform, nb):
