@@ -59,7 +59,7 @@ from services.common.runtime.base import (
 from services.common.sockets import socket_root, tenant_socket_dir
 from services.common.tokens import Principal
 from services.jobs.logs import timestamp
-from services.jobs.tensorboards import PROJECT_ROOT, TensorBoards
+from services.jobs.tensorboards import PROJECT_ROOT, TensorBoards, stop_replica
 
 log = logging.getLogger(__name__)
 
@@ -591,7 +591,7 @@ class DevEnvironments:
             writer.close()
 
     async def _stop_replica(self, replica_id: str) -> None:
-        await TensorBoards._stop_replica(self, replica_id)  # same runtime steps
+        await stop_replica(self.runtime, replica_id, self.settings.stop_grace)
 
 
 def _duration(seconds: float) -> str:

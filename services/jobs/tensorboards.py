@@ -477,9 +477,14 @@ class TensorBoards:
             writer.close()
 
     async def _stop_replica(self, replica_id: str) -> None:
-        status = await self.runtime.status(replica_id)
-        if status.phase == ReplicaPhase.RUNNING:
-            await self.runtime.stop(replica_id, self.settings.stop_grace)
-        if status.phase != ReplicaPhase.UNKNOWN or status.group:
-            await self.runtime.forget(replica_id)
-        self.runtime.release(replica_id)
+        await stop_replica(self.runtime, replica_id, self.settings.stop_grace)
+
+
+async def stop_replica(runtime: Runtime, replica_id: str, grace: float) -> None:
+    """Stops a page server's replica (if it runs), forgets it and releases its capacity."""
+    status = await runtime.status(replica_id)
+    if status.phase == ReplicaPhase.RUNNING:
+        await runtime.stop(replica_id, grace)
+    if status.phase != ReplicaPhase.UNKNOWN or status.group:
+        await runtime.forget(replica_id)
+    runtime.release(replica_id)
