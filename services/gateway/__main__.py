@@ -15,7 +15,8 @@ def _arguments(parser) -> None:
     parser.add_argument("--dataplane-spin-us", type=int,
                         default=int(os.environ["CLOUDML_DATAPLANE_SPIN_US"]) if os.environ.get(
                             "CLOUDML_DATAPLANE_SPIN_US") else None,
-                        help="the data plane polls this long after each event before sleeping (default 1000; 0: never)")
+                        help="the data plane polls at most this long for a replica's due reply before sleeping "
+                             "(default 0: never)")
     parser.add_argument("--max-request-bytes", type=int,
                         default=int(os.environ.get("CLOUDML_MAX_REQUEST_BYTES") or GatewaySettings.max_request_bytes),
                         help="platform-wide cap on a model call's request size in bytes (default 64 MiB); each "

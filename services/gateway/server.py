@@ -45,7 +45,7 @@ class GatewaySettings:
     rest_listen: str | None = "127.0.0.1:8501"
     #: who serves the gRPC port: "native", "python" or "auto" (see dataplane.py)
     dataplane: str = "auto"
-    #: the data plane's polling after each event, microseconds (None: its default)
+    #: the most the data plane polls for a replica's due reply, microseconds (None: its default, 0)
     dataplane_spin_us: int | None = None
     #: platform-wide cap on a model call's request size, bytes (see predict.py)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES

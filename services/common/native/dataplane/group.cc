@@ -79,6 +79,7 @@ void Group::Send() {
   rpc_ = backend.stub->PrepareUnaryCall(&ctx_, kPredictBatch, ToBuffer(request.SerializeAsString()), p.cq.get());
   rpc_->StartCall();
   rpc_->Finish(&response_, &status_, &tags_[kRpc]);
+  sent_ = p.spin.Sent();
 }
 
 void Group::Done(int op, bool ok) {
@@ -86,6 +87,7 @@ void Group::Done(int op, bool ok) {
   if (op == kTimer) {
     if (ok && open_) Send();
   } else {
+    plane_.spin.Answered(sent_);
     Answer();
     FlushGroup(plane_, address_);
   }

@@ -65,6 +65,7 @@ class Group : public Handler {
   grpc::ByteBuffer response_;
   grpc::Status status_;
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> rpc_;
+  Clock::time_point sent_;  // Plane::spin
   Tag tags_[2] = {{this, kTimer}, {this, kRpc}};
 };
 

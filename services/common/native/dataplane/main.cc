@@ -57,24 +57,17 @@
 //   Every other method (health, reflection, ModelService) is relayed to the
 //   control plane the same way.
 // - One thread drives one completion queue for the server and every client
-//   call, so a forwarded call never changes threads. After any event the
-//   loop polls without blocking for --spin-us microseconds (default 1000)
-//   before it sleeps: under traffic, the replica's reply and the caller's
-//   next call are picked up without a wake-up (each wake-up costs tens of µs
-//   on a VM, more when the CPU has gone idle). The window covers a Predict's
-//   round trip to a replica (~0.5 ms for a small model on the 2-CPU box:
-//   bench/bench_serving.py at concurrency 1 measured the gateway adding
-//   ×1.39 p50 over a direct call with no spinning, ×1.23 with 300 µs and
-//   ×1.05 with 1000 µs). The price is CPU: one core while calls keep coming,
-//   about 1 ms per call at low rates, nothing when idle; 0 turns it off.
-//   It spins only while at most kSpinMaxInFlight model calls are in flight:
-//   under load, events come anyway, and spinning through the gaps would take
-//   a core from the replicas and callers sharing the machine (measured:
-//   half_plus_two at concurrency 32 through the gateway fell from ~3,800 to
-//   ~2,450 rps when it spun regardless). Each empty poll yields the core
-//   (sched_yield), so the caller's and the replica's threads that share it
-//   run at once: with 2 CPUs at concurrency 1, half_plus_two's p99 through
-//   the gateway fell from ~2.0 to ~1.3 ms and its throughput rose ~6 %.
+//   call, so a forwarded call never changes threads. It sleeps in the queue
+//   between events by default. With --spin-us N it polls without blocking
+//   (yielding the core on each empty poll) only while a replica's reply is
+//   due, for at most N µs after the latest send (spin.h). Measured on the
+//   2-CPU box, loaded by others (bench/bench_serving.py's pacing table and a
+//   minimal C++ relay on the same gRPC): a relayed call costs this process
+//   ~0.25-0.45 ms of CPU without polling, 5-10 % over the bare library's
+//   floor; polling saves one wake-up per call at ~the replica's round trip
+//   in CPU, and did not pay for that there, so it is off by default. The
+//   former policy, polling 1 ms after every event, cost ~1 ms of CPU per
+//   call at any pacing with pauses.
 //
 // Usage (the Python gateway starts it; it dies with its parent):
 //   cloudml-dataplane --listen HOST:PORT --upstream HOST:PORT [--spin-us N]
@@ -106,6 +99,7 @@
 // model_call.h, relay_call.h), group.h (coalescing into PredictBatch),
 // attach.h (the control stream), wire.h (model_spec off the wire),
 // metadata.h (what crosses a hop), picking.h (version and replica picking),
+// spin.h (when the loop polls),
 // protocol.h (names shared with Python; generated from
 // services/common/native/protocol.py). Built by scripts/build_native.sh.
 
@@ -132,9 +126,6 @@
 
 namespace cloudml::dataplane {
 namespace {
-
-// Spin only while at most this many model calls are in flight (see the top).
-constexpr int kSpinMaxInFlight = 2;
 
 std::atomic<bool> g_signalled{false};
 
@@ -176,6 +167,7 @@ bool Listen(Plane& plane) {
   builder.SetMaxReceiveMessageSize(static_cast<int>(std::min<uint64_t>(
       std::max<uint64_t>(kMaxMessage, plane.options.max_request_bytes), INT32_MAX)));
   builder.SetMaxSendMessageSize(kMaxMessage);
+  builder.AddChannelArgument(GRPC_ARG_ENABLE_CHANNELZ, 0);  // as Plane::ChannelArgs
   plane.cq = builder.AddCompletionQueue();
   plane.server = builder.BuildAndStart();
   if (!plane.server || port == 0) return false;
@@ -184,11 +176,9 @@ bool Listen(Plane& plane) {
   return true;
 }
 
-// The loop: spin briefly after each event, then block (waking every 100 ms
-// to notice a signal). On SIGTERM/SIGINT in-flight calls drain (5 s at most).
+// The loop: poll while Plane::spin says a reply is due, else block (waking
+// every 100 ms to notice a signal). On SIGTERM/SIGINT in-flight calls drain (5 s at most).
 void Run(Plane& plane, Attachment& attachment) {
-  const auto spin = std::chrono::microseconds(plane.options.spin_us);
-  auto last_event = Clock::now();
   std::thread stopper;
   void* tag;
   bool ok;
@@ -203,7 +193,7 @@ void Run(Plane& plane, Attachment& attachment) {
         plane.cq->Shutdown();
       });
     }
-    bool spinning = Clock::now() - last_event < spin && plane.model_calls_in_flight <= kSpinMaxInFlight;
+    bool spinning = plane.spin.Spin(Clock::now(), plane.model_calls_in_flight);
     gpr_timespec deadline = spinning ? gpr_time_0(GPR_CLOCK_MONOTONIC)
                                      : gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(100, GPR_TIMESPAN));
     auto status = plane.cq->AsyncNext(&tag, &ok, deadline);
@@ -213,7 +203,6 @@ void Run(Plane& plane, Attachment& attachment) {
     if (status == grpc::CompletionQueue::GOT_EVENT) {
       auto* t = static_cast<Tag*>(tag);
       t->handler->Done(t->op, ok);
-      last_event = Clock::now();
     }
   }
   if (stopper.joinable()) stopper.join();
@@ -239,6 +228,7 @@ int main(int argc, char** argv) {
             argv[0], kSecretEnv, argv[0]);
     return 2;
   }
+  plane.spin = SpinPolicy(plane.options.spin_us);
   signal(SIGTERM, OnSignal);
   signal(SIGINT, OnSignal);
   if (!Listen(plane)) {

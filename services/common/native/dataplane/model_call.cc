@@ -156,6 +156,8 @@ void ModelCall::Fast(const std::string& address) {
   unary_ = backend.stub->PrepareUnaryCall(client_.get(), call_.ctx().method(), request_, p.cq.get());
   unary_->StartCall();
   unary_->Finish(&response_, &status_, call_.Op(kBackend));
+  sent_ = p.spin.Sent();
+  out_ = true;
 }
 
 void ModelCall::Slow() {
@@ -172,6 +174,10 @@ void ModelCall::Slow() {
 
 void ModelCall::BackendDone() {
   Plane& p = call_.plane();
+  if (out_) {
+    out_ = false;
+    p.spin.Answered(sent_);
+  }
   if (fast_) {
     Backend& backend = p.BackendFor(address_);
     backend.outstanding--;

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cloudml/internal/v1/replica.pb.h"
+#include "handler.h"
 
 namespace cloudml::dataplane {
 
@@ -73,6 +74,8 @@ class ModelCall {
   Group* group_ = nullptr;          // the group it waits in, not sent yet
   std::string request_bytes_;
   bool fast_ = false, retried_ = false, batched_ = false;
+  bool out_ = false;  // at a replica since sent_ (Plane::spin)
+  Clock::time_point sent_;
   bool bare_ = false;  // sent without the routed-version header (see Route)
   grpc::ByteBuffer request_, response_;
   std::unique_ptr<grpc::GenericClientAsyncResponseReader> unary_;

@@ -24,6 +24,10 @@ grpc::ChannelArguments Plane::ChannelArgs() {
   // replica or service enforces it, as does this process's server side, and
   // the caller's own client checks the size of what it receives.
   args.SetInt(GRPC_ARG_MINIMAL_STACK, 1);
+  // Nobody reads channelz; off, it saves its per-call counters (~5-10 % of
+  // this process's CPU per call in two alternating runs, within the noise
+  // of a loaded machine).
+  args.SetInt(GRPC_ARG_ENABLE_CHANNELZ, 0);
   return args;
 }
 

@@ -20,6 +20,8 @@
 #include <unordered_set>
 #include <vector>
 
+#include "spin.h"
+
 namespace cloudml::dataplane {
 
 constexpr int kMaxMessage = 64 * 1024 * 1024;  // as the Python services
@@ -29,7 +31,7 @@ class Group;
 
 struct Options {
   std::string listen = "127.0.0.1:0", upstream, secret;
-  int spin_us = 1000;
+  int spin_us = 0;  // see spin.h
   std::string front_for;      // replica front mode: the replica's own address
   uint32_t coalesce_max = 0;  // replica front mode: its ReplicaEndpoint.coalesce_max
   uint64_t max_request_bytes = 64 * 1024 * 1024;  // the largest model call taken at all
@@ -94,6 +96,7 @@ struct Plane {
   std::unordered_map<std::string, double> vouched;  // authorization -> token expiry (this generation)
   std::map<std::tuple<std::string, std::string, std::string>, uint64_t> relays;  // (service, method, code)
   int model_calls_in_flight = 0;  // accepted TF Serving calls not yet finished
+  SpinPolicy spin{0};              // when the loop polls (spin.h); main() sets --spin-us
   bool stats_dirty = true;
   std::mt19937_64 rng{std::random_device{}()};
   bool stopping = false;
