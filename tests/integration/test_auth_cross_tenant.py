@@ -16,14 +16,7 @@ from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.common.v1.resources_pb2 import Resources
 
 from tests.integration.auth_helpers import (
-    ADMIN_ONLY_RPCS,
-    ALL_RPCS,
-    Code,
-    claims_of,
-    expect_error,
-    invoke,
-    quota,
-    reserve_request,
+    ADMIN_ONLY_RPCS, ALL_RPCS, Code, claims_of, expect_error, invoke, quota, reserve_request,
 )
 
 

@@ -21,12 +21,7 @@ from deploy.local.etcd import EtcdProcess, free_port
 from deploy.local.service_process import health_status, read_port_file
 
 from tests.integration.auth_helpers import (
-    FIELDS,
-    Code,
-    expect_error,
-    quota,
-    reserve_request,
-    wait_until,
+    FIELDS, Code, expect_error, quota, reserve_request, wait_until,
 )
 
 SERVING, NOT_SERVING = 1, 2

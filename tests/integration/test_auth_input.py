@@ -15,12 +15,7 @@ from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.common.v1.resources_pb2 import Resources
 
 from tests.integration.auth_helpers import (
-    BOUNDS,
-    FIELDS,
-    Code,
-    expect_error,
-    quota,
-    reserve_request,
+    BOUNDS, FIELDS, Code, expect_error, quota, reserve_request,
 )
 
 

@@ -16,12 +16,7 @@ from cloudml.common.v1.resources_pb2 import Resources
 from services.common.etcd import Etcd
 
 from tests.integration.auth_helpers import (
-    FIELDS,
-    Code,
-    expect_error,
-    quota,
-    reserve_request,
-    trailers,
+    FIELDS, Code, expect_error, quota, reserve_request, trailers,
 )
 
 

@@ -20,17 +20,8 @@ from cloudml.auth.v1 import auth_service_pb2 as pb
 from services.common.etcd import Etcd
 
 from tests.integration.auth_helpers import (
-    ALL_RPCS,
-    PUBLIC_RPCS,
-    Code,
-    b64url,
-    claims_of,
-    expect_error,
-    flip_char,
-    invoke,
-    request_class,
-    unauthenticated_now,
-    wait_until,
+    ALL_RPCS, PUBLIC_RPCS, Code, b64url, claims_of, expect_error, flip_char, invoke, request_class,
+    unauthenticated_now, wait_until,
 )
 
 

@@ -18,13 +18,7 @@ from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from tests.integration.jobs_stack import MiB, JobsStack, replica_spec, spec
 
 from tests.integration.jobs_helpers import (
-    MASTER,
-    S,
-    faulty,
-    final_events,
-    pids_of,
-    plain,
-    reasons,
+    MASTER, S, faulty, final_events, pids_of, plain, reasons,
 )
 
 

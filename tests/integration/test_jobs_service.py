@@ -31,18 +31,7 @@ from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from tests.integration.jobs_stack import replica_spec, spec
 
 from tests.integration.jobs_helpers import (  # noqa: F401 - admin, packages, stack are fixtures
-    CHIEF,
-    MASTER,
-    WORKER,
-    Code,
-    S,
-    admin,
-    expect_error,
-    faulty,
-    packages,
-    plain,
-    reasons,
-    stack,
+    CHIEF, MASTER, WORKER, Code, S, admin, expect_error, faulty, packages, plain, reasons, stack,
 )
 
 

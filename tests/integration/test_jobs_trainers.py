@@ -24,21 +24,8 @@ from services.jobs.metrics import TensorBoardReader
 from tests.integration.jobs_stack import MiB, replica_spec, spec
 
 from tests.integration.jobs_helpers import (  # noqa: F401 - admin, packages, stack are fixtures
-    CHIEF,
-    MASTER,
-    PS,
-    TF_MEMORY,
-    WORKER,
-    S,
-    admin,
-    faulty,
-    final_events,
-    packages,
-    pids_of,
-    plain,
-    reasons,
-    stack,
-    wait_gone,
+    CHIEF, MASTER, PS, TF_MEMORY, WORKER, S, admin, faulty, final_events, packages, pids_of, plain, reasons,
+    stack, wait_gone,
 )
 
 

@@ -30,21 +30,8 @@ from cloudml.auth.v1 import auth_service_pb2 as auth_pb
 from cloudml.models.v1 import models_service_pb2 as pb
 
 from tests.integration.models_stack import (
-    AVAILABLE,
-    END,
-    GiB,
-    LOAD_TIMEOUT,
-    REPLICA,
-    ROOT,
-    S,
-    UNLOADING,
-    Tenant,
-    expect_code,
-    file_uri,
-    open_stack,
-    predict,
-    set_replica_quota,
-    wait_for,
+    AVAILABLE, END, GiB, LOAD_TIMEOUT, REPLICA, ROOT, S, UNLOADING, Tenant, expect_code, file_uri, open_stack,
+    predict, set_replica_quota, wait_for,
 )
 
 
