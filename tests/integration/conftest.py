@@ -6,7 +6,8 @@ one auth per etcd: tests share it and keep apart by using unique tenant names
 (`new_tenant`). Tests that kill or restart etcd or auth start their own with
 `start_auth` on their own `EtcdProcess`. Processes start through the
 harness of `deploy/local/stack.py`. The jobs tests' trainer packages
-(`built`) and environments (`envs_dir`) are built once a session here.
+(`built`) and environments (`envs_dir`), and the models tests'
+half_plus_two SavedModel, are built once a session here.
 """
 from __future__ import annotations
 
@@ -176,3 +177,12 @@ def built(tmp_path_factory) -> dict[str, str]:
 def envs_dir(tmp_path_factory) -> str:
     """The trainer environments every jobs stack of the session shares."""
     return str(tmp_path_factory.mktemp("envs"))
+
+
+@pytest.fixture(scope="session")
+def half_plus_two(tmp_path_factory) -> str:
+    """TF Serving's half_plus_two v1 SavedModel, built once a session for the
+    models tests' stacks (tests/integration/models_stack.py); read only."""
+    from tests.integration.models_stack import build_half_plus_two
+
+    return build_half_plus_two(str(tmp_path_factory.mktemp("half_plus_two")))

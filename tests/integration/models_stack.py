@@ -141,27 +141,28 @@ class Stack:
         self.harness.stop(replica_grace=2.0)
 
 
-def build_models(workdir: str) -> subprocess.Popen:
-    """Builds half_plus_two (TF1 SavedModelBuilder export) in a subprocess."""
-    return subprocess.Popen(
+def build_half_plus_two(workdir: str) -> str:
+    """Builds half_plus_two v1 (TF1 SavedModelBuilder export) in a subprocess
+    (the pytest process never imports TensorFlow); returns its directory."""
+    proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "conformance", "half_plus_two.py"),
          os.path.join(workdir, "hp"), "--version", "1"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
+    assert proc.returncode == 0, proc.stderr.decode()
+    return os.path.join(workdir, "hp", "1")
 
 
 @contextlib.contextmanager
-def open_stack(workdir: str, etcd_endpoint: str) -> Iterator[Stack]:
+def open_stack(workdir: str, etcd_endpoint: str, saved_model: str) -> Iterator[Stack]:
     """A started `Stack` in `workdir` on the etcd at `etcd_endpoint`, with
-    half_plus_two built (`saved_model`) and a garbage SavedModel
-    (`broken_model`) beside it; closed on leaving."""
-    builder = build_models(workdir)
+    half_plus_two at `saved_model` (the session's `half_plus_two`: read
+    only, tests copy or upload it) and a garbage SavedModel (`broken_model`)
+    in `workdir`; closed on leaving."""
     stack = Stack(workdir, etcd_endpoint)
     try:
-        _, err = builder.communicate(timeout=120)
-        assert builder.returncode == 0, err.decode()
-        stack.saved_model = os.path.join(workdir, "hp", "1")
+        stack.saved_model = saved_model
         broken = os.path.join(workdir, "broken")
         os.makedirs(os.path.join(broken, "variables"))
         with open(os.path.join(broken, "saved_model.pb"), "wb") as f:

@@ -36,8 +36,8 @@ from tests.integration.models_stack import (
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, etcd_server):
-    with open_stack(str(tmp_path_factory.mktemp("models")), etcd_server.endpoint) as stack:
+def stack(tmp_path_factory, etcd_server, half_plus_two):
+    with open_stack(str(tmp_path_factory.mktemp("models")), etcd_server.endpoint, half_plus_two) as stack:
         yield stack
 
 

@@ -30,8 +30,8 @@ MODEL = "sock"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, etcd_server):
-    with open_stack(str(tmp_path_factory.mktemp("sockets")), etcd_server.endpoint) as stack:
+def stack(tmp_path_factory, etcd_server, half_plus_two):
+    with open_stack(str(tmp_path_factory.mktemp("sockets")), etcd_server.endpoint, half_plus_two) as stack:
         yield stack
 
 
