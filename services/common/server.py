@@ -126,7 +126,8 @@ def parse_settings(
         data_dir=args.data_dir, credentials_file=args.credentials_file,
         metrics_listen=args.metrics_listen, log_level=args.log_level.upper(),
         lease_ttl=args.lease_ttl, allowed_uri_schemes=args.allowed_uri_schemes or "",
-        uploads=UploadLimits.from_settings(args),
+        uploads=UploadLimits(max_upload_bytes=args.upload_max_bytes or UploadLimits.max_upload_bytes,
+                             max_tenant_bytes=args.tenant_storage_max_bytes or UploadLimits.max_tenant_bytes),
     )
     return settings, args
 

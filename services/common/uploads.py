@@ -48,12 +48,6 @@ class UploadLimits:
     max_files: int = 10_000               # files and directories of one upload
     max_chunk_bytes: int = 4 << 20        # bytes in one message
 
-    @classmethod
-    def from_settings(cls, extra) -> "UploadLimits":
-        """From a service's parsed settings (--upload-max-bytes, --tenant-storage-max-bytes)."""
-        return cls(max_upload_bytes=getattr(extra, "upload_max_bytes", None) or cls.max_upload_bytes,
-                   max_tenant_bytes=getattr(extra, "tenant_storage_max_bytes", None) or cls.max_tenant_bytes)
-
 
 @dataclass(frozen=True)
 class Stored:

@@ -12,6 +12,7 @@ in-memory index that serves reads.
     ingest/<tenant>/<name>                     JSON {metrics file: bytes ingested}, written
                                                in the same transaction as the chunks
     election/<lease>                           the scheduler's leader election
+    tensorboards/<tenant>/<name>               JSON, a TensorBoard (services/jobs/tensorboards.py)
 
 Every write of a job record is a compare-and-swap on its mod_revision, so
 the API handlers (any jobs process) and the scheduler (the leader) never
@@ -56,6 +57,7 @@ HELD = PREFIX + "held/"
 METRICS = PREFIX + "metrics/"
 INGEST = PREFIX + "ingest/"
 ELECTION = PREFIX + "election/"
+TENSORBOARDS = PREFIX + "tensorboards/"
 
 # Points per stored metric chunk (~30 bytes each).
 CHUNK_POINTS = 500

@@ -55,10 +55,11 @@ from services.common.runtime.base import (
 from services.common.sockets import socket_root, tenant_socket_dir
 from services.common.tokens import Principal
 from services.jobs.logs import timestamp
+from services.jobs.store import TENSORBOARDS
 
 log = logging.getLogger(__name__)
 
-PREFIX = "/cloudml/jobs/tensorboards/"
+PREFIX = TENSORBOARDS
 RUNTIME_PREFIX = "tensorboard."
 ACCESS_WRITE_SECONDS = 30.0
 RESERVE_SECONDS = 60.0

@@ -3,7 +3,8 @@
 Test processes never import TensorFlow or `tensorflow_serving`: other test
 modules import the project's own copies of TF Serving's protos
 (`cloudml.tfs`), which define the same protobuf symbols. So a conformance
-test file runs *itself* as a helper (`python <file> --probe`), which calls
+test file runs itself, or a probe module beside it, as a helper (`python
+<file> --probe`), which calls
 `serve()` here: it reads JSON commands on stdin, builds requests with
 `tf.make_tensor_proto`, calls with the official stubs, and answers JSON lines
 marked with MARK. The test side talks to it through `Probe`.

@@ -11,9 +11,10 @@ and their tests).
 The pytest process never imports TensorFlow or `tensorflow_serving`: other
 test modules import the project's own TF Serving protos (`cloudml.tfs`),
 which define the same protobuf symbols. The stock client therefore runs in a
-helper process: this file, started as `python test_model_server.py --probe`,
+helper process, tests/conformance/model_server_probe.py (`--probe`), which
 reads JSON commands on stdin (build the test models, make a call, make
-concurrent calls, check imports) and answers each with one JSON line.
+concurrent calls, check imports) and answers each with one JSON line. The
+server processes are tests/conformance/model_server_replicas.py's.
 
 Servers (started together once per module, in parallel):
   hpt       half_plus_two v123 with a warmup file
@@ -26,8 +27,6 @@ Servers (started together once per module, in parallel):
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -35,239 +34,16 @@ import sys
 import threading
 import tempfile
 import time
-import urllib.request
-from dataclasses import dataclass, field
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-MODEL = "half_plus_two"
-VERSION = 123
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2
 
-# ======================================================================================
-# The probe (runs in its own process; imports TensorFlow and the stock client).
-# ======================================================================================
-
-
-def _probe_handlers():  # pragma: no cover - runs in the helper process
-    """This file's own probe commands: build the test models, list the
-    model server's imports, check its tensor codec against TensorFlow's."""
-    import numpy as np
-    import tensorflow as tf
-
-    def build(cmd):
-        import half_plus_two
-
-        base = cmd["dir"]
-        out = {"hpt": half_plus_two.build_half_plus_two(os.path.join(base, "hpt"), VERSION, warmup=True),
-               "hpt_plain": half_plus_two.build_half_plus_two(os.path.join(base, "hpt_plain"), VERSION)}
-        # A Keras 3 model written with tf.saved_model.save.
-        inp = tf.keras.Input(shape=(3,), name="features")
-        dense = tf.keras.layers.Dense(2, name="dense")
-        model = tf.keras.Model(inp, dense(inp))
-        dense.set_weights([np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], np.float32),
-                           np.array([0.5, -0.5], np.float32)])
-        keras_dir = os.path.join(base, "keras", "1")
-        tf.saved_model.save(model, keras_dir)
-        out["keras"] = keras_dir
-        # tf.saved_model.save names a Keras model's input itself ("inputs").
-        signature = tf.saved_model.load(keras_dir).signatures["serving_default"]
-        out["keras_alias"] = next(iter(signature.structured_input_signature[1]))
-        sample = np.array([[1.0, 1.0, 1.0], [0.0, 1.0, 2.0]], np.float32)
-        out["keras_input"] = sample.tolist()
-        out["keras_expected"] = model(sample).numpy().tolist()
-
-        # A tf.Module with an explicit signature.
-        class Affine(tf.Module):
-            def __init__(self):
-                super().__init__()
-                self.w = tf.Variable([[2.0], [-1.0]])
-                self.b = tf.Variable([1.0])
-
-            @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32, name="x")])
-            def serve(self, x):
-                return {"y": tf.matmul(x, self.w) + self.b, "argmax": tf.argmax(x, axis=1)}
-
-        module = Affine()
-        module_dir = os.path.join(base, "module", "1")
-        tf.saved_model.save(module, module_dir, signatures={"serving_default": module.serve})
-        out["module"] = module_dir
-        broken = os.path.join(base, "broken", "1")
-        os.makedirs(broken, exist_ok=True)
-        with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
-            f.write(b"this is not a SavedModel")
-        out["broken"] = broken
-        return out
-
-    def imports(_cmd):
-        # The model server's modules beside the official TF Serving ones (this
-        # process has them loaded): no descriptor conflict, no project copies.
-        import services.models.model_server.server  # noqa: F401
-
-        loaded = sorted(m for m in sys.modules if m.startswith(("cloudml", "services")))
-        return {"modules": loaded}
-
-    def codec(_cmd):
-        # services/models/model_server/tensors.py against TensorFlow's own codec.
-        from tensorflow.core.framework import tensor_pb2
-
-        from services.models.model_server.tensors import TensorParseError, tensor_bytes, to_ndarray
-
-        failures = []
-        rng = np.random.default_rng(0)
-        for name in ("float32", "float64", "int32", "int64", "uint8", "int8", "int16", "uint16", "uint32",
-                     "uint64", "bool", "float16", "bfloat16", "complex64", "complex128", "string"):
-            dtype = getattr(tf, name)
-            if name == "string":
-                arr = np.array([[b"a", b"", "\u00e9".encode()], [b"xyz", b"\x00\xff", b"q"]], dtype=object)
-            elif name == "bool":
-                arr = rng.random((2, 3)) > 0.5
-            elif name.startswith("complex"):
-                arr = (rng.standard_normal((2, 3)) + 1j * rng.standard_normal((2, 3))).astype(dtype.as_numpy_dtype)
-            else:
-                arr = (rng.standard_normal((2, 3)) * 100).astype(dtype.as_numpy_dtype)
-                if name.startswith("int"):
-                    arr[0, 0] = np.iinfo(arr.dtype).min
-            for content in (False, True):
-                tp = tensor_pb2.TensorProto.FromString(tensor_bytes(arr, content))
-                back = tf.make_ndarray(tp)
-                if tp.dtype != dtype.as_datatype_enum or back.shape != arr.shape or not np.array_equal(back, arr):
-                    failures.append(f"encode {name} content={content}: {tp}")
-                decoded = to_ndarray(tp)
-                if decoded.dtype != arr.dtype or not np.array_equal(decoded, arr):
-                    failures.append(f"decode {name} content={content}: {decoded!r}")
-            official = tf.make_tensor_proto(arr, dtype=dtype)
-            if not np.array_equal(to_ndarray(official), arr):
-                failures.append(f"decode make_tensor_proto {name}")
-        filled = tensor_pb2.TensorProto(dtype=1, float_val=[7.0])
-        filled.tensor_shape.dim.add(size=3)
-        if to_ndarray(filled).tolist() != [7.0, 7.0, 7.0]:
-            failures.append("last value does not fill the shape")
-        zeros = tensor_pb2.TensorProto(dtype=3)
-        zeros.tensor_shape.dim.add(size=2)
-        if to_ndarray(zeros).tolist() != [0, 0]:
-            failures.append("no values is not zeros")
-        bad = tensor_pb2.TensorProto(dtype=1, tensor_content=b"\0" * 6)
-        bad.tensor_shape.dim.add(size=2)
-        try:
-            to_ndarray(bad)
-            failures.append("short tensor_content accepted")
-        except TensorParseError:
-            pass
-        return {"failures": failures}
-
-
-    return {"build": build, "imports": imports, "codec": codec}
-
-
-if __name__ == "__main__" and "--probe" in sys.argv:
-    sys.path[:0] = [ROOT, HERE]
-    from tests.conformance.stock_client import serve
-
-    serve(_probe_handlers())
-    sys.exit(0)
-
-# ======================================================================================
-# The tests (pytest process: no TensorFlow).
-# ======================================================================================
-
-import grpc  # noqa: E402
-import pytest  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-
-import psutil  # noqa: E402
-
-from services.common import native  # noqa: E402
-from tests.conformance.stock_client import Probe, assert_error, examples, x_tensor  # noqa: E402
-
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
-
-
-@dataclass
-class Server:
-    name: str
-    argv: list[str]
-    workdir: str
-    port_file: str = ""
-    log_path: str = ""
-    metrics_listen: str = "127.0.0.1:0"
-    proc: subprocess.Popen | None = None
-    info: dict = field(default_factory=dict)
-
-    def start(self) -> "Server":
-        os.makedirs(self.workdir, exist_ok=True)
-        self.port_file = os.path.join(self.workdir, f"{self.name}.port")
-        self.log_path = os.path.join(self.workdir, f"{self.name}.log")
-        log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.models.model_server", *self.argv,
-             "--port-file", self.port_file, "--metrics-listen", self.metrics_listen],
-            cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
-        return self
-
-    @property
-    def address(self) -> str:
-        return self.info["address"]
-
-    @property
-    def server_address(self) -> str:
-        """The Python server's own address (behind the native front: what gateways call)."""
-        return self.info.get("replica_address", self.info["address"])
-
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def read_port_file(self) -> dict | None:
-        try:
-            with open(self.port_file) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
-    def wait_serving(self, timeout: float = 90.0) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = self.read_port_file()
-            if info and "error" in info:
-                raise AssertionError(f"{self.name} failed to load: {info['error']}\n{self.log()[-3000:]}")
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.proc.returncode}\n{self.log()[-3000:]}")
-            if info and health(info["address"]) == health_pb2.HealthCheckResponse.SERVING:
-                self.info = info
-                return self
-            time.sleep(0.1)
-        raise AssertionError(f"{self.name} not SERVING after {timeout}s\n{self.log()[-3000:]}")
-
-    def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.info['metrics']}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                values[key] = float(value)
-        return values
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def health(address: str, service: str = "") -> int:
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=2
-            ).status
-        except grpc.RpcError:
-            return 0
+from services.common import native
+from tests.conformance import model_server_probe
+from tests.conformance.model_server_replicas import ENV, MODEL, ROOT, VERSION, health, module_servers
+from tests.conformance.stock_client import Probe, assert_error, examples, x_tensor
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +53,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def probe(workdir):
-    p = Probe(__file__, os.path.join(workdir, "probe.log"), env=ENV, cwd=ROOT)
+    p = Probe(model_server_probe.__file__, os.path.join(workdir, "probe.log"), env=ENV, cwd=ROOT)
     yield p
     p.close()
 
@@ -300,24 +76,7 @@ def socket_dir():
 @pytest.fixture(scope="module")
 def servers(models, workdir, socket_dir):
     """Every server of the module, started at once (their TensorFlow imports overlap)."""
-    batching = json.dumps({"enabled": True, "max_batch_size": 64, "batch_timeout_micros": 150000,
-                           "max_enqueued_batches": 4, "num_batch_threads": 1})
-    started = {
-        "hpt": Server("hpt", ["--model-name", MODEL, "--version", str(VERSION), "--base-path", models["hpt"],
-                             ], workdir),
-        "batching": Server("batching", ["--model-name", MODEL, "--version", str(VERSION), "--base-path",
-                                        models["hpt_plain"], "--batching-config", batching, "--tensor-content"],
-                           workdir),
-        "keras": Server("keras", ["--model-name", "keras", "--version", "1", "--base-path", models["keras"]], workdir),
-        "module": Server("module", ["--model-name", "affine", "--version", "1", "--base-path", models["module"],
-                                   ], workdir),
-        "broken": Server("broken", ["--model-name", "broken", "--version", "1", "--base-path", models["broken"]],
-                         workdir),
-        "unix": Server("unix", ["--model-name", MODEL, "--version", str(VERSION), "--base-path", models["hpt_plain"],
-                                "--batching-config", json.dumps({"enabled": True, "max_batch_size": 8, "num_batch_threads": 2}),
-                                "--listen", f"unix:{socket_dir}/r.sock", "--drain-delay", "1"], workdir,
-                       metrics_listen=f"unix:{socket_dir}/r.metrics.sock"),
-    }
+    started = module_servers(models, workdir, socket_dir)
     for server in started.values():
         server.start()
     yield started
@@ -342,9 +101,6 @@ def call(probe, hpt):
 
 def spec(**fields):
     return {"name": MODEL, **fields}
-
-
-
 
 
 # --- the process --------------------------------------------------------------------------

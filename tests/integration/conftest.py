@@ -5,7 +5,9 @@
 one auth per etcd: tests share it and keep apart by using unique tenant names
 (`new_tenant`). Tests that kill or restart etcd or auth start their own with
 `start_auth` on their own `EtcdProcess`. Processes start through the
-harness of `deploy/local/stack.py`.
+harness of `deploy/local/stack.py`. The jobs tests' trainer packages
+(`built`) and environments (`envs_dir`), and the models tests'
+half_plus_two SavedModel, are built once a session here.
 """
 from __future__ import annotations
 
@@ -159,3 +161,28 @@ def kube_env(tmp_path_factory):
     env = KubeEnv(str(tmp_path_factory.mktemp("kube"))).start()
     yield env
     env.stop()
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> dict[str, str]:
+    """{example: sdist path} of the jobs tests' trainer packages, built once a
+    session on this machine, outside any tenant's storage (test_tuner_service.py
+    has its own)."""
+    from tests.integration.jobs_stack import build_packages
+
+    return build_packages(str(tmp_path_factory.mktemp("packages")))
+
+
+@pytest.fixture(scope="session")
+def envs_dir(tmp_path_factory) -> str:
+    """The trainer environments every jobs stack of the session shares."""
+    return str(tmp_path_factory.mktemp("envs"))
+
+
+@pytest.fixture(scope="session")
+def half_plus_two(tmp_path_factory) -> str:
+    """TF Serving's half_plus_two v1 SavedModel, built once a session for the
+    models tests' stacks (tests/integration/models_stack.py); read only."""
+    from tests.integration.models_stack import build_half_plus_two
+
+    return build_half_plus_two(str(tmp_path_factory.mktemp("half_plus_two")))

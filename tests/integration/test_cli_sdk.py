@@ -24,26 +24,9 @@ import pytest
 import cloudml
 from cloudml import errors
 
+from tests.integration.cli_result import Result
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self):
-        assert self.code == 0, self.err
-        return json.loads(self.out)
-
-    def error_line(self) -> str:
-        """The single stderr line of a failed command."""
-        assert self.code != 0, self.out
-        assert "Traceback" not in self.err, self.err
-        lines = self.err.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), self.err
-        return lines[0]
 
 
 @dataclass

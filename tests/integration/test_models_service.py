@@ -1,8 +1,9 @@
 """The models service as a real process, with real components around it: a
 key namespace of its own on the session's etcd, the real auth service, a real
-gateway (for the CLI), and real model-server replicas (`python -m
+gateway, and real model-server replicas (`python -m
 services.models.model_server`, TensorFlow) on TF Serving's half_plus_two
-SavedModel, placed by the local runtime.
+SavedModel, placed by the local runtime (tests/integration/models_stack.py).
+Its CLI: tests/integration/test_models_service_cli.py.
 
 The stack is started once for the module (its own namespace, so no other
 test's models service competes for the leadership) and the tests run in file order,
@@ -13,8 +14,6 @@ built in a subprocess; Predict uses the project's own TF Serving protos).
 from __future__ import annotations
 
 import asyncio
-import http.server
-import json
 import os
 import shutil
 import signal
@@ -22,8 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -31,150 +28,17 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from cloudml.auth.v1 import auth_service_pb2 as auth_pb
 from cloudml.models.v1 import models_service_pb2 as pb
-from cloudml.models.v1 import models_service_pb2_grpc as pb_grpc
-from deploy.local import stack as harness
-from deploy.local.service_process import ServiceProcess
 
-from tests.integration.conftest import ADMIN_ACCESS_KEY, AuthService, Client, connect
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-S = pb.ModelVersionState
-AVAILABLE, END, UNLOADING = S.MODEL_VERSION_STATE_AVAILABLE, S.MODEL_VERSION_STATE_END, S.MODEL_VERSION_STATE_UNLOADING
-GiB = 2**30
-REPLICA = {"cpu_millis": 100, "memory_bytes": 1 * GiB}
-LOAD_TIMEOUT = 90
-
-
-# --- helpers ------------------------------------------------------------------------------
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def state_name(value: int) -> str:
-    return S.Name(value)[len("MODEL_VERSION_STATE_"):]
-
-
-@dataclass
-class Tenant:
-    name: str
-    client: Client
-
-    @property
-    def md(self):
-        return self.client.md
-
-
-class Stack:
-    """The models service with auth and a gateway, under a key namespace of
-    their own on the session's etcd (the harness of deploy/local/stack.py),
-    the admin's key the services' own."""
-
-    def __init__(self, workdir: str, etcd_endpoint: str):
-        self.workdir = workdir
-        self.secret = uuid.uuid4().hex
-        self.harness = harness.Stack(workdir, etcd_endpoint=etcd_endpoint, admin=(ADMIN_ACCESS_KEY, self.secret),
-                                     service=None, lease_ttl=3,
-                                     service_flags={"models": ["--stop-grace", "10", "--scale-down-delay", "3"]})
-        self.harness.start()
-        self.data_dir = self.harness.data_dir
-        self.etcd = self.harness.etcd
-        self.auth: AuthService = connect(self.harness.auth, self.secret)
-        self.models: ServiceProcess | None = None
-        self.channel: grpc.Channel | None = None
-        self.start_models()
-        self.gateway, self.rest_port = self.harness.start_gateway()
-
-    def start_models(self) -> ServiceProcess:
-        self.models = self.harness.start_service("models", "models")
-        if self.channel is not None:
-            self.channel.close()
-        self.channel = grpc.insecure_channel(self.models.address)
-        self.stub = pb_grpc.ModelsServiceStub(self.channel)
-        return self.models
-
-    def call(self, who, method: str, request, timeout: float = 10.0):
-        return getattr(self.stub, method)(request, metadata=who.md, timeout=timeout)
-
-    def new_tenant(self) -> Tenant:
-        client = self.auth.new_tenant("m")
-        return Tenant(client.tenant, client)
-
-    def storage(self, tenant: str, *parts: str) -> str:
-        return os.path.join(self.data_dir, "storage", tenant, *parts)
-
-    def version(self, who, model: str, number: int, tenant: str = "") -> pb.ModelVersion:
-        return self.call(who, "GetVersion", pb.GetVersionRequest(tenant=tenant, model=model,
-                                                                 version=number)).model_version
-
-    def wait_version(self, who, model: str, number: int, predicate, what: str, timeout: float = LOAD_TIMEOUT):
-        def check():
-            version = self.version(who, model, number)
-            return version if predicate(version) else None
-
-        try:
-            return wait_for(check, timeout, what)
-        except AssertionError:
-            raise AssertionError(f"{what}: {self.version(who, model, number)}\n{self.log_tail()}") from None
-
-    def log_tail(self, n: int = 4000) -> str:
-        with open(os.path.join(self.workdir, "models.log"), "rb") as f:
-            return f.read()[-n:].decode(errors="replace")
-
-    def replica_port(self, tenant: str, model: str, number: int, replica_id: str) -> dict:
-        path = os.path.join(self.data_dir, "models", "replicas", f"models.{tenant}.{model}.{number}.{replica_id}",
-                            "port.json")
-        with open(path) as f:
-            return json.load(f)
-
-    def runtime_records(self) -> list[dict]:
-        state_dir = os.path.join(self.data_dir, "runtime", "local")
-        records = []
-        for name in os.listdir(state_dir):
-            if name.endswith(".json") and not name.startswith("."):
-                with open(os.path.join(state_dir, name)) as f:
-                    records.append(json.load(f))
-        return records
-
-    def close(self) -> None:
-        self.channel.close()
-        self.auth.channel.close()
-        # Stops every replica the runtime still runs too (the service leaves them running by design).
-        self.harness.stop(replica_grace=2.0)
-
-
-def build_models(workdir: str) -> subprocess.Popen:
-    """Builds half_plus_two (TF1 SavedModelBuilder export) in a subprocess."""
-    return subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "tests", "conformance", "half_plus_two.py"),
-         os.path.join(workdir, "hp"), "--version", "1"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-    )
+from tests.integration.models_stack import (
+    AVAILABLE, END, GiB, LOAD_TIMEOUT, REPLICA, ROOT, S, UNLOADING, Tenant, expect_code, file_uri, open_stack,
+    predict, set_replica_quota, wait_for,
+)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, etcd_server):
-    workdir = str(tmp_path_factory.mktemp("models"))
-    builder = build_models(workdir)
-    stack = Stack(workdir, etcd_server.endpoint)
-    _, err = builder.communicate(timeout=120)
-    assert builder.returncode == 0, err.decode()
-    stack.saved_model = os.path.join(workdir, "hp", "1")
-    broken = os.path.join(workdir, "broken")
-    os.makedirs(os.path.join(broken, "variables"))
-    with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
-        f.write(b"this is not a SavedModel protobuf \xff\xfe")
-    stack.broken_model = broken
-    yield stack
-    stack.close()
+def stack(tmp_path_factory, etcd_server, half_plus_two):
+    with open_stack(str(tmp_path_factory.mktemp("models")), etcd_server.endpoint, half_plus_two) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +49,6 @@ def team(stack) -> Tenant:
     shutil.copytree(stack.saved_model, stack.storage(tenant.name, "models", "hp", "1"))
     shutil.copytree(stack.broken_model, stack.storage(tenant.name, "models", "broken", "1"))
     return tenant
-
-
-def file_uri(path: str) -> str:
-    return "file://" + path
 
 
 @pytest.fixture(scope="module")
@@ -203,33 +63,6 @@ def deployed(stack, team):
         assert resp.created
         assert resp.model_version.state == S.MODEL_VERSION_STATE_START
     return {"hp": 1, "broken": 1}
-
-
-def predict(address: str, model: str, x: float, version: int = 0, label: str = "", metadata=()) -> float:
-    from cloudml.tfs.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-    from cloudml.tfs.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    if version:
-        request.model_spec.version.value = version
-    if label:
-        request.model_spec.version_label = label
-    request.inputs["x"].CopyFrom(tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT, float_val=[x],
-        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1),
-                                                            tensor_shape_pb2.TensorShapeProto.Dim(size=1)])))
-    with grpc.insecure_channel(address) as channel:
-        response = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=10,
-                                                                                      metadata=metadata)
-    return response.outputs["y"].float_val[0]
-
-
-def expect_code(code: grpc.StatusCode, fn, *args, **kwargs) -> str:
-    with pytest.raises(grpc.RpcError) as err:
-        fn(*args, **kwargs)
-    assert err.value.code() == code, err.value.details()
-    return err.value.details()
 
 
 # --- the service's shape --------------------------------------------------------------------
@@ -442,13 +275,6 @@ def test_replica_killed_with_sigkill_is_replaced(stack, team, deployed):
     assert usage.model_replicas == 2  # hp v1 and v2, one each: the dead replica's quota is back
 
 
-def set_replica_quota(stack, tenant: str, count: int) -> None:
-    admin = stack.auth.admin
-    limits = admin.call("GetQuota", auth_pb.GetQuotaRequest(tenant=tenant)).limits
-    limits.model_replicas = count
-    admin.call("SetQuota", auth_pb.SetQuotaRequest(tenant=tenant, limits=limits))
-
-
 def test_scale_up_waits_for_quota_then_scales_down(stack, team, deployed):
     stack.wait_version(team, "hp", 2, lambda v: v.state == AVAILABLE, "hp v2 AVAILABLE")
     set_replica_quota(stack, team.name, 2)  # hp v1 and v2 hold both
@@ -644,144 +470,3 @@ def test_delete_version_drains_and_releases_quota(stack, team, deployed):
     # The name is free again, numbering starts over.
     stack.call(team, "CreateModel", pb.CreateModelRequest(name="hp"))
     stack.call(team, "DeleteModel", pb.DeleteModelRequest(name="hp"))
-
-
-# --- the CLI ------------------------------------------------------------------------------------
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def json(self):
-        assert self.code == 0, self.err
-        return json.loads(self.out)
-
-
-def cli(stack, tenant: Tenant, *argv: str, rest_endpoint: str = "", timeout: float = 120) -> Result:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDML_")}
-    env.update(CLOUDML_ENDPOINT=stack.gateway.address, CLOUDML_ACCESS_KEY=tenant.client.access_key_id,
-               CLOUDML_SECRET_KEY=tenant.client.secret_key, CLOUDML_CONFIG=os.path.join(stack.workdir, "none.json"),
-               CLOUDML_REST_ENDPOINT=rest_endpoint or f"http://127.0.0.1:{stack.rest_port}")
-    proc = subprocess.run([sys.executable, "-m", "cloudml.cli.main", *argv], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-def test_cli_create_wait_exits_1_short_of_the_requested_replicas(stack):
-    """`models create --replicas 2 --wait` with quota for one replica: it shows
-    replicas becoming ready and fails when the timeout passes at 1 of 2, rather
-    than reporting success with half the replicas."""
-    tenant = stack.new_tenant()
-    set_replica_quota(stack, tenant.name, 1)
-    waited = cli(stack, tenant, "models", "create", "-n", "half", "-v", "v1", "-u", stack.saved_model,
-                 "--cpu", "100m", "--memory", "1Gi", "--replicas", "2", "--wait", "--timeout", "20")
-    assert waited.code == 1, (waited.out, waited.err)
-    assert "0/2 replicas ready" in waited.err and "1/2 replicas ready" in waited.err, waited.err
-    assert "DEADLINE_EXCEEDED" in waited.err and "1 of 2 replicas ready" in waited.err, waited.err
-    set_replica_quota(stack, tenant.name, 2)
-    again = cli(stack, tenant, "models", "create", "-n", "half", "-v", "v1", "-u", stack.saved_model,
-                "--cpu", "100m", "--memory", "1Gi", "--replicas", "2", "--wait", "--timeout", str(LOAD_TIMEOUT))
-    assert again.code == 0 and "2/2 replicas ready" in again.err, (again.out, again.err)
-
-
-class _RecordingHandler(http.server.BaseHTTPRequestHandler):
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802 - http.server API
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                "body": json.loads(body)})
-        answer = json.dumps({"outputs": [[7.0], [17.0]]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_cli_create_list_describe_label_scale_predict_delete(stack, tmp_path):
-    tenant = stack.new_tenant()
-    # A local directory: the CLI uploads it into the tenant's storage.
-    created = cli(stack, tenant, "models", "create", "-n", "linear", "-v", "v1", "-u", stack.saved_model,
-                  "--cpu", "100m", "--memory", "1Gi", "--wait", "--timeout", str(LOAD_TIMEOUT), "-o", "json")
-    data = created.json()
-    assert data["created"] is True
-    version = data["model_version"]
-    assert version["state"] == "MODEL_VERSION_STATE_AVAILABLE" and version["version"] == "1"
-    # Uploaded through the API (ModelsService.UploadModel), stored by content hash in the tenant's storage.
-    models_dir = stack.storage(tenant.name, "models", "linear")
-    stored = version["model_uri"][len("file://"):].rstrip("/")
-    assert version["model_uri"].startswith(f"file://{models_dir}/") and os.path.dirname(stored) == models_dir
-    assert os.path.isfile(os.path.join(stored, "saved_model.pb"))
-    # Again: same upload, same spec -> the existing version.
-    again = cli(stack, tenant, "models", "create", "-n", "linear", "-v", "1", "-u", stack.saved_model,
-                "--cpu", "100m", "--memory", "1Gi", "-o", "json").json()
-    assert again["created"] is False
-
-    listed = cli(stack, tenant, "models", "list", "-o", "json").json()
-    assert [m["name"] for m in listed] == ["linear"]
-    table = cli(stack, tenant, "models", "list")
-    assert table.code == 0 and table.out.splitlines()[0].split()[:2] == ["NAME", "PUBLIC"]
-    assert "v1 AVAILABLE 1/1" in table.out.splitlines()[1], table.out  # each model's state, not "-"
-
-    labelled = cli(stack, tenant, "models", "label", "linear", "stable", "v1", "-o", "json").json()
-    assert labelled["labels"] == {"stable": "1"}
-    bad = cli(stack, tenant, "models", "label", "linear", "canary", "5")
-    assert bad.code == 1 and bad.err.startswith("error: FAILED_PRECONDITION")
-
-    scaled = cli(stack, tenant, "models", "scale", "linear", "1", "--min", "1", "--max", "2", "-o", "json").json()
-    assert (scaled["min_replicas"], scaled["max_replicas"]) == (1, 2)
-
-    described = cli(stack, tenant, "models", "describe", "linear", "-o", "json").json()
-    assert described["model"]["labels"] == {"stable": "1"}
-    assert [(v["version"], v["state"]) for v in described["model_versions"]] == [("1", "MODEL_VERSION_STATE_AVAILABLE")]
-    text = cli(stack, tenant, "models", "describe", "linear")
-    assert text.code == 0 and "stable=1" in text.out and "AVAILABLE" in text.out
-    versions = cli(stack, tenant, "models", "versions", "list", "linear", "-o", "json").json()
-    assert [v["version"] for v in versions] == ["1"]
-
-    # predict: the seed's format becomes TF Serving's columnar JSON, POSTed with the token.
-    data_file = tmp_path / "data.json"
-    data_file.write_text(json.dumps({"keys_dtype": "int32", "keys": [[1], [2]], "X_dtype": "float32",
-                                     "X": [[10], [30.0]]}))
-    _RecordingHandler.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        answer = cli(stack, tenant, "models", "predict", "linear", "v1", "-d", str(data_file), "-o", "json",
-                     rest_endpoint=f"http://127.0.0.1:{server.server_address[1]}").json()
-    finally:
-        server.shutdown()
-    assert answer == {"outputs": [[7.0], [17.0]]}
-    [seen] = _RecordingHandler.seen
-    assert seen["path"] == "/v1/models/linear/versions/1:predict"
-    assert seen["auth"].startswith("Bearer ") and seen["auth"].count(".") == 2
-    assert seen["body"] == {"inputs": {"keys": [[1], [2]], "X": [[10.0], [30.0]]}}
-
-    deleted = cli(stack, tenant, "models", "delete", "linear", "--wait", "--timeout", "60", "-o", "json").json()
-    assert deleted["deleted"] is True
-    assert cli(stack, tenant, "models", "list", "-o", "json").json() == []
-    missing = cli(stack, tenant, "models", "describe", "linear")
-    assert missing.code == 1 and missing.err.startswith("error: NOT_FOUND")
-
-
-def test_cli_predict_through_the_gateway(stack, tmp_path):
-    """Predict over the gateway's REST API, end to end (needs the gateway's
-    TF Serving REST side)."""
-    tenant = stack.new_tenant()
-    cli(stack, tenant, "models", "create", "-n", "hp", "-u", stack.saved_model, "--cpu", "100m", "--memory", "1Gi",
-        "--wait", "--timeout", str(LOAD_TIMEOUT), "-o", "json").json()
-    data_file = tmp_path / "data.json"
-    data_file.write_text(json.dumps({"X_dtype": "float32", "x": [[1.0], [2.0]]}).replace('"X_dtype"', '"x_dtype"'))
-    try:
-        result = cli(stack, tenant, "models", "predict", "hp", "-d", str(data_file), "-o", "json")
-        assert result.code == 0, result.err
-        assert result.json() == {"outputs": [[2.5], [3.0]]}
-    finally:
-        cli(stack, tenant, "models", "delete", "hp", "--wait", "--timeout", "60")

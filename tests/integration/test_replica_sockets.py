@@ -2,7 +2,7 @@
 starts them on Unix sockets and publishes their endpoints itself (replicas
 never reach etcd). A real stack (etcd, auth, models service with the local
 runtime, gateway with its native data plane and REST port) and real
-half_plus_two replicas, as in test_models_service.py; tests run in file order
+half_plus_two replicas (tests/integration/models_stack.py); tests run in file order
 on one version with two replicas and batching on (so each replica runs its
 native front too).
 """
@@ -23,24 +23,16 @@ import pytest
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import native
-from tests.integration.test_models_service import (
-    AVAILABLE, REPLICA, Stack, build_models, file_uri, predict, wait_for,
-)
+from tests.integration.models_stack import AVAILABLE, REPLICA, file_uri, open_stack, predict, wait_for
 
 UNLOADING = pb.MODEL_VERSION_STATE_UNLOADING
 MODEL = "sock"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, etcd_server):
-    workdir = str(tmp_path_factory.mktemp("sockets"))
-    builder = build_models(workdir)
-    stack = Stack(workdir, etcd_server.endpoint)
-    _, err = builder.communicate(timeout=120)
-    assert builder.returncode == 0, err.decode()
-    stack.saved_model = os.path.join(workdir, "hp", "1")
-    yield stack
-    stack.close()
+def stack(tmp_path_factory, etcd_server, half_plus_two):
+    with open_stack(str(tmp_path_factory.mktemp("sockets")), etcd_server.endpoint, half_plus_two) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
