@@ -6,40 +6,17 @@ side, from submit to SUCCEEDED, with the Pods and Service it made."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 
 import pytest
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
+from deploy.kubernetes.envtest import Kubelet
 from services.common.runtime.kube_objects import SELECTOR
 from tests.integration.jobs_stack import MiB, JobsStack, build_packages, replica_spec, spec
 
 S = pb.JobState
-
-
-class Kubelet(threading.Thread):
-    """Binds every new Pod of the namespace to `node` and marks it Running;
-    finishes graceful deletions (what a kubelet confirms)."""
-
-    def __init__(self, env, namespace: str, node: str):
-        super().__init__(daemon=True)
-        self.env, self.namespace, self.node = env, namespace, node
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        while not self.halt.wait(0.1):
-            try:
-                for pod in self.env.core.list_namespaced_pod(self.namespace).items:
-                    if pod.metadata.deletion_timestamp is None and not pod.spec.node_name:
-                        self.env.bind(self.namespace, pod.metadata.name, self.node)
-                        self.env.set_running(self.namespace, pod.metadata.name)
-                self.env.finish_deletions(self.namespace)
-            except ApiException:  # a Pod deleted meanwhile: look again
-                continue
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +24,9 @@ def cluster(kube_env):
     namespace = f"jobs-{uuid.uuid4().hex[:8]}"
     kube_env.create_namespace(namespace)
     kube_env.create_node("jobs-node", cpu="8", memory="32Gi")
-    kubelet = Kubelet(kube_env, namespace, "jobs-node")
-    kubelet.start()
+    kubelet = Kubelet(kube_env, namespace, "jobs-node").start()
     yield namespace
-    kubelet.halt.set()
-    kubelet.join(5)
+    kubelet.halt()
 
 
 def _start_jobs(stack, kube_env, namespace):

@@ -12,8 +12,9 @@ import os
 from services.common.runtime.base import Amount, Runtime
 
 RUNTIMES = ("local", "kubernetes")
-#: Where a Pod finds its service account's namespace (in-cluster credentials).
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+#: Where a Pod finds its service account's token, CA and namespace (in-cluster
+#: credentials); CLOUDML_SERVICE_ACCOUNT_DIR names another directory (tests).
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def runtime_state_dir(data_dir: str, kind: str) -> str:
@@ -61,9 +62,12 @@ def make_kubernetes_runtime(kubeconfig: str | None, namespace: str | None, image
         if kubeconfig:
             config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         else:
-            config.load_incluster_config(client_configuration=configuration)
-            if not namespace and os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
-                with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+            account = os.environ.get("CLOUDML_SERVICE_ACCOUNT_DIR") or SERVICE_ACCOUNT_DIR
+            config.incluster_config.InClusterConfigLoader(
+                token_filename=os.path.join(account, "token"), cert_filename=os.path.join(account, "ca.crt"),
+            ).load_and_set(configuration)
+            if not namespace and os.path.exists(os.path.join(account, "namespace")):
+                with open(os.path.join(account, "namespace")) as f:
                     namespace = f.read().strip()
     except (config.ConfigException, OSError, ValueError) as err:
         where = f"--kubeconfig {kubeconfig}" if kubeconfig else "in-cluster credentials (no --kubeconfig given)"
