@@ -22,7 +22,7 @@ _FLAGS = (("kubeconfig", "--kubeconfig"), ("namespace", "--namespace"), ("image"
           ("package_cache_claim", "--package-cache-claim"))
 #: which settings each service takes (the models service has no trainer image)
 _SERVICE_FLAGS = {
-    "jobs": ("kubeconfig", "namespace", "image"),
+    "jobs": ("kubeconfig", "namespace", "image", "storage_claim", "package_cache_claim"),
 }
 
 

@@ -31,7 +31,8 @@ def cluster(kube_env):
 
 def _start_jobs(stack, kube_env, namespace):
     return stack.start_jobs(extra=["--runtime", "kubernetes", "--kubeconfig", kube_env.kubeconfig,
-                                   "--namespace", namespace, "--image", "registry.example/cloudml/trainer:1"])
+                                   "--namespace", namespace, "--image", "registry.example/cloudml/trainer:1",
+                                   "--storage-claim", "cloudml-storage", "--package-cache-claim", "cloudml-packages"])
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,18 @@ def test_a_distributed_job_runs_as_pods_and_succeeds(kube_env, cluster, stack, p
         config = json.loads(env["TF_CONFIG"])
         assert config["cluster"]["worker"][1] == f"{svc.metadata.name}-worker-1.{svc.metadata.name}.{cluster}.svc:2222"
         assert env["CLOUDML_JOB_NAME"] == "kube"
+        # The Pod installs the package itself (the trainer image's entrypoint), from the
+        # tenant's directory of the storage volume, into its directory of the package cache.
+        assert container.command == ["python", "-m", "services.jobs.pod_entrypoint", "--package", plain_uri,
+                                     "--module", "plain_trainer.task", "--", "--steps", "1"]
+        assert env["CLOUDML_PACKAGE_CACHE"] == "/var/cache/cloudml/packages"
+        mounts = {m.name: (m.mount_path, m.sub_path) for m in container.volume_mounts}
+        storage = stack.storage("admin")
+        assert plain_uri.startswith("file://" + storage + "/")
+        assert mounts["storage"] == (storage, "admin")
+        assert mounts["packages"] == ("/var/cache/cloudml/packages", "admin")
+        claims = {v.name: v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim}
+        assert claims == {"storage": "cloudml-storage", "packages": "cloudml-packages"}
     addresses = {f"{r.replica.type}-{r.replica.index}": r.address for r in job.replicas}
     assert addresses[f"{pb.REPLICA_TYPE_PS}-0"].endswith(f".{cluster}.svc:2222")
     # The kubelet ends them: workers and ps first, then the master (the coordinator).

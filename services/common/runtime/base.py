@@ -119,6 +119,10 @@ class ReplicaStatus:
 class Runtime(abc.ABC):
     #: "local" or "kubernetes"; named in Unschedulable messages
     name: str = ""
+    #: False: the calling service installs a trainer package before a replica
+    #: starts (`local`); True: the replica does, where it runs (`kubernetes`:
+    #: services.jobs.pod_entrypoint in the trainer image).
+    installs_packages: bool = False
 
     @property
     def synced(self) -> bool:

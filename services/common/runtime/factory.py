@@ -27,7 +27,8 @@ def runtime_state_dir(data_dir: str, kind: str) -> str:
 
 def make_runtime(kind: str, data_dir: str, capacity_cpu: int | None = None,
                  capacity_memory: int | None = None, *, kubeconfig: str | None = None,
-                 namespace: str | None = None, image: str | None = None) -> Runtime:
+                 namespace: str | None = None, image: str | None = None, storage_claim: str | None = None,
+                 package_cache_claim: str | None = None) -> Runtime:
     """The runtime named `kind`. `local`: its state in
     `runtime_state_dir(data_dir, kind)`; `capacity_cpu` (millis) and
     `capacity_memory` (bytes) override what the machine has (None: probe it).
@@ -35,7 +36,9 @@ def make_runtime(kind: str, data_dir: str, capacity_cpu: int | None = None,
     if kind not in RUNTIMES:
         raise SystemExit(f"error: --runtime {kind!r} is not available (one of {', '.join(RUNTIMES)})")
     if kind == "kubernetes":
-        return make_kubernetes_runtime(kubeconfig, namespace, image)
+        return make_kubernetes_runtime(kubeconfig, namespace, image, storage_claim=storage_claim,
+                                       storage_root=os.path.join(os.path.abspath(data_dir), "storage"),
+                                       package_cache_claim=package_cache_claim)
     from services.common.runtime.local import LocalRuntime  # noqa: PLC0415 - only the runtime in use is loaded
 
     state_dir = runtime_state_dir(data_dir, kind)
@@ -47,14 +50,17 @@ def make_runtime(kind: str, data_dir: str, capacity_cpu: int | None = None,
     return LocalRuntime(state_dir, total=total)
 
 
-def make_kubernetes_runtime(kubeconfig: str | None, namespace: str | None, image: str | None = None) -> Runtime:
+def make_kubernetes_runtime(kubeconfig: str | None, namespace: str | None, image: str | None = None, *,
+                            storage_claim: str | None = None, storage_root: str = "",
+                            package_cache_claim: str | None = None) -> Runtime:
     """Pods in `namespace` through the API server of `kubeconfig`; without a
     kubeconfig, the in-cluster service account's credentials (and its
     namespace when none is given). Never connects here: an unreachable API
-    server is retried by the runtime (reserve() says so meanwhile)."""
+    server is retried by the runtime (reserve() says so meanwhile). The
+    claims name the volumes Pods mount (kube_objects.PodVolumes)."""
     from kubernetes import client, config  # noqa: PLC0415
 
-    from services.common.runtime.kube_objects import DEFAULT_IMAGE  # noqa: PLC0415
+    from services.common.runtime.kube_objects import DEFAULT_IMAGE, PodVolumes  # noqa: PLC0415
     from services.common.runtime.kubernetes import KubernetesRuntime  # noqa: PLC0415
 
     configuration = client.Configuration()
@@ -75,4 +81,6 @@ def make_kubernetes_runtime(kubeconfig: str | None, namespace: str | None, image
     if not namespace:
         raise SystemExit("error: --runtime kubernetes needs --namespace")
     configuration.connection_pool_maxsize = 32  # two watches, log followers, concurrent writes
-    return KubernetesRuntime(client.ApiClient(configuration), namespace, image=image or DEFAULT_IMAGE)
+    volumes = PodVolumes(storage_claim or "", storage_root if storage_claim else "", package_cache_claim or "")
+    return KubernetesRuntime(client.ApiClient(configuration), namespace, image=image or DEFAULT_IMAGE,
+                             volumes=volumes)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from services.common.runtime.base import Amount, ReplicaPhase, ReplicaRequest, ReplicaStatus
 
 DEFAULT_IMAGE = "cloudml/trainer:latest"
+#: Where a Pod's package cache volume is mounted (services.jobs.pod_entrypoint).
+PACKAGE_CACHE_MOUNT = "/var/cache/cloudml/packages"
 PORT = 2222
 CONTAINER = "replica"
 GPU = "nvidia.com/gpu"
@@ -129,10 +132,44 @@ def service_body(group: str, tenant: str) -> dict:
                      "ports": [{"name": "tf", "port": PORT, "targetPort": PORT}]}}
 
 
+@dataclass(frozen=True)
+class PodVolumes:
+    """Volumes of the platform that replicas' Pods mount, each Pod only its
+    own tenant's directory of them (`subPath`: the tenant's name):
+
+    - `storage_claim`: the PersistentVolumeClaim of the platform's storage,
+      mounted at `<storage_root>/<tenant>`, the path the platform's services
+      see it at, so the tenant's `file://` URIs (packages, output paths,
+      SavedModels) mean the same in the Pod;
+    - `package_cache_claim`: trainer environments by package hash
+      (services.jobs.pod_entrypoint), mounted at PACKAGE_CACHE_MOUNT.
+    """
+
+    storage_claim: str = ""
+    storage_root: str = ""
+    package_cache_claim: str = ""
+
+    def of(self, tenant: str) -> tuple[list[dict], list[dict], dict[str, str]]:
+        """(volumes, volumeMounts, env) of a Pod of `tenant`."""
+        volumes, mounts, env = [], [], {}
+        if not tenant:
+            return volumes, mounts, env
+        if self.storage_claim and self.storage_root:
+            volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": self.storage_claim}})
+            mounts.append({"name": "storage", "mountPath": f"{self.storage_root.rstrip('/')}/{tenant}",
+                           "subPath": tenant})
+        if self.package_cache_claim:
+            volumes.append({"name": "packages", "persistentVolumeClaim": {"claimName": self.package_cache_claim}})
+            mounts.append({"name": "packages", "mountPath": PACKAGE_CACHE_MOUNT, "subPath": tenant})
+            env["CLOUDML_PACKAGE_CACHE"] = PACKAGE_CACHE_MOUNT
+        return volumes, mounts, env
+
+
 def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: int | None,
-             svc: str, svc_uid: str, host: str, pod: str) -> dict:
+             svc: str, svc_uid: str, host: str, pod: str, volumes: PodVolumes = PodVolumes()) -> dict:
     """The Pod of one replica, owned by its group's Service."""
-    env = dict(request.env)
+    extra_volumes, extra_mounts, extra_env = volumes.of(request.tenant)
+    env = {**extra_env, **request.env}
     if not request.resources.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     if request.resources.memory_bytes:
@@ -162,10 +199,10 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
                 "ports": [{"name": "tf", "containerPort": PORT}],
                 "resources": {"requests": resources(request.resources),
                               "limits": resources(request.resources)},
-                "volumeMounts": [{"name": "work", "mountPath": workdir}],
+                "volumeMounts": [{"name": "work", "mountPath": workdir}, *extra_mounts],
                 "securityContext": security,
             }],
-            "volumes": [{"name": "work", "emptyDir": {}}],
+            "volumes": [{"name": "work", "emptyDir": {}}, *extra_volumes],
         },
     }
 

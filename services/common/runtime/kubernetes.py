@@ -80,6 +80,7 @@ from services.common.runtime.kube_objects import (
     PORT,
     PREFIX,
     REQUEST_TIMEOUT,
+    PodVolumes,
     SELECTOR,
     WATCH_SECONDS,
     amount_of,
@@ -100,11 +101,15 @@ LOG_READ_TIMEOUT = 24 * 3600.0
 class KubernetesRuntime(Runtime):
     name = "kubernetes"
 
+    #: Replicas install their trainer package themselves (services.jobs.pod_entrypoint).
+    installs_packages = True
+
     def __init__(self, api_client, namespace: str, *, image: str = DEFAULT_IMAGE,
-                 run_as_user: int | None = 1000, server: str = ""):
+                 run_as_user: int | None = 1000, server: str = "", volumes: PodVolumes = PodVolumes()):
         from kubernetes import client  # noqa: PLC0415 - only the runtime in use is loaded
 
         self.namespace = namespace
+        self.volumes = volumes
         self.image = image
         self.run_as_user = run_as_user
         self.server = server or api_client.configuration.host
@@ -371,7 +376,8 @@ class KubernetesRuntime(Runtime):
         svc, host, pod = names(request.group, request.role, request.index, request.replica_id)
         async with self._group_lock(request.group):
             _, svc_uid = await self._ensure_service(request.group, request.tenant)
-            body = pod_body(request, self.namespace, self.image, self.run_as_user, svc, svc_uid, host, pod)
+            body = pod_body(request, self.namespace, self.image, self.run_as_user, svc, svc_uid, host, pod,
+                            self.volumes)
             try:
                 made = await asyncio.to_thread(self.core.create_namespaced_pod, self.namespace, body,
                                                _request_timeout=REQUEST_TIMEOUT)
