@@ -332,12 +332,13 @@ class KubeEnv:
     def _patch_status(self, namespace: str, pod: str, status: dict) -> None:
         self.core.patch_namespaced_pod_status(pod, namespace, {"status": status})
 
-    def set_running(self, namespace: str, pod: str, pod_ip: str = "10.1.0.1") -> None:
+    def set_running(self, namespace: str, pod: str, pod_ip: str = "10.1.0.1", ready: bool = True) -> None:
+        """Running; Ready (its readiness probe passes) unless `ready` is False."""
         now = _now()
         self._patch_status(namespace, pod, {
             "phase": "Running", "podIP": pod_ip, "hostIP": "127.0.0.1", "startTime": now,
-            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-            "containerStatuses": [{"name": c, "ready": True, "restartCount": 0, "image": "image",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": now}],
+            "containerStatuses": [{"name": c, "ready": ready, "restartCount": 0, "image": "image",
                                    "imageID": "", "state": {"running": {"startedAt": now}}}
                                   for c in self._containers(namespace, pod)],
         })

@@ -23,6 +23,7 @@ _FLAGS = (("kubeconfig", "--kubeconfig"), ("namespace", "--namespace"), ("image"
 #: which settings each service takes (the models service has no trainer image)
 _SERVICE_FLAGS = {
     "jobs": ("kubeconfig", "namespace", "image", "storage_claim", "package_cache_claim"),
+    "models": ("kubeconfig", "namespace", "model_image", "storage_claim"),
 }
 
 

@@ -110,6 +110,12 @@ def pod_status(pod, stopping: bool = False) -> ReplicaStatus:
         out.message = f"Pending: {detail}"
     else:
         out.message = f"{phase} on {pod.spec.node_name} ({status.pod_ip or 'no IP yet'})"
+        port = ann.get(PREFIX + "serving-port")
+        if port and phase == "Running":
+            out.ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or ())
+            out.address = f"{status.pod_ip}:{int(port)}" if status.pod_ip else ""
+            if not out.ready:
+                out.message += ", not ready"
     return out
 
 
@@ -175,6 +181,17 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
     if request.resources.memory_bytes:
         env["CLOUDML_MEMORY_LIMIT_BYTES"] = str(int(request.resources.memory_bytes))
     workdir = request.workdir or "/work"
+    annotations = {PREFIX + "replica-id": request.replica_id, PREFIX + "group": request.group,
+                   PREFIX + "log-path": request.log_path}
+    ports: list[dict[str, Any]] = [{"name": "tf", "containerPort": PORT}]
+    probe: dict[str, Any] = {}
+    if request.serving_port:
+        annotations[PREFIX + "serving-port"] = str(int(request.serving_port))
+        ports = [{"name": "serving", "containerPort": int(request.serving_port)}]
+        check = ({"exec": {"command": list(request.readiness_command)}} if request.readiness_command
+                 else {"tcpSocket": {"port": int(request.serving_port)}})
+        probe = {"readinessProbe": {**check, "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 1,
+                                    "successThreshold": 1}}
     security: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     pod_security = {"runAsNonRoot": True, "runAsUser": run_as_user} if run_as_user else {}
     return {
@@ -184,8 +201,7 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
             "labels": {**MANAGED, PREFIX + "tenant": label(request.tenant), PREFIX + "group": svc,
                        PREFIX + "replica": pod, PREFIX + "role": label(request.role or "replica"),
                        PREFIX + "index": str(int(request.index))},
-            "annotations": {PREFIX + "replica-id": request.replica_id, PREFIX + "group": request.group,
-                            PREFIX + "log-path": request.log_path},
+            "annotations": annotations,
             "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc, "uid": svc_uid,
                                  "controller": True, "blockOwnerDeletion": True}],
         },
@@ -196,7 +212,7 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
             "containers": [{
                 "name": CONTAINER, "image": request.image or image, "command": list(request.argv),
                 "env": [{"name": k, "value": v} for k, v in env.items()], "workingDir": workdir,
-                "ports": [{"name": "tf", "containerPort": PORT}],
+                "ports": ports, **probe,
                 "resources": {"requests": resources(request.resources),
                               "limits": resources(request.resources)},
                 "volumeMounts": [{"name": "work", "mountPath": workdir}, *extra_mounts],

@@ -45,7 +45,9 @@ its message says why). Until the first list succeeded nothing is known:
 `check_fits_ever()` lets the request through (reserve decides later).
 Reservations live in this process; `adopt()` restores them from the Pods.
 
-Logs are best-effort: while a Pod runs, a thread follows `pods/log` into
+Logs are best-effort: while a Pod runs, a thread of the process that acts
+on replicas (the one that called adopt() or start(): the service's leader;
+never a standby sharing its data volume) follows `pods/log` into
 `request.log_path` (the API server proxies it to the Node's kubelet), so the
 platform's copy outlives the Pod. A follower that fails (no kubelet, a node
 restart) retries a few times while the Pod runs; when the log file already
@@ -103,6 +105,7 @@ class KubernetesRuntime(Runtime):
 
     #: Replicas install their trainer package themselves (services.jobs.pod_entrypoint).
     installs_packages = True
+    reports_readiness = True
 
     def __init__(self, api_client, namespace: str, *, image: str = DEFAULT_IMAGE,
                  run_as_user: int | None = 1000, server: str = "", volumes: PodVolumes = PodVolumes()):
@@ -129,6 +132,10 @@ class KubernetesRuntime(Runtime):
         self._group_locks: dict[str, asyncio.Lock] = {}
         self._services: dict[str, str] = {}  # group -> uid of the Service this runtime made or found
         self._logs: dict[str, threading.Thread] = {}
+        # Logs are followed only by the process that acts on replicas (it called
+        # adopt() or start(): the leader), so two replicas of a service sharing
+        # one data volume never both append the same lines.
+        self._acting = False
         for kind in ("pods", "nodes"):
             threading.Thread(target=self._watch_loop, args=(kind,), name=f"k8s-watch-{kind}", daemon=True).start()
 
@@ -164,9 +171,10 @@ class KubernetesRuntime(Runtime):
                 obj = event["object"]
                 if event["type"] == "ERROR":
                     raise _Gone()
-                version = obj.metadata.resource_version or version
-                if event["type"] == "BOOKMARK":
+                if event["type"] == "BOOKMARK":  # the client leaves its object a dict
+                    version = ((event.get("raw_object") or {}).get("metadata") or {}).get("resourceVersion") or version
                     continue
+                version = obj.metadata.resource_version or version
                 with self._lock:
                     if event["type"] == "DELETED":
                         cache.pop(obj.metadata.name, None)
@@ -365,6 +373,7 @@ class KubernetesRuntime(Runtime):
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
         self._bind_loop()
+        self._acting = True
         with self._lock:
             reserved = request.group in self._reserved
         if not reserved:
@@ -452,6 +461,7 @@ class KubernetesRuntime(Runtime):
 
     async def adopt(self) -> list[ReplicaStatus]:
         self._bind_loop()
+        self._acting = True
         await self.wait_synced()
         pods = self._replica_pods()
         sums: dict[str, Amount] = {}
@@ -510,7 +520,7 @@ class KubernetesRuntime(Runtime):
         """Best effort: follows a running Pod's log into its log path (once per Pod)."""
         name = pod.metadata.name
         path = (pod.metadata.annotations or {}).get(PREFIX + "log-path")
-        if not path or (pod.status and pod.status.phase) != "Running":
+        if not self._acting or not path or (pod.status and pod.status.phase) != "Running":
             return
         with self._lock:
             if name in self._logs and self._logs[name].is_alive():
