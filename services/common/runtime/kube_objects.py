@@ -250,3 +250,18 @@ def short(need: Amount, have: Amount, what: str) -> list[str]:
 
 def describe(a: Amount) -> str:
     return f"cpu {_fmt('cpu', a.cpu_millis)}, memory {_fmt('memory', a.memory_bytes)}, {GPU} {a.gpus}"
+
+
+def replica_id_of(pod) -> str:
+    """The replica id a Pod of the platform carries ("" for none)."""
+    return (pod.metadata.annotations or {}).get(PREFIX + "replica-id", "")
+
+
+def newer(version: str | None, than: str | None) -> bool:
+    """Whether resourceVersion `version` is later than `than`. They are
+    opaque to clients, but etcd revisions (integers) on every API server
+    this talks to; anything else counts as not newer."""
+    try:
+        return int(version or 0) > int(than or 0)
+    except ValueError:
+        return False

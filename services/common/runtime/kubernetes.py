@@ -83,6 +83,8 @@ from services.common.runtime.kube_objects import (
     PREFIX,
     REQUEST_TIMEOUT,
     PodVolumes,
+    newer as _newer,
+    replica_id_of as _rid,
     SELECTOR,
     WATCH_SECONDS,
     amount_of,
@@ -120,6 +122,7 @@ class KubernetesRuntime(Runtime):
         self.core = client.CoreV1Api(api_client)
         self._lock = threading.Lock()
         self._pods: dict[str, Any] = {}          # pod name -> V1Pod (the platform's, in the namespace)
+        self._by_replica: dict[str, str] = {}    # replica id -> pod name (of `_pods`)
         self._nodes: dict[str, Any] = {}
         self._ended: dict[str, ReplicaStatus] = {}  # replica id -> status of a Pod gone meanwhile
         self._stopping: set[str] = set()
@@ -129,6 +132,7 @@ class KubernetesRuntime(Runtime):
         self._closed = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
+        self._replica_events: dict[str, asyncio.Event] = {}  # replica id -> set when its Pod changes (wait())
         self._group_locks: dict[str, asyncio.Lock] = {}
         self._services: dict[str, str] = {}  # group -> uid of the Service this runtime made or found
         self._logs: dict[str, threading.Thread] = {}
@@ -159,6 +163,8 @@ class KubernetesRuntime(Runtime):
                     if not _newer(cache[n].metadata.resource_version, version)]
             cache.clear()
             cache.update((o.metadata.name, o) for o in listed.items)
+            if kind == "pods":
+                self._by_replica = {rid: o.metadata.name for o in listed.items if (rid := _rid(o))}
             for obj in gone:
                 self._forgotten(kind, obj)
         self._synced[kind].set()
@@ -175,15 +181,20 @@ class KubernetesRuntime(Runtime):
                     version = ((event.get("raw_object") or {}).get("metadata") or {}).get("resourceVersion") or version
                     continue
                 version = obj.metadata.resource_version or version
+                rid = _rid(obj) if kind == "pods" else ""
                 with self._lock:
                     if event["type"] == "DELETED":
                         cache.pop(obj.metadata.name, None)
+                        if rid and self._by_replica.get(rid) == obj.metadata.name:
+                            del self._by_replica[rid]
                         self._forgotten(kind, obj)
                     else:
                         cache[obj.metadata.name] = obj
+                        if rid:
+                            self._by_replica[rid] = obj.metadata.name
                 if kind == "pods" and event["type"] != "DELETED":
                     self._follow_log(obj)
-                self._notify()
+                self._notify(rid or None)
 
     def _forgotten(self, kind: str, obj) -> None:
         """A Pod left the cluster (under the lock): remember how it ended."""
@@ -231,11 +242,21 @@ class KubernetesRuntime(Runtime):
             log.warning("%s (retrying)", message)
         self._error = message
 
-    def _notify(self) -> None:
+    def _notify(self, replica_id: str | None = None) -> None:
+        """From a watch thread: wakes wait() of `replica_id` (None: of every
+        replica, after a list), and whoever waits for any change."""
         loop, changed = self._loop, self._changed
         if loop is not None and changed is not None:
             with contextlib.suppress(RuntimeError):  # the loop was closed
-                loop.call_soon_threadsafe(changed.set)
+                loop.call_soon_threadsafe(self._wake, replica_id)
+
+    def _wake(self, replica_id: str | None) -> None:
+        self._changed.set()
+        if replica_id is None:
+            for event in self._replica_events.values():
+                event.set()
+        elif replica_id in self._replica_events:
+            self._replica_events[replica_id].set()
 
     def _bind_loop(self) -> asyncio.Event:
         if self._changed is None:
@@ -259,8 +280,13 @@ class KubernetesRuntime(Runtime):
 
     def _replica_pods(self) -> dict[str, Any]:
         with self._lock:
-            return {(p.metadata.annotations or {}).get(PREFIX + "replica-id"): p for p in self._pods.values()
-                    if (p.metadata.annotations or {}).get(PREFIX + "replica-id")}
+            return {rid: self._pods[name] for rid, name in self._by_replica.items() if name in self._pods}
+
+    def _pod_of(self, replica_id: str):
+        """The replica's Pod in the cache, or None (one lookup, not a scan)."""
+        with self._lock:
+            name = self._by_replica.get(replica_id)
+            return self._pods.get(name) if name else None
 
     # ------------------------------------------------------------------ capacity
     def total(self) -> Amount:
@@ -400,12 +426,13 @@ class KubernetesRuntime(Runtime):
                                      err) from None
         with self._lock:
             self._pods.setdefault(pod, made)
+            self._by_replica.setdefault(request.replica_id, pod)
             self._ended.pop(request.replica_id, None)
             self._stopping.discard(request.replica_id)
         return pod_status(made)
 
     async def status(self, replica_id: str) -> ReplicaStatus:
-        pod = self._replica_pods().get(replica_id)
+        pod = self._pod_of(replica_id)
         if pod is not None:
             return pod_status(pod, replica_id in self._stopping)
         with self._lock:
@@ -413,7 +440,8 @@ class KubernetesRuntime(Runtime):
         return ended or ReplicaStatus(replica_id, "", ReplicaPhase.UNKNOWN, message="no record")
 
     async def wait(self, replica_id: str, timeout: float | None = None) -> ReplicaStatus:
-        changed = self._bind_loop()
+        self._bind_loop()
+        changed = self._replica_events.setdefault(replica_id, asyncio.Event())  # only its own Pod's events
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -442,7 +470,7 @@ class KubernetesRuntime(Runtime):
 
     async def stop(self, replica_id: str, grace_seconds: float = 10.0) -> ReplicaStatus:
         st = await self.status(replica_id)
-        pod = self._replica_pods().get(replica_id)
+        pod = self._pod_of(replica_id)
         if st.ended or pod is None:
             return st
         self._stopping.add(replica_id)
@@ -481,7 +509,7 @@ class KubernetesRuntime(Runtime):
         st = await self.status(replica_id)
         if st.phase == ReplicaPhase.RUNNING:
             raise RuntimeError(f"replica {replica_id} is still running; stop() it first")
-        pod = self._replica_pods().get(replica_id)
+        pod = self._pod_of(replica_id)
         group = st.group
         if pod is not None:
             await self._delete_pod(pod.metadata.name, 0)
@@ -491,6 +519,9 @@ class KubernetesRuntime(Runtime):
             if pod is not None:
                 self._pods.pop(pod.metadata.name, None)
                 self._logs.pop(pod.metadata.name, None)
+                if self._by_replica.get(replica_id) == pod.metadata.name:
+                    del self._by_replica[replica_id]
+        self._replica_events.pop(replica_id, None)
         if group:
             async with self._group_lock(group):
                 await self._delete_service_if_empty(group)
@@ -553,16 +584,6 @@ class KubernetesRuntime(Runtime):
             except Exception as err:  # noqa: BLE001 - best effort (no kubelet, a restart of the node...)
                 log.debug("cannot follow the log of Pod %s: %s", name, err)
                 self._closed.wait(2.0)
-
-
-def _newer(version: str | None, than: str | None) -> bool:
-    """Whether resourceVersion `version` is later than `than`. They are
-    opaque to clients, but etcd revisions (integers) on every API server
-    this talks to; anything else counts as not newer."""
-    try:
-        return int(version or 0) > int(than or 0)
-    except ValueError:
-        return False
 
 
 class _Gone(Exception):
