@@ -265,3 +265,12 @@ def newer(version: str | None, than: str | None) -> bool:
         return int(version or 0) > int(than or 0)
     except ValueError:
         return False
+
+
+def holds(pod) -> tuple[str, Amount] | None:
+    """(group, resources) a Pod holds; None once it ended."""
+    if (pod.status and pod.status.phase) in ("Succeeded", "Failed"):
+        return None
+    group = (pod.metadata.annotations or {}).get(PREFIX + "group", pod.metadata.name)
+    limits = pod.spec.containers[0].resources.limits if pod.spec.containers[0].resources else None
+    return group, amount_of(limits)

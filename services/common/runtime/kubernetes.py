@@ -27,7 +27,7 @@ Two daemon threads keep a cache of the cluster: the platform's Pods in the
 namespace and the Nodes (list, then watch from the list's resourceVersion;
 on 410 Gone or any error, list again after a short back-off). The event loop
 never blocks on the API server: reads come from the cache, writes run in
-`asyncio.to_thread` with a request timeout. A Pod's phase maps to the
+the runtime's own thread pool with a request timeout. A Pod's phase maps to the
 replica's: Pending and Running are RUNNING (`message` says "Pending: ..."
 with the scheduler's reason), Succeeded, Failed with the container's exit
 code and reason ("OOMKilled" for an OOM kill, "Evicted" when the kubelet
@@ -59,10 +59,11 @@ serves a whole log at once (not a live follow of a running container).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
-import os
 import threading
 import time
 from typing import Any
@@ -76,13 +77,14 @@ from services.common.runtime.base import (
     Runtime,
     Unschedulable,
 )
+from services.common.runtime.kube_logs import PodLogs
 from services.common.runtime.kube_objects import (
-    CONTAINER,
     DEFAULT_IMAGE,
     PORT,
     PREFIX,
     REQUEST_TIMEOUT,
     PodVolumes,
+    holds as _holds,
     newer as _newer,
     replica_id_of as _rid,
     SELECTOR,
@@ -99,10 +101,8 @@ from services.common.runtime.kube_objects import (
 )
 
 log = logging.getLogger(__name__)
-#: A log follower gives up on a replica silent for this long (and reconnects).
-LOG_READ_TIMEOUT = 24 * 3600.0
 
-class KubernetesRuntime(Runtime):
+class KubernetesRuntime(PodLogs, Runtime):
     name = "kubernetes"
 
     #: Replicas install their trainer package themselves (services.jobs.pod_entrypoint).
@@ -123,6 +123,7 @@ class KubernetesRuntime(Runtime):
         self._lock = threading.Lock()
         self._pods: dict[str, Any] = {}          # pod name -> V1Pod (the platform's, in the namespace)
         self._by_replica: dict[str, str] = {}    # replica id -> pod name (of `_pods`)
+        self._holds: dict[str, tuple] = {}       # pod name -> (resourceVersion, (group, Amount) or None)
         self._nodes: dict[str, Any] = {}
         self._ended: dict[str, ReplicaStatus] = {}  # replica id -> status of a Pod gone meanwhile
         self._stopping: set[str] = set()
@@ -136,6 +137,8 @@ class KubernetesRuntime(Runtime):
         self._group_locks: dict[str, asyncio.Lock] = {}
         self._services: dict[str, str] = {}  # group -> uid of the Service this runtime made or found
         self._logs: dict[str, threading.Thread] = {}
+        self._calls = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(8, api_client.configuration.connection_pool_maxsize or 8), thread_name_prefix="k8s-call")
         # Logs are followed only by the process that acts on replicas (it called
         # adopt() or start(): the leader), so two replicas of a service sharing
         # one data volume never both append the same lines.
@@ -145,6 +148,15 @@ class KubernetesRuntime(Runtime):
 
     def close(self) -> None:
         self._closed.set()
+        self._calls.shutdown(wait=False)
+
+    async def _call(self, fn, *args, **kwargs):
+        """A blocking API call on the runtime's own threads (as many as the
+        client's connection pool: the event loop's default executor has
+        only cpu count + 4, which capped how many Pods a burst of jobs
+        could create at once)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._calls, functools.partial(fn, *args, **kwargs))
 
     # ------------------------------------------------------------------ the cache
     def _list_and_watch(self, kind: str) -> None:
@@ -308,12 +320,18 @@ class KubernetesRuntime(Runtime):
     def _held(self) -> Amount:
         by_group: dict[str, Amount] = {}
         with self._lock:
-            for pod in self._pods.values():
-                if (pod.status and pod.status.phase) in ("Succeeded", "Failed"):
-                    continue
-                group = (pod.metadata.annotations or {}).get(PREFIX + "group", pod.metadata.name)
-                limits = pod.spec.containers[0].resources.limits if pod.spec.containers[0].resources else None
-                by_group[group] = by_group.get(group, Amount()) + amount_of(limits)
+            for name, pod in self._pods.items():
+                # What a Pod holds, parsed once per version of it (reserve() runs for
+                # every admitted job: parsing every Pod's quantities each time was
+                # quadratic in a burst of jobs).
+                memo = self._holds.get(name)
+                if memo is None or memo[0] != pod.metadata.resource_version:
+                    memo = self._holds[name] = (pod.metadata.resource_version, _holds(pod))
+                if memo[1] is not None:
+                    group, amount = memo[1]
+                    by_group[group] = by_group.get(group, Amount()) + amount
+            if len(self._holds) > 2 * len(self._pods) + 64:
+                self._holds = {n: m for n, m in self._holds.items() if n in self._pods}
             reserved = dict(self._reserved)
         held = Amount()
         for group in set(by_group) | set(reserved):
@@ -382,12 +400,12 @@ class KubernetesRuntime(Runtime):
             return object_name(group), self._services[group]
         svc, body = object_name(group), service_body(group, tenant)
         try:
-            made = await asyncio.to_thread(self.core.create_namespaced_service, self.namespace, body,
+            made = await self._call(self.core.create_namespaced_service, self.namespace, body,
                                            _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             if err.status != 409:
                 raise api_error(f"cannot create the Service of group {group}", err) from None
-            made = await asyncio.to_thread(self.core.read_namespaced_service, svc, self.namespace,
+            made = await self._call(self.core.read_namespaced_service, svc, self.namespace,
                                            _request_timeout=REQUEST_TIMEOUT)
         self._services[group] = made.metadata.uid
         return svc, made.metadata.uid
@@ -414,11 +432,11 @@ class KubernetesRuntime(Runtime):
             body = pod_body(request, self.namespace, self.image, self.run_as_user, svc, svc_uid, host, pod,
                             self.volumes)
             try:
-                made = await asyncio.to_thread(self.core.create_namespaced_pod, self.namespace, body,
+                made = await self._call(self.core.create_namespaced_pod, self.namespace, body,
                                                _request_timeout=REQUEST_TIMEOUT)
             except ApiException as err:
                 if err.status == 409:  # started before (e.g. by a previous instance)
-                    made = await asyncio.to_thread(self.core.read_namespaced_pod, pod, self.namespace,
+                    made = await self._call(self.core.read_namespaced_pod, pod, self.namespace,
                                                    _request_timeout=REQUEST_TIMEOUT)
                 else:
                     await self._delete_service_if_empty(request.group)
@@ -461,7 +479,7 @@ class KubernetesRuntime(Runtime):
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
         try:
-            await asyncio.to_thread(self.core.delete_namespaced_pod, name, self.namespace,
+            await self._call(self.core.delete_namespaced_pod, name, self.namespace,
                                     grace_period_seconds=grace, _request_timeout=REQUEST_TIMEOUT,
                                     _preload_content=False)
         except ApiException as err:
@@ -532,7 +550,7 @@ class KubernetesRuntime(Runtime):
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
         svc = object_name(group)
-        left = await asyncio.to_thread(self.core.list_namespaced_pod, self.namespace,
+        left = await self._call(self.core.list_namespaced_pod, self.namespace,
                                        label_selector=f"{SELECTOR},{PREFIX}group={svc}",
                                        _request_timeout=REQUEST_TIMEOUT)
         if left.items:
@@ -540,50 +558,11 @@ class KubernetesRuntime(Runtime):
         self._services.pop(group, None)
         try:
             # (1.20 answers a Status the client cannot read as a Service: not parsed)
-            await asyncio.to_thread(self.core.delete_namespaced_service, svc, self.namespace,
+            await self._call(self.core.delete_namespaced_service, svc, self.namespace,
                                     _request_timeout=REQUEST_TIMEOUT, _preload_content=False)
         except ApiException as err:
             if err.status != 404:
                 raise api_error(f"cannot delete the Service of group {group}", err) from None
-
-    # ------------------------------------------------------------------ logs
-    def _follow_log(self, pod) -> None:
-        """Best effort: follows a running Pod's log into its log path (once per Pod)."""
-        name = pod.metadata.name
-        path = (pod.metadata.annotations or {}).get(PREFIX + "log-path")
-        if not self._acting or not path or (pod.status and pod.status.phase) != "Running":
-            return
-        with self._lock:
-            if name in self._logs and self._logs[name].is_alive():
-                return
-            thread = threading.Thread(target=self._stream_log, args=(name, path), name=f"k8s-log-{name}",
-                                      daemon=True)
-            self._logs[name] = thread
-        thread.start()
-
-    def _stream_log(self, name: str, path: str) -> None:
-        for _ in range(5):
-            with self._lock:
-                pod = self._pods.get(name)
-            if pod is None or self._closed.is_set() or pod.status.phase != "Running":
-                return
-            try:  # what the file has (an earlier follower's, before a restart) is not asked for again
-                since = int(time.time() - os.path.getmtime(path)) + 1 if os.path.getsize(path) else None
-            except OSError:
-                since = None
-            try:
-                response = self.core.read_namespaced_pod_log(
-                    name, self.namespace, container=CONTAINER, follow=True, since_seconds=since,
-                    _preload_content=False, _request_timeout=(REQUEST_TIMEOUT, LOG_READ_TIMEOUT))
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                with open(path, "ab") as out:
-                    for chunk in response.stream(4096):
-                        out.write(chunk)
-                        out.flush()
-                return
-            except Exception as err:  # noqa: BLE001 - best effort (no kubelet, a restart of the node...)
-                log.debug("cannot follow the log of Pod %s: %s", name, err)
-                self._closed.wait(2.0)
 
 
 class _Gone(Exception):
