@@ -16,6 +16,7 @@ tests play the kubelet's part the way kwok does, with the helpers here:
     env.evict("ns", "pod-c")
     env.finish_deletions("ns")   # what a kubelet does for Pods deleted with a grace period
     env.pod_logs[("ns", "pod-a")] = b"line\n"   # what pods/log answers (served at the Nodes' kubelet port)
+    kubelet = Kubelet(env, "ns", "node-1").start()   # binds and runs every new Pod, confirms deletions
     env.stop()
 
 Every helper is synchronous (tests call them from threads or directly).
@@ -331,12 +332,13 @@ class KubeEnv:
     def _patch_status(self, namespace: str, pod: str, status: dict) -> None:
         self.core.patch_namespaced_pod_status(pod, namespace, {"status": status})
 
-    def set_running(self, namespace: str, pod: str, pod_ip: str = "10.1.0.1") -> None:
+    def set_running(self, namespace: str, pod: str, pod_ip: str = "10.1.0.1", ready: bool = True) -> None:
+        """Running; Ready (its readiness probe passes) unless `ready` is False."""
         now = _now()
         self._patch_status(namespace, pod, {
             "phase": "Running", "podIP": pod_ip, "hostIP": "127.0.0.1", "startTime": now,
-            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-            "containerStatuses": [{"name": c, "ready": True, "restartCount": 0, "image": "image",
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": now}],
+            "containerStatuses": [{"name": c, "ready": ready, "restartCount": 0, "image": "image",
                                    "imageID": "", "state": {"running": {"startedAt": now}}}
                                   for c in self._containers(namespace, pod)],
         })
@@ -382,3 +384,38 @@ class KubeEnv:
                 done.append(pod.metadata.name)
         return done
 
+
+
+class Kubelet(threading.Thread):
+    """A kubelet of one Node for one namespace, kwok-style: binds every new
+    Pod to `node` and marks it Running (and Ready); finishes graceful
+    deletions. `halt()` stops it."""
+
+    def __init__(self, env: KubeEnv, namespace: str, node: str, interval: float = 0.1):
+        super().__init__(daemon=True, name=f"kubelet-{node}")
+        self.env, self.namespace, self.node, self.interval = env, namespace, node, interval
+        self._halt = threading.Event()
+
+    def start(self) -> "Kubelet":
+        super().start()
+        return self
+
+    def halt(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+    def run(self) -> None:
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+        while not self._halt.wait(self.interval):
+            try:
+                for pod in self.env.core.list_namespaced_pod(self.namespace).items:
+                    if pod.metadata.deletion_timestamp is None and not pod.spec.node_name:
+                        self.env.bind(self.namespace, pod.metadata.name, self.node)
+                        self.env.set_running(self.namespace, pod.metadata.name)
+                self.env.finish_deletions(self.namespace)
+            except ApiException:  # a Pod deleted meanwhile: look again
+                continue
+            except Exception:  # noqa: BLE001 - the API server stopped under it (end of a test)
+                if self._halt.is_set():
+                    return

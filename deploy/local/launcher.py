@@ -1,6 +1,7 @@
 """`cloudml-platform`: runs the whole platform on this machine.
 
     cloudml-platform up --data-dir DIR [--grpc-port 8500] [--rest-port 8501] [--detach] [--etcd-namespace NS]
+                        [--runtime kubernetes --kubeconfig FILE --namespace NS [--image IMAGE] ...]
     cloudml-platform down --data-dir DIR
     cloudml-platform status --data-dir DIR [-o json]
 
@@ -25,6 +26,7 @@ import sys
 import time
 
 from deploy.local.etcd import port_is_free
+from deploy.local import runtime_flags
 from deploy.local.layout import Layout, ensure_credentials, read_json, write_json
 from deploy.local.supervisor import (
     stop_replicas,
@@ -47,9 +49,9 @@ from deploy.local.service_process import health_status
 SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec("auth", extra=lambda layout, ports: ["--bootstrap-file", layout.bootstrap,
                                                      "--key-encryption-key-file", layout.path("secrets", "kek")]),
-    ServiceSpec("jobs"),
+    ServiceSpec("jobs", extra=lambda layout, ports: runtime_flags.service_flags(layout, "jobs")),
     ServiceSpec("tuner"),
-    ServiceSpec("models"),
+    ServiceSpec("models", extra=lambda layout, ports: runtime_flags.service_flags(layout, "models")),
     ServiceSpec("gateway",
                 listen=lambda ports: f"127.0.0.1:{ports.grpc}",
                 extra=lambda layout, ports: ["--rest-listen", f"127.0.0.1:{ports.rest}"],
@@ -249,9 +251,10 @@ def etcd_namespace(layout: Layout, requested: str | None) -> str:
                        f"not {requested!r}")
 
 
-def prepare(layout: Layout, grpc_port: int, rest_port: int, namespace: str | None = None) -> tuple[Ports, str]:
-    """Directories, keys and credential files, and the saved gateway ports and
-    etcd namespace."""
+def prepare(layout: Layout, grpc_port: int, rest_port: int, namespace: str | None = None,
+            runtime: dict | None = None) -> tuple[Ports, str]:
+    """Directories, keys and credential files, and the saved gateway ports,
+    etcd namespace and runtime settings (deploy/local/runtime_flags.py)."""
     namespace = etcd_namespace(layout, namespace)
     layout.make_dirs()
     # DIR/secrets/kek: the auth service's key-encryption key (it creates the file).
@@ -259,16 +262,19 @@ def prepare(layout: Layout, grpc_port: int, rest_port: int, namespace: str | Non
     os.chmod(layout.path("secrets"), 0o700)
     first = ensure_credentials(layout, grpc_port, rest_port)
     ports = Ports(grpc=grpc_port, rest=rest_port)
-    save_ports(layout, ports, namespace)
+    save_ports(layout, ports, namespace, runtime)
     if first:
         log.info("first start: created the admin and service keys")
     return ports, namespace
 
 
-def save_ports(layout: Layout, ports: Ports, namespace: str = "") -> None:
+def save_ports(layout: Layout, ports: Ports, namespace: str = "", runtime: dict | None = None) -> None:
     data = {"grpc_port": ports.grpc, "rest_port": ports.rest}
     if namespace:
         data["etcd_namespace"] = namespace
+    runtime = runtime if runtime is not None else (read_json(layout.config) or {}).get(runtime_flags.RUNTIME_KEY)
+    if runtime and runtime.get("kind", "local") != "local":
+        data[runtime_flags.RUNTIME_KEY] = runtime
     if read_json(layout.config) != data or os.stat(layout.config).st_mode & 0o077:
         write_json(layout.config, data, 0o600)  # nothing in the data dir is for tenant code
 
@@ -321,7 +327,12 @@ def cmd_up(args) -> int:
         if error:
             print(error, file=sys.stderr)
             return 1
-        ports, namespace = prepare(layout, args.grpc_port, args.rest_port, args.etcd_namespace)
+        try:
+            runtime = runtime_flags.settings_of(args, layout)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        ports, namespace = prepare(layout, args.grpc_port, args.rest_port, args.etcd_namespace, runtime)
         if args.detach:
             return _up_detached(layout, lock_fd, budget)
         configure_supervisor_logging(layout, console=True)
@@ -465,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="return once everything is SERVING, leaving a background supervisor")
     up.add_argument("--etcd-namespace", default=None,
                     help="keep the services' etcd keys under this prefix (set on the first start and kept)")
+    runtime_flags.add_arguments(up)
     up.set_defaults(func=cmd_up)
 
     down = sub.add_parser("down", help="stop every component of the platform")

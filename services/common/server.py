@@ -69,6 +69,9 @@ class Settings:
 
     service: str
     listen: str = "127.0.0.1:0"
+    #: the host others reach this process at, registered with its port (None:
+    #: the --listen host; in a Pod, its IP, since it listens on 0.0.0.0)
+    advertise_host: str | None = None
     etcd: str = "127.0.0.1:2379"
     #: a key prefix every etcd key of this process goes under (services.common.etcd)
     etcd_namespace: str = ""
@@ -100,6 +103,8 @@ def parse_settings(
     parser.add_argument("--etcd-namespace", default=os.environ.get("CLOUDML_ETCD_NAMESPACE", Settings.etcd_namespace),
                         help="keep every etcd key under this prefix (services on one etcd with different "
                              "namespaces never see each other's keys); default: none")
+    parser.add_argument("--advertise-host", default=os.environ.get("CLOUDML_ADVERTISE_HOST") or None,
+                        help="the host other services reach this one at (default: the --listen host)")
     parser.add_argument("--port-file", help="write the bound ports as JSON here once listening")
     parser.add_argument("--data-dir", help="the platform's data directory")
     parser.add_argument("--credentials-file",
@@ -121,7 +126,7 @@ def parse_settings(
         add_arguments(parser)
     args = parser.parse_args(argv)
     settings = Settings(
-        service=service, listen=args.listen, etcd=args.etcd, etcd_namespace=args.etcd_namespace,
+        service=service, listen=args.listen, advertise_host=args.advertise_host, etcd=args.etcd, etcd_namespace=args.etcd_namespace,
         port_file=args.port_file,
         data_dir=args.data_dir, credentials_file=args.credentials_file,
         metrics_listen=args.metrics_listen, log_level=args.log_level.upper(),
@@ -271,7 +276,7 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
     stop = asyncio.Event()
     if front:
         port = await front.start(settings.listen, f"127.0.0.1:{port}", stop.set)
-    host = settings.listen.rpartition(":")[0] or "127.0.0.1"
+    host = settings.advertise_host or settings.listen.rpartition(":")[0] or "127.0.0.1"
     address = f"{host}:{port}"
     ports = {"grpc": port, "pid": os.getpid(), "address": address}
     if settings.metrics_listen:

@@ -1,6 +1,6 @@
 """python -m services.jobs --etcd HOST:PORT --data-dir DIR --credentials-file C
 [--listen 127.0.0.1:0] [--port-file F] [--runtime local|kubernetes]
-[--kubeconfig FILE] [--namespace NS] [--image IMAGE]
+[--kubeconfig FILE] [--namespace NS] [--image IMAGE] [--storage-claim PVC] [--package-cache-claim PVC]
 [--default-cpu 0.5] [--default-memory 2Gi] [--default-gpus 0]
 [--capacity-cpu N] [--capacity-memory M] [--stop-grace S] [--envs-dir D] [--install-arg ARG ...]
 [--max-tensorboards 5] [--tensorboard-idle-seconds 14400] [--tensorboard-cpu 0.5] [--tensorboard-memory 1Gi]
@@ -45,6 +45,11 @@ def _arguments(parser) -> None:
                         help="kubernetes runtime: the namespace of the replicas' Pods (default: the service account's)")
     parser.add_argument("--image", default=None,
                         help="kubernetes runtime: the trainer image of jobs that name none")
+    parser.add_argument("--storage-claim", default=None,
+                        help="kubernetes runtime: the PersistentVolumeClaim of DIR/storage (a Pod mounts its "
+                             "tenant's directory of it at the same path)")
+    parser.add_argument("--package-cache-claim", default=None,
+                        help="kubernetes runtime: a PersistentVolumeClaim for trainer environments (per tenant)")
     parser.add_argument("--default-cpu", type=_type(units.parse_cpu), default=None,
                         help="per-replica CPU when a spec gives none (default 0.5)")
     parser.add_argument("--default-memory", type=_type(units.parse_memory), default=None,
@@ -86,6 +91,7 @@ def _arguments(parser) -> None:
 def _jobs_settings(args) -> JobsSettings:
     return JobsSettings(
         runtime=args.runtime, kubeconfig=args.kubeconfig, namespace=args.namespace, image=args.image,
+        storage_claim=args.storage_claim, package_cache_claim=args.package_cache_claim,
         defaults=Defaults(cpu_millis=args.default_cpu or Defaults.cpu_millis,
                           memory_bytes=args.default_memory or Defaults.memory_bytes,
                           gpus=args.default_gpus or Defaults.gpus),

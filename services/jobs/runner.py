@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE = 4000
 
 
+#: The interpreter of the platform's trainer image (on a runtime that installs packages itself).
+POD_PYTHON = "python"
+
+
 def truncate(text: str, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else "..." + text[-(limit - 3):]
 
@@ -209,6 +213,12 @@ class JobRunner:
 
         def line(text: str) -> None:
             self.joblog.write(attempt, text)
+
+        if self.s.runtime.installs_packages:  # the replica's entrypoint installs it, where it runs
+            line(f"[platform] each replica installs {self.job.spec.trainer_uri} where it runs "
+                 f"(services.jobs.pod_entrypoint on the {self.s.runtime.name} runtime)")
+            self.python = POD_PYTHON
+            return True
 
         async def install() -> str:
             line(f"[platform] fetching {self.job.spec.trainer_uri}")
@@ -383,7 +393,7 @@ class JobRunner:
         for replica in self.replicas:
             requests.append(ReplicaRequest(
                 replica_id=self.rid(attempt, replica), group=group, role=replica.role, index=replica.index,
-                argv=[self.python, "-m", spec.module_name, *spec.job_args],
+                argv=self._argv(),
                 env=self._env(replica, attempt, cluster), workdir=self.paths.workdir,
                 log_path=self.paths.replica_log(attempt, replica),
                 resources=self.resources[replica], tenant=self.tenant, image=spec.docker_image,
@@ -412,6 +422,13 @@ class JobRunner:
 
         names = ", ".join(f"{r.name} pid {s.pid}" for r, s in zip(self.replicas, results))
         await self._transition(pb.JOB_STATE_RUNNING, "Started", f"attempt {attempt}: {names}", extra)
+
+    def _argv(self) -> list[str]:
+        spec = self.job.spec
+        if self.s.runtime.installs_packages:
+            return [POD_PYTHON, "-m", "services.jobs.pod_entrypoint", "--package", spec.trainer_uri,
+                    "--module", spec.module_name, "--", *spec.job_args]
+        return [self.python, "-m", spec.module_name, *spec.job_args]
 
     # --- monitoring --------------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ class JobsSettings:
     kubeconfig: str | None = None
     namespace: str | None = None
     image: str | None = None
+    #: kubernetes runtime: PersistentVolumeClaims of the storage and the package cache (kube_objects.PodVolumes)
+    storage_claim: str | None = None
+    package_cache_claim: str | None = None
     #: per-replica resources for amounts a spec leaves at zero
     defaults: Defaults = Defaults()
     #: the local runtime's capacity (None: the machine's cores / physical memory - 1Gi)
@@ -80,7 +83,9 @@ class JobsApp(ServiceApp):
             raise SystemExit("error: the jobs service needs --data-dir")
         data_dir = os.path.abspath(common.data_dir)
         self.runtime = make_runtime(settings.runtime, data_dir, settings.capacity_cpu, settings.capacity_memory,
-                                    kubeconfig=settings.kubeconfig, namespace=settings.namespace, image=settings.image)
+                                    kubeconfig=settings.kubeconfig, namespace=settings.namespace, image=settings.image,
+                                    storage_claim=settings.storage_claim,
+                                    package_cache_claim=settings.package_cache_claim)
         self.index = JobIndex(platform.etcd)
         self.store = JobStore(platform.etcd, self.index)
         quota = QuotaClient(platform.directory, platform.identity)

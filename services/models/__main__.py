@@ -1,4 +1,6 @@
-"""python -m services.models --etcd HOST:PORT --listen 127.0.0.1:0 --port-file F --data-dir DIR --credentials-file C"""
+"""python -m services.models --etcd HOST:PORT --listen 127.0.0.1:0 --port-file F --data-dir DIR --credentials-file C
+[--runtime local|kubernetes] [--kubeconfig FILE] [--namespace NS] [--model-image IMAGE] [--storage-claim PVC]
+[--replica-port 8500]"""
 import functools
 
 from cloudml import units
@@ -9,9 +11,18 @@ from services.models.server import ModelsApp, ModelsSettings
 
 
 def _arguments(parser) -> None:
-    # Model replicas do not run on the kubernetes runtime yet (issue 18).
-    parser.add_argument("--runtime", default=ModelsSettings.runtime, choices=[r for r in RUNTIMES if r == "local"],
-                        help="where replicas run")
+    parser.add_argument("--runtime", default=ModelsSettings.runtime, choices=RUNTIMES, help="where replicas run")
+    parser.add_argument("--kubeconfig", default=None,
+                        help="kubernetes runtime: the API server and credentials (default: in-cluster service account)")
+    parser.add_argument("--namespace", default=None,
+                        help="kubernetes runtime: the namespace of the replicas' Pods (default: the service account's)")
+    parser.add_argument("--model-image", default=ModelsSettings.model_image,
+                        help=f"kubernetes runtime: the model-server image (default {ModelsSettings.model_image})")
+    parser.add_argument("--storage-claim", default=None,
+                        help="kubernetes runtime: the PersistentVolumeClaim of the storage (a Pod mounts its "
+                             "tenant's directory of it at the same path)")
+    parser.add_argument("--replica-port", type=int, default=ModelsSettings.replica_port,
+                        help="kubernetes runtime: the port model servers listen on in their Pods")
     parser.add_argument("--storage-dir", help="the platform's storage root (default DIR/storage)")
     parser.add_argument("--default-cpu", dest="default_cpu_millis", type=units.parse_cpu, default=Defaults.cpu_millis,
                         help="cpu per replica when a version names none (default 500m)")
@@ -32,7 +43,8 @@ def _arguments(parser) -> None:
 if __name__ == "__main__":
     settings, args = parse_settings("models", add_arguments=_arguments)
     run(settings, functools.partial(ModelsApp, settings=ModelsSettings(
-        runtime=args.runtime, storage_dir=args.storage_dir,
+        runtime=args.runtime, storage_dir=args.storage_dir, kubeconfig=args.kubeconfig, namespace=args.namespace,
+        model_image=args.model_image, storage_claim=args.storage_claim, replica_port=args.replica_port,
         defaults=Defaults(cpu_millis=args.default_cpu_millis, memory_bytes=args.default_memory_bytes),
         capacity_cpu=args.capacity_cpu, capacity_memory=args.capacity_memory, stop_grace=args.stop_grace,
         target_inflight=args.target_inflight, scale_down_delay=args.scale_down_delay,

@@ -74,9 +74,13 @@ class ReplicaLauncher:
         port_file = os.path.join(record.workdir, PORT_FILE)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(port_file)
-        sockets = await asyncio.to_thread(self.socket_dir, record.tenant)
+        pods = self.runtime.reports_readiness  # kubernetes: a Pod, called at its IP once Ready
         record.started, record.started_at = True, now
-        record.address = f"unix:{os.path.join(sockets, record.replica_id)}.sock"
+        if pods:
+            record.address = ""
+        else:
+            sockets = await asyncio.to_thread(self.socket_dir, record.tenant)
+            record.address = f"unix:{os.path.join(sockets, record.replica_id)}.sock"
         try:
             await self._save(record)
         except BaseException:
@@ -88,11 +92,16 @@ class ReplicaLauncher:
             replica_id=record.runtime_id, group=record.runtime_id, argv=self._argv(record, version, path, port_file),
             # HOME and TMPDIR in the replica's own working directory (TensorFlow and
             # Keras write caches there), never the platform's.
-            env={"PYTHONPATH": PROJECT_ROOT, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-                 "HOME": record.workdir, "TMPDIR": record.workdir},
+            env={"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "HOME": record.workdir,
+                 "TMPDIR": record.workdir, **({} if pods else {"PYTHONPATH": PROJECT_ROOT})},
             workdir=record.workdir, log_path=os.path.join(record.workdir, LOG_FILE),
             resources=replica_amount(version), tenant=record.tenant,
         )
+        if pods:
+            port = self.settings.replica_port
+            request.serving_port = port
+            request.readiness_command = [self.settings.pod_python, "-m", "services.common.health_probe",
+                                         str(port)]
         try:
             status = await self.runtime.start(request)
         except Exception as err:  # noqa: BLE001 - counted as a failed start; the pass replaces it
@@ -106,12 +115,15 @@ class ReplicaLauncher:
         log.info("replica %s started (pid %s) on %s", record.runtime_id, status.pid, record.address)
 
     def _argv(self, record: store.ReplicaRecord, version: pb.ModelVersion, path: str, port_file: str) -> list[str]:
+        if self.runtime.reports_readiness:  # a Pod of the model-server image: its serving port on the Pod IP
+            where = [self.settings.pod_python, "-m", "services.models.model_server",
+                     "--listen", f"0.0.0.0:{self.settings.replica_port}"]
+        else:
+            where = [self.settings.python, "-m", "services.models.model_server", "--listen", record.address,
+                     "--metrics-listen", f"unix:{self._socket_path(record, 'metrics')}"]
         argv = [
-            self.settings.python, "-m", "services.models.model_server",
-            "--model-name", version.model, "--version", str(version.version), "--base-path", path,
-            "--listen", record.address, "--port-file", port_file,
-            "--metrics-listen", f"unix:{self._socket_path(record, 'metrics')}",
-            "--drain-delay", str(self.settings.drain_delay),
+            *where, "--model-name", version.model, "--version", str(version.version), "--base-path", path,
+            "--port-file", port_file, "--drain-delay", str(self.settings.drain_delay),
         ]
         b = version.batching
         if b.enabled:

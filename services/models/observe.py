@@ -64,6 +64,8 @@ PORT_FILE_MAX = 64 * 1024
 # Bounds on what a replica reports for its endpoint record.
 COALESCE_MAX_LIMIT = 1 << 16
 SERVING = health_pb2.HealthCheckResponse.SERVING
+#: How often a replica's readiness is read from the runtime's cache (kubernetes).
+READY_POLL = 0.05
 
 @dataclass
 class _Observed:
@@ -153,6 +155,12 @@ class ReplicaObserver:
 
     def _monitor(self, record: store.ReplicaRecord) -> None:
         """Follows a started replica's health until it ends or is stopped."""
+        if self.runtime.reports_readiness:
+            task = self._monitors.get(record.key)
+            if task is None or task.done():
+                self._monitors[record.key] = asyncio.create_task(self._watch_ready(record),
+                                                                 name=f"ready:{record.runtime_id}")
+            return
         if not record.address.startswith("unix:"):
             return  # started by an older release: it registers itself
         task = self._monitors.get(record.key)
@@ -193,6 +201,27 @@ class ReplicaObserver:
             except Exception:  # noqa: BLE001 - keep watching
                 log.exception("watching the health of replica %s", record.runtime_id)
             await asyncio.sleep(0.2)
+
+    async def _watch_ready(self, record: store.ReplicaRecord) -> None:
+        """A replica on a runtime that reports readiness (a Pod: its readiness
+        probe asks the model server's gRPC health): AVAILABLE at the address
+        the runtime reports while it is ready, UNLOADING while it is not (a
+        Pod may become ready again). Reads the runtime's cache of the
+        cluster: no call per check."""
+        while self._live(record):
+            status = await self.runtime.status(record.runtime_id)
+            if status.ended:
+                return
+            try:
+                if status.ready and status.address:
+                    await self._set_endpoint(record, S.MODEL_VERSION_STATE_AVAILABLE, status.address)
+                elif self._endpoint_state(record) == S.MODEL_VERSION_STATE_AVAILABLE:
+                    await self._set_endpoint(record, S.MODEL_VERSION_STATE_UNLOADING)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep watching (etcd unavailable for a moment)
+                log.exception("publishing the endpoint of replica %s", record.runtime_id)
+            await asyncio.sleep(READY_POLL)
 
     async def _follow_health(self, record: store.ReplicaRecord, address: str, port_path: str) -> bool:
         """One Health.Watch stream (the replica pushes every change at once);

@@ -118,6 +118,9 @@ class ReconcilerSettings:
     #: a full pass at least this often
     tick: float = 2.0
     python: str = sys.executable
+    #: kubernetes runtime: the model-server image's interpreter and the replicas' serving port
+    pod_python: str = "python"
+    replica_port: int = 8500
 
     @property
     def replicas_dir(self) -> str:

@@ -42,6 +42,13 @@ class ModelsSettings:
     """The models service's own flags (`python -m services.models --help`), built in its __main__."""
 
     runtime: str = "local"
+    #: kubernetes runtime: kubeconfig (None: in-cluster credentials), namespace, the model-server image,
+    #: the storage's PersistentVolumeClaim, the port replicas serve on in their Pods
+    kubeconfig: str | None = None
+    namespace: str | None = None
+    model_image: str = "cloudml/model-server:latest"
+    storage_claim: str | None = None
+    replica_port: int = 8500
     #: the platform's storage root (None: DIR/storage)
     storage_dir: str | None = None
     #: what a zero in a version's spec takes
@@ -63,7 +70,9 @@ class ModelsApp(ServiceApp):
         if not common.data_dir:
             raise SystemExit("error: the models service needs --data-dir")
         data_dir = os.path.abspath(common.data_dir)
-        self.runtime = make_runtime(settings.runtime, data_dir, settings.capacity_cpu, settings.capacity_memory)
+        self.runtime = make_runtime(settings.runtime, data_dir, settings.capacity_cpu, settings.capacity_memory,
+                                    kubeconfig=settings.kubeconfig, namespace=settings.namespace,
+                                    image=settings.model_image, storage_claim=settings.storage_claim)
         tenancy = getattr(self.runtime, "tenancy", None)
         if tenancy is not None:  # replicas (tenant code) must reach their working directories below the data dir
             tenancy.ensure_reachable(data_dir)
@@ -80,7 +89,7 @@ class ModelsApp(ServiceApp):
             platform.etcd, self.runtime, self.auth,
             ReconcilerSettings(
                 data_dir=data_dir, stop_grace=settings.stop_grace, target_inflight=settings.target_inflight,
-                scale_down_delay=settings.scale_down_delay,
+                scale_down_delay=settings.scale_down_delay, replica_port=settings.replica_port,
             ),
             metrics=ReconcilerMetrics(platform.metrics_registry), confiner=self.core.confiner, store=self.store,
         )
@@ -91,6 +100,10 @@ class ModelsApp(ServiceApp):
 
     async def start(self) -> None:
         await self.platform.etcd.ping(timeout=2.0)
+
+    def ready(self) -> bool:
+        """NOT_SERVING until the runtime knows the cluster (kubernetes: listed)."""
+        return self.runtime.synced
 
     async def lead(self) -> None:
         await self.reconciler.run()

@@ -6,40 +6,17 @@ side, from submit to SUCCEEDED, with the Pods and Service it made."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 
 import pytest
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
+from deploy.kubernetes.envtest import Kubelet
 from services.common.runtime.kube_objects import SELECTOR
 from tests.integration.jobs_stack import MiB, JobsStack, build_packages, replica_spec, spec
 
 S = pb.JobState
-
-
-class Kubelet(threading.Thread):
-    """Binds every new Pod of the namespace to `node` and marks it Running;
-    finishes graceful deletions (what a kubelet confirms)."""
-
-    def __init__(self, env, namespace: str, node: str):
-        super().__init__(daemon=True)
-        self.env, self.namespace, self.node = env, namespace, node
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        while not self.halt.wait(0.1):
-            try:
-                for pod in self.env.core.list_namespaced_pod(self.namespace).items:
-                    if pod.metadata.deletion_timestamp is None and not pod.spec.node_name:
-                        self.env.bind(self.namespace, pod.metadata.name, self.node)
-                        self.env.set_running(self.namespace, pod.metadata.name)
-                self.env.finish_deletions(self.namespace)
-            except ApiException:  # a Pod deleted meanwhile: look again
-                continue
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +24,15 @@ def cluster(kube_env):
     namespace = f"jobs-{uuid.uuid4().hex[:8]}"
     kube_env.create_namespace(namespace)
     kube_env.create_node("jobs-node", cpu="8", memory="32Gi")
-    kubelet = Kubelet(kube_env, namespace, "jobs-node")
-    kubelet.start()
+    kubelet = Kubelet(kube_env, namespace, "jobs-node").start()
     yield namespace
-    kubelet.halt.set()
-    kubelet.join(5)
+    kubelet.halt()
 
 
 def _start_jobs(stack, kube_env, namespace):
     return stack.start_jobs(extra=["--runtime", "kubernetes", "--kubeconfig", kube_env.kubeconfig,
-                                   "--namespace", namespace, "--image", "registry.example/cloudml/trainer:1"])
+                                   "--namespace", namespace, "--image", "registry.example/cloudml/trainer:1",
+                                   "--storage-claim", "cloudml-storage", "--package-cache-claim", "cloudml-packages"])
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +91,18 @@ def test_a_distributed_job_runs_as_pods_and_succeeds(kube_env, cluster, stack, p
         config = json.loads(env["TF_CONFIG"])
         assert config["cluster"]["worker"][1] == f"{svc.metadata.name}-worker-1.{svc.metadata.name}.{cluster}.svc:2222"
         assert env["CLOUDML_JOB_NAME"] == "kube"
+        # The Pod installs the package itself (the trainer image's entrypoint), from the
+        # tenant's directory of the storage volume, into its directory of the package cache.
+        assert container.command == ["python", "-m", "services.jobs.pod_entrypoint", "--package", plain_uri,
+                                     "--module", "plain_trainer.task", "--", "--steps", "1"]
+        assert env["CLOUDML_PACKAGE_CACHE"] == "/var/cache/cloudml/packages"
+        mounts = {m.name: (m.mount_path, m.sub_path) for m in container.volume_mounts}
+        storage = stack.storage("admin")
+        assert plain_uri.startswith("file://" + storage + "/")
+        assert mounts["storage"] == (storage, "admin")
+        assert mounts["packages"] == ("/var/cache/cloudml/packages", "admin")
+        claims = {v.name: v.persistent_volume_claim.claim_name for v in pod.spec.volumes if v.persistent_volume_claim}
+        assert claims == {"storage": "cloudml-storage", "packages": "cloudml-packages"}
     addresses = {f"{r.replica.type}-{r.replica.index}": r.address for r in job.replicas}
     assert addresses[f"{pb.REPLICA_TYPE_PS}-0"].endswith(f".{cluster}.svc:2222")
     # The kubelet ends them: workers and ps first, then the master (the coordinator).

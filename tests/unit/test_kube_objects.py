@@ -10,6 +10,7 @@ from kubernetes import client
 from services.common.runtime.base import Amount, ReplicaPhase, ReplicaRequest
 from services.common.runtime.kube_objects import (
     GPU,
+    PodVolumes,
     amount_of,
     names,
     object_name,
@@ -96,3 +97,20 @@ def test_the_pod_body_has_equal_requests_and_limits_and_no_token():
     assert body["spec"]["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000}
     assert {"name": "A", "value": "1"} in container["env"]
     assert not any(e["name"] == "CUDA_VISIBLE_DEVICES" for e in container["env"])  # it has a GPU
+
+
+def test_a_pod_mounts_only_its_own_tenants_directories_of_the_volumes():
+    request = ReplicaRequest("r", "g", ["python"], {"A": "1"}, "/w", "/l", tenant="team-a")
+    volumes = PodVolumes(storage_claim="st", storage_root="/data/storage/", package_cache_claim="pk")
+    body = pod_body(request, "ns", "img", 1000, "svc", "uid", "h", "p", volumes)
+    [container] = body["spec"]["containers"]
+    assert {m["name"]: (m["mountPath"], m.get("subPath")) for m in container["volumeMounts"]} == {
+        "work": ("/w", None), "storage": ("/data/storage/team-a", "team-a"),
+        "packages": ("/var/cache/cloudml/packages", "team-a")}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["CLOUDML_PACKAGE_CACHE"] == "/var/cache/cloudml/packages" and env["A"] == "1"
+    # No claims configured (or no tenant): the work directory only.
+    plain = pod_body(request, "ns", "img", 1000, "svc", "uid", "h", "p")
+    assert [v["name"] for v in plain["spec"]["volumes"]] == ["work"]
+    anonymous = ReplicaRequest("r", "g", ["python"], {}, "/w", "/l")
+    assert [v["name"] for v in pod_body(anonymous, "ns", "img", 1000, "svc", "uid", "h", "p", volumes)["spec"]["volumes"]] == ["work"]

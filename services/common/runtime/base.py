@@ -82,6 +82,14 @@ class ReplicaRequest:
     # A group of one replica may leave it empty.
     role: str = ""
     index: int = 0
+    # A replica that serves on a TCP port (a model server on `kubernetes`):
+    # the runtime declares the port and probes readiness on it, and the
+    # status then has `ready` and `address`. 0: none (`local` replicas name
+    # their own Unix sockets).
+    serving_port: int = 0
+    # With a serving port: a command whose exit 0 means ready (an exec
+    # readiness probe, e.g. a gRPC health check); empty: the port accepting.
+    readiness_command: list[str] = field(default_factory=list)
 
 
 class ReplicaPhase(enum.Enum):
@@ -110,6 +118,10 @@ class ReplicaStatus:
     # Human-readable detail for events, e.g. "exited with code 3",
     # "memory limit exceeded: 312 MiB used, limit 100 MiB", "cannot run x: ...".
     message: str = ""
+    # With a serving port on a runtime that reports readiness: whether the
+    # replica passes its readiness probe now, and "host:port" to call it at.
+    ready: bool = False
+    address: str = ""
 
     @property
     def ended(self) -> bool:
@@ -119,6 +131,14 @@ class ReplicaStatus:
 class Runtime(abc.ABC):
     #: "local" or "kubernetes"; named in Unschedulable messages
     name: str = ""
+    #: False: the calling service installs a trainer package before a replica
+    #: starts (`local`); True: the replica does, where it runs (`kubernetes`:
+    #: services.jobs.pod_entrypoint in the trainer image).
+    installs_packages: bool = False
+    #: Whether statuses of replicas with a serving port carry `ready` and
+    #: `address` (`kubernetes`: the Pod's readiness and IP), so callers route
+    #: by them instead of asking the replica itself.
+    reports_readiness: bool = False
 
     @property
     def synced(self) -> bool:

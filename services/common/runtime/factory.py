@@ -12,8 +12,9 @@ import os
 from services.common.runtime.base import Amount, Runtime
 
 RUNTIMES = ("local", "kubernetes")
-#: Where a Pod finds its service account's namespace (in-cluster credentials).
-SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+#: Where a Pod finds its service account's token, CA and namespace (in-cluster
+#: credentials); CLOUDML_SERVICE_ACCOUNT_DIR names another directory (tests).
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def runtime_state_dir(data_dir: str, kind: str) -> str:
@@ -26,7 +27,8 @@ def runtime_state_dir(data_dir: str, kind: str) -> str:
 
 def make_runtime(kind: str, data_dir: str, capacity_cpu: int | None = None,
                  capacity_memory: int | None = None, *, kubeconfig: str | None = None,
-                 namespace: str | None = None, image: str | None = None) -> Runtime:
+                 namespace: str | None = None, image: str | None = None, storage_claim: str | None = None,
+                 package_cache_claim: str | None = None) -> Runtime:
     """The runtime named `kind`. `local`: its state in
     `runtime_state_dir(data_dir, kind)`; `capacity_cpu` (millis) and
     `capacity_memory` (bytes) override what the machine has (None: probe it).
@@ -34,7 +36,9 @@ def make_runtime(kind: str, data_dir: str, capacity_cpu: int | None = None,
     if kind not in RUNTIMES:
         raise SystemExit(f"error: --runtime {kind!r} is not available (one of {', '.join(RUNTIMES)})")
     if kind == "kubernetes":
-        return make_kubernetes_runtime(kubeconfig, namespace, image)
+        return make_kubernetes_runtime(kubeconfig, namespace, image, storage_claim=storage_claim,
+                                       storage_root=os.path.join(os.path.abspath(data_dir), "storage"),
+                                       package_cache_claim=package_cache_claim)
     from services.common.runtime.local import LocalRuntime  # noqa: PLC0415 - only the runtime in use is loaded
 
     state_dir = runtime_state_dir(data_dir, kind)
@@ -46,14 +50,17 @@ def make_runtime(kind: str, data_dir: str, capacity_cpu: int | None = None,
     return LocalRuntime(state_dir, total=total)
 
 
-def make_kubernetes_runtime(kubeconfig: str | None, namespace: str | None, image: str | None = None) -> Runtime:
+def make_kubernetes_runtime(kubeconfig: str | None, namespace: str | None, image: str | None = None, *,
+                            storage_claim: str | None = None, storage_root: str = "",
+                            package_cache_claim: str | None = None) -> Runtime:
     """Pods in `namespace` through the API server of `kubeconfig`; without a
     kubeconfig, the in-cluster service account's credentials (and its
     namespace when none is given). Never connects here: an unreachable API
-    server is retried by the runtime (reserve() says so meanwhile)."""
+    server is retried by the runtime (reserve() says so meanwhile). The
+    claims name the volumes Pods mount (kube_objects.PodVolumes)."""
     from kubernetes import client, config  # noqa: PLC0415
 
-    from services.common.runtime.kube_objects import DEFAULT_IMAGE  # noqa: PLC0415
+    from services.common.runtime.kube_objects import DEFAULT_IMAGE, PodVolumes  # noqa: PLC0415
     from services.common.runtime.kubernetes import KubernetesRuntime  # noqa: PLC0415
 
     configuration = client.Configuration()
@@ -61,9 +68,12 @@ def make_kubernetes_runtime(kubeconfig: str | None, namespace: str | None, image
         if kubeconfig:
             config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         else:
-            config.load_incluster_config(client_configuration=configuration)
-            if not namespace and os.path.exists(SERVICE_ACCOUNT_NAMESPACE):
-                with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+            account = os.environ.get("CLOUDML_SERVICE_ACCOUNT_DIR") or SERVICE_ACCOUNT_DIR
+            config.incluster_config.InClusterConfigLoader(
+                token_filename=os.path.join(account, "token"), cert_filename=os.path.join(account, "ca.crt"),
+            ).load_and_set(configuration)
+            if not namespace and os.path.exists(os.path.join(account, "namespace")):
+                with open(os.path.join(account, "namespace")) as f:
                     namespace = f.read().strip()
     except (config.ConfigException, OSError, ValueError) as err:
         where = f"--kubeconfig {kubeconfig}" if kubeconfig else "in-cluster credentials (no --kubeconfig given)"
@@ -71,4 +81,6 @@ def make_kubernetes_runtime(kubeconfig: str | None, namespace: str | None, image
     if not namespace:
         raise SystemExit("error: --runtime kubernetes needs --namespace")
     configuration.connection_pool_maxsize = 32  # two watches, log followers, concurrent writes
-    return KubernetesRuntime(client.ApiClient(configuration), namespace, image=image or DEFAULT_IMAGE)
+    volumes = PodVolumes(storage_claim or "", storage_root if storage_claim else "", package_cache_claim or "")
+    return KubernetesRuntime(client.ApiClient(configuration), namespace, image=image or DEFAULT_IMAGE,
+                             volumes=volumes)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from services.common.runtime.base import Amount, ReplicaPhase, ReplicaRequest, ReplicaStatus
 
 DEFAULT_IMAGE = "cloudml/trainer:latest"
+#: Where a Pod's package cache volume is mounted (services.jobs.pod_entrypoint).
+PACKAGE_CACHE_MOUNT = "/var/cache/cloudml/packages"
 PORT = 2222
 CONTAINER = "replica"
 GPU = "nvidia.com/gpu"
@@ -107,6 +110,12 @@ def pod_status(pod, stopping: bool = False) -> ReplicaStatus:
         out.message = f"Pending: {detail}"
     else:
         out.message = f"{phase} on {pod.spec.node_name} ({status.pod_ip or 'no IP yet'})"
+        port = ann.get(PREFIX + "serving-port")
+        if port and phase == "Running":
+            out.ready = any(c.type == "Ready" and c.status == "True" for c in status.conditions or ())
+            out.address = f"{status.pod_ip}:{int(port)}" if status.pod_ip else ""
+            if not out.ready:
+                out.message += ", not ready"
     return out
 
 
@@ -129,15 +138,60 @@ def service_body(group: str, tenant: str) -> dict:
                      "ports": [{"name": "tf", "port": PORT, "targetPort": PORT}]}}
 
 
+@dataclass(frozen=True)
+class PodVolumes:
+    """Volumes of the platform that replicas' Pods mount, each Pod only its
+    own tenant's directory of them (`subPath`: the tenant's name):
+
+    - `storage_claim`: the PersistentVolumeClaim of the platform's storage,
+      mounted at `<storage_root>/<tenant>`, the path the platform's services
+      see it at, so the tenant's `file://` URIs (packages, output paths,
+      SavedModels) mean the same in the Pod;
+    - `package_cache_claim`: trainer environments by package hash
+      (services.jobs.pod_entrypoint), mounted at PACKAGE_CACHE_MOUNT.
+    """
+
+    storage_claim: str = ""
+    storage_root: str = ""
+    package_cache_claim: str = ""
+
+    def of(self, tenant: str) -> tuple[list[dict], list[dict], dict[str, str]]:
+        """(volumes, volumeMounts, env) of a Pod of `tenant`."""
+        volumes, mounts, env = [], [], {}
+        if not tenant:
+            return volumes, mounts, env
+        if self.storage_claim and self.storage_root:
+            volumes.append({"name": "storage", "persistentVolumeClaim": {"claimName": self.storage_claim}})
+            mounts.append({"name": "storage", "mountPath": f"{self.storage_root.rstrip('/')}/{tenant}",
+                           "subPath": tenant})
+        if self.package_cache_claim:
+            volumes.append({"name": "packages", "persistentVolumeClaim": {"claimName": self.package_cache_claim}})
+            mounts.append({"name": "packages", "mountPath": PACKAGE_CACHE_MOUNT, "subPath": tenant})
+            env["CLOUDML_PACKAGE_CACHE"] = PACKAGE_CACHE_MOUNT
+        return volumes, mounts, env
+
+
 def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: int | None,
-             svc: str, svc_uid: str, host: str, pod: str) -> dict:
+             svc: str, svc_uid: str, host: str, pod: str, volumes: PodVolumes = PodVolumes()) -> dict:
     """The Pod of one replica, owned by its group's Service."""
-    env = dict(request.env)
+    extra_volumes, extra_mounts, extra_env = volumes.of(request.tenant)
+    env = {**extra_env, **request.env}
     if not request.resources.gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     if request.resources.memory_bytes:
         env["CLOUDML_MEMORY_LIMIT_BYTES"] = str(int(request.resources.memory_bytes))
     workdir = request.workdir or "/work"
+    annotations = {PREFIX + "replica-id": request.replica_id, PREFIX + "group": request.group,
+                   PREFIX + "log-path": request.log_path}
+    ports: list[dict[str, Any]] = [{"name": "tf", "containerPort": PORT}]
+    probe: dict[str, Any] = {}
+    if request.serving_port:
+        annotations[PREFIX + "serving-port"] = str(int(request.serving_port))
+        ports = [{"name": "serving", "containerPort": int(request.serving_port)}]
+        check = ({"exec": {"command": list(request.readiness_command)}} if request.readiness_command
+                 else {"tcpSocket": {"port": int(request.serving_port)}})
+        probe = {"readinessProbe": {**check, "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 1,
+                                    "successThreshold": 1}}
     security: dict[str, Any] = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     pod_security = {"runAsNonRoot": True, "runAsUser": run_as_user} if run_as_user else {}
     return {
@@ -147,8 +201,7 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
             "labels": {**MANAGED, PREFIX + "tenant": label(request.tenant), PREFIX + "group": svc,
                        PREFIX + "replica": pod, PREFIX + "role": label(request.role or "replica"),
                        PREFIX + "index": str(int(request.index))},
-            "annotations": {PREFIX + "replica-id": request.replica_id, PREFIX + "group": request.group,
-                            PREFIX + "log-path": request.log_path},
+            "annotations": annotations,
             "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc, "uid": svc_uid,
                                  "controller": True, "blockOwnerDeletion": True}],
         },
@@ -159,13 +212,13 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
             "containers": [{
                 "name": CONTAINER, "image": request.image or image, "command": list(request.argv),
                 "env": [{"name": k, "value": v} for k, v in env.items()], "workingDir": workdir,
-                "ports": [{"name": "tf", "containerPort": PORT}],
+                "ports": ports, **probe,
                 "resources": {"requests": resources(request.resources),
                               "limits": resources(request.resources)},
-                "volumeMounts": [{"name": "work", "mountPath": workdir}],
+                "volumeMounts": [{"name": "work", "mountPath": workdir}, *extra_mounts],
                 "securityContext": security,
             }],
-            "volumes": [{"name": "work", "emptyDir": {}}],
+            "volumes": [{"name": "work", "emptyDir": {}}, *extra_volumes],
         },
     }
 
@@ -197,3 +250,27 @@ def short(need: Amount, have: Amount, what: str) -> list[str]:
 
 def describe(a: Amount) -> str:
     return f"cpu {_fmt('cpu', a.cpu_millis)}, memory {_fmt('memory', a.memory_bytes)}, {GPU} {a.gpus}"
+
+
+def replica_id_of(pod) -> str:
+    """The replica id a Pod of the platform carries ("" for none)."""
+    return (pod.metadata.annotations or {}).get(PREFIX + "replica-id", "")
+
+
+def newer(version: str | None, than: str | None) -> bool:
+    """Whether resourceVersion `version` is later than `than`. They are
+    opaque to clients, but etcd revisions (integers) on every API server
+    this talks to; anything else counts as not newer."""
+    try:
+        return int(version or 0) > int(than or 0)
+    except ValueError:
+        return False
+
+
+def holds(pod) -> tuple[str, Amount] | None:
+    """(group, resources) a Pod holds; None once it ended."""
+    if (pod.status and pod.status.phase) in ("Succeeded", "Failed"):
+        return None
+    group = (pod.metadata.annotations or {}).get(PREFIX + "group", pod.metadata.name)
+    limits = pod.spec.containers[0].resources.limits if pod.spec.containers[0].resources else None
+    return group, amount_of(limits)

@@ -27,7 +27,7 @@ Two daemon threads keep a cache of the cluster: the platform's Pods in the
 namespace and the Nodes (list, then watch from the list's resourceVersion;
 on 410 Gone or any error, list again after a short back-off). The event loop
 never blocks on the API server: reads come from the cache, writes run in
-`asyncio.to_thread` with a request timeout. A Pod's phase maps to the
+the runtime's own thread pool with a request timeout. A Pod's phase maps to the
 replica's: Pending and Running are RUNNING (`message` says "Pending: ..."
 with the scheduler's reason), Succeeded, Failed with the container's exit
 code and reason ("OOMKilled" for an OOM kill, "Evicted" when the kubelet
@@ -45,7 +45,9 @@ its message says why). Until the first list succeeded nothing is known:
 `check_fits_ever()` lets the request through (reserve decides later).
 Reservations live in this process; `adopt()` restores them from the Pods.
 
-Logs are best-effort: while a Pod runs, a thread follows `pods/log` into
+Logs are best-effort: while a Pod runs, a thread of the process that acts
+on replicas (the one that called adopt() or start(): the service's leader;
+never a standby sharing its data volume) follows `pods/log` into
 `request.log_path` (the API server proxies it to the Node's kubelet), so the
 platform's copy outlives the Pod. A follower that fails (no kubelet, a node
 restart) retries a few times while the Pod runs; when the log file already
@@ -57,10 +59,11 @@ serves a whole log at once (not a live follow of a running container).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import math
-import os
 import threading
 import time
 from typing import Any
@@ -74,12 +77,16 @@ from services.common.runtime.base import (
     Runtime,
     Unschedulable,
 )
+from services.common.runtime.kube_logs import PodLogs
 from services.common.runtime.kube_objects import (
-    CONTAINER,
     DEFAULT_IMAGE,
     PORT,
     PREFIX,
     REQUEST_TIMEOUT,
+    PodVolumes,
+    holds as _holds,
+    newer as _newer,
+    replica_id_of as _rid,
     SELECTOR,
     WATCH_SECONDS,
     amount_of,
@@ -94,17 +101,20 @@ from services.common.runtime.kube_objects import (
 )
 
 log = logging.getLogger(__name__)
-#: A log follower gives up on a replica silent for this long (and reconnects).
-LOG_READ_TIMEOUT = 24 * 3600.0
 
-class KubernetesRuntime(Runtime):
+class KubernetesRuntime(PodLogs, Runtime):
     name = "kubernetes"
 
+    #: Replicas install their trainer package themselves (services.jobs.pod_entrypoint).
+    installs_packages = True
+    reports_readiness = True
+
     def __init__(self, api_client, namespace: str, *, image: str = DEFAULT_IMAGE,
-                 run_as_user: int | None = 1000, server: str = ""):
+                 run_as_user: int | None = 1000, server: str = "", volumes: PodVolumes = PodVolumes()):
         from kubernetes import client  # noqa: PLC0415 - only the runtime in use is loaded
 
         self.namespace = namespace
+        self.volumes = volumes
         self.image = image
         self.run_as_user = run_as_user
         self.server = server or api_client.configuration.host
@@ -112,6 +122,8 @@ class KubernetesRuntime(Runtime):
         self.core = client.CoreV1Api(api_client)
         self._lock = threading.Lock()
         self._pods: dict[str, Any] = {}          # pod name -> V1Pod (the platform's, in the namespace)
+        self._by_replica: dict[str, str] = {}    # replica id -> pod name (of `_pods`)
+        self._holds: dict[str, tuple] = {}       # pod name -> (resourceVersion, (group, Amount) or None)
         self._nodes: dict[str, Any] = {}
         self._ended: dict[str, ReplicaStatus] = {}  # replica id -> status of a Pod gone meanwhile
         self._stopping: set[str] = set()
@@ -121,14 +133,30 @@ class KubernetesRuntime(Runtime):
         self._closed = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
+        self._replica_events: dict[str, asyncio.Event] = {}  # replica id -> set when its Pod changes (wait())
         self._group_locks: dict[str, asyncio.Lock] = {}
         self._services: dict[str, str] = {}  # group -> uid of the Service this runtime made or found
         self._logs: dict[str, threading.Thread] = {}
+        self._calls = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(8, api_client.configuration.connection_pool_maxsize or 8), thread_name_prefix="k8s-call")
+        # Logs are followed only by the process that acts on replicas (it called
+        # adopt() or start(): the leader), so two replicas of a service sharing
+        # one data volume never both append the same lines.
+        self._acting = False
         for kind in ("pods", "nodes"):
             threading.Thread(target=self._watch_loop, args=(kind,), name=f"k8s-watch-{kind}", daemon=True).start()
 
     def close(self) -> None:
         self._closed.set()
+        self._calls.shutdown(wait=False)
+
+    async def _call(self, fn, *args, **kwargs):
+        """A blocking API call on the runtime's own threads (as many as the
+        client's connection pool: the event loop's default executor has
+        only cpu count + 4, which capped how many Pods a burst of jobs
+        could create at once)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._calls, functools.partial(fn, *args, **kwargs))
 
     # ------------------------------------------------------------------ the cache
     def _list_and_watch(self, kind: str) -> None:
@@ -147,6 +175,8 @@ class KubernetesRuntime(Runtime):
                     if not _newer(cache[n].metadata.resource_version, version)]
             cache.clear()
             cache.update((o.metadata.name, o) for o in listed.items)
+            if kind == "pods":
+                self._by_replica = {rid: o.metadata.name for o in listed.items if (rid := _rid(o))}
             for obj in gone:
                 self._forgotten(kind, obj)
         self._synced[kind].set()
@@ -159,18 +189,24 @@ class KubernetesRuntime(Runtime):
                 obj = event["object"]
                 if event["type"] == "ERROR":
                     raise _Gone()
-                version = obj.metadata.resource_version or version
-                if event["type"] == "BOOKMARK":
+                if event["type"] == "BOOKMARK":  # the client leaves its object a dict
+                    version = ((event.get("raw_object") or {}).get("metadata") or {}).get("resourceVersion") or version
                     continue
+                version = obj.metadata.resource_version or version
+                rid = _rid(obj) if kind == "pods" else ""
                 with self._lock:
                     if event["type"] == "DELETED":
                         cache.pop(obj.metadata.name, None)
+                        if rid and self._by_replica.get(rid) == obj.metadata.name:
+                            del self._by_replica[rid]
                         self._forgotten(kind, obj)
                     else:
                         cache[obj.metadata.name] = obj
+                        if rid:
+                            self._by_replica[rid] = obj.metadata.name
                 if kind == "pods" and event["type"] != "DELETED":
                     self._follow_log(obj)
-                self._notify()
+                self._notify(rid or None)
 
     def _forgotten(self, kind: str, obj) -> None:
         """A Pod left the cluster (under the lock): remember how it ended."""
@@ -218,11 +254,21 @@ class KubernetesRuntime(Runtime):
             log.warning("%s (retrying)", message)
         self._error = message
 
-    def _notify(self) -> None:
+    def _notify(self, replica_id: str | None = None) -> None:
+        """From a watch thread: wakes wait() of `replica_id` (None: of every
+        replica, after a list), and whoever waits for any change."""
         loop, changed = self._loop, self._changed
         if loop is not None and changed is not None:
             with contextlib.suppress(RuntimeError):  # the loop was closed
-                loop.call_soon_threadsafe(changed.set)
+                loop.call_soon_threadsafe(self._wake, replica_id)
+
+    def _wake(self, replica_id: str | None) -> None:
+        self._changed.set()
+        if replica_id is None:
+            for event in self._replica_events.values():
+                event.set()
+        elif replica_id in self._replica_events:
+            self._replica_events[replica_id].set()
 
     def _bind_loop(self) -> asyncio.Event:
         if self._changed is None:
@@ -246,8 +292,13 @@ class KubernetesRuntime(Runtime):
 
     def _replica_pods(self) -> dict[str, Any]:
         with self._lock:
-            return {(p.metadata.annotations or {}).get(PREFIX + "replica-id"): p for p in self._pods.values()
-                    if (p.metadata.annotations or {}).get(PREFIX + "replica-id")}
+            return {rid: self._pods[name] for rid, name in self._by_replica.items() if name in self._pods}
+
+    def _pod_of(self, replica_id: str):
+        """The replica's Pod in the cache, or None (one lookup, not a scan)."""
+        with self._lock:
+            name = self._by_replica.get(replica_id)
+            return self._pods.get(name) if name else None
 
     # ------------------------------------------------------------------ capacity
     def total(self) -> Amount:
@@ -269,12 +320,18 @@ class KubernetesRuntime(Runtime):
     def _held(self) -> Amount:
         by_group: dict[str, Amount] = {}
         with self._lock:
-            for pod in self._pods.values():
-                if (pod.status and pod.status.phase) in ("Succeeded", "Failed"):
-                    continue
-                group = (pod.metadata.annotations or {}).get(PREFIX + "group", pod.metadata.name)
-                limits = pod.spec.containers[0].resources.limits if pod.spec.containers[0].resources else None
-                by_group[group] = by_group.get(group, Amount()) + amount_of(limits)
+            for name, pod in self._pods.items():
+                # What a Pod holds, parsed once per version of it (reserve() runs for
+                # every admitted job: parsing every Pod's quantities each time was
+                # quadratic in a burst of jobs).
+                memo = self._holds.get(name)
+                if memo is None or memo[0] != pod.metadata.resource_version:
+                    memo = self._holds[name] = (pod.metadata.resource_version, _holds(pod))
+                if memo[1] is not None:
+                    group, amount = memo[1]
+                    by_group[group] = by_group.get(group, Amount()) + amount
+            if len(self._holds) > 2 * len(self._pods) + 64:
+                self._holds = {n: m for n, m in self._holds.items() if n in self._pods}
             reserved = dict(self._reserved)
         held = Amount()
         for group in set(by_group) | set(reserved):
@@ -343,12 +400,12 @@ class KubernetesRuntime(Runtime):
             return object_name(group), self._services[group]
         svc, body = object_name(group), service_body(group, tenant)
         try:
-            made = await asyncio.to_thread(self.core.create_namespaced_service, self.namespace, body,
+            made = await self._call(self.core.create_namespaced_service, self.namespace, body,
                                            _request_timeout=REQUEST_TIMEOUT)
         except ApiException as err:
             if err.status != 409:
                 raise api_error(f"cannot create the Service of group {group}", err) from None
-            made = await asyncio.to_thread(self.core.read_namespaced_service, svc, self.namespace,
+            made = await self._call(self.core.read_namespaced_service, svc, self.namespace,
                                            _request_timeout=REQUEST_TIMEOUT)
         self._services[group] = made.metadata.uid
         return svc, made.metadata.uid
@@ -360,6 +417,7 @@ class KubernetesRuntime(Runtime):
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
         self._bind_loop()
+        self._acting = True
         with self._lock:
             reserved = request.group in self._reserved
         if not reserved:
@@ -371,13 +429,14 @@ class KubernetesRuntime(Runtime):
         svc, host, pod = names(request.group, request.role, request.index, request.replica_id)
         async with self._group_lock(request.group):
             _, svc_uid = await self._ensure_service(request.group, request.tenant)
-            body = pod_body(request, self.namespace, self.image, self.run_as_user, svc, svc_uid, host, pod)
+            body = pod_body(request, self.namespace, self.image, self.run_as_user, svc, svc_uid, host, pod,
+                            self.volumes)
             try:
-                made = await asyncio.to_thread(self.core.create_namespaced_pod, self.namespace, body,
+                made = await self._call(self.core.create_namespaced_pod, self.namespace, body,
                                                _request_timeout=REQUEST_TIMEOUT)
             except ApiException as err:
                 if err.status == 409:  # started before (e.g. by a previous instance)
-                    made = await asyncio.to_thread(self.core.read_namespaced_pod, pod, self.namespace,
+                    made = await self._call(self.core.read_namespaced_pod, pod, self.namespace,
                                                    _request_timeout=REQUEST_TIMEOUT)
                 else:
                     await self._delete_service_if_empty(request.group)
@@ -385,12 +444,13 @@ class KubernetesRuntime(Runtime):
                                      err) from None
         with self._lock:
             self._pods.setdefault(pod, made)
+            self._by_replica.setdefault(request.replica_id, pod)
             self._ended.pop(request.replica_id, None)
             self._stopping.discard(request.replica_id)
         return pod_status(made)
 
     async def status(self, replica_id: str) -> ReplicaStatus:
-        pod = self._replica_pods().get(replica_id)
+        pod = self._pod_of(replica_id)
         if pod is not None:
             return pod_status(pod, replica_id in self._stopping)
         with self._lock:
@@ -398,7 +458,8 @@ class KubernetesRuntime(Runtime):
         return ended or ReplicaStatus(replica_id, "", ReplicaPhase.UNKNOWN, message="no record")
 
     async def wait(self, replica_id: str, timeout: float | None = None) -> ReplicaStatus:
-        changed = self._bind_loop()
+        self._bind_loop()
+        changed = self._replica_events.setdefault(replica_id, asyncio.Event())  # only its own Pod's events
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -418,7 +479,7 @@ class KubernetesRuntime(Runtime):
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
         try:
-            await asyncio.to_thread(self.core.delete_namespaced_pod, name, self.namespace,
+            await self._call(self.core.delete_namespaced_pod, name, self.namespace,
                                     grace_period_seconds=grace, _request_timeout=REQUEST_TIMEOUT,
                                     _preload_content=False)
         except ApiException as err:
@@ -427,7 +488,7 @@ class KubernetesRuntime(Runtime):
 
     async def stop(self, replica_id: str, grace_seconds: float = 10.0) -> ReplicaStatus:
         st = await self.status(replica_id)
-        pod = self._replica_pods().get(replica_id)
+        pod = self._pod_of(replica_id)
         if st.ended or pod is None:
             return st
         self._stopping.add(replica_id)
@@ -446,6 +507,7 @@ class KubernetesRuntime(Runtime):
 
     async def adopt(self) -> list[ReplicaStatus]:
         self._bind_loop()
+        self._acting = True
         await self.wait_synced()
         pods = self._replica_pods()
         sums: dict[str, Amount] = {}
@@ -465,7 +527,7 @@ class KubernetesRuntime(Runtime):
         st = await self.status(replica_id)
         if st.phase == ReplicaPhase.RUNNING:
             raise RuntimeError(f"replica {replica_id} is still running; stop() it first")
-        pod = self._replica_pods().get(replica_id)
+        pod = self._pod_of(replica_id)
         group = st.group
         if pod is not None:
             await self._delete_pod(pod.metadata.name, 0)
@@ -475,6 +537,9 @@ class KubernetesRuntime(Runtime):
             if pod is not None:
                 self._pods.pop(pod.metadata.name, None)
                 self._logs.pop(pod.metadata.name, None)
+                if self._by_replica.get(replica_id) == pod.metadata.name:
+                    del self._by_replica[replica_id]
+        self._replica_events.pop(replica_id, None)
         if group:
             async with self._group_lock(group):
                 await self._delete_service_if_empty(group)
@@ -485,7 +550,7 @@ class KubernetesRuntime(Runtime):
         from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
 
         svc = object_name(group)
-        left = await asyncio.to_thread(self.core.list_namespaced_pod, self.namespace,
+        left = await self._call(self.core.list_namespaced_pod, self.namespace,
                                        label_selector=f"{SELECTOR},{PREFIX}group={svc}",
                                        _request_timeout=REQUEST_TIMEOUT)
         if left.items:
@@ -493,60 +558,11 @@ class KubernetesRuntime(Runtime):
         self._services.pop(group, None)
         try:
             # (1.20 answers a Status the client cannot read as a Service: not parsed)
-            await asyncio.to_thread(self.core.delete_namespaced_service, svc, self.namespace,
+            await self._call(self.core.delete_namespaced_service, svc, self.namespace,
                                     _request_timeout=REQUEST_TIMEOUT, _preload_content=False)
         except ApiException as err:
             if err.status != 404:
                 raise api_error(f"cannot delete the Service of group {group}", err) from None
-
-    # ------------------------------------------------------------------ logs
-    def _follow_log(self, pod) -> None:
-        """Best effort: follows a running Pod's log into its log path (once per Pod)."""
-        name = pod.metadata.name
-        path = (pod.metadata.annotations or {}).get(PREFIX + "log-path")
-        if not path or (pod.status and pod.status.phase) != "Running":
-            return
-        with self._lock:
-            if name in self._logs and self._logs[name].is_alive():
-                return
-            thread = threading.Thread(target=self._stream_log, args=(name, path), name=f"k8s-log-{name}",
-                                      daemon=True)
-            self._logs[name] = thread
-        thread.start()
-
-    def _stream_log(self, name: str, path: str) -> None:
-        for _ in range(5):
-            with self._lock:
-                pod = self._pods.get(name)
-            if pod is None or self._closed.is_set() or pod.status.phase != "Running":
-                return
-            try:  # what the file has (an earlier follower's, before a restart) is not asked for again
-                since = int(time.time() - os.path.getmtime(path)) + 1 if os.path.getsize(path) else None
-            except OSError:
-                since = None
-            try:
-                response = self.core.read_namespaced_pod_log(
-                    name, self.namespace, container=CONTAINER, follow=True, since_seconds=since,
-                    _preload_content=False, _request_timeout=(REQUEST_TIMEOUT, LOG_READ_TIMEOUT))
-                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-                with open(path, "ab") as out:
-                    for chunk in response.stream(4096):
-                        out.write(chunk)
-                        out.flush()
-                return
-            except Exception as err:  # noqa: BLE001 - best effort (no kubelet, a restart of the node...)
-                log.debug("cannot follow the log of Pod %s: %s", name, err)
-                self._closed.wait(2.0)
-
-
-def _newer(version: str | None, than: str | None) -> bool:
-    """Whether resourceVersion `version` is later than `than`. They are
-    opaque to clients, but etcd revisions (integers) on every API server
-    this talks to; anything else counts as not newer."""
-    try:
-        return int(version or 0) > int(than or 0)
-    except ValueError:
-        return False
 
 
 class _Gone(Exception):
