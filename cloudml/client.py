@@ -3,7 +3,13 @@
     import cloudml
 
     client = cloudml.Client()                      # env, else `cloudml configure`'s file
-    client.create_tenant("team-a")
+    job = client.jobs.submit("linear", module="trainer.task", package="pkgs/trainer-1.0.tar.gz", wait=True)
+    client.models.create("linear", job.output_path + "/model/1", wait=True)
+    print(client.models.predict("linear", {"keys": [[1]], "X": [[10.0]]}))
+    study = client.studies.wait(client.studies.submit("examples/studies/linear_space.json").name)
+
+    client.create_tenant("team-a")                 # admin calls
+
     key = client.create_access_key("team-a", description="ci")
     client.set_quota("team-a", cpu="8", memory="16Gi", gpus=1)
 
@@ -218,6 +224,8 @@ class Client:
     Settings are resolved one by one from the arguments, then the environment
     (CLOUDML_ENDPOINT, CLOUDML_ACCESS_KEY, CLOUDML_SECRET_KEY), then the config
     file (`config_path`, $CLOUDML_CONFIG or ~/.config/cloudml/config.json).
+    `profile` (default $CLOUDML_PROFILE) picks a named profile of that file
+    (`cloudml configure --profile NAME`) instead, for everything it holds.
     `timeout` is the deadline, in seconds, of every call that has none of its
     own. `token_ttl` asks IssueToken for tokens of that many seconds (the
     server's default, an hour, when None).
@@ -228,8 +236,9 @@ class Client:
 
     def __init__(self, endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None,
                  *, config_path: str | None = None, timeout: float = DEFAULT_TIMEOUT, token_ttl: int | None = None,
-                 options: tuple = ()):
-        creds = _config.resolve(endpoint, access_key, secret_key, config_path=config_path)
+                 options: tuple = (), profile: str | None = None):
+        creds = _config.resolve(endpoint, access_key, secret_key, config_path=config_path, profile=profile)
+        self.profile = profile if profile is not None else _config.default_profile()
         self.endpoint = creds.endpoint
         self.rest_endpoint = creds.rest_endpoint
         self.access_key = creds.access_key
@@ -245,6 +254,16 @@ class Client:
         self._stubs: dict[type, object] = {}
         self._auth = self.stub(auth_grpc.AuthServiceStub)
         self._own_tenant: str | None = None
+        from cloudml.sdk.jobs import Jobs  # noqa: PLC0415
+        from cloudml.sdk.models import Models  # noqa: PLC0415
+        from cloudml.sdk.studies import Studies  # noqa: PLC0415
+
+        #: train jobs: submit, get, list, cancel, delete, logs, metrics, watch, wait
+        self.jobs = Jobs(self)
+        #: models: create, deploy, label, predict, wait, versions, ...
+        self.models = Models(self)
+        #: hyperparameter studies: submit, get, list, trials, best, wait, cancel
+        self.studies = Studies(self)
 
     # --- plumbing --------------------------------------------------------------------
 
