@@ -291,6 +291,7 @@ class Client:
         return self._tokens.expire_time
 
     def close(self) -> None:
+        """Releases the channel (the client is unusable afterwards)."""
         self._raw_channel.close()
 
     def __enter__(self) -> "Client":
@@ -327,9 +328,11 @@ class Client:
     # --- tenants ---------------------------------------------------------------------
 
     def create_tenant(self, name: str, description: str = "") -> auth_pb.Tenant:
+        """Creates a tenant (ADMIN only; AlreadyExists when it exists)."""
         return self.call(self._auth.CreateTenant, auth_pb.CreateTenantRequest(name=name, description=description)).tenant
 
     def get_tenant(self, name: str) -> auth_pb.Tenant:
+        """The tenant `name` (a member sees only its own)."""
         return self.call(self._auth.GetTenant, auth_pb.GetTenantRequest(name=name)).tenant
 
     def list_tenants(self, page_size: int = 0) -> Iterator[auth_pb.Tenant]:
@@ -345,6 +348,7 @@ class Client:
                 return
 
     def delete_tenant(self, name: str) -> None:
+        """Deletes a tenant (ADMIN only)."""
         self.call(self._auth.DeleteTenant, auth_pb.DeleteTenantRequest(name=name))
 
     # --- access keys -----------------------------------------------------------------
@@ -356,10 +360,12 @@ class Client:
                          auth_pb.CreateAccessKeyRequest(tenant=self._tenant(tenant), description=description))
 
     def list_access_keys(self, tenant: str | None = None) -> list[auth_pb.AccessKey]:
+        """The tenant's access keys (ids and state; never the secrets)."""
         resp = self.call(self._auth.ListAccessKeys, auth_pb.ListAccessKeysRequest(tenant=self._tenant(tenant)))
         return list(resp.access_keys)
 
     def revoke_access_key(self, access_key_id: str, tenant: str | None = None) -> auth_pb.AccessKey:
+        """Revokes a key: its tokens stop working everywhere within a second."""
         resp = self.call(self._auth.RevokeAccessKey,
                          auth_pb.RevokeAccessKeyRequest(tenant=self._tenant(tenant), access_key_id=access_key_id))
         return resp.access_key
@@ -409,6 +415,7 @@ class Client:
         return resp.released
 
     def list_reservations(self, tenant: str | None = None) -> list[auth_pb.Reservation]:
+        """What holds the tenant's quota now (one reservation per job, replica, ...)."""
         resp = self.call(self._auth.ListReservations, auth_pb.ListReservationsRequest(tenant=self._tenant(tenant)))
         return list(resp.reservations)
 

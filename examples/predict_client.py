@@ -8,19 +8,26 @@ client, with a bearer token added).
         --input keys:int32:1,2 --input X:float32:10,30
 
 Each --input is NAME:DTYPE:comma-separated values, sent as a column [n, 1].
+On an error it prints one line, `error: <STATUS_CODE>: <message>`, on stderr
+and exits 1 (2 for a malformed --input).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
-import grpc
-import numpy as np
-import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+# TensorFlow stays quiet on stderr unless asked (TF_CPP_MIN_LOG_LEVEL=0).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoint", default="127.0.0.1:8500")
     parser.add_argument("--model", required=True)
@@ -37,20 +44,30 @@ def main() -> None:
     if args.version:
         request.model_spec.version.value = args.version
     for item in args.input:
-        name, dtype, values = item.split(":", 2)
-        column = np.array([float(v) for v in values.split(",")], dtype=dtype).reshape(-1, 1)
+        try:
+            name, dtype, values = item.split(":", 2)
+            column = np.array([float(v) for v in values.split(",")], dtype=dtype).reshape(-1, 1)
+        except (ValueError, TypeError) as err:
+            print(f"error: --input {item!r}: expected NAME:DTYPE:v1,v2,... ({err})", file=sys.stderr)
+            return 2
         request.inputs[name].CopyFrom(tf.make_tensor_proto(column))
 
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
-    with grpc.insecure_channel(args.endpoint) as channel:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        response = stub.Predict(request, args.timeout, metadata=metadata)
+    try:
+        with grpc.insecure_channel(args.endpoint) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            response = stub.Predict(request, args.timeout, metadata=metadata)
+    except grpc.RpcError as err:
+        details = " ".join((err.details() or "").split())
+        print(f"error: {err.code().name}: {details}", file=sys.stderr)
+        return 1
     result = {name: tf.make_ndarray(tensor).tolist() for name, tensor in response.outputs.items()}
     print(json.dumps({"model_spec": {"name": response.model_spec.name,
                                      "version": response.model_spec.version.value,
                                      "signature_name": response.model_spec.signature_name},
                       "outputs": result}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

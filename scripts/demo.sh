@@ -97,6 +97,6 @@ cloudml models predict linear 1 -d "$DATA/data.json" -o json
 
 step "Predict with the stock TF Serving gRPC client (examples/predict_client.py)"
 .venv/bin/python examples/predict_client.py --endpoint "127.0.0.1:$GRPC_PORT" --model linear \
-  --token "$(cloudml auth print-access-token)" --input keys:int32:1,2 --input X:float32:10,30 2>/dev/null
+  --token "$(cloudml auth print-access-token)" --input keys:int32:1,2 --input X:float32:10,30
 echo
 echo "demo finished: platform data in $DATA"

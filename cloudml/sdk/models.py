@@ -300,6 +300,18 @@ class Models:
         else:
             data = _to_json(data)
         number = serving.parse_version(version) if version else 0
-        answer = serving.predict(self._client, name, data, version=number, label=label,
-                                 signature_name=signature_name, rest_endpoint=rest_endpoint, timeout=timeout)
+        try:
+            answer = serving.predict(self._client, name, data, version=number, label=label,
+                                     signature_name=signature_name, rest_endpoint=rest_endpoint, timeout=timeout)
+        except errors.InvalidArgument as err:
+            if not serving.is_input_error(err.message):
+                raise
+            inputs = serving.signature_inputs(self._client, name, version=number, label=label,
+                                              signature_name=signature_name or (data.get("signature_name", "") if isinstance(data, dict) else ""),
+                                              rest_endpoint=rest_endpoint, timeout=timeout)
+            if not inputs:
+                raise
+            listed = ", ".join(f"{k} ({v})" for k, v in inputs.items())
+            raise errors.InvalidArgument(f"{err.message}; the signature {signature_name or 'serving_default'} "
+                                         f"takes inputs: {listed}", code=err.code, trailers=err.trailers) from None
         return answer if raw else _from_json(answer)
