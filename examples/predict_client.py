@@ -18,13 +18,28 @@ import json
 import os
 import sys
 
-# TensorFlow stays quiet on stderr unless asked (TF_CPP_MIN_LOG_LEVEL=0).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+def _quiet_native_stderr() -> None:
+    """TensorFlow's C++ side prints CUDA probing and absl notices on file
+    descriptor 2, some before its logging starts (so TF_CPP_MIN_LOG_LEVEL
+    cannot stop them). Unless TF_CPP_MIN_LOG_LEVEL=0 asks for them, fd 2 goes
+    to /dev/null and Python's own stderr (this script's error line, a
+    traceback) keeps the real one."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    real = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    sys.stderr = os.fdopen(real, "w", buffering=1)
+
+
+_quiet_native_stderr()
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
 
 def main() -> int:
@@ -38,18 +53,24 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args()
 
+    columns = {}
+    for item in args.input:
+        try:
+            name, dtype, values = item.split(":", 2)
+            columns[name] = np.array([float(v) for v in values.split(",")], dtype=dtype).reshape(-1, 1)
+        except (ValueError, TypeError) as err:
+            print(f"error: --input {item!r}: expected NAME:DTYPE:v1,v2,... ({err})", file=sys.stderr)
+            return 2
+
+    import tensorflow as tf  # noqa: PLC0415 - seconds to import: only once the arguments are good
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: PLC0415
+
     request = predict_pb2.PredictRequest()
     request.model_spec.name = args.model
     request.model_spec.signature_name = args.signature
     if args.version:
         request.model_spec.version.value = args.version
-    for item in args.input:
-        try:
-            name, dtype, values = item.split(":", 2)
-            column = np.array([float(v) for v in values.split(",")], dtype=dtype).reshape(-1, 1)
-        except (ValueError, TypeError) as err:
-            print(f"error: --input {item!r}: expected NAME:DTYPE:v1,v2,... ({err})", file=sys.stderr)
-            return 2
+    for name, column in columns.items():
         request.inputs[name].CopyFrom(tf.make_tensor_proto(column))
 
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()

@@ -25,6 +25,9 @@ import cloudml
 from cloudml import errors
 from deploy.local.stack import Stack
 
+# Training, a model replica and two studies: minutes on a loaded 2-core machine.
+pytestmark = pytest.mark.timeout(900)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(ROOT, "examples")
 
