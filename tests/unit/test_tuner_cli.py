@@ -194,3 +194,21 @@ def test_trials_list_and_cancel(monkeypatch, capsys):
     assert "linear-hp" in out and "4/4" in out and "0.002 (#2)" in out
     assert main(["hp", "cancel", "linear-hp", "-o", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "STUDY_STATE_SUCCEEDED"
+
+
+def test_watch_prints_progress_and_exits_by_the_end_state(monkeypatch, capsys):
+    study, trials = finished_study()
+    fake_service(monkeypatch, FakeService(study, trials))
+    assert main(["hp", "watch", "linear-hp"]) == 0
+    err = capsys.readouterr().err
+    assert ("succeeded  4/4 trials done (4 succeeded), 0 running, 0 queued; best loss=0.002 "
+            "(trial 2: learning_rate=0.1 optimizer=sgd)") in err, err
+    assert err.splitlines()[-1] == "study linear-hp: SUCCEEDED Succeeded"
+    failed = pb.Study(name="broken", spec=study.spec, state=pb.STUDY_STATE_FAILED, reason="TooManyFailedTrials",
+                      trial_counts=pb.TrialCounts(failed=2, pending=1))
+    fake_service(monkeypatch, FakeService(failed))
+    assert main(["hp", "watch", "broken"]) == 1
+    err = capsys.readouterr().err
+    assert "0/4 trials done (2 failed), 0 running, 1 queued" not in err  # failed trials are done
+    assert "2/4 trials done (2 failed), 0 running, 1 queued" in err, err
+    assert err.splitlines()[-1] == "study broken: FAILED TooManyFailedTrials"
