@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from cloudml.cli.base import (
     Context,
-    UsageError,
     add_command,
     add_group,
     enum_label,

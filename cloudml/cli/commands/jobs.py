@@ -41,7 +41,6 @@ from cloudml.specs import (  # noqa: F401 - the spec parsers, re-exported for th
 )
 from cloudml.cli.base import (
     Context,
-    UsageError,
     add_command,
     add_group,
     arg_type,
