@@ -3,7 +3,13 @@
     import cloudml
 
     client = cloudml.Client()                      # env, else `cloudml configure`'s file
-    client.create_tenant("team-a")
+    job = client.jobs.submit("linear", module="trainer.task", package="pkgs/trainer-1.0.tar.gz", wait=True)
+    client.models.create("linear", job.output_path + "/model/1", wait=True)
+    print(client.models.predict("linear", {"keys": [[1]], "X": [[10.0]]}))
+    study = client.studies.wait(client.studies.submit("examples/studies/linear_space.json").name)
+
+    client.create_tenant("team-a")                 # admin calls
+
     key = client.create_access_key("team-a", description="ci")
     client.set_quota("team-a", cpu="8", memory="16Gi", gpus=1)
 
@@ -220,6 +226,8 @@ class Client:
     Settings are resolved one by one from the arguments, then the environment
     (CLOUDML_ENDPOINT, CLOUDML_ACCESS_KEY, CLOUDML_SECRET_KEY), then the config
     file (`config_path`, $CLOUDML_CONFIG or ~/.config/cloudml/config.json).
+    `profile` (default $CLOUDML_PROFILE) picks a named profile of that file
+    (`cloudml configure --profile NAME`) instead, for everything it holds.
     `timeout` is the deadline, in seconds, of every call that has none of its
     own. `token_ttl` asks IssueToken for tokens of that many seconds (the
     server's default, an hour, when None).
@@ -230,8 +238,9 @@ class Client:
 
     def __init__(self, endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None,
                  *, config_path: str | None = None, timeout: float = DEFAULT_TIMEOUT, token_ttl: int | None = None,
-                 options: tuple = ()):
-        creds = _config.resolve(endpoint, access_key, secret_key, config_path=config_path)
+                 options: tuple = (), profile: str | None = None):
+        creds = _config.resolve(endpoint, access_key, secret_key, config_path=config_path, profile=profile)
+        self.profile = profile if profile is not None else _config.default_profile()
         self.endpoint = creds.endpoint
         self.rest_endpoint = creds.rest_endpoint
         self.access_key = creds.access_key
@@ -247,6 +256,16 @@ class Client:
         self._stubs: dict[type, object] = {}
         self._auth = self.stub(auth_grpc.AuthServiceStub)
         self._own_tenant: str | None = None
+        from cloudml.sdk.jobs import Jobs  # noqa: PLC0415
+        from cloudml.sdk.models import Models  # noqa: PLC0415
+        from cloudml.sdk.studies import Studies  # noqa: PLC0415
+
+        #: train jobs: submit, get, list, cancel, delete, logs, metrics, watch, wait
+        self.jobs = Jobs(self)
+        #: models: create, deploy, label, predict, wait, versions, ...
+        self.models = Models(self)
+        #: hyperparameter studies: submit, get, list, trials, best, wait, cancel
+        self.studies = Studies(self)
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -274,6 +293,7 @@ class Client:
         return self._tokens.expire_time
 
     def close(self) -> None:
+        """Releases the channel (the client is unusable afterwards)."""
         self._raw_channel.close()
 
     def __enter__(self) -> "Client":
@@ -323,9 +343,11 @@ class Client:
     # --- tenants ---------------------------------------------------------------------
 
     def create_tenant(self, name: str, description: str = "") -> auth_pb.Tenant:
+        """Creates a tenant (ADMIN only; AlreadyExists when it exists)."""
         return self.call(self._auth.CreateTenant, auth_pb.CreateTenantRequest(name=name, description=description)).tenant
 
     def get_tenant(self, name: str) -> auth_pb.Tenant:
+        """The tenant `name` (a member sees only its own)."""
         return self.call(self._auth.GetTenant, auth_pb.GetTenantRequest(name=name)).tenant
 
     def list_tenants(self, page_size: int = 0) -> Iterator[auth_pb.Tenant]:
@@ -341,6 +363,7 @@ class Client:
                 return
 
     def delete_tenant(self, name: str) -> None:
+        """Deletes a tenant (ADMIN only)."""
         self.call(self._auth.DeleteTenant, auth_pb.DeleteTenantRequest(name=name))
 
     # --- access keys -----------------------------------------------------------------
@@ -352,10 +375,12 @@ class Client:
                          auth_pb.CreateAccessKeyRequest(tenant=self._tenant(tenant), description=description))
 
     def list_access_keys(self, tenant: str | None = None) -> list[auth_pb.AccessKey]:
+        """The tenant's access keys (ids and state; never the secrets)."""
         resp = self.call(self._auth.ListAccessKeys, auth_pb.ListAccessKeysRequest(tenant=self._tenant(tenant)))
         return list(resp.access_keys)
 
     def revoke_access_key(self, access_key_id: str, tenant: str | None = None) -> auth_pb.AccessKey:
+        """Revokes a key: its tokens stop working everywhere within a second."""
         resp = self.call(self._auth.RevokeAccessKey,
                          auth_pb.RevokeAccessKeyRequest(tenant=self._tenant(tenant), access_key_id=access_key_id))
         return resp.access_key
@@ -405,6 +430,7 @@ class Client:
         return resp.released
 
     def list_reservations(self, tenant: str | None = None) -> list[auth_pb.Reservation]:
+        """What holds the tenant's quota now (one reservation per job, replica, ...)."""
         resp = self.call(self._auth.ListReservations, auth_pb.ListReservationsRequest(tenant=self._tenant(tenant)))
         return list(resp.reservations)
 

@@ -9,6 +9,9 @@ Each setting is resolved on its own, first match wins:
    ~/.config/cloudml/config.json (honouring $XDG_CONFIG_HOME). It holds the
    same JSON keys as the platform's `DIR/credentials.json`:
    {"endpoint", "rest_endpoint", "access_key", "secret_key"}, mode 0600.
+   Named profiles live beside them, under "profiles": {"team-a": {...}};
+   a profile is chosen with `profile=` (the CLI's --profile) or
+   $CLOUDML_PROFILE, and the top-level settings are the default profile.
 
 The endpoint falls back to the local platform's gateway, 127.0.0.1:8500.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -55,9 +59,22 @@ def default_config_path() -> str:
     return os.path.join(base, "cloudml", "config.json")
 
 
-def read_config(path: str | None = None, *, missing_ok: bool = True) -> dict:
-    """The config file's settings ({} when it does not exist and missing_ok)."""
-    path = path or default_config_path()
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def check_profile(name: str) -> str:
+    """A profile name (letters, digits, '_', '.', '-'); ConfigurationError otherwise."""
+    if not _PROFILE_NAME.fullmatch(name or ""):
+        raise ConfigurationError(f"invalid profile name {name!r}: use letters, digits, '_', '.' and '-'")
+    return name
+
+
+def default_profile() -> str:
+    """$CLOUDML_PROFILE, else "" (the file's top-level settings)."""
+    return os.environ.get("CLOUDML_PROFILE", "").strip()
+
+
+def _read_raw(path: str, missing_ok: bool) -> dict:
     try:
         with open(path) as f:
             data = json.load(f)
@@ -69,13 +86,44 @@ def read_config(path: str | None = None, *, missing_ok: bool = True) -> dict:
         raise ConfigurationError(f"cannot read config file {path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigurationError(f"config file {path} is not a JSON object")
+    return data
+
+
+def list_profiles(path: str | None = None) -> list[str]:
+    """The named profiles in the config file."""
+    profiles = _read_raw(path or default_config_path(), True).get("profiles")
+    return sorted(profiles) if isinstance(profiles, dict) else []
+
+
+def read_config(path: str | None = None, *, missing_ok: bool = True, profile: str = "") -> dict:
+    """The config file's settings of `profile` ("" = the default, top-level
+    ones); {} when the file does not exist and missing_ok. A named profile
+    that does not exist is a ConfigurationError."""
+    path = path or default_config_path()
+    data = _read_raw(path, missing_ok)
+    if profile:
+        profiles = data.get("profiles") if isinstance(data.get("profiles"), dict) else {}
+        if profile not in profiles or not isinstance(profiles[profile], dict):
+            known = ", ".join(sorted(profiles)) or "none"
+            raise ConfigurationError(f"no profile {profile!r} in {path} (profiles: {known}); create it with "
+                                     f"`cloudml configure --profile {profile} --access-key ... --secret-key ...`")
+        data = profiles[profile]
     return {k: str(data[k]) for k in FIELDS if data.get(k)}
 
 
-def write_config(settings: dict, path: str | None = None) -> str:
-    """Writes the settings atomically with mode 0600 (directory 0700); returns the path."""
+def write_config(settings: dict, path: str | None = None, *, profile: str = "") -> str:
+    """Writes the settings of `profile` ("" = the top-level, default ones)
+    atomically with mode 0600 (directory 0700), keeping the other profiles;
+    returns the path."""
     path = path or default_config_path()
-    data = {k: settings[k] for k in FIELDS if settings.get(k)}
+    section = {k: settings[k] for k in FIELDS if settings.get(k)}
+    data = _read_raw(path, True)
+    if profile:
+        profiles = data.get("profiles") if isinstance(data.get("profiles"), dict) else {}
+        profiles[check_profile(profile)] = section
+        data["profiles"] = profiles
+    else:
+        data = {**section, **({"profiles": data["profiles"]} if isinstance(data.get("profiles"), dict) else {})}
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -98,10 +146,31 @@ def write_config(settings: dict, path: str | None = None) -> str:
 
 
 def resolve(endpoint: str | None = None, access_key: str | None = None, secret_key: str | None = None,
-            *, config_path: str | None = None, require_keys: bool = True) -> Credentials:
-    """Resolves each setting from arguments, then env, then the config file."""
+            *, config_path: str | None = None, require_keys: bool = True, profile: str | None = None) -> Credentials:
+    """Resolves each setting from arguments, then env, then the config file
+    (its `profile`, default $CLOUDML_PROFILE, else the top-level settings).
+
+    A profile named explicitly (argument or $CLOUDML_PROFILE) is read from
+    the file and wins over CLOUDML_ENDPOINT/ACCESS_KEY/SECRET_KEY, since
+    asking for a profile means "act as that one"."""
     explicit = {"endpoint": endpoint, "access_key": access_key, "secret_key": secret_key}
     path = config_path or default_config_path()
+    profile = default_profile() if profile is None else profile
+    if profile:
+        check_profile(profile)
+        chosen = read_config(path, profile=profile)
+        label = f"{path} (profile {profile})"
+        creds = Credentials(
+            endpoint=explicit["endpoint"] or chosen.get("endpoint", DEFAULT_ENDPOINT),
+            rest_endpoint=chosen.get("rest_endpoint", ""),
+            access_key=explicit["access_key"] or chosen.get("access_key", ""),
+            secret_key=explicit["secret_key"] or chosen.get("secret_key", ""),
+            source=label,
+        )
+        if require_keys and not (creds.access_key and creds.secret_key):
+            raise ConfigurationError(f"profile {profile!r} in {path} has no access key and secret key; run "
+                                     f"`cloudml configure --profile {profile} --access-key ... --secret-key ...`")
+        return creds
     file_settings: dict | None = None
     resolved: dict[str, str] = {}
     sources: dict[str, str] = {}

@@ -123,6 +123,15 @@ class ConnectionFailed(Unavailable):
         return self.message
 
 
+class SpecError(InvalidArgument, ValueError):
+    """A job, study or model spec (a file, a dict or keyword arguments) is
+    malformed; raised on the client, before anything is sent. The CLI shows
+    it as a usage error (exit 2)."""
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class ConfigurationError(CloudMLError):
     """Missing or unusable client settings (credentials, config file)."""
 

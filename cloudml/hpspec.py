@@ -19,11 +19,17 @@ plus a `hyperparameters` object:
       }
     }
 
-`hyperparameters` keys (snake_case or the seed's camelCase):
+`hyperparameters` keys (snake_case or the seed's / Cloud ML Engine's camelCase):
   goal                     MINIMIZE | MAXIMIZE
   metric                   the metric the trials report (alias hyperparameterMetricTag)
   objective                final (default: the value at the last step) | best
-  params                   an explicit list of parameter sets, each run once
+  params                   EITHER the seed's explicit runs, each run once:
+                             [{"optimizer": "ftrl", "learning_rate": 0.1}, ...]
+                           OR Cloud ML Engine's search space (told apart by
+                           "parameterName" in every item):
+                             [{"parameterName": "lr", "type": "DOUBLE",
+                               "minValue": 1e-4, "maxValue": 0.1,
+                               "scaleType": "UNIT_LOG_SCALE"}, ...]
   parameters               a search space: [{name, type, ...}], type one of
                              DOUBLE      min, max, scale (LINEAR | LOG)
                              INTEGER     min, max, step
@@ -31,10 +37,14 @@ plus a `hyperparameters` object:
                              DISCRETE    values (numbers)
                            (Cloud ML Engine's parameterName/minValue/maxValue/
                            scaleType/categoricalValues/discreteValues are accepted)
-  algorithm                grid | random | tpe | cmaes | explicit
+  algorithm                grid | random | tpe | cmaes | explicit (and Cloud ML
+                           Engine's GRID_SEARCH, RANDOM_SEARCH, ALGORITHM_UNSPECIFIED = tpe)
   seed                     makes the suggestions reproducible
   max_trials, max_parallel_trials, max_failed_trials
   early_stopping           true, or {enabled, min_trials, start_step}
+
+A list mixing runs and parameter specs, or a search space given twice
+(`params` and `parameters`), is refused with the two shapes shown.
 
 `parse_hyperparameters` raises `ValueError` naming the field
 (`hyperparameters.parameters[1].type`); the service checks the rest and
@@ -58,6 +68,13 @@ KNOWN = {"goal", "metric", "objective", "params", "parameters", "algorithm", "se
 _PARAM_ALIASES = {"parameterName": "name", "minValue": "min", "maxValue": "max", "scaleType": "scale",
                   "categoricalValues": "values", "discreteValues": "values"}
 _TYPE_ALIASES = {"int": "integer", "float": "double", "real": "double"}
+_ALGORITHM_ALIASES = {"grid_search": "grid", "random_search": "random", "algorithm_unspecified": "tpe",
+                      "bayesian": "tpe"}
+RUNS_SHAPE = '"params": [{"optimizer": "ftrl", "learning_rate": 0.1}, {"optimizer": "sgd", "learning_rate": 0.5}]'
+SPACE_SHAPE = ('"params": [{"parameterName": "learning_rate", "type": "DOUBLE", "minValue": 0.0001, '
+               '"maxValue": 0.1, "scaleType": "UNIT_LOG_SCALE"}, {"parameterName": "optimizer", '
+               '"type": "CATEGORICAL", "categoricalValues": ["ftrl", "sgd"]}]')
+SHAPES = f"explicit runs: {RUNS_SHAPE}; or a search space: {SPACE_SHAPE}"
 _SCALES = {"linear": "LINEAR", "unit_linear_scale": "LINEAR", "log": "LOG", "unit_log_scale": "LOG"}
 
 
@@ -113,7 +130,8 @@ def _parameter(raw: Any, i: int):
     if kind == "double":
         scale = str(data.get("scale", "linear")).lower()
         if scale not in _SCALES:
-            raise ValueError(f"{where}.scale {data.get('scale')!r}: expected LINEAR or LOG")
+            raise ValueError(f"{where}.scale {data.get('scale')!r}: expected LINEAR or LOG "
+                             "(UNIT_LINEAR_SCALE or UNIT_LOG_SCALE)")
         spec.double_range.CopyFrom(pb.DoubleRange(
             min=_number(data.get("min"), f"{where}.min"), max=_number(data.get("max"), f"{where}.max"),
             scale=pb.Scale.Value(f"SCALE_{_SCALES[scale]}")))
@@ -147,6 +165,34 @@ def _enum(value: Any, field: str, choices: tuple[str, ...]) -> str:
     return text.upper()
 
 
+def _looks_like_parameter_spec(item: Any) -> bool:
+    """An item of Cloud ML Engine's search space rather than one run."""
+    return isinstance(item, dict) and "parameterName" in item
+
+
+def _is_search_space(params: Any) -> bool:
+    """True when every item of `params` is a parameter spec, False when none
+    is; ValueError (showing both shapes) when they are mixed."""
+    if not isinstance(params, list) or not params:
+        return False
+    specs = [_looks_like_parameter_spec(p) for p in params]
+    if all(specs):
+        return True
+    if any(specs):
+        first_run = specs.index(False)
+        raise ValueError(f"hyperparameters.params[{first_run}]: the list mixes parameter specs "
+                         f"(parameterName) and runs; use one shape. {SHAPES}")
+    for i, item in enumerate(params):
+        if not isinstance(item, dict) or "name" not in item:
+            continue
+        kind = str(item.get("type", "")).strip().lower()
+        if _TYPE_ALIASES.get(kind, kind) in TYPES or {"minValue", "maxValue", "categoricalValues",
+                                                      "discreteValues", "scaleType"} & set(item):
+            raise ValueError(f"hyperparameters.params[{i}] looks like a parameter spec without parameterName; "
+                             f"write \"parameterName\", or put specs under \"parameters\". {SHAPES}")
+    return False
+
+
 def parse_hyperparameters(raw: Any, spec=None):
     """Fills a StudySpec (new, or `spec`) from the `hyperparameters` object."""
     pb = _pb()
@@ -167,12 +213,18 @@ def parse_hyperparameters(raw: Any, spec=None):
         spec.objective = pb.Objective.Value("OBJECTIVE_" + _enum(data["objective"], "hyperparameters.objective",
                                                                   OBJECTIVES))
     if "algorithm" in data:
-        spec.algorithm = pb.Algorithm.Value("ALGORITHM_" + _enum(data["algorithm"], "hyperparameters.algorithm",
+        algorithm = _ALGORITHM_ALIASES.get(str(data["algorithm"]).strip().lower(), data["algorithm"])
+        spec.algorithm = pb.Algorithm.Value("ALGORITHM_" + _enum(algorithm, "hyperparameters.algorithm",
                                                                   ALGORITHMS))
+    if "params" in data and _is_search_space(data["params"]):
+        if "parameters" in data:
+            raise ValueError("hyperparameters: both params (here a search space) and parameters give a search "
+                             f"space; keep one. Shapes: {SHAPES}")
+        data["parameters"] = data.pop("params")
     if "params" in data:
         params = data["params"]
         if not isinstance(params, list):
-            raise ValueError("hyperparameters.params must be a list of objects, e.g. [{\"lr\": 0.1}]")
+            raise ValueError(f"hyperparameters.params must be a list of objects; {SHAPES}")
         for i, item in enumerate(params):
             if not isinstance(item, dict):
                 raise ValueError(f"hyperparameters.params[{i}] must be an object of name: value")
@@ -203,3 +255,56 @@ def parse_hyperparameters(raw: Any, spec=None):
     elif es is not None:
         raise ValueError("hyperparameters.early_stopping must be true/false or {enabled, min_trials, start_step}")
     return spec
+
+
+# --- a whole study file ------------------------------------------------------------------
+
+
+def split_study(data: dict, where: str, note=lambda message: None) -> tuple[dict, dict]:
+    """(train job fields, hyperparameters) of a study in the seed's layout:
+    the job's fields at the top level plus a `hyperparameters` object."""
+    from cloudml.errors import SpecError
+    from cloudml.specs import check_seed_fields
+
+    if not isinstance(data, dict):
+        raise SpecError(f"{where} must hold a JSON object")
+    data = dict(data)
+    hyper = data.pop("hyperparameters", None)
+    if hyper is None:
+        raise SpecError(f"{where}: a study needs a `hyperparameters` object (goal, metric, params or parameters)")
+    check_seed_fields(data, where, note, extra=frozenset({"hyperparameters"}))
+    return data, hyper
+
+
+def load_study_file(path: str, note=lambda message: None) -> tuple[dict, dict]:
+    """(train job fields, hyperparameters) of a seed-layout JSON file."""
+    from cloudml.specs import read_json_object
+
+    return split_study(read_json_object(path), path, note)
+
+
+def build_study(job: dict, hyper: dict, *, name: str | None = None, max_trials: int | None = None,
+                parallel: int | None = None, algorithm: str | None = None, seed: int | None = None):
+    """(name, StudySpec) from a study's parts; the keywords override the file."""
+    from cloudml.errors import SpecError
+    from cloudml.specs import build_spec, flags
+
+    pb = _pb()
+    name = name or job.get("job_name")
+    if not name:
+        raise SpecError("a study needs a name: job_name in the file, or --name")
+    _, template = build_spec(flags(name=str(name)), job)
+    spec = pb.StudySpec(trial_template=template)
+    try:
+        parse_hyperparameters(hyper, spec)
+    except ValueError as err:
+        raise SpecError(str(err)) from None
+    if max_trials is not None:
+        spec.max_trials = max_trials
+    if parallel is not None:
+        spec.max_parallel_trials = parallel
+    if algorithm:
+        spec.algorithm = pb.Algorithm.Value(f"ALGORITHM_{algorithm.upper()}")
+    if seed is not None:
+        spec.seed = seed
+    return str(name), spec

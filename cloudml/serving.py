@@ -341,3 +341,41 @@ def predict(client, model: str, data: Any, *, version: int = 0, label: str = "",
         return json.loads(raw)
     except ValueError:
         raise errors.Unknown(f"the gateway answered non-JSON: {raw[:200]!r}") from None
+
+
+# --- signatures (for error messages) ------------------------------------------------------
+
+#: Words of TF Serving's errors about a request's inputs (missing, extra, misnamed).
+_INPUT_ERRORS = ("not found in request", "missing but required", "missing named input", "sent extra",
+                 "input size does not match signature", "missing 'inputs' or 'instances'", "key: ")
+
+
+def is_input_error(message: str) -> bool:
+    lowered = message.lower()
+    return any(words in lowered for words in _INPUT_ERRORS)
+
+
+def signature_inputs(client, model: str, *, version: int = 0, label: str = "", signature_name: str = "",
+                     rest_endpoint: str = "", timeout: float | None = None) -> dict[str, str] | None:
+    """{input name: "DT_FLOAT [-1,1]"} of the model's signature (default
+    serving_default), from the gateway's REST metadata; None when it cannot
+    be read (the caller then says nothing more)."""
+    path = f"/v1/models/{urllib.parse.quote(model, safe='')}"
+    if version:
+        path += f"/versions/{version}"
+    elif label:
+        path += f"/labels/{urllib.parse.quote(label, safe='')}"
+    try:
+        url = rest_endpoint_of(client, rest_endpoint) + path + "/metadata"
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {client.token()}"})
+        with urllib.request.urlopen(request, timeout=timeout or client.timeout) as resp:
+            body = json.loads(resp.read())
+        signature = body["metadata"]["signature_def"]["signature_def"][signature_name or "serving_default"]
+    except Exception:  # noqa: BLE001 - only an addition to an error message
+        return None
+    described = {}
+    for name, info in sorted(signature.get("inputs", {}).items()):
+        dims = (info.get("tensor_shape") or {}).get("dim")
+        shape = "[" + ",".join(str(d.get("size", "?")) for d in dims) + "]" if dims else "[?]"
+        described[name] = f"{info.get('dtype', '?')} {shape}"
+    return described

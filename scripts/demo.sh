@@ -17,7 +17,7 @@ GRPC_PORT="${CLOUDML_GRPC_PORT:-8500}"
 REST_PORT="${CLOUDML_REST_PORT:-8501}"
 export PATH="$PWD/.venv/bin:$PATH"
 export CLOUDML_CONFIG="$DATA/cli-config.json"
-unset CLOUDML_ENDPOINT CLOUDML_ACCESS_KEY CLOUDML_SECRET_KEY
+unset CLOUDML_ENDPOINT CLOUDML_ACCESS_KEY CLOUDML_SECRET_KEY CLOUDML_PROFILE
 
 step() { printf '\n==> %s\n' "$*"; }
 cleanup() {
@@ -29,7 +29,11 @@ cleanup() {
 trap cleanup EXIT
 
 step "cloudml-platform up --data-dir $DATA --grpc-port $GRPC_PORT --rest-port $REST_PORT --detach"
-cloudml-platform up --data-dir "$DATA" --grpc-port "$GRPC_PORT" --rest-port "$REST_PORT" --detach
+if ! cloudml-platform up --data-dir "$DATA" --grpc-port "$GRPC_PORT" --rest-port "$REST_PORT" --detach; then
+  echo "hint: this script takes its ports from CLOUDML_GRPC_PORT (now $GRPC_PORT) and CLOUDML_REST_PORT" \
+       "(now $REST_PORT), e.g. CLOUDML_GRPC_PORT=9500 CLOUDML_REST_PORT=9501 scripts/demo.sh" >&2
+  exit 1
+fi
 cloudml-platform status --data-dir "$DATA"
 
 step "cloudml configure --from-file $DATA/credentials.json   (the admin's credentials)"
@@ -51,8 +55,9 @@ access_key="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["access_ke
 secret_key="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["secret_key"])' <<<"$key_json")"
 echo "access key: $access_key"
 
-step "log in as the demo tenant (CLOUDML_ACCESS_KEY / CLOUDML_SECRET_KEY)"
-export CLOUDML_ACCESS_KEY="$access_key" CLOUDML_SECRET_KEY="$secret_key"
+step "cloudml configure --profile demo --access-key $access_key --secret-key ...   (act as the demo tenant)"
+cloudml configure --profile demo --access-key "$access_key" --secret-key "$secret_key"
+export CLOUDML_PROFILE=demo     # the same as --profile demo on every command below
 cloudml auth whoami
 token="$(cloudml auth print-access-token)"
 echo "bearer token: ${token:0:24}...(${#token} chars)"
@@ -92,6 +97,6 @@ cloudml models predict linear 1 -d "$DATA/data.json" -o json
 
 step "Predict with the stock TF Serving gRPC client (examples/predict_client.py)"
 .venv/bin/python examples/predict_client.py --endpoint "127.0.0.1:$GRPC_PORT" --model linear \
-  --token "$(cloudml auth print-access-token)" --input keys:int32:1,2 --input X:float32:10,30 2>/dev/null
+  --token "$(cloudml auth print-access-token)" --input keys:int32:1,2 --input X:float32:10,30
 echo
 echo "demo finished: platform data in $DATA"

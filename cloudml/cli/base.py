@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterable, Sequence
 OUTPUT_FORMATS = ("table", "json")
 
 
-class UsageError(Exception):
-    """The command line is wrong in a way argparse cannot tell (exit 2)."""
+# The command line (or a spec file it names) is wrong in a way argparse
+# cannot tell (exit 2). The SDK's spec builders raise the same class.
+from cloudml.errors import SpecError as UsageError  # noqa: E402
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -48,6 +49,14 @@ def add_output_option(parser: argparse.ArgumentParser, *, default=argparse.SUPPR
     )
 
 
+def add_profile_option(parser: argparse.ArgumentParser, *, default=argparse.SUPPRESS) -> None:
+    parser.add_argument(
+        "--profile", default=default, metavar="NAME",
+        help="act with the credentials of this profile of the config file (`cloudml configure --profile NAME`; "
+             "default $CLOUDML_PROFILE, else the file's default settings)",
+    )
+
+
 def add_group(subparsers, name: str, help: str, *, aliases: Sequence[str] = ()):
     """A command group (`cloudml NAME ...`); returns the subparsers to add its commands to."""
     parser = subparsers.add_parser(name, help=help, description=help, aliases=list(aliases))
@@ -59,6 +68,7 @@ def add_command(subparsers, name: str, handler: Callable[["Context"], int | None
     """A leaf command that runs `handler(ctx)`; it accepts `-o json|table`."""
     parser = subparsers.add_parser(name, help=help, description=description or help, aliases=list(aliases))
     add_output_option(parser)
+    add_profile_option(parser)
     parser.set_defaults(handler=handler)
     return parser
 
@@ -91,6 +101,11 @@ class Context:
         return getattr(self.args, "output", None) or "table"
 
     @property
+    def profile(self) -> str | None:
+        """--profile, or None (then $CLOUDML_PROFILE, else the default settings)."""
+        return getattr(self.args, "profile", None) or None
+
+    @property
     def json(self) -> bool:
         return self.output == "json"
 
@@ -99,7 +114,7 @@ class Context:
         if self._client is None:
             from cloudml.client import Client
 
-            self._client = Client()
+            self._client = Client(profile=self.profile)
         return self._client
 
     def close(self) -> None:

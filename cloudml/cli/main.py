@@ -16,7 +16,7 @@ import importlib
 import os
 import sys
 
-from cloudml.cli.base import ArgumentParser, Context, UsageError, add_output_option
+from cloudml.cli.base import ArgumentParser, Context, UsageError, add_output_option, add_profile_option
 from cloudml.cli.commands import GROUPS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -29,10 +29,12 @@ def build_parser() -> ArgumentParser:
         prog="cloudml",
         description="Cloud-ML: train, tune and serve TensorFlow models on a self-hosted platform.",
         epilog="Credentials: CLOUDML_ENDPOINT, CLOUDML_ACCESS_KEY, CLOUDML_SECRET_KEY, else the file "
-               "`cloudml configure` writes ($CLOUDML_CONFIG or ~/.config/cloudml/config.json).",
+               "`cloudml configure` writes ($CLOUDML_CONFIG or ~/.config/cloudml/config.json); "
+               "--profile NAME (or $CLOUDML_PROFILE) picks one of its named profiles.",
     )
     parser.add_argument("--version", action="version", version=f"cloudml {__version__}")
     add_output_option(parser, default="table")
+    add_profile_option(parser, default=None)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in GROUPS:
         importlib.import_module(f"cloudml.cli.commands.{name}").register(subparsers)

@@ -222,10 +222,28 @@ class RoutingTable:
         return fn
 
 
-def _not_found(name: str, version: int | None) -> errors.NotFound:
-    if version is None:
-        return errors.NotFound(f"Servable not found for request: Latest({name})")
-    return errors.NotFound(f"Servable not found for request: Specific({name}, {version})")
+#: What the gateway appends to TF Serving's NOT_FOUND text, so people see where
+#: the name was looked up and what to run; TF Serving's words come first, unchanged.
+HINT_OPEN = " (cloudml: "
+
+
+def _not_found(name: str, version: int | None, tenant: str = "", known_model: bool = False) -> errors.NotFound:
+    """TF Serving's "Servable not found for request: Latest(name)" plus a hint
+    naming the tenant the name was resolved in. The hint says the same for a
+    model that does not exist and for one the caller may not call, so it
+    reveals nothing about other tenants."""
+    text = (f"Servable not found for request: Latest({name})" if version is None
+            else f"Servable not found for request: Specific({name}, {version})")
+    model = name.partition(".")[2] if "." in name else name
+    if not tenant:
+        return errors.NotFound(text)
+    if known_model:
+        what = (f"version {version} of model '{model}' in tenant '{tenant}' is not serving"
+                if version is not None else f"model '{model}' in tenant '{tenant}' has no version serving")
+        hint = f"{what}; see `cloudml models describe {model}`"
+    else:
+        hint = f"no model '{model}' in tenant '{tenant}' that you may call; see `cloudml models list`"
+    return errors.NotFound(f"{text}{HINT_OPEN}{hint})")
 
 
 def _outstanding(backend: Backend) -> int:
@@ -278,7 +296,7 @@ class PredictRouter:
             )
         route = self.table.routes.get((tenant, model))
         if route is None or not (route.public or (caller is not None and caller.may_access(tenant))):
-            raise _not_found(name, version_for_message)
+            raise _not_found(name, version_for_message, tenant)
         return tenant, model, route
 
     def candidates(self, caller: Principal | None,
@@ -292,17 +310,17 @@ class PredictRouter:
         available = self.table.available_versions(tenant, model)
         if explicit is not None:
             if explicit not in available:
-                raise _not_found(spec.name, explicit)
+                raise _not_found(spec.name, explicit, tenant, known_model=True)
             return tenant, model, [(explicit, 1.0)]
         if spec.version_label:
             version = route.labels.get(spec.version_label)
             if version is None:
                 raise errors.InvalidArgument(f"Unrecognized servable version label: {spec.version_label}")
             if version not in available:
-                raise _not_found(spec.name, version)
+                raise _not_found(spec.name, version, tenant, known_model=True)
             return tenant, model, [(version, 1.0)]
         if not available:
-            raise _not_found(spec.name, None)
+            raise _not_found(spec.name, None, tenant, known_model=True)
         split = [(t.version, float(t.percent)) for t in route.traffic_split
                  if t.version in available and t.percent > 0]
         if split:
@@ -369,7 +387,7 @@ class PredictRouter:
                 (RESOLVED_VERSION_HEADER, label_version),)
             backend = self.pick(tenant, model, version)
             if backend is None:
-                raise _not_found(spec.name, version)
+                raise _not_found(spec.name, version, tenant, known_model=True)
             for attempt in (0, 1):
                 current = backend
                 current.outstanding += 1

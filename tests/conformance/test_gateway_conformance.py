@@ -69,7 +69,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.conformance.stock_client import Probe, assert_error, examples, x_tensor  # noqa: E402
+from tests.conformance.stock_client import Probe, assert_error, examples, tfs_text, x_tensor  # noqa: E402
 from tests.e2e.serving_platform import CLOUDML_CLI, PlatformClient, clean_env, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -289,6 +289,20 @@ def test_label_set_with_the_models_api_routes_grpc_and_rest(env, call, rest):
 def test_predict_unknown_model(call):
     r = call("Predict", {"modelSpec": {"name": "unknown"}}, tensors=x_tensor([[1.0]]))
     assert_error(r, "NOT_FOUND", "Servable not found for request: Latest(unknown)")
+    # After TF Serving's words, the gateway names the tenant the name was looked up in.
+    assert r["details"] == ("Servable not found for request: Latest(unknown) (cloudml: no model 'unknown' in "
+                            "tenant 'admin' that you may call; see `cloudml models list`)"), r
+
+
+def test_rest_unknown_model_and_version_name_the_tenant(rest):
+    status, body = rest("POST", "/v1/models/unknown:predict", {"instances": [[1.0]]})
+    assert status == 404 and body == {"error": "Servable not found for request: Latest(unknown) (cloudml: no model "
+                                               "'unknown' in tenant 'admin' that you may call; see `cloudml models "
+                                               "list`)"}, body
+    status, body = rest("POST", f"/v1/models/{MODEL}/versions/999:predict", {"instances": [[1.0]]})
+    assert status == 404 and body["error"].endswith(
+        f"(cloudml: version 999 of model '{MODEL}' in tenant 'admin' is not serving; see "
+        f"`cloudml models describe {MODEL}`)"), body
 
 
 def test_predict_unknown_version(call):
@@ -469,7 +483,7 @@ def test_rest_errors(rest, method, path, body, http, error):
     assert status == http, (status, answer)
     assert isinstance(answer, dict) and set(answer) == {"error"}, answer
     if error is not None:
-        assert answer["error"] == error
+        assert tfs_text(answer["error"]) == error
 
 
 # --- tenancy: public and private models -------------------------------------------------------------
@@ -514,7 +528,7 @@ def test_private_model_of_another_tenant_is_not_found(env, call, rest):
         r = call("GetModelMetadata", {"modelSpec": spec(name), "metadataField": ["signature_def"]}, token=other)
         assert_error(r, "NOT_FOUND", f"Servable not found for request: Latest({name})")
         status, body = rest("POST", f"/v1/models/{name}:predict", {"instances": [[2.0]]}, token=other)
-        assert (status, body) == (404, {"error": f"Servable not found for request: Latest({name})"})
+        assert status == 404 and tfs_text(body["error"]) == f"Servable not found for request: Latest({name})"
     # Exactly as a model that does not exist at all.
     missing = call("Predict", {"modelSpec": spec("admin.nope")}, tensors=x_tensor([[2.0]]), token=other)
     assert_error(missing, "NOT_FOUND", "Servable not found for request: Latest(admin.nope)")

@@ -114,9 +114,59 @@ def test_configure_from_the_platforms_credentials_json(cli, admin, tmp_path):
 
 def test_environment_wins_over_the_config_file(cli, admin):
     assert cli("configure", "--endpoint", cli.endpoint, "--access-key", "AKWRONG0000000000000",
-               "--secret-key", "wrong", key=None).code == 0
+               "--secret-key", "wrong", "--no-verify", key=None).code == 0
     assert cli("auth", "whoami", key=None).error_line() == "error: UNAUTHENTICATED: invalid access key or secret key"
     assert cli("auth", "whoami", "-o", "json", key=admin).json()["tenant"] == "admin"
+
+
+def test_configure_profile_verifies_the_key_and_every_command_acts_as_it(cli, admin):
+    tenant, member = new_member(cli, admin)
+    assert cli("configure", "--endpoint", cli.endpoint, "--access-key", admin.access_key,
+               "--secret-key", admin.secret_key, key=None).code == 0
+    # A new profile starts on the default settings' platform; the key is checked before it is saved.
+    r = cli("configure", "--profile", "team", "--access-key", member.access_key, "--secret-key", member.secret_key,
+            key=None)
+    assert r.code == 0, r.err
+    assert ["Profile:", "team"] in table(r.out) and ["Verified:", f"tenant {tenant}, role member"] in table(r.out)
+    with open(cli.config_path) as f:
+        saved = json.load(f)
+    assert saved["access_key"] == admin.access_key  # the default settings are untouched
+    assert saved["profiles"] == {"team": {"endpoint": cli.endpoint, "access_key": member.access_key,
+                                          "secret_key": member.secret_key}}
+    # --profile after the command, before it, or CLOUDML_PROFILE: the member's tenant, its quota applies.
+    assert cli("auth", "whoami", "--profile", "team", "-o", "json", key=None).json()["tenant"] == tenant
+    assert cli("--profile", "team", "auth", "whoami", "-o", "json", key=None).json()["tenant"] == tenant
+    env = dict(cli.env(None), CLOUDML_PROFILE="team")
+    proc = subprocess.run([sys.executable, "-m", "cloudml.cli.main", "quota", "get", "-o", "json"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["tenant"] == tenant, proc.stderr
+    assert cli("tenants", "create", unique(), "--profile", "team", key=None).error_line().startswith(
+        "error: PERMISSION_DENIED")
+    assert cli("auth", "whoami", "-o", "json", key=None).json()["tenant"] == "admin"
+    # The SDK takes the same profile.
+    with cloudml.Client(profile="team", config_path=cli.config_path) as client:
+        assert client.whoami().tenant == tenant
+    unknown = cli("auth", "whoami", "--profile", "nope", key=None)
+    assert unknown.code == 2 and unknown.error_line().startswith("error: no profile 'nope'") and "team" in unknown.err
+
+
+def test_configure_refuses_a_bad_key_and_saves_nothing(cli, admin):
+    r = cli("configure", "--endpoint", cli.endpoint, "--access-key", admin.access_key, "--secret-key", "wrong",
+            key=None)
+    assert r.code == 2
+    assert r.error_line() == (f"error: the platform at {cli.endpoint} refused access key {admin.access_key}: "
+                              "invalid access key or secret key; nothing was saved")
+    assert not os.path.exists(cli.config_path)
+    r = cli("configure", "--profile", "p", "--endpoint", "127.0.0.1:1", "--access-key", admin.access_key,
+            "--secret-key", admin.secret_key, key=None)
+    assert r.code == 2 and r.error_line().startswith("error: cannot verify the key: cannot reach the platform at "
+                                                     "127.0.0.1:1"), r.err
+    assert not os.path.exists(cli.config_path)
+    # --no-verify saves without asking the platform (e.g. before it is up).
+    assert cli("configure", "--profile", "p", "--endpoint", "127.0.0.1:1", "--access-key", "AK", "--secret-key",
+               "s", "--no-verify", key=None).code == 0
+    with open(cli.config_path) as f:
+        assert json.load(f)["profiles"]["p"]["endpoint"] == "127.0.0.1:1"
 
 
 # --- tokens ---------------------------------------------------------------------------

@@ -112,7 +112,9 @@ def test_explicit_version_and_label(env):
 def test_unknown_version_is_not_found_with_tf_serving_message(env):
     code, details = code_of(lambda: predict(env, "linear", env["a"], version=5))
     assert code == grpc.StatusCode.NOT_FOUND
-    assert details == "Servable not found for request: Specific(linear, 5)"
+    # TF Serving's words, then where the name was looked up and what to run.
+    assert details == ("Servable not found for request: Specific(linear, 5) (cloudml: version 5 of model 'linear' "
+                       "in tenant 'team-a' is not serving; see `cloudml models describe linear`)")
 
 
 def test_unknown_label_is_invalid_argument(env):
@@ -129,7 +131,8 @@ def test_label_to_unavailable_version_is_not_found(env):
 def test_unknown_model_is_not_found(env):
     code, details = code_of(lambda: predict(env, "nope", env["a"]))
     assert code == grpc.StatusCode.NOT_FOUND
-    assert details == "Servable not found for request: Latest(nope)"
+    assert details == ("Servable not found for request: Latest(nope) (cloudml: no model 'nope' in tenant 'team-a' "
+                       "that you may call; see `cloudml models list`)")
 
 
 def test_other_tenants_private_model_looks_missing(env):

@@ -158,14 +158,14 @@ def test_unreachable_endpoint_is_one_clean_line(capsys, monkeypatch):
 def test_configure_writes_0600_file_and_merges(capsys, tmp_path):
     path = tmp_path / "config.json"
     code, out, _ = run(capsys, "configure", "--endpoint", "10.0.0.1:8500", "--access-key", "AK1",
-                       "--secret-key", "sk1", "-o", "json")
+                       "--secret-key", "sk1", "-o", "json", "--no-verify")
     assert code == 0
     shown = json.loads(out)
     assert shown == {"config_path": str(path), "endpoint": "10.0.0.1:8500", "rest_endpoint": "", "access_key": "AK1"}
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert json.loads(path.read_text()) == {"endpoint": "10.0.0.1:8500", "access_key": "AK1", "secret_key": "sk1"}
     # Only what is given changes.
-    assert run(capsys, "configure", "--secret-key", "sk2")[0] == 0
+    assert run(capsys, "configure", "--secret-key", "sk2", "--no-verify")[0] == 0
     assert json.loads(path.read_text()) == {"endpoint": "10.0.0.1:8500", "access_key": "AK1", "secret_key": "sk2"}
     assert "sk2" not in capsys.readouterr().out
 
@@ -174,7 +174,7 @@ def test_configure_from_platform_credentials_file(capsys, tmp_path):
     creds = tmp_path / "credentials.json"
     creds.write_text(json.dumps({"endpoint": "127.0.0.1:8500", "rest_endpoint": "http://127.0.0.1:8501",
                                  "access_key": "AKADMIN", "secret_key": "top"}))
-    code, out, _ = run(capsys, "configure", "--from-file", str(creds))
+    code, out, _ = run(capsys, "configure", "--from-file", str(creds), "--no-verify")
     assert code == 0 and "AKADMIN" in out and "top" not in out
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved == json.loads(creds.read_text())

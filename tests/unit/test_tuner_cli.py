@@ -11,6 +11,7 @@ from cloudml import hpspec
 from cloudml.cli.commands import hp
 from cloudml.cli.main import main
 from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
+from cloudml.sdk.studies import Studies
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
 
 SEED = {
@@ -35,6 +36,15 @@ def clean_env(monkeypatch, tmp_path):
         if name.startswith("CLOUDML_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("CLOUDML_CONFIG", str(tmp_path / "config.json"))
+    # The SDK client is built (no call leaves: the service is faked below).
+    monkeypatch.setenv("CLOUDML_ACCESS_KEY", "AKUNIT")
+    monkeypatch.setenv("CLOUDML_SECRET_KEY", "unit-secret")
+
+
+def fake_service(monkeypatch, fake):
+    """Puts `fake` in place of the SDK's TunerService calls (client.studies)."""
+    monkeypatch.setattr(Studies, "_rpc", lambda self, method, request: fake(self, method, request))
+    return fake
 
 
 def write(tmp_path, data) -> str:
@@ -44,7 +54,7 @@ def write(tmp_path, data) -> str:
 
 
 class FakeService:
-    """Stands in for `hp._call`: records requests, answers from canned data."""
+    """Stands in for the SDK's TunerService calls: records requests, answers from canned data."""
 
     def __init__(self, study=None, trials=()):
         self.requests = []
@@ -70,7 +80,7 @@ class FakeService:
 
 def test_seed_layout_becomes_a_study_spec(tmp_path, monkeypatch, capsys):
     fake = FakeService()
-    monkeypatch.setattr(hp, "_call", fake)
+    fake_service(monkeypatch, fake)
     assert main(["hp", "submit", "-f", write(tmp_path, SEED), "-o", "json"]) == 0
     (method, request), = fake.requests
     assert method == "CreateStudy" and request.name == "linear-hp"
@@ -88,7 +98,7 @@ def test_seed_layout_becomes_a_study_spec(tmp_path, monkeypatch, capsys):
 
 def test_flags_override_the_file(tmp_path, monkeypatch):
     fake = FakeService()
-    monkeypatch.setattr(hp, "_call", fake)
+    fake_service(monkeypatch, fake)
     data = dict(SEED, hyperparameters={
         "goal": "maximize", "metric": "accuracy", "algorithm": "random", "max_trials": 5,
         "parameters": [
@@ -156,7 +166,7 @@ def finished_study():
 
 def test_describe_shows_goal_count_best_trial_then_every_trial(monkeypatch, capsys):
     study, trials = finished_study()
-    monkeypatch.setattr(hp, "_call", FakeService(study, trials))
+    fake_service(monkeypatch, FakeService(study, trials))
     assert main(["hp", "describe", "linear-hp"]) == 0
     out = capsys.readouterr().out
     assert "Goal:" in out and "MINIMIZE loss (final value)" in out
@@ -174,7 +184,7 @@ def test_describe_shows_goal_count_best_trial_then_every_trial(monkeypatch, caps
 def test_trials_list_and_cancel(monkeypatch, capsys):
     study, trials = finished_study()
     fake = FakeService(study, trials)
-    monkeypatch.setattr(hp, "_call", fake)
+    fake_service(monkeypatch, fake)
     assert main(["hp", "trials", "linear-hp", "--state", "succeeded", "-o", "json"]) == 0
     assert [t["number"] for t in json.loads(capsys.readouterr().out)] == [1, 2, 3, 4]
     assert list(fake.requests[-1][1].states) == [pb.TRIAL_STATE_SUCCEEDED]
@@ -184,3 +194,21 @@ def test_trials_list_and_cancel(monkeypatch, capsys):
     assert "linear-hp" in out and "4/4" in out and "0.002 (#2)" in out
     assert main(["hp", "cancel", "linear-hp", "-o", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["state"] == "STUDY_STATE_SUCCEEDED"
+
+
+def test_watch_prints_progress_and_exits_by_the_end_state(monkeypatch, capsys):
+    study, trials = finished_study()
+    fake_service(monkeypatch, FakeService(study, trials))
+    assert main(["hp", "watch", "linear-hp"]) == 0
+    err = capsys.readouterr().err
+    assert ("succeeded  4/4 trials done (4 succeeded), 0 running, 0 queued; best loss=0.002 "
+            "(trial 2: learning_rate=0.1 optimizer=sgd)") in err, err
+    assert err.splitlines()[-1] == "study linear-hp: SUCCEEDED Succeeded"
+    failed = pb.Study(name="broken", spec=study.spec, state=pb.STUDY_STATE_FAILED, reason="TooManyFailedTrials",
+                      trial_counts=pb.TrialCounts(failed=2, pending=1))
+    fake_service(monkeypatch, FakeService(failed))
+    assert main(["hp", "watch", "broken"]) == 1
+    err = capsys.readouterr().err
+    assert "0/4 trials done (2 failed), 0 running, 1 queued" not in err  # failed trials are done
+    assert "2/4 trials done (2 failed), 0 running, 1 queued" in err, err
+    assert err.splitlines()[-1] == "study broken: FAILED TooManyFailedTrials"

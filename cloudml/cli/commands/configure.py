@@ -1,4 +1,13 @@
-"""cloudml configure: where the platform is and which access key to use."""
+"""cloudml configure: where the platform is and which access key to use.
+
+    cloudml configure --from-file ~/cloudml/credentials.json          # the admin (default settings)
+    cloudml configure --profile team-a --access-key AK... --secret-key ...
+    cloudml --profile team-a jobs list                                  # act as team-a
+
+The key is checked at once (AuthService/WhoAmI through the endpoint): a
+wrong key or an unreachable endpoint is reported and nothing is saved
+(`--no-verify` saves without checking, e.g. before the platform is up).
+"""
 from __future__ import annotations
 
 import getpass
@@ -16,9 +25,13 @@ def register(subparsers) -> None:
         description=(
             "Writes the config file ($CLOUDML_CONFIG, else ~/.config/cloudml/config.json; mode 0600). "
             "Options not given keep their saved values; with no option at all on a terminal, asks for each. "
-            "CLOUDML_ENDPOINT / CLOUDML_ACCESS_KEY / CLOUDML_SECRET_KEY still take precedence over the file."
+            "CLOUDML_ENDPOINT / CLOUDML_ACCESS_KEY / CLOUDML_SECRET_KEY still take precedence over the file's "
+            "default settings. --profile NAME saves a named profile instead (use it with --profile NAME on any "
+            "command, or CLOUDML_PROFILE=NAME). The key is verified with the platform before it is saved."
         ),
     )
+    p.add_argument("--no-verify", action="store_true",
+                   help="save without checking the key with the platform (e.g. before it is up)")
     p.add_argument("--endpoint", help="gRPC endpoint host:port (the gateway; default 127.0.0.1:8500)")
     p.add_argument("--rest-endpoint", help="REST endpoint URL (default http://127.0.0.1:8501)")
     p.add_argument("--access-key", help="access key id (AK...)")
@@ -41,10 +54,26 @@ def _prompt(settings: dict) -> dict:
     return answers
 
 
+def _verify(settings: dict):
+    """WhoAmI with these settings (and nothing from the environment)."""
+    from cloudml.client import Client
+
+    with Client(settings.get("endpoint") or config.DEFAULT_ENDPOINT, settings["access_key"],
+                settings["secret_key"], profile="", timeout=10) as client:
+        return client.whoami()
+
+
 def configure(ctx: Context) -> None:
     args = ctx.args
     path = config.default_config_path()
-    settings = config.read_config(path)
+    profile = config.check_profile(args.profile) if getattr(args, "profile", None) else ""
+    if not profile:
+        settings = config.read_config(path)
+    elif profile in config.list_profiles(path):
+        settings = config.read_config(path, profile=profile)
+    else:  # a new profile: on the same platform as the default settings, unless told otherwise
+        defaults = config.read_config(path)
+        settings = {k: defaults[k] for k in ("endpoint", "rest_endpoint") if defaults.get(k)}
     given: dict[str, str] = {}
     if args.from_file:
         try:
@@ -63,11 +92,37 @@ def configure(ctx: Context) -> None:
             raise UsageError("nothing to configure: give --endpoint, --access-key, --secret-key or --from-file")
         given = _prompt(settings)
     settings.update(given)
-    written = config.write_config(settings, path)
+    identity = None
+    if not args.no_verify:
+        if not (settings.get("access_key") and settings.get("secret_key")):
+            ctx.note("note: not verified: an access key and a secret key are both needed")
+        else:
+            from cloudml import errors
+
+            try:
+                identity = _verify(settings)
+            except errors.Unauthenticated as err:
+                raise ConfigurationError(f"the platform at {settings.get('endpoint') or config.DEFAULT_ENDPOINT} "
+                                         f"refused access key {settings['access_key']}: {err.message}; nothing "
+                                         "was saved") from None
+            except errors.CloudMLError as err:
+                raise ConfigurationError(f"cannot verify the key: {err}; nothing was saved (--no-verify saves "
+                                         "without checking)") from None
+    written = config.write_config(settings, path, profile=profile)
     shown = {k: settings.get(k, "") for k in ("endpoint", "rest_endpoint", "access_key")}
-    ctx.emit(
-        {"config_path": written, **shown},
-        fields=[("Config file", written), ("Endpoint", shown["endpoint"] or f"{config.DEFAULT_ENDPOINT} (default)"),
-                ("REST endpoint", shown["rest_endpoint"]), ("Access key", shown["access_key"]),
-                ("Secret key", "(set)" if settings.get("secret_key") else "")],
-    )
+    data = {"config_path": written, **shown}
+    fields = [("Config file", written)]
+    if profile:
+        data["profile"] = profile
+        fields.append(("Profile", profile))
+    fields += [("Endpoint", shown["endpoint"] or f"{config.DEFAULT_ENDPOINT} (default)"),
+               ("REST endpoint", shown["rest_endpoint"]), ("Access key", shown["access_key"]),
+               ("Secret key", "(set)" if settings.get("secret_key") else "")]
+    if identity is not None:
+        from cloudml.auth.v1 import auth_service_pb2 as auth_pb
+        from cloudml.cli.base import enum_label
+
+        role = enum_label(auth_pb.Role, identity.role, "ROLE_")
+        data.update(tenant=identity.tenant, role=role)
+        fields += [("Verified", f"tenant {identity.tenant}, role {role}")]
+    ctx.emit(data, fields=fields)

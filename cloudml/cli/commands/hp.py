@@ -1,6 +1,7 @@
 """cloudml hp: hyperparameter studies (submit, list, describe, trials, cancel, delete).
 
-    cloudml hp submit -f hp.json
+    cloudml hp submit -f examples/studies/plain_space.json --watch
+    cloudml hp watch plain-space
     cloudml hp submit -f hp.json --name linear-hp2 --max-trials 20 --parallel 2 --algorithm tpe
     cloudml hp list
     cloudml hp describe linear-hp
@@ -10,19 +11,18 @@
 `-f hp.json` takes the seed's layout: the train job's fields at the top level,
 as for `cloudml jobs submit -f` (job_name, module_name, trainer_uri, job_args,
 cpu_limit, memory_limit, ...), plus `hyperparameters: {goal, metric (or
-hyperparameterMetricTag), params | parameters, algorithm, max_trials,
-max_parallel_trials, max_failed_trials, early_stopping, seed, objective}`.
+hyperparameterMetricTag), params, parameters, algorithm, max_trials,
+max_parallel_trials, max_failed_trials, early_stopping, seed, objective}`,
+where `params` holds either explicit runs (the seed's) or Cloud ML Engine's
+parameter specs (items with "parameterName"), and `parameters` a search
+space with short keys; see `cloudml.hpspec` and examples/studies/.
 The study is named by job_name (or --name); trial n runs as the train job
 "<study>-<n>" with its parameters appended as --name=value arguments.
 """
 from __future__ import annotations
 
-import argparse
-import json
-
 from cloudml.cli.base import (
     Context,
-    UsageError,
     add_command,
     add_group,
     enum_label,
@@ -37,10 +37,15 @@ STUDY_STATES = ("running", "succeeded", "failed", "cancelled")
 TRIAL_STATES = ("pending", "running", "succeeded", "failed", "early_stopped", "cancelled")
 ALGORITHMS = ("grid", "random", "tpe", "cmaes", "explicit")
 SUBMIT_DESCRIPTION = (
-    "Create a hyperparameter study. -f takes the seed's layout: the train job's fields at the top level "
-    "(job_name, module_name, trainer_uri, job_args, cpu_limit, memory_limit, ...) plus hyperparameters: "
-    "{goal, metric, params | parameters, algorithm, max_trials, max_parallel_trials, max_failed_trials, "
-    "early_stopping, seed}. Flags override the file."
+    "Create a hyperparameter study from a JSON file (see examples/studies/): the train job's fields at the top "
+    "level (job_name, module_name, trainer_uri, job_args, cpu_limit, memory_limit, ...) plus \"hyperparameters\": "
+    "{goal, hyperparameterMetricTag (or metric), maxTrials, maxParallelTrials, maxFailedTrials, algorithm, seed, "
+    "early_stopping, and ONE of: \"params\" as explicit runs, each run once "
+    "([{\"optimizer\": \"sgd\", \"learning_rate\": 0.1}, ...]); \"params\" as Cloud ML Engine's search space "
+    "([{\"parameterName\": \"learning_rate\", \"type\": \"DOUBLE\", \"minValue\": 0.0001, \"maxValue\": 0.1, "
+    "\"scaleType\": \"UNIT_LOG_SCALE\"}, ...], types DOUBLE, INTEGER, CATEGORICAL (categoricalValues), "
+    "DISCRETE (discreteValues)); or \"parameters\", the same search space with short keys (name, type, min, max, "
+    "scale, values)}. Trial n runs as the job <study>-<n> with --name=value arguments. Flags override the file."
 )
 
 
@@ -50,77 +55,19 @@ def _pb():
     return tuner_service_pb2
 
 
-def _stub(ctx: Context):
-    from cloudml.tuner.v1 import tuner_service_pb2_grpc
-
-    return ctx.client.stub(tuner_service_pb2_grpc.TunerServiceStub)
-
-
-def _call(ctx: Context, method: str, request):
-    return ctx.client.call(getattr(_stub(ctx), method), request)
-
-
-# --- the spec file -------------------------------------------------------------------------
-
-
 def load_study_file(path: str, note=lambda message: None) -> tuple[dict, dict]:
     """(train job fields, hyperparameters) of a seed-layout JSON file."""
-    from cloudml.cli.commands.jobs import SEED_FIELDS, SEED_IGNORED
+    from cloudml import hpspec
 
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as err:
-        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
-    except ValueError as err:
-        raise UsageError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} must hold a JSON object")
-    hyper = data.pop("hyperparameters", None)
-    if hyper is None:
-        raise UsageError(f"{path}: a study needs a `hyperparameters` object (goal, metric, params or parameters)")
-    unknown = set(data) - SEED_FIELDS - SEED_IGNORED
-    if unknown:
-        raise UsageError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}; known: "
-                         f"{', '.join(sorted(SEED_FIELDS | {'hyperparameters'}))}")
-    ignored = set(data) & SEED_IGNORED
-    if ignored:
-        note(f"note: ignoring field(s) this platform does not use: {', '.join(sorted(ignored))}")
-    return data, hyper
-
-
-def _job_namespace(name: str) -> argparse.Namespace:
-    """What `jobs.build_spec` reads from the command line: nothing but the name."""
-    fields = ("module", "trainer_uri", "cpu", "memory", "gpus", "timeout", "args", "output_path", "docker_image",
-              "master", "chief_count", "ps", "workers", "evaluator", "env", "restart_policy", "max_retries",
-              "priority")
-    return argparse.Namespace(name=name, chief=False, **{f: None for f in fields})
+    return hpspec.load_study_file(path, note)
 
 
 def build_study(args, job: dict, hyper: dict):
     """(name, StudySpec) from the file's parts and the flags."""
     from cloudml import hpspec
-    from cloudml.cli.commands.jobs import build_spec
 
-    pb = _pb()
-    name = args.name or job.get("job_name")
-    if not name:
-        raise UsageError("a study needs a name: job_name in the file, or --name")
-    _, template = build_spec(_job_namespace(str(name)), job)
-    spec = pb.StudySpec(trial_template=template)
-    try:
-        hpspec.parse_hyperparameters(hyper, spec)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    if args.max_trials is not None:
-        spec.max_trials = args.max_trials
-    if args.parallel is not None:
-        spec.max_parallel_trials = args.parallel
-    if args.algorithm:
-        spec.algorithm = pb.Algorithm.Value(f"ALGORITHM_{args.algorithm.upper()}")
-    if args.seed is not None:
-        spec.seed = args.seed
-    return str(name), spec
+    return hpspec.build_study(job, hyper, name=args.name, max_trials=args.max_trials, parallel=args.parallel,
+                              algorithm=args.algorithm, seed=args.seed)
 
 
 # --- registration ------------------------------------------------------------------------
@@ -135,6 +82,15 @@ def register(subparsers) -> None:
     p.add_argument("--parallel", type=int, help="trials running at once (max_parallel_trials)")
     p.add_argument("--algorithm", choices=ALGORITHMS, help="how trials are suggested")
     p.add_argument("--seed", type=int, help="seed for reproducible suggestions")
+    p.add_argument("--tenant", help=TENANT_HELP)
+    p.add_argument("--watch", action="store_true",
+                   help="print progress (trials done/running/queued, best so far) until the study ends; "
+                        "exit 0 if it SUCCEEDED, 1 otherwise")
+    p.add_argument("--timeout", type=float, help="with --watch: give up after this many seconds (exit 1)")
+
+    p = add_command(hp, "watch", watch, "Print a study's progress until it ends (exit 0 if it SUCCEEDED)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
     p.add_argument("--tenant", help=TENANT_HELP)
 
     p = add_command(hp, "list", list_, "List studies", aliases=["ls"])
@@ -232,21 +188,13 @@ def _trial_rows(trials, metric: str) -> tuple[list[str], list[list]]:
 
 
 def _all_trials(ctx: Context, name: str, states=()) -> list:
-    pb = _pb()
-    out, token = [], ""
-    while True:
-        page = _call(ctx, "ListTrials", pb.ListTrialsRequest(tenant=ctx.args.tenant or "", study=name,
-                                                             states=list(states), page_size=1000, page_token=token))
-        out.extend(page.trials)
-        token = page.next_page_token
-        if not token:
-            return out
+    return [t.proto for t in ctx.client.studies.trials(name, states=states, tenant=ctx.args.tenant)]
 
 
 # --- handlers ----------------------------------------------------------------------------------
 
 
-def submit(ctx: Context) -> None:
+def submit(ctx: Context) -> int | None:
     pb = _pb()
     args = ctx.args
     job, hyper = load_study_file(args.file, ctx.note)
@@ -254,30 +202,68 @@ def submit(ctx: Context) -> None:
     from cloudml.cli.commands.jobs import upload_if_local  # a local package is uploaded first
 
     upload_if_local(ctx, job.get("trainer_uri"), spec.trial_template, args.tenant or "")
-    resp = _call(ctx, "CreateStudy", pb.CreateStudyRequest(tenant=args.tenant or "", name=name, spec=spec))
+    study = ctx.client.studies.submit(spec, name=name, tenant=args.tenant)
+    resp = pb.CreateStudyResponse(study=study.proto, created=study.created)
     ctx.emit(message_to_dict(resp), table=(STUDY_HEADERS, [_study_row(resp.study)]))
     if not resp.created:
         ctx.note(f"note: study {name} already existed with this spec; nothing new was created")
+    if args.watch:
+        return _watch(ctx, study.name, study.tenant)
+    return None
+
+
+def progress_line(study) -> str:
+    """"4/8 trials done (3 succeeded, 1 failed), 2 running, 2 queued; best loss=0.002 (trial 2: lr=0.1)"."""
+    counts = study.proto.trial_counts
+    done = counts.succeeded + counts.failed + counts.early_stopped + counts.cancelled
+    parts = [f"{n} {label}" for n, label in ((counts.succeeded, "succeeded"), (counts.failed, "failed"),
+                                             (counts.early_stopped, "early stopped"),
+                                             (counts.cancelled, "cancelled")) if n]
+    line = (f"{done}/{study.proto.spec.max_trials} trials done" + (f" ({', '.join(parts)})" if parts else "")
+            + f", {counts.running} running, {counts.pending} queued")
+    best = study.best_trial
+    if best is not None:
+        line += (f"; best {study.metric}={best.objective:.6g} (trial {best.number}: "
+                 f"{params_text(best.proto.params)})")
+    return line
+
+
+def _watch(ctx: Context, name: str, tenant: str | None) -> int:
+    from cloudml import errors
+
+    def show(study) -> None:
+        ctx.note(f"{format_time(_now())}  {study.state.lower():<9}  {progress_line(study)}")
+
+    try:
+        study = ctx.client.studies.wait(name, tenant=tenant or None, timeout=ctx.args.timeout, progress=show)
+    except errors.DeadlineExceeded as err:
+        ctx.note(f"study {name}: still running after {ctx.args.timeout:g}s ({err.message})")
+        return 1
+    ctx.note(f"study {study.name}: {study.state} {study.reason} {study.message}".rstrip())
+    return 0 if study.succeeded else 1
+
+
+def _now():
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def watch(ctx: Context) -> int:
+    return _watch(ctx, ctx.args.name, ctx.args.tenant)
 
 
 def list_(ctx: Context) -> None:
-    pb = _pb()
     args = ctx.args
-    states = [pb.StudyState.Value(f"STUDY_STATE_{s.upper()}") for s in args.state or []]
-    studies, token = [], ""
-    while True:
-        page = _call(ctx, "ListStudies", pb.ListStudiesRequest(tenant=args.tenant or "", states=states,
-                                                               page_size=1000, page_token=token))
-        studies.extend(page.studies)
-        token = page.next_page_token
-        if not token:
-            break
+    studies = [s.proto for s in ctx.client.studies.list(states=args.state or [], tenant=args.tenant)]
     ctx.emit([message_to_dict(s) for s in studies], table=(STUDY_HEADERS, [_study_row(s) for s in studies]))
 
 
 def describe(ctx: Context) -> None:
     pb = _pb()
-    study = _call(ctx, "GetStudy", pb.GetStudyRequest(tenant=ctx.args.tenant or "", name=ctx.args.name)).study
+    study = ctx.client.studies.get(ctx.args.name, tenant=ctx.args.tenant).proto
     trials = _all_trials(ctx, study.name)
     if ctx.json:
         ctx.emit({"study": message_to_dict(study), "trials": [message_to_dict(t) for t in trials]})
@@ -307,21 +293,17 @@ def describe(ctx: Context) -> None:
 
 
 def trials(ctx: Context) -> None:
-    pb = _pb()
     args = ctx.args
-    states = [pb.TrialState.Value(f"TRIAL_STATE_{s.upper()}") for s in args.state or []]
-    study = _call(ctx, "GetStudy", pb.GetStudyRequest(tenant=args.tenant or "", name=args.name)).study
-    found = _all_trials(ctx, args.name, states)
+    study = ctx.client.studies.get(args.name, tenant=args.tenant).proto
+    found = _all_trials(ctx, args.name, args.state or [])
     ctx.emit([message_to_dict(t) for t in found], table=_trial_rows(found, study.spec.metric))
 
 
 def cancel(ctx: Context) -> None:
-    pb = _pb()
-    study = _call(ctx, "CancelStudy", pb.CancelStudyRequest(tenant=ctx.args.tenant or "", name=ctx.args.name)).study
+    study = ctx.client.studies.cancel(ctx.args.name, tenant=ctx.args.tenant).proto
     ctx.emit(message_to_dict(study), table=(STUDY_HEADERS, [_study_row(study)]))
 
 
 def delete(ctx: Context) -> None:
-    pb = _pb()
-    _call(ctx, "DeleteStudy", pb.DeleteStudyRequest(tenant=ctx.args.tenant or "", name=ctx.args.name))
+    ctx.client.studies.delete(ctx.args.name, tenant=ctx.args.tenant)
     ctx.emit({"name": ctx.args.name, "deleted": True}, text=f"deleted study {ctx.args.name}")

@@ -235,19 +235,10 @@ def _print_version(ctx: Context, v, created: bool | None = None) -> None:
 
 # --- commands -------------------------------------------------------------------------------
 
-def _stub(ctx: Context):
-    return serving.models_stub(ctx.client)
-
-
 def _spec(ctx: Context, model: str):
     args = ctx.args
-    pb = _pb()
     if args.replicas is not None and (args.min_replicas is not None or args.max_replicas is not None):
         raise UsageError("give either --replicas or --min-replicas/--max-replicas")
-    min_replicas = args.replicas or args.min_replicas or 0
-    max_replicas = args.replicas or args.max_replicas or 0
-    if args.max_replicas and not args.min_replicas:
-        min_replicas = 1
     uri = args.uri
     if serving.is_local_source(uri) and not args.no_upload:
         import os  # noqa: PLC0415
@@ -264,51 +255,37 @@ def _spec(ctx: Context, model: str):
         import os  # noqa: PLC0415
 
         uri = os.path.abspath(uri)
-    batching_given = any((args.max_batch_size, args.batch_timeout_micros, args.max_enqueued_batches,
-                          args.num_batch_threads))
-    from cloudml.common.v1 import resources_pb2  # noqa: PLC0415
-
-    return pb.ModelVersion(
-        version=args.version, model_uri=uri, description=args.description,
-        resources=resources_pb2.Resources(cpu_millis=args.cpu or 0, memory_bytes=args.memory or 0,
-                                          gpus=args.gpus or 0),
-        min_replicas=min_replicas, max_replicas=max_replicas,
-        batching=pb.BatchingConfig(enabled=args.batching or batching_given, max_batch_size=args.max_batch_size,
-                                   batch_timeout_micros=args.batch_timeout_micros,
-                                   max_enqueued_batches=args.max_enqueued_batches,
-                                   num_batch_threads=args.num_batch_threads),
-    )
+    options = {name: getattr(args, name) for name in ("max_batch_size", "batch_timeout_micros",
+                                                       "max_enqueued_batches", "num_batch_threads")
+               if getattr(args, name)}
+    return ctx.client.models.version_spec(
+        uri, version=args.version, description=args.description, replicas=args.replicas,
+        min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+        cpu=f"{args.cpu}m" if args.cpu else None, memory=args.memory or None, gpus=args.gpus or None,
+        batching=options or bool(args.batching))
 
 
 def _create_version(ctx: Context, model: str) -> None:
-    pb = _pb()
     args = ctx.args
-    spec = _spec(ctx, model)
-    resp = ctx.client.call(_stub(ctx).CreateVersion,
-                           pb.CreateVersionRequest(tenant=args.tenant, model=model, model_version=spec))
-    version = resp.model_version
-    if not resp.created:
+    models = ctx.client.models
+    version = models.deploy(model, spec=_spec(ctx, model), tenant=args.tenant)
+    created = version.created
+    if not created:
         ctx.note(f"version {version.version} of model {model} already exists with this spec")
     if args.wait:
         ctx.note(f"waiting for version {version.version} of model {model} to be AVAILABLE ...")
-        version = serving.wait_for_version(
-            ctx.client, model, version.version, tenant=args.tenant, timeout=args.timeout,
+        version = models.wait(
+            model, version.version, tenant=args.tenant, timeout=args.timeout,
             progress=lambda ready, wanted, state: ctx.note(f"  {state.lower()}: {ready}/{wanted} replicas ready"))
-    _print_version(ctx, version, resp.created)
+    _print_version(ctx, version.proto, created)
 
 
 def create(ctx: Context) -> None:
-    pb = _pb()
     args = ctx.args
-    try:
-        ctx.client.call(_stub(ctx).CreateModel, pb.CreateModelRequest(
-            tenant=args.tenant, name=args.name, description=args.model_description, public=args.public))
-    except errors.AlreadyExists:
-        model = ctx.client.call(_stub(ctx).GetModel, pb.GetModelRequest(tenant=args.tenant, name=args.name)).model
-        if model.HasField("delete_time"):
-            raise errors.FailedPrecondition(f"model {args.name!r} is being deleted; wait, then create it again")
-        if args.public and not model.public:
-            ctx.note(f"model {args.name} exists and is not public; use `cloudml models update {args.name} --public`")
+    model = ctx.client.models.ensure(args.name, public=args.public, description=args.model_description,
+                                     tenant=args.tenant)
+    if not model.created and args.public and not model.public:
+        ctx.note(f"model {args.name} exists and is not public; use `cloudml models update {args.name} --public`")
     _create_version(ctx, args.name)
 
 
@@ -317,27 +294,11 @@ def versions_create(ctx: Context) -> None:
 
 
 def _all_models(ctx: Context, tenant: str) -> list:
-    pb = _pb()
-    models, token = [], ""
-    while True:
-        resp = ctx.client.call(_stub(ctx).ListModels,
-                               pb.ListModelsRequest(tenant=tenant, page_token=token, page_size=1000))
-        models.extend(resp.models)
-        token = resp.next_page_token
-        if not token:
-            return models
+    return [m.proto for m in ctx.client.models.list(tenant=tenant)]
 
 
 def _all_versions(ctx: Context, tenant: str, name: str) -> list:
-    pb = _pb()
-    versions, token = [], ""
-    while True:
-        resp = ctx.client.call(_stub(ctx).ListVersions,
-                               pb.ListVersionsRequest(tenant=tenant, model=name, page_token=token, page_size=1000))
-        versions.extend(resp.model_versions)
-        token = resp.next_page_token
-        if not token:
-            return versions
+    return [v.proto for v in ctx.client.models.versions(name, tenant=tenant)]
 
 
 def _model_status(model, versions) -> str:
@@ -362,9 +323,8 @@ def list_(ctx: Context) -> None:
 
 
 def describe(ctx: Context) -> None:
-    pb = _pb()
     args = ctx.args
-    model = ctx.client.call(_stub(ctx).GetModel, pb.GetModelRequest(tenant=args.tenant, name=args.name)).model
+    model = ctx.client.models.get(args.name, tenant=args.tenant).proto
     versions = _all_versions(ctx, args.tenant, args.name)
     if ctx.json:
         ctx.emit({"model": message_to_dict(model), "model_versions": [message_to_dict(v) for v in versions]})
@@ -378,11 +338,8 @@ def describe(ctx: Context) -> None:
 
 
 def delete(ctx: Context) -> None:
-    pb = _pb()
     args = ctx.args
-    model = ctx.client.call(_stub(ctx).DeleteModel, pb.DeleteModelRequest(tenant=args.tenant, name=args.name)).model
-    if args.wait:
-        serving.wait_for_model_gone(ctx.client, args.name, tenant=args.tenant, timeout=args.timeout)
+    model = ctx.client.models.delete(args.name, wait=args.wait, timeout=args.timeout, tenant=args.tenant).proto
     ctx.emit({"model": message_to_dict(model), "deleted": bool(args.wait)},
              text=f"{'deleted' if args.wait else 'deleting'} model {args.name}")
 
@@ -414,32 +371,25 @@ def update(ctx: Context) -> None:
                     raise UsageError(f"--traffic {args.traffic!r}: use VERSION=PERCENT,... e.g. 1=90,2=10")
     if not paths:
         raise UsageError("nothing to change: give --description, --public/--private, --default-version or --traffic")
-    from google.protobuf.field_mask_pb2 import FieldMask  # noqa: PLC0415
-
-    model = ctx.client.call(_stub(ctx).UpdateModel, pb.UpdateModelRequest(
-        tenant=args.tenant, name=args.name, model=changes, update_mask=FieldMask(paths=paths))).model
+    model = ctx.client.models.update(args.name, paths=paths, changes=changes, tenant=args.tenant).proto
     ctx.emit(message_to_dict(model), fields=_model_fields(model))
 
 
 def label(ctx: Context) -> None:
-    pb = _pb()
     args = ctx.args
     if args.delete:
         if args.version is not None:
             raise UsageError("--delete takes no VERSION")
-        model = ctx.client.call(_stub(ctx).DeleteLabel, pb.DeleteLabelRequest(
-            tenant=args.tenant, model=args.name, label=args.label)).model
+        model = ctx.client.models.unlabel(args.name, args.label, tenant=args.tenant).proto
     else:
         if args.version is None:
             raise UsageError("give the VERSION the label points at (or --delete)")
-        model = ctx.client.call(_stub(ctx).SetLabel, pb.SetLabelRequest(
-            tenant=args.tenant, model=args.name, label=args.label, version=args.version,
-            allow_unavailable=args.allow_unavailable)).model
+        model = ctx.client.models.label(args.name, args.label, args.version,
+                                        allow_unavailable=args.allow_unavailable, tenant=args.tenant).proto
     ctx.emit(message_to_dict(model), fields=_model_fields(model))
 
 
 def scale(ctx: Context) -> None:
-    pb = _pb()
     args = ctx.args
     if args.replicas is not None:
         if args.min_replicas is not None or args.max_replicas is not None:
@@ -448,12 +398,11 @@ def scale(ctx: Context) -> None:
     else:
         if args.min_replicas is None and args.max_replicas is None:
             raise UsageError("give --min and/or --max (or --replicas)")
-        current = ctx.client.call(_stub(ctx).GetVersion, pb.GetVersionRequest(
-            tenant=args.tenant, model=args.name, version=args.version)).model_version
+        current = ctx.client.models.get_version(args.name, args.version, tenant=args.tenant).proto
         low = args.min_replicas if args.min_replicas is not None else min(current.min_replicas, args.max_replicas)
         high = args.max_replicas if args.max_replicas is not None else max(current.max_replicas, low)
-    version = ctx.client.call(_stub(ctx).ScaleVersion, pb.ScaleVersionRequest(
-        tenant=args.tenant, model=args.name, version=args.version, min_replicas=low, max_replicas=high)).model_version
+    version = ctx.client.models.scale(args.name, args.version, min_replicas=low, max_replicas=high,
+                                      tenant=args.tenant).proto
     _print_version(ctx, version)
 
 
@@ -471,8 +420,8 @@ def predict(ctx: Context) -> None:
         raise UsageError(f"{args.data} is not JSON: {err}") from None
     if args.version and args.label:
         raise UsageError("give either VERSION or --label")
-    result = serving.predict(ctx.client, args.name, data, version=args.version, label=args.label,
-                             signature_name=args.signature, rest_endpoint=args.rest_endpoint)
+    result = ctx.client.models.predict(args.name, data=data, version=args.version, label=args.label,
+                                       signature_name=args.signature, rest_endpoint=args.rest_endpoint, raw=True)
     ctx.emit(result, text=json.dumps(result, indent=2))
 
 
@@ -482,19 +431,13 @@ def versions_list(ctx: Context) -> None:
 
 
 def versions_describe(ctx: Context) -> None:
-    pb = _pb()
     args = ctx.args
-    version = ctx.client.call(_stub(ctx).GetVersion, pb.GetVersionRequest(
-        tenant=args.tenant, model=args.name, version=args.version)).model_version
-    _print_version(ctx, version)
+    _print_version(ctx, ctx.client.models.get_version(args.name, args.version, tenant=args.tenant).proto)
 
 
 def versions_delete(ctx: Context) -> None:
-    pb = _pb()
     args = ctx.args
-    version = ctx.client.call(_stub(ctx).DeleteVersion, pb.DeleteVersionRequest(
-        tenant=args.tenant, model=args.name, version=args.version)).model_version
-    if args.wait:
-        serving.wait_for_version_gone(ctx.client, args.name, args.version, tenant=args.tenant, timeout=args.timeout)
+    version = ctx.client.models.delete_version(args.name, args.version, wait=args.wait, timeout=args.timeout,
+                                               tenant=args.tenant).proto
     ctx.emit({"model_version": message_to_dict(version), "deleted": bool(args.wait)},
              text=f"{'deleted' if args.wait else 'deleting'} version {args.version} of model {args.name}")
