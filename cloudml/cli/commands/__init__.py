@@ -16,4 +16,5 @@ GROUPS = (
     "models",
     "hp",
     "tensorboard",
+    "console",
 )
