@@ -70,6 +70,9 @@ def parse_replica(text: str) -> jobs_pb.ReplicaId:
 
 
 def replica_name(replica: jobs_pb.ReplicaId) -> str:
+    """"worker-0"; "job" for the job's own lines (installation, platform notes)."""
+    if not replica.type:
+        return "job"
     return f"{jobs_pb.ReplicaType.Name(replica.type).removeprefix('REPLICA_TYPE_').lower()}-{replica.index}"
 
 
