@@ -167,6 +167,9 @@ def test_job_page_plots_the_loss_per_epoch(platform, browser):
     assert len(points) == 20, len(points)  # 20 epochs, one line (master-0, attempt 0)
     assert len(css(browser, "#metric-plot svg polyline")) == 1
     assert css(browser, "#metric-name")[0].get_attribute("value") == "loss"
+    css(browser, "#metric-log")[0].click()  # log scale: the same 20 points (every loss > 0)
+    assert "log scale" in css(browser, "#metric-plot svg")[0].text
+    assert len(css(browser, "#metric-plot svg circle.pt")) == 20
     wait_until(lambda: "Epoch: 19, loss:" in css(browser, "#logs")[0].text, 30, "the logs of linear")
     from selenium.webdriver.support.ui import Select
 
@@ -219,6 +222,9 @@ def test_models_page_shows_replicas_and_answers_predict(platform, browser):
     answer = json.loads(css(browser, "pre.predict-output")[0].text)
     prediction = answer["predictions"][0]["prediction"]
     assert abs((prediction[0] if isinstance(prediction, list) else prediction) - 30.0) < 0.5, answer  # 2x + 10
+    browser.driver.refresh()  # the gateway counted that call for version 1
+    assert int(wait_css(browser, "td.requests")[0].text) >= 1
+    assert float(css(browser, "td.latency")[0].text) > 0
     browser.screenshot("models")
 
 

@@ -115,6 +115,11 @@ function seriesByRun(series, metric) {
   return Object.entries(runs).map(([label, points]) => ({label, points: points.sort((a, b) => a[0] - b[0])}));
 }
 
+function drawMetric(plot, series, metric, logY) {
+  Plot.draw(plot, {series: seriesByRun(series, metric), xLabel: "step", yLabel: metric || "", logY,
+    empty: "no metrics reported yet"});
+}
+
 async function jobPage(name) {
   const [{job, tensorboard}, metrics] = await Promise.all([
     api(`jobs/${encodeURIComponent(name)}`), api(`jobs/${encodeURIComponent(name)}/metrics`)]);
@@ -137,12 +142,12 @@ async function jobPage(name) {
   const names = [...new Set(metrics.series.map((s) => s.name))].sort();
   const metric = names.includes(state.metric) ? state.metric : (names.includes("loss") ? "loss" : names[0]);
   const plot = el("div", {id: "metric-plot"});
-  const picker = el("select", {id: "metric-name", onchange: () => {
-    state.metric = picker.value;
-    Plot.draw(plot, {series: seriesByRun(metrics.series, picker.value), xLabel: "step", yLabel: picker.value});
-  }}, names.map((n) => el("option", {value: n, selected: n === metric}, n)));
-  Plot.draw(plot, {series: seriesByRun(metrics.series, metric), xLabel: "step", yLabel: metric || "",
-    empty: "no metrics reported yet"});
+  const logY = el("input", {type: "checkbox", id: "metric-log", checked: !!state.logY});
+  const redraw = () => drawMetric(plot, metrics.series, picker.value, logY.checked);
+  const picker = el("select", {id: "metric-name", onchange: () => { state.metric = picker.value; redraw(); }},
+    names.map((n) => el("option", {value: n, selected: n === metric}, n)));
+  logY.onchange = () => { state.logY = logY.checked; redraw(); };
+  drawMetric(plot, metrics.series, metric, logY.checked);
   const events = (job.events || []).map((e) => el("tr", {}, el("td", {}, e.time ? new Date(e.time).toLocaleString() : ""),
     el("td", {}, short(e.state, "JOB_STATE_")), el("td", {}, e.reason), el("td", {}, e.message), el("td", {}, e.attempt)));
   const replicas = (job.replicas || []).map((r) => el("tr", {},
@@ -152,7 +157,7 @@ async function jobPage(name) {
     el("p", {}, job.reason ? `${job.reason}: ` : "", job.message || "", el("span", {class: "muted"},
       ` · created ${age(job.create_time)} ago · attempts ${job.attempts || 0} · ${resources(job)}`)),
     actions,
-    el("h2", {}, "Metrics ", picker), plot,
+    el("h2", {}, "Metrics ", picker, " ", el("label", {class: "muted"}, logY, "log scale")), plot,
     el("h2", {}, "Logs"), logsPanel(job),
     el("div", {class: "row"},
       el("div", {}, el("h2", {}, "Replicas"), table(["Replica", "State", "Exit", "Reason"], replicas)),
@@ -167,8 +172,7 @@ async function refreshJob(name) {
   const badge = document.getElementById("job-state");
   if (badge) { badge.textContent = short(job.state, "JOB_STATE_"); badge.className = `state-${job.state}`; }
   const picker = document.getElementById("metric-name"), plot = document.getElementById("metric-plot");
-  const metric = (picker && picker.value) || "loss";
-  if (plot) Plot.draw(plot, {series: seriesByRun(metrics.series, metric), xLabel: "step", yLabel: metric});
+  if (plot && picker) drawMetric(plot, metrics.series, picker.value, !!state.logY);
   if (!TERMINAL.has(job.state)) refreshIn(5000, () => refreshJob(name));
 }
 
@@ -252,6 +256,7 @@ async function modelsPage() {
       const ready = (v.replicas || []).filter((r) => r.state === "MODEL_VERSION_STATE_AVAILABLE").length;
       const key = `${body.tenant}/${model.name}/${v.version}`;
       let rate = "", latency = "", errs = "";
+      if (!model.figures_shared_name && !v.requests) v.requests = {requests: 0, errors: 0, seconds: 0};
       if (v.requests) {
         const prev = state.rates[key];
         if (prev && body.time > prev.time) rate = ((v.requests.requests - prev.requests) / (body.time - prev.time)).toFixed(2);
@@ -261,14 +266,15 @@ async function modelsPage() {
       } else if (model.figures_shared_name) rate = "(name shared with another tenant: not shown)";
       return el("tr", {}, el("td", {}, v.version), el("td", {}, short(v.state, "MODEL_VERSION_STATE_")),
         el("td", {class: "replicas"}, `${ready}/${v.desired_replicas || v.min_replicas || 0}`),
-        el("td", {}, v.requests ? v.requests.requests : ""), el("td", {}, rate), el("td", {}, latency), el("td", {}, errs),
+        el("td", {class: "requests"}, v.requests ? v.requests.requests : ""), el("td", {class: "rate"}, rate),
+        el("td", {class: "latency"}, latency), el("td", {}, errs),
         el("td", {}, (v.status && v.status.message) || ""));
     });
     const labels = Object.entries(model.labels || {}).map(([k, v]) => `${k} → ${v}`).join(", ") || "none";
     const split = (model.traffic_split || []).map((t) => `v${t.version}: ${t.percent}%`).join(", ") || "default version";
     return el("div", {class: "card", "data-model": model.name},
       el("h2", {}, model.name, model.public ? el("span", {class: "muted"}, " (public)") : null),
-      el("p", {}, `default version ${model.default_version || "-"} · labels: ${labels} · traffic: ${split}`),
+      el("p", {}, `default version ${Number(model.default_version) || "-"} · labels: ${labels} · traffic: ${split}`),
       table(["Version", "State", "Replicas ready/total", "Requests", "Req/s", "Mean latency ms", "Errors", "Status"], versions),
       predictForm(model));
   });

@@ -4,6 +4,7 @@
 //     series: [{label: "master-0 #0", points: [[x, y], ...], line: true, dots: true}],
 //     xLabel: "step", yLabel: "loss",
 //     marks: [{x, y, label}],            // highlighted points (the best trial)
+//     logY: false,                        // a log10 y axis (values <= 0 are left out)
 //   });
 //
 // Every point is a <circle class="pt">; a highlighted one is <circle class="pt best">.
@@ -39,9 +40,11 @@ const Plot = (() => {
 
   function draw(container, opts) {
     const width = opts.width || 560, height = opts.height || 260;
-    const m = {l: 56, r: 12, t: 12, b: 36};
-    const series = (opts.series || []).filter((s) => s.points && s.points.length);
-    const marks = opts.marks || [];
+    const m = {l: 56, r: 12, t: 22, b: 36};
+    const ty = opts.logY ? (p) => [p[0], p[1] > 0 ? Math.log10(p[1]) : NaN] : (p) => p;
+    const series = (opts.series || []).filter((s) => s.points && s.points.length)
+      .map((s) => Object.assign({}, s, {points: s.points.map(ty)}));
+    const marks = (opts.marks || []).map((k) => Object.assign({}, k, {y: ty([k.x, k.y])[1]}));
     container.textContent = "";
     const svg = node("svg", {class: "plot", width, height, viewBox: `0 0 ${width} ${height}`, role: "img"});
     container.appendChild(svg);
@@ -54,13 +57,15 @@ const Plot = (() => {
     let [x0, x1] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
     let [y0, y1] = [Math.min(...all.map((p) => p[1])), Math.max(...all.map((p) => p[1]))];
     if (x0 === x1) { x0 -= 1; x1 += 1; }
+    const xpad = (x1 - x0) * 0.03; x0 -= xpad; x1 += xpad;
     if (y0 === y1) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
     const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
     const X = (x) => m.l + (x - x0) / (x1 - x0) * (width - m.l - m.r);
     const Y = (y) => height - m.b - (y - y0) / (y1 - y0) * (height - m.t - m.b);
     for (const t of ticks(y0, y1, 5)) {
       node("line", {class: "grid", x1: m.l, x2: width - m.r, y1: Y(t), y2: Y(t)}, svg);
-      node("text", {x: m.l - 4, y: Y(t) + 4, "text-anchor": "end"}, svg).textContent = fmt(t);
+      node("text", {x: m.l - 4, y: Y(t) + 4, "text-anchor": "end"}, svg).textContent =
+        opts.logY ? fmt(Math.pow(10, t)) : fmt(t);
     }
     for (const t of ticks(x0, x1, 6)) {
       node("text", {x: X(t), y: height - m.b + 14, "text-anchor": "middle"}, svg).textContent = fmt(t);
@@ -68,10 +73,14 @@ const Plot = (() => {
     node("line", {class: "axis", x1: m.l, x2: width - m.r, y1: height - m.b, y2: height - m.b}, svg);
     node("line", {class: "axis", x1: m.l, x2: m.l, y1: m.t, y2: height - m.b}, svg);
     if (opts.xLabel) node("text", {x: width - m.r, y: height - 4, "text-anchor": "end"}, svg).textContent = opts.xLabel;
-    if (opts.yLabel) node("text", {x: 4, y: m.t + 2, "dominant-baseline": "hanging"}, svg).textContent = opts.yLabel;
+    if (opts.yLabel) {
+      node("text", {x: 4, y: 4, "dominant-baseline": "hanging"}, svg).textContent =
+        opts.yLabel + (opts.logY ? " (log scale)" : "");
+    }
     series.forEach((s, i) => {
       const color = s.color || COLORS[i % COLORS.length];
       const pts = s.points.filter((p) => Number.isFinite(p[0]) && Number.isFinite(p[1]));
+      if (!pts.length) return;
       const g = node("g", {class: "series", "data-label": s.label || ""}, svg);
       if (s.line !== false && pts.length > 1) {
         node("polyline", {fill: "none", stroke: color, "stroke-width": 1.5,
@@ -81,7 +90,8 @@ const Plot = (() => {
         for (const p of pts) {
           const c = node("circle", {class: "pt", cx: X(p[0]).toFixed(1), cy: Y(p[1]).toFixed(1), r: s.r || 2.5,
             fill: color}, g);
-          node("title", {}, c).textContent = `${s.label ? s.label + ": " : ""}${fmt(p[0])}, ${fmt(p[1])}`;
+          const y = opts.logY ? Math.pow(10, p[1]) : p[1];
+          node("title", {}, c).textContent = `${s.label ? s.label + ": " : ""}${fmt(p[0])}, ${fmt(y)}`;
         }
       }
     });
