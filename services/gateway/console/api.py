@@ -63,7 +63,9 @@ def ok(body) -> web.Response:
 
 def parse_replica(text: str) -> jobs_pb.ReplicaId:
     role, _, index = text.rpartition("-")
-    value = jobs_pb.ReplicaType.Value("REPLICA_TYPE_" + role.upper()) if role.isalpha() else 0
+    types = jobs_pb.ReplicaType.DESCRIPTOR.values_by_name
+    found = types.get("REPLICA_TYPE_" + role.upper()) if role.isalpha() else None
+    value = found.number if found is not None else 0
     if not value or not index.isdigit() or int(index) > 10_000:
         raise Refused(400, f"invalid replica {text!r}: <role>-<index>, e.g. worker-0")
     return jobs_pb.ReplicaId(type=value, index=int(index))
