@@ -38,16 +38,23 @@ LOGIN_PATH = "/login"
 _PAGE = re.compile(r"^/(?P<kind>tensorboard|dev)/(?P<tenant>[a-z0-9][-a-z0-9]{0,62})/"
                    r"(?P<name>[a-z0-9][-a-z0-9]{0,62})(?P<rest>/[\x21-\x7e]*)?$")
 _REFUSED = "invalid, used or expired login link: ask for a new one"
+#: the web console (services/gateway/console): one path for every tenant; the
+#: cookie's token says whose data it shows
+CONSOLE_PATH = "/ui/"
 
 
 def page_of(path: str) -> tuple[str, str, str, str]:
-    """(kind, tenant, name, cookie path) of a browser page path, or INVALID_ARGUMENT."""
+    """(kind, tenant, name, cookie path) of a browser page path, or INVALID_ARGUMENT.
+    The console ("/ui/") has no tenant or name: ("ui", "", "", "/ui/")."""
+    if path == CONSOLE_PATH:
+        return "ui", "", "", CONSOLE_PATH
     match = _PAGE.match(path or "")
     rest = (match["rest"] or "") if match else ""
     if (match is None or any(c in rest for c in "?#\\") or "//" in rest
             or any(segment in (".", "..") for segment in rest.split("/"))):
         raise errors.InvalidArgument(
-            f"path {path!r} is not a browser page: /tensorboard/<tenant>/<name>/ or /dev/<tenant>/<name>/")
+            f"path {path!r} is not a browser page: /tensorboard/<tenant>/<name>/, /dev/<tenant>/<name>/ "
+            f"or {CONSOLE_PATH}")
     return match["kind"], match["tenant"], match["name"], f"/{match['kind']}/{match['tenant']}/{match['name']}/"
 
 
@@ -67,7 +74,7 @@ class LoginLinks:
     async def create(self, caller: Principal, path: str) -> tuple[str, float]:
         """(login path with the code, expiry) for `caller` to open `path`."""
         _, tenant, _, _ = page_of(path)
-        if not caller.may_access(tenant):
+        if tenant and not caller.may_access(tenant):
             raise errors.NotFound(f"tenant {tenant!r} not found")
         code = secrets.token_urlsafe(20)
         expires = self.clock() + LOGIN_LINK_TTL

@@ -76,6 +76,22 @@ class ModelRequestMetrics:
                            "direct": sum(relay.count for relay in report.relays),
                            "coalesced": report.coalesced_calls}
 
+    def snapshot(self, models: set[str]) -> dict[tuple[str, str], dict]:
+        """Cumulative figures per (model label, version) of the labels in
+        `models`, both processes' together: requests, errors (code != OK),
+        seconds (the sum of latencies). For the console's per-version rates."""
+        out: dict[tuple[str, str], dict] = {}
+        with self._lock:
+            for source in (self._local, self._native):
+                for (model, version, _api, code), series in source.items():
+                    if model not in models:
+                        continue
+                    figures = out.setdefault((model, version), {"requests": 0, "errors": 0, "seconds": 0.0})
+                    figures["requests"] += series.count
+                    figures["errors"] += series.count if code != "OK" else 0
+                    figures["seconds"] += series.total
+        return out
+
     def describe(self):
         return []  # registered without a trial collect()
 

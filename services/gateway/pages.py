@@ -9,6 +9,8 @@ Login: the gateway redeems the one-time code with the auth service
 got (HttpOnly, SameSite=Strict, Path=/<kind>/<tenant>/<name>/, Max-Age = the
 token's lifetime, Secure when the request came over TLS) and answers 303 to
 the page, so no token or code stays in the address bar or reaches the page.
+A link to the web console (path "/ui/") sets the same cookie with Path=/ui/
+(services.gateway.console checks it there).
 
 Every page request, HTTP or WebSocket, is checked before anything is sent
 to the replica: the cookie's token is verified as a Bearer token is

@@ -25,7 +25,8 @@ body that cannot be decoded is 400.
 Beyond TF Serving: `GET /v1/models` lists the caller's models, `/healthz`
 (alive) and `/readyz` (routing data and the auth keys loaded), and Prometheus
 metrics at `/metrics` and TF Serving's `/monitoring/prometheus/metrics`.
-Browser pages (`/login`, `/tensorboard/...`): `services.gateway.pages`.
+Browser pages (`/login`, `/tensorboard/...`): `services.gateway.pages`; the
+web console (`/`, `/ui/`): `services.gateway.console`.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ class _Decoder:
 
 class RestServer:
     def __init__(self, listen: str, registry: CollectorRegistry, ready: Callable[[], bool],
-                 router: PredictRouter | None = None, pages: BrowserPages | None = None):
+                 router: PredictRouter | None = None, pages: BrowserPages | None = None, console=None):
         self.listen = listen
         self.registry = registry
         self.ready = ready
@@ -134,6 +135,10 @@ class RestServer:
         self.pages = pages
         if pages is not None:
             pages.add_routes(self.app)
+        self.console = console
+        if console is not None:  # services.gateway.console.Console
+            console.rest = self
+            console.add_routes(self.app)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -324,6 +329,21 @@ class RestServer:
     async def _get_metadata(self, name, version, label, metadata):
         response, _ = await self._fetch_metadata(name, version, label, metadata)
         return json_response(200, tfs_json.model_metadata_to_json(response))
+
+    async def read_predict_body(self, request: web.Request, name: str, version: int | None, metadata) -> bytes:
+        """A Predict body read as `POST /v1/models/...:predict` reads it (the console's "try Predict")."""
+        return await self._read_body(request, "predict", self._body_limit(name, version, None, metadata))
+
+    async def predict_json(self, name: str, version: int | None, body: bytes, metadata) -> web.Response:
+        """REST Predict for `metadata`'s caller, TF Serving's JSON in and out."""
+        try:
+            return await self._predict(name, version, None, body, metadata)
+        except _Respond as respond:
+            return respond.response
+        except tfs_json.JsonError as err:
+            return json_response(err.http_status, err.to_json())
+        except RequestTooLarge as err:
+            return json_error(413, err.message)
 
     async def _predict(self, name, version, label, body, metadata):
         doc, signature_name = tfs_json.load_request_json(body)

@@ -28,6 +28,7 @@ from services.gateway.predict import (
     TfServingHandler,
 )
 from services.gateway.proxy import Proxy
+from services.gateway.console import Console
 from services.gateway.pages import BrowserPages
 from services.gateway.rest import RestServer
 from services.gateway.routes import platform_routes, service_names
@@ -79,7 +80,8 @@ class GatewayApp(ServiceApp):
             self.proxy.vouch = self.dataplane.vouch
         rest_listen = settings.rest_listen
         self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router,
-                               BrowserPages(platform.verifier, platform.directory)) if rest_listen else None
+                               BrowserPages(platform.verifier, platform.directory),
+                               Console(platform.verifier, platform.directory)) if rest_listen else None
         self._table_started = False
         self._started = False
 

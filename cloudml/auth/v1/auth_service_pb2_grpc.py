@@ -282,15 +282,15 @@ class AuthServiceServicer:
 
     def CreateLoginLink(self, request, context):
         """Browser login, step 1: a one-time login link for a browser page on the
-        gateway's HTTP port (TensorBoard now; notebooks and the console later).
+        gateway's HTTP port (TensorBoard, the web console at "/ui/"; notebooks later).
         Browsers cannot send Bearer headers, so the caller (the CLI) opens
         `<rest endpoint><login_path>`; the gateway redeems the code
         (RedeemLoginLink), sets an HttpOnly, SameSite=Strict cookie scoped to the
         page's path that carries a platform token, and redirects to the page.
         The code is random (160 bits), stored only as its SHA-256, usable once,
         and expires LOGIN_LINK_TTL (60 s) after it is made.
-        INVALID_ARGUMENT: `path` is not a browser page (`/tensorboard/<tenant>/<name>/...`
-        or `/dev/<tenant>/<name>/...`, no `..`, no query).
+        INVALID_ARGUMENT: `path` is not a browser page (`/tensorboard/<tenant>/<name>/...`,
+        `/dev/<tenant>/<name>/...`, no `..`, no query; or exactly `/ui/`).
         NOT_FOUND: the path names another tenant and the caller is not an ADMIN
         (whether the page exists is checked when the page is opened).
         """

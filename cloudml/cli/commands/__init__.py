@@ -17,4 +17,5 @@ GROUPS = (
     "hp",
     "tensorboard",
     "dev",
+    "console",
 )
