@@ -22,6 +22,8 @@ import secrets
 import string
 from dataclasses import dataclass
 
+from services.common.tokens import new_secret_key
+
 ADMIN_DESCRIPTION = "admin (cloudml-platform)"
 SERVICES_DESCRIPTION = "platform services"
 _BASE32 = string.ascii_uppercase + "234567"
@@ -125,7 +127,7 @@ def read_json(path: str):
 def new_access_key(description: str, tenant: str = "admin") -> dict:
     return {
         "access_key": "AK" + "".join(secrets.choice(_BASE32) for _ in range(20)),
-        "secret_key": secrets.token_urlsafe(30),
+        "secret_key": new_secret_key(),
         "tenant": tenant,
         "description": description,
     }

@@ -28,7 +28,8 @@ from services.auth.store import AuthStore, KeyRecord
 from services.auth.kek import KeyEncryptionError, KeyEncryptionKey
 from services.common import errors, validation
 from services.common.etcd import KV, Etcd, Mirror
-from services.common.tokens import ADMIN_TENANT, AUDIENCE, ISSUER, ROLE_ADMIN, ROLE_MEMBER, Principal, TokenVerifier
+from services.common.tokens import ADMIN_TENANT, AUDIENCE, ISSUER, ROLE_ADMIN, ROLE_MEMBER, Principal, TokenVerifier, \
+    new_secret_key
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +73,6 @@ def _hash_secret(salt: str, secret: str) -> str:
 
 def new_access_key_id() -> str:
     return "AK" + base64.b32encode(secrets.token_bytes(15)).decode()[:20]
-
-
-def new_secret_key() -> str:
-    return secrets.token_urlsafe(30)
 
 
 def _amount(field: str, value: int) -> str:

@@ -9,6 +9,7 @@ rather than an Ed25519 verification.
 from __future__ import annotations
 
 import contextvars
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -148,3 +149,12 @@ def bearer_from_metadata(metadata) -> str | None:
                 return token.strip()
             return None
     return None
+
+
+def new_secret_key() -> str:
+    """A new access key's secret: 40 URL-safe characters that never begin with
+    '-', so `cloudml configure --secret-key SECRET` is never read as an option."""
+    while True:
+        secret = secrets.token_urlsafe(30)
+        if not secret.startswith("-"):
+            return secret

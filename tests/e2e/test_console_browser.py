@@ -232,7 +232,7 @@ def test_quota_page_shows_limits_and_usage_as_bars(platform, browser):
     go(platform, browser, "/quota")
     body = browser.wait_for_text("Quota of acme")
     assert "of 4" in body and "of 16 GiB" in body, body
-    assert len(css(browser, ".bar")) == 6
+    assert len(css(browser, ".bar")) == 8   # CPU, memory, GPUs, jobs, replicas, studies, dev environments, TensorBoards
     browser.screenshot("quota")
 
 

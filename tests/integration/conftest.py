@@ -12,7 +12,6 @@ half_plus_two SavedModel, are built once a session here.
 from __future__ import annotations
 
 import os
-import secrets
 import uuid
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ from cloudml.auth.v1 import auth_service_pb2 as pb
 from cloudml.auth.v1 import auth_service_pb2_grpc as pb_grpc
 from deploy.local.service_process import ServiceProcess
 from deploy.local.stack import EtcdTarget, auth_flags, start_service, write_bootstrap
+from services.common.tokens import new_secret_key
 
 ADMIN_ACCESS_KEY = "AKTESTADMIN000000000"
 
@@ -109,7 +109,7 @@ class AuthLauncher:
 
     def __init__(self, workdir: str):
         self.workdir = workdir
-        self.secret = secrets.token_urlsafe(24)
+        self.secret = new_secret_key()
         self.processes: list[ServiceProcess] = []
         self.services: list[AuthService] = []
 
@@ -143,7 +143,7 @@ def auth_launcher(tmp_path):
 
 @pytest.fixture(scope="session")
 def auth_service(etcd_server, tmp_path_factory):
-    secret = secrets.token_urlsafe(24)
+    secret = new_secret_key()
     process = start_auth(etcd_server.endpoint, str(tmp_path_factory.mktemp("auth")), admin_secret=secret)
     service = connect(process, secret)
     yield service

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
 from deploy.local.service_process import ServiceProcess
 from deploy.local.stack import Stack
 from deploy.local.supervisor import stop_replicas  # noqa: F401 - tuner_stack and tests take it from here
+from services.common.tokens import new_secret_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ADMIN_KEY = "AKJOBSTESTADMIN00000"
@@ -214,7 +214,7 @@ class JobsStack:
 
     def __init__(self, workdir: str, envs_dir: str | None = None, lease_ttl: int = 3, *,
                  etcd_endpoint: str | None = None):
-        self.secret = secrets.token_urlsafe(24)
+        self.secret = new_secret_key()
         self.harness = Stack(workdir, etcd_endpoint=etcd_endpoint, admin=(ADMIN_KEY, self.secret), service=None,
                              lease_ttl=lease_ttl,
                              service_flags={"jobs": ["--envs-dir", envs_dir] if envs_dir else []})

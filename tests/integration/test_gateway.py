@@ -215,8 +215,8 @@ def test_internal_services_are_neither_routed_nor_listed(platform):
     service, and reflection lists only the public APIs."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
     from services.gateway.routes import platform_routes
-    public = {"cloudml.auth.v1.AuthService", "cloudml.jobs.v1.JobsService", "cloudml.models.v1.ModelsService",
-              "cloudml.tuner.v1.TunerService"}
+    public = {"cloudml.auth.v1.AuthService", "cloudml.jobs.v1.JobsService", "cloudml.jobs.v1.DevEnvironmentService",
+              "cloudml.models.v1.ModelsService", "cloudml.tuner.v1.TunerService"}
     assert {m.split("/")[1] for m in platform_routes()} == public
     for method in ("/cloudml.internal.v1.ReplicaService/PredictBatch", "/cloudml.internal.v1.Dataplane/Attach"):
         call = platform["channel"].unary_unary(method)

@@ -25,7 +25,7 @@ from deploy.local import stack as harness
 from deploy.local.etcd import free_port
 from services.common.runtime.kube_objects import SELECTOR
 from tests.integration.conftest import ADMIN_ACCESS_KEY, connect
-from tests.integration.test_models_service import ROOT, build_models, predict, wait_for
+from tests.integration.models_stack import ROOT, predict, wait_for
 
 S = pb.ModelVersionState
 AVAILABLE = S.MODEL_VERSION_STATE_AVAILABLE
@@ -33,9 +33,8 @@ IMAGE = "registry.example/cloudml/model-server:3"
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, etcd_server):
+def setup(tmp_path_factory, etcd_server, half_plus_two):
     workdir = str(tmp_path_factory.mktemp("models-kube"))
-    builder = build_models(workdir)
     kube = KubeEnv(os.path.join(workdir, "kube")).start()
     namespace = f"models-{uuid.uuid4().hex[:6]}"
     kube.create_namespace(namespace)
@@ -53,22 +52,19 @@ def setup(tmp_path_factory, etcd_server):
         models = stack.start_service("models", "models", wait=90)
         gateway, _ = stack.start_gateway()
         auth = connect(stack.auth, secret)
-        _, err = builder.communicate(timeout=120)
-        assert builder.returncode == 0, err.decode()
         # The container's process: the model server the Pod would run, on loopback (the
         # Pod's IP here). Started now, since importing TensorFlow takes a while.
         with open(os.path.join(workdir, "container.log"), "wb") as log:
             container = subprocess.Popen([sys.executable, "-m", "services.models.model_server", "--model-name", "hp",
-                                          "--version", "1", "--base-path", os.path.join(workdir, "hp", "1"),
+                                          "--version", "1", "--base-path", half_plus_two,
                                           "--listen", f"127.0.0.1:{port}", "--native-front", "off"],
                                          cwd=ROOT, stdout=log, stderr=log)
         with grpc.insecure_channel(models.address) as channel:
             yield {"kube": kube, "namespace": namespace, "port": port, "stack": stack, "auth": auth,
                    "gateway": gateway.address, "stub": pb_grpc.ModelsServiceStub(channel),
-                   "saved_model": os.path.join(workdir, "hp", "1"), "workdir": workdir}
+                   "saved_model": half_plus_two, "workdir": workdir}
         auth.channel.close()
     finally:
-        builder.kill()
         if container is not None:
             container.terminate()
             container.wait(30)

@@ -370,7 +370,8 @@ async function studyPage(name) {
 async function quotaPage() {
   const body = await api("quota");
   const kinds = [["cpu_millis", "CPU", cpu], ["memory_bytes", "Memory", bytes], ["gpus", "GPUs", String],
-    ["train_jobs", "Train jobs", String], ["model_replicas", "Model replicas", String], ["studies", "Studies", String]];
+    ["train_jobs", "Train jobs", String], ["model_replicas", "Model replicas", String], ["studies", "Studies", String],
+    ["dev_environments", "Dev environments", String], ["tensorboards", "TensorBoards", String]];
   const rows = kinds.map(([key, label, f]) => {
     const used = Number((body.usage || {})[key] || 0), limit = Number((body.limits || {})[key] || 0);
     const fill = el("div", {class: limit && used >= limit ? "full" : ""});
