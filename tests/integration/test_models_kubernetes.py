@@ -135,7 +135,8 @@ def test_a_version_is_routable_exactly_while_its_pod_is_ready(setup):
     # The probe fails (the kubelet marks the Pod not Ready): no longer routed.
     kube.set_running(namespace, pod.metadata.name, pod_ip="127.0.0.1", ready=False)
     wait_for(lambda: answer() != pytest.approx(3.5), 20, "Predict refused while the Pod is not Ready")
-    assert version().state != AVAILABLE
+    # The endpoint is withdrawn first; the version's state follows on the reconciler's pass.
+    wait_for(lambda: version().state != AVAILABLE, 20, "the version no longer AVAILABLE")
     # Ready again: routed again.
     kube.set_running(namespace, pod.metadata.name, pod_ip="127.0.0.1", ready=True)
     assert wait_for(lambda: answer() == pytest.approx(3.5), 20, "Predict routed again")
