@@ -153,6 +153,8 @@ def test_a_job_needing_more_gpus_than_the_nodes_have_fails_at_submit(stack, plai
 
 def test_a_gpu_job_that_fits_the_nodes_but_not_now_queues_until_the_gpus_are_free(kube_env, cluster, stack,
                                                                                     plain_uri):
+    import grpc
+
     admin = stack.admin()
     kube_env.create_node("gpu-node", cpu="8", memory="32Gi", gpus=2)
     try:
@@ -163,8 +165,8 @@ def test_a_gpu_job_that_fits_the_nodes_but_not_now_queues_until_the_gpus_are_fre
                                            replicas=[replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB,
                                                                   gpus=2)]))
                 break
-            except Exception:  # noqa: BLE001 - RESOURCE_EXHAUSTED until the Node is in the cache
-                assert time.monotonic() < deadline
+            except grpc.RpcError as err:  # RESOURCE_EXHAUSTED until the Node is in the cache
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, err
                 time.sleep(0.2)
         admin.wait("gpu-a", states=(S.JOB_STATE_RUNNING,), timeout=60)
         [first] = _running_pods(kube_env, cluster, 1)
