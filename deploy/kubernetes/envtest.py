@@ -14,6 +14,7 @@ tests play the kubelet's part the way kwok does, with the helpers here:
     env.set_succeeded("ns", "pod-a")
     env.set_failed("ns", "pod-b", exit_code=137, reason="OOMKilled")
     env.evict("ns", "pod-c")
+    env.set_waiting("ns", "pod-d", "InvalidImageName", "...")   # a container that never starts
     env.finish_deletions("ns")   # what a kubelet does for Pods deleted with a grace period
     env.pod_logs[("ns", "pod-a")] = b"line\n"   # what pods/log answers (served at the Nodes' kubelet port)
     kubelet = Kubelet(env, "ns", "node-1").start()   # binds and runs every new Pod, confirms deletions
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import secrets
 import shutil
 import ssl
@@ -37,6 +39,15 @@ import urllib.request
 from datetime import datetime, timezone
 
 from deploy.local.etcd import EtcdProcess, free_port, open_log
+
+#: A container image reference as the kubelet parses it (distribution's grammar):
+#: the API server accepts any string without surrounding whitespace, the kubelet
+#: answers InvalidImageName for the rest.
+_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-*)[a-z0-9]+)*"
+IMAGE_REFERENCE = re.compile(rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?"
+                             r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?", re.ASCII)
 
 CACHE_BIN = os.environ.get("CLOUDML_KUBE_BIN",
                            os.path.join(os.environ.get("CLOUDML_KUBE_CACHE", "/var/cache/cloudml/kubernetes"), "bin"))
@@ -343,6 +354,15 @@ class KubeEnv:
                                   for c in self._containers(namespace, pod)],
         })
 
+    def set_waiting(self, namespace: str, pod: str, reason: str, message: str = "") -> None:
+        """Pending, its containers waiting (e.g. "InvalidImageName", "ImagePullBackOff")."""
+        self._patch_status(namespace, pod, {
+            "phase": "Pending",
+            "containerStatuses": [{"name": c, "ready": False, "restartCount": 0, "image": "", "imageID": "",
+                                   "state": {"waiting": {"reason": reason, "message": message}}}
+                                  for c in self._containers(namespace, pod)],
+        })
+
     def _terminate(self, namespace: str, pod: str, phase: str, exit_code: int, reason: str,
                    pod_reason: str = "", message: str = "") -> None:
         now = _now()
@@ -388,8 +408,9 @@ class KubeEnv:
 
 class Kubelet(threading.Thread):
     """A kubelet of one Node for one namespace, kwok-style: binds every new
-    Pod to `node` and marks it Running (and Ready); finishes graceful
-    deletions. `halt()` stops it."""
+    Pod to `node` and marks it Running (and Ready), or waiting with
+    InvalidImageName when an image is not a valid reference (as a kubelet
+    does before any pull); finishes graceful deletions. `halt()` stops it."""
 
     def __init__(self, env: KubeEnv, namespace: str, node: str, interval: float = 0.1):
         super().__init__(daemon=True, name=f"kubelet-{node}")
@@ -412,7 +433,14 @@ class Kubelet(threading.Thread):
                 for pod in self.env.core.list_namespaced_pod(self.namespace).items:
                     if pod.metadata.deletion_timestamp is None and not pod.spec.node_name:
                         self.env.bind(self.namespace, pod.metadata.name, self.node)
-                        self.env.set_running(self.namespace, pod.metadata.name)
+                        bad = next((c.image for c in pod.spec.containers
+                                    if not IMAGE_REFERENCE.fullmatch(c.image) or len(c.image) > 255), None)
+                        if bad is None:
+                            self.env.set_running(self.namespace, pod.metadata.name)
+                        else:  # the kubelet's message
+                            self.env.set_waiting(self.namespace, pod.metadata.name, "InvalidImageName",
+                                                 f'Failed to apply default image tag "{bad}": couldn\'t parse '
+                                                 f'image reference "{bad}": invalid reference format')
                 self.env.finish_deletions(self.namespace)
             except ApiException:  # a Pod deleted meanwhile: look again
                 continue

@@ -70,6 +70,9 @@ class Exit:
     # The runtime's reason: Completed, Error, OOMKilled, Killed, Lost, Evicted
     # (kubernetes: the node evicted its Pod).
     reason: str = ""
+    # The runtime's message: says why a replica that never ran (no exit code)
+    # ended, e.g. kubernetes' "InvalidImageName: ...".
+    message: str = ""
 
     @property
     def succeeded(self) -> bool:
@@ -142,6 +145,8 @@ def failure_message(failure: Exit, memory_limit: str = "") -> str:
         text += f" (memory limit {memory_limit})"
     if reason == "ReplicaLost":
         text += " (the runtime lost its process)"
+    elif failure.exit_code is None and failure.message:
+        text += f": {failure.message}"
     return text
 
 

@@ -435,7 +435,8 @@ class JobRunner:
     def _exit_of(self, replica: Replica, status: ReplicaStatus) -> policy.Exit:
         if status.phase == ReplicaPhase.UNKNOWN:
             return policy.Exit(replica, status.exit_code, "Lost")
-        return policy.Exit(replica, status.exit_code, status.reason or ("Completed" if status.exit_code == 0 else "Error"))
+        reason = status.reason or ("Completed" if status.exit_code == 0 else "Error")
+        return policy.Exit(replica, status.exit_code, reason, status.message)
 
     @staticmethod
     def _record_exit(item: pb.ReplicaStatus, status: ReplicaStatus, stopped: bool = False) -> None:

@@ -151,6 +151,183 @@ def test_a_job_needing_more_gpus_than_the_nodes_have_fails_at_submit(stack, plai
     assert "nvidia.com/gpu: requested 1" in info.value.details()
 
 
+def test_a_gpu_job_that_fits_the_nodes_but_not_now_queues_until_the_gpus_are_free(kube_env, cluster, stack,
+                                                                                    plain_uri):
+    import grpc
+
+    admin = stack.admin()
+    kube_env.create_node("gpu-node", cpu="8", memory="32Gi", gpus=2)
+    try:
+        deadline = time.monotonic() + 30  # the service sees the Node through its watch
+        while True:
+            try:
+                admin.submit("gpu-a", spec(plain_uri, "plain_trainer.task", "--steps 1",
+                                           replicas=[replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB,
+                                                                  gpus=2)]))
+                break
+            except grpc.RpcError as err:  # RESOURCE_EXHAUSTED until the Node is in the cache
+                assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, err
+                time.sleep(0.2)
+        admin.wait("gpu-a", states=(S.JOB_STATE_RUNNING,), timeout=60)
+        [first] = _running_pods(kube_env, cluster, 1)
+        [container] = first.spec.containers
+        # Whole GPUs as an extended resource (a limit, and a request equal to it, as
+        # Kubernetes requires); CPU and memory requested as much as their limits.
+        assert container.resources.limits == {"cpu": "500m", "memory": str(256 * MiB), "nvidia.com/gpu": "2"}
+        assert container.resources.requests == container.resources.limits
+        assert "CUDA_VISIBLE_DEVICES" not in {e.name for e in container.env}  # the device plugin sets it
+        # The second fits the cluster's Nodes, but not while the first holds the GPUs: it waits.
+        admin.submit("gpu-b", spec(plain_uri, "plain_trainer.task", "--steps 1",
+                                   replicas=[replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB, gpus=2)]))
+        deadline = time.monotonic() + 30
+        while "Unschedulable" not in [e.reason for e in admin.get("gpu-b").events]:
+            assert time.monotonic() < deadline, admin.get("gpu-b").events
+            time.sleep(0.1)
+        queued = admin.get("gpu-b")
+        assert queued.state == S.JOB_STATE_QUEUED
+        assert "gpus: needs 2, free 0 of 2" in queued.events[-1].message, queued.events
+        assert [p.metadata.name for p in _pods(kube_env, cluster)] == [first.metadata.name]
+        kube_env.set_succeeded(cluster, first.metadata.name)
+        assert admin.wait("gpu-a", timeout=60).state == S.JOB_STATE_SUCCEEDED
+        job = admin.wait("gpu-b", states=(S.JOB_STATE_RUNNING, S.JOB_STATE_FAILED), timeout=60)
+        assert job.state == S.JOB_STATE_RUNNING, [(e.reason, e.message) for e in job.events]
+        [second] = _running_pods(kube_env, cluster, 1)
+        kube_env.set_succeeded(cluster, second.metadata.name)
+        assert admin.wait("gpu-b", timeout=60).state == S.JOB_STATE_SUCCEEDED
+        assert _gone(kube_env, cluster), "the jobs' Pods or Service are left behind"
+    finally:
+        kube_env.delete_node("gpu-node")
+
+
+def test_cancel_of_a_running_job_removes_its_pods_and_service(kube_env, cluster, stack, plain_uri):
+    admin = stack.admin()
+    replicas = [replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB),
+                replica_spec(pb.REPLICA_TYPE_WORKER, cpu=500, memory=256 * MiB)]
+    admin.submit("cancelled", spec(plain_uri, "plain_trainer.task", "--steps 1", replicas=replicas))
+    admin.wait("cancelled", states=(S.JOB_STATE_RUNNING,), timeout=60)
+    _running_pods(kube_env, cluster, 2)
+    assert kube_env.core.list_namespaced_service(cluster).items
+    admin.cancel("cancelled")
+    job = admin.wait("cancelled", timeout=60)
+    assert job.state == S.JOB_STATE_CANCELLED, [(e.reason, e.message) for e in job.events]
+    assert _gone(kube_env, cluster), "the job's Pods or Service are left behind"
+
+
+def _events(job) -> list[tuple[str, str]]:
+    return [(e.reason, e.message) for e in job.events]
+
+
+def test_an_image_the_api_server_refuses_fails_the_job_with_nothing_left(kube_env, cluster, stack, plain_uri):
+    # The API server refuses only an image with whitespace around it; any other
+    # string is the kubelet's to refuse (the test below).
+    admin = stack.admin()
+    admin.submit("spaced", spec(plain_uri, "plain_trainer.task", "--steps 1", docker_image=" registry.example/t:1",
+                                replicas=[replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB)]))
+    job = admin.wait("spaced", timeout=60)
+    assert job.state == S.JOB_STATE_FAILED and job.events[-1].reason == "StartFailed", _events(job)
+    message = job.events[-1].message
+    assert "\n" not in message and "must not have leading or trailing whitespace (HTTP 422)" in message, message
+    assert _gone(kube_env, cluster), "the job's Service is left behind"
+
+
+def test_an_image_name_the_kubelet_cannot_parse_fails_the_job(kube_env, cluster, stack, plain_uri):
+    admin = stack.admin()
+    admin.submit("badimage", spec(plain_uri, "plain_trainer.task", "--steps 1", docker_image="UPPER CASE:bad",
+                                  replicas=[replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB)]))
+    job = admin.wait("badimage", timeout=60)
+    assert job.state == S.JOB_STATE_FAILED, _events(job)
+    message = job.events[-1].message
+    assert "InvalidImageName" in message and '"UPPER CASE:bad"' in message and "\n" not in message, _events(job)
+    assert _gone(kube_env, cluster), "the job's Pods or Service are left behind"
+
+
+def test_a_namespace_the_service_account_may_not_write_fails_the_job_with_the_refusal(kube_env, cluster, stack,
+                                                                                     plain_uri, tmp_path):
+    """The jobs service on a ServiceAccount's token (RBAC enforced), in a
+    namespace where it first has no Role at all, then one that only reads."""
+    from kubernetes import client
+
+    from deploy.local.service_process import health_status
+
+    namespace = f"readonly-{uuid.uuid4().hex[:8]}"
+    kube_env.create_namespace(namespace)
+    rbac = client.RbacAuthorizationV1Api(kube_env.core.api_client)
+    subject = [{"kind": "ServiceAccount", "name": "cloudml-runtime", "namespace": cluster}]
+    rbac.create_cluster_role({"metadata": {"name": f"cloudml-nodes-{namespace}"}, "rules": [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]})
+    rbac.create_cluster_role_binding({"metadata": {"name": f"cloudml-nodes-{namespace}"}, "subjects": subject,
+                                      "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                                  "name": f"cloudml-nodes-{namespace}"}})
+    kubeconfig = kube_env.write_kubeconfig(str(tmp_path / "sa.kubeconfig"),
+                                           kube_env.service_account_token(cluster, "cloudml-runtime"))
+    stack.jobs[-1].kill()
+    try:
+        jobs = stack.start_jobs(wait=False, extra=["--runtime", "kubernetes", "--kubeconfig", kubeconfig,
+                                                    "--namespace", namespace])
+        deadline = time.monotonic() + 30
+        while not jobs.poll_address():
+            assert jobs.alive() and time.monotonic() < deadline
+            time.sleep(0.1)
+        admin = stack.admin(jobs)
+        admin.submit("refused", spec(plain_uri, "plain_trainer.task", "--steps 1",
+                                     replicas=[replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB)]))
+        # No Role: it cannot even list the namespace's Pods. It stays up, not
+        # serving, the job queued; its log says why, in one line.
+        permission = f'cannot list resource "pods" in API group "" in the namespace "{namespace}"'
+        deadline = time.monotonic() + 15
+        while True:
+            with open(jobs.log_path) as f:
+                said = [line for line in f if "(retrying)" in line]
+            if said:
+                break
+            assert jobs.alive() and time.monotonic() < deadline
+            time.sleep(0.2)
+        assert permission in said[0] and "(HTTP 403)" in said[0], said
+        assert health_status(jobs.address) == 2  # NOT_SERVING
+        assert admin.get("refused").state == S.JOB_STATE_QUEUED
+        # A Role that reads but does not write: the job fails at its start, with
+        # the API server's refusal, and nothing of it is left in the namespace.
+        rbac.create_namespaced_role(namespace, {"metadata": {"name": "reader"}, "rules": [
+            {"apiGroups": [""], "resources": ["pods", "services"], "verbs": ["get", "list", "watch"]}]})
+        rbac.create_namespaced_role_binding(namespace, {"metadata": {"name": "reader"}, "subjects": subject,
+                                                        "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
+                                                                    "kind": "Role", "name": "reader"}})
+        job = admin.wait("refused", timeout=30)
+        assert job.state == S.JOB_STATE_FAILED and job.events[-1].reason == "StartFailed", _events(job)
+        message = job.events[-1].message
+        assert f'cannot create resource "services" in API group "" in the namespace "{namespace}"' in message, message
+        assert "(HTTP 403)" in message and "\n" not in message, message
+        assert jobs.alive(), "the service crashed"
+        assert _gone(kube_env, namespace)
+    finally:
+        stack.jobs[-1].kill()
+        _start_jobs(stack, kube_env, cluster)
+
+
+def test_a_pods_log_is_streamed_into_the_jobs_logs_and_outlives_the_pod(kube_env, cluster, stack, plain_uri):
+    # pods/log is proxied by the API server to the Node's kubelet endpoint, which
+    # envtest serves with the test's text, whole (a real kubelet follows a running
+    # container: not shown here, nor what a container writes after the request).
+    admin = stack.admin()
+    admin.submit("logged", spec(plain_uri, "plain_trainer.task", "--steps 1",
+                                replicas=[replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB)]))
+    admin.wait("logged", states=(S.JOB_STATE_RUNNING,), timeout=60)
+    [pod] = _running_pods(kube_env, cluster, 1)
+    kube_env.pod_logs[(cluster, pod.metadata.name)] = b"epoch 1 loss 0.5\nepoch 2 loss 0.25\n"
+
+    def master_lines() -> list[str]:
+        return [line.text for line in admin.logs("logged") if line.replica.type == pb.REPLICA_TYPE_MASTER]
+
+    deadline = time.monotonic() + 30  # (the service's follower retries every 2 s until the log is there)
+    while master_lines() != ["epoch 1 loss 0.5", "epoch 2 loss 0.25"]:
+        assert time.monotonic() < deadline, master_lines()
+        time.sleep(0.2)
+    kube_env.set_succeeded(cluster, pod.metadata.name)
+    assert admin.wait("logged", timeout=60).state == S.JOB_STATE_SUCCEEDED
+    assert _gone(kube_env, cluster)
+    assert master_lines() == ["epoch 1 loss 0.5", "epoch 2 loss 0.25"]
+
+
 def test_a_killed_jobs_service_adopts_its_pods_without_duplicates(kube_env, cluster, stack, plain_uri):
     admin = stack.admin()
     replicas = [replica_spec(pb.REPLICA_TYPE_MASTER, cpu=500, memory=256 * MiB),

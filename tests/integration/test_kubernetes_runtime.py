@@ -379,7 +379,8 @@ async def test_the_runtime_needs_only_its_roles_and_says_when_refused(kube_env, 
         assert {s.phase for s in ended} == {ReplicaPhase.SUCCEEDED}
         await _forget_all(runtime, requests)
         assert _empty(kube_env, ns)
-        await _unavailable(refused, "cannot list pods.*403")
+        # The API server's reason: the verb, the resource and the namespace.
+        await _unavailable(refused, rf'cannot list pods.*cannot list resource "pods".* "{ns}-other" \(HTTP 403\)')
     finally:
         runtime.close()
         refused.close()

@@ -103,6 +103,15 @@ def test_oom_killed_counts_as_failure_even_with_code_137():
     assert policy.failure_message(oom, "100M") == "OOMKilled master-0 exit 137 (memory limit 100M)"
 
 
+def test_a_replica_that_never_ran_fails_with_the_runtimes_message():
+    never = Exit(Replica(MASTER, 0), None, "Error", 'InvalidImageName: couldn\'t parse image reference "A B"')
+    assert policy.failure_message(never) == \
+        'ReplicaFailed master-0: InvalidImageName: couldn\'t parse image reference "A B"'
+    # An exit code says enough (the runtime's message would repeat it).
+    assert policy.failure_message(Exit(Replica(MASTER, 0), 3, "Error", "exited with code 3")) == \
+        "ReplicaFailed master-0 exit 3"
+
+
 def test_lost_replica_is_a_failure():
     lost = Exit(Replica(MASTER, 0), None, "Lost")
     assert verdict(expand({MASTER: 1}), [lost]).outcome == "failed"

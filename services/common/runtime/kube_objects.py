@@ -223,13 +223,19 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
     }
 
 
-def api_error(what: str, err) -> ValueError:
-    """A clear error from an ApiException: the API server's own message."""
+def api_message(err) -> str:
+    """The API server's own message of an ApiException (for a 403 it names
+    the verb, the resource and the namespace), and its HTTP status."""
     try:
         message = json.loads(err.body or "{}").get("message") or err.reason
     except (ValueError, AttributeError):
         message = err.reason
-    return ValueError(f"{what}: {message} (HTTP {err.status})")
+    return f"{message} (HTTP {err.status})"
+
+
+def api_error(what: str, err) -> ValueError:
+    """A clear error from an ApiException: the API server's own message."""
+    return ValueError(f"{what}: {api_message(err)}")
 
 
 def _fmt(resource: str, value: int) -> str:

@@ -91,6 +91,7 @@ from services.common.runtime.kube_objects import (
     WATCH_SECONDS,
     amount_of,
     api_error,
+    api_message,
     describe,
     names,
     object_name,
@@ -240,7 +241,7 @@ class KubernetesRuntime(PodLogs, Runtime):
                 if err.status == 410:
                     delay = 0.0
                 else:
-                    self._failed(kind, f"HTTP {err.status} {err.reason}")
+                    self._failed(kind, api_message(err))
             except Exception as err:  # noqa: BLE001 - unreachable, timeouts: retried
                 self._failed(kind, f"{type(err).__name__}: {err}")
             if delay:
