@@ -510,3 +510,13 @@ async def test_replica_without_a_tenant_is_refused_when_isolation_is_on(rt, tmp_
     req.tenant = ""
     with pytest.raises(ValueError, match="names no tenant"):
         await rt.start(req)
+
+
+def test_a_resource_not_asked_for_fits_even_when_free_capacity_is_negative():
+    # A GPU Node that leaves while its Pods run leaves free GPUs below zero:
+    # CPU-only replicas still fit, GPU ones do not.
+    free = Amount(1000, GiB, -1)
+    assert Amount(500, MiB, 0).fits_in(free)
+    assert not Amount(500, MiB, 1).fits_in(free)
+    assert not Amount(1500, MiB, 0).fits_in(free)
+    assert Amount(0, 0, 0).fits_in(Amount(-1, -1, -1))

@@ -54,8 +54,11 @@ class Amount:
                       self.gpus - other.gpus)
 
     def fits_in(self, other: "Amount") -> bool:
-        return (self.cpu_millis <= other.cpu_millis and self.memory_bytes <= other.memory_bytes
-                and self.gpus <= other.gpus)
+        # A resource not asked for always fits: free capacity can go below zero
+        # (a GPU Node leaves while its Pods run), and a CPU-only replica must not
+        # wait for GPUs it never uses.
+        return all(need <= 0 or need <= free for need, free in (
+            (self.cpu_millis, other.cpu_millis), (self.memory_bytes, other.memory_bytes), (self.gpus, other.gpus)))
 
 
 @dataclass
