@@ -47,7 +47,6 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from cloudml.common.v1 import resources_pb2
@@ -58,94 +57,17 @@ from services.common.runtime.base import (
     Amount, CapacityBusy, ReplicaPhase, ReplicaRequest, Runtime, Unschedulable)
 from services.common.sockets import socket_root, tenant_socket_dir
 from services.common.tokens import Principal
+from services.jobs.devenv_records import RUNTIME_PREFIX, DevEnvSettings, Env, S, quota_error, socket_name
 from services.jobs.logs import timestamp
 from services.jobs.tensorboards import PROJECT_ROOT, TensorBoards, stop_replica
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/cloudml/jobs/devenvs/"
-RUNTIME_PREFIX = "devenv."
 ACCESS_WRITE_SECONDS = 30.0
 RESERVE_SECONDS = 60.0
 LOG_FILE = "server.log"
 ORPHAN_SWEEP_PASSES = 30
-
-S = pb.DevEnvironmentState
-
-
-@dataclass
-class DevEnvSettings:
-    data_dir: str
-    python: str = ""
-    #: the gateway's gRPC address written into the kernels' config (`cloudml.Client()`)
-    endpoint: str = ""
-    rest_endpoint: str = ""
-    cpu_millis: int = 1000
-    memory_bytes: int = 2 << 30
-    idle_seconds: float = 4 * 3600.0
-    pass_seconds: float = 1.0
-    start_timeout: float = 90.0
-    stop_grace: float = 3.0
-
-
-@dataclass
-class Env:
-    """A dev environment's record (JSON in etcd)."""
-
-    tenant: str
-    name: str
-    uid: str
-    state: int = S.DEV_ENVIRONMENT_STATE_STARTING
-    cpu_millis: int = 0
-    memory_bytes: int = 0
-    gpus: int = 0
-    image: str = ""
-    access_key_id: str = ""
-    created: float = 0.0
-    last_activity: float = 0.0
-    started: float = 0.0
-    address: str = ""
-    message: str = ""
-    #: False until create() holds its quota and key (the leader leaves it alone meanwhile)
-    reserved: bool = True
-
-    @property
-    def replica_id(self) -> str:
-        return f"{RUNTIME_PREFIX}{self.tenant}.{self.name}.{self.uid}"
-
-    @property
-    def owner_id(self) -> str:
-        return f"jobs/devenv/{self.name}/{self.uid}"
-
-    @property
-    def run_owner_id(self) -> str:
-        return f"{self.owner_id}/run"
-
-    @property
-    def path(self) -> str:
-        return f"/dev/{self.tenant}/{self.name}/"
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> "Env":
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-
-def socket_name(env: Env) -> str:
-    """At most 37 characters (see tensorboards.socket_name)."""
-    return f"nb-{env.name[:20]}-{env.uid}.sock"
-
-
-def _quota_error(tenant: str, what: str, err: errors.CloudMLError) -> errors.CloudMLError:
-    if isinstance(err, errors.QuotaBusy):
-        return errors.FailedPrecondition(f"tenant {tenant!r} has no room now for {what}: {err.message} "
-                                         "(stop a dev environment or a job first)")
-    if isinstance(err, errors.ResourceExhausted):
-        return errors.ResourceExhausted(f"tenant {tenant!r} is over its quota for {what}: {err.message}")
-    return err
 
 
 class DevEnvironments:
@@ -250,7 +172,7 @@ class DevEnvironments:
             await self.quota.reserve(env.tenant, env.run_owner_id, resources_pb2.Resources(
                 cpu_millis=env.cpu_millis, memory_bytes=env.memory_bytes, gpus=env.gpus))
         except errors.CloudMLError as err:
-            raise _quota_error(env.tenant, f"a running dev environment ({env.cpu_millis}m CPU, "
+            raise quota_error(env.tenant, f"a running dev environment ({env.cpu_millis}m CPU, "
                                f"{env.memory_bytes >> 20} MiB, {env.gpus} GPUs)", err) from None
 
     async def get(self, caller: Principal, tenant: str, name: str) -> pb.DevEnvironment:
