@@ -25,6 +25,8 @@ class DevEnvSettings:
     pass_seconds: float = 1.0
     start_timeout: float = 90.0
     stop_grace: float = 3.0
+    #: kubernetes runtime: the notebook server's port in its Pod
+    port: int = 8888
 
 
 @dataclass
