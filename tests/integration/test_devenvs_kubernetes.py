@@ -31,6 +31,7 @@ from deploy.local import stack as harness
 from deploy.local.etcd import free_port
 from services.common.runtime.kube_objects import SELECTOR
 from services.gateway.pages import COOKIE
+from services.jobs.devenvs import DevEnvironments, DevEnvSettings, Env
 from tests.integration.conftest import ADMIN_ACCESS_KEY, connect
 from tests.integration.jupyter_kernel import ROOT, execute, wait_answers
 from tests.integration.models_stack import wait_for
@@ -205,6 +206,10 @@ def test_a_dev_environment_is_a_pod_reached_through_the_gateway_while_ready(setu
     text, reply = seen["kernel"]
     assert reply["status"] == "ok", reply
     assert text.split() == [created.access_key_id, "False", storage]
+    # The idle check (the jobs service's own request, with the token) over TCP too.
+    devenvs = DevEnvironments(None, None, object(), DevEnvSettings(data_dir=setup["stack"].data_dir))
+    probe = Env(tenant=team.tenant, name="nb", uid=created.uid, address=f"http://127.0.0.1:{port}")
+    assert asyncio.run(devenvs._kernel_activity(probe)) is not None
     with pytest.raises(grpc.RpcError) as info:
         stub.GetDevEnvironment(pb.GetDevEnvironmentRequest(tenant=team.tenant, name="nb"), metadata=rival.md,
                                timeout=10)
