@@ -19,7 +19,9 @@ tenant must be the page's (or the caller an admin). No cookie or a bad one:
 401; another tenant's page: 404 (as for the APIs, its existence is not
 revealed). The address comes from the service that owns the page
 (`cloudml.internal.v1.PageBackends.ResolvePage`, called with the same token,
-so that service checks again), cached for the seconds it says.
+so that service checks again), cached for the seconds it says: a Unix
+socket `unix:PATH` (the local runtime) or `http://HOST:PORT` (a Pod's IP on
+the kubernetes runtime; nothing else over TCP: no path, no user).
 
 What the replica (tenant code) receives: the method, path and query, the
 body streamed, and the request's headers except the cookie,
@@ -160,21 +162,24 @@ class BrowserPages:
         self._addresses[key] = (answer, now + max(0, found.cache_seconds))
         return answer
 
-    def _session(self, address: str) -> aiohttp.ClientSession:
+    def _session(self, address: str) -> tuple[aiohttp.ClientSession, str]:
+        """(connection pool, URL base) of a page server: `unix:PATH` or `http://HOST:PORT`."""
+        tcp = _tcp_base(address)
         session = self._sessions.get(address)
         if session is None or session.closed:
-            if not address.startswith("unix:"):
+            if not address.startswith("unix:") and not tcp:
                 raise _Answer(_page(502, "The page's server has no usable address."))
             self._sessions.pop(address, None)
             if len(self._sessions) >= MAX_SESSIONS:  # replicas come and go: keep the newest
                 oldest = self._sessions.pop(next(iter(self._sessions)))
                 asyncio.get_running_loop().create_task(oldest.close())
+            connector = (aiohttp.TCPConnector(limit=64, use_dns_cache=False) if tcp
+                         else aiohttp.UnixConnector(path=address[len("unix:"):], limit=64))
             session = aiohttp.ClientSession(
-                connector=aiohttp.UnixConnector(path=address[len("unix:"):], limit=64),
-                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=300))
             self._sessions[address] = session
-        return session
+        return session, tcp or "http://page"
 
     async def _drop_session(self, address: str) -> None:
         session = self._sessions.pop(address, None)
@@ -187,13 +192,13 @@ class BrowserPages:
             kind = request.path.split("/", 2)[1]
             found = await self.resolve(kind, request.match_info["tenant"], request.match_info["name"], token)
             address, authorization = (found, "") if isinstance(found, str) else found
-            session = self._session(address)
+            session, base = self._session(address)
         except _Answer as answer:
             return answer.response
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP}
         if authorization:
             headers["Authorization"] = authorization
-        url = URL("http://page" + request.raw_path, encoded=True)
+        url = URL(base + request.raw_path, encoded=True)
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request, session, url, headers)
         try:
@@ -253,6 +258,19 @@ class BrowserPages:
             await upstream.close()
             await downstream.close()
         return downstream
+
+
+def _tcp_base(address: str) -> str:
+    """"http://HOST:PORT" of a page server on TCP (a Pod's IP), "" for anything else."""
+    if not address.startswith("http://"):
+        return ""
+    try:
+        url = URL(address)
+    except ValueError:
+        return ""
+    if not url.host or url.explicit_port is None or url.path not in ("", "/") or url.query_string or url.user:
+        return ""
+    return f"http://{url.raw_authority}"
 
 
 class _Answer(Exception):

@@ -83,6 +83,8 @@ def _arguments(parser) -> None:
                         help="CPU of a dev environment that asks for none (default 1)")
     parser.add_argument("--dev-memory", type=_type(units.parse_memory), default=DevEnvSettings.memory_bytes,
                         help="memory limit of a dev environment that asks for none (default 2Gi)")
+    parser.add_argument("--dev-port", type=int, default=DevEnvSettings.port,
+                        help="kubernetes runtime: the port of a dev environment's notebook server in its Pod")
     parser.add_argument("--gateway-endpoint", default=None,
                         help="the gateway's gRPC address written into dev environments' kernels "
                              "(default: DIR/credentials.json's endpoint)")
@@ -101,6 +103,7 @@ def _jobs_settings(args) -> JobsSettings:
         max_tensorboards=args.max_tensorboards, tensorboard_idle_seconds=args.tensorboard_idle_seconds,
         tensorboard_cpu=args.tensorboard_cpu, tensorboard_memory=args.tensorboard_memory,
         dev_idle_seconds=args.dev_idle_seconds, dev_cpu=args.dev_cpu, dev_memory=args.dev_memory,
+        dev_port=args.dev_port,
         gateway_endpoint=args.gateway_endpoint,
     )
 

@@ -1,11 +1,11 @@
-"""A dev environment's replica: JupyterLab on a Unix socket, under
+"""A dev environment's replica: JupyterLab on a Unix socket (or TCP in a Pod), under
 `--base-url /dev/<tenant>/<name>/`, with the tenant's storage as its root.
 
 Started by the jobs service (`services.jobs.devenvs`) through the runtime,
-as the tenant's own unprivileged user; it opens no TCP port. Only the
-platform (the gateway, as the platform's user) reaches the socket, in the
-tenant's 0700 directory, and it presents Jupyter's token, which this process
-takes from CLOUDML_JUPYTER_TOKEN and removes from its environment before
+as the tenant's own unprivileged user; on `local` it opens no TCP port. Only
+the platform (the gateway, as the platform's user) reaches the socket, in
+the tenant's 0700 directory, and it presents Jupyter's token, which this
+process takes from CLOUDML_JUPYTER_TOKEN and removes from its environment before
 anything starts (kernels never inherit it, and it never appears on a
 command line). What stays in the environment is for the kernels:
 CLOUDML_CONFIG (an access key of the tenant), PATH with the platform's
@@ -16,6 +16,11 @@ SameSite=Strict), drops cookies and Host on the way and presents the token:
 so the server accepts any Origin (browsers see the gateway's) and needs no
 XSRF cookie of its own. Nothing is fetched at run time: no update check,
 no news, a read-only extension manager.
+
+On `kubernetes` (`--listen 0.0.0.0:PORT`, services.jobs.devenv_kube) it is
+a Pod's process on TCP: any Pod of the cluster can connect, so the token
+(from the replica's own Secret) is what keeps everyone but the gateway out;
+the kernels' access key comes as CLOUDML_ACCESS_KEY/CLOUDML_SECRET_KEY.
 """
 from __future__ import annotations
 
@@ -24,10 +29,15 @@ import os
 import sys
 
 
-def jupyter_argv(socket: str, base_url: str, root_dir: str, token: str) -> list[str]:
+def jupyter_argv(socket: str, base_url: str, root_dir: str, token: str, listen: str = "") -> list[str]:
+    """Jupyter's arguments: on the Unix socket `socket`, or on TCP `listen` (HOST:PORT)."""
+    if listen:
+        host, _, port = listen.rpartition(":")
+        where = [f"--ServerApp.ip={host}", f"--ServerApp.port={int(port)}", "--ServerApp.port_retries=0"]
+    else:
+        where = [f"--ServerApp.sock={socket}", "--ServerApp.sock_mode=0600"]
     return [
-        f"--ServerApp.sock={socket}", "--ServerApp.sock_mode=0600",
-        f"--ServerApp.base_url={base_url}", f"--ServerApp.root_dir={root_dir}",
+        *where, f"--ServerApp.base_url={base_url}", f"--ServerApp.root_dir={root_dir}",
         f"--IdentityProvider.token={token}", "--ServerApp.password=",
         "--ServerApp.allow_origin=*", "--ServerApp.allow_remote_access=True",
         "--ServerApp.disable_check_xsrf=True", "--ServerApp.open_browser=False",
@@ -68,7 +78,9 @@ def quiet_news(settings_dir: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.jobs.devenv_replica")
-    parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="the Unix socket to listen on (the local runtime)")
+    where.add_argument("--listen", help="HOST:PORT to listen on (a Pod on the kubernetes runtime)")
     parser.add_argument("--base-url", required=True, help="e.g. /dev/<tenant>/<name>/")
     parser.add_argument("--root-dir", required=True, help="the notebooks' directory (the tenant's storage)")
     args = parser.parse_args(argv)
@@ -76,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(token) < 32:
         print("error: CLOUDML_JUPYTER_TOKEN must hold the server's token", file=sys.stderr)
         return 2
-    if os.path.exists(args.socket):
+    if args.listen and not args.listen.rpartition(":")[2].isdigit():
+        print("error: --listen takes HOST:PORT", file=sys.stderr)
+        return 2
+    if args.socket and os.path.exists(args.socket):
         os.unlink(args.socket)
     os.chdir(args.root_dir)
     home = os.environ.get("HOME", args.root_dir)
@@ -90,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_news(os.environ["JUPYTERLAB_SETTINGS_DIR"])
     without_token_in_pages(LabApp)
-    print(f"JupyterLab on unix:{args.socket} under {args.base_url}", flush=True)
-    LabApp.launch_instance(argv=jupyter_argv(args.socket, args.base_url, args.root_dir, token))
+    where = f"http://{args.listen}" if args.listen else f"unix:{args.socket}"
+    print(f"JupyterLab on {where} under {args.base_url}", flush=True)
+    LabApp.launch_instance(argv=jupyter_argv(args.socket, args.base_url, args.root_dir, token, args.listen))
     return 0
 
 

@@ -28,8 +28,16 @@ revokes it. The secret is on disk only, never in etcd. The server's Jupyter
 token is an HMAC of the env's uid under a key in `DIR/secrets/` (so nothing
 stores it); only the gateway sends it (`ResolvePage.authorization`).
 
+Runtimes: on `local` the replica is a process of the tenant's user on a
+Unix socket (below). On `kubernetes` it is a Pod of the platform's image
+(or the env's `image`), on TCP at the Pod's IP, its keys in a Secret of its
+own: services.jobs.devenv_kube says how and why. Records and settings:
+services.jobs.devenv_records.
+
 The leader (`lead`) each pass: STARTING -> runtime capacity, start
-`services.jobs.devenv_replica`, RUNNING once its socket answers; RUNNING
+`services.jobs.devenv_replica`, RUNNING once its socket answers (a Pod:
+once it is Ready, at `http://POD_IP:PORT`; a RUNNING env whose Pod is not
+Ready goes back to STARTING); RUNNING
 whose server ended -> restarted (STARTING); idle (no page request through
 the gateway and no kernel activity for `idle_seconds`) -> STOPPING;
 STOPPING -> stop, release capacity and the run quota -> STOPPED; DELETING
@@ -47,7 +55,6 @@ import os
 import secrets
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from datetime import datetime
 
 from cloudml.common.v1 import resources_pb2
@@ -58,94 +65,18 @@ from services.common.runtime.base import (
     Amount, CapacityBusy, ReplicaPhase, ReplicaRequest, Runtime, Unschedulable)
 from services.common.sockets import socket_root, tenant_socket_dir
 from services.common.tokens import Principal
+from services.jobs.devenv_kube import pod_request, read_config, server_json
+from services.jobs.devenv_records import RUNTIME_PREFIX, DevEnvSettings, Env, S, quota_error, socket_name
 from services.jobs.logs import timestamp
 from services.jobs.tensorboards import PROJECT_ROOT, TensorBoards, stop_replica
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/cloudml/jobs/devenvs/"
-RUNTIME_PREFIX = "devenv."
 ACCESS_WRITE_SECONDS = 30.0
 RESERVE_SECONDS = 60.0
 LOG_FILE = "server.log"
 ORPHAN_SWEEP_PASSES = 30
-
-S = pb.DevEnvironmentState
-
-
-@dataclass
-class DevEnvSettings:
-    data_dir: str
-    python: str = ""
-    #: the gateway's gRPC address written into the kernels' config (`cloudml.Client()`)
-    endpoint: str = ""
-    rest_endpoint: str = ""
-    cpu_millis: int = 1000
-    memory_bytes: int = 2 << 30
-    idle_seconds: float = 4 * 3600.0
-    pass_seconds: float = 1.0
-    start_timeout: float = 90.0
-    stop_grace: float = 3.0
-
-
-@dataclass
-class Env:
-    """A dev environment's record (JSON in etcd)."""
-
-    tenant: str
-    name: str
-    uid: str
-    state: int = S.DEV_ENVIRONMENT_STATE_STARTING
-    cpu_millis: int = 0
-    memory_bytes: int = 0
-    gpus: int = 0
-    image: str = ""
-    access_key_id: str = ""
-    created: float = 0.0
-    last_activity: float = 0.0
-    started: float = 0.0
-    address: str = ""
-    message: str = ""
-    #: False until create() holds its quota and key (the leader leaves it alone meanwhile)
-    reserved: bool = True
-
-    @property
-    def replica_id(self) -> str:
-        return f"{RUNTIME_PREFIX}{self.tenant}.{self.name}.{self.uid}"
-
-    @property
-    def owner_id(self) -> str:
-        return f"jobs/devenv/{self.name}/{self.uid}"
-
-    @property
-    def run_owner_id(self) -> str:
-        return f"{self.owner_id}/run"
-
-    @property
-    def path(self) -> str:
-        return f"/dev/{self.tenant}/{self.name}/"
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> "Env":
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-
-
-def socket_name(env: Env) -> str:
-    """At most 37 characters (see tensorboards.socket_name)."""
-    return f"nb-{env.name[:20]}-{env.uid}.sock"
-
-
-def _quota_error(tenant: str, what: str, err: errors.CloudMLError) -> errors.CloudMLError:
-    if isinstance(err, errors.QuotaBusy):
-        return errors.FailedPrecondition(f"tenant {tenant!r} has no room now for {what}: {err.message} "
-                                         "(stop a dev environment or a job first)")
-    if isinstance(err, errors.ResourceExhausted):
-        return errors.ResourceExhausted(f"tenant {tenant!r} is over its quota for {what}: {err.message}")
-    return err
 
 
 class DevEnvironments:
@@ -158,6 +89,8 @@ class DevEnvironments:
         self.clock = clock
         self.prefix = prefix
         self.tenancy = getattr(runtime, "tenancy", None)
+        #: replicas are Pods (kubernetes): TCP on the Pod's IP while Ready (services.jobs.devenv_kube)
+        self.pods = bool(getattr(runtime, "reports_readiness", False))
         self._accessed: dict[str, float] = {}
         self._starting: dict[str, float] = {}
         self._token_key: bytes | None = None
@@ -203,9 +136,12 @@ class DevEnvironments:
         validation.check_name(name, "name")
         tenant = self._tenant(caller, tenant)
         amount = self._amount(resources)
-        if self.runtime.name != "local":  # the gateway reaches page servers on local Unix sockets only
-            raise errors.FailedPrecondition(f"the {self.runtime.name} runtime cannot run dev environments yet")
-        if image:
+        if self.runtime.name not in ("local", "kubernetes"):
+            raise errors.FailedPrecondition(f"the {self.runtime.name} runtime cannot run dev environments")
+        if image and self.pods:
+            if len(image) > 512 or not image.isprintable() or any(c.isspace() for c in image):
+                raise errors.InvalidArgument(f"image {image[:80]!r} is not an image reference")
+        elif image:
             raise errors.InvalidArgument(
                 "the local runtime runs dev environments in the platform's own Python environment "
                 "(SDK, TensorFlow, JupyterLab) and cannot run an image: drop --image")
@@ -217,7 +153,7 @@ class DevEnvironments:
             raise errors.AlreadyExists(f"dev environment {name!r} already exists in tenant {tenant!r}")
         now = self.clock()
         env = Env(tenant=tenant, name=name, uid=secrets.token_hex(4), cpu_millis=amount.cpu_millis,
-                  memory_bytes=amount.memory_bytes, gpus=amount.gpus, created=now, last_activity=now,
+                  memory_bytes=amount.memory_bytes, gpus=amount.gpus, image=image, created=now, last_activity=now,
                   message="reserving quota", reserved=False)
         key = self._key(tenant, name)
         ok, _ = await self.etcd.txn([cmp_absent(key)], [op_put(key, env.encode())])
@@ -250,7 +186,7 @@ class DevEnvironments:
             await self.quota.reserve(env.tenant, env.run_owner_id, resources_pb2.Resources(
                 cpu_millis=env.cpu_millis, memory_bytes=env.memory_bytes, gpus=env.gpus))
         except errors.CloudMLError as err:
-            raise _quota_error(env.tenant, f"a running dev environment ({env.cpu_millis}m CPU, "
+            raise quota_error(env.tenant, f"a running dev environment ({env.cpu_millis}m CPU, "
                                f"{env.memory_bytes >> 20} MiB, {env.gpus} GPUs)", err) from None
 
     async def get(self, caller: Principal, tenant: str, name: str) -> pb.DevEnvironment:
@@ -489,18 +425,41 @@ class DevEnvironments:
                     return
                 await self._start(env)
                 return
-            if await TensorBoards._answers(env.address):
+            if self.pods:
+                await self._pod_started(env, status, now)
+            elif await TensorBoards._answers(env.address):
                 self._starting.pop(env.replica_id, None)
                 await self._set(env, S.DEV_ENVIRONMENT_STATE_RUNNING, "running")
             elif now - self._starting.setdefault(env.replica_id, now) > self.settings.start_timeout:
                 await self._stop_replica(env.replica_id)
                 await self._failed(env, f"its server did not answer within {self.settings.start_timeout:g} s")
+        elif self.pods and status.phase == ReplicaPhase.RUNNING and not status.ready:
+            await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, f"its Pod is not ready: {status.message}",
+                            address="", only_from=(S.DEV_ENVIRONMENT_STATE_RUNNING,))
         elif status.phase != ReplicaPhase.RUNNING:
             # A server that ended while running (killed, over its memory, the
             # machine restarted) comes back: its files are in the tenant's storage.
             detail = ": ".join(filter(None, (status.reason, status.message))) or "ended"
             await self._stop_replica(env.replica_id)
             await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, f"restarting: its server {detail}")
+
+    async def _pod_started(self, env: Env, status, now: float) -> None:
+        """STARTING on a Pod: RUNNING at http://POD_IP:PORT once it is Ready;
+        the start timeout counts from when it left Pending (an image pull,
+        the cluster's scheduler can take longer)."""
+        if status.ready and status.address:
+            self._starting.pop(env.replica_id, None)
+            await self._set(env, S.DEV_ENVIRONMENT_STATE_RUNNING, "running", address=f"http://{status.address}",
+                            only_from=(S.DEV_ENVIRONMENT_STATE_STARTING,))
+        elif status.message.startswith("Pending"):
+            self._starting[env.replica_id] = now
+            if env.message != status.message:
+                await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, status.message,
+                                only_from=(S.DEV_ENVIRONMENT_STATE_STARTING,))
+        elif now - self._starting.setdefault(env.replica_id, now) > self.settings.start_timeout:
+            await self._stop_replica(env.replica_id)
+            await self._failed(env, f"its Pod was not ready within {self.settings.start_timeout:g} s "
+                               f"({status.message})")
 
     async def _fail(self, env: Env, status) -> None:
         detail = status.message or status.reason or "ended"
@@ -531,6 +490,9 @@ class DevEnvironments:
         except CapacityBusy as err:
             await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, f"waiting for capacity: {err}")
             return
+        if self.pods:
+            await self._start_pod(env)
+            return
         home, sock, workdir = await asyncio.to_thread(self._prepare, env)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(sock)
@@ -557,6 +519,31 @@ class DevEnvironments:
         log.info("dev environment %s/%s: replica %s started (pid %s) on %s", env.tenant, env.name,
                  env.replica_id, status.pid, sock)
 
+    async def _start_pod(self, env: Env) -> None:
+        """Starts the env's Pod (services.jobs.devenv_kube); capacity is reserved."""
+        try:
+            await asyncio.to_thread(os.makedirs, self._storage(env.tenant), 0o700, True)
+            config = await asyncio.to_thread(read_config, os.path.join(self._env_dir(env), "config.json"))
+        except (OSError, ValueError) as err:
+            self.runtime.release(env.replica_id)
+            await self._failed(env, f"cannot read its configuration: {err}")
+            return
+        stored = await self._set(env, S.DEV_ENVIRONMENT_STATE_STARTING, "starting its Pod", address="",
+                                 started=self.clock(), only_from=(S.DEV_ENVIRONMENT_STATE_STARTING,))
+        if stored is None or stored.uid != env.uid or stored.state != S.DEV_ENVIRONMENT_STATE_STARTING:
+            self.runtime.release(env.replica_id)
+            return
+        request = pod_request(stored, self.settings, self.jupyter_token(env), config,
+                              os.path.join(self._env_dir(env), LOG_FILE))
+        self._starting[env.replica_id] = self.clock()
+        try:
+            await self.runtime.start(request)
+        except ValueError as err:  # the API server refused it (e.g. an invalid image name)
+            await self._stop_replica(env.replica_id)
+            await self._failed(env, str(err))
+            return
+        log.info("dev environment %s/%s: Pod of replica %s created", env.tenant, env.name, env.replica_id)
+
     async def _kernel_activity(self, env: Env) -> float | None:
         """The server's own last activity (API requests, kernel messages,
         terminals) as epoch seconds, or now while a kernel is busy (a long
@@ -572,23 +559,8 @@ class DevEnvironments:
             return None
 
     async def _server_json(self, env: Env, path: str):
-        """GET <page>/<path> on the server's socket with its token, decoded; None on any failure."""
-        if not env.address.startswith("unix:"):
-            return None
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(env.address[5:]), 1.0)
-        except (OSError, asyncio.TimeoutError):
-            return None
-        try:
-            writer.write(f"GET {env.path}{path} HTTP/1.0\r\nHost: devenv\r\n"
-                         f"Authorization: token {self.jupyter_token(env)}\r\n\r\n".encode())
-            await writer.drain()
-            raw = await asyncio.wait_for(reader.read(), 3.0)  # HTTP/1.0: to the end
-            return json.loads(raw.split(b"\r\n\r\n", 1)[1])
-        except (OSError, asyncio.TimeoutError, IndexError, ValueError):
-            return None
-        finally:
-            writer.close()
+        """GET <page>/<path> on the server with its token, decoded; None on any failure."""
+        return await server_json(env.address, env.path + path, f"token {self.jupyter_token(env)}")
 
     async def _stop_replica(self, replica_id: str) -> None:
         await stop_replica(self.runtime, replica_id, self.settings.stop_grace)

@@ -68,6 +68,7 @@ class JobsSettings:
     dev_idle_seconds: float = DevEnvSettings.idle_seconds
     dev_cpu: int = DevEnvSettings.cpu_millis
     dev_memory: int = DevEnvSettings.memory_bytes
+    dev_port: int = DevEnvSettings.port
     #: the gateway's gRPC address for the kernels' config (None: DIR/credentials.json's "endpoint")
     gateway_endpoint: str | None = None
 
@@ -116,7 +117,8 @@ class JobsApp(ServiceApp):
             platform.etcd, quota, self.runtime,
             DevEnvSettings(data_dir=data_dir, python=sys.executable, endpoint=endpoint, rest_endpoint=rest_endpoint,
                            cpu_millis=settings.dev_cpu, memory_bytes=settings.dev_memory,
-                           idle_seconds=settings.dev_idle_seconds, stop_grace=settings.stop_grace))
+                           idle_seconds=settings.dev_idle_seconds, stop_grace=settings.stop_grace,
+                           port=settings.dev_port))
         self._index_started = False
         self._ready = False
 

@@ -73,13 +73,14 @@ def test_production_runs_three_etcd_members_and_two_replicas_per_service():
     assert tokens == {"auth": False, "jobs": True, "tuner": False, "models": True, "gateway": False}
 
 
-def test_the_role_grants_only_pods_logs_and_services_in_the_namespace():
+def test_the_role_grants_only_pods_logs_services_and_secrets_in_the_namespace():
     rendered = objects(kustomize("base"))
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"])
              for r in rendered[("Role", "cloudml-runtime")]["rules"]}
     assert rules == {(("",), ("pods",)): {"get", "list", "watch", "create", "delete"},
                      (("",), ("pods/log",)): {"get"},
-                     (("",), ("services",)): {"get", "create", "delete"}}
+                     (("",), ("services",)): {"get", "create", "delete"},
+                     (("",), ("secrets",)): {"create", "delete"}}
     [cluster_rule] = rendered[("ClusterRole", "cloudml-node-reader")]["rules"]
     assert (cluster_rule["resources"], set(cluster_rule["verbs"])) == (["nodes"], {"get", "list", "watch"})
 

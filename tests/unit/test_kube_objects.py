@@ -17,6 +17,8 @@ from services.common.runtime.kube_objects import (
     pod_body,
     pod_status,
     quantity,
+    secret_body,
+    secret_name,
 )
 
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -114,3 +116,22 @@ def test_a_pod_mounts_only_its_own_tenants_directories_of_the_volumes():
     assert [v["name"] for v in plain["spec"]["volumes"]] == ["work"]
     anonymous = ReplicaRequest("r", "g", ["python"], {}, "/w", "/l")
     assert [v["name"] for v in pod_body(anonymous, "ns", "img", 1000, "svc", "uid", "h", "p", volumes)["spec"]["volumes"]] == ["work"]
+
+
+def test_secret_env_goes_into_the_replicas_own_secret_never_the_pod_spec():
+    request = ReplicaRequest("devenv.t.nb.0123abcd", "devenv.t.nb.0123abcd", ["python"], {"A": "1"}, "/w", "/l",
+                             tenant="t", secret_env={"CLOUDML_JUPYTER_TOKEN": "s3cret-token"})
+    body = pod_body(request, "ns", "img", 1000, "svc", "uid", "h", "p")
+    name = secret_name(request.replica_id)
+    assert DNS_LABEL.fullmatch(name) and body["metadata"]["annotations"]["cloudml.io/secret"] == name
+    [container] = body["spec"]["containers"]
+    assert {"name": "CLOUDML_JUPYTER_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": name, "key": "CLOUDML_JUPYTER_TOKEN"}}} in container["env"]
+    assert "s3cret-token" not in repr(body)
+    secret = secret_body(request, "svc", "uid")
+    assert secret["metadata"]["name"] == name and secret["stringData"] == {"CLOUDML_JUPYTER_TOKEN": "s3cret-token"}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid"
+    assert secret["metadata"]["labels"]["cloudml.io/tenant"] == "t"
+    # No secrets: no Secret, no annotation.
+    plain = pod_body(ReplicaRequest("r", "g", ["python"], {}, "/w", "/l"), "ns", "img", 1000, "svc", "uid", "h", "p")
+    assert "cloudml.io/secret" not in plain["metadata"]["annotations"]

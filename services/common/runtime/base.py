@@ -93,6 +93,11 @@ class ReplicaRequest:
     # With a serving port: a command whose exit 0 means ready (an exec
     # readiness probe, e.g. a gRPC health check); empty: the port accepting.
     readiness_command: list[str] = field(default_factory=list)
+    # Environment variables whose values are secrets (access keys, tokens):
+    # `local` adds them to `env`; `kubernetes` puts them in a Secret of the
+    # replica's own (named after its Pod, deleted with it) and the Pod refers
+    # to it (`secretKeyRef`), so no Pod spec carries them in clear text.
+    secret_env: dict[str, str] = field(default_factory=dict)
 
 
 class ReplicaPhase(enum.Enum):

@@ -183,6 +183,8 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
     workdir = request.workdir or "/work"
     annotations = {PREFIX + "replica-id": request.replica_id, PREFIX + "group": request.group,
                    PREFIX + "log-path": request.log_path}
+    if request.secret_env:
+        annotations[PREFIX + "secret"] = secret_name(request.replica_id)
     ports: list[dict[str, Any]] = [{"name": "tf", "containerPort": PORT}]
     probe: dict[str, Any] = {}
     if request.serving_port:
@@ -211,7 +213,11 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
             "securityContext": pod_security,
             "containers": [{
                 "name": CONTAINER, "image": request.image or image, "command": list(request.argv),
-                "env": [{"name": k, "value": v} for k, v in env.items()], "workingDir": workdir,
+                "env": [{"name": k, "value": v} for k, v in env.items()] + [
+                    {"name": k, "valueFrom": {"secretKeyRef": {"name": secret_name(request.replica_id),
+                                                               "key": secret_key(k)}}}
+                    for k in request.secret_env],
+                "workingDir": workdir,
                 "ports": ports, **probe,
                 "resources": {"requests": resources(request.resources),
                               "limits": resources(request.resources)},
@@ -221,6 +227,29 @@ def pod_body(request: ReplicaRequest, namespace: str, image: str, run_as_user: i
             "volumes": [{"name": "work", "emptyDir": {}}, *extra_volumes],
         },
     }
+
+
+def secret_key(variable: str) -> str:
+    """A Secret's data key for an environment variable (keys allow [-._a-zA-Z0-9])."""
+    return re.sub(r"[^-._a-zA-Z0-9]", "-", variable)
+
+
+def secret_name(replica_id: str) -> str:
+    """The name of a replica's own Secret (from its id alone: `forget()` knows it
+    after the Pod is gone)."""
+    return object_name(replica_id, 63)
+
+
+def secret_body(request: ReplicaRequest, svc: str, svc_uid: str) -> dict:
+    """The replica's own Secret (its `secret_env`), owned by its group's
+    Service, as the Pod is."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": secret_name(request.replica_id), "labels": {**MANAGED, PREFIX + "tenant": label(request.tenant),
+                                                 PREFIX + "group": svc},
+                         "annotations": {PREFIX + "replica-id": request.replica_id},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc, "uid": svc_uid,
+                                              "controller": True, "blockOwnerDeletion": True}]},
+            "stringData": {secret_key(k): v for k, v in request.secret_env.items()}}
 
 
 def api_message(err) -> str:

@@ -45,6 +45,9 @@ its message says why). Until the first list succeeded nothing is known:
 `check_fits_ever()` lets the request through (reserve decides later).
 Reservations live in this process; `adopt()` restores them from the Pods.
 
+Secrets: a request's `secret_env` goes into a Secret of the replica's own
+(`services.common.runtime.kube_secrets`), never into the Pod's spec.
+
 Logs are best-effort: while a Pod runs, a thread of the process that acts
 on replicas (the one that called adopt() or start(): the service's leader;
 never a standby sharing its data volume) follows `pods/log` into
@@ -78,6 +81,7 @@ from services.common.runtime.base import (
     Unschedulable,
 )
 from services.common.runtime.kube_logs import PodLogs
+from services.common.runtime.kube_secrets import PodSecrets
 from services.common.runtime.kube_objects import (
     DEFAULT_IMAGE,
     PORT,
@@ -103,7 +107,7 @@ from services.common.runtime.kube_objects import (
 
 log = logging.getLogger(__name__)
 
-class KubernetesRuntime(PodLogs, Runtime):
+class KubernetesRuntime(PodLogs, PodSecrets, Runtime):
     name = "kubernetes"
 
     #: Replicas install their trainer package themselves (services.jobs.pod_entrypoint).
@@ -128,6 +132,7 @@ class KubernetesRuntime(PodLogs, Runtime):
         self._nodes: dict[str, Any] = {}
         self._ended: dict[str, ReplicaStatus] = {}  # replica id -> status of a Pod gone meanwhile
         self._stopping: set[str] = set()
+        self._secrets: set[str] = set()  # replica ids with a Secret of their own (kube_secrets)
         self._reserved: dict[str, Amount] = {}
         self._synced = {"pods": threading.Event(), "nodes": threading.Event()}
         self._error = ""
@@ -432,6 +437,8 @@ class KubernetesRuntime(PodLogs, Runtime):
             _, svc_uid = await self._ensure_service(request.group, request.tenant)
             body = pod_body(request, self.namespace, self.image, self.run_as_user, svc, svc_uid, host, pod,
                             self.volumes)
+            if request.secret_env:
+                await self._make_secret(request, svc, svc_uid)
             try:
                 made = await self._call(self.core.create_namespaced_pod, self.namespace, body,
                                                _request_timeout=REQUEST_TIMEOUT)
@@ -440,6 +447,7 @@ class KubernetesRuntime(PodLogs, Runtime):
                     made = await self._call(self.core.read_namespaced_pod, pod, self.namespace,
                                                    _request_timeout=REQUEST_TIMEOUT)
                 else:
+                    await self._forget_secret(request.replica_id)
                     await self._delete_service_if_empty(request.group)
                     raise api_error(f"the Kubernetes API server refused the Pod of {request.replica_id}",
                                      err) from None
@@ -519,6 +527,8 @@ class KubernetesRuntime(PodLogs, Runtime):
         with self._lock:
             for group, amount in sums.items():
                 self._reserved.setdefault(group, amount)
+            for pod in pods.values():
+                self._remember_secret(pod)
             ended = [s for rid, s in self._ended.items() if rid not in pods]
         for pod in pods.values():
             self._follow_log(pod)
@@ -532,6 +542,7 @@ class KubernetesRuntime(PodLogs, Runtime):
         group = st.group
         if pod is not None:
             await self._delete_pod(pod.metadata.name, 0)
+        await self._forget_secret(replica_id)
         with self._lock:
             self._ended.pop(replica_id, None)
             self._stopping.discard(replica_id)

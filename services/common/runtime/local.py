@@ -417,6 +417,7 @@ class LocalRuntime(Runtime):
             os.unlink(stop_path)
         env = dict(self._base_env)
         env.update(request.env)
+        env.update(request.secret_env)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpus)
         if request.resources.memory_bytes:  # what the replica may use (a model server sizes its requests by it)
             env["CLOUDML_MEMORY_LIMIT_BYTES"] = str(int(request.resources.memory_bytes))
