@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 PREFIX = "cml-"
 NAME_MAX = 32
 _LOCK_PATH = "/run/lock/cloudml-tenant-accounts.lock"
+#: Uids and gids of tenant accounts: a million, above the regular users' range
+#: (login.defs' UID_MAX 60000) and the first subordinate-id blocks (/etc/subuid).
+ACCOUNT_ID_RANGE = (2_000_000, 2_999_999)
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,16 @@ class Tenancy:
             fcntl.flock(lock, fcntl.LOCK_EX)
             found = self._lookup(name)
             if found is None:
+                # Ids from a range of the platform's own: Debian's system range
+                # (100-999) holds fewer than 900 accounts, and the regular one
+                # (1000-60000) is the machine's people's.
+                low, high = ACCOUNT_ID_RANGE
+                ids = [f"{key}={value}" for kind in ("UID", "GID") for key, value in
+                       ((f"SYS_{kind}_MIN", low), (f"SYS_{kind}_MAX", high))]
                 result = subprocess.run(
                     ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                     "--shell", "/usr/sbin/nologin", "--comment", f"cloudml tenant {tenant}", name],
+                     "--shell", "/usr/sbin/nologin", "--comment", f"cloudml tenant {tenant}",
+                     *[arg for pair in ids for arg in ("-K", pair)], name],
                     capture_output=True, text=True, check=False)
                 found = self._lookup(name)
                 if found is None:
