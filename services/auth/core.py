@@ -116,6 +116,10 @@ class AuthCore:
         key-encryption key file is unusable or does not open the signing keys
         already in etcd."""
         await self._prepare_signing_keys()
+        changed = await self.store.add_missing_quota_counts(DEFAULT_QUOTA)
+        if changed:
+            log.info("quota: %d tenant(s) from before dev environments and TensorBoards were counted got the "
+                     "default counts (%d, %d)", changed, DEFAULT_QUOTA.dev_environments, DEFAULT_QUOTA.tensorboards)
         await self._ensure_tenant(ADMIN_TENANT, "The platform's own tenant", ADMIN_QUOTA)
         for entry in bootstrap_keys:
             await self._ensure_key(entry)

@@ -7,6 +7,8 @@
                                      lives in a file outside etcd: services/auth/kek.py; an older
                                      version's plaintext `private_pem` is sealed on the next start)
     signing-initialized              the first signing key's id (only one first key, however many race)
+    quota-counts-v2                  set once the quotas written before the dev-environment and
+                                     TensorBoard counts existed were given the default counts
     quotas/<tenant>                  cloudml.common.v1.Resources (limits)
     usage/<tenant>                   cloudml.common.v1.Resources (sum of reservations)
     reservations/<tenant>/<owner>    cloudml.auth.v1.Reservation
@@ -43,6 +45,7 @@ class AuthKeys:
             self.root + folder for folder in
             ("tenants/", "keys/", "signing/", "quotas/", "usage/", "reservations/", "election/"))
         self.signing_initialized = self.root + "signing-initialized"
+        self.quota_counts_migrated = self.root + "quota-counts-v2"
         self.login = self.root + "login/"
 
     def tenant(self, tenant: str) -> str:
@@ -223,6 +226,29 @@ class AuthStore:
         _, resp = await self.etcd.txn([], [op_get(self.keys.quota(tenant)), op_get(self.keys.usage_of(tenant))])
         limits, usage = (_resources(r) for r in resp.responses)
         return limits, usage
+
+    async def add_missing_quota_counts(self, counts: resources_pb2.Resources) -> int:
+        """Once per etcd: gives every quota written before the dev-environment
+        and TensorBoard counts existed (both 0: proto3 cannot tell "unset"
+        from 0, and no one could set them then) `counts`' values, so an
+        upgrade takes nothing away from existing tenants. Returns how many
+        quotas changed; later calls change nothing (the marker key)."""
+        marker = self.keys.quota_counts_migrated
+        if await self.etcd.get(marker) is not None:
+            return 0
+        kvs, _, _ = await self.etcd.get_prefix(self.keys.quotas)
+        changed = 0
+        for kv in kvs:
+            limits = resources_pb2.Resources.FromString(kv.value)
+            if limits.dev_environments or limits.tensorboards:
+                continue
+            limits.dev_environments, limits.tensorboards = counts.dev_environments, counts.tensorboards
+            # Compare-and-swap: a quota set meanwhile (by an admin, with the counts) is left alone.
+            ok, _ = await self.etcd.txn([cmp_mod_revision(kv.key, kv.mod_revision)],
+                                        [op_put(kv.key, limits.SerializeToString())])
+            changed += ok
+        await self.etcd.put(marker, b"1")
+        return changed
 
     async def put_quota(self, tenant: str, limits: resources_pb2.Resources) -> None:
         await self.etcd.put(self.keys.quota(tenant), limits.SerializeToString())

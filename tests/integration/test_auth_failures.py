@@ -208,3 +208,29 @@ def test_health_not_serving_until_etcd_reachable(tmp_path, auth_launcher):
         assert service.admin.call("WhoAmI", pb.WhoAmIRequest()).role == pb.ROLE_ADMIN
     finally:
         etcd.stop()
+
+
+# --- upgrades ---------------------------------------------------------------------------
+
+
+def test_quotas_from_before_the_dev_environment_and_tensorboard_counts_get_the_defaults_once(
+        etcd_space, auth_launcher):
+    service = auth_launcher.connect(auth_launcher.start(etcd_space))
+    old, kept = service.new_tenant("old").tenant, service.new_tenant("kept").tenant
+    service.admin.call("SetQuota", pb.SetQuotaRequest(tenant=kept, limits=Resources(
+        cpu_millis=1000, memory_bytes=2**30, train_jobs=1, dev_environments=1, tensorboards=0)))
+    auth_launcher.close()
+    # As a version without the two counts left them: its quota record has neither, and no marker.
+    key = next(k for k in etcd_space.get_prefix("/cloudml/auth/quotas/") if k.endswith("/" + old))
+    etcd_space.put(key, Resources(cpu_millis=3000, memory_bytes=2**30, train_jobs=4).SerializeToString())
+    assert etcd_space.delete_prefix("/cloudml/auth/quota-counts-v2") == 1
+
+    service = auth_launcher.connect(auth_launcher.start(etcd_space))
+    limits = quota(service.admin, old).limits
+    assert (limits.dev_environments, limits.tensorboards, limits.cpu_millis, limits.train_jobs) == (2, 5, 3000, 4)
+    assert quota(service.admin, kept).limits.dev_environments == 1  # had counts: left alone
+    # Once: an admin's 0 after the upgrade stays 0 through restarts.
+    service.admin.call("SetQuota", pb.SetQuotaRequest(tenant=old, limits=Resources(cpu_millis=3000)))
+    auth_launcher.close()
+    service = auth_launcher.connect(auth_launcher.start(etcd_space))
+    assert quota(service.admin, old).limits.dev_environments == 0
