@@ -11,17 +11,25 @@
    with the login link of `cloudml dev open`, on a whole platform
    (`cloudml-platform up`), p50 over --rounds (goal < 5 s warm: the first
    round, which fills the page caches, is reported apart).
+3. `cloudml jobs tensorboard JOB` (the CLI, waiting until RUNNING) on a
+   finished job of the seed's linear trainer -> its scalars (the `loss`
+   series TensorBoard's scalars page lists, `data/plugin/scalars/tags`)
+   loaded through the gateway with the login link of `cloudml tensorboard
+   open`, p50 over --rounds (goal < 5 s; the first round apart, as above).
 
-    python bench/bench_devenv.py [--round-trips 500] [--rounds 5] [--sections kernel,create]
+    python bench/bench_devenv.py [--round-trips 500] [--rounds 5] [--sections kernel,create,tensorboard]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import http.cookiejar
+import json
 import os
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -110,25 +118,40 @@ async def kernel_section(round_trips: int) -> None:
         proc.wait(15)
 
 
-def load_page(link: str, rest: str, name: str) -> None:
-    """Follows the login link (cookie) and loads the lab page through the gateway."""
+def load_page(link: str, url: str) -> bytes:
+    """Follows the login link (cookie) and loads `url` through the gateway."""
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     with opener.open(link, timeout=60) as response:
         response.read()
-    with opener.open(f"{rest}/dev/bench/{name}/lab", timeout=60) as response:
+    with opener.open(url, timeout=60) as response:
         body = response.read()
-        assert response.status == 200 and b"JupyterLab" in body, response.status
+        assert response.status == 200, response.status
+        return body
 
 
-def create_section(rounds: int) -> None:
+@contextlib.contextmanager
+def platform_up():
+    """A whole platform (`cloudml-platform up`) and a tenant's CLI config on it."""
     from tests.e2e.serving_platform import ServingPlatform
 
     work = tempfile.mkdtemp(prefix="bench-devenv-platform-")
     platform = ServingPlatform(os.path.join(work, "data")).start()
     try:
         platform.wait_up()
-        tenant = platform.new_tenant("bench")
+        platform.workdir = work
+        yield platform, platform.new_tenant("bench")
+    finally:
+        platform.down()
+
+
+def report(what: str, times: list[float]) -> None:
+    print(f"{what}, warm, {len(times)} rounds: p50 {statistics.median(times):.2f} s, max {max(times):.2f} s "
+          "(goal p50 < 5 s)")
+
+
+def create_section(rounds: int) -> None:
+    with platform_up() as (platform, tenant):
         times = []
         for i in range(rounds + 1):
             name = f"nb{i}"
@@ -137,7 +160,7 @@ def create_section(rounds: int) -> None:
             assert env["state"] == "DEV_ENVIRONMENT_STATE_RUNNING", env
             running = time.perf_counter() - started
             link = platform.cli_json("dev", "open", name, config=tenant)["login_link"]
-            load_page(link, platform.rest_endpoint, name)
+            assert b"JupyterLab" in load_page(link, f"{platform.rest_endpoint}/dev/bench/{name}/lab")
             total = time.perf_counter() - started
             print(f"  round {i}: dev create -> RUNNING {running:.2f} s, -> lab page loaded {total:.2f} s"
                   + (" (first: cold caches)" if i == 0 else ""))
@@ -147,17 +170,51 @@ def create_section(rounds: int) -> None:
             deadline = time.monotonic() + 60
             while platform.cli_json("dev", "list", config=tenant) and time.monotonic() < deadline:
                 time.sleep(0.5)
-        print(f"dev create -> notebook page through the gateway, warm, {len(times)} rounds: "
-              f"p50 {statistics.median(times):.2f} s, max {max(times):.2f} s (goal p50 < 5 s)")
-    finally:
-        platform.down()
+        report("dev create -> notebook page through the gateway", times)
+
+
+def tensorboard_section(rounds: int) -> None:
+    from tests.e2e.serving_platform import ROOT as PROJECT, clean_env
+
+    with platform_up() as (platform, tenant):
+        build = subprocess.run([sys.executable, os.path.join(PROJECT, "examples", "build_packages.py"),
+                                os.path.join(platform.workdir, "packages"), "--only", "linear", "--json"],
+                               capture_output=True, text=True, timeout=120, env=clean_env(), check=True)
+        package = json.loads(build.stdout)["linear"]
+        platform.cli_json("jobs", "submit", "-n", "linear", "-m", "trainer.task", "-u", package,
+                          "-a", "--max_epochs 5", config=tenant)
+        deadline = time.monotonic() + 300
+        while (state := platform.cli_json("jobs", "describe", "linear", config=tenant)["state"]) not in (
+                "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"):
+            assert time.monotonic() < deadline, state
+            time.sleep(1)
+        assert state == "JOB_STATE_SUCCEEDED", state
+        times = []
+        for i in range(rounds + 1):
+            started = time.perf_counter()
+            board = platform.cli_json("jobs", "tensorboard", "linear", config=tenant, timeout=180)
+            assert board["state"] == "TENSORBOARD_STATE_RUNNING", board
+            running = time.perf_counter() - started
+            link = platform.cli_json("tensorboard", "open", "linear", config=tenant)["login_link"]
+            tags = json.loads(load_page(link, f"{platform.rest_endpoint}{board['path']}data/plugin/scalars/tags"))
+            assert any("loss" in run_tags for run_tags in tags.values()), tags
+            total = time.perf_counter() - started
+            print(f"  round {i}: jobs tensorboard -> RUNNING {running:.2f} s, -> scalars loaded {total:.2f} s"
+                  + (" (first: cold caches)" if i == 0 else ""))
+            if i:
+                times.append(total)
+            platform.cli("tensorboard", "delete", "linear", config=tenant)
+            deadline = time.monotonic() + 60
+            while platform.cli_json("tensorboard", "list", config=tenant) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        report("jobs tensorboard -> scalars through the gateway", times)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--round-trips", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--sections", default="kernel,create")
+    parser.add_argument("--sections", default="kernel,create,tensorboard")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     print(f"load average before: {os.getloadavg()[0]:.1f}")
@@ -165,3 +222,5 @@ if __name__ == "__main__":
         asyncio.run(kernel_section(args.round_trips))
     if "create" in sections:
         create_section(args.rounds)
+    if "tensorboard" in sections:
+        tensorboard_section(args.rounds)
