@@ -29,7 +29,9 @@ class DevEnvironmentServiceStub:
     """A tenant's notebook servers (JupyterLab). Each runs as a replica of its
     tenant on the jobs service's runtime (the same placement, capacity and
     tenant-isolation rules as a train job's replicas: on `local`, a process of
-    the tenant's own user on a Unix socket), with the platform's SDK and
+    the tenant's own user on a Unix socket; on `kubernetes`, a Pod of the
+    platform's image or `image`, its key and Jupyter token in a Secret of its
+    own, reached at the Pod's address while it is Ready), with the platform's SDK and
     TensorFlow in its kernels, an access key of its tenant configured (so
     `import cloudml` and `cloudml jobs list` work in a cell) and the tenant's
     storage (`DIR/storage/<tenant>/`) as its working directory, which outlives
@@ -87,7 +89,9 @@ class DevEnvironmentServiceServicer:
     """A tenant's notebook servers (JupyterLab). Each runs as a replica of its
     tenant on the jobs service's runtime (the same placement, capacity and
     tenant-isolation rules as a train job's replicas: on `local`, a process of
-    the tenant's own user on a Unix socket), with the platform's SDK and
+    the tenant's own user on a Unix socket; on `kubernetes`, a Pod of the
+    platform's image or `image`, its key and Jupyter token in a Secret of its
+    own, reached at the Pod's address while it is Ready), with the platform's SDK and
     TensorFlow in its kernels, an access key of its tenant configured (so
     `import cloudml` and `cloudml jobs list` work in a cell) and the tenant's
     storage (`DIR/storage/<tenant>/`) as its working directory, which outlives
@@ -200,7 +204,9 @@ class DevEnvironmentService:
     """A tenant's notebook servers (JupyterLab). Each runs as a replica of its
     tenant on the jobs service's runtime (the same placement, capacity and
     tenant-isolation rules as a train job's replicas: on `local`, a process of
-    the tenant's own user on a Unix socket), with the platform's SDK and
+    the tenant's own user on a Unix socket; on `kubernetes`, a Pod of the
+    platform's image or `image`, its key and Jupyter token in a Secret of its
+    own, reached at the Pod's address while it is Ready), with the platform's SDK and
     TensorFlow in its kernels, an access key of its tenant configured (so
     `import cloudml` and `cloudml jobs list` work in a cell) and the tenant's
     storage (`DIR/storage/<tenant>/`) as its working directory, which outlives
