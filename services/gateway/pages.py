@@ -15,7 +15,8 @@ A link to the web console (path "/ui/") sets the same cookie with Path=/ui/
 Every page request, HTTP or WebSocket, is checked before anything is sent
 to the replica: the cookie's token is verified as a Bearer token is
 (`TokenVerifier.verify`: signature, expiry, revoked access key), and its
-tenant must be the page's (or the caller an admin). No cookie or a bad one:
+tenant must be the page's (admins' too: they open only their own tenant's
+pages, so no tenant's script runs where an admin's cookie is sent). No cookie or a bad one:
 401; another tenant's page: 404 (as for the APIs, its existence is not
 revealed). The address comes from the service that owns the page
 (`cloudml.internal.v1.PageBackends.ResolvePage`, called with the same token,
@@ -36,8 +37,10 @@ compressed if the replica compressed it.
 Known limit: pages share the gateway's origin, so script on one page (a
 TensorBoard shows tenant data; a notebook runs tenant code) can send
 same-origin requests to another page path for which the same browser holds
-a cookie (an admin's). HttpOnly keeps the token itself out of reach; a
-separate origin per page (a host name per page) would close the gap.
+a cookie. Since a page serves only its own tenant's callers, such a cookie
+is its own tenant's (that member's other pages, or the console with that
+member's rights); HttpOnly keeps the token itself out of reach; a separate
+origin per page (a host name per page) would close the rest.
 """
 from __future__ import annotations
 
@@ -135,7 +138,10 @@ class BrowserPages:
             caller = self.verifier.verify(token)
         except errors.CloudMLError as err:
             raise _Answer(_page(401, f"Not logged in: {err.message}.")) from None
-        if not caller.may_access(request.match_info["tenant"]):
+        # Only the page's own tenant, admins included: a page runs its
+        # tenant's script on the gateway's origin, and an admin's cookie in
+        # the same browser would then act for it (see "Known limit" above).
+        if caller.tenant != request.match_info["tenant"]:
             raise _Answer(_page(404, "No such page."))
         return token
 

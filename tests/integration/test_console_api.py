@@ -132,6 +132,9 @@ def test_state_changing_call_with_origin_and_csrf_reaches_the_service(stack):
     # A login link for a TensorBoard of acme's (the page checks that it exists when opened).
     status, _, body = post(stack, "/ui/api/tensorboards/board/open", acme)
     assert status == 200 and json.loads(body)["link"].startswith("/login?code="), body
+    # Not for an admin looking at acme: pages serve only their own tenant's members.
+    status, _, body = post(stack, "/ui/api/tensorboards/board/open?tenant=acme", stack.issue_token())
+    assert status == 403 and "own members" in json.loads(body)["error"], body
 
 
 def form(stack, key: str, secret: str, origin: str | None = "own"):

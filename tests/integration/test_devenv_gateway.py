@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloudml.jobs.v1 import dev_environments_pb2 as dev_pb
-from services.common.tokens import AUDIENCE, ISSUER, ROLE_MEMBER, TokenVerifier
+from services.common.tokens import AUDIENCE, ISSUER, ROLE_ADMIN, ROLE_MEMBER, TokenVerifier
 from services.gateway.pages import COOKIE, BrowserPages
 from services.jobs.devenvs import DevEnvironments, DevEnvSettings, Env
 from tests.integration.jupyter_kernel import execute, message, start_server, wait_answers
@@ -61,9 +61,9 @@ async def env(server):
     verifier = TokenVerifier()
     verifier.update({"k1": pem}, set())
 
-    def token(tenant="acme", ttl=600, akid="AK1"):
+    def token(tenant="acme", ttl=600, akid="AK1", role=ROLE_MEMBER):
         now = int(time.time())
-        return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": tenant, "role": ROLE_MEMBER, "akid": akid,
+        return jwt.encode({"iss": ISSUER, "aud": AUDIENCE, "sub": tenant, "role": role, "akid": akid,
                            "iat": now, "exp": now + ttl}, key, algorithm="EdDSA", headers={"kid": "k1"})
 
     async def resolve(kind, tenant, name, _token):
@@ -152,13 +152,15 @@ async def test_kernel_websocket_through_the_gateway_runs_code(env):
 
 
 @pytest.mark.parametrize("case,status", [
-    ("no cookie", 401), ("expired", 401), ("revoked", 401), ("other tenant", 404)])
+    ("no cookie", 401), ("expired", 401), ("revoked", 401), ("other tenant", 404), ("admin", 404)])
 async def test_refused_requests_get_no_page_and_no_websocket(env, case, status):
     token = env["token"]
     if case == "revoked":
         env["verifier"].update({"k1": env["pem"]}, {"AK-revoked"})
     value = {"no cookie": None, "expired": token(ttl=-5), "revoked": token(akid="AK-revoked"),
-             "other tenant": token(tenant="rival")}[case]
+             "other tenant": token(tenant="rival"),
+             # Not even an admin: the page runs the tenant's script where the admin's cookie would be sent.
+             "admin": token(tenant="admin", role=ROLE_ADMIN)}[case]
     headers = cookie(value) if value else {}
     before = await last_api_activity(env)
     async with env["session"].get(env["url"] + BASE + "api/contents", headers=headers) as response:

@@ -297,6 +297,9 @@ class ConsoleApi:
         return ok(to_dict(quota))
 
     async def open_tensorboard(self, request, session: Session):
+        if session.tenant != session.principal.tenant:
+            # Pages serve only their own tenant's callers (services/gateway/pages.py).
+            raise Refused(403, f"a TensorBoard of tenant {session.tenant!r} opens only for its own members")
         path = f"/tensorboard/{session.tenant}/{request.match_info['name']}/"
         link = await self._call("auth", auth_grpc.AuthServiceStub, "CreateLoginLink",
                                 auth_pb.CreateLoginLinkRequest(path=path), session)
