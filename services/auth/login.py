@@ -76,6 +76,11 @@ class LoginLinks:
         _, tenant, _, _ = page_of(path)
         if tenant and not caller.may_access(tenant):
             raise errors.NotFound(f"tenant {tenant!r} not found")
+        if tenant and tenant != caller.tenant:
+            # An admin: the gateway serves a page only to its own tenant's members
+            # (services/gateway/pages.py), so a link would only lead to a 404.
+            raise errors.PermissionDenied(f"pages of tenant {tenant!r} open only for its own members: "
+                                          "use an access key of that tenant")
         code = secrets.token_urlsafe(20)
         expires = self.clock() + LOGIN_LINK_TTL
         record = {"tenant": caller.tenant, "access_key_id": caller.access_key_id, "path": path,

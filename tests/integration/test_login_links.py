@@ -114,10 +114,16 @@ def test_create_login_link_for_a_non_page_returns_invalid_argument(auth_service,
     assert info.value.code() == Code.INVALID_ARGUMENT
 
 
-def test_admin_may_make_a_link_to_any_tenants_page(auth_service):
+def test_an_admin_gets_no_link_to_another_tenants_page_but_one_to_its_own_and_the_console(auth_service):
+    """The gateway serves a page only to its own tenant's members (a page runs
+    tenant script where the cookie goes), so an admin's link would 404."""
     member = auth_service.new_tenant("login")
-    code = make_link(auth_service.admin, f"/tensorboard/{member.tenant}/board/")
-    assert jwt.decode(redeem(auth_service, code).token, options={"verify_signature": False})["sub"] == "admin"
+    with pytest.raises(grpc.RpcError) as info:
+        auth_service.admin.call("CreateLoginLink", pb.CreateLoginLinkRequest(path=f"/tensorboard/{member.tenant}/board/"))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "own members" in info.value.details()
+    for path in ("/tensorboard/admin/board/", "/ui/"):
+        code = make_link(auth_service.admin, path)
+        assert jwt.decode(redeem(auth_service, code).token, options={"verify_signature": False})["sub"] == "admin"
 
 
 @pytest.mark.parametrize("code", ["", "x", "A" * 27, "A" * 200])

@@ -282,7 +282,7 @@ class AuthServiceServicer:
 
     def CreateLoginLink(self, request, context):
         """Browser login, step 1: a one-time login link for a browser page on the
-        gateway's HTTP port (TensorBoard, the web console at "/ui/"; notebooks later).
+        gateway's HTTP port (TensorBoard, notebooks, the web console at "/ui/").
         Browsers cannot send Bearer headers, so the caller (the CLI) opens
         `<rest endpoint><login_path>`; the gateway redeems the code
         (RedeemLoginLink), sets an HttpOnly, SameSite=Strict cookie scoped to the
@@ -293,6 +293,9 @@ class AuthServiceServicer:
         `/dev/<tenant>/<name>/...`, no `..`, no query; or exactly `/ui/`).
         NOT_FOUND: the path names another tenant and the caller is not an ADMIN
         (whether the page exists is checked when the page is opened).
+        PERMISSION_DENIED: an ADMIN asked for a page of another tenant: pages
+        serve only their own tenant's members, since they run tenant script on
+        the gateway's origin where the cookie is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
