@@ -7,6 +7,8 @@
     client.models.create("linear", job.output_path + "/model/1", wait=True)
     print(client.models.predict("linear", {"keys": [[1]], "X": [[10.0]]}))
     study = client.studies.wait(client.studies.submit("examples/studies/linear_space.json").name)
+    print(client.tensorboards.login_link(client.tensorboards.for_job("linear")))
+    env = client.dev.create("nb", cpu="2", memory="4Gi")   # a JupyterLab server; client.dev.login_link("nb")
 
     client.create_tenant("team-a")                 # admin calls
 
@@ -258,7 +260,9 @@ class Client:
         self._own_tenant: str | None = None
         from cloudml.sdk.jobs import Jobs  # noqa: PLC0415
         from cloudml.sdk.models import Models  # noqa: PLC0415
+        from cloudml.sdk.dev import DevEnvironments  # noqa: PLC0415
         from cloudml.sdk.studies import Studies  # noqa: PLC0415
+        from cloudml.sdk.tensorboards import TensorBoards  # noqa: PLC0415
 
         #: train jobs: submit, get, list, cancel, delete, logs, metrics, watch, wait
         self.jobs = Jobs(self)
@@ -266,6 +270,10 @@ class Client:
         self.models = Models(self)
         #: hyperparameter studies: submit, get, list, trials, best, wait, cancel
         self.studies = Studies(self)
+        #: TensorBoards: create, for_job, for_study, get, list, wait, login_link, delete
+        self.tensorboards = TensorBoards(self)
+        #: dev environments (JupyterLab): create, get, list, stop, start, wait, login_link, delete
+        self.dev = DevEnvironments(self)
 
     # --- plumbing --------------------------------------------------------------------
 

@@ -42,6 +42,22 @@ def parameter_value(value) -> Any:
     return getattr(value, kind) if kind else None
 
 
+def parameter_text(value) -> str:
+    """A tuner ParameterValue as the CLI shows it: 3.0 -> "3", 0.1 -> "0.1"."""
+    kind = value.WhichOneof("kind")
+    if kind == "double_value":
+        x = value.double_value
+        return str(int(x)) if x.is_integer() and abs(x) < 1e16 else repr(x)
+    if kind == "int_value":
+        return str(value.int_value)
+    return value.string_value
+
+
+def params_text(params) -> str:
+    """A trial's parameters (a ParameterValue map) as "lr=0.1 opt=sgd", in name order."""
+    return " ".join(f"{k}={parameter_text(params[k])}" for k in sorted(params))
+
+
 class Wrapper:
     """Base of the typed results: `.proto` is the message, `to_dict()` its JSON form."""
 
@@ -411,3 +427,96 @@ class Study(Wrapper):
     @property
     def succeeded(self) -> bool:
         return self.state == "SUCCEEDED"
+
+
+# --- tensorboards and dev environments --------------------------------------------------
+
+
+def _field(name: str, doc: str = "") -> property:
+    """A read-only property: the message's field `name`."""
+    return property(lambda self: getattr(self.proto, name), doc=doc)
+
+
+def _time_field(name: str, doc: str = "") -> property:
+    """A read-only property: the message's Timestamp `name` as an aware datetime (None when unset)."""
+    return property(lambda self: timestamp(getattr(self.proto, name)) if self.proto.HasField(name) else None,
+                    doc=doc)
+
+
+class _Server(Wrapper):
+    """What TensorBoards and dev environments share: a server of the tenant
+    reached through the gateway's HTTP port at `path`, after logging in
+    with a one-time link."""
+
+    __slots__ = ()
+    _repr_fields = ("name", "state", "path")
+    _states: tuple[str, str, str] = ("", "", "")  # (module of cloudml.jobs.v1, its state enum, the prefix)
+
+    name = _field("name")
+    tenant = _field("tenant")
+    message = _field("message", "Why it FAILED (or stopped); \"\" otherwise.")
+    path = _field("path", "/<kind>/<tenant>/<name>/ on the gateway's HTTP endpoint.")
+    create_time = _time_field("create_time")
+
+    @property
+    def state(self) -> str:
+        import importlib  # noqa: PLC0415
+
+        module, enum, prefix = self._states
+        return enum_name(getattr(importlib.import_module(f"cloudml.jobs.v1.{module}"), enum), self.proto.state,
+                         prefix)
+
+    @property
+    def running(self) -> bool:
+        """True when its server answers through the gateway."""
+        return self.state == "RUNNING"
+
+
+class TensorBoard(_Server):
+    """A managed TensorBoard (cloudml.jobs.v1.TensorBoard): on one `logdir`,
+    on a job's event files (`job`), or on several named `runs` side by side;
+    `state` is STARTING, RUNNING, FAILED or DELETING. Its page is at `path`
+    (/tensorboard/<tenant>/<name>/), after logging in with a link from
+    `client.tensorboards.login_link`."""
+
+    __slots__ = ()
+    _states = ("tensorboards_pb2", "TensorBoardState", "TENSORBOARD_STATE_")
+
+    logdir = _field("logdir")
+    job = _field("job", "The job whose event files it shows (\"\" when made on a logdir or runs).")
+    last_access_time = _time_field("last_access_time")
+    idle_delete_time = _time_field("idle_delete_time", "When it is deleted unless used before.")
+
+    @property
+    def runs(self) -> dict[str, str]:
+        """{run name: its job or logdir} of a TensorBoard over several runs."""
+        return {r.name: r.job or r.logdir for r in self.proto.runs}
+
+
+class DevEnvironment(_Server):
+    """A dev environment (cloudml.jobs.v1.DevEnvironment): a JupyterLab
+    server of the tenant; `state` is STARTING, RUNNING, STOPPING, STOPPED,
+    FAILED or DELETING. Its page is at `path` (/dev/<tenant>/<name>/), after
+    logging in with a link from `client.dev.login_link`."""
+
+    __slots__ = ()
+    _states = ("dev_environments_pb2", "DevEnvironmentState", "DEV_ENVIRONMENT_STATE_")
+
+    image = _field("image", "The image it runs (\"\" for the platform's).")
+    working_dir = _field("working_dir")
+    access_key_id = _field("access_key_id", "The tenant access key its kernels are configured with.")
+    idle_stop_seconds = _field("idle_stop_seconds")
+    last_activity_time = _time_field("last_activity_time")
+    idle_stop_time = _time_field("idle_stop_time", "When it is stopped unless used before (None when not running).")
+
+    @property
+    def cpu_millis(self) -> int:
+        return self.proto.resources.cpu_millis
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.proto.resources.memory_bytes
+
+    @property
+    def gpus(self) -> int:
+        return self.proto.resources.gpus

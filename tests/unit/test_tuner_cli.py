@@ -12,6 +12,7 @@ from cloudml.cli.commands import hp
 from cloudml.cli.main import main
 from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
 from cloudml.sdk.studies import Studies
+from cloudml.sdk.types import parameter_text
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
 
 SEED = {
@@ -86,7 +87,7 @@ def test_seed_layout_becomes_a_study_spec(tmp_path, monkeypatch, capsys):
     assert method == "CreateStudy" and request.name == "linear-hp"
     spec = request.spec
     assert spec.goal == pb.GOAL_MINIMIZE and spec.metric == "loss" and spec.max_parallel_trials == 2
-    assert [{k: hp._value(v) for k, v in ps.values.items()} for ps in spec.params] == [
+    assert [{k: parameter_text(v) for k, v in ps.values.items()} for ps in spec.params] == [
         {"optimizer": "ftrl", "learning_rate": "0.1"}, {"optimizer": "sgd", "learning_rate": "0.5"}]
     template = spec.trial_template
     assert template.module_name == "trainer.task" and list(template.job_args) == ["--max_epochs", "10"]

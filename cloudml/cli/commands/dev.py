@@ -1,4 +1,5 @@
-"""cloudml dev: dev environments, JupyterLab servers of your tenant.
+"""cloudml dev: dev environments, JupyterLab servers of your tenant, on `client.dev`
+(cloudml/sdk/dev.py).
 
     cloudml dev create nb --cpu 2 --memory 4Gi [--gpus 1]    # waits until it runs
     cloudml dev open nb               # a one-time login link (valid about a minute); opens a browser if one is there
@@ -18,43 +19,22 @@ platform's idle time (default 4 h), it is stopped.
 from __future__ import annotations
 
 import os
-import time
 
 from cloudml import units
-from cloudml.cli.base import Context, add_command, add_group, arg_type, enum_label, format_time, message_to_dict
+from cloudml.cli.base import Context, add_command, add_group, arg_type, format_time
+from cloudml.sdk.dev import WAIT_TIMEOUT
 
 TENANT_HELP = "the tenant (default: your own)"
 HEADERS = ["NAME", "STATE", "CPU", "MEMORY", "GPUS", "PATH", "CREATED"]
 
 
-def _pb():
-    from cloudml.jobs.v1 import dev_environments_pb2
-
-    return dev_environments_pb2
-
-
-def _call(ctx: Context, method: str, request):
-    from cloudml.jobs.v1 import dev_environments_pb2_grpc
-
-    stub = ctx.client.stub(dev_environments_pb2_grpc.DevEnvironmentServiceStub)
-    response = ctx.client.call(getattr(stub, method), request)
-    if method == "DeleteDevEnvironment":
-        return None
-    return response.dev_environments if method == "ListDevEnvironments" else response.dev_environment
-
-
 def _state(env) -> str:
-    return enum_label(_pb().DevEnvironmentState, env.state, "DEV_ENVIRONMENT_STATE_")
-
-
-def _is(env, *states: str) -> bool:
-    return any(env.state == getattr(_pb(), f"DEV_ENVIRONMENT_STATE_{s}") for s in states)
+    return env.state.lower()
 
 
 def _row(env) -> list:
-    r = env.resources
-    return [env.name, _state(env), units.format_cpu(r.cpu_millis), units.format_memory(r.memory_bytes), r.gpus,
-            env.path, format_time(env.create_time)]
+    return [env.name, _state(env), units.format_cpu(env.cpu_millis), units.format_memory(env.memory_bytes), env.gpus,
+            env.path, format_time(env.proto.create_time)]
 
 
 def register(subparsers) -> None:
@@ -89,48 +69,30 @@ def register(subparsers) -> None:
 def add_wait_arguments(p) -> None:
     p.add_argument("--no-wait", dest="wait", action="store_false",
                    help="return at once instead of waiting until it runs")
-    p.add_argument("--wait-timeout", type=float, default=180.0, help="seconds to wait for it to run")
-
-
-def _wait(ctx: Context, env):
-    pb = _pb()
-    deadline = time.monotonic() + ctx.args.wait_timeout
-    while ctx.args.wait and env.state == pb.DEV_ENVIRONMENT_STATE_STARTING and time.monotonic() < deadline:
-        time.sleep(0.25)
-        env = _call(ctx, "GetDevEnvironment", pb.GetDevEnvironmentRequest(tenant=env.tenant, name=env.name))
-    if ctx.args.wait and env.state != pb.DEV_ENVIRONMENT_STATE_RUNNING:
-        from cloudml import errors
-
-        raise errors.FailedPrecondition(f"dev environment {env.name} is {_state(env)}: {env.message}",
-                                        code="FAILED_PRECONDITION")
-    return env
+    p.add_argument("--wait-timeout", type=float, default=WAIT_TIMEOUT, help="seconds to wait for it to run")
 
 
 def _emit(ctx: Context, env, verb: str) -> None:
-    ctx.emit(message_to_dict(env), text=f"dev environment {env.name}: {_state(env)}"
-             + (f" ({env.message})" if env.message and not _is(env, "RUNNING") else "")
-             + (f"\n{verb}; `cloudml dev open {env.name}` prints its login link" if _is(env, "RUNNING") else ""))
+    ctx.emit(env.to_dict(), text=f"dev environment {env.name}: {_state(env)}"
+             + (f" ({env.message})" if env.message and not env.running else "")
+             + (f"\n{verb}; `cloudml dev open {env.name}` prints its login link" if env.running else ""))
 
 
 def create(ctx: Context) -> None:
-    from cloudml.common.v1 import resources_pb2
-
     a = ctx.args
-    pb = _pb()
-    resources = resources_pb2.Resources(cpu_millis=a.cpu or 0, memory_bytes=a.memory or 0, gpus=a.gpus or 0)
-    env = _call(ctx, "CreateDevEnvironment", pb.CreateDevEnvironmentRequest(
-        tenant=a.tenant or "", name=a.name, resources=resources, image=a.image))
-    _emit(ctx, _wait(ctx, env), "created")
+    env = ctx.client.dev.create(a.name, cpu=f"{a.cpu}m" if a.cpu else None, memory=a.memory or None,
+                                gpus=a.gpus or None, image=a.image, tenant=a.tenant, wait=a.wait,
+                                wait_timeout=a.wait_timeout)
+    _emit(ctx, env, "created")
 
 
 def list_(ctx: Context) -> None:
-    envs = _call(ctx, "ListDevEnvironments", _pb().ListDevEnvironmentsRequest(tenant=ctx.args.tenant or ""))
-    ctx.emit([message_to_dict(e) for e in envs], table=(HEADERS, [_row(e) for e in envs]))
+    envs = ctx.client.dev.list(tenant=ctx.args.tenant)
+    ctx.emit([e.to_dict() for e in envs], table=(HEADERS, [_row(e) for e in envs]))
 
 
 def _get(ctx: Context):
-    return _call(ctx, "GetDevEnvironment", _pb().GetDevEnvironmentRequest(tenant=ctx.args.tenant or "",
-                                                                          name=ctx.args.name))
+    return ctx.client.dev.get(ctx.args.name, tenant=ctx.args.tenant)
 
 
 def _idle_line(env) -> str:
@@ -142,10 +104,11 @@ def _idle_line(env) -> str:
 
 
 def describe(ctx: Context) -> None:
-    env = _get(ctx)
+    found = _get(ctx)
+    env = found.proto
     r = env.resources
-    ctx.emit(message_to_dict(env), fields=[
-        ("Name", env.name), ("Tenant", env.tenant), ("State", _state(env)), ("Message", env.message),
+    ctx.emit(found.to_dict(), fields=[
+        ("Name", env.name), ("Tenant", env.tenant), ("State", _state(found)), ("Message", env.message),
         ("Path", env.path), ("Working dir", env.working_dir),
         ("CPU", units.format_cpu(r.cpu_millis)), ("Memory", units.format_memory(r.memory_bytes)),
         ("GPUs", str(r.gpus)), ("Image", env.image or "(the platform's)"), ("Access key", env.access_key_id),
@@ -165,14 +128,7 @@ def _browser_available() -> bool:
 
 def open_(ctx: Context) -> None:
     env = _get(ctx)
-    if not _is(env, "RUNNING"):
-        from cloudml import errors
-
-        raise errors.FailedPrecondition(
-            f"dev environment {env.name} is {_state(env)}" + (f" ({env.message})" if env.message else "")
-            + (f": start it with `cloudml dev start {env.name}`" if _is(env, "STOPPED", "FAILED") else ""),
-            code="FAILED_PRECONDITION")
-    link = ctx.client.login_link(env.path)
+    link = ctx.client.dev.login_link(env)
     opened = False
     if ctx.args.browser and not ctx.json and _browser_available():
         import webbrowser
@@ -182,19 +138,16 @@ def open_(ctx: Context) -> None:
 
 
 def stop(ctx: Context) -> None:
-    env = _call(ctx, "StopDevEnvironment", _pb().StopDevEnvironmentRequest(tenant=ctx.args.tenant or "",
-                                                                          name=ctx.args.name))
-    ctx.emit(message_to_dict(env), text=f"dev environment {env.name}: {_state(env)} (its files stay)")
+    env = ctx.client.dev.stop(ctx.args.name, tenant=ctx.args.tenant)
+    ctx.emit(env.to_dict(), text=f"dev environment {env.name}: {_state(env)} (its files stay)")
 
 
 def start(ctx: Context) -> None:
-    env = _call(ctx, "StartDevEnvironment", _pb().StartDevEnvironmentRequest(tenant=ctx.args.tenant or "",
-                                                                            name=ctx.args.name))
-    _emit(ctx, _wait(ctx, env), "started")
+    a = ctx.args
+    _emit(ctx, ctx.client.dev.start(a.name, tenant=a.tenant, wait=a.wait, wait_timeout=a.wait_timeout), "started")
 
 
 def delete(ctx: Context) -> None:
-    _call(ctx, "DeleteDevEnvironment", _pb().DeleteDevEnvironmentRequest(tenant=ctx.args.tenant or "",
-                                                                        name=ctx.args.name))
+    ctx.client.dev.delete(ctx.args.name, tenant=ctx.args.tenant)
     ctx.emit({"name": ctx.args.name, "deleted": True},
              text=f"deleting dev environment {ctx.args.name} (its notebooks stay in your storage)")

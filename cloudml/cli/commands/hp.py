@@ -31,6 +31,7 @@ from cloudml.cli.base import (
     print_fields,
     print_table,
 )
+from cloudml.sdk.types import params_text
 
 TENANT_HELP = "the tenant (default: your own)"
 STUDY_STATES = ("running", "succeeded", "failed", "cancelled")
@@ -121,20 +122,6 @@ def register(subparsers) -> None:
 
 
 # --- presentation ----------------------------------------------------------------------------
-
-
-def _value(v) -> str:
-    kind = v.WhichOneof("kind")
-    if kind == "double_value":
-        x = v.double_value
-        return str(int(x)) if x.is_integer() and abs(x) < 1e16 else repr(x)
-    if kind == "int_value":
-        return str(v.int_value)
-    return v.string_value
-
-
-def params_text(params) -> str:
-    return " ".join(f"{k}={_value(params[k])}" for k in sorted(params))
 
 
 def _study_state(study) -> str:

@@ -1,4 +1,5 @@
-"""cloudml tensorboard: managed TensorBoards (create, list, describe, open, delete).
+"""cloudml tensorboard: managed TensorBoards (create, list, describe, open, delete), on
+`client.tensorboards` (cloudml/sdk/tensorboards.py).
 
     cloudml tensorboard create loss --logdir file:///DIR/storage/acme/runs
     cloudml jobs tensorboard linear            # the job's <output_path>/tensorboard, then its login link
@@ -15,34 +16,20 @@ idle time (default 4 h), it is deleted.
 """
 from __future__ import annotations
 
-import re
-import time
-
-from cloudml.cli.base import Context, add_command, add_group, enum_label, format_time, message_to_dict
+from cloudml.cli.base import Context, add_command, add_group, format_time
+from cloudml.sdk.tensorboards import WAIT_TIMEOUT
 
 TENANT_HELP = "the tenant (default: your own)"
 HEADERS = ["NAME", "STATE", "LOGDIR", "PATH", "CREATED"]
 
 
-def _pb():
-    from cloudml.jobs.v1 import tensorboards_pb2
-
-    return tensorboards_pb2
-
-
-def _call(ctx: Context, method: str, request):
-    from cloudml.jobs.v1 import jobs_service_pb2_grpc
-
-    return ctx.client.call(getattr(ctx.client.stub(jobs_service_pb2_grpc.JobsServiceStub), method), request)
-
-
 def _state(board) -> str:
-    return enum_label(_pb().TensorBoardState, board.state, "TENSORBOARD_STATE_")
+    return board.state.lower()
 
 
 def _row(board) -> list:
-    logdir = board.logdir or f"{len(board.runs)} runs"
-    return [board.name, _state(board), logdir, board.path, format_time(board.create_time)]
+    logdir = board.logdir or f"{len(board.proto.runs)} runs"
+    return [board.name, _state(board), logdir, board.path, format_time(board.proto.create_time)]
 
 
 def register(subparsers) -> None:
@@ -86,94 +73,43 @@ def register_hp_shortcut(hp_group) -> None:
 def add_wait_arguments(p) -> None:
     p.add_argument("--no-wait", dest="wait", action="store_false",
                    help="return at once instead of waiting until it runs")
-    p.add_argument("--wait-timeout", type=float, default=120.0, help="seconds to wait for it to run")
+    p.add_argument("--wait-timeout", type=float, default=WAIT_TIMEOUT, help="seconds to wait for it to run")
 
 
-def _wait(ctx: Context, board):
-    pb = _pb()
-    deadline = time.monotonic() + ctx.args.wait_timeout
-    while ctx.args.wait and board.state == pb.TENSORBOARD_STATE_STARTING and time.monotonic() < deadline:
-        time.sleep(0.25)
-        board = _call(ctx, "GetTensorBoard", pb.GetTensorBoardRequest(tenant=board.tenant, name=board.name)).tensorboard
-    if ctx.args.wait and board.state != pb.TENSORBOARD_STATE_RUNNING:
-        from cloudml import errors
-
-        raise errors.FailedPrecondition(f"tensorboard {board.name} is {_state(board)}: {board.message}",
-                                        code="FAILED_PRECONDITION")
-    return board
+def _wait_flags(ctx: Context) -> dict:
+    return {"wait": ctx.args.wait, "wait_timeout": ctx.args.wait_timeout, "tenant": ctx.args.tenant}
 
 
 def _emit_with_link(ctx: Context, board) -> None:
-    link = ctx.client.login_link(board.path) if board.state == _pb().TENSORBOARD_STATE_RUNNING else ""
-    data = message_to_dict(board)
+    link = ctx.client.tensorboards.login_link(board) if board.running else ""
+    data = board.to_dict()
     data["login_link"] = link
     ctx.emit(data, text=f"tensorboard {board.name}: {_state(board)}" + (f"\nopen (once, within a minute): {link}"
                                                                          if link else ""))
 
 
 def create(ctx: Context) -> None:
-    pb = _pb()
-    board = _call(ctx, "CreateTensorBoard", pb.CreateTensorBoardRequest(
-        tenant=ctx.args.tenant or "", name=ctx.args.name, logdir=ctx.args.logdir)).tensorboard
-    _emit_with_link(ctx, _wait(ctx, board))
+    _emit_with_link(ctx, ctx.client.tensorboards.create(ctx.args.name, logdir=ctx.args.logdir, **_wait_flags(ctx)))
 
 
 def from_job(ctx: Context) -> None:
-    from cloudml import errors
-
-    pb = _pb()
-    name = ctx.args.name or ctx.args.job
-    try:
-        board = _call(ctx, "CreateTensorBoard", pb.CreateTensorBoardRequest(
-            tenant=ctx.args.tenant or "", name=name, job=ctx.args.job)).tensorboard
-    except errors.AlreadyExists:
-        board = _call(ctx, "GetTensorBoard", pb.GetTensorBoardRequest(tenant=ctx.args.tenant or "",
-                                                                      name=name)).tensorboard
-        if board.job != ctx.args.job:
-            raise
-    _emit_with_link(ctx, _wait(ctx, board))
-
-
-def run_name(trial) -> str:
-    """`t<number> <param>=<value> ...`, within the platform's run-name rule."""
-    from cloudml.cli.commands.hp import params_text
-
-    text = f"t{trial.number} {params_text(trial.params)}".strip()
-    return re.sub(r"[^A-Za-z0-9_.=+ -]", "_", text)[:100]
+    _emit_with_link(ctx, ctx.client.tensorboards.for_job(ctx.args.job, name=ctx.args.name, **_wait_flags(ctx)))
 
 
 def from_study(ctx: Context) -> None:
-    from cloudml import errors
-    from cloudml.cli.commands.hp import _all_trials
-
-    pb = _pb()
-    trials = [t for t in _all_trials(ctx, ctx.args.study) if t.job_name]
-    if not trials:
-        raise errors.FailedPrecondition(f"study {ctx.args.study} has no trial with a job yet",
-                                        code="FAILED_PRECONDITION")
-    name = ctx.args.name or ctx.args.study
-    runs = [pb.TensorBoardRun(name=run_name(t), job=t.job_name) for t in sorted(trials, key=lambda t: t.number)]
-    try:
-        board = _call(ctx, "CreateTensorBoard", pb.CreateTensorBoardRequest(
-            tenant=ctx.args.tenant or "", name=name, runs=runs)).tensorboard
-    except errors.AlreadyExists:
-        board = _call(ctx, "GetTensorBoard", pb.GetTensorBoardRequest(tenant=ctx.args.tenant or "",
-                                                                      name=name)).tensorboard
-        if not board.runs:
-            raise
-    _emit_with_link(ctx, _wait(ctx, board))
+    _emit_with_link(ctx, ctx.client.tensorboards.for_study(ctx.args.study, name=ctx.args.name, **_wait_flags(ctx)))
 
 
 def list_(ctx: Context) -> None:
-    boards = _call(ctx, "ListTensorBoards", _pb().ListTensorBoardsRequest(tenant=ctx.args.tenant or "")).tensorboards
-    ctx.emit([message_to_dict(b) for b in boards], table=(HEADERS, [_row(b) for b in boards]))
+    boards = ctx.client.tensorboards.list(tenant=ctx.args.tenant)
+    ctx.emit([b.to_dict() for b in boards], table=(HEADERS, [_row(b) for b in boards]))
 
 
 def describe(ctx: Context) -> None:
-    board = _call(ctx, "GetTensorBoard", _pb().GetTensorBoardRequest(tenant=ctx.args.tenant or "",
-                                                                     name=ctx.args.name)).tensorboard
-    ctx.emit(message_to_dict(board), fields=[
-        ("Name", board.name), ("Tenant", board.tenant), ("State", _state(board)), ("Message", board.message),
+    found = ctx.client.tensorboards.get(ctx.args.name, tenant=ctx.args.tenant)
+    board = found.proto
+    ctx.emit(found.to_dict(), fields=[
+        ("Name", board.name), ("Tenant", board.tenant), ("State", _state(found)), ("Message", board.message),
         ("Logdir", board.logdir), ("Job", board.job),
         ("Runs", "; ".join(f"{r.name} ({r.job or r.logdir})" for r in board.runs)), ("Path", board.path),
         ("CPU", f"{board.resources.cpu_millis}m"), ("Memory", f"{board.resources.memory_bytes >> 20} MiB"),
@@ -183,12 +119,11 @@ def describe(ctx: Context) -> None:
 
 
 def open_(ctx: Context) -> None:
-    board = _call(ctx, "GetTensorBoard", _pb().GetTensorBoardRequest(tenant=ctx.args.tenant or "",
-                                                                     name=ctx.args.name)).tensorboard
-    link = ctx.client.login_link(board.path)
+    board = ctx.client.tensorboards.get(ctx.args.name, tenant=ctx.args.tenant)
+    link = ctx.client.tensorboards.login_link(board)
     ctx.emit({"name": board.name, "login_link": link}, text=link)
 
 
 def delete(ctx: Context) -> None:
-    _call(ctx, "DeleteTensorBoard", _pb().DeleteTensorBoardRequest(tenant=ctx.args.tenant or "", name=ctx.args.name))
+    ctx.client.tensorboards.delete(ctx.args.name, tenant=ctx.args.tenant)
     ctx.emit({"name": ctx.args.name, "deleted": True}, text=f"deleting tensorboard {ctx.args.name}")
