@@ -184,8 +184,14 @@ def test_stop_frees_resources_and_start_brings_the_notebook_back(platform, brows
                == "DEV_ENVIRONMENT_STATE_STOPPED", 60, "the env stopped")
     held = devenv_reservations(platform)
     assert list(held) == [""] and held[""].dev_environments == 1, held  # CPU and memory returned, still counted
-    browser.driver.get(platform.rest_endpoint + "/dev/acme/nb/lab")
-    browser.wait_for_text("not running")
+    # The gateway may still hold the stopped server's address for a moment (the
+    # few seconds ResolvePage allows): that load says "did not answer", drops the
+    # address, and a reload asks the jobs service again.
+    def says_not_running():
+        browser.driver.get(platform.rest_endpoint + "/dev/acme/nb/lab")
+        return "not running" in browser.body_text()
+
+    wait_for(browser, says_not_running, "the stopped page", timeout=60)
     browser.screenshot("stopped")
     described = platform.cli("dev", "describe", "nb", config=platform.acme).stdout
     assert "stopped" in described and "stops after 4 h" in described, described
