@@ -1,11 +1,11 @@
 """A dev environment's record and settings (services.jobs.devenvs)."""
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from cloudml.jobs.v1 import dev_environments_pb2 as pb
 from services.common import errors
+from services.jobs.page_records import PageRecord
 
 RUNTIME_PREFIX = "devenv."
 
@@ -30,8 +30,12 @@ class DevEnvSettings:
 
 
 @dataclass
-class Env:
+class Env(PageRecord):
     """A dev environment's record (JSON in etcd)."""
+
+    RUNTIME_PREFIX = RUNTIME_PREFIX
+    OWNER_KIND = "devenv"
+    PAGE_KIND = "dev"
 
     tenant: str
     name: str
@@ -51,28 +55,8 @@ class Env:
     reserved: bool = True
 
     @property
-    def replica_id(self) -> str:
-        return f"{RUNTIME_PREFIX}{self.tenant}.{self.name}.{self.uid}"
-
-    @property
-    def owner_id(self) -> str:
-        return f"jobs/devenv/{self.name}/{self.uid}"
-
-    @property
     def run_owner_id(self) -> str:
         return f"{self.owner_id}/run"
-
-    @property
-    def path(self) -> str:
-        return f"/dev/{self.tenant}/{self.name}/"
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> "Env":
-        data = json.loads(raw)
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def socket_name(env: Env) -> str:

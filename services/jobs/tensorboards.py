@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
 import time
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from cloudml.common.v1 import resources_pb2
 from cloudml.jobs.v1 import tensorboards_pb2 as pb
@@ -55,6 +54,7 @@ from services.common.runtime.base import (
 from services.common.sockets import socket_root, tenant_socket_dir
 from services.common.tokens import Principal
 from services.jobs.logs import timestamp
+from services.jobs.page_records import PageRecord
 from services.jobs.store import TENSORBOARDS
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,12 @@ class TensorBoardSettings:
 
 
 @dataclass
-class Board:
+class Board(PageRecord):
     """A TensorBoard's record (JSON in etcd)."""
+
+    RUNTIME_PREFIX = RUNTIME_PREFIX
+    OWNER_KIND = "tensorboard"
+    PAGE_KIND = "tensorboard"
 
     tenant: str
     name: str
@@ -109,26 +113,6 @@ class Board:
     #: removes it after RESERVE_SECONDS: its creator died in between)
     reserved: bool = True
 
-    @property
-    def replica_id(self) -> str:
-        return f"{RUNTIME_PREFIX}{self.tenant}.{self.name}.{self.uid}"
-
-    @property
-    def owner_id(self) -> str:
-        return f"jobs/tensorboard/{self.name}/{self.uid}"
-
-    @property
-    def path(self) -> str:
-        return f"/tensorboard/{self.tenant}/{self.name}/"
-
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> "Board":
-        data = json.loads(raw)
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
 
 
 def socket_name(board: Board) -> str:
