@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 
 import grpc  # noqa: E402
 
+from deploy.local.service_process import thread_cpu_ns  # noqa: E402
 from services.common.native import binary_path  # noqa: E402
 
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
@@ -46,17 +47,6 @@ def build_floor() -> str:
                                check=True, capture_output=True, text=True).stdout.split()
         subprocess.run(["g++", "-O2", "-std=c++17", "-o", out, source, *flags, "-lpthread"], check=True)
     return out
-
-
-def cpu_ns(pid: int) -> int:
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:
-            pass
-    return total
 
 
 async def main() -> None:
@@ -97,7 +87,7 @@ async def main() -> None:
         cpu = {name: 0 for name in names}
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                before = cpu_ns(procs[name].pid) if name in procs else 0
+                before = thread_cpu_ns(procs[name].pid) if name in procs else 0
                 for _ in range(args.calls):
                     t = time.perf_counter()
                     await calls[name](BODY, timeout=10)
@@ -105,7 +95,7 @@ async def main() -> None:
                     if args.pause:
                         await asyncio.sleep(args.pause)
                 if name in procs:
-                    cpu[name] += cpu_ns(procs[name].pid) - before
+                    cpu[name] += thread_cpu_ns(procs[name].pid) - before
         n = args.calls * args.rounds
         p50 = {name: sorted(v)[len(v) // 2] for name, v in latencies.items()}
         print(json.dumps({name: {"p50_ms": round(p50[name] * 1e3, 3), "vs_direct": round(p50[name] / p50["direct"], 3),

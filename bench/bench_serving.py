@@ -75,6 +75,8 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from deploy.local.service_process import thread_cpu_ns  # noqa: E402
+
 ADMIN = ("AKBENCHSERVEADMIN000", "bench-serve-admin")
 SERVICE = ("AKBENCHSERVESVC00000", "bench-serve-service")
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
@@ -249,13 +251,7 @@ PACINGS = (  # (name, pause between calls at c=1 in s, or open-loop rate in call
 
 def cpu_ns(pid: int) -> tuple[int, int]:
     """(run time of the process's threads in ns from schedstat, utime + stime in ns from stat)."""
-    run = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                run += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
+    run = thread_cpu_ns(pid)
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)

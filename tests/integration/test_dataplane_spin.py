@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from cloudml.tfs.tensorflow_serving.apis import prediction_service_pb2_grpc
+from deploy.local.service_process import thread_cpu_ns
 from services.common.native import binary_path
 from tests.integration.batching_replica import BatchingReplica, request, tag_of
 
@@ -27,14 +28,7 @@ CPU_BOUND = 0.05  # seconds of data-plane CPU over about a second of waiting
 
 
 def cpu_seconds(pid: int) -> float:
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except FileNotFoundError:
-            pass
-    return total / 1e9
+    return thread_cpu_ns(pid) / 1e9
 
 
 @pytest.fixture(scope="module")
