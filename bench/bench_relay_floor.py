@@ -10,7 +10,9 @@ client, in rotated turns per round:
              `--spin-us 0` unless --spin-us),
     floor    bench/relay_floor/relay.cc: the least an async relay on the same
              gRPC does (built here with Debian's g++ and gRPC into /tmp),
-    echo     the same program answering by itself: one server call alone.
+    echo     the same program answering by itself: one server call alone,
+    bytes    bench/relay_floor/bytes.c: a relay that copies bytes and parses
+             nothing (no HTTP/2, no gRPC): the floor of any relay process.
 Per target: p50 (and its ratio to direct) and the CPU its process used per
 call, from its threads' schedstat run time.
 
@@ -39,14 +41,19 @@ PREDICT = "/tensorflow.serving.PredictionService/Predict"
 BODY = b"\x0a\x05\x0a\x03hpt"  # model_spec.name = "hpt"
 
 
-def build_floor() -> str:
-    source = os.path.join(ROOT, "bench", "relay_floor", "relay.cc")
-    out = os.path.join(tempfile.gettempdir(), "cloudml-relay-floor")
+def build(source_name: str, out_name: str, command: list[str]) -> str:
+    """Builds bench/relay_floor/SOURCE into the temp directory once per change."""
+    source = os.path.join(ROOT, "bench", "relay_floor", source_name)
+    out = os.path.join(tempfile.gettempdir(), out_name)
     if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(source):
-        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++", "protobuf", "absl_synchronization"],
-                               check=True, capture_output=True, text=True).stdout.split()
-        subprocess.run(["g++", "-O2", "-std=c++17", "-o", out, source, *flags, "-lpthread"], check=True)
+        subprocess.run([*command[:1], "-O2", "-o", out, source, *command[1:]], check=True)
     return out
+
+
+def build_floor() -> str:
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++", "protobuf", "absl_synchronization"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    return build("relay.cc", "cloudml-relay-floor", ["g++", "-std=c++17", *flags, "-lpthread"])
 
 
 async def main() -> None:
@@ -70,7 +77,8 @@ async def main() -> None:
 
     floor = build_floor()
     commands = {"dp": [binary_path(), "--coalesce-max", "0", "--spin-us", str(args.spin_us)],
-                "floor": [floor], "echo": [floor, "--echo", "1"]}
+                "floor": [floor], "echo": [floor, "--echo", "1"],
+                "bytes": [build("bytes.c", "cloudml-relay-bytes", ["cc"])]}
     procs, channels = {}, {"direct": grpc.aio.insecure_channel(socket)}
     for name, command in commands.items():
         procs[name] = subprocess.Popen([*command, "--listen", "127.0.0.1:0", "--front-for", socket],
