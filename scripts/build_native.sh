@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[build_native] %s\n' "$*" >&2; }
 
-PACKAGES=(g++ pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler)
+PACKAGES=(g++ pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler libnghttp2-dev)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -37,7 +37,7 @@ mkdir -p "$OUT/obj"
 protoc --cpp_out="$OUT" -Iprotos "${PROTOS[@]}"
 # One object per translation unit, as many at once as there are CPUs, then one link.
 # shellcheck disable=SC2046
-CXXFLAGS=(-O2 -std=c++17 -Wall -I"$OUT" $(pkg-config --cflags grpc++ protobuf absl_synchronization))
+CXXFLAGS=(-O2 -std=c++17 -Wall -I"$OUT" $(pkg-config --cflags grpc++ protobuf absl_synchronization libnghttp2))
 units=("${SRCS[@]}" "$OUT/cloudml/internal/v1/dataplane.pb.cc" "$OUT/cloudml/internal/v1/replica.pb.cc")
 objs=() running=()
 for src in "${units[@]}"; do
@@ -49,6 +49,6 @@ for src in "${units[@]}"; do
 done
 for pid in "${running[@]}"; do wait "$pid"; done
 # shellcheck disable=SC2046
-g++ -O2 -o "$BIN.tmp" "${objs[@]}" $(pkg-config --libs grpc++ protobuf absl_synchronization) -lpthread
+g++ -O2 -o "$BIN.tmp" "${objs[@]}" $(pkg-config --libs grpc++ protobuf absl_synchronization libnghttp2) -lpthread
 mv "$BIN.tmp" "$BIN"
 echo "$want" > "$OUT/.stamp"

@@ -49,7 +49,7 @@ TENANT, MODEL = "team-a", "clock"
 #: the most the gateway's hops may take off the caller's remaining time, in seconds
 MARGIN = 1.0
 #: user-agent prefixes of the hops that call replicas
-PYTHON_HOP, NATIVE_HOP = "grpc-python-asyncio/", "grpc-c++/"
+PYTHON_HOP, NATIVE_HOP = "grpc-python-asyncio/", "cloudml-dataplane-h2"
 
 
 @pytest.fixture(scope="module")

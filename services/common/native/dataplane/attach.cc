@@ -86,6 +86,7 @@ void Attachment::Tick() {
   Plane& p = plane_;
   if (!writing_ && p.stats_dirty) {
     pb::DataplaneReport report;
+    std::unique_lock<std::mutex> lock(p.mu);
     report.set_fast_path_calls(p.fast_calls);
     report.set_slow_path_calls(p.slow_calls);
     report.set_coalesced_calls(p.coalesced_calls);
@@ -99,6 +100,7 @@ void Attachment::Tick() {
       stat->set_latency_sum_seconds(s.sum);
       for (auto b : s.buckets) stat->add_latency_buckets(b);
     }
+    lock.unlock();
     for (const auto& [key, count] : p.relays) {
       auto* relay = report.add_relays();
       relay->set_service(std::get<0>(key));

@@ -70,8 +70,7 @@ void Group::Send() {
     deadline = std::max(deadline, d);
   }
   if (members_.empty()) return;
-  p.coalesced_calls += members_.size();
-  p.stats_dirty = true;
+  p.Count(&Plane::coalesced_calls, members_.size());
   ctx_.set_deadline(deadline);
   Backend& backend = p.BackendFor(address_);
   backend.rpcs++;

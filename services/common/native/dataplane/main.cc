@@ -120,6 +120,7 @@
 
 #include "attach.h"
 #include "call.h"
+#include "h2front.h"
 #include "handler.h"
 #include "plane.h"
 #include "protocol.h"
@@ -141,17 +142,23 @@ bool ParseArgs(int argc, char** argv, Options* o) {
     else if (flag == "--coalesce-max") o->coalesce_max = static_cast<uint32_t>(atoi(value.c_str()));
     else if (flag == "--max-request-bytes") o->max_request_bytes = strtoull(value.c_str(), nullptr, 10);
     else if (flag == "--batch-timeout-us") o->batch_timeout_us = static_cast<uint32_t>(atoi(value.c_str()));
+    else if (flag == "--h2-front" && (value == "on" || value == "off")) o->h2 = value == "on";
     else return false;
   }
   const char* secret = getenv(kSecretEnv);
   if (secret) o->secret = secret;
   if (argc % 2 != 1) return false;
-  if (o->front()) return o->upstream.empty();
+  if (o->front()) {
+    // A batching replica's front coalesces Predict calls: gRPC's side does that.
+    if (o->coalesce_max > 1) o->h2 = false;
+    return o->upstream.empty();
+  }
   return !o->upstream.empty() && !o->secret.empty();
 }
 
-// Starts the server on the listening address; false if it cannot listen.
-bool Listen(Plane& plane) {
+// Starts the server on the listening address (or, behind the HTTP/2 front,
+// on a private Unix socket); false if it cannot listen.
+bool Listen(Plane& plane, H2Front* h2) {
   // In front mode the replica is the "upstream" that every non-model call is relayed to.
   const std::string& upstream = plane.options.front() ? plane.options.front_for : plane.options.upstream;
   plane.upstream_channel = grpc::CreateCustomChannel(upstream, grpc::InsecureChannelCredentials(),
@@ -160,7 +167,22 @@ bool Listen(Plane& plane) {
 
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(plane.options.listen, grpc::InsecureServerCredentials(), &port);
+  std::string listen = plane.options.listen;
+  if (h2) {
+    // Only this process may connect: a socket in a directory of its own
+    // (0700) in $TMPDIR, or beside a Unix socket it listens on (a replica's
+    // front: its directory is the replica's own).
+    if (listen.compare(0, 5, "unix:") == 0) {
+      plane.options.internal = listen + ".grpc";
+    } else {
+      const char* tmp = getenv("TMPDIR");
+      std::string dir = std::string(tmp && *tmp ? tmp : "/tmp") + "/cloudml-dataplane-XXXXXX";
+      if (!mkdtemp(dir.data())) return false;
+      plane.options.internal = "unix:" + dir + "/grpc.sock";
+    }
+    listen = plane.options.internal;
+  }
+  builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.RegisterAsyncGenericService(&plane.service);
   // Platform calls keep their 64 MiB; model calls are held to
   // --max-request-bytes (and their model's limit) in ModelCall::Route.
@@ -171,6 +193,7 @@ bool Listen(Plane& plane) {
   plane.cq = builder.AddCompletionQueue();
   plane.server = builder.BuildAndStart();
   if (!plane.server || port == 0) return false;
+  if (h2 && !(port = h2->Listen(plane.options.listen))) return false;
   printf("%d\n", port);
   fflush(stdout);
   return true;
@@ -178,7 +201,7 @@ bool Listen(Plane& plane) {
 
 // The loop: poll while Plane::spin says a reply is due, else block (waking
 // every 100 ms to notice a signal). On SIGTERM/SIGINT in-flight calls drain (5 s at most).
-void Run(Plane& plane, Attachment& attachment) {
+void Run(Plane& plane, Attachment& attachment, H2Front* h2, std::thread* h2_thread) {
   std::thread stopper;
   void* tag;
   bool ok;
@@ -188,7 +211,11 @@ void Run(Plane& plane, Attachment& attachment) {
       if (!plane.options.front()) attachment.Stop();
       // Drain: in-flight calls finish within the grace period while this
       // thread keeps driving the queue.
-      stopper = std::thread([&plane] {
+      stopper = std::thread([&plane, h2, h2_thread] {
+        if (h2) {  // its streams drain through the gRPC server first
+          h2->Stop();
+          h2_thread->join();
+        }
         plane.server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
         plane.cq->Shutdown();
       });
@@ -231,13 +258,22 @@ int main(int argc, char** argv) {
   plane.spin = SpinPolicy(plane.options.spin_us);
   signal(SIGTERM, OnSignal);
   signal(SIGINT, OnSignal);
-  if (!Listen(plane)) {
+  std::unique_ptr<H2Front> h2;
+  if (plane.options.h2) h2 = std::make_unique<H2Front>(plane);
+  if (!Listen(plane, h2.get())) {
     fprintf(stderr, "dataplane: cannot listen on %s\n", plane.options.listen.c_str());
     return 1;
   }
   for (int i = 0; i < 32; i++) new Call(plane);
   Attachment attachment(plane);
   if (!plane.options.front()) attachment.Connect();
-  Run(plane, attachment);
+  std::thread h2_thread;
+  if (h2) h2_thread = std::thread([&h2] { h2->Run(5.0); });
+  Run(plane, attachment, h2.get(), &h2_thread);
+  if (!plane.options.internal.empty()) {
+    std::string path = plane.options.internal.substr(5);
+    unlink(path.c_str());
+    if (plane.options.listen.compare(0, 5, "unix:") != 0) rmdir(path.substr(0, path.rfind('/')).c_str());
+  }
   return 0;
 }

@@ -95,31 +95,16 @@ void ModelCall::Route() {
   model_ = spec.name;
   std::string auth;
   if (!Authorization(call_.ctx(), &auth)) return Slow();
-  key_ = auth;
-  key_.append(1, '\0').append(spec.name).append(1, '\0');
-  if (spec.has_version) key_.append("v").append(std::to_string(spec.version));
-  key_.append(1, '\0').append(spec.label);
-  auto it = p.generation ? p.cache.find(key_) : p.cache.end();
-  if (it == p.cache.end()) return Slow();
-  const Decision& d = it->second;
-  if (d.expires_at > 0 && d.expires_at <= Plane::Now()) {
-    p.cache.erase(it);
-    return Slow();
-  }
-  const Decision::Choice* choice = &d.choices[0];
-  if (d.choices.size() > 1)  // the traffic split
-    choice = &PickWeighted(d.choices, std::uniform_real_distribution<double>(0, d.total_weight)(p.rng));
-  version_ = choice->version;
-  addresses_ = choice->addresses;
-  coalesce_max_ = choice->coalesce_max;
-  batch_timeout_us_ = choice->batch_timeout_us;
-  if (choice->max_request_bytes) max_request_bytes_ = std::min(max_request_bytes_, choice->max_request_bytes);
+  key_ = CacheKey(auth, spec);
+  FastRoute route;
+  if (!p.Lookup(key_, spec, api_, p.rng, &route)) return Slow();
+  version_ = route.version;
+  addresses_ = std::move(route.addresses);
+  coalesce_max_ = route.coalesce_max;
+  batch_timeout_us_ = route.batch_timeout_us;
+  if (route.max_request_bytes) max_request_bytes_ = std::min(max_request_bytes_, route.max_request_bytes);
   if (TooLarge(max_request_bytes_)) return;
-  // The replica resolves this spec to the same version by itself: no
-  // routed-version header (see RouteDecision.model); the response's
-  // version is checked instead.
-  bare_ = api_ == "Predict" && spec.name == d.model && spec.label.empty() &&
-          (!spec.has_version || spec.version == version_);
+  bare_ = route.bare;
   Fast(Pick(""));
 }
 
@@ -137,8 +122,7 @@ std::string ModelCall::Pick(const std::string& exclude) {
 
 void ModelCall::Fast(const std::string& address) {
   Plane& p = call_.plane();
-  p.fast_calls++;
-  p.stats_dirty = true;
+  p.Count(&Plane::fast_calls);
   fast_ = true;
   address_ = address;
   Backend& backend = p.BackendFor(address);
@@ -162,8 +146,7 @@ void ModelCall::Fast(const std::string& address) {
 
 void ModelCall::Slow() {
   Plane& p = call_.plane();
-  p.slow_calls++;
-  p.stats_dirty = true;
+  p.Count(&Plane::slow_calls);
   fast_ = false;
   client_ = NewClient(call_.ctx(), false);
   client_->AddMetadata(kSecretHeader, p.options.secret);
@@ -188,14 +171,14 @@ void ModelCall::BackendDone() {
     if (status_.error_code() == grpc::StatusCode::UNAVAILABLE && !retried_ && !call_.ctx().IsCancelled() &&
         !p.options.front()) {
       retried_ = true;
-      p.cache.erase(key_);  // the replica set may have changed: ask the control plane next time
+      p.Forget(key_);  // the replica set may have changed: ask the control plane next time
       std::string other = Pick(address_);
       return other.empty() ? Slow() : Fast(other);
     }
     int64_t served;
     if (bare_ && !batched_ && status_.ok() && !(ResponseVersion(response_, &served) && served == version_)) {
       // Another version answered (a stale route): the control plane routes it again.
-      p.cache.erase(key_);
+      p.Forget(key_);
       return Slow();
     }
     p.Record(model_, std::to_string(version_), api_, status_.error_code(),
@@ -229,6 +212,7 @@ void ModelCall::Remember() {
                            c.coalesce_max(), c.max_request_bytes(), c.batch_timeout_micros()});
       d.total_weight += c.weight();
     }
+    std::lock_guard<std::mutex> lock(p.mu);
     if (p.cache.size() > kCacheLimit) p.cache.clear();
     if (!d.choices.empty()) p.cache[key_] = std::move(d);
     return;

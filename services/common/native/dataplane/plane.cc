@@ -1,5 +1,8 @@
 #include "plane.h"
 
+#include "picking.h"
+#include "wire.h"
+
 namespace cloudml::dataplane {
 
 const char* CodeName(grpc::StatusCode code) {
@@ -76,11 +79,58 @@ grpc::GenericStub* Plane::RelayStub(const std::string& method, const std::string
   return BackendFor(in.addresses[in.next++ % in.addresses.size()]).stub.get();
 }
 
+std::string CacheKey(const std::string& authorization, const Spec& spec) {
+  std::string key = authorization;
+  key.append(1, '\0').append(spec.name).append(1, '\0');
+  if (spec.has_version) key.append("v").append(std::to_string(spec.version));
+  key.append(1, '\0').append(spec.label);
+  return key;
+}
+
+bool Plane::Lookup(const std::string& key, const Spec& spec, const std::string& api, std::mt19937_64& draw,
+                   FastRoute* out) {
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = generation ? cache.find(key) : cache.end();
+  if (it == cache.end()) return false;
+  const Decision& d = it->second;
+  if (d.expires_at > 0 && d.expires_at <= Now()) {
+    cache.erase(it);
+    return false;
+  }
+  const Decision::Choice* choice = &d.choices[0];
+  if (d.choices.size() > 1)  // the traffic split
+    choice = &PickWeighted(d.choices, std::uniform_real_distribution<double>(0, d.total_weight)(draw));
+  out->version = choice->version;
+  out->addresses = choice->addresses;
+  out->coalesce_max = choice->coalesce_max;
+  out->max_request_bytes = choice->max_request_bytes;
+  out->batch_timeout_us = choice->batch_timeout_us;
+  // The replica resolves this spec to the same version by itself: no
+  // routed-version header (see RouteDecision.model); the response's
+  // version is checked instead.
+  out->bare = api == "Predict" && spec.name == d.model && spec.label.empty() &&
+              (!spec.has_version || spec.version == choice->version);
+  return true;
+}
+
+void Plane::Forget(const std::string& key) {
+  std::lock_guard<std::mutex> lock(mu);
+  cache.erase(key);
+}
+
+void Plane::Count(uint64_t Plane::*counter, uint64_t n) {
+  std::lock_guard<std::mutex> lock(mu);
+  this->*counter += n;
+  stats_dirty = true;
+}
+
 void Plane::SetGeneration(uint64_t g) {
+  std::lock_guard<std::mutex> lock(mu);
   if (g != generation) {
     cache.clear();
     vouched.clear();
     epoch++;
+    epochs = epoch;
     Sweep();
   }
   generation = g;
@@ -88,6 +138,7 @@ void Plane::SetGeneration(uint64_t g) {
 
 void Plane::Record(const std::string& model, const std::string& version, const std::string& api,
                    grpc::StatusCode code, double seconds) {
+  std::lock_guard<std::mutex> lock(mu);
   Stat& s = stats[{model, version, api, CodeName(code)}];
   if (s.buckets.size() != bucket_bounds.size() + 1) s.buckets.assign(bucket_bounds.size() + 1, 0);
   size_t i = 0;

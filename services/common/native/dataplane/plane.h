@@ -11,8 +11,10 @@
 
 #include <chrono>
 #include <cstdint>
+#include <atomic>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <random>
 #include <string>
 #include <tuple>
@@ -36,6 +38,8 @@ struct Options {
   uint32_t coalesce_max = 0;  // replica front mode: its ReplicaEndpoint.coalesce_max
   uint64_t max_request_bytes = 64 * 1024 * 1024;  // the largest model call taken at all
   uint32_t batch_timeout_us = 0;  // replica front mode: the replica's batch_timeout_micros
+  bool h2 = true;  // gateway mode: the public port is the HTTP/2 front's (h2front.h)
+  std::string internal;  // then: where the gRPC server listens (a private Unix socket)
   bool front() const { return !front_for.empty(); }
 };
 
@@ -64,6 +68,21 @@ struct Decision {
   double total_weight = 0;
 };
 
+// A cached decision, resolved for one call (Plane::Lookup).
+struct FastRoute {
+  int64_t version = 0;
+  std::vector<std::string> addresses;
+  uint32_t coalesce_max = 0;
+  uint64_t max_request_bytes = 0;  // 0: only the process-wide limit
+  uint32_t batch_timeout_us = 0;
+  bool bare = false;  // the replica resolves the spec to this version by itself (no routed-version header)
+};
+
+struct Spec;
+
+// The decision cache's key for a caller's `authorization` and model_spec.
+std::string CacheKey(const std::string& authorization, const Spec& spec);
+
 struct Instances {
   std::vector<std::string> addresses;
   size_t next = 0;
@@ -85,19 +104,24 @@ struct Plane {
   std::shared_ptr<grpc::Channel> upstream_channel;
   std::unique_ptr<grpc::GenericStub> upstream;
   std::unordered_map<std::string, Backend> backends;
+  // Guards what the HTTP/2 front's thread (h2front.h) shares: `cache`,
+  // `generation` (written under it; the gRPC thread, its only writer, reads
+  // it freely), `stats` and the call counters.
+  std::mutex mu;
   std::unordered_map<std::string, Decision> cache;
   uint64_t generation = 0;  // 0: no live Attach stream, nothing is cached
   uint64_t epoch = 0;       // generation changes seen (Backend::used)
+  std::atomic<uint64_t> epochs{0};  // the same, for the HTTP/2 front's thread
   std::vector<double> bucket_bounds;
   std::map<std::tuple<std::string, std::string, std::string, std::string>, Stat> stats;
-  uint64_t fast_calls = 0, slow_calls = 0, coalesced_calls = 0;
+  uint64_t fast_calls = 0, slow_calls = 0, coalesced_calls = 0;  // under mu
   std::unordered_map<std::string, Instances> services;  // "/pkg.Service/" -> instances
   std::unordered_set<std::string> public_methods;
   std::unordered_map<std::string, double> vouched;  // authorization -> token expiry (this generation)
   std::map<std::tuple<std::string, std::string, std::string>, uint64_t> relays;  // (service, method, code)
   int model_calls_in_flight = 0;  // accepted TF Serving calls not yet finished
   SpinPolicy spin{0};              // when the loop polls (spin.h); main() sets --spin-us
-  bool stats_dirty = true;
+  std::atomic<bool> stats_dirty{true};
   std::mt19937_64 rng{std::random_device{}()};
   bool stopping = false;
 
@@ -127,6 +151,14 @@ struct Plane {
 
   void Record(const std::string& model, const std::string& version, const std::string& api,
               grpc::StatusCode code, double seconds);
+
+  // The cached decision for `key` (CacheKey), one version picked by its
+  // traffic split; false if there is none for this generation, or it expired.
+  bool Lookup(const std::string& key, const Spec& spec, const std::string& api, std::mt19937_64& draw,
+              FastRoute* out);
+  // Drops the decision for `key` (its replicas failed or answered for another version).
+  void Forget(const std::string& key);
+  void Count(uint64_t Plane::*counter, uint64_t n = 1);
 
  private:
   Backend& NewBackend(const std::string& address);

@@ -85,6 +85,20 @@ bool ParseSpec(const std::string& api, const std::string& request, Spec* spec) {
   return ParseModelSpec(bytes, spec) && !spec->name.empty();
 }
 
+namespace {
+// The version in model_spec when it is the message's first field (true only then).
+bool HeadVersion(const std::string& head, int64_t* version) {
+  size_t pos = 0;
+  uint64_t tag, len;
+  if (!(Varint(head, &pos, &tag) && tag == ((2 << 3) | 2) && Varint(head, &pos, &len) && len <= head.size() - pos))
+    return false;
+  Spec spec;
+  if (!ParseModelSpec(head.substr(pos, len), &spec) || !spec.has_version) return false;
+  *version = spec.version;
+  return true;
+}
+}  // namespace
+
 // The model server writes model_spec first, so the response's first bytes
 // usually hold it; other layouts are read whole.
 bool ResponseVersion(const grpc::ByteBuffer& response, int64_t* version) {
@@ -95,15 +109,11 @@ bool ResponseVersion(const grpc::ByteBuffer& response, int64_t* version) {
     head.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
     if (head.size() >= 512) break;
   }
-  size_t pos = 0;
-  uint64_t tag, len;
-  if (Varint(head, &pos, &tag) && tag == ((2 << 3) | 2) && Varint(head, &pos, &len) && len <= head.size() - pos) {
-    Spec spec;
-    if (!ParseModelSpec(head.substr(pos, len), &spec) || !spec.has_version) return false;
-    *version = spec.version;
-    return true;
-  }
-  return SpecVersion(Flatten(response), version);
+  return HeadVersion(head, version) || SpecVersion(Flatten(response), version);
+}
+
+bool ResponseVersion(const std::string& response, int64_t* version) {
+  return HeadVersion(response, version) || SpecVersion(response, version);
 }
 
 }  // namespace cloudml::dataplane

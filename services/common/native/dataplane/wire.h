@@ -69,5 +69,6 @@ bool ParseSpec(const std::string& api, const std::string& request, Spec* spec);
 
 // The served version in a PredictResponse's model_spec; false if absent.
 bool ResponseVersion(const grpc::ByteBuffer& response, int64_t* version);
+bool ResponseVersion(const std::string& response, int64_t* version);
 
 }  // namespace cloudml::dataplane

@@ -1,0 +1,57 @@
+// The gateway's public port spoken as plain HTTP/2 (nghttp2), so that a model
+// call whose route is cached costs one light hop instead of a gRPC server
+// call plus a gRPC client call (issue 15: a minimal relay on Debian's gRPC
+// 1.51 costs ×1.2-1.4 of a direct call at c=1, a byte relay ×1.02-1.08;
+// bench/bench_relay_floor.py).
+//
+// What it does with each stream a caller opens:
+// - A forwarded TF Serving call (protocol.h: Predict, Classify, ...) is read
+//   whole (up to --max-request-bytes; a larger one is streamed on as below).
+//   If its uncompressed request names a model whose routing decision the
+//   gRPC side has cached (Plane::Lookup: same key, generation and expiry
+//   rules as ModelCall::Route) and that version's replicas do not coalesce,
+//   it goes straight to a replica picked as ModelCall picks (traffic split,
+//   least outstanding of two), with the caller's metadata minus its token and
+//   the hop headers, its grpc-timeout, and the routed-version header unless
+//   the replica resolves the spec alike. The reply is read whole; UNAVAILABLE
+//   (or a broken connection) and a reply from another version than routed
+//   drop the cached decision and send the call the slow way, once.
+// - Everything else (a cache miss, a batching replica's calls, platform APIs,
+//   streams of any shape) is relayed frame by frame, with flow control, to
+//   the gRPC server of this same process on a private Unix socket
+//   (Options::internal), which does what it always did: the control plane,
+//   coalescing, relays, limits, decisions to cache.
+// Cancellation (RST_STREAM) and deadlines travel both ways; a caller's
+// x-cloudml-* headers never reach a replica (the gRPC side drops them too).
+//
+// It runs on its own thread; the state it shares with the gRPC thread
+// (decisions, figures) is behind Plane::mu.
+#pragma once
+
+#include <memory>
+#include <string>
+
+namespace cloudml::dataplane {
+
+struct Plane;
+
+class H2Front {
+ public:
+  // Relays what it does not serve itself to the gRPC server on
+  // plane.options.internal ("unix:PATH", set before Listen).
+  explicit H2Front(Plane& plane);
+  ~H2Front();
+  // Binds HOST:PORT or unix:PATH; the bound port (1 for a Unix socket), or 0 if it cannot.
+  int Listen(const std::string& address);
+  // Serves until Stop() (from any thread); then stops taking connections and
+  // returns once its streams have ended, or after `grace` seconds.
+  void Run(double grace);
+  void Stop();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cloudml::dataplane
