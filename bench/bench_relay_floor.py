@@ -7,7 +7,8 @@ answering Predict with a few bytes), called at concurrency 1 by a grpc.aio
 client, in rotated turns per round:
     direct   the stand-in itself,
     dp       the data plane in replica front mode (build/native/cloudml-dataplane,
-             `--spin-us 0` unless --spin-us),
+             `--spin-us 0` unless --spin-us): its HTTP/2 front (h2front.h),
+    dp_grpc  the same with `--h2-front off`: its gRPC server relays,
     floor    bench/relay_floor/relay.cc: the least an async relay on the same
              gRPC does (built here with Debian's g++ and gRPC into /tmp),
     echo     the same program answering by itself: one server call alone,
@@ -77,6 +78,7 @@ async def main() -> None:
 
     floor = build_floor()
     commands = {"dp": [binary_path(), "--coalesce-max", "0", "--spin-us", str(args.spin_us)],
+                "dp_grpc": [binary_path(), "--coalesce-max", "0", "--spin-us", str(args.spin_us), "--h2-front", "off"],
                 "floor": [floor], "echo": [floor, "--echo", "1"],
                 "bytes": [build("bytes.c", "cloudml-relay-bytes", ["cc"])]}
     procs, channels = {}, {"direct": grpc.aio.insecure_channel(socket)}

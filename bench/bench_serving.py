@@ -24,7 +24,8 @@ pacing (default, ~1.5 min): half_plus_two at concurrency 1, one call at a
   and an unrepresentative run).
   `--spin-us N` starts the gateway with `--dataplane-spin-us N`, and
   `--dataplane-binary PATH` runs another build of the data plane in the
-  gateway (the replica's front keeps the tree's).
+  gateway (the replica's front keeps the tree's), and `--h2-front off` the
+  gateway's data plane without its HTTP/2 front (its gRPC server on the port).
 
 models: for half_plus_two and a 3-layer MLP (1,000-wide layers), at client
   concurrency 1 and 32: gRPC through the gateway vs. gRPC direct to one
@@ -53,7 +54,7 @@ so the figures isolate the Predict hot path. Requests are serialized once and
 sent as bytes by a grpc.aio client, so client-side Python work stays small.
 
     .venv/bin/python bench/bench_serving.py [--sections pacing,models,batching] [--seconds 2] [--rounds 3]
-                                            [--spin-us N] [--dataplane-binary PATH]
+                                            [--spin-us N] [--dataplane-binary PATH] [--h2-front on|off]
 """
 from __future__ import annotations
 
@@ -381,6 +382,8 @@ def main() -> None:
                         "alternating rounds")
     parser.add_argument("--idle-seconds", type=float, default=2.0)
     parser.add_argument("--models", default="hpt,mlp", help="models section: which models' rows (hpt, mlp)")
+    parser.add_argument("--h2-front", choices=("on", "off"), default=None,
+                        help="the gateway's --dataplane-h2-front (its default: on)")
     parser.add_argument("--spin-us", type=int, default=None, help="the gateway's --dataplane-spin-us (its default: "
                         "the data plane's)")
     parser.add_argument("--dataplane-binary", default=None, help="the gateway's data-plane binary (default: the tree's)")
@@ -408,7 +411,8 @@ def main() -> None:
         return proc.start().wait_serving(120)
 
     try:
-        gateway_env = {"CLOUDML_DATAPLANE_SPIN_US": args.spin_us, "CLOUDML_DATAPLANE_BINARY": args.dataplane_binary}
+        gateway_env = {"CLOUDML_DATAPLANE_SPIN_US": args.spin_us, "CLOUDML_DATAPLANE_BINARY": args.dataplane_binary,
+                       "CLOUDML_DATAPLANE_H2_FRONT": args.h2_front}
         saved = {key: os.environ.get(key) for key in gateway_env}
         os.environ.update({key: str(value) for key, value in gateway_env.items() if value is not None})
         try:  # only the gateway (and auth) see these

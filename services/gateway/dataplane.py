@@ -73,7 +73,7 @@ class NativeDataplane:
     def __init__(self, table: RoutingTable, metrics: ModelRequestMetrics, directory: Directory,
                  verifier: TokenVerifier, services: dict[str, str], public_methods: frozenset[str],
                  server_metrics: ServerMetrics | None, spin_us: int = DEFAULT_SPIN_US,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, h2_front: bool = True):
         """`services`: full gRPC service name -> the platform service that owns it;
         `public_methods`: platform methods that need no token."""
         self.table = table
@@ -86,6 +86,7 @@ class NativeDataplane:
         self._relayed: dict[tuple[str, str, str], int] = {}
         self.spin_us = spin_us
         self.max_request_bytes = max_request_bytes
+        self.h2_front = h2_front  # the public port spoken as HTTP/2 by the data plane itself (h2front.h)
         self.secret = secrets.token_urlsafe(32)
         self.native = NativeProcess("the native data plane")
         self.failed = False
@@ -103,7 +104,8 @@ class NativeDataplane:
         """Starts the data plane on `listen` in front of `upstream`; returns its port."""
         env = dict(os.environ, **{SECRET_ENV: self.secret})
         port = await self.native.start(["--listen", listen, "--upstream", upstream, "--spin-us", str(self.spin_us),
-                                        "--max-request-bytes", str(self.max_request_bytes)], env)
+                                        "--max-request-bytes", str(self.max_request_bytes),
+                                        "--h2-front", "on" if self.h2_front else "off"], env)
         log.info("native data plane (pid %d) on port %d, in front of %s", self.native.process.pid, port, upstream)
 
         def failed(code: int) -> None:

@@ -48,6 +48,8 @@ class GatewaySettings:
     dataplane: str = "auto"
     #: the most the data plane polls for a replica's due reply, microseconds (None: its default, 0)
     dataplane_spin_us: int | None = None
+    #: the data plane's HTTP/2 front on the public port (False: its gRPC server owns the port)
+    dataplane_h2_front: bool = True
     #: platform-wide cap on a model call's request size, bytes (see predict.py)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
@@ -75,6 +77,7 @@ class GatewayApp(ServiceApp):
             self.dataplane = NativeDataplane(self.table, self.router.metrics, platform.directory, platform.verifier,
                                              owners, self.public_methods - TFS_METHODS - {ATTACH},
                                              platform.server_metrics, max_request_bytes=max_request_bytes,
+                                             h2_front=settings.dataplane_h2_front,
                                              **({"spin_us": spin_us} if spin_us is not None else {}))
             platform.verifier.listeners.append(self.table.changed)
             self.proxy.vouch = self.dataplane.vouch

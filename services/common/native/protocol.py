@@ -40,7 +40,8 @@ AUTHORIZATION = "authorization"
 #: Metadata that belongs to one hop and is never forwarded: these keys, every
 #: key starting with one of HOP_PREFIXES (pseudo-headers and gRPC's own), and
 #: the platform's headers.
-HOP_HEADERS = ("user-agent", "te", "content-type", "host", "accept-encoding") + PLATFORM_HEADERS
+USER_AGENT, TE, CONTENT_TYPE = "user-agent", "te", "content-type"
+HOP_HEADERS = (USER_AGENT, TE, CONTENT_TYPE, "host", "accept-encoding") + PLATFORM_HEADERS
 HOP_PREFIXES = (":", "grpc-")
 _HOP_SET = frozenset(HOP_HEADERS)
 
@@ -132,6 +133,9 @@ def render_header() -> str:
         f"constexpr char kAuthHeader[] = {_c(AUTH_DECISION_HEADER)};",
         f"constexpr char kResolvedVersion[] = {_c(RESOLVED_VERSION_HEADER)};",
         f"constexpr char kAuthorization[] = {_c(AUTHORIZATION)};",
+        f"constexpr char kUserAgent[] = {_c(USER_AGENT)};",
+        f"constexpr char kTe[] = {_c(TE)};",
+        f"constexpr char kContentType[] = {_c(CONTENT_TYPE)};",
         f"constexpr char kSecretEnv[] = {_c(SECRET_ENV)};",
         "",
         "// Metadata never forwarded: these keys and keys with these prefixes (IsHopHeader).",

@@ -33,12 +33,17 @@ namespace cloudml::dataplane {
 
 namespace {
 
-constexpr int32_t kWindow = 4 << 20;            // per stream, both directions
+constexpr int32_t kWindow = 1 << 20;            // per stream, both directions
 constexpr int32_t kConnectionWindow = 16 << 20;  // per connection
 constexpr uint32_t kMaxStreams = 4096;           // a caller's concurrent streams
+// Model calls are read whole before they are routed (and their bytes given
+// back to flow control as they come): at most this much per caller
+// connection; past it, its calls are relayed as they come (gRPC's side and
+// its limits take them).
+constexpr size_t kMaxWholeBytes = 256 << 20;
 constexpr int kLoopMs = 1000;                    // the longest the loop sleeps
 // What replicas see as the caller (gRPC's own relays say "grpc-c++/...").
-constexpr char kUserAgent[] = "cloudml-dataplane-h2 (nghttp2)";
+constexpr char kAgent[] = "cloudml-dataplane-h2 (nghttp2)";
 
 struct Nv {
   std::string name, value;
@@ -57,6 +62,7 @@ struct Exchange {
   std::string body;      // the request: whole (a model call) or what is not yet sent on (relayed)
   size_t body_sent = 0;  // of `body`, copied upstream
   size_t down_unconsumed = 0, up_unconsumed = 0;  // received, not yet given back to flow control
+  size_t charged = 0;  // of Conn::whole_bytes (the caller's connection), for this call
   bool request_ended = false;
   bool whole = false;  // a model call read whole before it is routed
   bool fast = false;   // at a replica; its reply is read whole
@@ -83,6 +89,7 @@ struct Conn {
   bool connecting = false, dead = false, want_out = false;
   std::string address;  // upstream: where it goes
   std::unordered_set<Exchange*> exchanges;
+  size_t whole_bytes = 0;  // a caller's: bytes of model calls read whole, not yet ended (kMaxWholeBytes)
   uint64_t used = 0;  // Plane::epoch when a stream last opened on it
 };
 
@@ -272,11 +279,8 @@ struct H2Front::Impl {
   // would otherwise cost a system call each).
   void Flush(Conn* c) {
     if (c->dead || c->connecting) return;
-    if (c->out_off == c->out.size()) {
-      c->out.clear();
-      c->out_off = 0;
-    }
     for (;;) {
+      Compact(&c->out, &c->out_off);
       // Some frames are queued by callbacks of the writes themselves: loop until nothing is left.
       for (;;) {
         const uint8_t* data;
@@ -287,7 +291,7 @@ struct H2Front::Impl {
         if (c->out.size() - c->out_off > (1 << 20)) break;  // the rest once this is out
       }
       if (c->out_off == c->out.size()) break;
-      ssize_t w = write(c->fd, c->out.data() + c->out_off, c->out.size() - c->out_off);
+      ssize_t w = send(c->fd, c->out.data() + c->out_off, c->out.size() - c->out_off, MSG_NOSIGNAL);
       if (w < 0 && errno != EAGAIN && errno != EINTR) return Kill(c);
       if (w > 0) c->out_off += static_cast<size_t>(w);
       if (c->out_off < c->out.size()) break;  // the socket is full: EPOLLOUT
@@ -329,8 +333,11 @@ struct H2Front::Impl {
     x->body.append(reinterpret_cast<const char*>(data), len);
     if (x->whole) {
       nghttp2_session_consume(x->down->session, x->down_id, len);
-      // Larger than any model call is allowed to be: the gRPC side answers it.
-      if (x->body.size() > plane.options.max_request_bytes + 5) {
+      x->charged += len;
+      x->down->whole_bytes += len;
+      // Larger than any model call is allowed to be (the gRPC side answers
+      // it), or more than a connection may hold read whole.
+      if (x->body.size() > plane.options.max_request_bytes + 5 || x->down->whole_bytes > kMaxWholeBytes) {
         x->whole = false;
         Relay(x);
       }
@@ -392,8 +399,8 @@ struct H2Front::Impl {
       return Relay(x);
     }
     std::vector<Nv> headers = {{":method", "POST"}, {":scheme", "http"}, {":path", x->path},
-                               {":authority", "cloudml"}, {"content-type", "application/grpc"},
-                               {"te", "trailers"}, {"user-agent", kUserAgent}};
+                               {":authority", "cloudml"}, {kContentType, "application/grpc"},
+                               {kTe, "trailers"}, {kUserAgent, kAgent}};
     if (const std::string* timeout = Find(x->request_headers, "grpc-timeout"))
       headers.push_back({"grpc-timeout", *timeout});
     for (const auto& h : x->request_headers)
@@ -485,7 +492,7 @@ struct H2Front::Impl {
   // A trailers-only reply with this status, if the caller is still there and has had no reply.
   void Answer(Exchange* x, int code, const std::string& message) {
     if (!x->down || x->response_submitted) return;
-    std::vector<Nv> headers = {{":status", "200"}, {"content-type", "application/grpc"},
+    std::vector<Nv> headers = {{":status", "200"}, {kContentType, "application/grpc"},
                                {"grpc-status", std::to_string(code)}, {"grpc-message", message}};
     auto nva = Nva(headers);
     x->response_submitted = true;
@@ -514,7 +521,7 @@ struct H2Front::Impl {
     std::vector<Nv> out;
     for (const auto& h : in) {
       bool status = h.name == "grpc-status" || h.name == "grpc-message" || h.name == "grpc-status-details-bin";
-      if (status || (!trailers && (h.name == ":status" || h.name == "content-type")) || !IsHopHeader(h.name))
+      if (status || (!trailers && (h.name == ":status" || h.name == kContentType)) || !IsHopHeader(h.name))
         out.push_back(h);
     }
     return out;
@@ -591,6 +598,8 @@ struct H2Front::Impl {
   void DownClosed(Exchange* x, uint32_t error) {
     Conn* c = x->down;
     c->exchanges.erase(x);
+    c->whole_bytes -= x->charged;
+    x->charged = 0;
     if (x->down_unconsumed && !c->dead) nghttp2_session_consume_connection(c->session, x->down_unconsumed);
     x->down_unconsumed = 0;
     x->down = nullptr;

@@ -11,6 +11,9 @@ constexpr char kDecisionHeader[] = "x-cloudml-route-bin";
 constexpr char kAuthHeader[] = "x-cloudml-auth-bin";
 constexpr char kResolvedVersion[] = "x-cloudml-resolved-version";
 constexpr char kAuthorization[] = "authorization";
+constexpr char kUserAgent[] = "user-agent";
+constexpr char kTe[] = "te";
+constexpr char kContentType[] = "content-type";
 constexpr char kSecretEnv[] = "CLOUDML_DATAPLANE_SECRET";
 
 // Metadata never forwarded: these keys and keys with these prefixes (IsHopHeader).
