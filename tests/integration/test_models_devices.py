@@ -14,8 +14,12 @@ hand. TensorFlow runs only in subprocesses (tests/integration/device_models.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pwd
+import urllib.error
+import urllib.request
 import subprocess
 import sys
 
@@ -27,6 +31,7 @@ from cloudml import errors
 from cloudml.download import MANIFEST_FILE, part_dir
 from cloudml.models.v1 import models_service_pb2 as pb
 from cloudml.models.v1 import models_service_pb2_grpc as pb_grpc
+from services.common import tenancy
 from tests.integration.cli_result import Result
 from tests.integration.models_stack import LOAD_TIMEOUT, ROOT, expect_code, open_stack, wait_for
 
@@ -342,6 +347,39 @@ def test_cli_export_describe_download(stack, team, deployed, tmp_path):
     assert missing.code == 1 and missing.err.startswith("error: NOT_FOUND"), missing.err
 
 
+def test_console_lists_artifacts_and_downloads_them_for_their_tenant_only(stack, team, deployed):
+    """The console's models endpoint lists each version's artifacts; its
+    download link streams the file with the cookie's token, so another
+    tenant's member gets 404 and no cookie 401."""
+    export = deployed.export("hp", 1)  # the CLI test's export, or made here
+    export = deployed.wait_export("hp", 1, export.id, timeout=EXPORT_TIMEOUT)
+
+    def get(path: str, token: str | None):
+        headers = {"Cookie": f"cloudml_page={token}"} if token else {}
+        request = urllib.request.Request(f"{rest(stack)}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    status, _, body = get("/ui/api/models", team.client.token)
+    assert status == 200, body
+    [hp] = [m for m in json.loads(body)["models"] if m["name"] == "hp"]
+    [v1] = hp["versions"]
+    assert "tflite" in [a["id"] for a in v1["artifacts"]]
+    path = "/ui/api/models/hp/versions/1/artifacts/tflite"
+    status, headers, data = get(path, team.client.token)
+    assert status == 200 and len(data) == export.size_bytes
+    assert hashlib.sha256(data).hexdigest() == export.sha256 == headers["X-Content-SHA256"]
+    assert headers["Content-Disposition"] == 'attachment; filename="hp-v1-tflite-model.tflite"'
+    other = stack.new_tenant()
+    assert get(path, other.client.token)[0] == 404
+    assert get(path + f"?tenant={team.name}", other.client.token)[0] == 404
+    assert get(path, None)[0] == 401
+    assert get("/ui/api/models/hp/versions/1/artifacts/nope", team.client.token)[0] == 404
+
+
 # --- restarts ------------------------------------------------------------------------------------
 
 def test_export_survives_a_models_service_restart(stack, team, deployed):
@@ -352,6 +390,15 @@ def test_export_survives_a_models_service_restart(stack, team, deployed):
     export = models.export("linear", 1, optimize="float16")
     wait_for(lambda: models.get_export("linear", 1, export.id).state == "RUNNING", EXPORT_TIMEOUT,
              "export RUNNING", interval=0.05)
+    # It runs as the tenant's own user, as model servers do (services/common/tenancy.py).
+    # (RUNNING is written just before the process starts.)
+    [record] = wait_for(lambda: [r for r in stack.runtime_records() if r.get("replica_id", "").startswith("exports.")
+                                 and r.get("pid")], 30, "the export's runtime record", interval=0.05)
+    if os.geteuid() == 0:
+        account = pwd.getpwnam(tenancy.account_name(team.name))
+        with open(f"/proc/{record['pid']}/status") as f:
+            uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+        assert set(map(int, uids)) == {account.pw_uid}, (uids, account)
     stack.models.kill()
     stack.start_models()
     done = models.wait_export("linear", 1, export.id, timeout=EXPORT_TIMEOUT)
