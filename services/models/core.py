@@ -356,7 +356,9 @@ class ModelsCore(ExportsAPI):
         raise errors.Conflict(f"model {model!r} changed too often while creating a version; retry")
 
     async def get_version(self, caller: Principal, tenant: str, model: str, number: int) -> pb.ModelVersion:
-        tenant = await self._tenant(caller, tenant)
+        return await self._stored_version(await self._tenant(caller, tenant), model, number)
+
+    async def _stored_version(self, tenant: str, model: str, number: int) -> pb.ModelVersion:
         validation.check_model_name(model, "model")
         if number <= 0:
             raise errors.InvalidArgument(f"version must be >= 1 (got {number})")

@@ -23,18 +23,12 @@ S = pb.ModelVersionState
 
 
 class ExportsAPI:
-    """Uses `ModelsCore`'s `_tenant`, `_model`, `store`, `confiner`, `clock`."""
+    """Uses `ModelsCore`'s `_tenant`, `_model`, `_stored_version`, `store`, `confiner`, `clock`."""
 
     trees: TreeReader
 
     async def _live_version(self, tenant: str, model: str, number: int) -> pb.ModelVersion:
-        validation.check_model_name(model, "model")
-        if number <= 0:
-            raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
-        version = await self.store.get_version(tenant, model, number)
-        if version is None:
-            await self._model(tenant, model)  # NOT_FOUND for the model first
-            raise errors.NotFound(f"version {number} of model {model!r} not found")
+        version = await self._stored_version(tenant, model, number)
         if version.HasField("delete_time"):
             raise errors.FailedPrecondition(f"version {number} of model {model!r} is being deleted")
         return version

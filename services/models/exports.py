@@ -57,7 +57,7 @@ from services.common.runtime.base import (Amount, CapacityBusy, ReplicaPhase, Re
                                           Runtime, Unschedulable)
 from services.models import store as model_store
 from services.models.export_records import ARTIFACT_FILE, E, ExportRecord
-from services.models.lifecycle import PROJECT_ROOT
+from services.models.lifecycle import PROJECT_ROOT, watch_until_ended
 from services.models.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,8 @@ class ExportDriver:
     async def _step(self, key: str, record: ExportRecord) -> None:
         version = self.versions.items.get(self.keys.version(record.tenant, record.model, record.version))
         if version is None or version.HasField("delete_time"):
-            await self._release(record)
+            # A PENDING record may hold quota and capacity while it waits for the other: give both back.
+            await self._release(record, force=True)
             if record.artifact_path:
                 await asyncio.to_thread(shutil.rmtree, os.path.dirname(record.artifact_path), True)
             await self.etcd.delete(key)
@@ -232,6 +233,12 @@ class ExportDriver:
 
     async def _start(self, key: str, record: ExportRecord) -> None:
         if self._retry_at.get(key, 0) > self.clock():
+            return
+        if self.runtime.name != "local":
+            # The process reads the tenant's storage and writes its working directory on this
+            # machine; a Pod would need both mounted and the platform's image (not built yet).
+            await self._fail(key, f"exports run on the local runtime only (this platform runs "
+                                  f"{self.runtime.name})")
             return
         try:
             where = self.confiner.check(record.tenant, record.source, "model_version.model_uri")
@@ -308,22 +315,11 @@ class ExportDriver:
         if task is not None and not task.done():
             return
 
-        async def wait() -> None:
-            while True:
-                try:
-                    status = await self.runtime.wait(runtime_id)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # noqa: BLE001 - keep watching
-                    log.exception("waiting for export process %s", runtime_id)
-                    await asyncio.sleep(1)
-                    continue
-                if status.ended:
-                    self._statuses[runtime_id] = status
-                    self.wake()
-                    return
+        def ended(status: ReplicaStatus) -> None:
+            self._statuses[runtime_id] = status
+            self.wake()
 
-        self._waiters[runtime_id] = asyncio.create_task(wait(), name=f"export:{runtime_id}")
+        self._waiters[runtime_id] = watch_until_ended(self.runtime, runtime_id, ended)
 
     # --- finishing ---------------------------------------------------------------------
 
@@ -401,10 +397,11 @@ class ExportDriver:
         finally:
             os.close(fd)
 
-    async def _release(self, record: ExportRecord) -> None:
+    async def _release(self, record: ExportRecord, force: bool = False) -> None:
         """Stops the record's process if it still runs and gives back its
-        quota, capacity and runtime record (each step idempotent)."""
-        if not record.holds:
+        quota, capacity and runtime record (each step idempotent); only for
+        a record that `holds` them, unless `force`."""
+        if not record.holds and not force:
             return
         rid = record.runtime_id
         if rid:
