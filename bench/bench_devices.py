@@ -17,9 +17,11 @@ Then single-example latency, in this process, interleaved over `--rounds`
 rounds of `--calls` calls each: the SavedModel's serving_default (a
 concrete function, eager call) against the TFLite interpreter of each
 export (set_tensor, invoke, get_tensor on an interpreter made once; the
-default XNNPACK delegate, `--threads` threads), p50 and p99.
+default XNNPACK delegate, `--threads` threads), p50 and p99. TensorFlow
+runs the SavedModel with its own thread pools (`--tf-threads N` pins both
+to N, for a one-thread comparison).
 
-    .venv/bin/python bench/bench_devices.py [--rounds 3] [--calls 2000] [--threads 1] [--json]
+    .venv/bin/python bench/bench_devices.py [--rounds 3] [--calls 2000] [--threads 1] [--tf-threads N] [--json]
 """
 from __future__ import annotations
 
@@ -69,16 +71,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=2000, help="single-example calls per target per round")
     parser.add_argument("--threads", type=int, default=1, help="TFLite interpreter threads")
+    parser.add_argument("--tf-threads", type=int, default=0,
+                        help="TensorFlow's intra- and inter-op threads for the SavedModel (0: its default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     import tensorflow as tf
 
+    if args.tf_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.tf_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.tf_threads)
+
     import cloudml
     from bench.bench_serving import build_mlp
     from deploy.local.stack import Stack
 
-    results: dict = {"rounds": args.rounds, "calls": args.calls, "threads": args.threads}
+    results: dict = {"rounds": args.rounds, "calls": args.calls, "threads": args.threads,
+                     "tf_threads": args.tf_threads or "default"}
     with tempfile.TemporaryDirectory(prefix="bench-devices-") as d:
         saved_model = build_mlp(d)
         results["saved_model_bytes"] = tree_bytes(saved_model)
@@ -170,13 +179,14 @@ def main() -> None:
         return
     print(f"MLP 256->3x1000->10: SavedModel {results['saved_model_bytes']:,} bytes; "
           f"{args.rounds} rounds; load average {results['load_average'][0]:.1f}")
+    largest = max(e["max_abs_output"] for e in results["exports"].values())
     print(f"{'optimization':<14} {'export s (median; all)':<30} {'artifact bytes':>15} {'x SavedModel':>13} "
-          f"{'max |diff|':>11}")
+          f"{'max |diff|':>11}   (outputs up to |y| = {largest:.3g})")
     for optimization, e in results["exports"].items():
         print(f"{optimization:<14} {e['export_s_median']:<6} {str(e['export_s']):<23} {e['artifact_bytes']:>15,} "
               f"{e['vs_saved_model']:>13} {e['max_abs_diff']:>11.2e}")
     print(f"single example, in process ({args.calls} calls x {args.rounds} rounds each, TFLite threads "
-          f"{args.threads}):")
+          f"{args.threads}, TensorFlow threads {results['tf_threads']}):")
     for target, figures in results["latency_us"].items():
         ratio = f"  x{figures['vs_saved_model_p50']}" if "vs_saved_model_p50" in figures else ""
         print(f"  {target:<14} p50 {figures['p50']:>8.1f} us  p99 {figures['p99']:>8.1f} us{ratio}")
