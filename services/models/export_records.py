@@ -77,6 +77,8 @@ class ExportRecord:
     owner_id: str = ""
     workdir: str = ""
     holds: bool = False
+    # When the current attempt's process was started (RUNNING).
+    started: float = 0.0
     # Once SUCCEEDED: the platform's copy of the artifact.
     artifact_path: str = ""
     size_bytes: int = 0

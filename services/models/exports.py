@@ -16,7 +16,8 @@ One pass (on any change of an export record, and every `tick`) per record:
 - PENDING: reserve quota and capacity (waiting, with the reason in
   `message`, while they are busy; FAILED when they can never fit), write
   RUNNING with the runtime id and `holds`, then start the process;
-- RUNNING: while the process runs, a task waits for it; once it ended, its
+- RUNNING: while the process runs, a task waits for it (past `timeout` it
+  is stopped and the export FAILED: a SavedModel may hang); once it ended, its
   result file decides: the artifact is copied (no symlink followed, hashed
   on the way) to `DIR/models/artifacts/<tenant>/<model>/<version>/<id>/`, the
   platform's own, and the export SUCCEEDED; the converter's refusal FAILED
@@ -77,6 +78,8 @@ class ExportSettings:
     memory_bytes: int = 2 * 2**30
     #: processes started for one export before it is FAILED
     max_attempts: int = 3
+    #: an attempt running longer is stopped and the export FAILED (a SavedModel is tenant code: it may hang)
+    timeout: float = 900.0
     #: retry period while waiting for quota or capacity; a full pass at least this often
     retry_interval: float = 2.0
     tick: float = 2.0
@@ -184,6 +187,11 @@ class ExportDriver:
             self._statuses[record.runtime_id] = status
             if status.ended:
                 await self._collect(key, record, status)
+            elif record.started and self.clock() - record.started > self.settings.timeout:
+                await self._fail(key, f"the conversion ran longer than {self.settings.timeout:g} s "
+                                      f"(attempt {record.attempts}); stopped")
+                await self._release(record)
+                await self._update(key, lambda r: setattr(r, "holds", False))
             else:
                 self._watch(record.runtime_id)
         elif record.holds:
@@ -281,6 +289,7 @@ class ExportDriver:
         def running(r: ExportRecord) -> None:
             r.state, r.message, r.attempts = E.EXPORT_STATE_RUNNING, "", attempt
             r.runtime_id, r.owner_id, r.workdir, r.holds = runtime_id, self._owner(record), workdir, True
+            r.started = self.clock()
 
         record = await self._update(key, running)
         if record is None:

@@ -402,13 +402,10 @@ def download(ctx: Context) -> None:
     args = ctx.args
     target = args.dir or (f"{args.name}-" + (f"v{args.version}" if args.version else args.label)
                           + (f"-{args.artifact}" if args.artifact else ""))
-    show = upload_progress(ctx, os.path.basename(target.rstrip("/")))
-
-    def progress(done: int, total: int) -> None:
-        show(done, total)
-
     got = ctx.client.models.download(args.name, target, version=args.version or 0, label=args.label or "",
-                                     artifact=args.artifact, tenant=args.tenant, progress=progress)
+                                     artifact=args.artifact, tenant=args.tenant,
+                                     progress=upload_progress(ctx, os.path.basename(target.rstrip("/")),
+                                                              verb="downloading"))
     if got.resumed_bytes:
         ctx.note(f"resumed: {got.resumed_bytes} bytes were there from an earlier run")
     for rel in got.refetched or []:
