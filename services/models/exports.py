@@ -138,8 +138,11 @@ class ExportDriver:
                 except (errors.Unavailable, errors.Conflict) as err:
                     log.info("export pass interrupted: %s", err.message)
                     await asyncio.sleep(0.5)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.tick)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+                # that arrives as the event fires, and a cancelled leader loop must stop.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.tick):
+                        await self._wake.wait()
                 await asyncio.sleep(0.02)
         finally:
             for task in self._waiters.values():

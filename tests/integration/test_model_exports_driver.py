@@ -16,9 +16,9 @@ import os
 import pytest
 
 from cloudml.models.v1 import models_service_pb2 as pb
-from services.common import errors
 from services.common.confine import Confiner
 from services.common.etcd import Etcd
+from tests.integration.standins import Clock, Quota
 from services.common.runtime.base import ReplicaPhase, ReplicaStatus
 from services.models.export_records import E, ExportRecord
 from services.models.exports import ExportDriver, ExportSettings
@@ -76,29 +76,6 @@ class Runtime:
         return [r for r, s in self.replicas.items() if not s.ended]
 
 
-class Quota:
-    def __init__(self):
-        self.held: dict[tuple[str, str], int] = {}
-        self.busy = False
-
-    async def reserve(self, tenant, owner, resources):
-        if self.busy:
-            raise errors.QuotaBusy("cpu_millis: 500 more than the 0 free")
-        self.held[(tenant, owner)] = resources.cpu_millis
-        return True
-
-    async def release(self, tenant, owner):
-        return self.held.pop((tenant, owner), None) is not None
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1_000_000.0
-
-    def __call__(self):
-        return self.now
-
-
 @pytest.fixture
 async def env(etcd_endpoint, etcd_prefix, tmp_path):
     etcd = await Etcd.connect(etcd_endpoint)
@@ -143,7 +120,8 @@ async def env(etcd_endpoint, etcd_prefix, tmp_path):
                record=record, until=until, data=tmp_path / "data")
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    done, pending = await asyncio.wait(tasks, timeout=10)
+    assert not pending, "a driver loop did not stop when cancelled"
     await etcd.close()
 
 
