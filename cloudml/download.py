@@ -11,7 +11,9 @@ directory: run the same command again and it resumes each file from where
 it stopped (each file is asked for from its local size), or starts over
 when the model changed on the server (another manifest). A file whose
 SHA-256 does not match is fetched again once; twice wrong is DATA_LOSS.
-Within one run, a stream broken by UNAVAILABLE is resumed a few times.
+Within one run, a stream broken by UNAVAILABLE or its deadline is resumed
+from the bytes that arrived (three times in a row without progress, then
+the error).
 """
 from __future__ import annotations
 
@@ -171,8 +173,9 @@ def download(client, model: str, target: str, *, version: int = 0, label: str = 
                         result.fetched_bytes += len(chunk.data)
                         if progress:
                             progress(done, total)
-            except errors.Unavailable:
-                retries += 1
+            except (errors.Unavailable, errors.DeadlineExceeded):
+                # Resumable from what arrived; a stream that made progress starts the count again.
+                retries = 1 if sizes[entry["path"]] > have else retries + 1
                 broken = True
                 if retries > STREAM_RETRIES:
                     raise

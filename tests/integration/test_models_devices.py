@@ -333,7 +333,8 @@ def cli(stack, tenant, *argv: str, cwd: str = ROOT, timeout: float = 180) -> Res
 
 def test_cli_export_describe_download(stack, team, deployed, tmp_path):
     """`cloudml models export|describe|download` as a user runs them."""
-    # (The first test made this export: asking again answers it at once, as the proto promises.)
+    # The first test made this export (made here when run alone): asking again answers it at once.
+    deployed.wait_export("hp", 1, deployed.export("hp", 1, optimize="float16").id, timeout=EXPORT_TIMEOUT)
     exported = cli(stack, team, "models", "export", "hp", "-v", "1", "--format", "tflite", "--optimize", "float16",
                    "--wait", "-o", "json")
     assert exported.code == 0, exported.err
