@@ -5,6 +5,11 @@ run as a subprocess so that the pytest process never imports TensorFlow.
         OUTDIR/linear    the seed's linear model, trained by its own trainer (examples/trainers/linear,
                          one short epoch) and exported by it, plus a 5 MiB file in assets.extra/ (a
                          file large enough to be cut mid-way by a download)
+        OUTDIR/strings   serving_default on string ops (StaticRegexReplace, StringToNumber)
+        OUTDIR/pyfunc    serving_default on a tf.py_function (EagerPyFunc)
+    python tests/integration/device_models.py refusals DIR...
+        converts each SavedModel as the export process does (services.models.tflite_export) and
+        prints {DIR: the one-line reason, or "converted"} as JSON (one TensorFlow import for all)
     python tests/integration/device_models.py run-tflite '[["FILE", {"X": [[1.0]], ...}], ...]'
         prints the outputs of the TFLite interpreter's serving_default signature runner for each
         file and its inputs, as a JSON list (one TensorFlow import for all)
@@ -30,6 +35,39 @@ def build(out: str) -> None:
     os.makedirs(os.path.join(out, "linear", "assets.extra"), exist_ok=True)
     with open(os.path.join(out, "linear", "assets.extra", "padding.bin"), "wb") as f:
         f.write(os.urandom(PADDING_BYTES))
+
+
+def build_refused(out: str) -> None:
+    """Two SavedModels TF 2.21's converter refuses without TF Select."""
+    import tensorflow as tf
+
+    class Strings(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="s")])
+        def serve(self, s):
+            return {"y": tf.strings.to_number(tf.strings.regex_replace(s, "a", "1"))}
+
+    class PyFunc(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 1], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": tf.reshape(tf.py_function(lambda a: a * 2.0, [x], tf.float32), [-1, 1])}
+
+    for name, cls in (("strings", Strings), ("pyfunc", PyFunc)):
+        module = cls()
+        tf.saved_model.save(module, os.path.join(out, name), signatures={"serving_default": module.serve})
+
+
+def refusals(paths: list[str]) -> dict:
+    sys.path.insert(0, ROOT)
+    from services.models.tflite_export import convert, one_line_reason
+
+    answers = {}
+    for path in paths:
+        try:
+            convert(path, "", "none")
+            answers[path] = "converted"
+        except Exception as err:  # noqa: BLE001 - the refusal is the answer
+            answers[path] = one_line_reason(str(err))
+    return answers
 
 
 def _numpy_inputs(inputs: dict, dtypes: dict) -> dict:
@@ -61,7 +99,10 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if argv[0] == "build":
         build(argv[1])
+        build_refused(argv[1])
         print(json.dumps({"built": argv[1]}))
+    elif argv[0] == "refusals":
+        print(json.dumps(refusals(argv[1:])))
     elif argv[0] == "run-tflite":
         print(json.dumps([run_tflite(path, inputs) for path, inputs in json.loads(argv[1])]))
     elif argv[0] == "run-saved-model":

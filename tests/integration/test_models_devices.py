@@ -8,9 +8,10 @@ The models: the seed's linear model, trained by its own trainer (with a
 5 MiB file added so that a download can be cut inside a file), and TF
 Serving's half_plus_two, whose classify_x_to_y signature parses tf.Example
 (ParseExampleV2), an op TensorFlow Lite's builtins lack: the converter in
-TF 2.21 refuses it, as it refuses string ops (StaticRegexReplace,
-StringToNumber) and tf.py_function (EagerPyFunc, a custom op), checked by
-hand. TensorFlow runs only in subprocesses (tests/integration/device_models.py).
+TF 2.21 refuses it (an export through the platform), as it refuses string
+ops (StaticRegexReplace, StringToNumber) and tf.py_function (EagerPyFunc, a
+custom op), checked on SavedModels built for it. TensorFlow runs only in
+subprocesses (tests/integration/device_models.py).
 """
 from __future__ import annotations
 
@@ -175,6 +176,18 @@ def test_export_that_cannot_convert_fails_with_the_converters_reason(stack, team
     # An artifact that did not succeed cannot be downloaded.
     with pytest.raises(errors.FailedPrecondition):
         models.download("hp", "/nonexistent/x", version=1, artifact=export.id)
+
+
+def test_the_converter_refuses_string_ops_and_py_function_naming_them(models_dir):
+    """What TF 2.21's converter refuses without TF Select, as the export
+    process words it: string ops (TF Select ops) and tf.py_function (a custom
+    op), each in one line naming the ops."""
+    reasons = tf_helper("refusals", *(os.path.join(models_dir, name) for name in ("strings", "pyfunc")))
+    strings, pyfunc = (reasons[os.path.join(models_dir, name)] for name in ("strings", "pyfunc"))
+    assert strings.endswith("(they need TF Select, which the export does not enable): StaticRegexReplace, "
+                            "StringToNumber"), strings
+    assert pyfunc.endswith("ops TensorFlow Lite does not have (custom ops): EagerPyFunc"), pyfunc
+    assert "\n" not in strings + pyfunc
 
 
 def test_export_and_download_bad_input_and_other_tenants(stack, team, deployed):
