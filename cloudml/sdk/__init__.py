@@ -5,8 +5,8 @@
 (`cloudml.sdk.dev.DevEnvironments`), and their typed results
 (`cloudml.sdk.types`). The CLI's `jobs`, `models`, `hp`, `tensorboard` and
 `dev` commands call these; nothing else talks to those services."""
-from cloudml.sdk.types import (DevEnvironment, Job, LogLine, MetricSeries, Metrics, Model, ModelVersion, Study,
-                                TensorBoard, Trial)
+from cloudml.sdk.types import (DevEnvironment, Export, Job, LogLine, MetricSeries, Metrics, Model, ModelVersion,
+                                Study, TensorBoard, Trial)
 
-__all__ = ["DevEnvironment", "Job", "LogLine", "MetricSeries", "Metrics", "Model", "ModelVersion", "Study",
+__all__ = ["DevEnvironment", "Export", "Job", "LogLine", "MetricSeries", "Metrics", "Model", "ModelVersion", "Study",
            "TensorBoard", "Trial"]

@@ -4,14 +4,23 @@ TF Serving's REST API, through the gateway).
     version = client.models.create("linear", "export/1", replicas=2, wait=True)
     client.models.label("linear", "stable", 1)
     y = client.models.predict("linear", {"keys": [[1]], "X": [[10.0]]})      # numpy when installed
+    client.models.download("linear", "linear-v1", version=1)                   # the SavedModel, verified
+    client.models.export("linear", 1, optimize="float16", wait=True)          # TensorFlow Lite, an artifact
+    client.models.download("linear", "linear-tflite", version=1, artifact="tflite-float16")
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Callable, Iterator
 
+import time
+
 from cloudml import errors, serving, units
-from cloudml.sdk.types import Model, ModelVersion
+from cloudml.sdk.types import Export, Model, ModelVersion
+
+#: `optimize` names -> ExportOptimization numbers
+OPTIMIZE = {"none": 1, "dynamic-range": 2, "float16": 3}
+FORMATS = {"tflite": 1}
 
 
 def _pb():
@@ -266,6 +275,90 @@ class Models:
         if wait:
             serving.wait_for_version_gone(self._client, name, number, tenant=tenant or "", timeout=timeout)
         return deleted
+
+    # --- files for devices: downloads and exports ------------------------------------
+
+    def download(self, name: str, target: str, *, version: int | str = 0, label: str = "", artifact: str = "",
+                 tenant: str | None = None, progress: Callable[[int, int], None] | None = None,
+                 timeout: float | None = None):
+        """Downloads the version's SavedModel (or, with `artifact`, e.g.
+        "tflite", that export's file) into the directory `target`, streamed
+        through the gateway, every file checked against the server's SHA-256,
+        and returns a `cloudml.download.Downloaded`. Give `version` or
+        `label`. A download cut short resumes when run again (see
+        cloudml.download); `target` appears only once complete and verified.
+        `progress(done_bytes, total_bytes)` is called after each chunk.
+
+        Errors: NotFound (no such model, version, label or artifact),
+        FailedPrecondition (the export has not SUCCEEDED; the version is being
+        deleted), AlreadyExists (`target` holds something else), DataLoss."""
+        from cloudml import download as transfer  # noqa: PLC0415
+
+        number = serving.parse_version(version) if version else 0
+        if bool(number) == bool(label):
+            raise errors.SpecError("give either a version or a label")
+        return transfer.download(self._client, name, target, version=number, label=label, artifact=artifact,
+                                 tenant=tenant or "", progress=progress, timeout=timeout)
+
+    def export(self, name: str, version: int | str, *, format: str = "tflite", optimize: str = "none",
+               signature: str = "", tenant: str | None = None, wait: bool = False, timeout: float = 600.0,
+               progress: Callable[[Export], None] | None = None) -> Export:
+        """Exports a version (AVAILABLE) to TensorFlow Lite, converted on the
+        platform as your tenant's code; the result is an artifact of the
+        version (`exports`, `download(..., artifact=export.id)`). Idempotent:
+        the same format and options again return the existing export
+        (`created` False). `optimize`: none, dynamic-range or float16. With
+        `wait=True`, returns once it SUCCEEDED; FailedPrecondition with the
+        converter's reason when it FAILED, DeadlineExceeded after `timeout`."""
+        pb = _pb()
+        if format not in FORMATS:
+            raise errors.SpecError(f"unknown export format {format!r} (known: {', '.join(FORMATS)})")
+        if optimize not in OPTIMIZE:
+            raise errors.SpecError(f"unknown optimization {optimize!r} (known: {', '.join(OPTIMIZE)})")
+        number = serving.parse_version(version)
+        resp = self._rpc("ExportVersion", pb.ExportVersionRequest(
+            tenant=tenant or "", model=name, version=number, format=FORMATS[format],
+            options=pb.ExportOptions(signature=signature, optimization=OPTIMIZE[optimize])))
+        result = Export(resp.export, created=resp.created)
+        if wait:
+            result = self.wait_export(name, number, result.id, tenant=tenant, timeout=timeout, progress=progress)
+            result.created = resp.created
+        return result
+
+    def get_export(self, name: str, version: int | str, export_id: str, *, tenant: str | None = None) -> Export:
+        """One export of a version by id (e.g. "tflite")."""
+        return Export(self._rpc("GetExport", _pb().GetExportRequest(
+            tenant=tenant or "", model=name, version=serving.parse_version(version), id=export_id)).export)
+
+    def exports(self, name: str, version: int | str, *, tenant: str | None = None) -> list[Export]:
+        """The version's exports (its artifacts), by id."""
+        return [Export(e) for e in self._rpc("ListExports", _pb().ListExportsRequest(
+            tenant=tenant or "", model=name, version=serving.parse_version(version))).exports]
+
+    def wait_export(self, name: str, version: int | str, export_id: str, *, tenant: str | None = None,
+                    timeout: float = 600.0, progress: Callable[[Export], None] | None = None) -> Export:
+        """Polls an export until it SUCCEEDED (returned) or FAILED
+        (FailedPrecondition with its reason); DeadlineExceeded after `timeout`.
+        `progress(export)` is called when its state or message changes."""
+        deadline = time.monotonic() + timeout
+        last = None
+        delay = 0.1
+        while True:
+            found = self.get_export(name, version, export_id, tenant=tenant)
+            seen = (found.state, found.message)
+            if progress and seen != last:
+                progress(found)
+            last = seen
+            if found.state == "SUCCEEDED":
+                return found
+            if found.state == "FAILED":
+                raise errors.FailedPrecondition(f"export {export_id} of {name} v{found.proto.version} FAILED: "
+                                                f"{found.message}")
+            if time.monotonic() >= deadline:
+                raise errors.DeadlineExceeded(f"export {export_id} of {name} is {found.state} after {timeout:g}s"
+                                              + (f" ({found.message})" if found.message else ""))
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
 
     # --- predict -------------------------------------------------------------------
 

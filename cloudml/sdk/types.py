@@ -325,6 +325,56 @@ class ModelVersion(Wrapper):
         return self.proto.status.message
 
 
+class Export(Wrapper):
+    """An export of a version (cloudml.models.v1.Export): its format and
+    options, state, and the artifact once SUCCEEDED. `created` is set by
+    `models.export`: False when it existed."""
+
+    __slots__ = ("created",)
+    _repr_fields = ("id", "state", "size_bytes")
+
+    def __init__(self, proto, created: bool | None = None):
+        super().__init__(proto)
+        self.created = created
+
+    @property
+    def id(self) -> str:
+        """e.g. "tflite", "tflite-float16": `models.download(..., artifact=id)`."""
+        return self.proto.id
+
+    @property
+    def state(self) -> str:
+        """PENDING, RUNNING, SUCCEEDED or FAILED."""
+        from cloudml.models.v1 import models_service_pb2 as pb
+
+        return enum_name(pb.ExportState, self.proto.state, "EXPORT_STATE_")
+
+    @property
+    def optimization(self) -> str:
+        """none, dynamic-range or float16."""
+        from cloudml.models.v1 import models_service_pb2 as pb
+
+        name = enum_name(pb.ExportOptimization, self.proto.options.optimization, "EXPORT_OPTIMIZATION_")
+        return "none" if name == "UNSPECIFIED" else name.lower().replace("_", "-")
+
+    @property
+    def message(self) -> str:
+        """Why it FAILED (the converter's reason), or what a PENDING one waits for."""
+        return self.proto.message
+
+    @property
+    def size_bytes(self) -> int:
+        return self.proto.artifact.size_bytes
+
+    @property
+    def sha256(self) -> str:
+        return self.proto.artifact.sha256
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("SUCCEEDED", "FAILED")
+
+
 # --- studies ----------------------------------------------------------------------------
 
 

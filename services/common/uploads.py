@@ -57,6 +57,16 @@ class Stored:
     sha256: str
 
 
+def tree_sha256(digests: dict[str, str]) -> str:
+    """The digest of a tree from its files' ({relative path: hex SHA-256},
+    "" for an empty directory "x/"): what UploadModel answers and
+    DownloadVersion's manifest carries for the same tree."""
+    tree_hash = hashlib.sha256()
+    for path in sorted(digests):
+        tree_hash.update(f"{path}\0{digests[path]}\n".encode())
+    return tree_hash.hexdigest()
+
+
 def check_relative(path: str, field: str = "chunk.path") -> list[str]:
     """The components of a relative upload path; INVALID_ARGUMENT otherwise."""
     bad = errors.InvalidArgument
@@ -175,10 +185,7 @@ class Uploads:
                 raise errors.InvalidArgument("the upload holds no file")
             if required and not any(name in digests for name in required):
                 raise errors.InvalidArgument(f"the upload has no {' or '.join(required)} at its top")
-            tree_hash = hashlib.sha256()
-            for path in sorted(digests):
-                tree_hash.update(f"{path}\0{digests[path]}\n".encode())
-            sha = digests[single] if single else tree_hash.hexdigest()
+            sha = digests[single] if single else tree_sha256(digests)
             files = sum(1 for p in digests if not p.endswith("/"))
             uri = await asyncio.to_thread(self._place, tenant, where, sha[:16], tree, single)
             return Stored(uri=uri, size_bytes=total, files=files, sha256=sha)

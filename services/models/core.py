@@ -41,11 +41,13 @@ from services.models.rules import (DESCRIPTION_MAX, MAX_VERSION, SAVED_MODEL_FIL
                                    decode_page_token, encode_page_token, is_file_at, replica_amount,
                                    replica_resources, spec_of, ts)
 from services.models.store import ModelStore
+from services.models.core_exports import ExportsAPI
+from services.models.downloads import TreeReader
 from services.common.quota import QuotaClient
 
 log = logging.getLogger(__name__)
 
-class ModelsCore:
+class ModelsCore(ExportsAPI):
     def __init__(self, etcd: Etcd, auth: QuotaClient, runtime: Runtime | None, *, storage_root: str | None,
                  defaults: Defaults = Defaults(), clock=time.time, confiner: Confiner | None = None,
                  uploads: Uploads | None = None, store: ModelStore | None = None):
@@ -60,6 +62,7 @@ class ModelsCore:
         self.uploads = uploads or (Uploads(self.storage_root) if self.storage_root else None)
         self.defaults = defaults
         self.clock = clock
+        self.trees = TreeReader()
 
     # --- tenancy -------------------------------------------------------------------
 
@@ -353,7 +356,9 @@ class ModelsCore:
         raise errors.Conflict(f"model {model!r} changed too often while creating a version; retry")
 
     async def get_version(self, caller: Principal, tenant: str, model: str, number: int) -> pb.ModelVersion:
-        tenant = await self._tenant(caller, tenant)
+        return await self._stored_version(await self._tenant(caller, tenant), model, number)
+
+    async def _stored_version(self, tenant: str, model: str, number: int) -> pb.ModelVersion:
         validation.check_model_name(model, "model")
         if number <= 0:
             raise errors.InvalidArgument(f"version must be >= 1 (got {number})")

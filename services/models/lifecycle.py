@@ -25,6 +25,27 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 LOG_FILE = "replica.log"
 
 
+def watch_until_ended(runtime, runtime_id: str, ended) -> asyncio.Task:
+    """A task that waits for the runtime's replica `runtime_id` to end (the
+    runtime's errors are logged and the wait retried) and then calls
+    `ended(status)`."""
+    async def wait() -> None:
+        while True:
+            try:
+                status = await runtime.wait(runtime_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep watching
+                log.exception("waiting for replica %s", runtime_id)
+                await asyncio.sleep(1)
+                continue
+            if status.ended:
+                ended(status)
+                return
+
+    return asyncio.create_task(wait(), name=f"wait:{runtime_id}")
+
+
 class ReplicaLauncher:
     """Uses the `Reconciler`'s state (`settings`, `runtime`, `auth`,
     `replicas`, `statuses`, `_waiters`, `_stoppers`, `_waiting`,
@@ -144,22 +165,11 @@ class ReplicaLauncher:
         if runtime_id in self._waiters and not self._waiters[runtime_id].done():
             return
 
-        async def wait() -> None:
-            while True:
-                try:
-                    status = await self.runtime.wait(runtime_id)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # noqa: BLE001 - keep watching
-                    log.exception("waiting for replica %s", runtime_id)
-                    await asyncio.sleep(1)
-                    continue
-                if status.ended:
-                    self.statuses[runtime_id] = status
-                    self.wake()
-                    return
+        def ended(status: ReplicaStatus) -> None:
+            self.statuses[runtime_id] = status
+            self.wake()
 
-        self._waiters[runtime_id] = asyncio.create_task(wait(), name=f"wait:{runtime_id}")
+        self._waiters[runtime_id] = watch_until_ended(self.runtime, runtime_id, ended)
 
     async def _begin_stop(self, record: store.ReplicaRecord, reason: str) -> None:
         if not record.stopping:

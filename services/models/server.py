@@ -8,6 +8,8 @@ Files under the data directory (DIR):
                                                      capacity ledger), shared with the jobs service
     DIR/models/replicas/<runtime id>/                a replica's working directory: port.json, replica.log
     DIR/models/cache/<tenant>/<model>/<v>-<hash>/    SavedModels fetched from remote URIs
+    DIR/models/exports/<runtime id>/                 an export process's working directory (the tenant's)
+    DIR/models/artifacts/<tenant>/<model>/<v>/<id>/  exported artifacts (model.tflite), the platform's own
 
 Replicas listen on Unix sockets outside DIR (paths must stay short):
 /run/cloudml-<hash of DIR>/<tenant>/ (else under the temp dir), see
@@ -15,6 +17,7 @@ Replicas listen on Unix sockets outside DIR (paths must stay short):
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ from services.common.runtime.factory import make_runtime
 from services.common.server import Platform, ServiceApp
 from services.models.store import ModelStore
 from services.models.core import ModelsCore
+from services.models.exports import ExportDriver, ExportSettings
 from services.models.rules import Defaults
 from services.common.quota import QuotaClient
 from services.models.reconciler import Reconciler, ReconcilerMetrics, ReconcilerSettings
@@ -93,6 +97,8 @@ class ModelsApp(ServiceApp):
             ),
             metrics=ReconcilerMetrics(platform.metrics_registry), confiner=self.core.confiner, store=self.store,
         )
+        self.exports = ExportDriver(platform.etcd, self.runtime, self.auth, ExportSettings(data_dir=data_dir),
+                                    confiner=self.core.confiner, store=self.store)
         self.leading = False
 
     def add_to_server(self, server) -> None:
@@ -106,7 +112,10 @@ class ModelsApp(ServiceApp):
         return self.runtime.synced
 
     async def lead(self) -> None:
-        await self.reconciler.run()
+        # Both loops end together when leadership is lost (or either fails).
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.reconciler.run(), name="models-reconciler")
+            group.create_task(self.exports.run(), name="models-exports")
 
     def leadership_changed(self, leading: bool) -> None:
         self.leading = leading

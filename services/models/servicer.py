@@ -87,3 +87,25 @@ class ModelsServicer(pb_grpc.ModelsServiceServicer):
         stored = await self.core.upload_model(principal(), first.header.tenant, first.header.model, chunks())
         return pb.UploadModelResponse(uri=stored.uri, size_bytes=stored.size_bytes, files=stored.files,
                                       sha256=stored.sha256)
+
+    async def ExportVersion(self, request, context):
+        export, created = await self.core.export_version(principal(), request.tenant, request.model,
+                                                         request.version, request.format, request.options)
+        return pb.ExportVersionResponse(export=export, created=created)
+
+    async def GetExport(self, request, context):
+        export = await self.core.get_export(principal(), request.tenant, request.model, request.version, request.id)
+        return pb.GetExportResponse(export=export)
+
+    async def ListExports(self, request, context):
+        exports = await self.core.list_exports(principal(), request.tenant, request.model, request.version)
+        return pb.ListExportsResponse(exports=exports)
+
+    async def DownloadVersion(self, request, context):
+        async for part in self.core.download(principal(), request.tenant, request.model, request.version,
+                                             request.label, request.artifact, request.path, request.offset,
+                                             request.manifest_only):
+            if isinstance(part, pb.DownloadManifest):
+                yield pb.DownloadVersionResponse(manifest=part)
+            else:
+                yield pb.DownloadVersionResponse(chunk=part)

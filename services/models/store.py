@@ -19,6 +19,9 @@
                                               with no lease: AVAILABLE once the replica reports itself
                                               serving, UNLOADING before it is stopped, deleted once its
                                               process is gone (see observe.py)
+    exports/<tenant>/<model>/<version:019d>/<export id>
+                                              ExportRecord (JSON, export_records.py): an export of a
+                                              version (ExportVersion) and its process
     election/<lease>                          the reconciler's leader election
 
 The gateway reads routes/ and endpoints/ (read-only); nothing else outside
@@ -71,6 +74,7 @@ class ModelKeys:
         self.models, self.versions, self.counters, self.replicas, self.routes, self.endpoints, self.election = (
             self.root + folder for folder in
             ("models/", "versions/", "counters/", "replicas/", "routes/", "endpoints/", "election/"))
+        self.exports = self.root + "exports/"
 
     def model(self, tenant: str, model: str) -> str:
         return f"{self.models}{tenant}/{model}"
@@ -101,6 +105,12 @@ class ModelKeys:
 
     def endpoint(self, tenant: str, model: str, version: int, replica_id: str) -> str:
         return self.endpoints_of(tenant, model, version) + replica_id
+
+    def exports_of(self, tenant: str, model: str, version: int) -> str:
+        return f"{self.exports}{tenant}/{model}/{version:019d}/"
+
+    def export(self, tenant: str, model: str, version: int, export_id: str) -> str:
+        return self.exports_of(tenant, model, version) + export_id
 
     def parse_version(self, key: str) -> tuple[str, str, int]:
         tenant, model, version = key[len(self.versions):].split("/")
@@ -372,6 +382,26 @@ class ModelStore:
             [op_delete(kv.key), op_delete(keys.counter(tenant, model))],
         )
         return ok
+
+    # --- exports ----------------------------------------------------------------------
+
+    async def create_export(self, record) -> bool:
+        """Writes a new export record (export_records.ExportRecord); False if it exists."""
+        key = self.keys.export(record.tenant, record.model, record.version, record.id)
+        ok, _ = await self.etcd.txn([cmp_absent(key)], [op_put(key, record.encode())])
+        return ok
+
+    async def get_export(self, tenant: str, model: str, version: int, export_id: str) -> bytes | None:
+        kv = await self.etcd.get(self.keys.export(tenant, model, version, export_id))
+        return kv.value if kv else None
+
+    async def list_exports(self, tenant: str, model: str, version: int) -> list[bytes]:
+        kvs, _, _ = await self.etcd.get_prefix(self.keys.exports_of(tenant, model, version))
+        return [kv.value for kv in kvs]
+
+    async def update_export(self, key: str, change: Callable[[KV | None], bytes | None]) -> None:
+        """Compare-and-swap read-modify-write of an export record (`Etcd.update`)."""
+        await self.etcd.update(key, change)
 
     # --- routes -----------------------------------------------------------------------
 

@@ -225,6 +225,14 @@ def test_models_page_shows_replicas_and_answers_predict(platform, browser):
     browser.driver.refresh()  # the gateway counted that call for version 1
     assert int(wait_css(browser, "td.requests")[0].text) >= 1
     assert float(css(browser, "td.latency")[0].text) > 0
+    # A TensorFlow Lite export is listed as an artifact of the version, with a download link.
+    exported = platform.cli_json("models", "export", "linear", "-v", "1", "--format", "tflite", "--wait",
+                                 config=platform.acme)
+    browser.driver.refresh()
+    [row] = wait_css(browser, "tr.artifact")
+    assert "tflite" in row.text and "SUCCEEDED" in row.text and exported["export"]["artifact"]["sha256"][:16] in row.text
+    link = row.find_elements("css selector", "a")[0].get_attribute("href")
+    assert link.endswith("/ui/api/models/linear/versions/1/artifacts/tflite")
     browser.screenshot("models")
 
 

@@ -209,6 +209,20 @@ def test_unknown_method_is_unimplemented(platform):
 
 
 
+def test_models_download_and_export_rpcs_are_routed_with_their_shapes():
+    """The device RPCs (issue 16) are proxied to the models service like every
+    platform API: DownloadVersion as a server stream, the others unary."""
+    from services.gateway.routes import platform_routes
+    routes = platform_routes()
+    shapes = {name: (routes[f"/cloudml.models.v1.ModelsService/{name}"].owner,
+                     routes[f"/cloudml.models.v1.ModelsService/{name}"].client_streaming,
+                     routes[f"/cloudml.models.v1.ModelsService/{name}"].server_streaming)
+              for name in ("ExportVersion", "GetExport", "ListExports", "DownloadVersion", "UploadModel")}
+    assert shapes == {"ExportVersion": ("models", False, False), "GetExport": ("models", False, False),
+                      "ListExports": ("models", False, False), "DownloadVersion": ("models", False, True),
+                      "UploadModel": ("models", True, False)}
+
+
 def test_internal_services_are_neither_routed_nor_listed(platform):
     """ReplicaService (replicas' PredictBatch) and Dataplane (the gateway's own
     attach stream) are internal: the gateway does not relay them to any

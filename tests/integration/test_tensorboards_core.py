@@ -15,6 +15,7 @@ from cloudml.jobs.v1 import tensorboards_pb2 as tb_pb
 from services.common import errors
 from services.common.confine import Confiner
 from services.common.etcd import Etcd
+from tests.integration.standins import Clock, Quota
 from services.common.runtime.base import ReplicaPhase, ReplicaStatus
 from services.common.tokens import ROLE_MEMBER, Principal
 from services.common.sockets import socket_root
@@ -76,29 +77,6 @@ class Runtime:
 
     async def forget(self, replica_id):
         self.replicas.pop(replica_id, None)
-
-
-class Quota:
-    def __init__(self, cpu_limit=4000):
-        self.cpu_limit = cpu_limit
-        self.held: dict[tuple[str, str], int] = {}
-
-    async def reserve(self, tenant, owner, resources):
-        if resources.cpu_millis > self.cpu_limit:
-            raise errors.ResourceExhausted(f"cpu_millis: {resources.cpu_millis} over the limit {self.cpu_limit}")
-        self.held[(tenant, owner)] = resources.cpu_millis
-        return True
-
-    async def release(self, tenant, owner):
-        return self.held.pop((tenant, owner), None) is not None
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1_000_000.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture

@@ -66,13 +66,14 @@ def _pb():
     return jobs_service_pb2
 
 
-def upload_progress(ctx: Context, label: str, threshold: int = 8 << 20):
-    """A progress callback for Client.upload_*: one line on stderr, rewritten
-    in place, for uploads of `threshold` bytes or more."""
+def upload_progress(ctx: Context, label: str, threshold: int = 8 << 20, verb: str = "uploading"):
+    """A progress callback for Client.upload_* (and, with verb "downloading",
+    models.download): one line on stderr, rewritten in place, for transfers
+    of `threshold` bytes or more."""
     def show(sent: int, total: int) -> None:
         if total < threshold:
             return
-        ctx.stderr.write(f"\ruploading {label}: {sent / 2**20:.1f}/{total / 2**20:.1f} MiB "
+        ctx.stderr.write(f"\r{verb} {label}: {sent / 2**20:.1f}/{total / 2**20:.1f} MiB "
                          f"({100 * sent // max(total, 1)}%)" + ("\n" if sent >= total else ""))
         ctx.stderr.flush()
 

@@ -8,6 +8,8 @@
     cloudml models scale linear 2 --min 1 --max 4
     cloudml models update linear --traffic 1=90,2=10 | --default-version 2 | --public
     cloudml models predict linear [2] -d data.json
+    cloudml models download linear -v 1 [-d DIR] | --label stable | --artifact tflite
+    cloudml models export linear -v 1 --format tflite [--optimize none|dynamic-range|float16] [--wait]
 
 A local directory given to -u is uploaded into the tenant's storage first
 (ModelsService/UploadModel, streamed through the gateway, with a progress
@@ -144,6 +146,32 @@ def register(subparsers) -> None:
     p.add_argument("--label", default="", help="call the version this label names")
     p.add_argument("--signature", default="", help="signature_name (default serving_default)")
     p.add_argument("--rest-endpoint", default="", help="the gateway's REST endpoint (default from credentials)")
+
+    p = add_command(models, "download", download, "Download a version's SavedModel (or an artifact of it)",
+                    description="Streams the version's SavedModel (or, with --artifact, e.g. tflite, that export's "
+                                "file) through the gateway into DIR, checking every file's SHA-256. DIR appears "
+                                "only once complete; a download cut short resumes when run again.")
+    p.add_argument("name", metavar="NAME")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("-v", "--version", type=arg_type(_version_arg))
+    which.add_argument("--label", help="the version this label names")
+    p.add_argument("-d", "--dir", help="where to put it (default ./NAME-vVERSION[-ARTIFACT])")
+    p.add_argument("--artifact", default="", help="an export's id (see `models describe`), e.g. tflite")
+    p.add_argument("--tenant", default="", help=TENANT_HELP)
+
+    p = add_command(models, "export", export, "Convert a version for devices (TensorFlow Lite)",
+                    description="Converts the version with tf.lite.TFLiteConverter on the platform (as your "
+                                "tenant's code, within its quota) and stores the result as an artifact of the "
+                                "version: `models describe` lists it, `models download NAME -v V --artifact ID` "
+                                "fetches it. Asking again with the same options returns the same export.")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-v", "--version", type=arg_type(_version_arg), required=True)
+    p.add_argument("--format", default="tflite", help="tflite (the only one)")
+    p.add_argument("--signature", default="", help="the signature to convert (default serving_default)")
+    p.add_argument("--optimize", default="none", help="none (default), dynamic-range or float16")
+    p.add_argument("--wait", action="store_true", help="wait until it SUCCEEDED (exit 1 if it FAILED)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits (default 600)")
+    p.add_argument("--tenant", default="", help=TENANT_HELP)
 
     versions = add_group(models, "versions", "Versions of a model")
     p = add_command(versions, "create", versions_create, "Create a version of an existing model")
@@ -326,8 +354,11 @@ def describe(ctx: Context) -> None:
     args = ctx.args
     model = ctx.client.models.get(args.name, tenant=args.tenant).proto
     versions = _all_versions(ctx, args.tenant, args.name)
+    exports = [e.proto for v in versions if not v.HasField("delete_time")
+               for e in ctx.client.models.exports(args.name, v.version, tenant=args.tenant)]
     if ctx.json:
-        ctx.emit({"model": message_to_dict(model), "model_versions": [message_to_dict(v) for v in versions]})
+        ctx.emit({"model": message_to_dict(model), "model_versions": [message_to_dict(v) for v in versions],
+                  "artifacts": [message_to_dict(e) for e in exports]})
         return
     ctx.emit(None, fields=_model_fields(model))
     ctx.stdout.write("\n")
@@ -335,6 +366,82 @@ def describe(ctx: Context) -> None:
     for v in versions:
         if v.status.message:
             ctx.stdout.write(f"\nversion {v.version} error: {v.status.message}\n")
+    if exports:
+        ctx.stdout.write("\nArtifacts:\n")
+        ctx.emit(None, table=(ARTIFACT_HEADERS, [_artifact_row(e) for e in exports]))
+        for e in exports:
+            if e.state == _pb().EXPORT_STATE_FAILED:
+                ctx.stdout.write(f"\nexport {e.id} of version {e.version} failed: {e.message}\n")
+
+
+ARTIFACT_HEADERS = ["VERSION", "ARTIFACT", "FORMAT", "OPTIONS", "STATE", "SIZE", "SHA256", "CREATED"]
+
+
+def _options_text(e) -> str:
+    from cloudml.sdk.types import Export  # noqa: PLC0415
+
+    text = f"optimize={Export(e).optimization}"
+    return text + (f" signature={e.options.signature}" if e.options.signature else "")
+
+
+def _artifact_row(e) -> list:
+    pb = _pb()
+    done = e.state == pb.EXPORT_STATE_SUCCEEDED
+    return [e.version, e.id, enum_label(pb.ExportFormat, e.format, "EXPORT_FORMAT_").lower(), _options_text(e),
+            enum_label(pb.ExportState, e.state, "EXPORT_STATE_").upper(),
+            str(e.artifact.size_bytes) if done else "-",
+            e.artifact.sha256[:16] if done else "-",
+            format_time(e.artifact.create_time if done else e.create_time)]
+
+
+def download(ctx: Context) -> None:
+    import os  # noqa: PLC0415
+
+    from cloudml.cli.commands.jobs import upload_progress  # noqa: PLC0415
+
+    args = ctx.args
+    target = args.dir or (f"{args.name}-" + (f"v{args.version}" if args.version else args.label)
+                          + (f"-{args.artifact}" if args.artifact else ""))
+    got = ctx.client.models.download(args.name, target, version=args.version or 0, label=args.label or "",
+                                     artifact=args.artifact, tenant=args.tenant,
+                                     progress=upload_progress(ctx, os.path.basename(target.rstrip("/")),
+                                                              verb="downloading"))
+    if got.resumed_bytes:
+        ctx.note(f"resumed: {got.resumed_bytes} bytes were there from an earlier run")
+    for rel in got.refetched or []:
+        ctx.note(f"SHA-256 mismatch: {rel} (changed on this disk since); fetched it again")
+    what = f"artifact {args.artifact}" if args.artifact else "SavedModel"
+    text = (f"{got.path} already holds {what} of {args.name} v{got.version} (verified)" if got.already_there else
+            f"downloaded {what} of {args.name} v{got.version} to {got.path}: {got.files} files, "
+            f"{got.size_bytes} bytes, SHA-256 verified")
+    ctx.emit({"path": got.path, "version": str(got.version), "artifact": got.artifact, "files": got.files,
+              "size_bytes": str(got.size_bytes), "sha256": got.sha256, "resumed_bytes": str(got.resumed_bytes),
+              "refetched": got.refetched or [], "already_there": got.already_there}, text=text)
+
+
+def export(ctx: Context) -> None:
+    args = ctx.args
+    models = ctx.client.models
+    result = models.export(args.name, args.version, format=args.format, optimize=args.optimize,
+                           signature=args.signature, tenant=args.tenant)
+    if not result.created:
+        ctx.note(f"export {result.id} of {args.name} v{args.version} exists ({result.state})")
+    if args.wait and not result.finished:
+        ctx.note(f"waiting for export {result.id} of {args.name} v{args.version} ...")
+        result = models.wait_export(args.name, args.version, result.id, tenant=args.tenant, timeout=args.timeout,
+                                    progress=lambda e: ctx.note(f"  {e.state.lower()}"
+                                                                + (f": {e.message}" if e.message else "")))
+    elif args.wait and result.state == "FAILED":
+        raise errors.FailedPrecondition(f"export {result.id} of {args.name} v{args.version} FAILED: {result.message}")
+    e = result.proto
+    fields = [("Model", e.model), ("Version", e.version), ("Artifact", e.id), ("Options", _options_text(e)),
+              ("State", result.state), ("Attempts", e.attempts)]
+    if e.message:
+        fields.append(("Message", e.message))
+    if result.state == "SUCCEEDED":
+        fields += [("Size", f"{e.artifact.size_bytes} bytes"), ("SHA-256", e.artifact.sha256),
+                   ("Download", f"cloudml models download {e.model} -v {e.version} --artifact {e.id}")]
+    ctx.emit({"export": message_to_dict(e), "created": result.created}, fields=fields)
 
 
 def delete(ctx: Context) -> None:

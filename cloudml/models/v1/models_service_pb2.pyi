@@ -20,12 +20,43 @@ class ModelVersionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_VERSION_STATE_AVAILABLE: _ClassVar[ModelVersionState]
     MODEL_VERSION_STATE_UNLOADING: _ClassVar[ModelVersionState]
     MODEL_VERSION_STATE_END: _ClassVar[ModelVersionState]
+
+class ExportFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_FORMAT_UNSPECIFIED: _ClassVar[ExportFormat]
+    EXPORT_FORMAT_TFLITE: _ClassVar[ExportFormat]
+
+class ExportOptimization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_OPTIMIZATION_UNSPECIFIED: _ClassVar[ExportOptimization]
+    EXPORT_OPTIMIZATION_NONE: _ClassVar[ExportOptimization]
+    EXPORT_OPTIMIZATION_DYNAMIC_RANGE: _ClassVar[ExportOptimization]
+    EXPORT_OPTIMIZATION_FLOAT16: _ClassVar[ExportOptimization]
+
+class ExportState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPORT_STATE_UNSPECIFIED: _ClassVar[ExportState]
+    EXPORT_STATE_PENDING: _ClassVar[ExportState]
+    EXPORT_STATE_RUNNING: _ClassVar[ExportState]
+    EXPORT_STATE_SUCCEEDED: _ClassVar[ExportState]
+    EXPORT_STATE_FAILED: _ClassVar[ExportState]
 MODEL_VERSION_STATE_UNSPECIFIED: ModelVersionState
 MODEL_VERSION_STATE_START: ModelVersionState
 MODEL_VERSION_STATE_LOADING: ModelVersionState
 MODEL_VERSION_STATE_AVAILABLE: ModelVersionState
 MODEL_VERSION_STATE_UNLOADING: ModelVersionState
 MODEL_VERSION_STATE_END: ModelVersionState
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat
+EXPORT_FORMAT_TFLITE: ExportFormat
+EXPORT_OPTIMIZATION_UNSPECIFIED: ExportOptimization
+EXPORT_OPTIMIZATION_NONE: ExportOptimization
+EXPORT_OPTIMIZATION_DYNAMIC_RANGE: ExportOptimization
+EXPORT_OPTIMIZATION_FLOAT16: ExportOptimization
+EXPORT_STATE_UNSPECIFIED: ExportState
+EXPORT_STATE_PENDING: ExportState
+EXPORT_STATE_RUNNING: ExportState
+EXPORT_STATE_SUCCEEDED: ExportState
+EXPORT_STATE_FAILED: ExportState
 
 class Model(_message.Message):
     __slots__ = ("name", "tenant", "description", "public", "default_version", "labels", "traffic_split", "create_time", "update_time", "delete_time")
@@ -470,3 +501,169 @@ class UploadModelResponse(_message.Message):
     files: int
     sha256: str
     def __init__(self, uri: _Optional[str] = ..., size_bytes: _Optional[int] = ..., files: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ExportOptions(_message.Message):
+    __slots__ = ("signature", "optimization")
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZATION_FIELD_NUMBER: _ClassVar[int]
+    signature: str
+    optimization: ExportOptimization
+    def __init__(self, signature: _Optional[str] = ..., optimization: _Optional[_Union[ExportOptimization, str]] = ...) -> None: ...
+
+class Artifact(_message.Message):
+    __slots__ = ("file", "size_bytes", "sha256", "create_time")
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    file: str
+    size_bytes: int
+    sha256: str
+    create_time: _timestamp_pb2.Timestamp
+    def __init__(self, file: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Export(_message.Message):
+    __slots__ = ("tenant", "model", "version", "id", "format", "options", "state", "message", "attempts", "artifact", "create_time", "update_time")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    version: int
+    id: str
+    format: ExportFormat
+    options: ExportOptions
+    state: ExportState
+    message: str
+    attempts: int
+    artifact: Artifact
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., id: _Optional[str] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., options: _Optional[_Union[ExportOptions, _Mapping]] = ..., state: _Optional[_Union[ExportState, str]] = ..., message: _Optional[str] = ..., attempts: _Optional[int] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExportVersionRequest(_message.Message):
+    __slots__ = ("tenant", "model", "version", "format", "options")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    version: int
+    format: ExportFormat
+    options: ExportOptions
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., format: _Optional[_Union[ExportFormat, str]] = ..., options: _Optional[_Union[ExportOptions, _Mapping]] = ...) -> None: ...
+
+class ExportVersionResponse(_message.Message):
+    __slots__ = ("export", "created")
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    export: Export
+    created: bool
+    def __init__(self, export: _Optional[_Union[Export, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class GetExportRequest(_message.Message):
+    __slots__ = ("tenant", "model", "version", "id")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    version: int
+    id: str
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., id: _Optional[str] = ...) -> None: ...
+
+class GetExportResponse(_message.Message):
+    __slots__ = ("export",)
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
+    export: Export
+    def __init__(self, export: _Optional[_Union[Export, _Mapping]] = ...) -> None: ...
+
+class ListExportsRequest(_message.Message):
+    __slots__ = ("tenant", "model", "version")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    version: int
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ListExportsResponse(_message.Message):
+    __slots__ = ("exports",)
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
+    exports: _containers.RepeatedCompositeFieldContainer[Export]
+    def __init__(self, exports: _Optional[_Iterable[_Union[Export, _Mapping]]] = ...) -> None: ...
+
+class DownloadVersionRequest(_message.Message):
+    __slots__ = ("tenant", "model", "version", "label", "artifact", "path", "offset", "manifest_only")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_ONLY_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: str
+    version: int
+    label: str
+    artifact: str
+    path: str
+    offset: int
+    manifest_only: bool
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., label: _Optional[str] = ..., artifact: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., manifest_only: _Optional[bool] = ...) -> None: ...
+
+class ManifestFile(_message.Message):
+    __slots__ = ("path", "size_bytes", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size_bytes: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class DownloadManifest(_message.Message):
+    __slots__ = ("version", "artifact", "files", "size_bytes", "sha256")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    artifact: str
+    files: _containers.RepeatedCompositeFieldContainer[ManifestFile]
+    size_bytes: int
+    sha256: str
+    def __init__(self, version: _Optional[int] = ..., artifact: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ManifestFile, _Mapping]]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class DownloadChunk(_message.Message):
+    __slots__ = ("path", "offset", "data")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    offset: int
+    data: bytes
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DownloadVersionResponse(_message.Message):
+    __slots__ = ("manifest", "chunk")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    manifest: DownloadManifest
+    chunk: DownloadChunk
+    def __init__(self, manifest: _Optional[_Union[DownloadManifest, _Mapping]] = ..., chunk: _Optional[_Union[DownloadChunk, _Mapping]] = ...) -> None: ...

@@ -109,6 +109,26 @@ class ModelsServiceStub:
                 request_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelRequest.SerializeToString,
                 response_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelResponse.FromString,
                 _registered_method=True)
+        self.ExportVersion = channel.unary_unary(
+                '/cloudml.models.v1.ModelsService/ExportVersion',
+                request_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.ExportVersionRequest.SerializeToString,
+                response_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.ExportVersionResponse.FromString,
+                _registered_method=True)
+        self.GetExport = channel.unary_unary(
+                '/cloudml.models.v1.ModelsService/GetExport',
+                request_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetExportRequest.SerializeToString,
+                response_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetExportResponse.FromString,
+                _registered_method=True)
+        self.ListExports = channel.unary_unary(
+                '/cloudml.models.v1.ModelsService/ListExports',
+                request_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.ListExportsRequest.SerializeToString,
+                response_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.ListExportsResponse.FromString,
+                _registered_method=True)
+        self.DownloadVersion = channel.unary_stream(
+                '/cloudml.models.v1.ModelsService/DownloadVersion',
+                request_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.DownloadVersionRequest.SerializeToString,
+                response_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.DownloadVersionResponse.FromString,
+                _registered_method=True)
 
 
 class ModelsServiceServicer:
@@ -298,6 +318,62 @@ class ModelsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportVersion(self, request, context):
+        """Converts a version's SavedModel to another format for devices
+        (TensorFlow Lite), in a process of the platform's that runs as the
+        tenant's code does (the tenant's own user, the runtime's capacity, the
+        tenant's quota: the export's CPU and memory are reserved while it runs).
+        The result is stored as an artifact of the version (see Export,
+        ListExports, DownloadVersion). Idempotent per (version, format, options):
+        asking again returns the existing export, whatever its state, with
+        created = false. Exports live in etcd: a models-service restart (or a
+        crash of the export process) retries a running export, at most
+        `max attempts` times, then marks it FAILED; it never stays RUNNING.
+        A model the converter refuses ends FAILED with the converter's reason in
+        Export.error (one line, naming the ops), never INTERNAL.
+        INVALID_ARGUMENT: format not TFLITE, an unknown optimization, a bad
+        signature name, version < 1.
+        FAILED_PRECONDITION: the version is not AVAILABLE (not loaded, failed or
+        being deleted), or its SavedModel is not in the platform's storage.
+        NOT_FOUND: no such model or version (or another tenant's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExport(self, request, context):
+        """Reads one export of a version.
+        NOT_FOUND: no such model, version or export.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExports(self, request, context):
+        """Lists a version's exports (its artifacts), in id order.
+        NOT_FOUND: no such model or version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadVersion(self, request, context):
+        """Streams a version's SavedModel (or one of its artifacts) to the caller:
+        the first message is the manifest (every file with its size and
+        SHA-256), the following ones chunks of at most 1 MiB, files in manifest
+        order. With `path` set, only that file is sent, from `offset` (a resumed
+        download). Callers check each file's SHA-256 against the manifest.
+        INVALID_ARGUMENT: both version and label, neither, a negative offset, a
+        path not in the manifest, an offset beyond the file's size.
+        FAILED_PRECONDITION: the version is being deleted; its SavedModel is not
+        in the platform's storage (a remote model_uri: fetch it from there);
+        the artifact's export has not SUCCEEDED.
+        NOT_FOUND: no such model, version, label or artifact (or another tenant's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -375,6 +451,26 @@ def add_ModelsServiceServicer_to_server(servicer, server):
                     servicer.UploadModel,
                     request_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelRequest.FromString,
                     response_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelResponse.SerializeToString,
+            ),
+            'ExportVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportVersion,
+                    request_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.ExportVersionRequest.FromString,
+                    response_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.ExportVersionResponse.SerializeToString,
+            ),
+            'GetExport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExport,
+                    request_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetExportRequest.FromString,
+                    response_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.GetExportResponse.SerializeToString,
+            ),
+            'ListExports': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExports,
+                    request_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.ListExportsRequest.FromString,
+                    response_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.ListExportsResponse.SerializeToString,
+            ),
+            'DownloadVersion': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadVersion,
+                    request_deserializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.DownloadVersionRequest.FromString,
+                    response_serializer=cloudml_dot_models_dot_v1_dot_models__service__pb2.DownloadVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -782,6 +878,114 @@ class ModelsService:
             '/cloudml.models.v1.ModelsService/UploadModel',
             cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelRequest.SerializeToString,
             cloudml_dot_models_dot_v1_dot_models__service__pb2.UploadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.models.v1.ModelsService/ExportVersion',
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.ExportVersionRequest.SerializeToString,
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.ExportVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.models.v1.ModelsService/GetExport',
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.GetExportRequest.SerializeToString,
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.GetExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExports(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cloudml.models.v1.ModelsService/ListExports',
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.ListExportsRequest.SerializeToString,
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.ListExportsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cloudml.models.v1.ModelsService/DownloadVersion',
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.DownloadVersionRequest.SerializeToString,
+            cloudml_dot_models_dot_v1_dot_models__service__pb2.DownloadVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

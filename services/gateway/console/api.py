@@ -8,7 +8,10 @@ session's tenant (`?tenant=`, admins only for another one).
     GET  /ui/api/jobs/{name}/metrics          GetJobMetrics
     GET  /ui/api/jobs/{name}/logs             StreamLogs as NDJSON (?replica=worker-0&tail=N&follow=1)
     POST /ui/api/jobs/{name}/cancel           CancelJob
-    GET  /ui/api/models                       ListModels + ListVersions + request figures per version
+    GET  /ui/api/models                       ListModels + ListVersions + ListExports (artifacts) + request
+                                              figures per version
+    GET  /ui/api/models/{name}/versions/{version}/artifacts/{artifact}
+                                              the artifact's file (DownloadVersion), as an attachment
     POST /ui/api/models/{name}/predict        TF Serving REST JSON in and out (?version=N)
     GET  /ui/api/studies                      ListStudies
     GET  /ui/api/studies/{name}               GetStudy + ListTrials
@@ -92,6 +95,7 @@ class ConsoleApi:
         post(API + "jobs/{name}/cancel", self._wrap(self.cancel, mutating=True))
         get(API + "models", self._wrap(self.models))
         post(API + "models/{name}/predict", self._wrap(self.predict, mutating=True))
+        get(API + "models/{name}/versions/{version}/artifacts/{artifact}", self._wrap(self.artifact))
         get(API + "studies", self._wrap(self.studies))
         get(API + "studies/{name}", self._wrap(self.study))
         get(API + "quota", self._wrap(self.quota))
@@ -233,12 +237,54 @@ class ConsoleApi:
                                          "model_versions", session)
             entry = to_dict(model)
             entry["versions"] = [to_dict(v) for v in versions]
+            for version, shown in zip(versions, entry["versions"]):
+                exports = [] if version.HasField("delete_time") else (await self._call(
+                    "models", models_grpc.ModelsServiceStub, "ListExports", models_pb.ListExportsRequest(
+                        tenant=session.tenant, model=model.name, version=version.version), session)).exports
+                shown["artifacts"] = [to_dict(e) for e in exports]
             stats = self._request_figures(session.tenant, model.name)
             for version in entry["versions"]:
                 version["requests"] = stats.get(str(version["version"])) if stats is not None else None
             entry["figures_shared_name"] = stats is None
             out.append(entry)
         return ok({"tenant": session.tenant, "models": out, "time": time.time()})
+
+    async def artifact(self, request, session: Session):
+        """An artifact's file (e.g. model.tflite), streamed from DownloadVersion
+        with the session's token: the API decides who may read it (another
+        tenant's model is 404)."""
+        name, artifact = request.match_info["name"], request.match_info["artifact"]
+        try:
+            number = int(request.match_info["version"])
+        except ValueError:
+            raise Refused(400, "the version is a number") from None
+        call = self._stub("models", models_grpc.ModelsServiceStub).DownloadVersion(
+            models_pb.DownloadVersionRequest(tenant=session.tenant, model=name, version=number, artifact=artifact),
+            metadata=session.metadata, timeout=CALL_TIMEOUT * 60)
+        first = await call.read()  # the manifest: errors (404, 412) come back before any byte is sent
+        if first is grpc.aio.EOF or first.WhichOneof("part") != "manifest" or len(first.manifest.files) != 1:
+            call.cancel()
+            raise Refused(502, "the artifact's download did not start with a one-file manifest")
+        entry = first.manifest.files[0]
+        filename = "".join(c for c in f"{name}-v{number}-{artifact}-{entry.path}" if c.isalnum() or c in "._-")
+        response = web.StreamResponse(headers={
+            **SECURITY_HEADERS, "Content-Type": "application/octet-stream", "Content-Length": str(entry.size_bytes),
+            "Content-Disposition": f'attachment; filename="{filename}"', "X-Content-SHA256": entry.sha256})
+        await response.prepare(request)
+        try:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                await response.write(message.chunk.data)
+        except (ConnectionResetError, asyncio.CancelledError):
+            call.cancel()
+            raise
+        except grpc.aio.AioRpcError as err:  # headers are out: cut the response short (its length tells)
+            log.warning("artifact download %s/%s v%d %s cut: %s", session.tenant, name, number, artifact,
+                        err.details() or err.code().name)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response
 
     def _request_figures(self, tenant: str, model: str) -> dict | None:
         """The gateway's own request counts per version of `tenant`'s `model`

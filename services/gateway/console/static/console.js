@@ -270,12 +270,28 @@ async function modelsPage() {
         el("td", {class: "latency"}, latency), el("td", {}, errs),
         el("td", {}, (v.status && v.status.message) || ""));
     });
+    const artifacts = model.versions.flatMap((v) => (v.artifacts || []).map((a) => {
+      const done = a.state === "EXPORT_STATE_SUCCEEDED";
+      const href = `/ui/api/models/${encodeURIComponent(model.name)}/versions/${v.version}/artifacts/` +
+        `${encodeURIComponent(a.id)}${tenantQuery()}`;
+      const options = short(a.options.optimization, "EXPORT_OPTIMIZATION_").toLowerCase().replace("_", "-");
+      return el("tr", {class: "artifact"}, el("td", {}, v.version), el("td", {}, a.id),
+        el("td", {}, short(a.format, "EXPORT_FORMAT_").toLowerCase()),
+        el("td", {}, `optimize=${options === "unspecified" ? "none" : options}` +
+          (a.options.signature ? ` signature=${a.options.signature}` : "")),
+        el("td", {}, short(a.state, "EXPORT_STATE_")), el("td", {}, done ? a.artifact.size_bytes : ""),
+        el("td", {class: "sha256"}, done ? a.artifact.sha256.slice(0, 16) : ""),
+        el("td", {}, done ? el("a", {href: href, download: ""}, "download") : (a.message || "")));
+    }));
     const labels = Object.entries(model.labels || {}).map(([k, v]) => `${k} → ${v}`).join(", ") || "none";
     const split = (model.traffic_split || []).map((t) => `v${t.version}: ${t.percent}%`).join(", ") || "default version";
     return el("div", {class: "card", "data-model": model.name},
       el("h2", {}, model.name, model.public ? el("span", {class: "muted"}, " (public)") : null),
       el("p", {}, `default version ${Number(model.default_version) || "-"} · labels: ${labels} · traffic: ${split}`),
       table(["Version", "State", "Replicas ready/total", "Requests", "Req/s", "Mean latency ms", "Errors", "Status"], versions),
+      artifacts.length ? el("h3", {}, "Artifacts (exports for devices)") : null,
+      artifacts.length ? table(["Version", "Artifact", "Format", "Options", "State", "Bytes", "SHA-256", ""], artifacts)
+        : null,
       predictForm(model));
   });
   show(el("h1", {}, `Models of ${body.tenant}`), cards.length ? cards : el("p", {class: "muted"}, "No models."));
