@@ -8,9 +8,10 @@ service's), every `compact_seconds`:
 
 - compact at (current revision - `keep_revisions`): watchers further behind
   relist (`services.common.etcd.PrefixWatcher`);
-- defragment when the file is at least `defrag_bytes` and a quarter of it or
-  more is free (the member stalls reads and writes for the duration, about a
-  second per 100 MB here, so not more often than needed);
+- defragment when the file is at least `defrag_bytes` and at least a quarter
+  of it, or half of `defrag_bytes`, is free (the member stalls reads and
+  writes for the duration, about a second per 100 MB here, so not more often
+  than needed);
 
 and every `stats_seconds` exports
 
@@ -96,7 +97,7 @@ class EtcdMaintenance:
     async def defragment_if_needed(self) -> bool:
         status = await self.etcd.status()
         size, in_use = status.dbSize, status.dbSizeInUse or status.dbSize
-        if size < self.settings.defrag_bytes or size - in_use < size // 4:
+        if size < self.settings.defrag_bytes or size - in_use < min(size // 4, self.settings.defrag_bytes // 2):
             return False
         started = time.perf_counter()
         await self.etcd.defragment()

@@ -97,7 +97,8 @@ def _arguments(parser) -> None:
     parser.add_argument("--etcd-keep-revisions", type=int, default=maintenance.keep_revisions,
                         help="revisions of history kept at each compaction (default 10000)")
     parser.add_argument("--etcd-defrag-bytes", type=_type(units.parse_memory), default=maintenance.defrag_bytes,
-                        help="etcd is defragmented once its file is this large and a quarter free (default 128Mi)")
+                        help="etcd is defragmented once its file is this large and a quarter of it, or half of "
+                             "this, is free (default 128Mi)")
     parser.add_argument("--etcd-stats-seconds", type=float, default=maintenance.stats_seconds,
                         help="how often etcd's size and key counts are exported as metrics (default 30)")
 

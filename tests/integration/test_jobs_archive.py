@@ -24,13 +24,15 @@ from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from services.common.archive import Archive, ArchiveSettings
 from services.jobs import records
 from services.jobs.archiver import KIND, JobArchive, JobArchiver
-from services.jobs.store import ENDED, JobIndex, JobStore, job_key, record_ops
+from services.jobs.store import ENDED, INDEX_VERSION, JobIndex, JobStore, job_key, record_ops
+from tests.integration.auth_helpers import wait_until
 from tests.integration.jobs_helpers import Code, S, expect_error, plain
 from tests.integration.jobs_stack import JobsStack
 
 RETENTION = 5.0
 FLAGS = ["--retention-seconds", str(RETENTION), "--archive-seconds", "0.2", "--etcd-compact-seconds", "0.5",
-         "--etcd-keep-revisions", "200", "--etcd-stats-seconds", "0.3", "--metrics-listen", "127.0.0.1:0"]
+         "--etcd-keep-revisions", "200", "--etcd-stats-seconds", "0.3", "--etcd-defrag-bytes", "1",
+         "--metrics-listen", "127.0.0.1:0"]
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +45,7 @@ def stack(tmp_path_factory, envs_dir, built, etcd_server):
 
 
 def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached in {timeout} s")
-        time.sleep(0.05)
+    return wait_until(condition, timeout, what=what)
 
 
 def in_etcd(stack, tenant: str, name: str) -> bool:
@@ -85,10 +80,11 @@ def seed(stack, jobs: list[pb.TrainJob]) -> None:
     asyncio.run(write())
 
 
-def list_all(client, page_size: int, states=()) -> list[str]:
+def list_all(client, page_size: int, states=(), tenant: str = "") -> list[str]:
     names, token = [], ""
     while True:
-        page = client.call("ListJobs", pb.ListJobsRequest(page_size=page_size, page_token=token, states=states))
+        page = client.call("ListJobs", pb.ListJobsRequest(page_size=page_size, page_token=token, states=states,
+                                                          tenant=tenant))
         names += [j.name for j in page.jobs]
         token = page.next_page_token
         if not token:
@@ -256,8 +252,27 @@ def test_archiver_killed_between_write_and_delete_loses_nothing_and_shows_no_dup
     assert not archived(stack, member.tenant, "late")
 
 
+def test_records_stored_before_the_index_keys_are_listed_after_the_leader_restarts(stack):
+    member = stack.new_tenant("old")
+    now = time.time()
+    jobs = [finished_job(member.tenant, f"old-{i}", now - 100 + i, now + 3600) for i in range(3)]
+
+    async def as_an_older_version_wrote_them():
+        async with stack.etcd.client() as etcd:
+            for job in jobs:
+                await etcd.put(job_key(job.tenant, job.name), job.SerializeToString())
+            await etcd.delete(INDEX_VERSION)
+
+    asyncio.run(as_an_older_version_wrote_them())
+    assert member.call("ListJobs", pb.ListJobsRequest()).jobs == []  # no order/ keys yet
+    stack.jobs[0].stop()
+    stack.start_jobs(extra=FLAGS)
+    admin = stack.admin()  # of the new jobs process
+    wait_for(lambda: list_all(admin, 10, tenant=member.tenant) == [j.name for j in jobs], what="the old records listed")
+
+
 def test_etcd_is_compacted_and_its_size_and_key_counts_are_exported(stack):
-    ports = json.load(open(stack.jobs[0].port_file))
+    ports = json.load(open(stack.harness.alive("jobs").port_file))
 
     def scrape() -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=5).read().decode()
@@ -273,6 +288,16 @@ def test_etcd_is_compacted_and_its_size_and_key_counts_are_exported(stack):
                        and m.get("cloudml_etcd_revision", 0) >= before + 250 and m, what="a compaction")
     assert metrics["cloudml_etcd_db_size_bytes"] > 0 and metrics["cloudml_etcd_db_size_in_use_bytes"] > 0
     assert metrics['cloudml_etcd_keys{prefix="/cloudml/jobs/jobs/"}'] >= 250
+
+    # Space freed by deletes and compacted away is given back (--etcd-defrag-bytes 1: whenever a quarter is free).
+    async def delete_seeded():
+        async with stack.etcd.client() as etcd:
+            for prefix in ("/cloudml/jobs/jobs/compaction/", "/cloudml/jobs/order/compaction/", ENDED):
+                await etcd.delete_prefix(prefix)
+
+    defrags = metrics.get("cloudml_etcd_defragmentations_total", 0)
+    asyncio.run(delete_seeded())
+    wait_for(lambda: scrape().get("cloudml_etcd_defragmentations_total", 0) > defrags, what="a defragmentation")
 
     async def old_read_fails() -> bool:
         async with stack.etcd.client() as etcd:
