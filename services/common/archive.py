@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import datetime as dt
 import json
 import logging
@@ -112,6 +113,16 @@ class Row:
         data = json.loads(line)
         return cls(data["name"], data["uid"], int(data["create_ns"]), data["state"],
                    base64.b64decode(data["record"]))
+
+    @classmethod
+    def parse_head(cls, line: bytes) -> "Row":
+        """The plain fields of a line, without decoding its record (`record`
+        is the line's last field, so the head is what comes before it)."""
+        cut = line.rfind(b',"record":')
+        if cut < 0:
+            return cls.parse(line)
+        data = json.loads(line[:cut] + b"}")
+        return cls(data["name"], data["uid"], int(data["create_ns"]), data["state"], b"")
 
 
 @dataclass(frozen=True)
@@ -181,8 +192,14 @@ class Archive:
     def _read(self, path: str) -> bytes | None:
         try:
             if self.local:
-                with open(path, "rb") as f:
-                    return f.read()
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    chunks = []
+                    while chunk := os.read(fd, 1 << 20):
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+                finally:
+                    os.close(fd)
             return self.fs.cat_file(path)
         except FileNotFoundError:
             return None
@@ -267,12 +284,16 @@ class Archive:
 
     def get(self, kind: str, tenant: str, name: str) -> Row | None:
         pointer = self.pointer(kind, tenant, name)
-        if pointer is None:
-            return None
-        raw = self._read_range(self._part_path(kind, tenant, pointer.day, pointer.part), pointer.offset,
-                               pointer.length)
+        return self.get_at(kind, tenant, pointer) if pointer is not None else None
+
+    def get_at(self, kind: str, tenant: str, pointer: Pointer, parts: dict[str, bytes] | None = None) -> Row | None:
+        """The line a pointer names (from `parts`, part files already read, when there)."""
+        path = self._part_path(kind, tenant, pointer.day, pointer.part)
+        cached = (parts or {}).get(path)
+        raw = (cached[pointer.offset:pointer.offset + pointer.length] if cached is not None
+               else self._read_range(path, pointer.offset, pointer.length))
         if not raw:
-            log.error("archive pointer of %s/%s/%s names a missing line", kind, tenant, name)
+            log.error("archive pointer %s names a missing line", pointer)
             return None
         return Row.parse(raw)
 
@@ -289,18 +310,39 @@ class Archive:
         for day in days:
             if day < first_day:
                 continue
-            for row, offset, length, part in sorted(self._day(kind, tenant, day), key=lambda x: x[0].position):
-                if row.position <= after or not keep(row):
+            parts: dict[str, bytes] = {}
+            for head, offset, length, part in sorted(self._day(kind, tenant, day, parts), key=lambda x: x[0].position):
+                if head.position <= after or not keep(head):
                     continue
-                pointer = self.pointer(kind, tenant, row.name)
+                pointer = self.pointer(kind, tenant, head.name)
                 if pointer is None or (pointer.day, pointer.part, pointer.offset) != (day, part, offset):
                     continue  # deleted, or archived again elsewhere
                 if len(found) == limit:
                     return found, True
-                found.append(row)
+                row = self.get_at(kind, tenant, pointer, parts)
+                if row is not None:
+                    found.append(row)
         return found, False
 
-    def _day(self, kind: str, tenant: str, day: str) -> list[tuple[Row, int, int, str]]:
+    def page_by_name(self, kind: str, tenant: str, after: str, limit: int,
+                     keep: Callable[[Row], bool] = lambda row: True) -> tuple[list[Row], bool]:
+        """Up to `limit` rows of `tenant` named after `after`, in name order
+        (for kinds listed by name: one `ls` of the names, then a read per row)."""
+        names = sorted(n[:-len(".json")] for n in self._ls(f"{self._tenant_dir(kind, tenant)}/names")
+                       if n.endswith(".json"))
+        found: list[Row] = []
+        for name in names[bisect.bisect_right(names, after):]:
+            row = self.get(kind, tenant, name)
+            if row is None or not keep(row):
+                continue
+            if len(found) == limit:
+                return found, True
+            found.append(row)
+        return found, False
+
+    def _day(self, kind: str, tenant: str, day: str, parts: dict[str, bytes]) -> list[tuple[Row, int, int, str]]:
+        """(head, offset, length, part) of every line of a day's parts; the
+        parts' bytes go into `parts` (path: bytes) for `get_at`."""
         out = []
         base = f"{self._tenant_dir(kind, tenant)}/{day}"
         for file_name in self._ls(base):
@@ -308,10 +350,11 @@ class Archive:
                 continue
             part = file_name[:-len(".jsonl")]
             data = self._read(f"{base}/{file_name}") or b""
+            parts[f"{base}/{file_name}"] = data
             offset = 0
             for line in data.splitlines(keepends=True):
                 try:
-                    out.append((Row.parse(line), offset, len(line), part))
+                    out.append((Row.parse_head(line), offset, len(line), part))
                 except (ValueError, KeyError, TypeError):
                     pass  # a torn line of a non-atomic store: never pointed at
                 offset += len(line)
@@ -321,6 +364,10 @@ class Archive:
 
     async def aget(self, kind: str, tenant: str, name: str) -> Row | None:
         return await asyncio.to_thread(self.get, kind, tenant, name)
+
+    async def apage_by_name(self, kind: str, tenant: str, after: str, limit: int,
+                            keep: Callable[[Row], bool] = lambda row: True) -> tuple[list[Row], bool]:
+        return await asyncio.to_thread(self.page_by_name, kind, tenant, after, limit, keep)
 
     async def apage(self, kind: str, tenant: str, after: Position, limit: int,
                     keep: Callable[[Row], bool] = lambda row: True) -> tuple[list[Row], bool]:

@@ -497,15 +497,20 @@ class Mirror:
     """An in-memory copy of a prefix, kept current by a `PrefixWatcher`.
 
     `decode(kv)` turns a stored value into whatever the owner wants to keep;
-    `listeners` are called with no arguments after each change.
+    `keep(decoded)`, when given, says which items stay in memory (the others
+    are dropped as they come, e.g. finished objects: only live ones cost
+    memory); `listeners` are called with no arguments after each change.
     """
 
-    def __init__(self, etcd: Etcd, prefix: str, decode: Callable[[KV], Any] = lambda kv: kv):
+    def __init__(self, etcd: Etcd, prefix: str, decode: Callable[[KV], Any] = lambda kv: kv,
+                 keep: Callable[[Any], bool] | None = None):
         self.prefix = prefix
         self.decode = decode
+        self.keep = keep
         self.items: dict[str, Any] = {}
         self.listeners: list[Callable[[], Any]] = []
-        self.watcher = PrefixWatcher(etcd, prefix, self._reset, self._event)
+        kv_keep = (lambda kv: (value := self._decode(kv)) is None or keep(value)) if keep else None
+        self.watcher = PrefixWatcher(etcd, prefix, self._reset, self._event, keep=kv_keep)
         self._task: asyncio.Task | None = None
 
     def start(self) -> "Mirror":
@@ -528,8 +533,11 @@ class Mirror:
             log.exception("cannot decode %s", kv.key)
             return None
 
+    def _kept(self, value: Any) -> bool:
+        return value is not None and (self.keep is None or self.keep(value))
+
     async def _reset(self, kvs: dict[str, KV], revision: int) -> None:
-        self.items = {k: v for k, v in ((k, self._decode(kv)) for k, kv in kvs.items()) if v is not None}
+        self.items = {k: v for k, v in ((k, self._decode(kv)) for k, kv in kvs.items()) if self._kept(v)}
         await self._notify()
 
     async def _event(self, event: Event) -> None:
@@ -537,8 +545,10 @@ class Mirror:
             self.items.pop(event.kv.key, None)
         else:
             value = self._decode(event.kv)
-            if value is not None:
+            if self._kept(value):
                 self.items[event.kv.key] = value
+            elif value is not None:
+                self.items.pop(event.kv.key, None)
         await self._notify()
 
     async def _notify(self) -> None:

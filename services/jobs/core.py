@@ -34,7 +34,7 @@ from services.jobs.logs import JobLog, JobPaths, LogStreamer
 from services.jobs.metrics import TensorBoardReader, merge_series, metrics_line
 from services.jobs.observability import JobsMetrics
 from services.jobs.archiver import JobArchive
-from services.jobs.store import JobIndex, JobStore, Unchanged, create_ns
+from services.jobs.store import JobIndex, JobStore, Unchanged, create_ns, summary_of
 from services.jobs.tfconfig import ROLES, SINGLETONS, Replica
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,10 @@ def _amount(field: str, value: int) -> str:
     return str(value)
 
 
-def _page_token(job: pb.TrainJob) -> str:
-    """The position after `job`: its creation time (ns) and name."""
-    return base64.urlsafe_b64encode(f"{create_ns(job)}/{job.name}".encode()).decode().rstrip("=")
+def _page_token(job: pb.TrainJob | tuple[int, str]) -> str:
+    """The position after `job` (or a position): its creation time (ns) and name."""
+    created, name = job if isinstance(job, tuple) else (create_ns(job), job.name)
+    return base64.urlsafe_b64encode(f"{created}/{name}".encode()).decode().rstrip("=")
 
 
 def _page_after(token: str) -> tuple[int, str]:
@@ -364,6 +365,8 @@ class JobsCore:
             if state not in pb.JobState.values() or state == pb.JOB_STATE_UNSPECIFIED:
                 raise errors.InvalidArgument(f"states: {state} is not a JobState")
         after, wanted = _page_after(page_token), frozenset(states)
+        if not wanted:
+            return await self._list_all(tenant, after, size)
         # etcd first, then the archive: a job moving meanwhile is written to
         # the archive before it leaves etcd, so it is in at least one of them.
         live, more = await self.store.page(tenant, wanted, after, size)
@@ -374,6 +377,27 @@ class JobsCore:
         more = more or more_archived or len(jobs) > size
         jobs = jobs[:size]
         return jobs, (_page_token(jobs[-1]) if more and jobs else "")
+
+    async def _list_all(self, tenant: str, after: tuple[int, str], size: int) -> tuple[list[pb.TrainJob], str]:
+        """A page without a state filter: positions first (etcd's order/ keys
+        alone, the archive's pages), then only the chosen live records."""
+        live, more = await self.store.positions(tenant, after, size)
+        archived, more_archived = await self.archive.page(tenant, frozenset(), after, size) if self.archive else ([], False)
+        chosen = sorted({*live, *((create_ns(j), j.name) for j in archived)})
+        more = more or more_archived or len(chosen) > size
+        chosen = chosen[:size]
+        in_archive = {j.name: j for j in archived}
+        names = [name for _, name in chosen if name not in in_archive]
+        found = await self.store.summaries(tenant, names)
+        jobs = []
+        for _, name in chosen:
+            job = found.get(name) or in_archive.get(name)
+            if job is None and self.archive:  # archived since the range (or deleted: then skipped)
+                moved = await self.archive.get(tenant, name)
+                job = summary_of(moved) if moved is not None else None
+            if job is not None:
+                jobs.append(job)
+        return jobs, (_page_token(chosen[-1]) if more and chosen else "")
 
     async def watch(self, caller: Principal, tenant: str, name: str) -> AsyncIterator[pb.TrainJob]:
         tenant, job, revision = await self._load(caller, tenant, name)

@@ -258,11 +258,10 @@ class JobIndex:
         if job is None or policy.is_final(job.state):
             # Gone, or ended: out of memory; the tombstone keeps older events out.
             self._tombstones[key] = mod_revision
-            if current is not None:
+            if current is not None:  # it leaves memory here: tell the listeners (the scheduler, watches)
                 del jobs[name]
                 if not jobs:
                     del self._tenants[tenant]
-            if current is not None or job is not None:
                 self._notify(key, job)
             return
         if jobs is None:
@@ -380,6 +379,25 @@ class JobStore:
         if ok:
             self.index.apply(key, None, resp.header.revision)
         return ok
+
+    async def positions(self, tenant: str, after: Position, limit: int) -> tuple[list[Position], bool]:
+        """Up to `limit` (create ns, name) of `tenant`'s records in etcd after
+        `after`, in that order, from the order/ keys alone; and whether more follow."""
+        start = order_key(tenant, after[0], after[1]) + "\0" if after != (0, "") else None
+        kvs, _, more = await self.etcd.get_prefix(f"{ORDER}{tenant}/", start=start, limit=limit, keys_only=True)
+        found = []
+        for kv in kvs:
+            created, name = kv.key.rsplit("/", 2)[1:]
+            found.append((int(created), name))
+        return found, more
+
+    async def summaries(self, tenant: str, names: list[str]) -> dict[str, pb.TrainJob]:
+        """{name: summary} of those of `names` whose records are in etcd."""
+        found = {}
+        for name, kv in zip(names, await self.etcd.get_many([job_key(tenant, n) for n in names])):
+            if kv is not None:
+                found[name] = summary_of(pb.TrainJob.FromString(kv.value))
+        return found
 
     async def page(self, tenant: str, states: frozenset[int], after: Position,
                    limit: int) -> tuple[list[pb.TrainJob], bool]:
