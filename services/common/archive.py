@@ -57,10 +57,28 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 
 log = logging.getLogger(__name__)
+
+async def run_passes(what: str, pass_once: Callable[[], Awaitable[int]], pause: float) -> None:
+    """An archiver's loop (on its service's leader) until cancelled:
+    `pass_once()` moves what is due and returns how many; errors are logged
+    and the next pass retries."""
+    from services.common import errors  # noqa: PLC0415 - keeps this module's import light
+
+    while True:
+        try:
+            moved = await pass_once()
+            if moved:
+                log.info("%s: %d archived", what, moved)
+        except errors.Unavailable as err:
+            log.info("%s: pass interrupted: %s", what, err.message)
+        except Exception:  # noqa: BLE001 - keep archiving whatever happens
+            log.exception("%s: pass failed", what)
+        await asyncio.sleep(pause)
+
 
 @dataclass(frozen=True)
 class ArchiveSettings:

@@ -29,8 +29,7 @@ from collections import defaultdict
 from typing import Callable
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
-from services.common import errors
-from services.common.archive import Archive, ArchiveSettings, Pointer, Position, Row
+from services.common.archive import Archive, ArchiveSettings, Pointer, Position, Row, run_passes
 from services.common.etcd import KV
 from services.jobs import policy
 from services.jobs.store import JobStore, create_ns, summary_of
@@ -98,16 +97,7 @@ class JobArchiver:
 
     async def run(self) -> None:
         """Until cancelled (the leader's loop)."""
-        while True:
-            try:
-                moved = await self.pass_once()
-                if moved:
-                    log.info("archiver: %d job(s) archived", moved)
-            except errors.Unavailable as err:
-                log.info("archiver pass interrupted: %s", err.message)
-            except Exception:  # noqa: BLE001 - keep archiving whatever happens
-                log.exception("archiver pass failed")
-            await asyncio.sleep(self.settings.pass_seconds)
+        await run_passes("jobs archiver", self.pass_once, self.settings.pass_seconds)
 
     async def pass_once(self) -> int:
         """Archives every job that ended before the cutoff; returns how many."""

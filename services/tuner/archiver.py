@@ -25,8 +25,7 @@ import time
 from dataclasses import dataclass
 
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
-from services.common import errors
-from services.common.archive import Archive, ArchiveSettings, Pointer, Row
+from services.common.archive import Archive, ArchiveSettings, Pointer, Row, run_passes
 from services.common.etcd import KV
 from services.tuner.store import JOBSPECS, STUDIES, StudyRecord, TrialRecord, TunerStore, active_trials
 
@@ -95,16 +94,7 @@ class StudyArchiver:
 
     async def run(self) -> None:
         """Until cancelled (the leader's loop)."""
-        while True:
-            try:
-                moved = await self.pass_once()
-                if moved:
-                    log.info("archiver: %d stud(ies) archived", moved)
-            except errors.Unavailable as err:
-                log.info("archiver pass interrupted: %s", err.message)
-            except Exception:  # noqa: BLE001 - keep archiving whatever happens
-                log.exception("archiver pass failed")
-            await asyncio.sleep(self.settings.pass_seconds)
+        await run_passes("studies archiver", self.pass_once, self.settings.pass_seconds)
 
     async def pass_once(self) -> int:
         """Archives every due study (the studies are read in pages of `batch`)."""
