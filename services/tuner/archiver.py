@@ -60,7 +60,8 @@ class StudyArchive:
 
     async def page(self, tenant: str, after: str, limit: int) -> tuple[list[pb.Study], bool]:
         rows, more = await self.archive.apage_by_name(KIND, tenant, after, limit)
-        return [self.decode(row).record.study for row in rows], more
+        # Only the studies: their trials stay encoded.
+        return [StudyRecord.decode(_kv(json.loads(row.record)["study"])).study for row in rows], more
 
     async def remove(self, tenant: str, name: str) -> bool:
         return await asyncio.to_thread(self.archive.unpoint, KIND, tenant, name)
