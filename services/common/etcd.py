@@ -39,6 +39,8 @@ from services.common.etcd_namespace import Namespace, NamespacedWatch, prefix_en
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 5.0
+#: etcd's default --max-txn-ops: operations one transaction may hold
+MAX_TXN_OPS = 128
 
 
 def _b(key: str | bytes) -> bytes:
@@ -243,6 +245,15 @@ class Etcd:
         self._strip(resp.kvs)
         return [KV.from_pb(kv) for kv in resp.kvs], resp.header.revision, resp.more
 
+    async def get_many(self, keys: Sequence[str]) -> list[KV | None]:
+        """The current value of each key (None: absent), read in transactions
+        of at most MAX_TXN_OPS reads (each one consistent, not all together)."""
+        found: list[KV | None] = []
+        for batch in chunks(keys, MAX_TXN_OPS):
+            _, resp = await self.txn([], [op_get(k) for k in batch])
+            found += [KV.from_pb(r.response_range.kvs[0]) if r.response_range.kvs else None for r in resp.responses]
+        return found
+
     async def count_prefix(self, prefix: str) -> int:
         key, end = self._prefix(prefix)
         with _mapped():
@@ -318,6 +329,32 @@ class Etcd:
             await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise errors.Conflict(f"too much contention updating {key}; retry")
 
+    # --- maintenance (etcd's Maintenance and KV.Compact) ---------------------------------
+
+    async def status(self) -> Any:
+        """etcd's StatusResponse of the member this client talks to
+        (`dbSize`, `dbSizeInUse`, `header.revision`, ...)."""
+        with _mapped():
+            return await self._maintenance.Status(rpc.StatusRequest(), timeout=self.timeout)
+
+    async def compact(self, revision: int, physical: bool = False) -> None:
+        """Discards the key history older than `revision` (the whole store's:
+        compaction knows no namespace). Compacting at or below the current
+        compaction is a no-op here, not an error."""
+        with _mapped():
+            try:
+                await self._kv.Compact(rpc.CompactionRequest(revision=revision, physical=physical),
+                                       timeout=max(self.timeout, 60.0))
+            except grpc.aio.AioRpcError as err:
+                if "compacted" not in (err.details() or ""):
+                    raise
+
+    async def defragment(self, timeout: float = 120.0) -> None:
+        """Gives the space freed by compactions back to the file system (the
+        member blocks reads and writes meanwhile; etcd's `defrag`)."""
+        with _mapped():
+            await self._maintenance.Defragment(rpc.DefragmentRequest(), timeout=timeout)
+
     # --- leases ---------------------------------------------------------------------
 
     async def grant_lease(self, ttl: int) -> int:
@@ -381,13 +418,35 @@ class PrefixWatcher:
         prefix: str,
         on_reset: Callable[[dict[str, KV], int], Any],
         on_event: Callable[[Event], Any],
+        *,
+        keep: Callable[[KV], bool] | None = None,
+        page: int = 1000,
     ):
         self.etcd = etcd
         self.prefix = prefix
         self.on_reset = on_reset
         self.on_event = on_event
+        self.keep = keep
+        self.page = page
         self.revision = 0
         self.synced = asyncio.Event()
+
+    async def _list(self) -> tuple[dict[str, KV], int]:
+        """Every key under the prefix (those `keep` accepts), read in pages of
+        `page` keys at one revision, so that a large prefix never comes back
+        as one response nor stays in memory whole."""
+        found: dict[str, KV] = {}
+        start, revision = None, 0
+        while True:
+            kvs, store_revision, more = await self.etcd.get_prefix(self.prefix, start=start, limit=self.page,
+                                                                   revision=revision)
+            revision = revision or store_revision
+            for kv in kvs:
+                if self.keep is None or self.keep(kv):
+                    found[kv.key] = kv
+            if not more or not kvs:
+                return found, revision
+            start = kvs[-1].key + "\0"
 
     async def run(self) -> None:
         delay = 0.1
@@ -395,8 +454,8 @@ class PrefixWatcher:
         while True:
             try:
                 if relist:
-                    kvs, revision, _ = await self.etcd.get_prefix(self.prefix)
-                    await _maybe_await(self.on_reset({kv.key: kv for kv in kvs}, revision))
+                    kvs, revision = await self._list()
+                    await _maybe_await(self.on_reset(kvs, revision))
                     self.revision = revision
                     self.synced.set()
                     relist = False
@@ -438,15 +497,20 @@ class Mirror:
     """An in-memory copy of a prefix, kept current by a `PrefixWatcher`.
 
     `decode(kv)` turns a stored value into whatever the owner wants to keep;
-    `listeners` are called with no arguments after each change.
+    `keep(decoded)`, when given, says which items stay in memory (the others
+    are dropped as they come, e.g. finished objects: only live ones cost
+    memory); `listeners` are called with no arguments after each change.
     """
 
-    def __init__(self, etcd: Etcd, prefix: str, decode: Callable[[KV], Any] = lambda kv: kv):
+    def __init__(self, etcd: Etcd, prefix: str, decode: Callable[[KV], Any] = lambda kv: kv,
+                 keep: Callable[[Any], bool] | None = None):
         self.prefix = prefix
         self.decode = decode
+        self.keep = keep
         self.items: dict[str, Any] = {}
         self.listeners: list[Callable[[], Any]] = []
-        self.watcher = PrefixWatcher(etcd, prefix, self._reset, self._event)
+        kv_keep = (lambda kv: (value := self._decode(kv)) is None or keep(value)) if keep else None
+        self.watcher = PrefixWatcher(etcd, prefix, self._reset, self._event, keep=kv_keep)
         self._task: asyncio.Task | None = None
 
     def start(self) -> "Mirror":
@@ -469,8 +533,11 @@ class Mirror:
             log.exception("cannot decode %s", kv.key)
             return None
 
+    def _kept(self, value: Any) -> bool:
+        return value is not None and (self.keep is None or self.keep(value))
+
     async def _reset(self, kvs: dict[str, KV], revision: int) -> None:
-        self.items = {k: v for k, v in ((k, self._decode(kv)) for k, kv in kvs.items()) if v is not None}
+        self.items = {k: v for k, v in ((k, self._decode(kv)) for k, kv in kvs.items()) if self._kept(v)}
         await self._notify()
 
     async def _event(self, event: Event) -> None:
@@ -478,8 +545,10 @@ class Mirror:
             self.items.pop(event.kv.key, None)
         else:
             value = self._decode(event.kv)
-            if value is not None:
+            if self._kept(value):
                 self.items[event.kv.key] = value
+            elif value is not None:
+                self.items.pop(event.kv.key, None)
         await self._notify()
 
     async def _notify(self) -> None:

@@ -44,6 +44,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common import errors
+from services.common.archive import ArchiveSettings
 from services.common.etcd import Etcd
 from services.common.etcd_concurrency import Election, Session, run_as_leader
 from services.common.identity import ServiceIdentity, follow_verification_keys
@@ -86,6 +87,8 @@ class Settings:
     #: remote URI schemes tenants may name besides file (services.common.confine)
     allowed_uri_schemes: str = ""
     uploads: UploadLimits = field(default_factory=UploadLimits)
+    #: where finished objects are archived, and after how long (services.common.archive)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
 
 
 def parse_settings(
@@ -122,6 +125,12 @@ def parse_settings(
     parser.add_argument("--tenant-storage-max-bytes", type=int,
                         default=int(os.environ.get("CLOUDML_TENANT_STORAGE_MAX_BYTES", UploadLimits.max_tenant_bytes)),
                         help="uploads are refused once a tenant's storage would exceed this, bytes")
+    parser.add_argument("--archive-uri", default=os.environ.get("CLOUDML_ARCHIVE_URI", ArchiveSettings.uri),
+                        help="fsspec URI where finished objects are archived (default: DIR/archive)")
+    parser.add_argument("--retention-seconds", type=float, default=ArchiveSettings.retention_seconds,
+                        help="objects that ended longer ago than this move from etcd to the archive (7 days)")
+    parser.add_argument("--archive-seconds", type=float, default=ArchiveSettings.pass_seconds,
+                        help="pause between the archiver's passes")
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
@@ -133,6 +142,8 @@ def parse_settings(
         lease_ttl=args.lease_ttl, allowed_uri_schemes=args.allowed_uri_schemes or "",
         uploads=UploadLimits(max_upload_bytes=args.upload_max_bytes or UploadLimits.max_upload_bytes,
                              max_tenant_bytes=args.tenant_storage_max_bytes or UploadLimits.max_tenant_bytes),
+        archive=ArchiveSettings(uri=args.archive_uri or "", retention_seconds=args.retention_seconds,
+                                pass_seconds=args.archive_seconds),
     )
     return settings, args
 

@@ -5,6 +5,8 @@
 [--capacity-cpu N] [--capacity-memory M] [--stop-grace S] [--envs-dir D] [--install-arg ARG ...]
 [--max-tensorboards 5] [--tensorboard-idle-seconds 14400] [--tensorboard-cpu 0.5] [--tensorboard-memory 1Gi]
 [--dev-idle-seconds 14400] [--dev-cpu 1] [--dev-memory 2Gi] [--gateway-endpoint HOST:PORT]
+[--etcd-compact-seconds 300] [--etcd-keep-revisions 10000] [--etcd-defrag-bytes 128Mi] [--etcd-stats-seconds 30]
+(and the common flags, --archive-uri, --retention-seconds and --archive-seconds among them)
 
 The jobs service never imports TensorFlow (tests/unit/test_jobs_no_tensorflow.py).
 Files under DIR: jobs/<tenant>/<job>/ (logs, metrics files, package, work
@@ -17,6 +19,7 @@ environment's config, log and home; its notebooks live in storage/<tenant>/).
 import functools
 
 from cloudml import units
+from services.common.etcd_maintenance import EtcdMaintenanceSettings
 from services.common.runtime.factory import RUNTIMES
 from services.common.server import parse_settings, run
 from services.jobs.core import Defaults
@@ -88,6 +91,16 @@ def _arguments(parser) -> None:
     parser.add_argument("--gateway-endpoint", default=None,
                         help="the gateway's gRPC address written into dev environments' kernels "
                              "(default: DIR/credentials.json's endpoint)")
+    maintenance = EtcdMaintenanceSettings
+    parser.add_argument("--etcd-compact-seconds", type=float, default=maintenance.compact_seconds,
+                        help="the leader compacts etcd's history this often (default 300)")
+    parser.add_argument("--etcd-keep-revisions", type=int, default=maintenance.keep_revisions,
+                        help="revisions of history kept at each compaction (default 10000)")
+    parser.add_argument("--etcd-defrag-bytes", type=_type(units.parse_memory), default=maintenance.defrag_bytes,
+                        help="etcd is defragmented once its file is this large and a quarter of it, or half of "
+                             "this, is free (default 128Mi)")
+    parser.add_argument("--etcd-stats-seconds", type=float, default=maintenance.stats_seconds,
+                        help="how often etcd's size and key counts are exported as metrics (default 30)")
 
 
 def _jobs_settings(args) -> JobsSettings:
@@ -105,6 +118,9 @@ def _jobs_settings(args) -> JobsSettings:
         dev_idle_seconds=args.dev_idle_seconds, dev_cpu=args.dev_cpu, dev_memory=args.dev_memory,
         dev_port=args.dev_port,
         gateway_endpoint=args.gateway_endpoint,
+        etcd_maintenance=EtcdMaintenanceSettings(
+            compact_seconds=args.etcd_compact_seconds, keep_revisions=args.etcd_keep_revisions,
+            defrag_bytes=args.etcd_defrag_bytes, stats_seconds=args.etcd_stats_seconds),
     )
 
 

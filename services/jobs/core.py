@@ -33,7 +33,8 @@ from services.jobs import policy, records
 from services.jobs.logs import JobLog, JobPaths, LogStreamer
 from services.jobs.metrics import TensorBoardReader, merge_series, metrics_line
 from services.jobs.observability import JobsMetrics
-from services.jobs.store import JobIndex, JobStore, Unchanged
+from services.jobs.archiver import JobArchive
+from services.jobs.store import JobIndex, JobStore, Unchanged, create_ns, summary_of
 from services.jobs.tfconfig import ROLES, SINGLETONS, Replica
 
 log = logging.getLogger(__name__)
@@ -102,27 +103,34 @@ def _amount(field: str, value: int) -> str:
     return str(value)
 
 
-def _page_token(name: str) -> str:
-    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+def _page_token(job: pb.TrainJob | tuple[int, str]) -> str:
+    """The position after `job` (or a position): its creation time (ns) and name."""
+    created, name = job if isinstance(job, tuple) else (create_ns(job), job.name)
+    return base64.urlsafe_b64encode(f"{created}/{name}".encode()).decode().rstrip("=")
 
 
-def _page_after(token: str) -> str:
+def _page_after(token: str) -> tuple[int, str]:
     if not token:
-        return ""
+        return (0, "")
     try:
-        name = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        created, _, name = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().partition("/")
         validation.check_name(name)
+        position = (int(created), name)
     except (ValueError, UnicodeDecodeError, errors.InvalidArgument):
         raise errors.InvalidArgument("page_token is not one this service issued") from None
-    return name
+    if not 0 <= position[0] < 2**63:
+        raise errors.InvalidArgument("page_token is not one this service issued")
+    return position
 
 
 class JobsCore:
     def __init__(self, store: JobStore, index: JobIndex, quota, runtime: Runtime, data_dir: str,
                  defaults: Defaults = Defaults(), clock=time.time, metrics: JobsMetrics | None = None,
-                 confiner: Confiner | None = None, uploads: Uploads | None = None):
+                 confiner: Confiner | None = None, uploads: Uploads | None = None,
+                 archive: JobArchive | None = None):
         self.store = store
         self.index = index
+        self.archive = archive
         self.quota = quota
         self.runtime = runtime
         self.data_dir = data_dir
@@ -150,13 +158,24 @@ class JobsCore:
             raise errors.NotFound(f"tenant {tenant!r} not found")
         return tenant
 
+    async def find(self, tenant: str, name: str) -> tuple[pb.TrainJob, int] | None:
+        """A job by name, live (its record's mod_revision) or archived (0);
+        no authorization: callers have checked the tenant."""
+        found = await self.store.get(tenant, name)
+        if found is not None:
+            return found[0], found[1].mod_revision
+        job = await self.archive.get(tenant, name) if self.archive else None
+        return (job, 0) if job is not None else None
+
     async def _load(self, caller: Principal, tenant: str, name: str) -> tuple[str, pb.TrainJob, int]:
+        """(tenant, job, mod_revision; 0 for an archived job). NOT_FOUND for a
+        job the caller may not see, live or archived alike."""
         validation.check_name(name, "name")
         tenant = self._tenant(caller, tenant, name)
-        found = await self.store.get(tenant, name)
+        found = await self.find(tenant, name)
         if found is None:
             raise errors.NotFound(f"job {name!r} not found in tenant {tenant!r}")
-        return tenant, found[0], found[1].mod_revision
+        return tenant, found[0], found[1]
 
     # --- validation ---------------------------------------------------------------------
 
@@ -293,7 +312,7 @@ class JobsCore:
         normalized = await asyncio.to_thread(self.normalize, tenant, name, spec)
         digest = spec_hash(normalized)
         if not validate_only:
-            found = await self.store.get(tenant, name)
+            found = await self.find(tenant, name)  # an archived job's name stays taken
             if found is not None:
                 return self._same_or_conflict(found[0], digest), False
         await self._check_fits(tenant, normalized)
@@ -309,6 +328,14 @@ class JobsCore:
         created, existing = await self.store.create(job)
         if not created:
             return self._same_or_conflict(existing, digest), False
+        archived = await self.archive.get(tenant, name) if self.archive else None
+        if archived is not None:
+            # The archiver points at a job of this name before it deletes the
+            # record, so a job archived since the check above is seen here.
+            mine = await self.store.get(tenant, name)
+            if mine is not None and mine[0].uid == job.uid:
+                await self.store.remove_new(job, mine[1].mod_revision)
+            return self._same_or_conflict(archived, digest), False
         self.metrics.submitted.inc()
         JobLog(self.paths(tenant, name), self.clock).write(0, f"submitted (uid {job.uid}, spec {digest[:12]})")
         return job, True
@@ -327,17 +354,50 @@ class JobsCore:
     async def get(self, caller: Principal, tenant: str, name: str) -> pb.TrainJob:
         return (await self._load(caller, tenant, name))[1]
 
-    def list(self, caller: Principal, tenant: str, states: list[int], page_size: int,
-             page_token: str) -> tuple[list[pb.TrainJob], str]:
+    async def list(self, caller: Principal, tenant: str, states: list[int], page_size: int,
+                   page_token: str) -> tuple[list[pb.TrainJob], str]:
+        """A page of the tenant's jobs, live and archived, oldest first by
+        (create_time, name): the page token is that position, valid across
+        jobs moving to the archive meanwhile."""
         tenant = self._tenant(caller, tenant)
         size = validation.check_page_size(page_size)
         for state in states:
             if state not in pb.JobState.values() or state == pb.JOB_STATE_UNSPECIFIED:
                 raise errors.InvalidArgument(f"states: {state} is not a JobState")
-        if not self.index.synced:
-            raise errors.Unavailable("the jobs service is still loading its jobs; retry")
-        jobs, more = self.index.page(tenant, frozenset(states), _page_after(page_token), size)
-        return jobs, (_page_token(jobs[-1].name) if more and jobs else "")
+        after, wanted = _page_after(page_token), frozenset(states)
+        if not wanted:
+            return await self._list_all(tenant, after, size)
+        # etcd first, then the archive: a job moving meanwhile is written to
+        # the archive before it leaves etcd, so it is in at least one of them.
+        live, more = await self.store.page(tenant, wanted, after, size)
+        archived, more_archived = await self.archive.page(tenant, wanted, after, size) if self.archive else ([], False)
+        merged = {job.name: job for job in archived}
+        merged.update((job.name, job) for job in live)
+        jobs = sorted(merged.values(), key=lambda j: (create_ns(j), j.name))
+        more = more or more_archived or len(jobs) > size
+        jobs = jobs[:size]
+        return jobs, (_page_token(jobs[-1]) if more and jobs else "")
+
+    async def _list_all(self, tenant: str, after: tuple[int, str], size: int) -> tuple[list[pb.TrainJob], str]:
+        """A page without a state filter: positions first (etcd's order/ keys
+        alone, the archive's pages), then only the chosen live records."""
+        live, more = await self.store.positions(tenant, after, size)
+        archived, more_archived = await self.archive.page(tenant, frozenset(), after, size) if self.archive else ([], False)
+        chosen = sorted({*live, *((create_ns(j), j.name) for j in archived)})
+        more = more or more_archived or len(chosen) > size
+        chosen = chosen[:size]
+        in_archive = {j.name: j for j in archived}
+        names = [name for _, name in chosen if name not in in_archive]
+        found = await self.store.summaries(tenant, names)
+        jobs = []
+        for _, name in chosen:
+            job = found.get(name) or in_archive.get(name)
+            if job is None and self.archive:  # archived since the range (or deleted: then skipped)
+                moved = await self.archive.get(tenant, name)
+                job = summary_of(moved) if moved is not None else None
+            if job is not None:
+                jobs.append(job)
+        return jobs, (_page_token(chosen[-1]) if more and chosen else "")
 
     async def watch(self, caller: Principal, tenant: str, name: str) -> AsyncIterator[pb.TrainJob]:
         tenant, job, revision = await self._load(caller, tenant, name)
@@ -348,8 +408,20 @@ class JobsCore:
             changed = self.index.changed
             entry = self.index.get(tenant, name)
             if entry is None or entry.job.uid != job.uid:
-                if await self.store.get(tenant, name) is None:
-                    raise errors.NotFound(f"job {name!r} was deleted")
+                # Not live here: it ended (out of the index) or was deleted.
+                found = await self.store.get(tenant, name)
+                if found is None or found[0].uid != job.uid:
+                    archived = await self.archive.get(tenant, name) if self.archive else None
+                    if archived is None or archived.uid != job.uid:
+                        raise errors.NotFound(f"job {name!r} was deleted")
+                    yield archived
+                    return
+                if found[1].mod_revision > revision:
+                    job, revision = found[0], found[1].mod_revision
+                    yield job
+                    if policy.is_final(job.state):
+                        return
+                    continue
             elif entry.mod_revision > revision:
                 job, revision = entry.job, entry.mod_revision
                 yield job
@@ -379,7 +451,10 @@ class JobsCore:
 
         job = await self.store.update(tenant, name, mutate)
         if job is None:
-            raise errors.NotFound(f"job {name!r} not found in tenant {tenant!r}")
+            archived = await self.archive.get(tenant, name) if self.archive else None
+            if archived is None:
+                raise errors.NotFound(f"job {name!r} not found in tenant {tenant!r}")
+            return archived  # finished long ago: nothing to cancel
         return job
 
     async def delete(self, caller: Principal, tenant: str, name: str) -> None:
@@ -388,8 +463,10 @@ class JobsCore:
             raise errors.FailedPrecondition(
                 f"job {name!r} is {policy.state_name(job.state)}; cancel it and wait until it ends before deleting"
             )
-        if not await self.store.delete(tenant, name, revision):
+        if revision and not await self.store.delete(job, revision):
             raise errors.Conflict(f"job {name!r} changed while being deleted; retry")
+        if self.archive:  # archived, or (an archiver killed mid-way) both
+            await self.archive.remove(tenant, name, job.uid)
         await asyncio.to_thread(self.paths(tenant, name).remove)
 
     # --- logs --------------------------------------------------------------------------
@@ -409,7 +486,7 @@ class JobsCore:
             entry = self.index.get(tenant, name)
             if entry is not None and entry.job.uid == uid:
                 return entry.job
-            found = await self.store.get(tenant, name)
+            found = await self.find(tenant, name)
             return found[0] if found and found[0].uid == uid else None
 
         async def changed() -> None:
@@ -424,9 +501,12 @@ class JobsCore:
 
     async def get_metrics(self, caller: Principal, tenant: str, name: str, metric_names: list[str],
                           start_step: int) -> list[pb.MetricSeries]:
-        tenant, job, _ = await self._load(caller, tenant, name)
+        tenant, job, revision = await self._load(caller, tenant, name)
         names = set(metric_names)
-        chunks = [series for _, series in await self.store.metric_chunks(tenant, name)]
+        if revision:
+            chunks = [series for _, series in await self.store.metric_chunks(tenant, name)]
+        else:  # archived: the series went with it
+            chunks = await self.archive.metric_chunks(job)
         reported = merge_series(chunks, names, start_step)
         if reported or any(c.source == pb.METRIC_SOURCE_REPORTED for c in chunks):
             return reported

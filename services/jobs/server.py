@@ -13,10 +13,13 @@ from cloudml.jobs.v1 import dev_environments_pb2 as dev_pb
 from cloudml.jobs.v1 import dev_environments_pb2_grpc as dev_grpc
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from cloudml.jobs.v1 import jobs_service_pb2_grpc as pb_grpc
+from services.common.archive import Archive
 from services.common.confine import Confiner
+from services.common.etcd_maintenance import EtcdMaintenance, EtcdMaintenanceMetrics, EtcdMaintenanceSettings
 from services.common.runtime.factory import make_runtime
 from services.common.uploads import Uploads
 from services.common.server import Platform, ServiceApp
+from services.jobs.archiver import JobArchive, JobArchiver
 from services.jobs.core import Defaults, JobsCore
 from services.jobs.envs import EnvCache
 from services.jobs.observability import JobsMetrics
@@ -71,6 +74,8 @@ class JobsSettings:
     dev_port: int = DevEnvSettings.port
     #: the gateway's gRPC address for the kernels' config (None: DIR/credentials.json's "endpoint")
     gateway_endpoint: str | None = None
+    #: compaction, defragmentation and size metrics of etcd (the leader runs them for the platform)
+    etcd_maintenance: EtcdMaintenanceSettings = EtcdMaintenanceSettings()
 
 
 class JobsApp(ServiceApp):
@@ -94,8 +99,14 @@ class JobsApp(ServiceApp):
         storage = os.path.join(data_dir, "storage")
         schemes = common.allowed_uri_schemes
         uploads = Uploads(storage, getattr(self.runtime, "tenancy", None), common.uploads)
+        self.archive = JobArchive(Archive(common.archive.root(data_dir)))
         self.core = JobsCore(self.store, self.index, quota, self.runtime, data_dir, settings.defaults,
-                             metrics=metrics, confiner=Confiner(storage, schemes), uploads=uploads)
+                             metrics=metrics, confiner=Confiner(storage, schemes), uploads=uploads,
+                             archive=self.archive)
+        self.archiver = JobArchiver(self.store, self.archive, common.archive, on_archived=metrics.archived.inc)
+        self.maintenance = EtcdMaintenance(platform.etcd, settings.etcd_maintenance,
+                                           EtcdMaintenanceMetrics(platform.metrics_registry))
+        metrics.live.set_function(lambda: len(self.index))
         tenancy = getattr(self.runtime, "tenancy", None)
         if tenancy is not None:  # tenant code must reach its own directories below the data dir
             tenancy.ensure_reachable(data_dir)
@@ -122,9 +133,9 @@ class JobsApp(ServiceApp):
         self._index_started = False
         self._ready = False
 
-    def _job(self, tenant: str, name: str):
-        entry = self.index.get(tenant, name)
-        return entry.job if entry is not None else None
+    async def _job(self, tenant: str, name: str):
+        found = await self.core.find(tenant, name)
+        return found[0] if found is not None else None
 
     def add_to_server(self, server) -> None:
         pb_grpc.add_JobsServiceServicer_to_server(JobsServicer(self.core, self.tensorboards), server)
@@ -137,15 +148,18 @@ class JobsApp(ServiceApp):
             self._index_started = True
         await self.index.wait_synced(30)
         self._ready = True
-        log.info("jobs: %d job record(s) loaded; runtime %s with %s", len(self.index), self.runtime.name,
+        log.info("jobs: %d live job(s) loaded; runtime %s with %s", len(self.index), self.runtime.name,
                  self.runtime.total())
 
     def ready(self) -> bool:
         return self._ready and self.runtime.synced
 
     async def lead(self) -> None:
-        # Both until this process stops leading (cancelled together).
+        # All until this process stops leading (cancelled together).
+        await self.store.ensure_index_keys()
         async with asyncio.TaskGroup() as group:
+            group.create_task(self.archiver.run(), name="jobs-archiver")
+            group.create_task(self.maintenance.run(), name="etcd-maintenance")
             group.create_task(self.scheduler.lead(), name="jobs-scheduler")
             group.create_task(self.tensorboards.lead(), name="jobs-tensorboards")
             group.create_task(self.devenvs.lead(), name="jobs-devenvs")

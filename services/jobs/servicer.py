@@ -39,8 +39,8 @@ class JobsServicer(pb_grpc.JobsServiceServicer):
         return pb.GetJobResponse(job=await self.core.get(principal(), request.tenant, request.name))
 
     async def ListJobs(self, request, context):
-        jobs, token = self.core.list(principal(), request.tenant, list(request.states), request.page_size,
-                                     request.page_token)
+        jobs, token = await self.core.list(principal(), request.tenant, list(request.states), request.page_size,
+                                           request.page_token)
         return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     async def CancelJob(self, request, context):

@@ -129,7 +129,7 @@ class TensorBoards:
         self.quota = quota
         self.runtime = runtime
         self.confiner = confiner
-        #: (tenant, name) -> the job's TrainJob or None (the jobs index)
+        #: async (tenant, name) -> the job's TrainJob or None (live or archived)
         self.jobs = jobs
         self.settings = settings
         self.clock = clock
@@ -166,9 +166,14 @@ class TensorBoards:
         kvs, _, _ = await self.etcd.get_prefix(self.prefix + (f"{tenant}/" if tenant else ""))
         return [Board.decode(kv.value) for kv in kvs]
 
-    def _job_logdir(self, tenant: str, job: str) -> str:
+    async def _lookup(self, tenant: str, job: str, runs) -> dict[str, object]:
+        """The jobs a create request names, looked up before its checks run in a thread."""
+        names = {n for n in (job, *(run.job for run in runs)) if n and validation.NAME_RE.fullmatch(n)}
+        return {n: await self.jobs(tenant, n) for n in names}
+
+    def _job_logdir(self, tenant: str, job: str, jobs: dict) -> str:
         validation.check_name(job, "job")
-        found = self.jobs(tenant, job)
+        found = jobs.get(job)
         if found is None:
             raise errors.NotFound(f"job {job!r} not found in tenant {tenant!r}")
         if not found.spec.output_path:
@@ -183,12 +188,12 @@ class TensorBoards:
             raise errors.InvalidArgument(f"{field_name} may not contain ','")
         return where.uri
 
-    def _logdirs(self, tenant: str, logdir: str, job: str, runs) -> tuple[str, str, list[list[str]]]:
+    def _logdirs(self, tenant: str, logdir: str, job: str, runs, jobs: dict) -> tuple[str, str, list[list[str]]]:
         """(normalized logdir, job, [[run name, normalized logdir, job], ...]) of a create request."""
         if sum(map(bool, (logdir, job, runs))) != 1:
             raise errors.InvalidArgument("give exactly one of logdir, job and runs")
         if job:
-            return self._confined(tenant, self._job_logdir(tenant, job), "the job's logdir"), job, []
+            return self._confined(tenant, self._job_logdir(tenant, job, jobs), "the job's logdir"), job, []
         if logdir:
             return self._confined(tenant, logdir, "logdir"), "", []
         if len(runs) > MAX_RUNS:
@@ -202,7 +207,7 @@ class TensorBoards:
             names.add(run.name)
             if bool(run.logdir) == bool(run.job):
                 raise errors.InvalidArgument(f"{field_name}: give exactly one of logdir and job")
-            path = run.logdir or self._job_logdir(tenant, run.job)
+            path = run.logdir or self._job_logdir(tenant, run.job, jobs)
             out.append([run.name, self._confined(tenant, path, f"{field_name}.logdir"), run.job])
         return "", "", out
 
@@ -210,7 +215,9 @@ class TensorBoards:
                      runs=()) -> pb.TensorBoard:
         validation.check_name(name, "name")
         tenant = self._tenant(caller, tenant)
-        logdir, job, run_list = await asyncio.to_thread(self._logdirs, tenant, logdir, job, list(runs))
+        runs = list(runs)
+        jobs = await self._lookup(tenant, job, runs)
+        logdir, job, run_list = await asyncio.to_thread(self._logdirs, tenant, logdir, job, runs, jobs)
         existing = await self._all(tenant)
         if any(b.name == name for b in existing):
             raise errors.AlreadyExists(f"tensorboard {name!r} already exists in tenant {tenant!r}")

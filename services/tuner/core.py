@@ -28,6 +28,7 @@ from services.common.confine import Confiner
 from services.common.tokens import Principal
 from services.tuner import algorithms, early_stopping
 from services.tuner import spec as spec_mod
+from services.tuner.archiver import ArchivedStudy, StudyArchive
 from services.tuner.store import (Snapshot, StudyRecord, TrialRecord, TunerStore, Unchanged, active_trials,
                                   total_trials)
 
@@ -80,8 +81,9 @@ def _check_states(states: list[int], enum, field: str = "states") -> frozenset[i
 
 class TunerCore:
     def __init__(self, store: TunerStore, jobs, quota, data_dir: str, clock=time.time,
-                 confiner: Confiner | None = None):
+                 confiner: Confiner | None = None, archive: StudyArchive | None = None):
         self.store = store
+        self.archive = archive
         self.jobs = jobs
         self.quota = quota
         self.data_dir = data_dir
@@ -103,13 +105,33 @@ class TunerCore:
             raise errors.NotFound(f"tenant {tenant!r} not found")
         return tenant
 
+    async def _archived(self, tenant: str, name: str) -> ArchivedStudy | None:
+        return await self.archive.get(tenant, name) if self.archive else None
+
+    async def _find(self, tenant: str, name: str) -> StudyRecord | None:
+        """A study, live or archived (then mod_revision 0)."""
+        record = await self.store.get_study(tenant, name)
+        if record is None:
+            archived = await self._archived(tenant, name)
+            record = archived.record if archived else None
+        return record
+
     async def _load(self, caller: Principal, tenant: str, name: str, field: str = "name") -> tuple[str, StudyRecord]:
+        """(tenant, study record; mod_revision 0 when archived). NOT_FOUND for a
+        study the caller may not see, live or archived alike."""
         spec_mod.check_study_name(name, field)
         tenant = self._tenant(caller, tenant, name)
-        record = await self.store.get_study(tenant, name)
+        record = await self._find(tenant, name)
         if record is None:
             raise errors.NotFound(f"study {name!r} not found in tenant {tenant!r}")
         return tenant, record
+
+    async def _trials(self, tenant: str, study: str, record: StudyRecord) -> list[TrialRecord] | None:
+        """An archived study's trials (None for a live one: read them from etcd)."""
+        if record.mod_revision:
+            return None
+        archived = await self._archived(tenant, study)
+        return archived.trials if archived else []
 
     def study_output(self, tenant: str, name: str, spec: pb.StudySpec) -> str:
         default = os.path.join(self.data_dir or "/tmp/cloudml", "storage", tenant, "studies", name)
@@ -121,7 +143,7 @@ class TunerCore:
                            spec: pb.StudySpec) -> tuple[pb.Study, bool]:
         tenant = self._tenant(caller, tenant)
         spec_mod.check_study_name(name)
-        existing = await self.store.get_study(tenant, name)
+        existing = await self._find(tenant, name)  # an archived study's name stays taken
         if existing is not None:
             return self._same_or_conflict(existing, spec), False
         normalized = spec_mod.normalize(spec)
@@ -145,6 +167,12 @@ class TunerCore:
             if other is None:
                 raise errors.Conflict(f"study {name!r} changed while being created; retry")
             return self._same_or_conflict(other, spec), False
+        archived = await self._archived(tenant, name)
+        if archived is not None:  # archived since the check above (the archiver points before it deletes)
+            await self.store.delete_study(tenant, name, record.mod_revision)
+            if created_reservation:
+                await self._release_quietly(tenant, name)
+            return self._same_or_conflict(archived.record, spec), False
         log.info("study %s/%s created: %s, %d trial(s), %d in parallel, seed %d", tenant, name,
                  pb.Algorithm.Name(normalized.algorithm), normalized.max_trials, normalized.max_parallel_trials,
                  normalized.seed)
@@ -215,15 +243,28 @@ class TunerCore:
         wanted = _check_states(states, pb.StudyState)
         after = _page_after(page_token, spec_mod.STUDY_NAME_RE)
         out: list[pb.Study] = []
-        more = True
-        while more and len(out) <= size:
+        while len(out) <= size:
+            # etcd first, then the archive (a study moving meanwhile is in at least one).
             batch, more = await self.store.list_studies(tenant, after, size + 1)
-            for record in batch:
-                after = record.study.name
-                if not wanted or record.study.state in wanted:
-                    out.append(record.study)
-            if not batch:
+            archived, more_archived = (await self.archive.page(tenant, after, size + 1) if self.archive
+                                       else ([], False))
+            merged = {s.name: s for s in archived}
+            merged.update((r.study.name, r.study) for r in batch)
+            # Names up to the last of each source that has more are complete.
+            ends = []
+            if more and batch:
+                ends.append(batch[-1].study.name)
+            if more_archived and archived:
+                ends.append(archived[-1].name)
+            bound = min(ends) if ends else None
+            for name in sorted(merged):
+                if bound is not None and name > bound:
+                    break
+                if not wanted or merged[name].state in wanted:
+                    out.append(merged[name])
+            if bound is None:
                 break
+            after = bound
         if len(out) > size:
             out = out[:size]
             return out, _page_token(out[-1].name)
@@ -243,7 +284,10 @@ class TunerCore:
 
         record = await self.store.update_study(tenant, name, mutate)
         if record is None:
-            raise errors.NotFound(f"study {name!r} not found in tenant {tenant!r}")
+            archived = await self._archived(tenant, name)
+            if archived is None:
+                raise errors.NotFound(f"study {name!r} not found in tenant {tenant!r}")
+            return archived.record.study  # ended long ago: nothing to cancel
         try:
             await self.cleanup(tenant, name)
         except errors.CloudMLError as err:
@@ -255,6 +299,11 @@ class TunerCore:
         tenant, record = await self._load(caller, tenant, name)
         if record.study.state == pb.STUDY_STATE_RUNNING:
             raise errors.FailedPrecondition(f"study {name!r} is RUNNING; cancel it first")
+        if not record.mod_revision:  # archived
+            await self.archive.remove(tenant, name)
+            return
+        if self.archive:  # an archiver killed between its two steps left it in both
+            await self.archive.remove(tenant, name)
         if not record.released:
             await self.quota.release(tenant, owner_id(name))
         if not await self.store.delete_study(tenant, name, record.mod_revision):
@@ -264,15 +313,20 @@ class TunerCore:
 
     async def list_trials(self, caller: Principal, tenant: str, study: str, states: list[int], page_size: int,
                           page_token: str) -> tuple[list[pb.Trial], str]:
-        tenant, _ = await self._load(caller, tenant, study, "study")
+        tenant, record = await self._load(caller, tenant, study, "study")
         size = validation.check_page_size(page_size)
         wanted = _check_states(states, pb.TrialState)
         token = _page_after(page_token, _NUMBER_RE)
         after = int(token) if token else 0
+        archived = await self._trials(tenant, study, record)
         out: list[pb.Trial] = []
         more = True
         while more and len(out) <= size:
-            batch, more = await self.store.list_trials(tenant, study, after, size + 1)
+            if archived is not None:
+                later = [t for t in archived if t.trial.number > after]
+                batch, more = later[:size + 1], len(later) > size + 1
+            else:
+                batch, more = await self.store.list_trials(tenant, study, after, size + 1)
             for record in batch:
                 after = record.trial.number
                 if not wanted or record.trial.state in wanted:
@@ -284,9 +338,15 @@ class TunerCore:
             return out, _page_token(str(out[-1].number))
         return out, ""
 
+    async def _trial(self, tenant: str, study: str, record: StudyRecord, number: int) -> TrialRecord | None:
+        archived = await self._trials(tenant, study, record)
+        if archived is None:
+            return await self.store.get_trial(tenant, study, number)
+        return next((t for t in archived if t.trial.number == number), None)
+
     async def get_trial(self, caller: Principal, tenant: str, study: str, number: int) -> pb.Trial:
-        tenant, _ = await self._load(caller, tenant, study, "study")
-        record = await self.store.get_trial(tenant, study, number)
+        tenant, study_record = await self._load(caller, tenant, study, "study")
+        record = await self._trial(tenant, study, study_record, number)
         if record is None:
             raise errors.NotFound(f"study {study!r} has no trial {number}")
         return record.trial
@@ -306,6 +366,10 @@ class TunerCore:
         for _ in range(50):
             snap = await self.store.snapshot(tenant, study)
             if snap is None:
+                archived = await self._archived(tenant, study)
+                if archived is not None:
+                    raise errors.FailedPrecondition(
+                        f"study {study!r} is {pb.StudyState.Name(archived.record.study.state)}, not RUNNING")
                 raise errors.NotFound(f"study {study!r} not found in tenant {tenant!r}")
             if snap.study.state != pb.STUDY_STATE_RUNNING:
                 raise errors.FailedPrecondition(
@@ -355,7 +419,7 @@ class TunerCore:
     async def should_stop_trial(self, caller: Principal, tenant: str, study: str,
                                 number: int) -> tuple[bool, str]:
         tenant, record = await self._load(caller, tenant, study, "study")
-        trial_record = await self.store.get_trial(tenant, study, number)
+        trial_record = await self._trial(tenant, study, record, number)
         if trial_record is None:
             raise errors.NotFound(f"study {study!r} has no trial {number}")
         if trial_record.stop:

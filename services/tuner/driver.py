@@ -92,7 +92,8 @@ class Driver:
 
     async def run(self) -> None:
         """The leader's loop; returns only by cancellation."""
-        mirror = Mirror(self.etcd, STUDIES, decode=StudyRecord.decode)
+        # Only studies with work left stay in memory; finished ones are read from etcd or the archive on demand.
+        mirror = Mirror(self.etcd, STUDIES, decode=StudyRecord.decode, keep=self.needs_work)
         mirror.listeners.append(self._changed.set)
         mirror.start()
         try:

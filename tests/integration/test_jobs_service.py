@@ -260,7 +260,7 @@ def test_tenancy_members_see_only_their_own_jobs(stack, admin, built):
     assert [j.name for j in bob.call("ListJobs", pb.ListJobsRequest()).jobs] == []
 
 
-def test_list_jobs_pages_in_name_order_and_filters_by_state(stack, admin, built):
+def test_list_jobs_pages_in_submission_order_and_filters_by_state(stack, admin, built):
     member = stack.new_tenant("list")
     packages = member.packages(built)
     for i in range(5):

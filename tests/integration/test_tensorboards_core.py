@@ -86,9 +86,12 @@ async def env(etcd_endpoint, etcd_prefix, tmp_path):
     (storage / "acme" / "runs").mkdir(parents=True)
     clock, runtime, quota = Clock(), Runtime(), Quota()
 
+    async def no_job(tenant, name):
+        return None
+
     def make(**settings):
         defaults = dict(data_dir=str(tmp_path / "data"), idle_seconds=600, max_per_tenant=2, start_timeout=30)
-        return TensorBoards(etcd, quota, runtime, Confiner(str(storage)), lambda t, n: None,
+        return TensorBoards(etcd, quota, runtime, Confiner(str(storage)), no_job,
                             TensorBoardSettings(**{**defaults, **settings}), clock=clock, prefix=etcd_prefix)
 
     os.makedirs(tmp_path / "data")
@@ -228,7 +231,11 @@ async def test_runs_over_jobs_become_a_logdir_spec(env, tmp_path):
     jobs = {name: pb.TrainJob(name=name, spec=pb.TrainJobSpec(output_path="file://" + env["logdir"] + "/" + name))
             for name in ("s-1", "s-2")}
     boards = env["make"]()
-    boards.jobs = lambda tenant, name: jobs.get(name) if tenant == "acme" else None
+
+    async def lookup(tenant, name):
+        return jobs.get(name) if tenant == "acme" else None
+
+    boards.jobs = lookup
     runs = [tb_pb.TensorBoardRun(name="t1 lr=0.1", job="s-1"), tb_pb.TensorBoardRun(name="t2 lr=0.2", job="s-2")]
     created = await boards.create(ACME, "", "study", "", "", runs)
     assert [(r.name, r.job) for r in created.runs] == [("t1 lr=0.1", "s-1"), ("t2 lr=0.2", "s-2")]

@@ -115,7 +115,8 @@ class JobsServiceServicer:
         spec (compared by spec_hash) returns the existing job with created = false.
         INVALID_ARGUMENT: a bad name (not a DNS label, at most 63) or spec (the
         message names the field, e.g. `spec.replica_specs[1].replica_count`).
-        ALREADY_EXISTS: a job of that name exists with a different spec.
+        ALREADY_EXISTS: a job of that name exists with a different spec (an
+        archived job's name stays taken until DeleteJob).
         RESOURCE_EXHAUSTED: the job can never fit: its replicas together exceed a
         quota limit of the tenant or the runtime's whole capacity (on the local
         runtime, the machine's cores, memory or GPUs); the message names the
@@ -131,7 +132,10 @@ class JobsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """Reads one job, with its events and replicas.
+        """Reads one job, with its events and replicas. Jobs that ended more than the
+        platform's retention period ago (7 days by default) are read from the
+        archive, as are their logs and metrics; every RPC below works on them as
+        on the others.
         NOT_FOUND: no such job in the tenant.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -139,7 +143,9 @@ class JobsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListJobs(self, request, context):
-        """Lists a tenant's jobs in name order, optionally only those in given states.
+        """Lists a tenant's jobs, live and archived, oldest first (by create_time,
+        then name), optionally only those in given states. A page token stays
+        valid while jobs move to the archive.
         Listed jobs omit their events (GetJob has them).
         INVALID_ARGUMENT: a bad page_token or page_size.
         """
