@@ -52,6 +52,7 @@ from services.common.interceptors import ServerMetrics, ServerPipeline
 from services.common.registry import Directory, deregister, register
 from services.common.tokens import TokenVerifier
 from services.common.uploads import UploadLimits
+from services.common.aio import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +339,7 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
                 serving = ok
                 log.info("health: %s", "SERVING" if ok else "NOT_SERVING")
                 await set_health(ok)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5 if ok else 0.1)
+            await wait_event(stop, 0.5 if ok else 0.1)
 
     tasks = [
         asyncio.create_task(_retry_until_done("etcd session", start_session, stop)),

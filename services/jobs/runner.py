@@ -36,6 +36,7 @@ from services.jobs.logs import JobLog, JobPaths, last_line
 from services.jobs.metrics import Ingester
 from services.jobs.store import Held, Unchanged
 from services.jobs.tfconfig import Replica, assign_addresses, cluster_spec, members, tf_config
+from services.common.aio import wait_event
 
 if TYPE_CHECKING:
     from services.jobs.scheduler import Scheduler
@@ -143,8 +144,7 @@ class JobRunner:
 
     async def _wait_poke(self, timeout: float | None) -> None:
         self.poked.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.poked.wait(), timeout)
+        await wait_event(self.poked, timeout)
 
     async def _ingest(self) -> None:
         try:

@@ -56,6 +56,7 @@ from services.jobs.envs import EnvCache
 from services.jobs.observability import JobsMetrics
 from services.jobs.runner import JobRunner, held_of, truncate
 from services.jobs.store import Held, JobIndex, JobStore, Unchanged, job_key
+from services.common.aio import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,7 @@ class Scheduler:
                     await self._schedule_pass()
                 except errors.Unavailable as err:
                     log.info("scheduling pass interrupted: %s", err.message)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.pass_seconds)
+                await wait_event(self._wake, self.settings.pass_seconds)
         finally:
             self.leading = False
             if releaser:

@@ -60,6 +60,7 @@ from services.models import store as model_store
 from services.models.export_records import ARTIFACT_FILE, E, ExportRecord
 from services.models.lifecycle import PROJECT_ROOT, watch_until_ended
 from services.models.store import ModelStore
+from services.common.aio import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +139,7 @@ class ExportDriver:
                 except (errors.Unavailable, errors.Conflict) as err:
                     log.info("export pass interrupted: %s", err.message)
                     await asyncio.sleep(0.5)
-                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
-                # that arrives as the event fires, and a cancelled leader loop must stop.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.settings.tick):
-                        await self._wake.wait()
+                await wait_event(self._wake, self.settings.tick)
                 await asyncio.sleep(0.02)
         finally:
             for task in self._waiters.values():

@@ -63,7 +63,6 @@ are stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -93,6 +92,7 @@ from services.models.observe import (  # noqa: F401 - importable here, as before
     read_port_file,
 )
 from services.models.store import ModelStore
+from services.common.aio import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,7 @@ class Reconciler(ReplicaObserver, ReplicaLauncher, ArtifactFetcher, InflightScra
                 except (errors.Unavailable, errors.Conflict) as err:
                     log.info("reconcile pass interrupted: %s", err.message)
                     await asyncio.sleep(0.5)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.tick)
+                await wait_event(self._wake, self.settings.tick)
                 await asyncio.sleep(0.02)  # debounce bursts of events
         finally:
             tasks = [*self._tasks, *self._waiters.values(), *self._stoppers.values(), *self._monitors.values(),

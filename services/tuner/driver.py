@@ -46,6 +46,7 @@ from services.tuner import early_stopping
 from services.tuner import spec as spec_mod
 from services.tuner.core import ACTIVE, TunerCore, ts
 from services.tuner.store import STUDIES, Snapshot, StudyRecord, TrialRecord, TunerStore, Unchanged, total_trials
+from services.common.aio import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,7 @@ class Driver:
                         runner = StudyRunner(self, *key)
                         runner.start()
                         self.runners[key] = runner
-                changed = False
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), self.settings.poll_seconds)
-                    changed = True
+                changed = await wait_event(self._changed, self.settings.poll_seconds)
         finally:
             await asyncio.gather(*(r.stop() for r in self.runners.values()), return_exceptions=True)
             self.runners.clear()
@@ -178,8 +176,7 @@ class StudyRunner:
                     return
                 if await self.step(snap):
                     continue  # something changed: read again at once
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.poke.wait(), self._sleep(snap.study.spec))
+                await wait_event(self.poke, self._sleep(snap.study.spec))
         finally:
             for task in self.watchers.values():
                 task.cancel()
