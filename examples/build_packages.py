@@ -9,21 +9,32 @@ tree gets no build/ or *.egg-info litter and concurrent builds don't collide.
 The build is `uv build --sdist`; when the running interpreter has setuptools
 (the platform's does) it builds with `--no-build-isolation` against it, which
 needs no network and takes well under a second per package.
+
+The archive is then written again reproducibly (entries sorted, one fixed
+time, no owners, no gzip timestamp), so the same sources always give the same
+bytes: the platform names an upload by its content, and submitting the same
+job again (e.g. `scripts/demo.sh` run twice) is then the same spec, not a
+conflicting one.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gzip
 import importlib.util
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 
 TRAINERS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainers")
 _IGNORE = shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__", "*.pyc")
+#: every entry's time in a built archive (2020-09-13; zip-based tools refuse times before 1980)
+FIXED_MTIME = 1_600_000_000
 
 
 def examples() -> dict[str, str]:
@@ -49,6 +60,22 @@ def find_uv() -> str:
     return found
 
 
+def reproducible(path: str) -> None:
+    """Rewrites the .tar.gz at `path` so that its bytes depend on its contents only."""
+    with tarfile.open(path, "r:gz") as src:
+        members = sorted(src.getmembers(), key=lambda m: m.name)
+        contents = {m.name: src.extractfile(m).read() for m in members if m.isfile()}
+    out = io.BytesIO()
+    with gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for m in members:
+                m.mtime, m.uid, m.gid, m.uname, m.gname, m.pax_headers = FIXED_MTIME, 0, 0, "", "", {}
+                tar.addfile(m, io.BytesIO(contents[m.name]) if m.isfile() else None)
+    with open(path + ".tmp", "wb") as f:
+        f.write(out.getvalue())
+    os.replace(path + ".tmp", path)
+
+
 def build_one(package_dir: str, out_dir: str) -> str:
     uv = find_uv()
     with tempfile.TemporaryDirectory(prefix="cloudml-build-") as scratch:
@@ -65,6 +92,7 @@ def build_one(package_dir: str, out_dir: str) -> str:
         if result.returncode != 0:
             raise SystemExit(f"build_packages: building {package_dir} failed:\n{result.stdout}{result.stderr}")
         (built,) = [name for name in os.listdir(dist) if name.endswith(".tar.gz")]
+        reproducible(os.path.join(dist, built))
         os.makedirs(out_dir, exist_ok=True)
         dest = os.path.join(out_dir, built)
         shutil.copyfile(os.path.join(dist, built), dest + ".tmp")
