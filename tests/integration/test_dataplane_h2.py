@@ -68,11 +68,11 @@ def plane():
     replica.close()
 
 
-def fast_call(stub, tag: str, metadata=()):
+def fast_call(stub, tag: str, metadata=(), timeout: float = 5):
     """Calls until the replica answers (the first call of a key goes through
     the control plane, which answers "control" and hands back the route)."""
     for _ in range(50):
-        response, call = stub.Predict.with_call(request(tag), metadata=metadata, timeout=5)
+        response, call = stub.Predict.with_call(request(tag), metadata=metadata, timeout=timeout)
         if tag_of(response) == tag:
             return response, call
     raise AssertionError("the data plane never took the fast path")
@@ -87,6 +87,28 @@ def test_hop_headers_and_the_token_stop_at_the_data_plane(plane):
     assert not [k for k in seen if k.startswith("x-cloudml-") or k == "authorization"], seen
     assert seen["user-agent"].startswith("cloudml-dataplane-h2"), seen
     assert dict(call.trailing_metadata())["x-echo"] == "mine"
+
+
+@pytest.mark.parametrize("timeout", [3.0, 600.0])
+def test_the_replica_sees_the_time_left(plane, timeout):
+    """What is left of the caller's deadline when the call leaves the data
+    plane, in gRPC's 8-digit format (microseconds up to ~100 s, then milliseconds)."""
+    fast_call(plane["stub"], f"left-{timeout:g}", timeout=timeout)
+    left = plane["replica"].get(f"left-{timeout:g}").time_left
+    # gRPC's server rounds what it receives up a little (600 s arrives as
+    # ~601 s even sent exactly; test_gateway_deadlines.assert_remaining).
+    assert timeout - 1.0 < left <= timeout * 1.02 + 0.05, left
+
+
+def test_a_caller_flooding_headers_is_refused_and_its_connection_stays_good(plane):
+    flood = tuple((f"x-h{i}", "v" * 1000) for i in range(100))  # 100 KB of metadata
+    with pytest.raises(grpc.RpcError) as err:
+        plane["stub"].Predict(request("flood"), metadata=flood, timeout=5)
+    # Reset by the data plane as the headers come (the gRPC servers behind
+    # it would answer RESOURCE_EXHAUSTED after reading them all).
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in err.value.details(), err.value
+    assert "flood" not in plane["replica"].tags()
+    fast_call(plane["stub"], "after-flood")
 
 
 def test_an_unreachable_replica_costs_the_caller_only_the_slow_path(plane):

@@ -41,6 +41,9 @@ constexpr uint32_t kMaxStreams = 4096;           // a caller's concurrent stream
 // connection; past it, its calls are relayed as they come (gRPC's side and
 // its limits take them).
 constexpr size_t kMaxWholeBytes = 256 << 20;
+// A caller's headers (metadata) per call: more resets the stream (gRPC's own
+// servers refuse past 8-16 KiB by default).
+constexpr size_t kMaxHeaderBytes = 64 << 10;
 constexpr int kLoopMs = 1000;                    // the longest the loop sleeps
 // What replicas see as the caller (gRPC's own relays say "grpc-c++/...").
 constexpr char kAgent[] = "cloudml-dataplane-h2 (nghttp2)";
@@ -72,6 +75,8 @@ struct Exchange {
   int64_t version = 0;
   bool bare = false;
   Clock::time_point started;
+  Clock::time_point deadline = Clock::time_point::max();  // from the caller's grpc-timeout
+  size_t header_bytes = 0;  // the caller's headers so far (kMaxHeaderBytes)
   // The reply.
   std::vector<Nv> response_headers, trailers;
   std::string response;
@@ -118,6 +123,27 @@ void Compact(std::string* buffer, size_t* sent) {
   } else if (*sent > (64 << 10) && *sent * 2 > buffer->size()) {
     buffer->erase(0, *sent);
     *sent = 0;
+  }
+}
+
+// A grpc-timeout value ("<digits><unit>", unit one of H M S m u n) as a
+// duration; false if malformed.
+bool ParseTimeout(const std::string& v, std::chrono::nanoseconds* out) {
+  if (v.size() < 2 || v.size() > 9) return false;
+  int64_t n = 0;
+  for (size_t i = 0; i + 1 < v.size(); i++) {
+    if (v[i] < '0' || v[i] > '9') return false;
+    n = n * 10 + (v[i] - '0');
+  }
+  using namespace std::chrono;
+  switch (v.back()) {
+    case 'H': *out = hours(n); return true;
+    case 'M': *out = minutes(n); return true;
+    case 'S': *out = seconds(n); return true;
+    case 'm': *out = milliseconds(n); return true;
+    case 'u': *out = microseconds(n); return true;
+    case 'n': *out = nanoseconds(n); return true;
+    default: return false;
   }
 }
 
@@ -175,8 +201,9 @@ struct H2Front::Impl {
       nghttp2_session_client_new2(&c->session, client_callbacks, c, option);
     nghttp2_settings_entry settings[] = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, kMaxStreams},
                                          {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, kWindow},
+                                         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, kMaxHeaderBytes},
                                          {NGHTTP2_SETTINGS_ENABLE_PUSH, 0}};
-    nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, settings, server ? 2 : 3);
+    nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, settings, server ? 3 : 4);
     nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, kConnectionWindow);
     conns[fd] = c;
     epoll_event ev{};
@@ -322,6 +349,9 @@ struct H2Front::Impl {
   // The request's headers are in.
   void RequestHeaders(Exchange* x) {
     x->started = Clock::now();
+    std::chrono::nanoseconds timeout;
+    const std::string* grpc_timeout = Find(x->request_headers, "grpc-timeout");
+    if (grpc_timeout && ParseTimeout(*grpc_timeout, &timeout)) x->deadline = x->started + timeout;
     const std::string* path = Find(x->request_headers, ":path");
     x->path = path ? *path : "";
     const std::string* encoding = Find(x->request_headers, "grpc-encoding");
@@ -401,8 +431,17 @@ struct H2Front::Impl {
     std::vector<Nv> headers = {{":method", "POST"}, {":scheme", "http"}, {":path", x->path},
                                {":authority", "cloudml"}, {kContentType, "application/grpc"},
                                {kTe, "trailers"}, {kUserAgent, kAgent}};
-    if (const std::string* timeout = Find(x->request_headers, "grpc-timeout"))
-      headers.push_back({"grpc-timeout", *timeout});
+    if (x->deadline != Clock::time_point::max()) {
+      // The time left now (reading the request took some), never what has passed.
+      auto left = std::chrono::duration_cast<std::chrono::microseconds>(x->deadline - Clock::now()).count();
+      if (left <= 0) return Answer(x, 4, "Deadline Exceeded");
+      // At most 8 digits (gRPC's wire format): microseconds up to ~100 s,
+      // milliseconds up to ~27 hours, then seconds.
+      int64_t ms = (left + 999) / 1000, s = (left + 999999) / 1000000;
+      headers.push_back({"grpc-timeout", left <= 99999999 ? std::to_string(left) + "u"
+                                         : ms <= 99999999 ? std::to_string(ms) + "m"
+                                                          : std::to_string(std::min<int64_t>(s, 99999999)) + "S"});
+    }
     for (const auto& h : x->request_headers)
       if (!IsHopHeader(h.name) && h.name != kAuthorization) headers.push_back(h);
     if (!x->bare) headers.push_back({kResolvedVersion, std::to_string(x->version)});
@@ -637,6 +676,8 @@ struct H2Front::Impl {
     Nv nv{std::string(reinterpret_cast<const char*>(name), namelen),
           std::string(reinterpret_cast<const char*>(value), valuelen)};
     if (c->server) {
+      x->header_bytes += namelen + valuelen + 32;  // HPACK's per-entry overhead
+      if (x->header_bytes > kMaxHeaderBytes) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
       x->request_headers.push_back(std::move(nv));
     } else if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE) {
       x->response_headers.push_back(std::move(nv));
