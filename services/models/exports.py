@@ -191,17 +191,19 @@ class ExportDriver:
                 await self._fail(key, f"the conversion ran longer than {self.settings.timeout:g} s "
                                       f"(attempt {record.attempts}); stopped")
                 await self._release(record)
-                await self._update(key, lambda r: setattr(r, "holds", False))
+                await self._update(key, lambda r: setattr(r, "holds", False), touch=False)
             else:
                 self._watch(record.runtime_id)
         elif record.holds:
             await self._release(record)
-            await self._update(key, lambda r: setattr(r, "holds", False))
+            await self._update(key, lambda r: setattr(r, "holds", False), touch=False)
 
     # --- records ---------------------------------------------------------------------
 
-    async def _update(self, key: str, change) -> ExportRecord | None:
-        """Applies `change(record)` by compare-and-swap; the record as written."""
+    async def _update(self, key: str, change, touch: bool = True) -> ExportRecord | None:
+        """Applies `change(record)` by compare-and-swap; the record as written.
+        `touch=False` for bookkeeping callers never see (what the record
+        holds): its update_time stays that of its last visible change."""
         written: list[ExportRecord] = []
 
         def apply(kv):
@@ -209,7 +211,8 @@ class ExportDriver:
                 return None
             record = ExportRecord.decode(kv.value)
             change(record)
-            record.updated = self.clock()
+            if touch:
+                record.updated = self.clock()
             written[:] = [record]
             return record.encode()
 
@@ -364,7 +367,7 @@ class ExportDriver:
                 log.info("export %s: attempt %d ended without an answer (%s); retrying", key, record.attempts, why)
         await self._release(record)
         await self._update(key, lambda r: setattr(r, "holds", False) if r.runtime_id == record.runtime_id
-                           else None)
+                           else None, touch=False)
         self.wake()
 
     def _keep_artifact(self, record: ExportRecord) -> tuple[int, str, str]:
