@@ -41,9 +41,10 @@ proto's header documents the same list.
                             (kubernetes: "" for none; with GPUs the device plugin's)
     PYTHONUNBUFFERED        1 (unless spec.env says otherwise), so logs are live
     TF_CPP_MIN_LOG_LEVEL    2 (unless spec.env says otherwise): TensorFlow's C++
-                            INFO/WARNING chatter (CPU features, oneDNN) stays out
-                            of the job's logs. The few lines TF prints before its
-                            logging starts (CUDA probing) still appear.
+                            INFO/WARNING chatter (CPU features) stays out of the
+                            job's logs. The few lines TF 2.21 prints before its
+                            logging starts (oneDNN on, CUDA probing) ignore the
+                            level and still appear.
 
 plus the spec's own `env` and the runtime's minimal base (PATH, HOME, LANG, ...).
 """

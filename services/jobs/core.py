@@ -457,14 +457,20 @@ class JobsCore:
             return archived  # finished long ago: nothing to cancel
         return job
 
-    async def delete(self, caller: Principal, tenant: str, name: str) -> None:
-        tenant, job, revision = await self._load(caller, tenant, name)
-        if not policy.is_final(job.state):
-            raise errors.FailedPrecondition(
-                f"job {name!r} is {policy.state_name(job.state)}; cancel it and wait until it ends before deleting"
-            )
-        if revision and not await self.store.delete(job, revision):
-            raise errors.Conflict(f"job {name!r} changed while being deleted; retry")
+    async def delete(self, caller: Principal, tenant: str, name: str, attempts: int = 8) -> None:
+        """A job that just ended may still be written once by the scheduler (its
+        quota given back): the delete reads it again rather than answering ABORTED."""
+        for attempt in range(attempts):
+            tenant, job, revision = await self._load(caller, tenant, name)
+            if not policy.is_final(job.state):
+                raise errors.FailedPrecondition(
+                    f"job {name!r} is {policy.state_name(job.state)}; cancel it and wait until it ends before deleting"
+                )
+            if not revision or await self.store.delete(job, revision):
+                break
+            if attempt == attempts - 1:
+                raise errors.Conflict(f"job {name!r} changed while being deleted; retry")
+            await asyncio.sleep(0.05)
         if self.archive:  # archived, or (an archiver killed mid-way) both
             await self.archive.remove(tenant, name, job.uid)
         await asyncio.to_thread(self.paths(tenant, name).remove)

@@ -295,19 +295,25 @@ class TunerCore:
             log.info("cleanup of cancelled study %s/%s deferred: %s", tenant, name, err.message)
         return (await self.store.get_study(tenant, name) or record).study
 
-    async def delete_study(self, caller: Principal, tenant: str, name: str) -> None:
-        tenant, record = await self._load(caller, tenant, name)
-        if record.study.state == pb.STUDY_STATE_RUNNING:
-            raise errors.FailedPrecondition(f"study {name!r} is RUNNING; cancel it first")
-        if not record.mod_revision:  # archived
-            await self.archive.remove(tenant, name)
-            return
-        if self.archive:  # an archiver killed between its two steps left it in both
-            await self.archive.remove(tenant, name)
-        if not record.released:
-            await self.quota.release(tenant, owner_id(name))
-        if not await self.store.delete_study(tenant, name, record.mod_revision):
-            raise errors.Conflict(f"study {name!r} changed while being deleted; retry")
+    async def delete_study(self, caller: Principal, tenant: str, name: str, attempts: int = 8) -> None:
+        """A study that just ended is still written by its driver for a moment
+        (the quota it held given back, the last trial's cleanup): the delete
+        reads it again and retries rather than answering ABORTED for that."""
+        for _ in range(attempts):
+            tenant, record = await self._load(caller, tenant, name)
+            if record.study.state == pb.STUDY_STATE_RUNNING:
+                raise errors.FailedPrecondition(f"study {name!r} is RUNNING; cancel it first")
+            if not record.mod_revision:  # archived
+                await self.archive.remove(tenant, name)
+                return
+            if self.archive:  # an archiver killed between its two steps left it in both
+                await self.archive.remove(tenant, name)
+            if not record.released:
+                await self.quota.release(tenant, owner_id(name))
+            if await self.store.delete_study(tenant, name, record.mod_revision):
+                return
+            await asyncio.sleep(0.05)
+        raise errors.Conflict(f"study {name!r} changed while being deleted; retry")
 
     # --- trials ------------------------------------------------------------------------------
 

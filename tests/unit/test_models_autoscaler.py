@@ -66,3 +66,25 @@ def test_asking_twice_gives_the_same_answer():
     feed(scaler, "v", [(t, 0) for t in range(2, 8)])
     first = scaler.desired("v", 2, 1, 2, now=7)
     assert first == scaler.desired("v", 2, 1, 2, now=7) == 1
+
+
+def test_scrape_unix_reads_a_replica_metrics_socket(tmp_path):
+    """The scrape speaks to the model server's real metrics endpoint (the
+    prometheus handler on a Unix socket): whole body, status checked, size capped."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from services.models.autoscaler import scrape_unix
+    from services.models.model_server.metrics import serve_metrics
+
+    registry = CollectorRegistry()
+    gauge = Gauge("cloudml_model_server_inflight_requests", "in flight", registry=registry)
+    gauge.set(3)
+    for i in range(400):  # a body larger than one socket read
+        Gauge(f"padding_{i}", "x" * 100, registry=registry).set(i)
+    path = str(tmp_path / "m.sock")
+    serve_metrics(f"unix:{path}", registry)
+    text = asyncio.run(scrape_unix(path, 1 << 20))
+    assert "cloudml_model_server_inflight_requests 3.0" in text and "padding_399 399.0" in text
+    assert len(asyncio.run(scrape_unix(path, 1000))) == 1000
