@@ -33,6 +33,7 @@ def main() -> None:
         rows = {}
         for comp in status["components"]:
             rows[comp["component"]] = process_memory(comp["pid"])
+        rows["total"] = {unit: round(sum(row[unit] for row in list(rows.values())), 1) for unit in ("rss_mb", "pss_mb")}
         print(json.dumps(rows, indent=2))
     finally:
         subprocess.run([*launcher, "down", "--data-dir", data], stdout=subprocess.DEVNULL, cwd=ROOT)
