@@ -498,7 +498,16 @@ class Reconciler(ReplicaObserver, ReplicaLauncher, ArtifactFetcher, InflightScra
 
     async def _delete_version(self, vkey: str, tenant: str, model: str, number: int) -> None:
         await self.store.delete_version(tenant, model, number)
-        self.versions.items.pop(vkey, None)
+        self.forget_version(tenant, model, number)
+        log.info("version %s/%s v%d deleted", tenant, model, number)
+
+    def forget_version(self, tenant: str, model: str, number: int) -> None:
+        """Drops what the leader holds of a version that left etcd (deleted,
+        or archived: archiver.py calls this), with its replicas' working
+        directories and fetched SavedModels."""
+        vkey = self.keys.version(tenant, model, number)
+        if self.versions is not None:
+            self.versions.items.pop(vkey, None)
         self._failed.pop(vkey, None)
         self._failures.pop(vkey, None)
         self._downloads.pop(vkey, None)
@@ -517,7 +526,6 @@ class Reconciler(ReplicaObserver, ReplicaLauncher, ArtifactFetcher, InflightScra
             for name in os.listdir(cache):
                 if name.split("-", 1)[0] == str(number):
                     shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
-        log.info("version %s/%s v%d deleted", tenant, model, number)
 
     # --- writing back -----------------------------------------------------------------------
 
