@@ -84,6 +84,32 @@ async def run_passes(what: str, pass_once: Callable[[], Awaitable[int]], pause: 
         await asyncio.sleep(pause)
 
 
+class Archiver:
+    """The frame of a service's archiver (on its leader): `run` calls
+    `pass_once` (the subclass's: move what ended before `cutoff_ns()`,
+    return how many) every `settings.pass_seconds` until cancelled."""
+
+    #: names the archiver in the log
+    what = "archiver"
+
+    def __init__(self, store, archive, settings: "ArchiveSettings", clock: Callable[[], float] = time.time):
+        self.store = store
+        self.archive = archive
+        self.settings = settings
+        self.clock = clock
+
+    async def run(self) -> None:
+        """Until cancelled (the leader's loop)."""
+        await run_passes(self.what, self.pass_once, self.settings.pass_seconds)
+
+    async def pass_once(self) -> int:
+        raise NotImplementedError
+
+    def cutoff_ns(self) -> int:
+        """Objects that ended before this (ns) are due."""
+        return int((self.clock() - self.settings.retention_seconds) * 1e9)
+
+
 @dataclass(frozen=True)
 class ArchiveSettings:
     """Where finished objects go and when (flags --archive-uri,

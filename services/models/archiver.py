@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cloudml.models.v1 import models_service_pb2 as pb
-from services.common.archive import Archive, ArchiveSettings, Pointer, Row, run_passes
+from services.common.archive import Archive, ArchiveSettings, Archiver, Pointer, Row
 from services.models.export_records import ExportRecord
 from services.models.store import ModelStore, VersionSnapshot
 
@@ -169,23 +169,20 @@ class _Due:
     archived: ArchivedVersion
 
 
-class VersionArchiver:
+class VersionArchiver(Archiver):
+    what = "versions archiver"
+    store: ModelStore
+    archive: VersionArchive
+
     def __init__(self, store: ModelStore, archive: VersionArchive, settings: ArchiveSettings, clock=time.time,
                  on_archived: Callable[[pb.ModelVersion], None] = lambda version: None):
-        self.store = store
-        self.archive = archive
-        self.settings = settings
-        self.clock = clock
+        super().__init__(store, archive, settings, clock)
         #: called for each version moved (the reconciler forgets it and its working directories)
         self.on_archived = on_archived
 
-    async def run(self) -> None:
-        """Until cancelled (the leader's loop)."""
-        await run_passes("versions archiver", self.pass_once, self.settings.pass_seconds)
-
     async def pass_once(self) -> int:
         """Archives every version due (ended/ keys read in pages of `batch`); returns how many."""
-        cutoff = int((self.clock() - self.settings.retention_seconds) * 1e9)
+        cutoff = self.cutoff_ns()
         moved, after = 0, ""
         while True:
             ended, more = await self.store.ended_before(cutoff, after, self.settings.batch)
