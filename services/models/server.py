@@ -106,9 +106,7 @@ class ModelsApp(ServiceApp):
         )
         self.exports = ExportDriver(platform.etcd, self.runtime, self.auth, export_settings,
                                     confiner=self.core.confiner, store=self.store)
-        self.archiver = VersionArchiver(
-            self.store, self.archive, common.archive,
-            on_archived=lambda v: self.reconciler.forget_version(v.tenant, v.model, v.version))
+        self.archiver = VersionArchiver(self.store, self.archive, common.archive, on_archived=self.reconciler.archived)
         self.leading = False
 
     def add_to_server(self, server) -> None:
