@@ -16,13 +16,18 @@ tuner, models, gateway):
   reached by walking the tokens: also the p50 of all those pages),
   GetJob of archived jobs of random tenants,
   GetStudy, ListTrials and ListStudies (tenant-0000's first page) on
-  archived studies, and submit -> first replica started for new jobs
-  (warm environment).
+  archived studies, GetVersion of archived model versions and ListVersions
+  of tenant-0000's biggest model, and submit -> first replica started for
+  new jobs (warm environment).
 
-Model versions are not generated: they are not archived (see the README's
-Known gaps).
+Model versions: `--versions` (default 10,000) that ended (failed to load)
+10 minutes after their creation, spread like the jobs over the tenants
+(three models each), created evenly over the year: those that ended within
+the retention period written into etcd through `ModelStore.create_version`
+(with the ended/ key the store writes), the rest into the archive's format
+through `services.models.archiver.VersionArchive` (what the archiver writes).
 
-    .venv/bin/python bench/bench_history.py [--jobs 1000000] [--tenants 1000] [--json]
+    .venv/bin/python bench/bench_history.py [--jobs 1000000] [--tenants 1000] [--versions 10000] [--json]
 """
 from __future__ import annotations
 
@@ -173,6 +178,81 @@ def generate_studies(stack: JobsStack, studies: int, tenants: int, heavy_share: 
     return {"studies_archived": sum(len(v) for v in by_tenant.values()), "studies_in_etcd": len(recent)}
 
 
+MODELS_PER_TENANT = 3
+
+
+def make_version(i: int, tenant: str, model: str, number: int, created: float):
+    """An ended model version as the models service records one (failed to load, replica gone)."""
+    from cloudml.common.v1 import resources_pb2  # noqa: PLC0415
+    from cloudml.models.v1 import models_service_pb2 as mpb  # noqa: PLC0415
+    from services.models.rules import ts  # noqa: PLC0415
+
+    return mpb.ModelVersion(
+        model=model, tenant=tenant, version=number, description=f"nightly {i}",
+        model_uri=f"file:///data/storage/{tenant}/models/{model}/{number}/",
+        resources=resources_pb2.Resources(cpu_millis=500, memory_bytes=2 << 30), min_replicas=1, max_replicas=1,
+        batching=mpb.BatchingConfig(), state=mpb.MODEL_VERSION_STATE_END, desired_replicas=1,
+        status=mpb.ErrorStatus(code=3, message="the SavedModel failed to load: Op type not registered 'Foo'"),
+        create_time=ts(created))
+
+
+def version_plan(n: int, tenants: int, heavy_share: float, now: float) -> list[tuple[int, str, str, int, float]]:
+    """(i, tenant, model, number, created) of each version, oldest first; numbers count up per model."""
+    numbers: dict[tuple[str, str], int] = {}
+    plan = []
+    for i, created in enumerate(_plan(n, now)):
+        tenant = tenant_of(i, tenants, heavy_share)
+        model = f"model-{(i // 7) % MODELS_PER_TENANT}"
+        numbers[(tenant, model)] = number = numbers.get((tenant, model), 0) + 1
+        plan.append((i, tenant, model, number, created))
+    return plan
+
+
+def generate_versions(stack: JobsStack, n: int, tenants: int, heavy_share: float, now: float) -> dict:
+    from cloudml.models.v1 import models_service_pb2 as mpb  # noqa: PLC0415
+    from services.common.archive import Archive  # noqa: PLC0415
+    from services.common.etcd import op_put  # noqa: PLC0415
+    from services.models.archiver import ArchivedVersion, VersionArchive  # noqa: PLC0415
+    from services.models.rules import ts  # noqa: PLC0415
+    from services.models.store import ModelStore  # noqa: PLC0415
+
+    cutoff = now - RETENTION_DAYS * DAY
+    plan = version_plan(n, tenants, heavy_share, now)
+    highest: dict[tuple[str, str], int] = {}
+    for _, tenant, model, number, _ in plan:
+        highest[(tenant, model)] = number
+    born = now - 366 * DAY
+    started = time.perf_counter()
+    archive = VersionArchive(Archive("file://" + os.path.join(stack.harness.data_dir, "archive"), fsync=False))
+    old: dict[tuple[str, str], list] = {}
+    recent = []
+    for i, tenant, model, number, created in plan:
+        version = make_version(i, tenant, model, number, created)
+        if created + RUN_SECONDS < cutoff:
+            old.setdefault((tenant, model), []).append(ArchivedVersion(version, [], int(born * 1e9)))
+        else:
+            recent.append((version, created + RUN_SECONDS))
+    for (tenant, model), versions in old.items():
+        archive.write(tenant, model, versions)
+
+    async def write():
+        async with stack.etcd.client() as etcd:
+            store = ModelStore(etcd)
+            for (tenant, model), top in highest.items():
+                record = mpb.Model(name=model, tenant=tenant, create_time=ts(born), update_time=ts(born))
+                assert await store.create_model(record)
+                await etcd.txn([], [op_put(store.keys.counter(tenant, model), str(top).encode())])
+            for version, ended in recent:
+                store.clock = lambda ended=ended: ended
+                _, model_revision = await store.get_model(version.tenant, version.model)
+                top, counter_revision = await store.get_counter(version.tenant, version.model)
+                assert await store.create_version(version, model_revision, top, counter_revision)
+
+    asyncio.run(write())
+    return {"versions_archived": sum(len(v) for v in old.values()), "versions_in_etcd": len(recent),
+            "models": len(highest), "versions_seconds": round(time.perf_counter() - started, 1)}
+
+
 def generate(stack: JobsStack, n: int, tenants: int, heavy_share: float, now: float) -> dict:
     from services.jobs.store import record_ops  # noqa: PLC0415
 
@@ -225,8 +305,49 @@ def timed(call, times: int) -> list[float]:
     return out
 
 
+def measure_versions(stack: JobsStack, admin, n: int, tenants: int, heavy_share: float, now: float,
+                     samples: int) -> dict:
+    """GetVersion of archived versions of random tenants; ListVersions (first page of 100) of tenant-0000's
+    biggest model, live and archived merged."""
+    import grpc  # noqa: PLC0415
+
+    from cloudml.models.v1 import models_service_pb2 as mpb  # noqa: PLC0415
+    from cloudml.models.v1 import models_service_pb2_grpc as mpb_grpc  # noqa: PLC0415
+
+    plan = version_plan(n, tenants, heavy_share, now)
+    cutoff = now - RETENTION_DAYS * DAY
+    rng = random.Random(17)
+    old = [p for p in (plan[rng.randrange(n)] for _ in range(samples * 3)) if p[4] + RUN_SECONDS < cutoff][:samples]
+    channel = grpc.insecure_channel(stack.harness.alive("models").poll_address())
+    stub = mpb_grpc.ModelsServiceStub(channel)
+
+    def call(method, request):
+        return getattr(stub, method)(request, metadata=admin.md, timeout=20)
+
+    gets = []
+    for _, tenant, model, number, _ in old:
+        t0 = time.perf_counter()
+        version = call("GetVersion", mpb.GetVersionRequest(tenant=tenant, model=model, version=number)).model_version
+        gets.append(1000 * (time.perf_counter() - t0))
+        assert version.version == number and version.state == mpb.MODEL_VERSION_STATE_END
+    counts: dict[str, int] = {}
+    for _, tenant, model, _, _ in plan:
+        if tenant == "tenant-0000":
+            counts[model] = counts.get(model, 0) + 1
+    biggest = max(counts, key=counts.get)
+    listed = call("ListVersions", mpb.ListVersionsRequest(tenant="tenant-0000", model=biggest, page_size=100))
+    assert len(listed.model_versions) == min(100, counts[biggest])
+    lists = timed(lambda: call("ListVersions", mpb.ListVersionsRequest(tenant="tenant-0000", model=biggest,
+                                                                       page_size=100)), samples)
+    channel.close()
+    return {"get_version_archived_p50_ms": round(pct(gets, 0.5), 2),
+            "get_version_archived_p99_ms": round(pct(gets, 0.99), 2),
+            "list_versions_first_page_p50_ms": round(pct(lists, 0.5), 2),
+            "list_versions_model_versions": counts[biggest]}
+
+
 def measure(stack: JobsStack, package: str, n: int, tenants: int, heavy_share: float, now: float,
-            samples: int, starts: int, studies: int = 0) -> dict:
+            samples: int, starts: int, studies: int = 0, versions: int = 0) -> dict:
     admin = stack.admin()
     heavy = "tenant-0000"
 
@@ -292,6 +413,8 @@ def measure(stack: JobsStack, package: str, n: int, tenants: int, heavy_share: f
                  "list_trials_archived_p50_ms": round(pct(list_trials, 0.5), 2),
                  "list_studies_first_page_p50_ms": round(pct(list_studies, 0.5), 2)}
 
+    models = measure_versions(stack, admin, versions, tenants, heavy_share, now, samples) if versions else {}
+
     client = stack.new_tenant("lat")
     uri = client.upload(package)
     start_latency(client, uri, "warm-up")
@@ -312,6 +435,7 @@ def measure(stack: JobsStack, package: str, n: int, tenants: int, heavy_share: f
         "submit_to_first_replica_p50_ms": round(pct(latency, 0.5), 1),
         "submit_to_first_replica_p99_ms": round(pct(latency, 0.99), 1),
         **tuner,
+        **models,
     }
 
 
@@ -322,11 +446,15 @@ def platform(workdir: str, envs: str, package: str, n: int, args, now: float) ->
         generated = generate(stack, n, args.tenants, args.heavy_share, now) if n else {}
         if studies:
             generated.update(generate_studies(stack, studies, args.tenants, args.heavy_share, now))
+        versions = args.versions if n else 0
+        if versions:
+            generated.update(generate_versions(stack, versions, args.tenants, args.heavy_share, now))
         db_before = etcd_db_size(stack)
         stack.start_jobs(wait=True)
         for service in ("tuner", "models", "gateway"):
             stack.harness.start_service(service, wait=60) if service != "gateway" else stack.harness.start_gateway()
-        figures = measure(stack, package, n, args.tenants, args.heavy_share, now, args.samples, args.starts, studies)
+        figures = measure(stack, package, n, args.tenants, args.heavy_share, now, args.samples, args.starts, studies,
+                          versions)
         return {"jobs": n, "generated": generated, "etcd_db_bytes_before_services": db_before, **figures}
     finally:
         stack.stop()
@@ -337,6 +465,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1_000_000, help="finished jobs in the history")
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=50_000, help="finished trials, in studies of 20")
+    parser.add_argument("--versions", type=int, default=10_000, help="ended model versions in the history")
     parser.add_argument("--heavy-share", type=float, default=0.15, help="tenant-0000's share of the jobs")
     parser.add_argument("--samples", type=int, default=100, help="calls per latency figure")
     parser.add_argument("--starts", type=int, default=20, help="submit -> first replica samples")
@@ -361,7 +490,9 @@ def main() -> None:
     print(f"history: {args.jobs:,} finished jobs over {args.tenants} tenants: {g['archived']:,} archived, "
           f"{g['in_etcd']:,} in etcd (last {RETENTION_DAYS} days); jobs generated in {g['total_seconds']} s; "
           f"jobs' archive {g['archive_bytes'] / 2**20:.0f} MiB on disk; studies of {TRIALS_PER_STUDY} trials: "
-          f"{g.get('studies_archived', 0):,} archived, {g.get('studies_in_etcd', 0):,} in etcd")
+          f"{g.get('studies_archived', 0):,} archived, {g.get('studies_in_etcd', 0):,} in etcd; "
+          f"model versions: {g.get('versions_archived', 0):,} archived, {g.get('versions_in_etcd', 0):,} in etcd "
+          f"({g.get('models', 0):,} models)")
     rows = [("RSS " + s + " (MB)", empty["rss_mb"][s], full["rss_mb"][s]) for s in (*SERVICES, "etcd")]
     rows += [("etcd db size (MB)", round(empty["etcd_db_bytes"] / 2**20, 1), round(full["etcd_db_bytes"] / 2**20, 1)),
              ("ListJobs first page p50 (ms)", empty["list_first_page_p50_ms"], full["list_first_page_p50_ms"]),
@@ -372,6 +503,10 @@ def main() -> None:
              ("GetStudy archived p50 (ms)", "-", full.get("get_study_archived_p50_ms")),
              ("ListTrials of an archived study (20) p50 (ms)", "-", full.get("list_trials_archived_p50_ms")),
              ("ListStudies first page p50 (ms)", "-", full.get("list_studies_first_page_p50_ms")),
+             ("GetVersion archived p50 / p99 (ms)", "-",
+              f"{full.get('get_version_archived_p50_ms')} / {full.get('get_version_archived_p99_ms')}"),
+             (f"ListVersions first page ({full.get('list_versions_model_versions')} versions) p50 (ms)", "-",
+              full.get("list_versions_first_page_p50_ms")),
              ("submit -> first replica p50 / p99 (ms)",
               f"{empty['submit_to_first_replica_p50_ms']} / {empty['submit_to_first_replica_p99_ms']}",
               f"{full['submit_to_first_replica_p50_ms']} / {full['submit_to_first_replica_p99_ms']}")]

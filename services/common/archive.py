@@ -16,6 +16,10 @@ Layout (JSON Lines, partitioned by tenant and creation day)::
     <root>/<kind>/<tenant>/blobs/<name>.<uid>.bin      optional side data of one object
                                                        (the jobs service: its metric series)
 
+`<tenant>` is the partition a kind lists from: the tenant, or a part of it
+(model versions use `<tenant>/<model>`, so a model's versions list from one
+`names/` directory).
+
 A line is `{"name", "uid", "create_ns", "state", "record"}`: `record` is the
 object's protobuf, base64. Why this and not Parquet: no new dependency
 (pyarrow is not installed and would add ~100 MB to every service), appends
@@ -78,6 +82,32 @@ async def run_passes(what: str, pass_once: Callable[[], Awaitable[int]], pause: 
         except Exception:  # noqa: BLE001 - keep archiving whatever happens
             log.exception("%s: pass failed", what)
         await asyncio.sleep(pause)
+
+
+class Archiver:
+    """The frame of a service's archiver (on its leader): `run` calls
+    `pass_once` (the subclass's: move what ended before `cutoff_ns()`,
+    return how many) every `settings.pass_seconds` until cancelled."""
+
+    #: names the archiver in the log
+    what = "archiver"
+
+    def __init__(self, store, archive, settings: "ArchiveSettings", clock: Callable[[], float] = time.time):
+        self.store = store
+        self.archive = archive
+        self.settings = settings
+        self.clock = clock
+
+    async def run(self) -> None:
+        """Until cancelled (the leader's loop)."""
+        await run_passes(self.what, self.pass_once, self.settings.pass_seconds)
+
+    async def pass_once(self) -> int:
+        raise NotImplementedError
+
+    def cutoff_ns(self) -> int:
+        """Objects that ended before this (ns) are due."""
+        return int((self.clock() - self.settings.retention_seconds) * 1e9)
 
 
 @dataclass(frozen=True)
@@ -346,8 +376,7 @@ class Archive:
                      keep: Callable[[Row], bool] = lambda row: True) -> tuple[list[Row], bool]:
         """Up to `limit` rows of `tenant` named after `after`, in name order
         (for kinds listed by name: one `ls` of the names, then a read per row)."""
-        names = sorted(n[:-len(".json")] for n in self._ls(f"{self._tenant_dir(kind, tenant)}/names")
-                       if n.endswith(".json"))
+        names = self.names(kind, tenant)
         found: list[Row] = []
         for name in names[bisect.bisect_right(names, after):]:
             row = self.get(kind, tenant, name)
@@ -357,6 +386,11 @@ class Archive:
                 return found, True
             found.append(row)
         return found, False
+
+    def names(self, kind: str, tenant: str) -> list[str]:
+        """Every name of `tenant` that has a pointer, sorted (one `ls`)."""
+        return sorted(n[:-len(".json")] for n in self._ls(f"{self._tenant_dir(kind, tenant)}/names")
+                      if n.endswith(".json"))
 
     def _day(self, kind: str, tenant: str, day: str, parts: dict[str, bytes]) -> list[tuple[Row, int, int, str]]:
         """(head, offset, length, part) of every line of a day's parts; the

@@ -309,19 +309,23 @@ class Etcd:
         change: Callable[[KV | None], bytes | None],
         *,
         attempts: int = 50,
+        also: Callable[[KV | None, bytes | None], Sequence[Any]] | None = None,
     ) -> bytes | None:
         """Compare-and-swap read-modify-write of one key.
 
         `change(current)` returns the new value, or None to delete the key. It
         may raise a typed error to abort. On a lost race the key is read again
         and `change` called again, up to `attempts` times (then `Conflict`).
+        `also(current, new)`, when given, returns more operations for the same
+        transaction (e.g. an index key that the change calls for).
         """
         current = await self.get(key)
         for attempt in range(attempts):
             new = change(current)
             revision = current.mod_revision if current else 0
             op = op_delete(key) if new is None else op_put(key, new)
-            ok, resp = await self.txn([cmp_mod_revision(key, revision)], [op], [op_get(key)])
+            more = list(also(current, new)) if also is not None else []
+            ok, resp = await self.txn([cmp_mod_revision(key, revision)], [op, *more], [op_get(key)])
             if ok:
                 return new
             kvs = resp.responses[0].response_range.kvs

@@ -29,7 +29,7 @@ from collections import defaultdict
 from typing import Callable
 
 from cloudml.jobs.v1 import jobs_service_pb2 as pb
-from services.common.archive import Archive, ArchiveSettings, Pointer, Position, Row, run_passes
+from services.common.archive import Archive, ArchiveSettings, Archiver, Pointer, Position, Row
 from services.common.etcd import KV
 from services.jobs import policy
 from services.jobs.store import JobStore, create_ns, summary_of
@@ -86,22 +86,17 @@ class JobArchive:
         return where
 
 
-class JobArchiver:
+class JobArchiver(Archiver):
+    what = "jobs archiver"
+
     def __init__(self, store: JobStore, archive: JobArchive, settings: ArchiveSettings, clock=time.time,
                  on_archived: Callable[[int], None] = lambda n: None):
-        self.store = store
-        self.archive = archive
-        self.settings = settings
-        self.clock = clock
+        super().__init__(store, archive, settings, clock)
         self.on_archived = on_archived
-
-    async def run(self) -> None:
-        """Until cancelled (the leader's loop)."""
-        await run_passes("jobs archiver", self.pass_once, self.settings.pass_seconds)
 
     async def pass_once(self) -> int:
         """Archives every job that ended before the cutoff; returns how many."""
-        cutoff = int((self.clock() - self.settings.retention_seconds) * 1e9)
+        cutoff = self.cutoff_ns()
         moved = 0
         while True:
             due = await self.due(cutoff)

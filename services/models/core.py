@@ -37,6 +37,7 @@ from services.common.etcd import Etcd, PrefixWatcher
 from services.common.runtime.base import Runtime, Unschedulable
 from services.common.tokens import Principal
 from services.models import rules, store
+from services.models.archiver import ArchivedVersion, VersionArchive
 from services.models.rules import (DESCRIPTION_MAX, MAX_VERSION, SAVED_MODEL_FILES, UPDATABLE, Defaults, S,
                                    decode_page_token, encode_page_token, is_file_at, replica_amount,
                                    replica_resources, spec_of, ts)
@@ -50,8 +51,11 @@ log = logging.getLogger(__name__)
 class ModelsCore(ExportsAPI):
     def __init__(self, etcd: Etcd, auth: QuotaClient, runtime: Runtime | None, *, storage_root: str | None,
                  defaults: Defaults = Defaults(), clock=time.time, confiner: Confiner | None = None,
-                 uploads: Uploads | None = None, store: ModelStore | None = None):
+                 uploads: Uploads | None = None, store: ModelStore | None = None,
+                 archive: VersionArchive | None = None):
         self.etcd = etcd
+        #: ended versions moved out of etcd (archiver.py); None: nothing is archived
+        self.archive = archive
         self.store = store or ModelStore(etcd)
         self.keys = self.store.keys
         self.auth = auth
@@ -216,6 +220,10 @@ class ModelsCore(ExportsAPI):
         versions, _ = await self.store.list_versions(tenant, name, 0)
         for version in versions:
             await self._mark_version_deleted(tenant, name, version.version, now)
+        if self.archive is not None:
+            # Archived versions go at once (nothing serves them); an archiver
+            # racing this takes its pointer back (the model is marked).
+            await self.archive.remove_all(tenant, name)
         return marked[0]
 
     async def _mark_version_deleted(self, tenant: str, model: str, number: int,
@@ -336,6 +344,14 @@ class ModelsCore(ExportsAPI):
                     if spec_of(existing) == spec_of(spec):
                         return existing, False
                     raise errors.AlreadyExists(f"version {number} of model {model!r} exists with a different spec")
+                archived = await self._archived(snap.model, number)
+                if archived is not None:
+                    # Read after the counter: an archiver moving it since then
+                    # moved the counter too, so the create below fails and retries.
+                    if spec_of(archived.version) == spec_of(spec):
+                        return archived.version, False
+                    raise errors.AlreadyExists(f"version {number} of model {model!r} exists (archived) "
+                                               "with a different spec")
             else:
                 number = max([highest] + [v.version for v in snap.versions]) + 1
                 if number > MAX_VERSION:
@@ -359,19 +375,31 @@ class ModelsCore(ExportsAPI):
         return await self._stored_version(await self._tenant(caller, tenant), model, number)
 
     async def _stored_version(self, tenant: str, model: str, number: int) -> pb.ModelVersion:
+        version, _ = await self._find_version(tenant, model, number)
+        return version
+
+    async def _find_version(self, tenant: str, model: str, number: int
+                            ) -> tuple[pb.ModelVersion, ArchivedVersion | None]:
+        """A version from etcd, else from the archive (then also returned whole, with its exports)."""
         validation.check_model_name(model, "model")
         if number <= 0:
             raise errors.InvalidArgument(f"version must be >= 1 (got {number})")
         version = await self.store.get_version(tenant, model, number)
-        if version is None:
-            await self._model(tenant, model)  # NOT_FOUND for the model first
+        if version is not None:
+            return version, None
+        record, _ = await self._model(tenant, model)  # NOT_FOUND for the model first
+        archived = await self._archived(record, number)
+        if archived is None:
             raise errors.NotFound(f"version {number} of model {model!r} not found")
-        return version
+        return archived.version, archived
+
+    async def _archived(self, model: pb.Model, number: int) -> ArchivedVersion | None:
+        return await self.archive.get(model, number) if self.archive is not None else None
 
     async def list_versions(self, caller: Principal, tenant: str, model: str, page_size: int,
                             page_token: str) -> tuple[list[pb.ModelVersion], str]:
         tenant = await self._tenant(caller, tenant)
-        await self._model(tenant, model)
+        record, _ = await self._model(tenant, model)
         size = validation.check_page_size(page_size)
         after = 0
         if page_token:
@@ -379,7 +407,15 @@ class ModelsCore(ExportsAPI):
             if not token.isdigit():
                 raise errors.InvalidArgument("page_token is not one this service issued")
             after = int(token)
+        # The token is a version number, so it stays good while versions move to the archive.
         versions, more = await self.store.list_versions(tenant, model, after, size)
+        if self.archive is not None:
+            archived, more_archived = await self.archive.page(record, after, size)
+            merged = {v.version: v for v in archived}
+            merged.update((v.version, v) for v in versions)  # live and archived at once (a move cut short): live
+            versions = [merged[n] for n in sorted(merged)]
+            more = more or more_archived or len(versions) > size
+            versions = versions[:size]
         token = encode_page_token(str(versions[-1].version)) if more and versions else ""
         return versions, token
 
@@ -387,6 +423,15 @@ class ModelsCore(ExportsAPI):
         tenant = await self._tenant(caller, tenant)
         for _ in range(20):
             snap = await self._snapshot(tenant, model)
+            if number not in snap.version_revisions and self.archive is not None:
+                archived = await self.archive.remove(snap.model, number)
+                if archived is not None:
+                    # Nothing serves it and nothing names it (else it had not
+                    # been archived): it is gone at once.
+                    version = archived.version
+                    version.delete_time.CopyFrom(ts(self.clock()))
+                    version.state = S.MODEL_VERSION_STATE_UNLOADING
+                    return version
             version = self._version_of(snap, number)
             if version.HasField("delete_time"):
                 return version

@@ -23,15 +23,30 @@ S = pb.ModelVersionState
 
 
 class ExportsAPI:
-    """Uses `ModelsCore`'s `_tenant`, `_model`, `_stored_version`, `store`, `confiner`, `clock`."""
+    """Uses `ModelsCore`'s `_tenant`, `_model`, `_find_version`, `store`, `confiner`, `clock`."""
 
     trees: TreeReader
 
     async def _live_version(self, tenant: str, model: str, number: int) -> pb.ModelVersion:
-        version = await self._stored_version(tenant, model, number)
+        version, _ = await self._live_found(tenant, model, number)
+        return version
+
+    async def _live_found(self, tenant: str, model: str, number: int) -> tuple[pb.ModelVersion, object | None]:
+        """A version not being deleted, live or archived (then also its
+        `archiver.ArchivedVersion`, whose exports are read only: an archived
+        version exports nothing new)."""
+        version, archived = await self._find_version(tenant, model, number)
         if version.HasField("delete_time"):
             raise errors.FailedPrecondition(f"version {number} of model {model!r} is being deleted")
-        return version
+        return version, archived
+
+    async def _export_record(self, version: pb.ModelVersion, archived, ident: str) -> bytes | None:
+        """One export record of a version by id (None: none), from etcd or the archived line."""
+        if not ident or "/" in ident:
+            return None
+        if archived is not None:
+            return archived.export(ident)
+        return await self.store.get_export(version.tenant, version.model, version.version, ident)
 
     def _local_model(self, version: pb.ModelVersion) -> tuple[str, str]:
         """(root, relative) of the version's SavedModel in its tenant's storage."""
@@ -48,9 +63,9 @@ class ExportsAPI:
                              options: pb.ExportOptions) -> tuple[pb.Export, bool]:
         tenant = await self._tenant(caller, tenant)
         optimization, signature = check_options(fmt, options)
-        version = await self._live_version(tenant, model, number)
+        version, archived = await self._live_found(tenant, model, number)
         ident = export_id(optimization, signature)
-        existing = await self.store.get_export(tenant, model, number, ident)
+        existing = await self._export_record(version, archived, ident)
         if existing is not None:
             return ExportRecord.decode(existing).to_pb(), False
         if version.state != S.MODEL_VERSION_STATE_AVAILABLE:
@@ -69,16 +84,17 @@ class ExportsAPI:
 
     async def get_export(self, caller: Principal, tenant: str, model: str, number: int, ident: str) -> pb.Export:
         tenant = await self._tenant(caller, tenant)
-        await self._live_version(tenant, model, number)
-        raw = await self.store.get_export(tenant, model, number, ident) if ident and "/" not in ident else None
+        version, archived = await self._live_found(tenant, model, number)
+        raw = await self._export_record(version, archived, ident)
         if raw is None:
             raise errors.NotFound(f"export {ident!r} of version {number} of model {model!r} not found")
         return ExportRecord.decode(raw).to_pb()
 
     async def list_exports(self, caller: Principal, tenant: str, model: str, number: int) -> list[pb.Export]:
         tenant = await self._tenant(caller, tenant)
-        await self._live_version(tenant, model, number)
-        return [ExportRecord.decode(raw).to_pb() for raw in await self.store.list_exports(tenant, model, number)]
+        _, archived = await self._live_found(tenant, model, number)
+        raws = archived.exports if archived is not None else await self.store.list_exports(tenant, model, number)
+        return [ExportRecord.decode(raw).to_pb() for raw in raws]
 
     # --- downloads -----------------------------------------------------------------
 
@@ -97,9 +113,9 @@ class ExportsAPI:
             if label not in found.labels:
                 raise errors.NotFound(f"model {model!r} has no label {label!r}")
             number = found.labels[label]
-        version = await self._live_version(tenant, model, number)
+        version, archived = await self._live_found(tenant, model, number)
         if artifact:
-            raw = await self.store.get_export(tenant, model, number, artifact) if "/" not in artifact else None
+            raw = await self._export_record(version, archived, artifact)
             if raw is None:
                 raise errors.NotFound(f"version {number} of model {model!r} has no artifact {artifact!r} "
                                       "(see ListExports)")

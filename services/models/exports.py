@@ -172,6 +172,11 @@ class ExportDriver:
 
     async def _step(self, key: str, record: ExportRecord) -> None:
         version = self.versions.items.get(self.keys.version(record.tenant, record.model, record.version))
+        if version is None and await self.etcd.get(key) is None:
+            # Gone with its version in one transaction: archived (archiver.py),
+            # the artifact with it. Never remove what the archive still reads.
+            self.exports.items.pop(key, None)
+            return
         if version is None or version.HasField("delete_time"):
             # A PENDING record may hold quota and capacity while it waits for the other: give both back.
             await self._release(record, force=True)

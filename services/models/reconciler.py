@@ -156,6 +156,8 @@ class ReconcilerMetrics:
         self.replicas = Gauge("cloudml_models_replicas", "Replicas by state (leader only).", ("state",),
                               registry=registry)
         self.passes = Counter("cloudml_models_reconcile_passes_total", "Reconciler passes.", registry=registry)
+        self.archived = Counter("cloudml_models_versions_archived_total",
+                                "Ended versions moved from etcd to the archive (leader only).", registry=registry)
         self.ended = Counter("cloudml_models_replica_failures_total",
                              "Replicas that ended without being asked to, by kind.", ("kind",), registry=registry)
         self.scaled = Counter("cloudml_models_autoscale_changes_total", "Autoscaler changes, by direction.",
@@ -498,7 +500,21 @@ class Reconciler(ReplicaObserver, ReplicaLauncher, ArtifactFetcher, InflightScra
 
     async def _delete_version(self, vkey: str, tenant: str, model: str, number: int) -> None:
         await self.store.delete_version(tenant, model, number)
-        self.versions.items.pop(vkey, None)
+        self.forget_version(tenant, model, number)
+        log.info("version %s/%s v%d deleted", tenant, model, number)
+
+    def archived(self, version: pb.ModelVersion) -> None:
+        """The archiver (archiver.py, on this leader) moved `version` out of etcd."""
+        self.metrics.archived.inc()
+        self.forget_version(version.tenant, version.model, version.version)
+
+    def forget_version(self, tenant: str, model: str, number: int) -> None:
+        """Drops what the leader holds of a version that left etcd (deleted,
+        or archived: `archived`), with its replicas' working directories
+        and fetched SavedModels."""
+        vkey = self.keys.version(tenant, model, number)
+        if self.versions is not None:
+            self.versions.items.pop(vkey, None)
         self._failed.pop(vkey, None)
         self._failures.pop(vkey, None)
         self._downloads.pop(vkey, None)
@@ -517,7 +533,6 @@ class Reconciler(ReplicaObserver, ReplicaLauncher, ArtifactFetcher, InflightScra
             for name in os.listdir(cache):
                 if name.split("-", 1)[0] == str(number):
                     shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
-        log.info("version %s/%s v%d deleted", tenant, model, number)
 
     # --- writing back -----------------------------------------------------------------------
 

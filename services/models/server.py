@@ -10,6 +10,9 @@ Files under the data directory (DIR):
     DIR/models/cache/<tenant>/<model>/<v>-<hash>/    SavedModels fetched from remote URIs
     DIR/models/exports/<runtime id>/                 an export process's working directory (the tenant's)
     DIR/models/artifacts/<tenant>/<model>/<v>/<id>/  exported artifacts (model.tflite), the platform's own
+    DIR/archive/versions/<tenant>/<model>/           versions that ended (failed) more than --retention-seconds
+                                                     ago, with their exports' records (archiver.py;
+                                                     --archive-uri puts the archive elsewhere)
 
 Replicas listen on Unix sockets outside DIR (paths must stay short):
 /run/cloudml-<hash of DIR>/<tenant>/ (else under the temp dir), see
@@ -24,10 +27,12 @@ from dataclasses import dataclass
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from cloudml.models.v1 import models_service_pb2_grpc as pb_grpc
+from services.common.archive import Archive
 from services.common.confine import Confiner
 from services.common.uploads import Uploads
 from services.common.runtime.factory import make_runtime
 from services.common.server import Platform, ServiceApp
+from services.models.archiver import VersionArchive, VersionArchiver
 from services.models.store import ModelStore
 from services.models.core import ModelsCore
 from services.models.exports import ExportDriver, ExportSettings
@@ -84,8 +89,10 @@ class ModelsApp(ServiceApp):
         storage = settings.storage_dir or os.path.join(data_dir, "storage")
         self.store = ModelStore(platform.etcd)
         self.election = self.store.keys.election
+        export_settings = ExportSettings(data_dir=data_dir)
+        self.archive = VersionArchive(Archive(common.archive.root(data_dir)), export_settings.artifacts_dir)
         self.core = ModelsCore(
-            platform.etcd, self.auth, self.runtime, storage_root=storage, store=self.store,
+            platform.etcd, self.auth, self.runtime, storage_root=storage, store=self.store, archive=self.archive,
             defaults=settings.defaults, confiner=Confiner(storage, common.allowed_uri_schemes),
             uploads=Uploads(storage, getattr(self.runtime, "tenancy", None), common.uploads),
         )
@@ -97,8 +104,9 @@ class ModelsApp(ServiceApp):
             ),
             metrics=ReconcilerMetrics(platform.metrics_registry), confiner=self.core.confiner, store=self.store,
         )
-        self.exports = ExportDriver(platform.etcd, self.runtime, self.auth, ExportSettings(data_dir=data_dir),
+        self.exports = ExportDriver(platform.etcd, self.runtime, self.auth, export_settings,
                                     confiner=self.core.confiner, store=self.store)
+        self.archiver = VersionArchiver(self.store, self.archive, common.archive, on_archived=self.reconciler.archived)
         self.leading = False
 
     def add_to_server(self, server) -> None:
@@ -116,6 +124,7 @@ class ModelsApp(ServiceApp):
         async with asyncio.TaskGroup() as group:
             group.create_task(self.reconciler.run(), name="models-reconciler")
             group.create_task(self.exports.run(), name="models-exports")
+            group.create_task(self.archiver.run(), name="models-archiver")
 
     def leadership_changed(self, leading: bool) -> None:
         self.leading = leading

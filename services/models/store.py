@@ -22,6 +22,14 @@
     exports/<tenant>/<model>/<version:019d>/<export id>
                                               ExportRecord (JSON, export_records.py): an export of a
                                               version (ExportVersion) and its process
+    ended/<end ns:019d>/<tenant>/<model>/<version:019d>
+                                              the version's create time in ns (decimal): a version that
+                                              ended (END: it failed and nothing serves it), written in
+                                              the transaction that moves it to END, so the archiver
+                                              (archiver.py) finds what is due by end time without
+                                              reading every version; a key whose version is gone, no
+                                              longer END or another one (same number, created again)
+                                              is dropped by the archiver
     election/<lease>                          the reconciler's leader election
 
 The gateway reads routes/ and endpoints/ (read-only); nothing else outside
@@ -75,6 +83,7 @@ class ModelKeys:
             self.root + folder for folder in
             ("models/", "versions/", "counters/", "replicas/", "routes/", "endpoints/", "election/"))
         self.exports = self.root + "exports/"
+        self.ended = self.root + "ended/"
 
     def model(self, tenant: str, model: str) -> str:
         return f"{self.models}{tenant}/{model}"
@@ -111,6 +120,14 @@ class ModelKeys:
 
     def export(self, tenant: str, model: str, version: int, export_id: str) -> str:
         return self.exports_of(tenant, model, version) + export_id
+
+    def ended_key(self, version: pb.ModelVersion, end_ns: int) -> str:
+        return f"{self.ended}{end_ns:019d}/{version.tenant}/{version.model}/{version.version:019d}"
+
+    def parse_ended(self, key: str) -> tuple[int, str, str, int]:
+        """(end ns, tenant, model, version) of an ended/ key."""
+        end, tenant, model, version = key[len(self.ended):].split("/")
+        return int(end), tenant, model, int(version)
 
     def parse_version(self, key: str) -> tuple[str, str, int]:
         tenant, model, version = key[len(self.versions):].split("/")
@@ -203,6 +220,19 @@ class ModelSnapshot:
     route_revision: int
 
 
+@dataclass
+class VersionSnapshot:
+    """A version with everything that refers to it, read at one store
+    revision (what the archiver decides on): each KV or None."""
+
+    version: KV | None
+    model: KV | None
+    counter: KV | None
+    exports: list[KV]
+    replicas: int
+    endpoints: int
+
+
 # --- routes ----------------------------------------------------------------------------
 
 def build_route(model: pb.Model, versions: list[pb.ModelVersion]) -> pb.ModelRoute:
@@ -259,9 +289,11 @@ class ModelStore:
     """Reads and compare-and-swap writes of the models service's records
     (the layout above, under `root`)."""
 
-    def __init__(self, etcd: Etcd, root: str = PREFIX):
+    def __init__(self, etcd: Etcd, root: str = PREFIX, clock: Callable[[], float] = time.time):
         self.etcd = etcd
         self.keys = ModelKeys(root)
+        #: stamps ended/ keys
+        self.clock = clock
 
     # --- models and versions ----------------------------------------------------------
 
@@ -332,7 +364,8 @@ class ModelStore:
         ok, _ = await self.etcd.txn(
             [cmp_mod_revision(keys.model(tenant, model), model_revision), cmp_absent(vkey),
              cmp_mod_revision(ckey, counter_revision)],
-            [op_put(vkey, version.SerializeToString()), op_put(ckey, str(max(highest, version.version)).encode())],
+            [op_put(vkey, version.SerializeToString()), op_put(ckey, str(max(highest, version.version)).encode()),
+             *self.ended_ops(None, version)],  # none for the API's (START); records seeded as ended have one
         )
         return ok
 
@@ -359,8 +392,31 @@ class ModelStore:
 
     async def update_version(self, tenant: str, model: str, number: int,
                              change: Callable[[KV | None], bytes | None]) -> None:
-        """Compare-and-swap read-modify-write of a version record (`Etcd.update`)."""
-        await self.etcd.update(self.keys.version(tenant, model, number), change)
+        """Compare-and-swap read-modify-write of a version record (`Etcd.update`);
+        a change that moves it to END writes its ended/ key in the same transaction."""
+        await self.etcd.update(self.keys.version(tenant, model, number), change, also=self._ended_ops)
+
+    def _ended_ops(self, current: KV | None, new: bytes | None) -> list:
+        if current is None or new is None:
+            return []
+        return self.ended_ops(pb.ModelVersion.FromString(current.value), pb.ModelVersion.FromString(new))
+
+    def ended_ops(self, before: pb.ModelVersion | None, after: pb.ModelVersion) -> list:
+        """The ended/ key to write when a version record goes from `before`
+        (None: none) to `after`: one if it moves to END now."""
+        if after.state != S.MODEL_VERSION_STATE_END or (before is not None and before.state == after.state):
+            return []
+        end_ns = int(self.clock() * 1e9)
+        return [op_put(self.keys.ended_key(after, end_ns), str(after.create_time.ToNanoseconds()).encode())]
+
+    async def ended_before(self, cutoff_ns: int, after: str, limit: int) -> tuple[list[tuple[str, bytes]], bool]:
+        """(ended/ key, value) of up to `limit` versions that ended before
+        `cutoff_ns`, oldest first, from the key after `after` on (or the
+        start); and whether more may follow."""
+        kvs, _, more = await self.etcd.get_prefix(self.keys.ended, start=after + "\0" if after else None,
+                                                  limit=limit)
+        due = [(kv.key, kv.value) for kv in kvs if self.keys.parse_ended(kv.key)[0] < cutoff_ns]
+        return due, more and len(due) == len(kvs)
 
     async def delete_version(self, tenant: str, model: str, number: int) -> None:
         """Deletes a version record and whatever is left of its endpoints."""
@@ -381,6 +437,40 @@ class ModelStore:
             [cmp_mod_revision(kv.key, kv.mod_revision)],
             [op_delete(kv.key), op_delete(keys.counter(tenant, model))],
         )
+        return ok
+
+    async def version_snapshot(self, tenant: str, model: str, number: int) -> VersionSnapshot:
+        """The version, its model, counter, exports, replica records and endpoints, in one transaction."""
+        keys = self.keys
+        _, resp = await self.etcd.txn([], [
+            op_get(keys.version(tenant, model, number)), op_get(keys.model(tenant, model)),
+            op_get(keys.counter(tenant, model)), op_get_prefix(keys.exports_of(tenant, model, number)),
+            op_get_prefix(keys.replicas_of(tenant, model, number)),
+            op_get_prefix(keys.endpoints_of(tenant, model, number)),
+        ])
+        ranges = [[KV.from_pb(kv) for kv in r.response_range.kvs] for r in resp.responses]
+        version, model_kv, counter, exports, replicas, endpoints = ranges
+        return VersionSnapshot(version[0] if version else None, model_kv[0] if model_kv else None,
+                               counter[0] if counter else None, exports, len(replicas), len(endpoints))
+
+    async def remove_archived(self, snap: VersionSnapshot, ended_key: str) -> bool:
+        """Deletes an archived version's keys (its record, exports and ended/
+        key) only while it, its model, the model's counter and its exports
+        are as in `snap`; raises the counter to at least the version's number
+        in the same transaction (its revision moves, so a CreateVersion that
+        read the counter before this retries and finds the version archived)."""
+        version = pb.ModelVersion.FromString(snap.version.value)
+        tenant, model, number = version.tenant, version.model, version.version
+        keys = self.keys
+        counter_key = keys.counter(tenant, model)
+        highest = max(int(snap.counter.value) if snap.counter else 0, number)
+        compares = [cmp_mod_revision(snap.version.key, snap.version.mod_revision),
+                    cmp_mod_revision(snap.model.key, snap.model.mod_revision),
+                    cmp_mod_revision(counter_key, snap.counter.mod_revision if snap.counter else 0),
+                    *(cmp_mod_revision(kv.key, kv.mod_revision) for kv in snap.exports)]
+        ops = [op_delete(snap.version.key), op_delete(ended_key), op_put(counter_key, str(highest).encode()),
+               *(op_delete(kv.key) for kv in snap.exports)]
+        ok, _ = await self.etcd.txn(compares, ops)
         return ok
 
     # --- exports ----------------------------------------------------------------------

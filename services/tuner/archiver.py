@@ -21,11 +21,10 @@ import asyncio
 import base64
 import json
 import logging
-import time
 from dataclasses import dataclass
 
 from cloudml.tuner.v1 import tuner_service_pb2 as pb
-from services.common.archive import Archive, ArchiveSettings, Pointer, Row, run_passes
+from services.common.archive import Archive, Archiver, Pointer, Row
 from services.common.etcd import KV
 from services.tuner.store import JOBSPECS, STUDIES, StudyRecord, TrialRecord, TunerStore, active_trials
 
@@ -86,20 +85,14 @@ def due(record: StudyRecord, cutoff_ns: int) -> bool:
             and study.HasField("end_time") and study.end_time.ToNanoseconds() < cutoff_ns)
 
 
-class StudyArchiver:
-    def __init__(self, store: TunerStore, archive: StudyArchive, settings: ArchiveSettings, clock=time.time):
-        self.store = store
-        self.archive = archive
-        self.settings = settings
-        self.clock = clock
-
-    async def run(self) -> None:
-        """Until cancelled (the leader's loop)."""
-        await run_passes("studies archiver", self.pass_once, self.settings.pass_seconds)
+class StudyArchiver(Archiver):
+    what = "studies archiver"
+    store: TunerStore
+    archive: StudyArchive
 
     async def pass_once(self) -> int:
         """Archives every due study (the studies are read in pages of `batch`)."""
-        cutoff = int((self.clock() - self.settings.retention_seconds) * 1e9)
+        cutoff = self.cutoff_ns()
         moved, start = 0, None
         etcd = self.store.etcd
         while True:

@@ -68,12 +68,13 @@ class Stack:
     their own on the session's etcd (the harness of deploy/local/stack.py),
     the admin's key the services' own."""
 
-    def __init__(self, workdir: str, etcd_endpoint: str):
+    def __init__(self, workdir: str, etcd_endpoint: str, models_flags: tuple[str, ...] = ()):
         self.workdir = workdir
         self.secret = uuid.uuid4().hex
         self.harness = harness.Stack(workdir, etcd_endpoint=etcd_endpoint, admin=(ADMIN_ACCESS_KEY, self.secret),
                                      service=None, lease_ttl=3,
-                                     service_flags={"models": ["--stop-grace", "10", "--scale-down-delay", "3"]})
+                                     service_flags={"models": ["--stop-grace", "10", "--scale-down-delay", "3",
+                                                               *models_flags]})
         self.harness.start()
         self.data_dir = self.harness.data_dir
         self.etcd = self.harness.etcd
@@ -155,12 +156,14 @@ def build_half_plus_two(workdir: str) -> str:
 
 
 @contextlib.contextmanager
-def open_stack(workdir: str, etcd_endpoint: str, saved_model: str) -> Iterator[Stack]:
+def open_stack(workdir: str, etcd_endpoint: str, saved_model: str,
+               models_flags: tuple[str, ...] = ()) -> Iterator[Stack]:
     """A started `Stack` in `workdir` on the etcd at `etcd_endpoint`, with
     half_plus_two at `saved_model` (the session's `half_plus_two`: read
     only, tests copy or upload it) and a garbage SavedModel (`broken_model`)
-    in `workdir`; closed on leaving."""
-    stack = Stack(workdir, etcd_endpoint)
+    in `workdir`; closed on leaving. `models_flags`: more flags for the
+    models service (e.g. a short --retention-seconds)."""
+    stack = Stack(workdir, etcd_endpoint, models_flags)
     try:
         stack.saved_model = saved_model
         broken = os.path.join(workdir, "broken")

@@ -17,7 +17,7 @@ import pytest
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common.confine import Confiner
-from services.common.etcd import Etcd
+from services.common.etcd import Etcd, op_delete
 from tests.integration.standins import Clock, Quota
 from services.common.runtime.base import ReplicaPhase, ReplicaStatus
 from services.models.export_records import E, ExportRecord
@@ -231,6 +231,21 @@ async def test_an_export_goes_with_its_version(env):
     await env["etcd"].delete(env["store"].keys.version("acme", "m", 1))
     await env["until"](lambda: _gone(env, key), "the record deleted")
     assert rid in env["runtime"].stopped and env["quota"].held == {} and env["runtime"].groups == set()
+
+
+async def test_an_archived_versions_export_keeps_its_artifact(env):
+    """The archiver deletes a version and its export records in one
+    transaction; a pass that sees the version gone before its export (two
+    watches) must leave the artifact, which the archived records still name."""
+    key = await env["export"]()
+    made = env["driver"]()
+    answer(env["runtime"], await started(env), {"ok": True}, b"flatbuffer")
+    done = await env["until"](lambda: _done(env, key), "SUCCEEDED")
+    vkey = env["store"].keys.version("acme", "m", 1)
+    await env["etcd"].txn([], [op_delete(vkey), op_delete(key)])
+    made.versions.items.pop(vkey, None)
+    await made._step(key, done)
+    assert os.path.exists(done.artifact_path) and key not in made.exports.items
 
 
 async def _gone(env, key):

@@ -208,7 +208,14 @@ class ModelsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetVersion(self, request, context):
-        """Reads one version with its replicas.
+        """Reads one version with its replicas. A version that ended (END) more
+        than the platform's retention ago (7 days by default) and that no label,
+        default_version or traffic split names is read from the archive,
+        unchanged. ListVersions, DeleteVersion, CreateVersion (its number stays
+        taken), GetExport, ListExports, ExportVersion (existing exports only)
+        and DownloadVersion work on it as on a live one; to SetLabel and
+        UpdateModel it does not exist, ScaleVersion answers NOT_FOUND, and
+        WatchModel shows live versions only.
         NOT_FOUND: no such model or version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -216,7 +223,8 @@ class ModelsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListVersions(self, request, context):
-        """Lists a model's versions in ascending version order.
+        """Lists a model's versions, live and archived, in ascending version order;
+        a page token stays valid while versions move to the archive.
         NOT_FOUND: no such model. INVALID_ARGUMENT: a bad page_token or page_size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
