@@ -83,6 +83,8 @@ class TunerCore:
     def __init__(self, store: TunerStore, jobs, quota, data_dir: str, clock=time.time,
                  confiner: Confiner | None = None, archive: StudyArchive | None = None):
         self.store = store
+        #: each running study's sampler kept in memory between suggestions (rebuilt whenever the records disagree)
+        self.samplers = algorithms.LiveStudies()
         self.archive = archive
         self.jobs = jobs
         self.quota = quota
@@ -392,7 +394,8 @@ class TunerCore:
         if room <= 0:
             return []
         observations = [algorithms.observation_of(t.trial, t.system_attrs) for t in snap.trials]
-        suggestions, state = await asyncio.to_thread(algorithms.suggest, spec, observations, snap.algorithm, room)
+        suggestions, state = await asyncio.to_thread(self.samplers.suggest, (study.tenant, study.name), spec,
+                                                     observations, snap.algorithm, room)
         if not suggestions:
             return []
         now = self.clock()

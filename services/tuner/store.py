@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -182,9 +183,25 @@ def apply_to_summary(study: pb.Study, old: pb.Trial | None, new: pb.Trial) -> No
             study.best_trial.CopyFrom(new)
 
 
+@dataclass
+class _TrialCache:
+    """A RUNNING study's trials as `TunerStore.snapshot` last read them."""
+
+    #: the study key's create_revision: a study deleted and created again under
+    #: the same name starts over
+    create_revision: int
+    #: the etcd revision the trials are as of
+    revision: int
+    #: number -> record; replaced, never changed in place
+    trials: dict[int, TrialRecord]
+
+
 class TunerStore:
-    def __init__(self, etcd: Etcd):
+    def __init__(self, etcd: Etcd, cache_size: int = 64):
         self.etcd = etcd
+        #: (tenant, study) -> its trials as last read, for the `cache_size` studies read most recently
+        self._cache: OrderedDict[tuple[str, str], _TrialCache] = OrderedDict()
+        self.cache_size = cache_size
 
     # --- studies --------------------------------------------------------------------
 
@@ -245,16 +262,51 @@ class TunerStore:
     # --- snapshots and trials -------------------------------------------------------------
 
     async def snapshot(self, tenant: str, name: str) -> Snapshot | None:
-        _, resp = await self.etcd.txn([], [op_get(study_key(tenant, name)), op_get_prefix(trials_prefix(tenant, name)),
+        """The study, its trials (by number) and its sampler state at one
+        revision. A RUNNING study's trials are remembered between calls
+        (`_TrialCache`), so a read brings only the trials changed since the
+        previous one. The records are shared between snapshots: read them,
+        never change them."""
+        key = (tenant, name)
+        cached = self._cache.get(key)
+        since = cached.revision + 1 if cached else 0
+        _, resp = await self.etcd.txn([], [op_get(study_key(tenant, name)),
+                                           op_get_prefix(trials_prefix(tenant, name), min_mod_revision=since),
                                            op_get(algorithm_key(tenant, name))])
         study_r, trials_r, algo_r = (r.response_range for r in resp.responses)
         if not study_r.kvs:
+            self._cache.pop(key, None)
             return None
-        record = StudyRecord.decode(KV.from_pb(study_r.kvs[0]))
-        trials = [TrialRecord.decode(KV.from_pb(kv)) for kv in trials_r.kvs]
+        study_kv = KV.from_pb(study_r.kvs[0])
+        record = StudyRecord.decode(study_kv)
+        revision = resp.header.revision
+        trials = {}
+        if cached is not None:
+            if cached.create_revision != study_kv.create_revision:
+                self._cache.pop(key, None)  # deleted and created again: nothing carries over
+                return await self.snapshot(tenant, name)
+            trials = dict(cached.trials)  # the trials at cached.revision; `cached` itself is never changed
+        for kv in trials_r.kvs:
+            trial = TrialRecord.decode(KV.from_pb(kv))
+            trials[trial.trial.number] = trial
+        consistent = len(trials) == total_trials(record.study.trial_counts)
+        if not consistent and cached is not None:
+            # The counts change with the trials in one transaction, so this
+            # is not the same study's history: read it all again.
+            self._cache.pop(key, None)
+            return await self.snapshot(tenant, name)
+        if record.study.state != pb.STUDY_STATE_RUNNING or not consistent:
+            self._cache.pop(key, None)  # no more suggestions (not worth the memory), or records to read whole
+        else:
+            latest = self._cache.get(key)
+            if latest is None or latest.revision < revision:  # another read may have brought a later one
+                self._cache[key] = _TrialCache(study_kv.create_revision, revision, trials)
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         algo = algo_r.kvs[0] if algo_r.kvs else None
-        return Snapshot(record, trials, algo.value if algo else None, algo.mod_revision if algo else 0,
-                        resp.header.revision)
+        return Snapshot(record, [trials[n] for n in sorted(trials)], algo.value if algo else None,
+                        algo.mod_revision if algo else 0, revision)
 
     async def get_trial(self, tenant: str, name: str, number: int) -> TrialRecord | None:
         kv = await self.etcd.get(trial_key(tenant, name, number))
