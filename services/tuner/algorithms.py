@@ -281,10 +281,6 @@ class LiveStudies:
                 self._live.popitem(last=False)
         return out, new_state
 
-    def forget(self, key) -> None:
-        with self._lock:
-            self._live.pop(key, None)
-
 
 def _plain(value):
     """Optuna may hand back NumPy scalars; store plain Python values."""

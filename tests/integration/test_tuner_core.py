@@ -250,8 +250,8 @@ async def test_a_long_lived_core_suggests_what_a_fresh_core_per_suggestion_sugge
     assert long_lived.samplers.rebuilds == 1  # built at its first suggestion, then kept
 
 
-async def test_snapshot_reads_only_the_trials_changed_since_its_last_read(etcd):
-    core, who = make_core(etcd), caller()
+async def test_snapshot_reads_only_the_trials_changed_since_its_last_read_or_write(etcd):
+    core, other, who = make_core(etcd), make_core(etcd), caller()  # two tuner processes
     await core.create_study(who, "", "s", branin_spec(who.tenant, max_parallel_trials=4))
     read = []  # trials each snapshot of core.store brought
 
@@ -266,27 +266,37 @@ async def test_snapshot_reads_only_the_trials_changed_since_its_last_read(etcd):
             return getattr(etcd, name)
 
     core.store.etcd = Counting()
-    trials = await core.suggest(who.tenant, "s", 4, "a")
-    assert read == [0]
-    await core.store.snapshot(who.tenant, "s")
-    assert read == [0, 4]  # the four trials written since
-    read.clear()
 
     async def same_as_a_full_read():
         snap = await core.store.snapshot(who.tenant, "s")
         full = await TunerStore(etcd).snapshot(who.tenant, "s")
         assert [t.trial for t in snap.trials] == [t.trial for t in full.trials]
-        assert [t.mod_revision for t in snap.trials] == [t.mod_revision for t in full.trials]
-        assert snap.study == full.study and snap.algorithm == full.algorithm
+        assert [(t.mod_revision, t.stop, t.system_attrs) for t in snap.trials] == [
+            (t.mod_revision, t.stop, t.system_attrs) for t in full.trials]
+        assert snap.record == full.record and snap.algorithm == full.algorithm
+        assert (snap.algorithm_revision, snap.revision) == (full.algorithm_revision, full.revision)
         return snap
 
+    trials = await core.suggest(who.tenant, "s", 3, "a")
     await same_as_a_full_read()
-    assert read == [0]  # nothing changed since the suggestion's read
-    await finish(core, who.tenant, "s", trials[1])
-    await core.request_stop(who.tenant, "s", trials[2].number, "median rule")
+    assert read == [0, 0]  # the trials it wrote itself are known
+    await finish(core, who.tenant, "s", trials[0])
+    await same_as_a_full_read()
+    assert read[-1] == 0
+    # Another process's changes: read, and only those.
+    await finish(other, who.tenant, "s", trials[1])
+    await other.request_stop(who.tenant, "s", trials[2].number, "median rule")
     snap = await same_as_a_full_read()
     assert read[-1] == 2
     assert snap.trials[1].trial.state == pb.TRIAL_STATE_SUCCEEDED and snap.trials[2].stop == "median rule"
+    # A suggestion starting from what core knows, stale since the other
+    # process suggested for the same client: the write is turned down, and
+    # the fresh read answers with that trial.
+    (theirs,) = await other.suggest(who.tenant, "s", 1, "b")
+    assert await core.suggest(who.tenant, "s", 1, "b") == [theirs]
+    (fourth,) = await core.suggest(who.tenant, "s", 1, "c")
+    assert fourth.number == 5
+    await same_as_a_full_read()
     # Deleted and created again under the same name: nothing of the old study shows.
     await core.cancel_study(who, "", "s")
     await core.delete_study(who, "", "s")
@@ -296,6 +306,20 @@ async def test_snapshot_reads_only_the_trials_changed_since_its_last_read(etcd):
     (again,) = await core.suggest(who.tenant, "s", 1, "a")
     assert again.number == 1 and again.state == pb.TRIAL_STATE_PENDING
     await same_as_a_full_read()
+
+
+async def test_a_stale_study_in_memory_never_answers_without_a_fresh_read(etcd):
+    core, other, who = make_core(etcd), make_core(etcd), caller()
+    await core.create_study(who, "", "s", branin_spec(who.tenant, max_trials=3, max_parallel_trials=1))
+    (first,) = await core.suggest(who.tenant, "s", 1, "a")
+    # core still thinks trial 1 runs (no room); the other process ended it.
+    await finish(other, who.tenant, "s", first)
+    (second,) = await core.suggest(who.tenant, "s", 1, "b")
+    assert second.number == 2
+    # core thinks the study runs; the other process cancelled it.
+    await other.cancel_study(who, "", "s")
+    with pytest.raises(errors.FailedPrecondition):
+        await core.suggest(who.tenant, "s", 1, "c")
 
 
 def curve_series(points) -> list[jobs_pb.MetricSeries]:
