@@ -130,10 +130,11 @@ def predict_bytes(name: str, inputs: dict[str, np.ndarray]) -> bytes:
     return request.SerializeToString()
 
 
-async def grpc_load(address: str, body: bytes, metadata, concurrency: int, seconds: float) -> dict:
+async def grpc_load(address: str, body: bytes, metadata, concurrency: int, seconds: float,
+                    method: str = PREDICT) -> dict:
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(address) as channel:
-        call = channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=None)
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         for _ in range(20):
             await call(body, metadata=metadata, timeout=10)
         stop = time.perf_counter() + seconds
@@ -371,6 +372,110 @@ def print_pacing(table: dict) -> None:
           "(machine: CPU cores busy meanwhile, all processes)")
 
 
+BATCHING_ON = json.dumps({"enabled": True, "max_batch_size": 32, "batch_timeout_micros": 1000,
+                          "max_enqueued_batches": 1000, "num_batch_threads": 2})
+BATCHING_OFF = json.dumps({"enabled": False})
+
+
+def bench_inputs() -> dict[str, np.ndarray]:
+    """One example per request: half_plus_two's and the MLP's "x"."""
+    return {"hpt": np.array([[1.0]], dtype=np.float32),
+            "mlp": np.random.default_rng(1).normal(size=(1, 256)).astype(np.float32)}
+
+
+class Platform:
+    """The Predict path as the benchmarks measure it: etcd, auth and the
+    gateway (`AuthGatewayStack`), one model-server replica per entry of
+    `replicas` ((model name, SavedModel version directory, batching on?)),
+    the routing records in etcd as the models service would publish them
+    (so the figures isolate the hot path), and a tenant "bench" with an
+    access key: `token`, and `md` its gRPC metadata. `gateway_env`: variables
+    only the gateway (and auth) start with."""
+
+    def __init__(self, directory: str, replicas: list[tuple[str, str, bool]], gateway_env: dict | None = None):
+        from deploy.local.stack import AuthGatewayStack
+
+        self.directory = directory
+        self.replicas = replicas
+        self.gateway_env = gateway_env or {}
+        self.stack = AuthGatewayStack(directory, admin=ADMIN, service=SERVICE, flags=["--log-level", "WARNING"])
+        self.procs: list = []
+        self.servers: dict = {}  # model name -> its replica's ServiceProcess
+        self.own: dict[str, str] = {}  # model name -> the replica's Python server (what the gateway calls)
+        self.token = ""
+        self.md: tuple = ()
+
+    def start(self) -> "Platform":
+        from cloudml.auth.v1 import auth_service_pb2 as auth_pb
+        from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
+        from deploy.local.service_process import ServiceProcess, read_port_file
+
+        saved = {key: os.environ.get(key) for key in self.gateway_env}
+        os.environ.update({key: str(value) for key, value in self.gateway_env.items() if value is not None})
+        try:  # only the gateway (and auth) see these
+            self.stack.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        self.gateway, self.rest_port = self.stack.gateway, self.stack.rest_port
+        for name, path, batching in self.replicas:
+            port_file = os.path.join(self.directory, f"{name}.port")
+            cmd = [sys.executable, "-m", "services.models.model_server", "--model-name", name, "--version", "1",
+                   "--base-path", path, "--port-file", port_file,
+                   "--batching-config", BATCHING_ON if batching else BATCHING_OFF, "--log-level", "WARNING"]
+            proc = ServiceProcess(name, cmd, port_file, log_path=os.path.join(self.directory, f"{name}.log"))
+            self.procs.append(proc)
+            self.servers[name] = proc.start().wait_serving(120)
+        asyncio.run(self._routes(read_port_file))
+
+        stub = auth_grpc.AuthServiceStub(grpc.insecure_channel(self.stack.auth.address))
+        admin_md = (("authorization", "Bearer " + stub.IssueToken(
+            auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token),)
+        stub.CreateTenant(auth_pb.CreateTenantRequest(name="bench"), metadata=admin_md)
+        key = stub.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant="bench"), metadata=admin_md)
+        self.token = stub.IssueToken(auth_pb.IssueTokenRequest(access_key_id=key.access_key.access_key_id,
+                                                               secret_key=key.secret_key)).token
+        self.md = (("authorization", f"Bearer {self.token}"),)
+        time.sleep(1.0)  # the gateway's watch picks up the routes and endpoints
+        # Each replica's Python server (what the gateway calls) and its public
+        # address (its native front, when built).
+        self.own = {name: read_port_file(proc.port_file).get("replica_address", proc.address)
+                    for name, proc in self.servers.items()}
+        return self
+
+    async def _routes(self, read_port_file) -> None:
+        from cloudml.models.v1 import models_service_pb2 as models_pb
+        from services.common.etcd import Etcd
+        from services.models import store
+
+        client = await Etcd.connect(self.stack.etcd.endpoint)
+        for name, proc in self.servers.items():
+            # The endpoint the models service's reconciler would publish for this replica.
+            info = read_port_file(proc.port_file)
+            await store.put_endpoint(client, store.make_endpoint(
+                "bench", name, 1, f"{name}-0", info.get("replica_address", info["address"]),
+                models_pb.MODEL_VERSION_STATE_AVAILABLE, info.get("coalesce_max", 0)))
+            route = models_pb.ModelRoute(tenant="bench", model=name, versions=[
+                models_pb.VersionRoute(version=1, state=models_pb.MODEL_VERSION_STATE_AVAILABLE)])
+            await client.put(f"/cloudml/models/routes/bench/{name}", route.SerializeToString())
+        await client.close()
+
+    def check(self, bodies: dict[str, bytes]) -> None:
+        """One Predict per model through the gateway (raises on an error status)."""
+        with grpc.insecure_channel(self.gateway.address) as channel:
+            call = channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=None)
+            for body in bodies.values():
+                call(body, metadata=self.md, timeout=30)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.stack.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sections", default="pacing", help="of pacing, models, batching")
@@ -391,88 +496,28 @@ def main() -> None:
     sections = set(args.sections.split(","))
 
     import tensorflow as tf
-    from cloudml.auth.v1 import auth_service_pb2 as auth_pb
-    from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
-    from cloudml.models.v1 import models_service_pb2 as models_pb
-    from deploy.local.service_process import ServiceProcess, read_port_file
-    from deploy.local.stack import AuthGatewayStack
-    from services.common.etcd import Etcd
-    from services.models import store
     from tests.conformance.half_plus_two import build_half_plus_two
 
     d = tempfile.mkdtemp(prefix="cloudml-bench-serving-")
     hpt_path = build_half_plus_two(os.path.join(d, "half_plus_two"), version=1)
     mlp_path = build_mlp(d) if sections & {"models", "batching"} else None
-    stack = AuthGatewayStack(d, admin=ADMIN, service=SERVICE, flags=["--log-level", "WARNING"])
-    procs: list[ServiceProcess] = []
-
-    def start(proc: ServiceProcess) -> ServiceProcess:
-        procs.append(proc)
-        return proc.start().wait_serving(120)
+    # Latency runs use replicas without batching (what one deploys for
+    # latency); the batching comparison adds an MLP replica with it on.
+    replicas = [("hpt", hpt_path, False)]
+    if "models" in sections or "batching" in sections:
+        replicas.append(("mlp", mlp_path, False))
+    if "batching" in sections:
+        replicas.append(("mlp-batch", mlp_path, True))
+    platform = Platform(d, replicas, {"CLOUDML_DATAPLANE_SPIN_US": args.spin_us,
+                                      "CLOUDML_DATAPLANE_BINARY": args.dataplane_binary,
+                                      "CLOUDML_DATAPLANE_H2_FRONT": args.h2_front})
 
     try:
-        gateway_env = {"CLOUDML_DATAPLANE_SPIN_US": args.spin_us, "CLOUDML_DATAPLANE_BINARY": args.dataplane_binary,
-                       "CLOUDML_DATAPLANE_H2_FRONT": args.h2_front}
-        saved = {key: os.environ.get(key) for key in gateway_env}
-        os.environ.update({key: str(value) for key, value in gateway_env.items() if value is not None})
-        try:  # only the gateway (and auth) see these
-            stack.start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        etcd, auth, gateway, rest_port = stack.etcd, stack.auth, stack.gateway, stack.rest_port
-
-        # Latency runs use replicas without batching (what one deploys for
-        # latency); the batching comparison adds an MLP replica with it on.
-        batching_on = json.dumps({"enabled": True, "max_batch_size": 32, "batch_timeout_micros": 1000,
-                                  "max_enqueued_batches": 1000, "num_batch_threads": 2})
-        batching_off = json.dumps({"enabled": False})
-        servers = {}
-        replicas = [("hpt", hpt_path, batching_off)]
-        if "models" in sections or "batching" in sections:
-            replicas.append(("mlp", mlp_path, batching_off))
-        if "batching" in sections:
-            replicas.append(("mlp-batch", mlp_path, batching_on))
-        for name, path, batching in replicas:
-            port_file = os.path.join(d, f"{name}.port")
-            cmd = [sys.executable, "-m", "services.models.model_server", "--model-name", name, "--version", "1",
-                   "--base-path", path, "--port-file", port_file,
-                   "--batching-config", batching, "--log-level", "WARNING"]
-            servers[name] = start(ServiceProcess(name, cmd, port_file, log_path=os.path.join(d, f"{name}.log")))
-
-        async def routes():
-            client = await Etcd.connect(etcd.endpoint)
-            for name in servers:
-                # The endpoint the models service's reconciler would publish for this replica.
-                info = read_port_file(servers[name].port_file)
-                await store.put_endpoint(client, store.make_endpoint(
-                    "bench", name, 1, f"{name}-0", info.get("replica_address", info["address"]),
-                    models_pb.MODEL_VERSION_STATE_AVAILABLE, info.get("coalesce_max", 0)))
-                route = models_pb.ModelRoute(tenant="bench", model=name, versions=[
-                    models_pb.VersionRoute(version=1, state=models_pb.MODEL_VERSION_STATE_AVAILABLE)])
-                await client.put(f"/cloudml/models/routes/bench/{name}", route.SerializeToString())
-            await client.close()
-        asyncio.run(routes())
-
-        stub = auth_grpc.AuthServiceStub(grpc.insecure_channel(auth.address))
-        admin_md = (("authorization", "Bearer " + stub.IssueToken(
-            auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token),)
-        stub.CreateTenant(auth_pb.CreateTenantRequest(name="bench"), metadata=admin_md)
-        key = stub.CreateAccessKey(auth_pb.CreateAccessKeyRequest(tenant="bench"), metadata=admin_md)
-        token = stub.IssueToken(auth_pb.IssueTokenRequest(access_key_id=key.access_key.access_key_id,
-                                                          secret_key=key.secret_key)).token
-        md = (("authorization", f"Bearer {token}"),)
-        time.sleep(1.0)  # the gateway's watch picks up the routes and endpoints
-
-        # Each replica's Python server (what the gateway calls) and its public
-        # address (its native front, when built).
-        own = {name: read_port_file(proc.port_file).get("replica_address", proc.address)
-               for name, proc in servers.items()}
-        hpt_inputs = {"x": np.array([[1.0]], dtype=np.float32)}
-        mlp_inputs = {"x": np.random.default_rng(1).normal(size=(1, 256)).astype(np.float32)}
+        platform.start()
+        stack, gateway, rest_port = platform.stack, platform.gateway, platform.rest_port
+        servers, own, token, md = platform.servers, platform.own, platform.token, platform.md
+        inputs = bench_inputs()
+        hpt_inputs, mlp_inputs = {"x": inputs["hpt"]}, {"x": inputs["mlp"]}
         results: dict = {}
         if "pacing" in sections:
             dataplane_pid = native_child(gateway.process.pid)
@@ -549,9 +594,7 @@ def main() -> None:
         if "hpt_c1_pacing" in results:
             print_pacing(results["hpt_c1_pacing"])
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        stack.stop()
+        platform.stop()
 
 
 if __name__ == "__main__":

@@ -2,12 +2,23 @@
 """Tuner figures (issue 5):
 
 1. Suggestion latency for TPE with 10, 100 and 500 completed trials, p50 (and
-   p90), two ways:
-   - `algorithm`: `services.tuner.algorithms.suggest` alone (unpickle the
-     sampler, rebuild the Optuna study from the recorded trials, ask once);
-   - `service`: `TunerCore.suggest` on a real etcd (read the study and its
-     trials in one transaction, the above, write the trial, its job spec and
-     the sampler state in one transaction), i.e. a SuggestTrials minus gRPC.
+   p90), side by side in one run:
+   - `optuna`: Optuna's own ask-and-tell on an in-memory study holding the
+     same completed trials (`ask()` alone, and `ask()` + `tell()`), the
+     floor any service built on it can reach;
+   - `service`: `TunerCore.suggest` on a real etcd (start from the study as
+     this process last wrote it, tell the sampler's study kept in memory
+     what ended, ask, write the trial, its job spec, the sampler state and
+     the study's counts in one transaction that compares the study's
+     revision), i.e. a SuggestTrials minus gRPC, with its ratio to Optuna's
+     `ask()`; and etcd alone: a read round trip and a durable write of the
+     same size, the floor under the service's figure;
+   - `rebuild`: `services.tuner.algorithms.suggest` alone (unpickle the
+     sampler, rebuild the Optuna study from the recorded trials, ask once):
+     what a suggestion costs after a restart or when the records changed
+     under the service.
+   Each measured suggestion's trial then completes (as Optuna's are told),
+   so every side grows from n to n + repeat trials.
 2. Study overhead: the wall time of a 20-trial study of an instant trainer
    (the plain trainer, one step, no sleep), one trial at a time, against the
    sum of its trials' run times (replica process start to exit, as the jobs
@@ -59,7 +70,15 @@ def branin_spec(seed: int = 1, max_trials: int = 10_000, parallel: int = 1) -> p
 # --- 1. suggestion latency -------------------------------------------------------------------
 
 
-def bench_algorithm(sizes, repeat: int) -> dict:
+def _completed(n: int, rng: random.Random) -> list[tuple[dict, float]]:
+    out = []
+    for _ in range(n):
+        params = {"x1": rng.uniform(-5, 10), "x2": rng.uniform(0, 15)}
+        out.append((params, branin(**params)))
+    return out
+
+
+def bench_rebuild(sizes, repeat: int) -> dict:
     from services.tuner import algorithms
     from services.tuner import spec as spec_mod
     from services.tuner.algorithms import Observation
@@ -69,10 +88,8 @@ def bench_algorithm(sizes, repeat: int) -> dict:
     rng = random.Random(0)
     for n in sizes:
         spec = spec_mod.normalize(branin_spec())
-        obs = []
-        for number in range(1, n + 1):
-            params = {"x1": rng.uniform(-5, 10), "x2": rng.uniform(0, 15)}
-            obs.append(Observation(number, params, pb.TRIAL_STATE_SUCCEEDED, branin(**params)))
+        obs = [Observation(number, params, pb.TRIAL_STATE_SUCCEEDED, value)
+               for number, (params, value) in enumerate(_completed(n, rng), 1)]
         _, state = algorithms.suggest(spec, obs, None, 1)  # a sampler that has been used
         times = []
         for _ in range(repeat):
@@ -80,6 +97,35 @@ def bench_algorithm(sizes, repeat: int) -> dict:
             algorithms.suggest(spec, obs, state, 1)
             times.append((time.perf_counter() - start) * 1000)
         out[n] = {"p50_ms": round(pct(times, 0.5), 2), "p90_ms": round(pct(times, 0.9), 2)}
+    return out
+
+
+def bench_optuna(sizes, repeat: int) -> dict:
+    """Optuna alone: an in-memory study with n completed trials, then
+    `repeat` times ask() (timed), tell() (timed with it for ask_tell)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = {"x1": FloatDistribution(-5, 10), "x2": FloatDistribution(0, 15)}
+    out = {}
+    rng = random.Random(0)
+    for n in sizes:
+        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=1))
+        study.add_trials([create_trial(state=TrialState.COMPLETE, value=value, params=params, distributions=dists)
+                          for params, value in _completed(n, rng)])
+        asks, ask_tells = [], []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            trial = study.ask(fixed_distributions=dists)
+            asked = time.perf_counter()
+            study.tell(trial, branin(**trial.params))
+            told = time.perf_counter()
+            asks.append((asked - start) * 1000)
+            ask_tells.append((told - start) * 1000)
+        out[n] = {"ask_p50_ms": round(pct(asks, 0.5), 2), "ask_p90_ms": round(pct(asks, 0.9), 2),
+                  "ask_tell_p50_ms": round(pct(ask_tells, 0.5), 2)}
     return out
 
 
@@ -106,7 +152,7 @@ async def _bench_service(endpoint: str, sizes, repeat: int) -> dict:
     etcd = await Etcd.connect(endpoint)
     core = TunerCore(TunerStore(etcd), Jobs(), Quota(), "/bench")
     admin = Principal("admin", ROLE_ADMIN, "AK", time.time() + 3600)
-    rng = random.Random(1)
+    rng = random.Random(0)
     out = {}
     try:
         for n in sizes:
@@ -117,11 +163,10 @@ async def _bench_service(endpoint: str, sizes, repeat: int) -> dict:
             for first in range(1, n + 1, 40):
                 snap = await core.store.snapshot("bench", name)
                 new = []
-                for number in range(first, min(first + 40, n + 1)):
-                    x1, x2 = rng.uniform(-5, 10), rng.uniform(0, 15)
+                for number, (params, value) in enumerate(_completed(min(40, n + 1 - first), rng), first):
                     trial = pb.Trial(study=name, tenant="bench", number=number, state=pb.TRIAL_STATE_SUCCEEDED,
-                                     objective_value=branin(x1, x2), client_id="fill")
-                    trial.params["x1"].double_value, trial.params["x2"].double_value = x1, x2
+                                     objective_value=value, client_id="fill")
+                    trial.params["x1"].double_value, trial.params["x2"].double_value = params["x1"], params["x2"]
                     new.append((TrialRecord(trial), jobs_pb.TrainJobSpec()))
                 assert await core.store.add_trials(snap, new, snap.algorithm)
             times = []
@@ -132,9 +177,30 @@ async def _bench_service(endpoint: str, sizes, repeat: int) -> dict:
                 await core.end_trial("bench", name, trial.number, pb.TRIAL_STATE_SUCCEEDED, "Succeeded", "",
                                      objective=(branin(**spec_mod_params(trial)), 0))
             out[n] = {"p50_ms": round(pct(times, 0.5), 2), "p90_ms": round(pct(times, 0.9), 2)}
+        out["etcd"] = await _etcd_floor(etcd, core.store, "bench", "bench-100" if 100 in sizes else name)
     finally:
         await etcd.close()
     return out
+
+
+async def _etcd_floor(etcd, store, tenant: str, name: str, repeat: int = 100) -> dict:
+    """What a suggestion's etcd work costs alone: a read round trip, and a
+    durable write (raft commit + WAL fsync) of the same size as its
+    transaction (a trial, its job spec, the sampler state, the study record)."""
+    from services.common.etcd import op_put
+
+    snap = await store.snapshot(tenant, name)
+    sizes = (len(snap.trials[-1].encode()), 200, len(snap.algorithm or b""), len(snap.record.encode()))
+    reads, writes = [], []
+    for i in range(repeat):
+        start = time.perf_counter()
+        await etcd.get("/bench-floor/read")
+        reads.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        await etcd.txn([], [op_put(f"/bench-floor/{k}/{i}", b"x" * size) for k, size in enumerate(sizes)])
+        writes.append((time.perf_counter() - start) * 1000)
+    return {"read_p50_ms": round(pct(reads, 0.5), 2), "write_p50_ms": round(pct(writes, 0.5), 2),
+            "write_bytes": sum(sizes)}
 
 
 def spec_mod_params(trial) -> dict:
@@ -147,10 +213,34 @@ def bench_suggestions(sizes, repeat: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-tuner-etcd-") as tmp:
         etcd = EtcdProcess(tmp, log_path=None).start()
         try:
+            optuna_figures = bench_optuna(sizes, repeat)
             service = asyncio.run(_bench_service(etcd.endpoint, sizes, repeat))
         finally:
             etcd.stop()
-    return {"algorithm": bench_algorithm(sizes, repeat), "service": service}
+    out = {"etcd": service.pop("etcd")}
+    for n in sizes:
+        out[n] = {"optuna": optuna_figures[n], "service": service[n],
+                  "service_over_optuna_ask": round(service[n]["p50_ms"] / optuna_figures[n]["ask_p50_ms"], 2),
+                  "service_over_optuna_ask_tell": round(service[n]["p50_ms"] / optuna_figures[n]["ask_tell_p50_ms"],
+                                                        2)}
+    for n, row in bench_rebuild(sizes, repeat).items():
+        out[n]["rebuild"] = row
+    return out
+
+
+def print_suggestions(figures: dict) -> None:
+    print(f"\nTPE suggestion p50, ms (load {os.getloadavg()[0]:.2f})")
+    print(f"  {'completed':>9s} {'optuna ask':>10s} {'ask+tell':>9s} {'service':>8s} {'/ask':>6s} {'/ask+tell':>9s} "
+          f"{'rebuild':>8s}")
+    for n, row in figures.items():
+        if n == "etcd":
+            continue
+        print(f"  {n:>9d} {row['optuna']['ask_p50_ms']:>10.2f} {row['optuna']['ask_tell_p50_ms']:>9.2f} "
+              f"{row['service']['p50_ms']:>8.2f} x{row['service_over_optuna_ask']:<5.2f} "
+              f"x{row['service_over_optuna_ask_tell']:<8.2f} {row['rebuild']['p50_ms']:>8.2f}")
+    floor = figures["etcd"]
+    print(f"  etcd alone: a read round trip {floor['read_p50_ms']:.2f} ms, the suggestion's durable write "
+          f"({floor['write_bytes']:,} bytes in one transaction) {floor['write_p50_ms']:.2f} ms")
 
 
 # --- 2. study overhead ------------------------------------------------------------------------
@@ -220,7 +310,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-study", action="store_true", help="only the suggestion latency")
     args = parser.parse_args(argv)
     figures = {"tpe_suggestion_latency": bench_suggestions(args.sizes, args.repeat)}
-    print(json.dumps(figures, indent=2), flush=True)
+    print(json.dumps(figures, indent=2))
+    print_suggestions(figures["tpe_suggestion_latency"])
+    sys.stdout.flush()
     if not args.skip_study:
         figures["study_overhead"] = bench_study(args.trials)
         print(json.dumps({"study_overhead": figures["study_overhead"]}, indent=2))

@@ -96,11 +96,12 @@ def op_get(key: str) -> Any:
     return rpc.RequestOp(request_range=rpc.RangeRequest(key=_b(key)))
 
 
-def op_get_prefix(prefix: str) -> Any:
-    """Ranges every key under `prefix`, in key order."""
+def op_get_prefix(prefix: str, min_mod_revision: int = 0) -> Any:
+    """Ranges every key under `prefix`, in key order; with `min_mod_revision`,
+    only the keys changed at or after that revision (deletions do not show)."""
     return rpc.RequestOp(request_range=rpc.RangeRequest(
         key=_b(prefix), range_end=prefix_end(_b(prefix)),
-        sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY,
+        sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY, min_mod_revision=min_mod_revision,
     ))
 
 

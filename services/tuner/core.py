@@ -83,6 +83,8 @@ class TunerCore:
     def __init__(self, store: TunerStore, jobs, quota, data_dir: str, clock=time.time,
                  confiner: Confiner | None = None, archive: StudyArchive | None = None):
         self.store = store
+        #: each running study's sampler kept in memory between suggestions (rebuilt whenever the records disagree)
+        self.samplers = algorithms.LiveStudies()
         self.archive = archive
         self.jobs = jobs
         self.quota = quota
@@ -368,39 +370,55 @@ class TunerCore:
         return await self.suggest(tenant, study, count, client_id)
 
     async def suggest(self, tenant: str, study: str, count: int, client_id: str) -> list[pb.Trial]:
-        """SuggestTrials without the caller checks (the driver's entry)."""
-        for _ in range(50):
-            snap = await self.store.snapshot(tenant, study)
+        """SuggestTrials without the caller checks (the driver's entry).
+
+        The first attempt starts from the study as this process last read or
+        wrote it, if it has it (`TunerStore.known_snapshot`), without reading
+        etcd: it only goes as far as writing new trials, which the write's
+        compare-and-swap on the study turns down if anything changed. Every
+        other answer (the caller's own active trials, no room, an error) is
+        given from a fresh read."""
+        for attempt in range(50):
+            snap = self.store.known_snapshot(tenant, study) if attempt == 0 else None
+            fresh = snap is None
+            if fresh:
+                snap = await self.store.snapshot(tenant, study)
             if snap is None:
                 archived = await self._archived(tenant, study)
                 if archived is not None:
                     raise errors.FailedPrecondition(
                         f"study {study!r} is {pb.StudyState.Name(archived.record.study.state)}, not RUNNING")
                 raise errors.NotFound(f"study {study!r} not found in tenant {tenant!r}")
+            mine = [t.trial for t in snap.trials if t.trial.client_id == client_id and t.trial.state in ACTIVE]
+            if not fresh and (mine or snap.study.state != pb.STUDY_STATE_RUNNING):
+                continue  # answered from a fresh read
             if snap.study.state != pb.STUDY_STATE_RUNNING:
                 raise errors.FailedPrecondition(
                     f"study {study!r} is {pb.StudyState.Name(snap.study.state)}, not RUNNING")
-            mine = [t.trial for t in snap.trials if t.trial.client_id == client_id and t.trial.state in ACTIVE]
             if mine:
-                return mine
-            new = await self._new_trials(snap, count, client_id)
+                return [_copy_trial(t) for t in mine]  # the snapshot's records are shared
+            new = await self._new_trials(snap, count, client_id, final=fresh)
             if new is None:
-                continue  # lost a race with another suggestion: read again
+                continue  # lost a race with another suggestion (or started from a stale study): read again
             return new
         raise errors.Conflict(f"too much contention suggesting trials of study {study!r}; retry")
 
-    async def _new_trials(self, snap: Snapshot, count: int, client_id: str) -> list[pb.Trial] | None:
+    async def _new_trials(self, snap: Snapshot, count: int, client_id: str,
+                          final: bool = True) -> list[pb.Trial] | None:
+        """New trials written, or None when the write lost a race, or (not
+        `final`: `snap` may be stale) when there would be none."""
         study = snap.study
         spec = study.spec
         counts = study.trial_counts
         total = total_trials(counts)
         room = min(count, spec.max_trials - total, spec.max_parallel_trials - active_trials(counts))
         if room <= 0:
-            return []
-        observations = [algorithms.observation_of(t.trial, t.system_attrs) for t in snap.trials]
-        suggestions, state = await asyncio.to_thread(algorithms.suggest, spec, observations, snap.algorithm, room)
+            return [] if final else None
+        observations = [_observation(t) for t in snap.trials]
+        suggestions, state = await asyncio.to_thread(self.samplers.suggest, (study.tenant, study.name), spec,
+                                                     observations, snap.algorithm, room)
         if not suggestions:
-            return []
+            return [] if final else None
         now = self.clock()
         output = self.study_output(study.tenant, study.name, spec)
         new = []
@@ -547,6 +565,20 @@ class TunerCore:
             await self.quota.release(tenant, owner_id(name))
         except errors.CloudMLError as err:
             log.warning("could not return the studies quota of %s/%s: %s", tenant, name, err.message)
+
+
+def _observation(record: TrialRecord) -> algorithms.Observation:
+    """The sampler's view of a trial, computed once per record read."""
+    obs = record.derived.get("observation")
+    if obs is None:
+        obs = record.derived["observation"] = algorithms.observation_of(record.trial, record.system_attrs)
+    return obs
+
+
+def _copy_trial(trial: pb.Trial) -> pb.Trial:
+    out = pb.Trial()
+    out.CopyFrom(trial)
+    return out
 
 
 def suggestion_params(trial: pb.Trial) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -77,6 +78,12 @@ def _unb64(cls, text: str):
     return cls.FromString(base64.b64decode(text))
 
 
+def _copy(message):
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
+
+
 @dataclass
 class StudyRecord:
     study: pb.Study
@@ -108,6 +115,9 @@ class TrialRecord:
     #: the trial then ends EARLY_STOPPED however its job ends
     stop: str = ""
     mod_revision: int = 0
+    #: what readers computed from this record (a record read is never changed,
+    #: and snapshots share unchanged ones: see `TunerStore.snapshot`)
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     def encode(self) -> bytes:
         return json.dumps({"trial": _b64(self.trial), "system_attrs": self.system_attrs, "stop": self.stop},
@@ -182,9 +192,25 @@ def apply_to_summary(study: pb.Study, old: pb.Trial | None, new: pb.Trial) -> No
             study.best_trial.CopyFrom(new)
 
 
+@dataclass
+class _Known:
+    """A RUNNING study as this store last read or wrote it."""
+
+    #: the study key's create_revision: a study deleted and created again under
+    #: the same name starts over
+    create_revision: int
+    #: number -> record; replaced, never changed in place
+    trials: dict[int, TrialRecord]
+    snapshot: Snapshot
+
+
 class TunerStore:
-    def __init__(self, etcd: Etcd):
+    def __init__(self, etcd: Etcd, cache_size: int = 64):
         self.etcd = etcd
+        #: (tenant, study) -> what this store last read or wrote of it, for the
+        #: `cache_size` RUNNING studies used most recently
+        self._known: OrderedDict[tuple[str, str], _Known] = OrderedDict()
+        self.cache_size = cache_size
 
     # --- studies --------------------------------------------------------------------
 
@@ -245,16 +271,88 @@ class TunerStore:
     # --- snapshots and trials -------------------------------------------------------------
 
     async def snapshot(self, tenant: str, name: str) -> Snapshot | None:
-        _, resp = await self.etcd.txn([], [op_get(study_key(tenant, name)), op_get_prefix(trials_prefix(tenant, name)),
+        """The study, its trials (by number) and its sampler state at one
+        revision. A RUNNING study is remembered between calls (`_Known`), so
+        a read brings only the trials changed since the previous read or
+        write. Every change of a trial or of the sampler state changes the
+        study key in the same transaction, and a study deleted and created
+        again has a new create_revision, which is what makes that sound; the
+        trial counts are checked against the trials as well. The records are
+        shared between snapshots: read them, never change them."""
+        key = (tenant, name)
+        known = self._known.get(key)
+        since = known.snapshot.revision + 1 if known else 0
+        _, resp = await self.etcd.txn([], [op_get(study_key(tenant, name)),
+                                           op_get_prefix(trials_prefix(tenant, name), min_mod_revision=since),
                                            op_get(algorithm_key(tenant, name))])
         study_r, trials_r, algo_r = (r.response_range for r in resp.responses)
         if not study_r.kvs:
+            self._known.pop(key, None)
             return None
-        record = StudyRecord.decode(KV.from_pb(study_r.kvs[0]))
-        trials = [TrialRecord.decode(KV.from_pb(kv)) for kv in trials_r.kvs]
+        study_kv = KV.from_pb(study_r.kvs[0])
+        record = StudyRecord.decode(study_kv)
+        trials = {}
+        if known is not None:
+            if known.create_revision != study_kv.create_revision:
+                self._known.pop(key, None)  # deleted and created again: nothing carries over
+                return await self.snapshot(tenant, name)
+            trials = dict(known.trials)  # as of known.snapshot.revision; `known` itself is never changed
+        for kv in trials_r.kvs:
+            trial = TrialRecord.decode(KV.from_pb(kv))
+            trials[trial.trial.number] = trial
+        consistent = len(trials) == total_trials(record.study.trial_counts)
+        if not consistent and known is not None:
+            # Not the history remembered: read it all again.
+            self._known.pop(key, None)
+            return await self.snapshot(tenant, name)
         algo = algo_r.kvs[0] if algo_r.kvs else None
-        return Snapshot(record, trials, algo.value if algo else None, algo.mod_revision if algo else 0,
-                        resp.header.revision)
+        snap = Snapshot(record, [trials[n] for n in sorted(trials)], algo.value if algo else None,
+                        algo.mod_revision if algo else 0, resp.header.revision)
+        if consistent:
+            self._remember(key, _Known(study_kv.create_revision, trials, snap))
+        else:
+            self._known.pop(key, None)  # records to read whole each time
+        return snap
+
+    def known_snapshot(self, tenant: str, name: str) -> Snapshot | None:
+        """The study as this store last read or wrote it (RUNNING then), without
+        asking etcd: possibly stale, so only for a write that compares the
+        study's mod_revision (as `add_trials` does) and reads again if it fails."""
+        known = self._known.get((tenant, name))
+        return known.snapshot if known else None
+
+    def _remember(self, key: tuple[str, str], known: _Known) -> None:
+        """Keeps `known` unless what is kept is later (reads and writes finish
+        in any order) or the study is no longer RUNNING (nothing to suggest)."""
+        if known.snapshot.study.state != pb.STUDY_STATE_RUNNING:
+            self._known.pop(key, None)
+            return
+        kept = self._known.get(key)
+        if kept is None or kept.snapshot.revision < known.snapshot.revision:
+            self._known[key] = known
+        self._known.move_to_end(key)
+        while len(self._known) > self.cache_size:
+            self._known.popitem(last=False)
+
+    def _written(self, key: tuple[str, str], base_study_revision: int, record: StudyRecord,
+                 trials: list[TrialRecord], revision: int, algorithm: tuple[bytes | None, int] | None = None) -> None:
+        """After a transaction at `revision` that compared the study key with
+        `base_study_revision` and wrote `record` and `trials` (and the sampler
+        state): if what is kept is that base, it plus this write is the study
+        at `revision` (nothing else can have changed in between)."""
+        known = self._known.get(key)
+        if known is None or known.snapshot.record.mod_revision != base_study_revision:
+            return
+        merged = dict(known.trials)
+        for trial in trials:
+            merged[trial.trial.number] = trial
+        base = known.snapshot
+        algo, algo_revision = algorithm if algorithm is not None else (base.algorithm, base.algorithm_revision)
+        snap = Snapshot(record, [merged[n] for n in sorted(merged)], algo, algo_revision, revision)
+        if len(merged) == total_trials(record.study.trial_counts):
+            self._remember(key, _Known(known.create_revision, merged, snap))
+        else:
+            self._known.pop(key, None)
 
     async def get_trial(self, tenant: str, name: str, number: int) -> TrialRecord | None:
         kv = await self.etcd.get(trial_key(tenant, name, number))
@@ -292,7 +390,13 @@ class TunerStore:
         if algorithm is not None:
             ops.append(op_put(algorithm_key(tenant, name), algorithm))
         ops.append(op_put(study_key(tenant, name), record.encode()))
-        ok, _ = await self.etcd.txn(compares, ops)
+        ok, resp = await self.etcd.txn(compares, ops)
+        if ok:
+            revision = resp.header.revision
+            record.mod_revision = revision
+            kept = [TrialRecord(_copy(t.trial), dict(t.system_attrs), t.stop, revision) for t, _ in new]
+            self._written((tenant, name), snap.record.mod_revision, record, kept, revision,
+                          (algorithm, revision) if algorithm is not None else None)
         return ok
 
     async def update_trial(self, tenant: str, name: str, number: int,
@@ -325,6 +429,10 @@ class TunerStore:
                 [cmp_mod_revision(skey, skv.mod_revision), cmp_mod_revision(tkey, tkv.mod_revision)], ops)
             if ok:
                 trial_record.mod_revision = record.mod_revision = resp.header.revision
+                kept_record = StudyRecord(_copy(record.study), record.trial_env, record.released, record.mod_revision)
+                kept = TrialRecord(_copy(trial_record.trial), dict(trial_record.system_attrs), trial_record.stop,
+                                   trial_record.mod_revision)
+                self._written((tenant, name), skv.mod_revision, kept_record, [kept], resp.header.revision)
                 return trial_record, record
         raise errors.Conflict(f"too much contention on study {name!r}; retry")
 

@@ -217,6 +217,111 @@ async def test_the_sampler_continues_across_processes_as_one_optuna_study(etcd):
     assert study.best_trial.objective_value == reference.best_value
 
 
+async def test_a_long_lived_core_suggests_what_a_fresh_core_per_suggestion_suggests(etcd):
+    """Same seed, same results, three trials in parallel ending out of
+    order: a core that keeps its sampler's study and the study's trials in
+    memory between suggestions (told only what changed) and a new core for
+    every suggestion (a restarted tuner, rebuilding from etcd) suggest the
+    same trials."""
+    who = caller()
+    long_lived = make_core(etcd)
+    for name in ("kept", "fresh"):
+        await long_lived.create_study(who, "", name, branin_spec(who.tenant, seed=5, max_trials=24,
+                                                                 max_parallel_trials=3))
+    suggested = {"kept": {}, "fresh": {}}  # number -> trial
+    ended = {"kept": set(), "fresh": set()}
+    for round_ in range(10):
+        for name in ("kept", "fresh"):
+            core = long_lived if name == "kept" else make_core(etcd)
+            for slot in range(3):  # a slot with an active trial gets it back
+                trials = await core.suggest(who.tenant, name, 1, f"driver-{slot}")
+                suggested[name].update((t.number, t) for t in trials)
+            active = [n for n in sorted(suggested[name]) if n not in ended[name]]
+            # The oldest two end (the second one FAILED every other round); the newest keeps running.
+            for number in active[:2]:
+                if number == active[1] and round_ % 2:
+                    await core.end_trial(who.tenant, name, number, pb.TRIAL_STATE_FAILED, "Failed", "")
+                else:
+                    await finish(core, who.tenant, name, suggested[name][number])
+                ended[name].add(number)
+    assert len(suggested["kept"]) == 3 + 2 * 9
+    assert ({n: params(t) for n, t in suggested["kept"].items()}
+            == {n: params(t) for n, t in suggested["fresh"].items()})
+    assert long_lived.samplers.rebuilds == 1  # built at its first suggestion, then kept
+
+
+async def test_snapshot_reads_only_the_trials_changed_since_its_last_read_or_write(etcd):
+    core, other, who = make_core(etcd), make_core(etcd), caller()  # two tuner processes
+    await core.create_study(who, "", "s", branin_spec(who.tenant, max_parallel_trials=4))
+    read = []  # trials each snapshot of core.store brought
+
+    class Counting:
+        async def txn(self, compare, success, failure=()):
+            ok, resp = await etcd.txn(compare, success, failure)
+            if len(success) == 3 and not compare:  # a snapshot: study, trials, sampler state
+                read.append(len(resp.responses[1].response_range.kvs))
+            return ok, resp
+
+        def __getattr__(self, name):
+            return getattr(etcd, name)
+
+    core.store.etcd = Counting()
+
+    async def same_as_a_full_read():
+        snap = await core.store.snapshot(who.tenant, "s")
+        full = await TunerStore(etcd).snapshot(who.tenant, "s")
+        assert [t.trial for t in snap.trials] == [t.trial for t in full.trials]
+        assert [(t.mod_revision, t.stop, t.system_attrs) for t in snap.trials] == [
+            (t.mod_revision, t.stop, t.system_attrs) for t in full.trials]
+        assert snap.record == full.record and snap.algorithm == full.algorithm
+        assert (snap.algorithm_revision, snap.revision) == (full.algorithm_revision, full.revision)
+        return snap
+
+    trials = await core.suggest(who.tenant, "s", 3, "a")
+    await same_as_a_full_read()
+    assert read == [0, 0]  # the trials it wrote itself are known
+    await finish(core, who.tenant, "s", trials[0])
+    await same_as_a_full_read()
+    assert read[-1] == 0
+    # Another process's changes: read, and only those.
+    await finish(other, who.tenant, "s", trials[1])
+    await other.request_stop(who.tenant, "s", trials[2].number, "median rule")
+    snap = await same_as_a_full_read()
+    assert read[-1] == 2
+    assert snap.trials[1].trial.state == pb.TRIAL_STATE_SUCCEEDED and snap.trials[2].stop == "median rule"
+    # A suggestion starting from what core knows, stale since the other
+    # process suggested for the same client: the write is turned down, and
+    # the fresh read answers with that trial.
+    (theirs,) = await other.suggest(who.tenant, "s", 1, "b")
+    assert await core.suggest(who.tenant, "s", 1, "b") == [theirs]
+    (fourth,) = await core.suggest(who.tenant, "s", 1, "c")
+    assert fourth.number == 5
+    await same_as_a_full_read()
+    # Deleted and created again under the same name: nothing of the old study shows.
+    await core.cancel_study(who, "", "s")
+    await core.delete_study(who, "", "s")
+    assert await core.store.snapshot(who.tenant, "s") is None
+    await core.create_study(who, "", "s", branin_spec(who.tenant, max_parallel_trials=4))
+    assert (await same_as_a_full_read()).trials == []
+    (again,) = await core.suggest(who.tenant, "s", 1, "a")
+    assert again.number == 1 and again.state == pb.TRIAL_STATE_PENDING
+    await same_as_a_full_read()
+
+
+async def test_a_stale_study_in_memory_never_answers_without_a_fresh_read(etcd):
+    core, other, who = make_core(etcd), make_core(etcd), caller()
+    await core.create_study(who, "", "s", branin_spec(who.tenant, max_trials=3, max_parallel_trials=1))
+    (first,) = await core.suggest(who.tenant, "s", 1, "a")
+    # core still thinks trial 1 runs (no room); the other process ended it.
+    await finish(other, who.tenant, "s", first)
+    (second,) = await core.suggest(who.tenant, "s", 1, "b")
+    assert second.number == 2
+    # core thinks the study runs; the other process cancelled it.
+    await other.cancel_study(who, "", "s")
+    with pytest.raises(errors.FailedPrecondition):
+        await core.suggest(who.tenant, "s", 1, "c")
+
+
 def curve_series(points) -> list[jobs_pb.MetricSeries]:
     s = jobs_pb.MetricSeries(name="objective", source=jobs_pb.METRIC_SOURCE_REPORTED)
     s.replica.type = jobs_pb.REPLICA_TYPE_MASTER

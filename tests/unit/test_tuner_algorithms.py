@@ -5,6 +5,7 @@ each call rebuilds the sampler from bytes and recorded observations."""
 from __future__ import annotations
 
 import math
+import pickle
 
 import optuna
 import pytest
@@ -146,3 +147,110 @@ def test_early_stopped_and_failed_trials_feed_the_sampler():
     obs[4] = Observation(5, obs[4].params, pb.TRIAL_STATE_CANCELLED)
     out, _ = algorithms.suggest(spec, obs, state, 1)
     assert -5 <= out[0].params["x1"] <= 10
+
+
+# --- the live study (LiveStudies) against a rebuild from the records -----------------------
+
+LR = pb.ParameterSpec(name="lr", double_range=pb.DoubleRange(min=1e-5, max=1e-1, scale=pb.SCALE_LOG))
+UNITS = pb.ParameterSpec(name="units", int_range=pb.IntRange(min=8, max=100, step=8))
+OPT = pb.ParameterSpec(name="opt", categorical=pb.CategoricalValues(values=["sgd", "adam", "ftrl"]))
+
+
+def _ended(obs: Observation, rng) -> Observation:
+    """`obs` (active) ended one of the ways a trial ends."""
+    value = float(obs.number % 7) + rng.random()
+    kind = rng.choice(["ok", "ok", "ok", "no-value", "stopped", "stopped-no-value", "failed", "cancelled"])
+    base = dict(number=obs.number, params=obs.params, system_attrs=obs.system_attrs)
+    if kind == "ok":
+        return Observation(state=pb.TRIAL_STATE_SUCCEEDED, value=value, **base)
+    if kind == "no-value":
+        return Observation(state=pb.TRIAL_STATE_SUCCEEDED, **base)
+    if kind == "stopped":
+        return Observation(state=pb.TRIAL_STATE_EARLY_STOPPED, value=value, step=rng.randint(1, 9), **base)
+    if kind == "stopped-no-value":
+        return Observation(state=pb.TRIAL_STATE_EARLY_STOPPED, **base)
+    return Observation(state=pb.TRIAL_STATE_FAILED if kind == "failed" else pb.TRIAL_STATE_CANCELLED, **base)
+
+
+@pytest.mark.parametrize("algorithm,parameters", [
+    (pb.ALGORITHM_TPE, (LR, UNITS, OPT)), (pb.ALGORITHM_RANDOM, (LR, UNITS, OPT)),
+    (pb.ALGORITHM_CMAES, (X1, X2, UNITS)),
+    (pb.ALGORITHM_GRID, (OPT, pb.ParameterSpec(name="units", int_range=pb.IntRange(min=8, max=96, step=8)))),
+])
+def test_a_live_study_suggests_exactly_what_a_rebuild_from_the_records_suggests(algorithm, parameters):
+    """Several trials in parallel, ending in every way, 1 to 3 asked at a
+    time: the study kept in memory (told only what ended) and a study
+    rebuilt from the records with the stored sampler state give the same
+    parameters, the same sampler attrs and the same state to store."""
+    import random
+
+    rng = random.Random(algorithm)
+    spec = space_spec(algorithm, *parameters, seed=21, max_trials=0 if algorithm == pb.ALGORITHM_GRID else 40)
+    live = algorithms.LiveStudies()
+    obs, state = [], None
+    for _ in range(25):
+        obs = [_ended(o, rng) if o.state == pb.TRIAL_STATE_RUNNING and rng.random() < 0.6 else o for o in obs]
+        count = rng.randint(1, 3)
+        expected, expected_state = algorithms.suggest(spec, obs, state, count)
+        got, state = live.suggest(("t", "s"), spec, list(reversed(obs)), state, count)
+        assert [(s.params, s.system_attrs) for s in got] == [(s.params, s.system_attrs) for s in expected]
+        assert pickle.loads(state).__class__ is pickle.loads(expected_state).__class__
+        if not got:
+            break
+        obs += [Observation(len(obs) + i + 1, s.params, pb.TRIAL_STATE_PENDING, system_attrs=s.system_attrs)
+                for i, s in enumerate(got)]
+    assert live.rebuilds == 1  # built once, then only told what ended
+    # The next suggestion's random stream is the stored one: a new process
+    # (nothing in memory) suggests the same.
+    assert algorithms.suggest(spec, obs, state, 1)[0] == live.suggest(("t", "s"), spec, obs, state, 1)[0]
+
+
+def test_a_live_study_rebuilds_when_the_records_are_not_what_it_saw():
+    spec = space_spec(pb.ALGORITHM_TPE, X1, X2, seed=8)
+    live = algorithms.LiveStudies()
+    obs, state = run(spec, 6, branin)
+
+    def check(observations, stored):
+        """(studies built, suggestion recorded as RUNNING + observations, state)"""
+        before = live.rebuilds
+        got = live.suggest("k", spec, observations, stored, 1)
+        assert got == algorithms.suggest(spec, observations, stored, 1)
+        (s,), new_state = got
+        new = Observation(len(observations) + 1, s.params, pb.TRIAL_STATE_RUNNING, system_attrs=s.system_attrs)
+        return live.rebuilds - before, observations + [new], new_state
+
+    assert check(obs, state)[0] == 1  # first use
+    # Its suggestion was never recorded (a lost race): the stored state is the old one.
+    assert check(obs, state)[0] == 1
+    # Recorded: kept.
+    built, seven, state7 = check(obs, state)
+    assert built == 1
+    built, eight, state8 = check(seven, state7)
+    assert built == 0
+    # Another process suggested two trials from the same records meanwhile.
+    (a, b), other = algorithms.suggest(spec, seven, state7, 2)
+    nine = seven + [Observation(8, a.params, pb.TRIAL_STATE_RUNNING, system_attrs=a.system_attrs),
+                    Observation(9, b.params, pb.TRIAL_STATE_RUNNING, system_attrs=b.system_attrs)]
+    built, ten, state10 = check(nine, other)
+    assert built == 1
+    # A final trial's outcome changed, or a trial vanished: not this study's history.
+    changed = list(ten)
+    changed[0] = Observation(1, ten[0].params, pb.TRIAL_STATE_SUCCEEDED, ten[0].value + 1)
+    assert check(changed, state10)[0] == 1
+    built, eleven, state11 = check(ten, state10)
+    assert built == 1
+    assert check(eleven[1:], state11)[0] == 1
+    # Running trials that ended since: told, not rebuilt.
+    built, eleven, state11 = check(ten, state10)
+    ended = [Observation(o.number, o.params, pb.TRIAL_STATE_SUCCEEDED, branin(**o.params),
+                         system_attrs=o.system_attrs) if o.state == pb.TRIAL_STATE_RUNNING else o for o in eleven]
+    assert check(ended, state11)[0] == 0
+
+
+def test_live_studies_keep_the_latest_used_up_to_their_capacity():
+    spec = space_spec(pb.ALGORITHM_RANDOM, X1, seed=1)
+    live = algorithms.LiveStudies(capacity=2)
+    states = {}
+    for key in ("a", "b", "c"):
+        states[key] = live.suggest(key, spec, [], None, 1)
+    assert list(live._live) == ["b", "c"]
