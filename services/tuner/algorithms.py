@@ -67,11 +67,24 @@ class Suggestion:
     system_attrs: dict = field(default_factory=dict)
 
 
-def quiet_optuna() -> None:
-    """Optuna logs every trial at INFO; the service logs its own."""
+_quiet = False
+
+
+def optuna_module():
+    """Optuna, imported on first use: ~20 MB a tuner with no study to suggest
+    for never loads. Quiet from then on (it logs every trial at INFO; the
+    service logs its own)."""
+    global _quiet
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not _quiet:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        _quiet = True
+    return optuna
+
+
+def quiet_optuna() -> None:
+    optuna_module()
 
 
 def distributions(spec: pb.StudySpec) -> dict:
@@ -97,7 +110,7 @@ def distributions(spec: pb.StudySpec) -> dict:
 
 def make_sampler(spec: pb.StudySpec):
     """A new sampler of the study's algorithm, seeded with its seed."""
-    import optuna
+    optuna = optuna_module()
 
     seed = spec.seed
     algorithm = spec.algorithm
@@ -179,7 +192,7 @@ class LiveStudy:
 
     def __init__(self, spec: pb.StudySpec, observations: list[Observation], state: bytes | None):
         """`observations` sorted by number."""
-        import optuna
+        optuna = optuna_module()
 
         self.spec = spec
         self.dists = distributions(spec)

@@ -11,7 +11,6 @@ from cloudml.tuner.v1 import tuner_service_pb2_grpc as pb_grpc
 from services.common.archive import Archive
 from services.common.confine import Confiner
 from services.common.server import Platform, ServiceApp
-from services.tuner import algorithms
 from services.tuner.archiver import StudyArchive, StudyArchiver
 from services.tuner.clients import JobsClient, StudyQuota
 from services.tuner.core import TunerCore
@@ -39,7 +38,6 @@ class TunerApp(ServiceApp):
     def __init__(self, platform: Platform, settings: TunerSettings = TunerSettings()):
         super().__init__(platform)
         common = platform.settings
-        algorithms.quiet_optuna()
         data_dir = os.path.abspath(common.data_dir) if common.data_dir else ""
         self.store = TunerStore(platform.etcd)
         self.jobs = JobsClient(platform.directory, platform.identity)

@@ -28,3 +28,26 @@ def test_no_tuner_module_imports_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"imported: {result.stdout.strip()}"
+
+
+def test_optuna_loads_on_the_first_suggestion_and_stays_quiet():
+    """The tuner's modules leave Optuna (~20 MB) unloaded until a study needs a
+    sampler; Optuna's per-trial INFO lines stay out of the service's log."""
+    modules = sorted(p.stem for p in (ROOT / "services" / "tuner").glob("*.py") if p.stem != "__init__")
+    code = (
+        "import importlib, logging, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module('services.tuner.' + name)\n"
+        "print('optuna' in sys.modules)\n"
+        "from cloudml.tuner.v1 import tuner_service_pb2 as pb\n"
+        "from services.tuner import algorithms, spec\n"
+        "s = pb.StudySpec(goal=1, metric='m', algorithm=pb.ALGORITHM_TPE, max_trials=3, seed=1)\n"
+        "s.trial_template.module_name = 't'\n"
+        "s.parameters.add(name='x', double_range=pb.DoubleRange(min=0, max=1))\n"
+        "algorithms.suggest(spec.normalize(s), [], None, 1)\n"
+        "print('optuna' in sys.modules, logging.getLogger('optuna').getEffectiveLevel())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "30"], result.stdout
+    assert "A new study created" not in result.stderr, result.stderr
