@@ -28,6 +28,7 @@ import abc
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -250,6 +251,16 @@ async def _campaign(app: ServiceApp, session: Session, instance: str) -> None:
     await run_as_leader(election, app.lead, on_change=app.leadership_changed)
 
 
+def trim_heap() -> None:
+    """Gives the start-up's freed heap (imports, the first listing of etcd)
+    back to the system: glibc keeps it otherwise (~1-3 MB of a service at
+    rest). Elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -> None:
     metrics_registry = CollectorRegistry()
     etcd = await Etcd.connect(settings.etcd, namespace=settings.etcd_namespace)
@@ -339,6 +350,8 @@ async def serve(settings: Settings, factory: Callable[[Platform], ServiceApp]) -
                 serving = ok
                 log.info("health: %s", "SERVING" if ok else "NOT_SERVING")
                 await set_health(ok)
+                if ok:
+                    trim_heap()
             await wait_event(stop, 0.5 if ok else 0.1)
 
     tasks = [
