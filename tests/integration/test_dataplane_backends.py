@@ -27,17 +27,10 @@ from cloudml.tfs.tensorflow_serving.apis import prediction_service_pb2_grpc
 from services.common.native import binary_path
 from tests.integration.batching_replica import BatchingReplica, request, tag_of
 from tests.integration.stand_in_control_plane import ControlPlane
+from tests.integration.proc_status import status_kb
 
 CHANGES = 10_000
 SECRET = "backends-test-secret"
-
-
-def status_kb(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(field)
 
 
 @pytest.fixture

@@ -7,12 +7,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_no_tuner_module_imports_tensorflow():
+def import_every_tuner_module() -> str:
+    """Python code that imports each module of services/tuner."""
     modules = sorted(p.stem for p in (ROOT / "services" / "tuner").glob("*.py") if p.stem != "__init__")
+    return ("import importlib, logging, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module('services.tuner.' + name)\n")
+
+
+def test_no_tuner_module_imports_tensorflow():
     code = (
-        "import importlib, sys\n"
-        f"for name in {modules!r}:\n"
-        "    importlib.import_module('services.tuner.' + name)\n"
+        import_every_tuner_module() +
         "import cloudml.cli.commands.hp, cloudml.hpspec\n"
         "from cloudml.tuner.v1 import tuner_service_pb2 as pb\n"
         "from services.tuner import algorithms, spec\n"
@@ -33,11 +38,8 @@ def test_no_tuner_module_imports_tensorflow():
 def test_optuna_loads_on_the_first_suggestion_and_stays_quiet():
     """The tuner's modules leave Optuna (~20 MB) unloaded until a study needs a
     sampler; Optuna's per-trial INFO lines stay out of the service's log."""
-    modules = sorted(p.stem for p in (ROOT / "services" / "tuner").glob("*.py") if p.stem != "__init__")
     code = (
-        "import importlib, logging, sys\n"
-        f"for name in {modules!r}:\n"
-        "    importlib.import_module('services.tuner.' + name)\n"
+        import_every_tuner_module() +
         "print('optuna' in sys.modules)\n"
         "from cloudml.tuner.v1 import tuner_service_pb2 as pb\n"
         "from services.tuner import algorithms, spec\n"
