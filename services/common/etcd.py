@@ -100,9 +100,8 @@ def op_get_prefix(prefix: str, min_mod_revision: int = 0) -> Any:
     """Ranges every key under `prefix`, in key order; with `min_mod_revision`,
     only the keys changed at or after that revision (deletions do not show)."""
     return rpc.RequestOp(request_range=rpc.RangeRequest(
-        key=_b(prefix), range_end=prefix_end(_b(prefix)),
-        sort_order=rpc.RangeRequest.ASCEND, sort_target=rpc.RangeRequest.KEY, min_mod_revision=min_mod_revision,
-    ))
+        key=_b(prefix), range_end=prefix_end(_b(prefix)), min_mod_revision=min_mod_revision,
+    ))  # no sort_order: see Etcd.get_prefix
 
 
 def op_delete_prefix(prefix: str) -> Any:
@@ -230,6 +229,10 @@ class Etcd:
         key, end = self._prefix(prefix)
         if start:
             key = self._key(start)
+        # No sort_order: etcd answers a range in key order by itself, and
+        # asked for ASCEND by KEY, etcd 3.4 ignores the limit (it reads the
+        # whole range, sorts it, then truncates): a page of 100 keys of a
+        # 2,900-key range took 4.0 ms instead of 0.74 ms.
         with _mapped():
             resp = await self._kv.Range(
                 rpc.RangeRequest(
@@ -238,8 +241,6 @@ class Etcd:
                     limit=limit,
                     keys_only=keys_only,
                     revision=revision,
-                    sort_order=rpc.RangeRequest.ASCEND,
-                    sort_target=rpc.RangeRequest.KEY,
                 ),
                 timeout=self.timeout,
             )

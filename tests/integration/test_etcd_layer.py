@@ -61,6 +61,28 @@ async def test_prefix_ops_range_and_delete_only_under_the_prefix_in_one_transact
     await etcd.close()
 
 
+async def test_get_prefix_pages_in_key_order_with_its_limit(etcd_endpoint, etcd_prefix):
+    """Pages come in key order whatever the write order, and the limit holds
+    (etcd reads only the page: no sort asked, which would make it read the whole range)."""
+    etcd = await Etcd.connect(etcd_endpoint)
+    keys = [f"p/{i:03d}" for i in range(50)]
+    for key in reversed(keys):
+        await etcd.put(etcd_prefix + key, b"")
+    await etcd.put(etcd_prefix + "p/025", b"rewritten")  # a newer revision does not move it
+    pages, start = [], None
+    while True:
+        kvs, _, more = await etcd.get_prefix(etcd_prefix + "p/", start=start, limit=7, keys_only=True)
+        assert len(kvs) == 7 or not more
+        pages.append([kv.key[len(etcd_prefix):] for kv in kvs])
+        if not more:
+            break
+        start = kvs[-1].key + "\0"
+    assert [k for page in pages for k in page] == keys and len(pages) == 8
+    _, resp = await etcd.txn([], [op_get_prefix(etcd_prefix + "p/")])
+    assert [kv.key.decode()[-5:] for kv in resp.responses[0].response_range.kvs] == keys
+    await etcd.close()
+
+
 async def test_session_keys_vanish_when_session_closes(etcd_endpoint, etcd_prefix):
     etcd = await Etcd.connect(etcd_endpoint)
     session = await Session(etcd, ttl=2).start()
