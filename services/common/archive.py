@@ -50,6 +50,7 @@ while objects move from etcd to the archive.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import bisect
@@ -84,7 +85,7 @@ async def run_passes(what: str, pass_once: Callable[[], Awaitable[int]], pause: 
         await asyncio.sleep(pause)
 
 
-class Archiver:
+class Archiver(abc.ABC):
     """The frame of a service's archiver (on its leader): `run` calls
     `pass_once` (the subclass's: move what ended before `cutoff_ns()`,
     return how many) every `settings.pass_seconds` until cancelled."""
@@ -102,8 +103,9 @@ class Archiver:
         """Until cancelled (the leader's loop)."""
         await run_passes(self.what, self.pass_once, self.settings.pass_seconds)
 
+    @abc.abstractmethod
     async def pass_once(self) -> int:
-        raise NotImplementedError
+        """Moves what is due; how many objects moved."""
 
     def cutoff_ns(self) -> int:
         """Objects that ended before this (ns) are due."""

@@ -88,3 +88,46 @@ def test_scrape_unix_reads_a_replica_metrics_socket(tmp_path):
     text = asyncio.run(scrape_unix(path, 1 << 20))
     assert "cloudml_model_server_inflight_requests 3.0" in text and "padding_399 399.0" in text
     assert len(asyncio.run(scrape_unix(path, 1000))) == 1000
+
+
+def test_scrape_of_a_hostile_replica_gives_up_bounded(tmp_path):
+    """A replica runs tenant code, so its metrics socket may answer anything:
+    endless headers, another status, an endless body, nothing at all. The
+    scrape ends each within its caps (64 KiB of headers, `limit` of body, the
+    scrape's timeout) with an error the scraper counts as no sample."""
+    import asyncio
+
+    from services.models.autoscaler import scrape_unix
+
+    answers = {
+        "headers": b"HTTP/1.0 200 OK\r\nX: " + b"a" * (1 << 20),
+        "status": b"HTTP/1.0 500 Oops\r\n\r\nbody",
+        "body": b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * (4 << 20),
+        "silent": None,
+    }
+
+    async def run(kind: str):
+        path = str(tmp_path / f"{kind}.sock")
+
+        async def answer(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            if answers[kind] is None:
+                await asyncio.sleep(30)
+            else:
+                writer.write(answers[kind])
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(answer, path=path)
+        try:
+            return await asyncio.wait_for(scrape_unix(path, 1 << 16), 2.0)
+        except Exception as err:  # noqa: BLE001 - the test looks at which
+            return err
+        finally:
+            server.close()
+
+    outcomes = {kind: asyncio.run(run(kind)) for kind in answers}
+    assert isinstance(outcomes["headers"], (asyncio.LimitOverrunError, ValueError)), outcomes
+    assert isinstance(outcomes["status"], ValueError), outcomes
+    assert isinstance(outcomes["body"], str) and len(outcomes["body"]) == 1 << 16, len(outcomes["body"])
+    assert isinstance(outcomes["silent"], asyncio.TimeoutError), outcomes
