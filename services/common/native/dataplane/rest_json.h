@@ -1,0 +1,46 @@
+// TF Serving's REST JSON for the data plane's native REST path (rest.h):
+// a Predict body to a serialized tensorflow.serving.PredictRequest, and a
+// serialized PredictResponse back to TF Serving's JSON, in C++.
+//
+// The Python gateway's codec (services/gateway/tfs_json/) is the reference:
+// for every input this code accepts, its result is the reference's, byte for
+// byte (a response's JSON) or field for field (a request's proto). Where the
+// reference answers an error, or where this code is not certain to match it
+// (a dtype or a shape it does not handle, a number it cannot classify as
+// Python's json does, ...), it declines: the call then takes the Python
+// gateway's path, which answers it (errors included) exactly as before.
+// tests/unit/test_native_tfs_json.py holds the two to that, case by case.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace cloudml::dataplane {
+
+// A version's signatures, as its GetModelMetadata reports them: signature
+// name -> its inputs as (input name, tensorflow.DataType value), sorted by
+// input name.
+using SignatureInputs = std::vector<std::pair<std::string, int>>;
+using Signatures = std::map<std::string, SignatureInputs>;
+
+// A REST predict body -> the PredictRequest the Python gateway's path sends
+// (services/gateway/rest.py RestServer._predict: load_request_json, then
+// parse_predict_request(doc, signatures, model_name=model_name,
+// version=version), then model_spec.signature_name = the body's
+// "signature_name" or "serving_default"), serialized into *request;
+// *row_format: the body used "instances" (the answer is "predictions").
+// false: declined (see above); *request is then unspecified.
+bool PredictRequestFromJson(std::string_view body, const Signatures& signatures, const std::string& model_name,
+                            int64_t version, std::string* request, bool* row_format);
+
+// A serialized PredictResponse -> the JSON the Python gateway answers
+// (tfs_json.predict_response_to_json(response, row_format)), byte for byte.
+// false: declined (the reference would raise, or this code does not handle
+// a dtype); *json is then unspecified.
+bool PredictResponseToJson(std::string_view response, bool row_format, std::string* json);
+
+}  // namespace cloudml::dataplane
