@@ -2,7 +2,9 @@
 # Builds the native data plane (services/common/native/dataplane/*.cc: the
 # gateway's data plane and every model-server replica's front) into
 # build/native/cloudml-dataplane, with Debian's gRPC C++ and
-# protobuf (installed here if missing; needs root the first time).
+# protobuf (installed here if missing; needs root the first time), and
+# build/native/cloudml-tfs-json, the REST JSON codec (dataplane/rest_json.cc)
+# alone behind stdin/stdout for tests/unit/test_native_tfs_json.py.
 # Idempotent: rebuilds only when the sources, the protos or this script changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,8 +30,10 @@ SRC_DIR=services/common/native/dataplane
 SRCS=("$SRC_DIR"/*.cc)
 PROTOS=(protos/cloudml/internal/v1/dataplane.proto protos/cloudml/internal/v1/replica.proto)
 BIN=$OUT/cloudml-dataplane
-want="$(cat "${SRCS[@]}" "$SRC_DIR"/*.h "${PROTOS[@]}" "$0" | sha256sum | cut -d' ' -f1)"
-if [ -x "$BIN" ] && [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$want" ]; then
+CHECK_SRC=services/common/native/tfs_json_check/main.cc
+CHECK_BIN=$OUT/cloudml-tfs-json
+want="$(cat "${SRCS[@]}" "$SRC_DIR"/*.h "$CHECK_SRC" "${PROTOS[@]}" "$0" | sha256sum | cut -d' ' -f1)"
+if [ -x "$BIN" ] && [ -x "$CHECK_BIN" ] && [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$want" ]; then
   exit 0
 fi
 log "compiling $BIN"
@@ -51,4 +55,7 @@ for pid in "${running[@]}"; do wait "$pid"; done
 # shellcheck disable=SC2046
 g++ -O2 -o "$BIN.tmp" "${objs[@]}" $(pkg-config --libs grpc++ protobuf absl_synchronization libnghttp2) -lpthread
 mv "$BIN.tmp" "$BIN"
+# The codec's driver: its own main(), so not in $SRC_DIR; rest_json.o needs nothing else.
+g++ -O2 -std=c++17 -Wall -o "$CHECK_BIN.tmp" "$CHECK_SRC" "$OUT/obj/rest_json.o"
+mv "$CHECK_BIN.tmp" "$CHECK_BIN"
 echo "$want" > "$OUT/.stamp"
