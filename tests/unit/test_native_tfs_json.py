@@ -35,6 +35,7 @@ from services.gateway import tfs_json as tj
 from services.gateway.tfs_json import predict_request as tj_predict_request
 
 from tests.unit import test_tfs_json_predict_request, test_tfs_json_predict_response
+from tests.unit.tfs_json_helpers import response, tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BINARY = os.path.join(ROOT, "build", "native", "cloudml-tfs-json")
@@ -277,41 +278,29 @@ def test_ordinary_requests_are_converted(codec):
     assert not declined
 
 
-def _tensor(dtype: str, shape, field=None, values=(), content=None) -> tensor_pb2.TensorProto:
-    t = tensor_pb2.TensorProto(dtype=dt(dtype))
-    for d in shape:
-        t.tensor_shape.dim.add().size = d
-    if content is not None:
-        t.tensor_content = content
-    elif field:
-        getattr(t, field).extend(values)
-    return t
-
-
 def _response(**tensors) -> predict_pb2.PredictResponse:
-    r = predict_pb2.PredictResponse()
+    """A response as the model server sends it: outputs and the model_spec it served."""
+    r = response(**tensors)
     r.model_spec.name = "m"
     r.model_spec.version.value = 4
     r.model_spec.signature_name = "serving_default"
-    for name, t in tensors.items():
-        r.outputs[name].CopyFrom(t)
     return r
 
 
 MUST_CONVERT_RESPONSES = [
-    _response(y=_tensor("DT_FLOAT", [3], content=np.array([2.5, 3.0, 4.5], np.float32).tobytes())),
-    _response(y=_tensor("DT_FLOAT", [2, 3], content=np.random.default_rng(5).standard_normal(6).astype(
+    _response(y=tensor("DT_FLOAT", [3], content=np.array([2.5, 3.0, 4.5], np.float32).tobytes())),
+    _response(y=tensor("DT_FLOAT", [2, 3], content=np.random.default_rng(5).standard_normal(6).astype(
         np.float32).tobytes())),
-    _response(y=_tensor("DT_DOUBLE", [2, 1], "double_val", [0.1, 12345.5])),
-    _response(scores=_tensor("DT_FLOAT", [2, 2], "float_val", [0.25, 0.75, 0.5, 0.5]),
-              classes=_tensor("DT_INT64", [2], "int64_val", [1, 0]),
-              names=_tensor("DT_STRING", [2], "string_val", [b"cat", b"d\"o\\g\x01"]),
-              image_bytes=_tensor("DT_STRING", [2, 1], "string_val", [b"\x00\xff", b""])),
-    _response(b=_tensor("DT_BOOL", [3], "bool_val", [True, False, True]),
-              i=_tensor("DT_INT32", [3], "int_val", [1, -2, 3]),
-              u=_tensor("DT_UINT8", [3], content=bytes([0, 128, 255]))),
-    _response(e=_tensor("DT_FLOAT", [0, 3])),
-    _response(h=_tensor("DT_HALF", [2], "half_val", [0x3E00, 0xBC00])),
+    _response(y=tensor("DT_DOUBLE", [2, 1], "double_val", [0.1, 12345.5])),
+    _response(scores=tensor("DT_FLOAT", [2, 2], "float_val", [0.25, 0.75, 0.5, 0.5]),
+              classes=tensor("DT_INT64", [2], "int64_val", [1, 0]),
+              names=tensor("DT_STRING", [2], "string_val", [b"cat", b"d\"o\\g\x01"]),
+              image_bytes=tensor("DT_STRING", [2, 1], "string_val", [b"\x00\xff", b""])),
+    _response(b=tensor("DT_BOOL", [3], "bool_val", [True, False, True]),
+              i=tensor("DT_INT32", [3], "int_val", [1, -2, 3]),
+              u=tensor("DT_UINT8", [3], content=bytes([0, 128, 255]))),
+    _response(e=tensor("DT_FLOAT", [0, 3])),
+    _response(h=tensor("DT_HALF", [2], "half_val", [0x3E00, 0xBC00])),
 ]
 
 
@@ -320,7 +309,7 @@ def test_ordinary_responses_are_converted(codec):
         for row in (True, False):
             assert check_response(codec, r, row), f"response {i} (row={row}) declined"
     # A scalar has no batch: columnar only.
-    assert check_response(codec, _response(s=_tensor("DT_DOUBLE", [], "double_val", [7])), False)
+    assert check_response(codec, _response(s=tensor("DT_DOUBLE", [], "double_val", [7])), False)
 
 
 # ---------------------------------------------------------------------------
@@ -735,5 +724,5 @@ def test_float_tokens_at_scale(codec):
             reals = rand_reals(rng, 2000, single)
             dtype = "DT_FLOAT" if single else "DT_DOUBLE"
             content = np.array(reals, np.float32 if single else np.float64).tobytes()
-            r = _response(y=_tensor(dtype, [len(reals)], content=content))
+            r = _response(y=tensor(dtype, [len(reals)], content=content))
             assert check_response(codec, r, False) or not single  # doubles may decline (numpy's pow)

@@ -131,7 +131,7 @@ class Json {
   // duplicate keys, which Python resolves as the last one wins).
   bool Parse() {
     if (text_.size() >= 0xFFFFFFF0u) return false;
-    nodes_.reserve(text_.size() / 3 + 4);
+    nodes_.reserve(text_.size() / 8 + 16);
     Space();
     if (pos_ >= text_.size() || text_[pos_] != '{') return false;
     if (!Value(0)) return false;
@@ -300,59 +300,44 @@ class Json {
     return true;
   }
 
-  bool Array(int depth) {
+  // An array's elements or an object's members, `item` reading one.
+  template <typename Item>
+  bool Container(Kind kind, char close, int depth, Item item) {
     if (depth > kMaxDepth) return false;
-    uint32_t i = Add(Kind::kArray);
+    uint32_t i = Add(kind);
     ++pos_;
     Space();
     uint32_t count = 0;
-    if (pos_ < text_.size() && text_[pos_] == ']') {
+    if (pos_ < text_.size() && text_[pos_] == close) {
       ++pos_;
     } else {
       while (true) {
-        if (!Value(depth)) return false;
+        if (!item()) return false;
         ++count;
         Space();
         if (pos_ >= text_.size()) return false;
         char c = text_[pos_++];
-        if (c == ']') break;
+        if (c == close) break;
         if (c != ',') return false;
         Space();
       }
     }
     nodes_[i].count = count;
     nodes_[i].end = static_cast<uint32_t>(nodes_.size());
-    return true;
+    return kind != Kind::kObject || count < 2 || UniqueKeys(i);
   }
 
+  bool Array(int depth) { return Container(Kind::kArray, ']', depth, [&] { return Value(depth); }); }
+
   bool Object(int depth) {
-    if (depth > kMaxDepth) return false;
-    uint32_t i = Add(Kind::kObject);
-    ++pos_;
-    Space();
-    uint32_t count = 0;
-    if (pos_ < text_.size() && text_[pos_] == '}') {
+    return Container(Kind::kObject, '}', depth, [&] {
+      if (pos_ >= text_.size() || text_[pos_] != '"' || !String()) return false;
+      Space();
+      if (pos_ >= text_.size() || text_[pos_] != ':') return false;
       ++pos_;
-    } else {
-      while (true) {
-        if (pos_ >= text_.size() || text_[pos_] != '"' || !String()) return false;
-        Space();
-        if (pos_ >= text_.size() || text_[pos_] != ':') return false;
-        ++pos_;
-        Space();
-        if (!Value(depth)) return false;
-        ++count;
-        Space();
-        if (pos_ >= text_.size()) return false;
-        char c = text_[pos_++];
-        if (c == '}') break;
-        if (c != ',') return false;
-        Space();
-      }
-    }
-    nodes_[i].count = count;
-    nodes_[i].end = static_cast<uint32_t>(nodes_.size());
-    return count < 2 || UniqueKeys(i);
+      Space();
+      return Value(depth);
+    });
   }
 
   bool UniqueKeys(uint32_t object) const {
@@ -862,45 +847,55 @@ struct OutputTensor {
   std::vector<std::string_view> string_val;
 };
 
-bool ParseDim(std::string_view d, OutputTensor* t) {
+// What a message's field reader made of one field.
+enum class Read { kDone, kMalformed, kUnknown };
+
+// Reads message `d` field by field: read(&wire, field, wire_type) reads the
+// fields it knows; the unknown ones are skipped, as protobuf does.
+template <typename Fn>
+bool Fields(std::string_view d, Fn read) {
   Wire w(d);
-  int64_t size = 0;
   while (!w.Done()) {
     uint32_t field;
     int wire;
     if (!w.Tag(&field, &wire)) return false;
-    if (field == 1) {
-      uint64_t v;
-      if (wire != 0 || !w.Varint(&v)) return false;
-      size = static_cast<int64_t>(v);
-    } else if (field == 2) {
-      std::string_view name;
-      if (wire != 2 || !w.Bytes(&name) || !ValidUtf8(name)) return false;
-    } else if (!w.Skip(wire)) {
-      return false;
-    }
+    Read r = read(&w, field, wire);
+    if (r == Read::kMalformed || (r == Read::kUnknown && !w.Skip(wire))) return false;
   }
-  t->dims.push_back(size);
   return true;
 }
 
-bool ParseShape(std::string_view d, OutputTensor* t) {
-  Wire w(d);
-  while (!w.Done()) {
-    uint32_t field;
-    int wire;
-    if (!w.Tag(&field, &wire)) return false;
-    if (field == 2) {
-      std::string_view dim;
-      if (wire != 2 || !w.Bytes(&dim) || !ParseDim(dim, t)) return false;
-    } else if (field == 3) {
-      uint64_t v;
-      if (wire != 0 || !w.Varint(&v)) return false;
-    } else if (!w.Skip(wire)) {
-      return false;
+Read Done(bool ok) { return ok ? Read::kDone : Read::kMalformed; }
+
+// A proto3 string field: protobuf refuses invalid UTF-8.
+Read Utf8Field(Wire* w, int wire, std::string_view* out) {
+  return Done(wire == 2 && w->Bytes(out) && ValidUtf8(*out));
+}
+
+bool ParseDim(std::string_view d, OutputTensor* t) {
+  int64_t size = 0;
+  bool ok = Fields(d, [&](Wire* w, uint32_t field, int wire) {
+    uint64_t v;
+    std::string_view name;
+    if (field == 1) {
+      if (wire != 0 || !w->Varint(&v)) return Read::kMalformed;
+      size = static_cast<int64_t>(v);
+      return Read::kDone;
     }
-  }
-  return true;
+    return field == 2 ? Utf8Field(w, wire, &name) : Read::kUnknown;
+  });
+  t->dims.push_back(size);
+  return ok;
+}
+
+bool ParseShape(std::string_view d, OutputTensor* t) {
+  return Fields(d, [&](Wire* w, uint32_t field, int wire) {
+    uint64_t v;
+    std::string_view dim;
+    if (field == 2) return Done(wire == 2 && w->Bytes(&dim) && ParseDim(dim, t));
+    if (field == 3) return Done(wire == 0 && w->Varint(&v));  // unknown_rank
+    return Read::kUnknown;
+  });
 }
 
 float FloatBits(uint64_t raw) {
@@ -917,105 +912,77 @@ double DoubleBits(uint64_t raw) {
 }
 
 bool ParseTensor(std::string_view d, OutputTensor* t) {
-  Wire w(d);
-  while (!w.Done()) {
-    uint32_t field;
-    int wire;
-    if (!w.Tag(&field, &wire)) return false;
+  return Fields(d, [&](Wire* w, uint32_t field, int wire) {
     uint64_t v = 0;
     std::string_view bytes;
-    bool ok = true;
+    bool ok;
     switch (field) {
       case 1:  // dtype, an open enum read as int32
-        ok = wire == 0 && w.Varint(&v);
+        ok = wire == 0 && w->Varint(&v);
         t->dtype = static_cast<int32_t>(static_cast<uint32_t>(v));
         break;
-      case 2: ok = wire == 2 && w.Bytes(&bytes) && ParseShape(bytes, t); break;
-      case 3: ok = wire == 0 && w.Varint(&v); break;
-      case 4: ok = wire == 2 && w.Bytes(&t->content); break;
-      case 5: ok = Repeated(&w, wire, 5, [&](uint64_t r) { t->float_val.push_back(FloatBits(r)); }); break;
-      case 6: ok = Repeated(&w, wire, 1, [&](uint64_t r) { t->double_val.push_back(DoubleBits(r)); }); break;
+      case 2: ok = wire == 2 && w->Bytes(&bytes) && ParseShape(bytes, t); break;
+      case 3: ok = wire == 0 && w->Varint(&v); break;
+      case 4: ok = wire == 2 && w->Bytes(&t->content); break;
+      case 5: ok = Repeated(w, wire, 5, [&](uint64_t r) { t->float_val.push_back(FloatBits(r)); }); break;
+      case 6: ok = Repeated(w, wire, 1, [&](uint64_t r) { t->double_val.push_back(DoubleBits(r)); }); break;
       case 7:
-        ok = Repeated(&w, wire, 0, [&](uint64_t r) { t->int_val.push_back(static_cast<int32_t>(r)); });
+        ok = Repeated(w, wire, 0, [&](uint64_t r) { t->int_val.push_back(static_cast<int32_t>(r)); });
         break;
       case 8:
-        ok = wire == 2 && w.Bytes(&bytes);
+        ok = wire == 2 && w->Bytes(&bytes);
         t->string_val.push_back(bytes);
         break;
-      case 9: ok = Repeated(&w, wire, 5, [](uint64_t) {}); break;
+      case 9: ok = Repeated(w, wire, 5, [](uint64_t) {}); break;
       case 10:
-        ok = Repeated(&w, wire, 0, [&](uint64_t r) { t->int64_val.push_back(static_cast<int64_t>(r)); });
+        ok = Repeated(w, wire, 0, [&](uint64_t r) { t->int64_val.push_back(static_cast<int64_t>(r)); });
         break;
-      case 11: ok = Repeated(&w, wire, 0, [&](uint64_t r) { t->bool_val.push_back(r != 0); }); break;
-      case 12: ok = Repeated(&w, wire, 1, [](uint64_t) {}); break;
+      case 11: ok = Repeated(w, wire, 0, [&](uint64_t r) { t->bool_val.push_back(r != 0); }); break;
+      case 12: ok = Repeated(w, wire, 1, [](uint64_t) {}); break;
       case 13:
-        ok = Repeated(&w, wire, 0, [&](uint64_t r) { t->half_val.push_back(static_cast<int32_t>(r)); });
+        ok = Repeated(w, wire, 0, [&](uint64_t r) { t->half_val.push_back(static_cast<int32_t>(r)); });
         break;
-      case 14: case 15: return false;  // resource handles and variants: no JSON for them anyway
+      case 14: case 15: ok = false; break;  // resource handles and variants: no JSON for them anyway
       case 16:
-        ok = Repeated(&w, wire, 0, [&](uint64_t r) { t->uint32_val.push_back(static_cast<uint32_t>(r)); });
+        ok = Repeated(w, wire, 0, [&](uint64_t r) { t->uint32_val.push_back(static_cast<uint32_t>(r)); });
         break;
-      case 17: ok = Repeated(&w, wire, 0, [&](uint64_t r) { t->uint64_val.push_back(r); }); break;
-      case 18: ok = wire == 2 && w.Bytes(&bytes); break;
-      default: ok = w.Skip(wire);
+      case 17: ok = Repeated(w, wire, 0, [&](uint64_t r) { t->uint64_val.push_back(r); }); break;
+      case 18: ok = wire == 2 && w->Bytes(&bytes); break;
+      default: return Read::kUnknown;
     }
-    if (!ok) return false;
-  }
-  return true;
+    return Done(ok);
+  });
 }
 
 bool ParseEntry(std::string_view d, OutputTensor* t) {
-  Wire w(d);
   bool has_key = false, has_value = false;
-  while (!w.Done()) {
-    uint32_t field;
-    int wire;
-    if (!w.Tag(&field, &wire)) return false;
+  return Fields(d, [&](Wire* w, uint32_t field, int wire) {
     std::string_view bytes;
     if (field == 1) {
-      if (has_key || wire != 2 || !w.Bytes(&t->name) || !ValidUtf8(t->name)) return false;
+      if (has_key) return Read::kMalformed;
       has_key = true;
-    } else if (field == 2) {
-      // A repeated value would be merged into the first: left to protobuf.
-      if (has_value || wire != 2 || !w.Bytes(&bytes) || !ParseTensor(bytes, t)) return false;
-      has_value = true;
-    } else if (!w.Skip(wire)) {
-      return false;
+      return Utf8Field(w, wire, &t->name);
     }
-  }
-  return true;
-}
-
-bool ValidInt64Value(std::string_view d) {
-  Wire w(d);
-  while (!w.Done()) {
-    uint32_t field;
-    int wire;
-    uint64_t v;
-    if (!w.Tag(&field, &wire)) return false;
-    if (field == 1 ? (wire != 0 || !w.Varint(&v)) : !w.Skip(wire)) return false;
-  }
-  return true;
+    if (field != 2) return Read::kUnknown;
+    // A repeated value would be merged into the first: left to protobuf.
+    if (has_value) return Read::kMalformed;
+    has_value = true;
+    return Done(wire == 2 && w->Bytes(&bytes) && ParseTensor(bytes, t));
+  });
 }
 
 // The response's model_spec is not printed, but a malformed one fails
 // protobuf's parse in Python.
 bool ValidModelSpec(std::string_view d) {
-  Wire w(d);
-  while (!w.Done()) {
-    uint32_t field;
-    int wire;
-    if (!w.Tag(&field, &wire)) return false;
+  return Fields(d, [&](Wire* w, uint32_t field, int wire) {
     std::string_view bytes;
-    if (field == 1 || field == 3 || field == 4) {
-      if (wire != 2 || !w.Bytes(&bytes) || !ValidUtf8(bytes)) return false;
-    } else if (field == 2) {
-      if (wire != 2 || !w.Bytes(&bytes) || !ValidInt64Value(bytes)) return false;
-    } else if (!w.Skip(wire)) {
-      return false;
-    }
-  }
-  return true;
+    if (field == 1 || field == 3 || field == 4) return Utf8Field(w, wire, &bytes);
+    if (field != 2) return Read::kUnknown;
+    return Done(wire == 2 && w->Bytes(&bytes) && Fields(bytes, [](Wire* v, uint32_t f, int type) {
+      uint64_t value;  // google.protobuf.Int64Value
+      return f == 1 ? Done(type == 0 && v->Varint(&value)) : Read::kUnknown;
+    }));
+  });
 }
 
 // ---------------------------------------------------------------------------
@@ -1189,7 +1156,8 @@ class Values {
       case kFloat: reals_.assign(t.float_val.begin(), t.float_val.end()); return true;
       case kDouble: reals_ = t.double_val; return true;
       case kInt32: ints_.assign(t.int_val.begin(), t.int_val.end()); return true;
-      // numpy refuses (OverflowError) int_val values outside the narrow type.
+      // int_val values outside the narrow type: numpy wraps or refuses them,
+      // depending on how protobuf's container reaches it; left to Python.
       case kInt16: return Narrow(t.int_val, INT16_MIN, INT16_MAX);
       case kInt8: return Narrow(t.int_val, INT8_MIN, INT8_MAX);
       case kUInt8: return Narrow(t.int_val, 0, UINT8_MAX);
@@ -1396,23 +1364,17 @@ bool Count(const std::vector<int64_t>& dims, uint64_t* n) {
 
 bool PredictResponseToJson(std::string_view response, bool row_format, std::string* json) {
   std::vector<OutputTensor> outputs;
-  Wire w(response);
-  while (!w.Done()) {
-    uint32_t field;
-    int wire;
-    if (!w.Tag(&field, &wire)) return false;
+  bool parsed = Fields(response, [&](Wire* w, uint32_t field, int wire) {
     std::string_view bytes;
     if (field == 1) {
-      if (wire != 2 || !w.Bytes(&bytes)) return false;
+      if (wire != 2 || !w->Bytes(&bytes)) return Read::kMalformed;
       outputs.emplace_back();
-      if (!ParseEntry(bytes, &outputs.back())) return false;
-    } else if (field == 2) {
-      if (wire != 2 || !w.Bytes(&bytes) || !ValidModelSpec(bytes)) return false;
-    } else if (!w.Skip(wire)) {
-      return false;
+      return Done(ParseEntry(bytes, &outputs.back()));
     }
-  }
-  if (outputs.empty()) return false;
+    if (field == 2) return Done(wire == 2 && w->Bytes(&bytes) && ValidModelSpec(bytes));
+    return Read::kUnknown;
+  });
+  if (!parsed || outputs.empty()) return false;
   std::sort(outputs.begin(), outputs.end(),
             [](const OutputTensor& a, const OutputTensor& b) { return a.name < b.name; });
   for (size_t i = 1; i < outputs.size(); ++i)
