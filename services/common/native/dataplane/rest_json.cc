@@ -851,7 +851,9 @@ struct OutputTensor {
 enum class Read { kDone, kMalformed, kUnknown };
 
 // Reads message `d` field by field: read(&wire, field, wire_type) reads the
-// fields it knows; the unknown ones are skipped, as protobuf does.
+// fields it knows; the unknown ones are skipped, as protobuf does. Below the
+// response's top level, an unknown field is taken as malformed: protobuf
+// drops a whole map entry holding one, and TF Serving never sends any.
 template <typename Fn>
 bool Fields(std::string_view d, Fn read) {
   Wire w(d);
@@ -882,7 +884,7 @@ bool ParseDim(std::string_view d, OutputTensor* t) {
       size = static_cast<int64_t>(v);
       return Read::kDone;
     }
-    return field == 2 ? Utf8Field(w, wire, &name) : Read::kUnknown;
+    return field == 2 ? Utf8Field(w, wire, &name) : Read::kMalformed;
   });
   t->dims.push_back(size);
   return ok;
@@ -894,7 +896,7 @@ bool ParseShape(std::string_view d, OutputTensor* t) {
     std::string_view dim;
     if (field == 2) return Done(wire == 2 && w->Bytes(&dim) && ParseDim(dim, t));
     if (field == 3) return Done(wire == 0 && w->Varint(&v));  // unknown_rank
-    return Read::kUnknown;
+    return Read::kMalformed;
   });
 }
 
@@ -948,7 +950,7 @@ bool ParseTensor(std::string_view d, OutputTensor* t) {
         break;
       case 17: ok = Repeated(w, wire, 0, [&](uint64_t r) { t->uint64_val.push_back(r); }); break;
       case 18: ok = wire == 2 && w->Bytes(&bytes); break;
-      default: return Read::kUnknown;
+      default: ok = false;
     }
     return Done(ok);
   });
@@ -963,7 +965,7 @@ bool ParseEntry(std::string_view d, OutputTensor* t) {
       has_key = true;
       return Utf8Field(w, wire, &t->name);
     }
-    if (field != 2) return Read::kUnknown;
+    if (field != 2) return Read::kMalformed;
     // A repeated value would be merged into the first: left to protobuf.
     if (has_value) return Read::kMalformed;
     has_value = true;
@@ -1001,15 +1003,15 @@ bool SixDigitCandidate(double v, bool single, double scale) {
 }
 
 // The candidate decision; false in *sure where it could depend on the last
-// bit of log10 or pow, in which numpy's SIMD versions and libm differ (for
-// doubles only: float32 values are far from that edge).
+// bit of log10 or pow, in which numpy's SIMD versions and libm differ (a
+// float32 value too: its six digits may fall halfway between two floats,
+// where the estimate's last bit picks the side).
 bool Candidate(double v, bool single, bool* sure) {
   *sure = true;
   if (v == 0) return true;
   double l = std::log10(std::fabs(v));
   double exp10 = std::floor(l);
   bool cand = SixDigitCandidate(v, single, std::pow(10.0, 5.0 - exp10));
-  if (single) return cand;
   double exps[2] = {exp10, exp10};
   double nearest = std::nearbyint(l);
   if (std::fabs(l - nearest) < 1e-9) exps[0] = nearest - 1, exps[1] = nearest;
@@ -1058,7 +1060,7 @@ bool AppendDecimal(double v, bool single, std::string* out) {
     n = static_cast<size_t>(std::to_chars(buf, buf + sizeof buf, v, std::chars_format::general, 6).ptr - buf);
     double back;
     ParseBack(buf, n, &back);
-    if (back == v) return false;
+    if (single ? static_cast<float>(back) == static_cast<float>(v) : back == v) return false;
     n = 0;
   }
   if (!sure && n) return false;
