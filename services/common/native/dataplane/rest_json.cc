@@ -1014,7 +1014,9 @@ bool Candidate(double v, bool single, bool* sure) {
   bool cand = SixDigitCandidate(v, single, std::pow(10.0, 5.0 - exp10));
   double exps[2] = {exp10, exp10};
   double nearest = std::nearbyint(l);
-  if (std::fabs(l - nearest) < 1e-9) exps[0] = nearest - 1, exps[1] = nearest;
+  bool near_power = std::fabs(l - nearest) < 1e-9;
+  if (!near_power && exp10 <= 5 && exp10 >= -17) return cand;  // 10**(5 - exp10) exact: nothing to vary
+  if (near_power) exps[0] = nearest - 1, exps[1] = nearest;
   for (double e : exps) {
     double k = 5.0 - e;
     double scale = std::pow(10.0, k);
