@@ -22,6 +22,10 @@ def _arguments(parser) -> None:
                         help="on (default): the data plane speaks HTTP/2 on the public port itself and sends "
                              "model calls with a cached route straight to replicas; off: its gRPC server owns "
                              "the port (one gRPC server and client call per relayed call)")
+    parser.add_argument("--dataplane-rest", choices=("on", "off"),
+                        default=os.environ.get("CLOUDML_DATAPLANE_REST", "on"),
+                        help="on (default): with the native data plane, it owns the REST port too and converts "
+                             "repeat predict calls' JSON itself; off: this process serves the REST port")
     parser.add_argument("--max-request-bytes", type=int,
                         default=int(os.environ.get("CLOUDML_MAX_REQUEST_BYTES") or GatewaySettings.max_request_bytes),
                         help="platform-wide cap on a model call's request size in bytes (default 64 MiB); each "
@@ -33,6 +37,6 @@ if __name__ == "__main__":
     settings, args = parse_settings("gateway", add_arguments=_arguments)
     run(settings, functools.partial(GatewayApp, settings=GatewaySettings(
         rest_listen=args.rest_listen, dataplane=args.dataplane, dataplane_spin_us=args.dataplane_spin_us,
-        dataplane_h2_front=args.dataplane_h2_front == "on",
+        dataplane_h2_front=args.dataplane_h2_front == "on", dataplane_rest=args.dataplane_rest == "on",
         max_request_bytes=args.max_request_bytes or GatewaySettings.max_request_bytes,
     )))

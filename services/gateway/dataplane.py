@@ -88,6 +88,9 @@ class NativeDataplane:
         self.max_request_bytes = max_request_bytes
         self.h2_front = h2_front  # the public port spoken as HTTP/2 by the data plane itself (h2front.h)
         self.secret = secrets.token_urlsafe(32)
+        #: (public REST address, this process's REST server's private address) when the
+        #: data plane owns the REST port too (set by the gateway app before start)
+        self.rest: tuple[str, str] | None = None
         self.native = NativeProcess("the native data plane")
         self.failed = False
         self._streams: set[asyncio.Event] = set()  # one per open Attach stream
@@ -105,7 +108,9 @@ class NativeDataplane:
         env = dict(os.environ, **{SECRET_ENV: self.secret})
         port = await self.native.start(["--listen", listen, "--upstream", upstream, "--spin-us", str(self.spin_us),
                                         "--max-request-bytes", str(self.max_request_bytes),
-                                        "--h2-front", "on" if self.h2_front else "off"], env)
+                                        "--h2-front", "on" if self.h2_front else "off",
+                                        *(("--rest-listen", self.rest[0], "--rest-upstream", self.rest[1])
+                                          if self.rest else ())], env)
         log.info("native data plane (pid %d) on port %d, in front of %s", self.native.process.pid, port, upstream)
 
         def failed(code: int) -> None:

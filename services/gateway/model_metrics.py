@@ -7,11 +7,13 @@ series per (model, version, API, code) whichever process answered:
 
 - `cloudml_gateway_model_requests_total{model,version,api,code}`
 - `cloudml_gateway_model_request_seconds{model,version,api}` (histogram)
-- `cloudml_gateway_dataplane_calls_total{path="fast"|"control"|"direct"}`:
+- `cloudml_gateway_dataplane_calls_total{path="fast"|"control"|"direct"|...}`:
   model calls the data plane answered from its decision cache / sent to this
   process, and platform calls it relayed straight to their service;
   `path="coalesced"` counts the fast-path Predict calls it sent to a batching
-  replica inside a PredictBatch call (a subset of "fast").
+  replica inside a PredictBatch call (a subset of "fast"), `path="rest"`
+  the REST predict calls it answered itself, JSON converted in C++ (a
+  subset of "fast" too).
 
 The data plane reports its cumulative figures about once a second, so its
 share of a scrape may lag by that much.
@@ -45,7 +47,7 @@ class ModelRequestMetrics:
         self._lock = threading.Lock()  # scrapes may come from another thread
         self._local: dict[tuple[str, str, str, str], _Series] = {}
         self._native: dict[tuple[str, str, str, str], _Series] = {}
-        self._paths = {"fast": 0, "control": 0, "direct": 0, "coalesced": 0}
+        self._paths = {"fast": 0, "control": 0, "direct": 0, "coalesced": 0, "rest": 0}
         if registry is not None:
             registry.register(self)
 
@@ -74,7 +76,7 @@ class ModelRequestMetrics:
             self._native = native
             self._paths = {"fast": report.fast_path_calls, "control": report.slow_path_calls,
                            "direct": sum(relay.count for relay in report.relays),
-                           "coalesced": report.coalesced_calls}
+                           "coalesced": report.coalesced_calls, "rest": report.rest_fast_path_calls}
 
     def snapshot(self, models: set[str]) -> dict[tuple[str, str], dict]:
         """Cumulative figures per (model label, version) of the labels in
@@ -104,7 +106,8 @@ class ModelRequestMetrics:
         paths = CounterMetricFamily("cloudml_gateway_dataplane_calls",
                                     "Model calls the native data plane answered from its decision cache (fast) "
                                     "or sent to the gateway process (control); platform calls it relayed "
-                                    "straight to their service (direct).", labels=("path",))
+                                    "straight to their service (direct); REST predict calls it answered "
+                                    "itself, JSON included (rest; also in fast).", labels=("path",))
         with self._lock:
             counts: dict[tuple[str, str, str, str], int] = {}
             histograms: dict[tuple[str, str, str], _Series] = {}

@@ -31,7 +31,10 @@ web console (`/`, `/ui/`): `services.gateway.console`.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import logging
+import os
 import re
 import zlib
 from typing import Callable
@@ -47,7 +50,9 @@ from cloudml.tfs.tensorflow_serving.apis import (
     predict_pb2,
     regression_pb2,
 )
+from cloudml.internal.v1 import dataplane_pb2
 from services.common import errors
+from services.common.native.protocol import REST_DECISION_HEADER, SECRET_HEADER
 from services.gateway import tfs_json
 from services.gateway.pages import BrowserPages
 from services.gateway.predict import PredictRouter, RequestTooLarge, too_large
@@ -118,8 +123,13 @@ class _Decoder:
 
 class RestServer:
     def __init__(self, listen: str, registry: CollectorRegistry, ready: Callable[[], bool],
-                 router: PredictRouter | None = None, pages: BrowserPages | None = None, console=None):
+                 router: PredictRouter | None = None, pages: BrowserPages | None = None, console=None,
+                 dataplane_secret: str | None = None):
+        """`listen`: HOST:PORT, or unix:PATH when the native data plane owns the
+        public port and relays here (`dataplane_secret`: the secret its
+        requests carry; they get a RestDecision back, see _predict)."""
         self.listen = listen
+        self.dataplane_secret = dataplane_secret
         self.registry = registry
         self.ready = ready
         self.router = router
@@ -240,7 +250,7 @@ class RestServer:
             raise web.HTTPNotFound()
         body = await self._read_body(request, verb, self._body_limit(name, version, label, metadata))
         if verb == "predict":
-            return await self._predict(name, version, label, body, metadata)
+            return await self._predict(name, version, label, body, metadata, self._from_dataplane(request))
         return await self._classify_or_regress(verb, name, version, label, body, metadata)
 
     def _body_limit(self, name, version, label, metadata) -> int:
@@ -345,14 +355,54 @@ class RestServer:
         except RequestTooLarge as err:
             return json_error(413, err.message)
 
-    async def _predict(self, name, version, label, body, metadata):
+    async def _predict(self, name, version, label, body, metadata, dataplane: bool = False):
+        generation = self._router().table.generation  # before any routing: a change since voids the decision
         doc, signature_name = tfs_json.load_request_json(body)
         signatures, resolved = await self._fetch_metadata(name, version, label, metadata)
         parsed = tfs_json.parse_predict_request(doc, signatures, model_name=name, version=resolved)
         parsed.request.model_spec.signature_name = signature_name
         raw = await self._router().forward("Predict", parsed.request.SerializeToString(), metadata, DEFAULT_TIMEOUT)
-        response = predict_pb2.PredictResponse.FromString(raw)
-        return json_response(200, tfs_json.predict_response_to_json(response, parsed.row_format))
+        response = json_response(200, tfs_json.predict_response_to_json(
+            predict_pb2.PredictResponse.FromString(raw), parsed.row_format))
+        if dataplane:
+            try:
+                decision = self._rest_decision(name, version, label, metadata, generation)
+            except Exception:  # noqa: BLE001 - the answer stands; the data plane asks again next time
+                log.exception("no routing decision for the data plane (REST %s)", name)
+                decision = None
+            if decision is not None:
+                response.headers[REST_DECISION_HEADER] = base64.b64encode(decision.SerializeToString()).decode()
+        return response
+
+    def _from_dataplane(self, request: web.Request) -> bool:
+        """True for a request the native data plane relayed (it carries its secret)."""
+        got = request.headers.get(SECRET_HEADER)
+        return bool(self.dataplane_secret and got and hmac.compare_digest(got, self.dataplane_secret))
+
+    def _rest_decision(self, name, version, label, metadata, generation) -> dataplane_pb2.RestDecision | None:
+        """What the data plane may repeat for this caller's later predict calls
+        to this path: the route, as for gRPC, and the input dtypes of the
+        versions whose signatures are known here (a version without them
+        comes here again, which fetches them)."""
+        router = self._router()
+        try:
+            caller = router.caller(metadata)
+            tenant, model, choices = router.candidates(caller, self._spec(name, version, label))
+        except errors.CloudMLError:
+            return None
+        decision = dataplane_pb2.RestDecision(route=router.decision(caller, tenant, model, choices, generation))
+        for v, _ in choices:
+            cached = self._metadata.get((tenant, model, v))
+            if cached is None:
+                continue
+            try:
+                signatures = tfs_json.signature_map_from_metadata(cached)
+            except tfs_json.JsonError:
+                continue
+            entry = decision.versions.add(version=v)
+            for signame, sig in signatures.items():
+                entry.signatures[signame].dtypes.update({k: t.dtype for k, t in sig.inputs.items()})
+        return decision
 
     async def _classify_or_regress(self, verb, name, version, label, body, metadata):
         if verb == "classify":
@@ -369,11 +419,19 @@ class RestServer:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        host, _, port = self.listen.rpartition(":")
         # lingering_time: after an early answer (413, 408), unread body bytes are
         # drained for at most a second before the connection closes.
         self._runner = web.AppRunner(self.app, access_log=None, lingering_time=1.0, auto_decompress=False)
         await self._runner.setup()
+        if self.listen.startswith("unix:"):
+            path = self.listen[5:]
+            site = web.UnixSite(self._runner, path)
+            await site.start()
+            os.chmod(path, 0o600)  # its directory is the gateway's own (0700) as well
+            self.port = 1
+            log.info("REST listening on %s (behind the native data plane)", self.listen)
+            return
+        host, _, port = self.listen.rpartition(":")
         site = web.TCPSite(self._runner, host or "127.0.0.1", int(port), reuse_address=True)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]

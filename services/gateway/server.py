@@ -7,11 +7,18 @@ TF Serving's PredictionService/ModelService routed to model-server replicas
 dataplane.py) that process owns the public port, answers repeat model calls
 itself and relays everything else to this one, which then listens on loopback.
 HTTP (`--rest-listen`, 8501 by default): TF Serving's REST API, probes and
-metrics (`rest.RestServer`).
+metrics (`rest.RestServer`). With the native data plane (and
+`--dataplane-rest on`, the default) that process owns the REST port too: it
+answers repeat predict calls itself (JSON converted in C++) and relays every
+other request to this one, which then listens on a Unix socket in a
+directory of its own.
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 from cloudml.auth.v1 import auth_service_pb2
@@ -50,6 +57,8 @@ class GatewaySettings:
     dataplane_spin_us: int | None = None
     #: the data plane's HTTP/2 front on the public port (False: its gRPC server owns the port)
     dataplane_h2_front: bool = True
+    #: the data plane owns the REST port too (False: this process serves it, as with --dataplane python)
+    dataplane_rest: bool = True
     #: platform-wide cap on a model call's request size, bytes (see predict.py)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
@@ -82,9 +91,17 @@ class GatewayApp(ServiceApp):
             platform.verifier.listeners.append(self.table.changed)
             self.proxy.vouch = self.dataplane.vouch
         rest_listen = settings.rest_listen
+        self._rest_dir = None
+        secret = None
+        if rest_listen and self.dataplane and settings.dataplane_rest:
+            # Only this process and its data plane can reach the socket (0700 directory).
+            self._rest_dir = tempfile.mkdtemp(prefix="cloudml-gateway-rest-")
+            upstream = f"unix:{os.path.join(self._rest_dir, 'rest.sock')}"
+            self.dataplane.rest = (rest_listen, upstream)
+            rest_listen, secret = upstream, self.dataplane.secret
         self.rest = RestServer(rest_listen, platform.metrics_registry, self.ready, self.router,
                                BrowserPages(platform.verifier, platform.directory),
-                               Console(platform.verifier, platform.directory)) if rest_listen else None
+                               Console(platform.verifier, platform.directory), secret) if rest_listen else None
         self._table_started = False
         self._started = False
 
@@ -113,3 +130,5 @@ class GatewayApp(ServiceApp):
         await self.table.stop()
         if self.rest:
             await self.rest.stop()
+        if self._rest_dir:
+            shutil.rmtree(self._rest_dir, ignore_errors=True)

@@ -24,13 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#cloudml/internal/v1/dataplane.proto\x12\x13\x63loudml.internal.v1\"\x90\x01\n\x10\x44\x61taplaneControl\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x17\n\x0flatency_buckets\x18\x02 \x03(\x01\x12\x37\n\x08services\x18\x03 \x03(\x0b\x32%.cloudml.internal.v1.ServiceInstances\x12\x16\n\x0epublic_methods\x18\x04 \x03(\t\"6\n\x0c\x41uthDecision\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"6\n\x10ServiceInstances\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\"{\n\rRouteDecision\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\x12\x33\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\".cloudml.internal.v1.VersionChoice\x12\r\n\x05model\x18\x04 \x01(\t\"\x92\x01\n\rVersionChoice\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x14\n\x0c\x63oalesce_max\x18\x04 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14\x62\x61tch_timeout_micros\x18\x06 \x01(\r\"\x92\x01\n\x10ModelRequestStat\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03\x61pi\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x1b\n\x13latency_sum_seconds\x18\x06 \x01(\x01\x12\x17\n\x0flatency_buckets\x18\x07 \x03(\x04\"\xc2\x01\n\x0f\x44\x61taplaneReport\x12\x34\n\x05stats\x18\x01 \x03(\x0b\x32%.cloudml.internal.v1.ModelRequestStat\x12\x17\n\x0f\x66\x61st_path_calls\x18\x02 \x01(\x04\x12\x17\n\x0fslow_path_calls\x18\x03 \x01(\x04\x12.\n\x06relays\x18\x04 \x03(\x0b\x32\x1e.cloudml.internal.v1.RelayStat\x12\x17\n\x0f\x63oalesced_calls\x18\x05 \x01(\x04\"I\n\tRelayStat\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x32\x66\n\tDataplane\x12Y\n\x06\x41ttach\x12$.cloudml.internal.v1.DataplaneReport\x1a%.cloudml.internal.v1.DataplaneControl(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#cloudml/internal/v1/dataplane.proto\x12\x13\x63loudml.internal.v1\"\x90\x01\n\x10\x44\x61taplaneControl\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x17\n\x0flatency_buckets\x18\x02 \x03(\x01\x12\x37\n\x08services\x18\x03 \x03(\x0b\x32%.cloudml.internal.v1.ServiceInstances\x12\x16\n\x0epublic_methods\x18\x04 \x03(\t\"6\n\x0c\x41uthDecision\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\"6\n\x10ServiceInstances\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\"{\n\rRouteDecision\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x12\n\nexpires_at\x18\x02 \x01(\x01\x12\x33\n\x07\x63hoices\x18\x03 \x03(\x0b\x32\".cloudml.internal.v1.VersionChoice\x12\r\n\x05model\x18\x04 \x01(\t\"{\n\x0cRestDecision\x12\x31\n\x05route\x18\x01 \x01(\x0b\x32\".cloudml.internal.v1.RouteDecision\x12\x38\n\x08versions\x18\x02 \x03(\x0b\x32&.cloudml.internal.v1.VersionSignatures\"\xc9\x01\n\x11VersionSignatures\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12J\n\nsignatures\x18\x02 \x03(\x0b\x32\x36.cloudml.internal.v1.VersionSignatures.SignaturesEntry\x1aW\n\x0fSignaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.cloudml.internal.v1.SignatureInputs:\x02\x38\x01\"\x82\x01\n\x0fSignatureInputs\x12@\n\x06\x64types\x18\x01 \x03(\x0b\x32\x30.cloudml.internal.v1.SignatureInputs.DtypesEntry\x1a-\n\x0b\x44typesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x92\x01\n\rVersionChoice\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x11\n\taddresses\x18\x03 \x03(\t\x12\x14\n\x0c\x63oalesce_max\x18\x04 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14\x62\x61tch_timeout_micros\x18\x06 \x01(\r\"\x92\x01\n\x10ModelRequestStat\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03\x61pi\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\x04\x12\x1b\n\x13latency_sum_seconds\x18\x06 \x01(\x01\x12\x17\n\x0flatency_buckets\x18\x07 \x03(\x04\"\xe0\x01\n\x0f\x44\x61taplaneReport\x12\x34\n\x05stats\x18\x01 \x03(\x0b\x32%.cloudml.internal.v1.ModelRequestStat\x12\x17\n\x0f\x66\x61st_path_calls\x18\x02 \x01(\x04\x12\x17\n\x0fslow_path_calls\x18\x03 \x01(\x04\x12.\n\x06relays\x18\x04 \x03(\x0b\x32\x1e.cloudml.internal.v1.RelayStat\x12\x17\n\x0f\x63oalesced_calls\x18\x05 \x01(\x04\x12\x1c\n\x14rest_fast_path_calls\x18\x06 \x01(\x04\"I\n\tRelayStat\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x32\x66\n\tDataplane\x12Y\n\x06\x41ttach\x12$.cloudml.internal.v1.DataplaneReport\x1a%.cloudml.internal.v1.DataplaneControl(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cloudml.internal.v1.dataplane_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_VERSIONSIGNATURES_SIGNATURESENTRY']._loaded_options = None
+  _globals['_VERSIONSIGNATURES_SIGNATURESENTRY']._serialized_options = b'8\001'
+  _globals['_SIGNATUREINPUTS_DTYPESENTRY']._loaded_options = None
+  _globals['_SIGNATUREINPUTS_DTYPESENTRY']._serialized_options = b'8\001'
   _globals['_DATAPLANECONTROL']._serialized_start=61
   _globals['_DATAPLANECONTROL']._serialized_end=205
   _globals['_AUTHDECISION']._serialized_start=207
@@ -39,14 +43,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVICEINSTANCES']._serialized_end=317
   _globals['_ROUTEDECISION']._serialized_start=319
   _globals['_ROUTEDECISION']._serialized_end=442
-  _globals['_VERSIONCHOICE']._serialized_start=445
-  _globals['_VERSIONCHOICE']._serialized_end=591
-  _globals['_MODELREQUESTSTAT']._serialized_start=594
-  _globals['_MODELREQUESTSTAT']._serialized_end=740
-  _globals['_DATAPLANEREPORT']._serialized_start=743
-  _globals['_DATAPLANEREPORT']._serialized_end=937
-  _globals['_RELAYSTAT']._serialized_start=939
-  _globals['_RELAYSTAT']._serialized_end=1012
-  _globals['_DATAPLANE']._serialized_start=1014
-  _globals['_DATAPLANE']._serialized_end=1116
+  _globals['_RESTDECISION']._serialized_start=444
+  _globals['_RESTDECISION']._serialized_end=567
+  _globals['_VERSIONSIGNATURES']._serialized_start=570
+  _globals['_VERSIONSIGNATURES']._serialized_end=771
+  _globals['_VERSIONSIGNATURES_SIGNATURESENTRY']._serialized_start=684
+  _globals['_VERSIONSIGNATURES_SIGNATURESENTRY']._serialized_end=771
+  _globals['_SIGNATUREINPUTS']._serialized_start=774
+  _globals['_SIGNATUREINPUTS']._serialized_end=904
+  _globals['_SIGNATUREINPUTS_DTYPESENTRY']._serialized_start=859
+  _globals['_SIGNATUREINPUTS_DTYPESENTRY']._serialized_end=904
+  _globals['_VERSIONCHOICE']._serialized_start=907
+  _globals['_VERSIONCHOICE']._serialized_end=1053
+  _globals['_MODELREQUESTSTAT']._serialized_start=1056
+  _globals['_MODELREQUESTSTAT']._serialized_end=1202
+  _globals['_DATAPLANEREPORT']._serialized_start=1205
+  _globals['_DATAPLANEREPORT']._serialized_end=1429
+  _globals['_RELAYSTAT']._serialized_start=1431
+  _globals['_RELAYSTAT']._serialized_end=1504
+  _globals['_DATAPLANE']._serialized_start=1506
+  _globals['_DATAPLANE']._serialized_end=1608
 # @@protoc_insertion_point(module_scope)

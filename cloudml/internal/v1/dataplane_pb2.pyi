@@ -46,6 +46,42 @@ class RouteDecision(_message.Message):
     model: str
     def __init__(self, generation: _Optional[int] = ..., expires_at: _Optional[float] = ..., choices: _Optional[_Iterable[_Union[VersionChoice, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
+class RestDecision(_message.Message):
+    __slots__ = ("route", "versions")
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    route: RouteDecision
+    versions: _containers.RepeatedCompositeFieldContainer[VersionSignatures]
+    def __init__(self, route: _Optional[_Union[RouteDecision, _Mapping]] = ..., versions: _Optional[_Iterable[_Union[VersionSignatures, _Mapping]]] = ...) -> None: ...
+
+class VersionSignatures(_message.Message):
+    __slots__ = ("version", "signatures")
+    class SignaturesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: SignatureInputs
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[SignatureInputs, _Mapping]] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    signatures: _containers.MessageMap[str, SignatureInputs]
+    def __init__(self, version: _Optional[int] = ..., signatures: _Optional[_Mapping[str, SignatureInputs]] = ...) -> None: ...
+
+class SignatureInputs(_message.Message):
+    __slots__ = ("dtypes",)
+    class DtypesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    dtypes: _containers.ScalarMap[str, int]
+    def __init__(self, dtypes: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class VersionChoice(_message.Message):
     __slots__ = ("version", "weight", "addresses", "coalesce_max", "max_request_bytes", "batch_timeout_micros")
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -81,18 +117,20 @@ class ModelRequestStat(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[str] = ..., code: _Optional[str] = ..., count: _Optional[int] = ..., latency_sum_seconds: _Optional[float] = ..., latency_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DataplaneReport(_message.Message):
-    __slots__ = ("stats", "fast_path_calls", "slow_path_calls", "relays", "coalesced_calls")
+    __slots__ = ("stats", "fast_path_calls", "slow_path_calls", "relays", "coalesced_calls", "rest_fast_path_calls")
     STATS_FIELD_NUMBER: _ClassVar[int]
     FAST_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
     SLOW_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
     RELAYS_FIELD_NUMBER: _ClassVar[int]
     COALESCED_CALLS_FIELD_NUMBER: _ClassVar[int]
+    REST_FAST_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[ModelRequestStat]
     fast_path_calls: int
     slow_path_calls: int
     relays: _containers.RepeatedCompositeFieldContainer[RelayStat]
     coalesced_calls: int
-    def __init__(self, stats: _Optional[_Iterable[_Union[ModelRequestStat, _Mapping]]] = ..., fast_path_calls: _Optional[int] = ..., slow_path_calls: _Optional[int] = ..., relays: _Optional[_Iterable[_Union[RelayStat, _Mapping]]] = ..., coalesced_calls: _Optional[int] = ...) -> None: ...
+    rest_fast_path_calls: int
+    def __init__(self, stats: _Optional[_Iterable[_Union[ModelRequestStat, _Mapping]]] = ..., fast_path_calls: _Optional[int] = ..., slow_path_calls: _Optional[int] = ..., relays: _Optional[_Iterable[_Union[RelayStat, _Mapping]]] = ..., coalesced_calls: _Optional[int] = ..., rest_fast_path_calls: _Optional[int] = ...) -> None: ...
 
 class RelayStat(_message.Message):
     __slots__ = ("service", "method", "code", "count")

@@ -31,8 +31,14 @@ AUTH_DECISION_HEADER = "x-cloudml-auth-bin"
 #: The version the gateway resolved (a label, the traffic split, a qualified
 #: `<tenant>.<model>` name...); replicas trust it from the gateway only.
 RESOLVED_VERSION_HEADER = "x-cloudml-resolved-version"
+#: HTTP response header from the gateway to the data plane on a REST predict
+#: it relayed: the RestDecision, base64 (never passed on to the caller).
+REST_DECISION_HEADER = "x-cloudml-rest-route"
 #: Only the platform sets these: a caller's own values are always dropped.
 PLATFORM_HEADERS = (SECRET_HEADER, ROUTE_DECISION_HEADER, AUTH_DECISION_HEADER, RESOLVED_VERSION_HEADER)
+#: The prefix of every platform header: on the REST port, the data plane
+#: drops a caller's headers that start with it.
+PLATFORM_PREFIX = "x-cloudml-"
 
 #: The caller's token: forwarded to platform services, never to replicas.
 AUTHORIZATION = "authorization"
@@ -137,6 +143,8 @@ def render_header() -> str:
         f"constexpr char kTe[] = {_c(TE)};",
         f"constexpr char kContentType[] = {_c(CONTENT_TYPE)};",
         f"constexpr char kSecretEnv[] = {_c(SECRET_ENV)};",
+        f"constexpr char kRestDecisionHeader[] = {_c(REST_DECISION_HEADER)};",
+        f"constexpr char kPlatformPrefix[] = {_c(PLATFORM_PREFIX)};",
         "",
         "// Metadata never forwarded: these keys and keys with these prefixes (IsHopHeader).",
         array("kHopHeaders", HOP_HEADERS),

@@ -39,8 +39,15 @@ def model_metadata_to_json(response: get_model_metadata_pb2.GetModelMetadataResp
 
     sdm = signature_def_map(response)
     opts = dict(preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    sigs = json_format.MessageToDict(sdm, **opts)
+    # Protobuf maps have no order (a replica's bytes list them as its hash map
+    # iterates): signatures and their inputs and outputs are sorted by name,
+    # so that one model answers the same bytes through any gateway.
+    sigs["signature_def"] = {
+        name: {**sig, **{io: dict(sorted(sig[io].items())) for io in ("inputs", "outputs") if io in sig}}
+        for name, sig in sorted(sigs.get("signature_def", {}).items())}
     doc = {
         "model_spec": json_format.MessageToDict(response.model_spec, **opts),
-        "metadata": {"signature_def": json_format.MessageToDict(sdm, **opts)},
+        "metadata": {"signature_def": sigs},
     }
     return _encode_out(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")

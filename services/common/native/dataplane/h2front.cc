@@ -27,9 +27,26 @@
 #include "picking.h"
 #include "plane.h"
 #include "protocol.h"
+#include "exchange.h"
+#include "rest.h"
 #include "wire.h"
 
 namespace cloudml::dataplane {
+
+// One HTTP/2 connection: a caller's (server) or one upstream (client).
+struct Conn {
+  H2Front::Impl* front = nullptr;
+  int fd = -1;
+  bool server = false;
+  nghttp2_session* session = nullptr;
+  std::string out;
+  size_t out_off = 0;
+  bool connecting = false, dead = false, want_out = false;
+  std::string address;  // upstream: where it goes
+  std::unordered_set<Exchange*> exchanges;
+  size_t whole_bytes = 0;  // a caller's: bytes of model calls read whole, not yet ended (kMaxWholeBytes)
+  uint64_t used = 0;  // Plane::epoch when a stream last opened on it
+};
 
 namespace {
 
@@ -48,55 +65,6 @@ constexpr int kLoopMs = 1000;                    // the longest the loop sleeps
 // What replicas see as the caller (gRPC's own relays say "grpc-c++/...").
 constexpr char kAgent[] = "cloudml-dataplane-h2 (nghttp2)";
 
-struct Nv {
-  std::string name, value;
-};
-
-struct Conn;
-
-// One caller's stream and what it became upstream.
-struct Exchange {
-  Conn* down = nullptr;
-  int32_t down_id = 0;
-  Conn* up = nullptr;  // nullptr: no upstream stream open
-  int32_t up_id = -1;
-  std::vector<Nv> request_headers;
-  std::string path;
-  std::string body;      // the request: whole (a model call) or what is not yet sent on (relayed)
-  size_t body_sent = 0;  // of `body`, copied upstream
-  size_t down_unconsumed = 0, up_unconsumed = 0;  // received, not yet given back to flow control
-  size_t charged = 0;  // of Conn::whole_bytes (the caller's connection), for this call
-  bool request_ended = false;
-  bool whole = false;  // a model call read whole before it is routed
-  bool fast = false;   // at a replica; its reply is read whole
-  bool retried = false;
-  bool relayed_started = false;  // the upstream stream to the gRPC side is open (or was)
-  std::string api, key, model, address;
-  int64_t version = 0;
-  bool bare = false;
-  Clock::time_point started;
-  Clock::time_point deadline = Clock::time_point::max();  // from the caller's grpc-timeout
-  size_t header_bytes = 0;  // the caller's headers so far (kMaxHeaderBytes)
-  // The reply.
-  std::vector<Nv> response_headers, trailers;
-  std::string response;
-  size_t response_sent = 0;
-  bool response_submitted = false, response_ended = false, trailers_only = false, in_trailers = false;
-};
-
-struct Conn {
-  H2Front::Impl* front = nullptr;
-  int fd = -1;
-  bool server = false;
-  nghttp2_session* session = nullptr;
-  std::string out;
-  size_t out_off = 0;
-  bool connecting = false, dead = false, want_out = false;
-  std::string address;  // upstream: where it goes
-  std::unordered_set<Exchange*> exchanges;
-  size_t whole_bytes = 0;  // a caller's: bytes of model calls read whole, not yet ended (kMaxWholeBytes)
-  uint64_t used = 0;  // Plane::epoch when a stream last opened on it
-};
 
 std::vector<nghttp2_nv> Nva(const std::vector<Nv>& headers) {
   std::vector<nghttp2_nv> nva;
@@ -161,7 +129,7 @@ bool IsForwarded(const std::string& path, std::string* api) {
 
 }  // namespace
 
-struct H2Front::Impl {
+struct H2Front::Impl : RestHost {
   Plane& plane;
   const std::string& internal;  // Options::internal, set before Listen
   int epoll = -1, listener = -1;
@@ -177,8 +145,21 @@ struct H2Front::Impl {
   nghttp2_session_callbacks* server_callbacks = nullptr;
   nghttp2_session_callbacks* client_callbacks = nullptr;
   nghttp2_option* option = nullptr;
+  std::unique_ptr<RestFront> rest;  // the REST port's (rest.h), if this process owns it
 
   explicit Impl(Plane& p) : plane(p), internal(p.options.internal) {}
+
+  // --- RestHost ---
+
+  int Epoll() override { return epoll; }
+  int Outstanding(const std::string& address) override { return outstanding[address]; }
+  std::mt19937_64& Rng() override { return rng; }
+  void Cancel(Exchange* x) override {
+    if (x->up && !x->response_ended) {
+      nghttp2_submit_rst_stream(x->up->session, NGHTTP2_FLAG_NONE, x->up_id, NGHTTP2_CANCEL);
+      dirty.insert(x->up);
+    }
+  }
 
   // --- sockets ---
 
@@ -343,7 +324,7 @@ struct H2Front::Impl {
   }
 
   void MaybeDelete(Exchange* x) {
-    if (!x->down && !x->up) delete x;
+    if (!x->down && !x->up && !x->rest) delete x;
   }
 
   // The request's headers are in.
@@ -422,11 +403,11 @@ struct H2Front::Impl {
     Fast(x, *picked);
   }
 
-  void Fast(Exchange* x, const std::string& address) {
+  void Fast(Exchange* x, const std::string& address) override {
     Conn* c = Upstream(address);
     if (!c) {
       if (!x->key.empty()) plane.Forget(x->key);
-      return Relay(x);
+      return x->rest ? rest->Slow(x) : Relay(x);
     }
     std::vector<Nv> headers = {{":method", "POST"}, {":scheme", "http"}, {":path", x->path},
                                {":authority", "cloudml"}, {kContentType, "application/grpc"},
@@ -530,6 +511,7 @@ struct H2Front::Impl {
 
   // A trailers-only reply with this status, if the caller is still there and has had no reply.
   void Answer(Exchange* x, int code, const std::string& message) {
+    if (x->rest) return rest->Failed(x, code, message);
     if (!x->down || x->response_submitted) return;
     std::vector<Nv> headers = {{":status", "200"}, {kContentType, "application/grpc"},
                                {"grpc-status", std::to_string(code)}, {"grpc-message", message}};
@@ -607,7 +589,7 @@ struct H2Front::Impl {
 
   void FastDone(Exchange* x, bool complete) {
     outstanding[x->address]--;
-    if (!x->down) return MaybeDelete(x);
+    if (!x->down && !x->rest) return MaybeDelete(x);
     const std::string* status = Find(x->trailers_only ? x->response_headers : x->trailers, "grpc-status");
     int code = complete && status ? atoi(status->c_str()) : 14;
     int64_t served;
@@ -622,12 +604,13 @@ struct H2Front::Impl {
       x->trailers.clear();
       x->response.clear();
       x->trailers_only = x->in_trailers = false;
-      return Relay(x);
+      return x->rest ? rest->Slow(x) : Relay(x);
     }
     if (!front)
       plane.Record(x->model, std::to_string(x->version), x->api, static_cast<grpc::StatusCode>(code),
                    std::chrono::duration<double>(Clock::now() - x->started).count());
     if (!complete) return Answer(x, 14, "the replica's stream broke");
+    if (x->rest) return rest->Replied(x, code);
     x->response_headers = FromReplica(x->response_headers, false);
     x->trailers = FromReplica(x->trailers, true);
     x->response_ended = true;
@@ -778,10 +761,7 @@ H2Front::H2Front(Plane& plane) : impl_(std::make_unique<Impl>(plane)) {
 
 H2Front::~H2Front() = default;
 
-// Binds a socket for `address`: "unix:PATH" (a stale socket file there is
-// replaced, as gRPC does) or HOST:PORT. -1 if it cannot; *port: the bound
-// port (1 for a Unix socket, as gRPC reports it).
-static int Bind(const std::string& address, int* port) {
+int Bind(const std::string& address, int* port) {
   int fd = -1;
   if (address.compare(0, 5, "unix:") == 0) {
     sockaddr_un sa{};
@@ -825,20 +805,36 @@ static int Bind(const std::string& address, int* port) {
   return fd;
 }
 
+bool H2Front::Setup() {
+  Impl& m = *impl_;
+  if (m.epoll >= 0) return true;
+  m.epoll = epoll_create1(EPOLL_CLOEXEC);
+  if (m.epoll < 0 || pipe2(m.wake, O_NONBLOCK | O_CLOEXEC) != 0) return false;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.ptr = &m.wake;
+  epoll_ctl(m.epoll, EPOLL_CTL_ADD, m.wake[0], &ev);
+  return true;
+}
+
 int H2Front::Listen(const std::string& address) {
   Impl& m = *impl_;
   int port = 0;
+  if (!Setup()) return 0;
   m.listener = Bind(address, &port);
   if (m.listener < 0) return 0;
-  m.epoll = epoll_create1(EPOLL_CLOEXEC);
-  if (pipe2(m.wake, O_NONBLOCK | O_CLOEXEC) != 0) return 0;
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.ptr = &m.listener;
   epoll_ctl(m.epoll, EPOLL_CTL_ADD, m.listener, &ev);
-  ev.data.ptr = &m.wake;
-  epoll_ctl(m.epoll, EPOLL_CTL_ADD, m.wake[0], &ev);
   return port;
+}
+
+int H2Front::ListenRest(const std::string& address, const std::string& upstream) {
+  Impl& m = *impl_;
+  if (!Setup()) return 0;
+  m.rest = std::make_unique<RestFront>(m.plane, m, upstream);
+  return m.rest->Listen(address);
 }
 
 void H2Front::Stop() {
@@ -856,8 +852,10 @@ void H2Front::Run(double grace) {
     if (m.stopping && !draining) {
       draining = true;
       stop_by = Clock::now() + std::chrono::milliseconds(static_cast<int>(grace * 1000));
-      epoll_ctl(m.epoll, EPOLL_CTL_DEL, m.listener, nullptr);
-      close(m.listener);
+      if (m.listener >= 0) {
+        epoll_ctl(m.epoll, EPOLL_CTL_DEL, m.listener, nullptr);
+        close(m.listener);
+      }
       for (auto& [fd, c] : m.conns)
         if (c->server) nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
                                              nghttp2_session_get_last_proc_stream_id(c->session), NGHTTP2_NO_ERROR,
@@ -866,11 +864,13 @@ void H2Front::Run(double grace) {
     if (draining) {
       bool busy = false;
       for (auto& [fd, c] : m.conns) busy = busy || !c->exchanges.empty();
+      if (m.rest && !m.rest->Drained()) busy = true;
       if (!busy || Clock::now() > stop_by) break;
     }
     int n = epoll_wait(m.epoll, events, 64, draining ? 50 : kLoopMs);
     for (int i = 0; i < n; i++) {
       void* p = events[i].data.ptr;
+      if (m.rest && m.rest->Event(p, events[i].events)) continue;
       if (p == &m.listener) {
         m.Accept();
         continue;
@@ -906,9 +906,11 @@ void H2Front::Run(double grace) {
       delete c;
     }
     m.graveyard.clear();
+    if (m.rest) m.rest->Tick();
     m.Sweep();
   }
   // Every connection closes (the gRPC server's shutdown waits for its peers to go).
+  if (m.rest) m.rest->CloseAll();
   std::vector<Conn*> open;
   for (auto& [fd, c] : m.conns) open.push_back(c);
   for (Conn* c : open) m.Kill(c);

@@ -35,6 +35,12 @@ namespace cloudml::dataplane {
 
 struct Plane;
 
+// Binds a non-blocking listening socket for `address`: "unix:PATH" (a stale
+// socket file there is replaced, as gRPC does) or HOST:PORT. -1 if it
+// cannot; *port: the bound port (1 for a Unix socket, as gRPC reports it).
+// The REST port (rest.h) binds its own with it too.
+int Bind(const std::string& address, int* port);
+
 class H2Front {
  public:
   // Relays what it does not serve itself to the gRPC server on
@@ -43,6 +49,9 @@ class H2Front {
   ~H2Front();
   // Binds HOST:PORT or unix:PATH; the bound port (1 for a Unix socket), or 0 if it cannot.
   int Listen(const std::string& address);
+  // Binds the REST port (rest.h) on HOST:PORT, relaying to `upstream` (the
+  // Python gateway's REST server, "unix:PATH"); the bound port, or 0.
+  int ListenRest(const std::string& address, const std::string& upstream);
   // Serves until Stop() (from any thread); then stops taking connections and
   // returns once its streams have ended, or after `grace` seconds.
   void Run(double grace);
@@ -51,6 +60,7 @@ class H2Front {
   struct Impl;
 
  private:
+  bool Setup();  // the epoll loop, once
   std::unique_ptr<Impl> impl_;
 };
 

@@ -81,6 +81,7 @@
 // Usage (the Python gateway starts it; it dies with its parent):
 //   cloudml-dataplane --listen HOST:PORT --upstream HOST:PORT [--spin-us N]
 //                             [--max-request-bytes N] [--h2-front on|off]
+//                             [--rest-listen HOST:PORT --rest-upstream unix:PATH]
 //   with the secret in $CLOUDML_DATAPLANE_SECRET. Prints the bound port.
 //
 // Request size: a model call larger than --max-request-bytes (the gateway's
@@ -103,7 +104,12 @@
 // no tokens; x-cloudml-* headers from callers are dropped, so the replica
 // checks every model_spec itself.
 //
-// Files: main.cc (flags, the loop), h2front.h (the public port's HTTP/2), plane.h (state: options, channels,
+// REST (--rest-listen): the gateway's public REST port, served on the HTTP/2
+// front's thread (rest.h); --rest-upstream is the Python gateway's REST
+// server, which answers everything the data plane does not.
+//
+// Files: main.cc (flags, the loop), h2front.h (the public port's HTTP/2),
+// rest.h (the REST port), rest_json.h (TF Serving's JSON), exchange.h (a call through either), plane.h (state: options, channels,
 // cached decisions, figures), call.h (an accepted call and its role:
 // model_call.h, relay_call.h), group.h (coalescing into PredictBatch),
 // attach.h (the control stream), wire.h (model_spec off the wire),
@@ -152,15 +158,20 @@ bool ParseArgs(int argc, char** argv, Options* o) {
     else if (flag == "--max-request-bytes") o->max_request_bytes = strtoull(value.c_str(), nullptr, 10);
     else if (flag == "--batch-timeout-us") o->batch_timeout_us = static_cast<uint32_t>(atoi(value.c_str()));
     else if (flag == "--h2-front" && (value == "on" || value == "off")) o->h2 = value == "on";
+    else if (flag == "--rest-listen") o->rest_listen = value;
+    else if (flag == "--rest-upstream") o->rest_upstream = value;
     else return false;
   }
   const char* secret = getenv(kSecretEnv);
   if (secret) o->secret = secret;
   if (argc % 2 != 1) return false;
+  if (o->rest_listen.empty() != o->rest_upstream.empty() ||
+      (!o->rest_upstream.empty() && o->rest_upstream.compare(0, 5, "unix:") != 0))
+    return false;
   if (o->front()) {
     // A batching replica's front coalesces Predict calls: gRPC's side does that.
     if (o->coalesce_max > 1) o->h2 = false;
-    return o->upstream.empty();
+    return o->upstream.empty() && o->rest_listen.empty();
   }
   return !o->upstream.empty() && !o->secret.empty();
 }
@@ -177,7 +188,7 @@ bool Listen(Plane& plane, H2Front* h2) {
   grpc::ServerBuilder builder;
   int port = 0;
   std::string listen = plane.options.listen;
-  if (h2) {
+  if (h2 && plane.options.h2) {
     // Only this process may connect: a socket in a directory of its own
     // (0700) in $TMPDIR, or beside a Unix socket it listens on (a replica's
     // front: its directory is the replica's own).
@@ -202,7 +213,10 @@ bool Listen(Plane& plane, H2Front* h2) {
   plane.cq = builder.AddCompletionQueue();
   plane.server = builder.BuildAndStart();
   if (!plane.server || port == 0) return false;
-  if (h2 && !(port = h2->Listen(plane.options.listen))) return false;
+  if (h2 && plane.options.h2 && !(port = h2->Listen(plane.options.listen))) return false;
+  if (h2 && !plane.options.rest_listen.empty() &&
+      !h2->ListenRest(plane.options.rest_listen, plane.options.rest_upstream))
+    return false;
   printf("%d\n", port);
   fflush(stdout);
   return true;
@@ -258,6 +272,7 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &plane.options)) {
     fprintf(stderr,
             "usage: %s --listen HOST:PORT --upstream HOST:PORT [--spin-us N] [--h2-front on|off]\n"
+            "       [--rest-listen HOST:PORT --rest-upstream unix:PATH]\n"
             "  (and the control plane's secret in %s)\n"
             "   or: %s --listen HOST:PORT --front-for HOST:PORT --coalesce-max N [--batch-timeout-us N]\n"
             "       [--spin-us N] [--max-request-bytes N] [--h2-front on|off]\n",
@@ -271,7 +286,8 @@ int main(int argc, char** argv) {
   // this process (h2front.cc sends with MSG_NOSIGNAL as well).
   signal(SIGPIPE, SIG_IGN);
   std::unique_ptr<H2Front> h2;
-  if (plane.options.h2) h2 = std::make_unique<H2Front>(plane);
+  // The HTTP/2 front's loop also runs the REST port (rest.h).
+  if (plane.options.h2 || !plane.options.rest_listen.empty()) h2 = std::make_unique<H2Front>(plane);
   if (!Listen(plane, h2.get())) {
     fprintf(stderr, "dataplane: cannot listen on %s\n", plane.options.listen.c_str());
     return 1;

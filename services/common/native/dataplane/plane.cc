@@ -87,6 +87,10 @@ std::string CacheKey(const std::string& authorization, const Spec& spec) {
   return key;
 }
 
+std::string RestCacheKey(const std::string& authorization, const Spec& spec) {
+  return "rest" + std::string(1, '\0') + CacheKey(authorization, spec);
+}
+
 bool Plane::Lookup(const std::string& key, const Spec& spec, const std::string& api, std::mt19937_64& draw,
                    FastRoute* out) {
   std::lock_guard<std::mutex> lock(mu);
@@ -105,12 +109,20 @@ bool Plane::Lookup(const std::string& key, const Spec& spec, const std::string& 
   out->coalesce_max = choice->coalesce_max;
   out->max_request_bytes = choice->max_request_bytes;
   out->batch_timeout_us = choice->batch_timeout_us;
+  out->signatures = choice->signatures;
   // The replica resolves this spec to the same version by itself: no
   // routed-version header (see RouteDecision.model); the response's
   // version is checked instead.
   out->bare = api == "Predict" && spec.name == d.model && spec.label.empty() &&
               (!spec.has_version || spec.version == choice->version);
   return true;
+}
+
+void Plane::Cache(const std::string& key, Decision d) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (!generation || d.generation != generation || d.choices.empty()) return;
+  if (cache.size() > kCacheLimit) cache.clear();
+  cache[key] = std::move(d);
 }
 
 void Plane::Forget(const std::string& key) {

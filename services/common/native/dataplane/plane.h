@@ -22,6 +22,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "rest_json.h"
 #include "spin.h"
 
 namespace cloudml::dataplane {
@@ -40,6 +41,8 @@ struct Options {
   uint32_t batch_timeout_us = 0;  // replica front mode: the replica's batch_timeout_micros
   bool h2 = true;  // gateway mode: the public port is the HTTP/2 front's (h2front.h)
   std::string internal;  // then: where the gRPC server listens (a private Unix socket)
+  std::string rest_listen;    // the public REST port (rest.h), if this process owns it
+  std::string rest_upstream;  // then: the Python gateway's REST server ("unix:PATH")
   bool front() const { return !front_for.empty(); }
 };
 
@@ -63,6 +66,8 @@ struct Decision {
     uint32_t coalesce_max;
     uint64_t max_request_bytes;  // 0: only the process-wide limit
     uint32_t batch_timeout_us;
+    // REST decisions: the version's signatures (nullptr: not known yet).
+    std::shared_ptr<const Signatures> signatures = nullptr;
   };
   std::vector<Choice> choices;
   double total_weight = 0;
@@ -76,12 +81,15 @@ struct FastRoute {
   uint64_t max_request_bytes = 0;  // 0: only the process-wide limit
   uint32_t batch_timeout_us = 0;
   bool bare = false;  // the replica resolves the spec to this version by itself (no routed-version header)
+  std::shared_ptr<const Signatures> signatures;  // a REST decision's, for this version
 };
 
 struct Spec;
 
 // The decision cache's key for a caller's `authorization` and model_spec.
 std::string CacheKey(const std::string& authorization, const Spec& spec);
+// The same for a REST predict call's authorization and model path.
+std::string RestCacheKey(const std::string& authorization, const Spec& spec);
 
 struct Instances {
   std::vector<std::string> addresses;
@@ -114,7 +122,7 @@ struct Plane {
   std::atomic<uint64_t> epochs{0};  // the same, for the HTTP/2 front's thread
   std::vector<double> bucket_bounds;
   std::map<std::tuple<std::string, std::string, std::string, std::string>, Stat> stats;
-  uint64_t fast_calls = 0, slow_calls = 0, coalesced_calls = 0;  // under mu
+  uint64_t fast_calls = 0, slow_calls = 0, coalesced_calls = 0, rest_calls = 0;  // under mu
   std::unordered_map<std::string, Instances> services;  // "/pkg.Service/" -> instances
   std::unordered_set<std::string> public_methods;
   std::unordered_map<std::string, double> vouched;  // authorization -> token expiry (this generation)
@@ -156,6 +164,8 @@ struct Plane {
   // traffic split; false if there is none for this generation, or it expired.
   bool Lookup(const std::string& key, const Spec& spec, const std::string& api, std::mt19937_64& draw,
               FastRoute* out);
+  // Caches `d` for `key` if it is of the current generation (from any thread).
+  void Cache(const std::string& key, Decision d);
   // Drops the decision for `key` (its replicas failed or answered for another version).
   void Forget(const std::string& key);
   void Count(uint64_t Plane::*counter, uint64_t n = 1);

@@ -15,6 +15,8 @@ constexpr char kUserAgent[] = "user-agent";
 constexpr char kTe[] = "te";
 constexpr char kContentType[] = "content-type";
 constexpr char kSecretEnv[] = "CLOUDML_DATAPLANE_SECRET";
+constexpr char kRestDecisionHeader[] = "x-cloudml-rest-route";
+constexpr char kPlatformPrefix[] = "x-cloudml-";
 
 // Metadata never forwarded: these keys and keys with these prefixes (IsHopHeader).
 constexpr const char* kHopHeaders[] = { "user-agent", "te", "content-type", "host", "accept-encoding",
