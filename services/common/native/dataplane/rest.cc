@@ -34,6 +34,7 @@ namespace cloudml::dataplane {
 namespace {
 
 constexpr size_t kMaxHead = 64 << 10;          // a request's or response's head
+constexpr size_t kAiohttpLine = 8190;          // aiohttp's longest request line or header
 constexpr size_t kBacklog = 1 << 20;           // buffered for a slow peer before reading from the other stops
 constexpr auto kHeadTime = std::chrono::seconds(10);
 constexpr auto kIdleTime = std::chrono::seconds(75);  // aiohttp's keep-alive
@@ -434,6 +435,7 @@ struct RestFront::Impl {
       if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) return Close(c);
       if (n < 0) break;
       if (c->state == RestConn::kLinger) continue;
+      if (c->state == RestConn::kHead && c->in.empty()) c->since = Clock::now();  // a head's first bytes
       c->in.append(buf, static_cast<size_t>(n));
       if (n < static_cast<ssize_t>(sizeof(buf))) break;
     }
@@ -487,7 +489,6 @@ struct RestFront::Impl {
         Respond(c, 400, ErrorJson("the request's headers are larger than 64 KiB"), true);
         return false;
       }
-      if (c->in.empty()) c->since = Clock::now();  // idle
       return false;
     }
     c->raw_head = c->in.substr(0, end + 4);
@@ -525,7 +526,10 @@ struct RestFront::Impl {
   // A predict call this process may answer: its route is cached and its body within the model's limit.
   bool Candidate(RestConn* c, const std::string& target) {
     const Head& h = c->head;
-    if (c->method != "POST" || !h.Get("content-length") || c->length == 0) return false;
+    // aiohttp refuses a request line or header longer than 8190 bytes (400):
+    // such heads always get the Python gateway's answer.
+    if (c->raw_head.size() > kAiohttpLine || c->method != "POST" || !h.Get("content-length") || c->length == 0)
+      return false;
     const std::string* encoding = h.Get("content-encoding");
     if (encoding && !IEquals(*encoding, "identity")) return false;
     const std::string* expect = h.Get("expect");
