@@ -24,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -41,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ADMIN = ("AKRESTNATIVEADMIN000", "admin-secret")
 SERVICE = ("AKRESTNATIVESERVICE0", "service-secret")
 MODEL = "half_plus_two"
+BATCHED = "half_plus_two_batched"  # the same SavedModel on a replica with batching on
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 
 
@@ -48,7 +50,7 @@ AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
 def env(tmp_path_factory, etcd_server, half_plus_two):
     work = tmp_path_factory.mktemp("rest-native")
     stack = AuthGatewayStack(work, etcd_server.endpoint, admin=ADMIN, service=SERVICE).start()
-    replica = None
+    replica = batch_replica = None
     try:
         _, python_rest = stack.start_gateway("gwpy", env=dict(os.environ, CLOUDML_DATAPLANE_REST="off"))
         port_file = str(work / "replica.port")
@@ -56,7 +58,15 @@ def env(tmp_path_factory, etcd_server, half_plus_two):
             [sys.executable, "-m", "services.models.model_server", "--model-name", MODEL, "--version", "1",
              "--base-path", half_plus_two, "--port-file", port_file, "--max-request-bytes-cap", str(4 << 20)],
             cwd=ROOT, env=clean_env(), stdout=open(work / "replica.log", "w"), stderr=subprocess.STDOUT)
+        batch_port_file = str(work / "batch.port")
+        batching = json.dumps({"enabled": True, "max_batch_size": 32, "batch_timeout_micros": 2000,
+                               "max_enqueued_batches": 100, "num_batch_threads": 2})
+        batch_replica = subprocess.Popen(
+            [sys.executable, "-m", "services.models.model_server", "--model-name", BATCHED, "--version", "1",
+             "--base-path", half_plus_two, "--port-file", batch_port_file, "--batching-config", batching],
+            cwd=ROOT, env=clean_env(), stdout=open(work / "batch.log", "w"), stderr=subprocess.STDOUT)
         ports = wait_until(lambda: _ready(port_file), 120, "the replica to load")
+        batch_ports = wait_until(lambda: _ready(batch_port_file), 120, "the batching replica to load")
         channel = grpc.insecure_channel(stack.gateway.address)
         auth = auth_grpc.AuthServiceStub(channel)
         token = auth.IssueToken(auth_pb.IssueTokenRequest(access_key_id=ADMIN[0], secret_key=ADMIN[1])).token
@@ -71,6 +81,16 @@ def env(tmp_path_factory, etcd_server, half_plus_two):
         stack.etcd.put(f"/cloudml/models/routes/admin/{MODEL}", models_pb.ModelRoute(
             tenant="admin", model=MODEL, labels={"stable": 1},
             versions=[models_pb.VersionRoute(version=1, state=AVAILABLE)]).SerializeToString())
+        # The batching replica as the models service publishes it: its own server's address and how
+        # many calls it takes at once (the data plane coalesces up to that).
+        stack.etcd.put(f"/cloudml/models/endpoints/admin/{BATCHED}/1/r1", models_pb.ReplicaEndpoint(
+            tenant="admin", model=BATCHED, version=1, replica_id="r1",
+            address=batch_ports.get("replica_address", batch_ports["address"]), state=AVAILABLE,
+            max_request_bytes=batch_ports["max_request_bytes"],
+            coalesce_max=batch_ports["coalesce_max"]).SerializeToString())
+        stack.etcd.put(f"/cloudml/models/routes/admin/{BATCHED}", models_pb.ModelRoute(
+            tenant="admin", model=BATCHED,
+            versions=[models_pb.VersionRoute(version=1, state=AVAILABLE)]).SerializeToString())
         env = {"stack": stack, "ports": {"native": stack.rest_port, "python": python_rest}, "token": token,
                "other": other, "auth": auth, "admin_md": admin_md, "key": key}
         for which in env["ports"]:
@@ -78,9 +98,10 @@ def env(tmp_path_factory, etcd_server, half_plus_two):
         yield env
         channel.close()
     finally:
-        if replica is not None:
-            replica.terminate()
-            replica.wait(20)
+        for process in (replica, batch_replica):
+            if process is not None:
+                process.terminate()
+                process.wait(20)
         stack.stop()
 
 
@@ -281,3 +302,23 @@ def test_everything_else_goes_through_the_relay(env):
     # The metrics page, much larger than one read: streamed through.
     status, body, _ = call(env, "native", None, path="/metrics", method="GET")
     assert status == 200 and b"cloudml_gateway_dataplane_calls_total" in body
+
+
+def test_calls_to_a_batching_replica_are_coalesced(env):
+    path = f"/v1/models/{BATCHED}:predict"
+    assert call(env, "native", b'{"instances": [1.0]}', path)[:2] == call(env, "python", b'{"instances": [1.0]}', path)[:2]
+    calls = env["stack"].dataplane_calls
+    before = wait_until(lambda: (calls(),), 10, "a report")[0]
+
+    def one(i: int):
+        x = float(i % 7)
+        return call(env, "native", json.dumps({"instances": [x]}).encode(), path)[:2], x
+
+    with ThreadPoolExecutor(16) as pool:
+        for (status, body), x in pool.map(one, range(160)):
+            assert status == 200 and json.loads(body) == {"predictions": [x / 2 + 2]}
+    # Converted here, then grouped by this process's gRPC side into PredictBatch calls.
+    after = wait_until(lambda: (lambda now: now if now.get("rest", 0) >= before.get("rest", 0) + 150 and
+                                now.get("coalesced", 0) > before.get("coalesced", 0) else None)(calls()),
+                       10, "the data plane to report coalesced REST calls")
+    assert after["coalesced"] > before.get("coalesced", 0)

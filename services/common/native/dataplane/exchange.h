@@ -40,6 +40,10 @@ struct Exchange {
   std::string api, key, model, address;
   int64_t version = 0;
   bool bare = false;
+  // A REST call to a batching replica: sent to this process's own gRPC side
+  // (Options::internal), which coalesces it with other calls to that
+  // replica; the caller's token goes with it there (never to a replica).
+  bool to_grpc_side = false;
   Clock::time_point started;
   Clock::time_point deadline = Clock::time_point::max();  // from the caller's grpc-timeout
   size_t header_bytes = 0;  // the caller's headers so far (kMaxHeaderBytes)

@@ -153,6 +153,7 @@ struct H2Front::Impl : RestHost {
 
   int Epoll() override { return epoll; }
   int Outstanding(const std::string& address) override { return outstanding[address]; }
+  const std::string& GrpcSide() override { return internal; }
   std::mt19937_64& Rng() override { return rng; }
   void Cancel(Exchange* x) override {
     if (x->up && !x->response_ended) {
@@ -424,14 +425,14 @@ struct H2Front::Impl : RestHost {
                                                           : std::to_string(std::min<int64_t>(s, 99999999)) + "S"});
     }
     for (const auto& h : x->request_headers)
-      if (!IsHopHeader(h.name) && h.name != kAuthorization) headers.push_back(h);
+      if (!IsHopHeader(h.name) && (h.name != kAuthorization || x->to_grpc_side)) headers.push_back(h);
     if (!x->bare) headers.push_back({kResolvedVersion, std::to_string(x->version)});
     x->fast = true;
     x->address = address;
     x->body_sent = 0;
     outstanding[address]++;
     Submit(x, c, headers);
-    plane.Count(&Plane::fast_calls);
+    if (!x->to_grpc_side) plane.Count(&Plane::fast_calls);  // the gRPC side counts its own
   }
 
   // On to the gRPC side as it came, frame by frame.
@@ -606,7 +607,7 @@ struct H2Front::Impl : RestHost {
       x->trailers_only = x->in_trailers = false;
       return x->rest ? rest->Slow(x) : Relay(x);
     }
-    if (!front)
+    if (!front && !x->to_grpc_side)  // the gRPC side records its own
       plane.Record(x->model, std::to_string(x->version), x->api, static_cast<grpc::StatusCode>(code),
                    std::chrono::duration<double>(Clock::now() - x->started).count());
     if (!complete) return Answer(x, 14, "the replica's stream broke");

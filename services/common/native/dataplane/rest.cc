@@ -562,12 +562,16 @@ struct RestFront::Impl {
     if (!PredictRequestFromJson(c->body, *c->route.signatures, c->spec.name, c->route.version, &request, &row) ||
         request.size() > limit)
       return Relay(c, true);
-    std::vector<const std::string*> candidates;
-    for (const auto& a : c->route.addresses) candidates.push_back(&a);
-    const std::string* picked = PickTwo(
-        candidates, [this](size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(host.Rng()); },
-        [this](const std::string& a) { return host.Outstanding(a); });
-    if (!picked) return Relay(c, true);
+    const std::string* picked = &host.GrpcSide();
+    bool coalesce = c->route.coalesce_max > 1 && !picked->empty();
+    if (!coalesce) {
+      std::vector<const std::string*> candidates;
+      for (const auto& a : c->route.addresses) candidates.push_back(&a);
+      picked = PickTwo(
+          candidates, [this](size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(host.Rng()); },
+          [this](const std::string& a) { return host.Outstanding(a); });
+      if (!picked) return Relay(c, true);
+    }
     auto* x = new Exchange();
     c->rest_call.conn = c;
     c->rest_call.row_format = row;
@@ -577,10 +581,12 @@ struct RestFront::Impl {
     x->key = c->key;
     x->model = c->spec.name;
     x->version = c->route.version;
-    x->bare = c->route.bare;
+    x->bare = c->route.bare || coalesce;  // the gRPC side routes it itself
+    x->to_grpc_side = coalesce;
     x->started = Clock::now();
     x->deadline = x->started + kPredictTimeout;
     if (!c->x_request_id.empty()) x->request_headers.push_back({"x-request-id", c->x_request_id});
+    if (coalesce && c->head.Get(kAuthorization)) x->request_headers.push_back({kAuthorization, *c->head.Get(kAuthorization)});
     uint32_t n = static_cast<uint32_t>(request.size());
     x->body.reserve(request.size() + 5);
     x->body.push_back('\0');

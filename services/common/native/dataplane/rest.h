@@ -14,7 +14,9 @@
 //   a replica over HTTP/2 as the gRPC fast path sends it, and its reply
 //   converted back to TF Serving's JSON here. A replica's error status is
 //   answered as the Python gateway answers it ({"error": ...} with TF
-//   Serving's HTTP status).
+//   Serving's HTTP status). A batching replica's calls go, converted, to this
+//   process's own gRPC side instead (the caller's token with them), which
+//   coalesces them with the replica's other calls (main.cc, group.h).
 // - Everything else, and any call the codec declines (an error to report,
 //   a dtype it does not handle...), an UNAVAILABLE replica, a stale version,
 //   goes to the Python gateway as it came, on a connection of this caller's
@@ -51,6 +53,9 @@ class RestHost {
   // The caller went away: resets `x`'s stream (x->rest is already cleared).
   virtual void Cancel(Exchange* x) = 0;
   virtual int Outstanding(const std::string& address) = 0;
+  // This process's gRPC server ("unix:PATH"; "" without the HTTP/2 front),
+  // where a batching replica's calls are coalesced.
+  virtual const std::string& GrpcSide() = 0;
   virtual std::mt19937_64& Rng() = 0;
 };
 
