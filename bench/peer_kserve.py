@@ -13,7 +13,7 @@ Platform side: etcd, auth, the gateway and one model-server replica per
 model, started as `bench_serving.py` starts them (`bench_serving.Platform`),
 called through the gateway (gRPC Predict, TF Serving REST) with a tenant's
 token; replicas without batching, plus an MLP replica with batching on
-(max batch 32, 1 ms) for the gRPC MLP c=32 row.
+(max batch 32, 1 ms) for the MLP c=32 rows (gRPC and REST).
 
 Models: half_plus_two (tests/conformance) and the MLP of bench_serving.py
 (256 -> 3 x 1,000 ReLU -> 10, float32), both built here with TensorFlow
@@ -202,7 +202,7 @@ CELLS = (
 def run_cells(kserve: KServe, platform: "bench_serving.Platform", bodies: dict, seconds: float,
               rounds: int) -> dict:
     """{label: {side: [figure per round]}}; sides: kserve, platform (and
-    platform_batching for the gRPC MLP row)."""
+    platform_batching for the MLP c=32 rows)."""
     results: dict[str, dict[str, list]] = {}
     for label, protocol, model, c, figure in CELLS:
         if protocol == "grpc":
@@ -223,6 +223,10 @@ def run_cells(kserve: KServe, platform: "bench_serving.Platform", bodies: dict, 
                     f"http://127.0.0.1:{platform.rest_port}/v1/models/{m}:predict", bodies["json", m],
                     platform.token, c, seconds),
             }
+            if model == "mlp" and c > 1 and "mlp-batch" in platform.servers:
+                sides["platform_batching"] = lambda c=c: bench_serving.rest_load(
+                    f"http://127.0.0.1:{platform.rest_port}/v1/models/mlp-batch:predict", bodies["json", "mlp"],
+                    platform.token, c, seconds)
         row = {name: [] for name in sides}
         names = list(sides)
         for r in range(rounds):
