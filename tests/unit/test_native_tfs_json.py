@@ -569,6 +569,15 @@ def test_deep_nesting_is_declined(codec):
     assert check_request(codec, ok, sigs)
 
 
+def test_integers_python_cannot_read_are_declined(codec):
+    # json.loads raises ValueError past 4300 digits, even in a member the request ignores.
+    sigs = {"serving_default": {"x": dt("DT_FLOAT")}}
+    body = b'{"inputs": [1.5], "extra": ' + b"7" * 4301 + b"}"
+    assert type(python_request(body, sigs, "m", 1)) is ValueError
+    assert codec.request(body, sigs, "m", 1) is None
+    assert check_request(codec, b'{"inputs": [1.5], "extra": ' + b"7" * 300 + b"}", sigs)
+
+
 # ---------------------------------------------------------------------------
 # Seeded random responses
 # ---------------------------------------------------------------------------

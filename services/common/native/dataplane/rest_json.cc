@@ -31,8 +31,9 @@ constexpr int kMaxDepth = 64;
 constexpr double kFltMax = 3.4028234663852886e38;  // float's largest finite value, as Python's FLT_MAX
 constexpr uint64_t kFloatMaxInt = (1ull << 24) - 1;  // IsLosslessDecimal<float>
 constexpr uint64_t kDoubleMaxInt = (1ull << 53) - 1;
-// Python's json turns longer integers into a ValueError (int_max_str_digits);
-// far below that, any integer is out of every range but float's and double's.
+// Python's json turns longer integers into a ValueError (int_max_str_digits,
+// 4300), wherever they are in the body; far below that, any integer is out
+// of every range but float's and double's. The parser declines longer ones.
 constexpr size_t kMaxIntDigits = 300;
 // Responses larger than this (in values, or in brackets for zero-size
 // tensors) are left to Python, which may not manage them either.
@@ -248,6 +249,7 @@ class Json {
       while (pos_ < n && text_[pos_] >= '0' && text_[pos_] <= '9') ++pos_;
       if (pos_ == digits) return false;
     }
+    if (!real && pos_ - start > kMaxIntDigits) return false;
     nodes_.push_back(Node{real ? Kind::kReal : Kind::kInt, false, 0, static_cast<uint32_t>(nodes_.size() + 1),
                           static_cast<uint32_t>(start), static_cast<uint32_t>(pos_ - start)});
     return true;
@@ -524,7 +526,6 @@ class RequestBuilder {
         *out = v.negative && v.magnitude ? -d : d;  // Python's -0 is the int 0
         return true;
       }
-      if (s.size() > kMaxIntDigits) return false;
       *out = ReadDouble(s);
       if (!std::isfinite(*out)) return false;  // float(int) raises OverflowError
     } else if (n.kind == Kind::kReal) {
