@@ -1,12 +1,14 @@
-// TF Serving's REST JSON <-> the Predict protos, in C++ (rest_json.h has the
-// contract: the Python codec's result exactly, or a decline).
+// TF Serving's REST JSON <-> the Predict, Classify and Regress protos, in C++
+// (rest_json.h has the contract: the Python codec's result exactly, or a
+// decline).
 //
 // Requests: a strict RFC 8259 parser lays the body out as a flat array of
 // nodes whose numbers and strings stay spans of the body; they are converted
 // only once the input's dtype is known, straight into that input's
 // tensor_content or string_val. The PredictRequest is written by hand: it is
 // a handful of fields around the values, and generated classes would copy
-// every value once more.
+// every value once more. Classify and Regress bodies go the same way into
+// tf.Examples (a feature's kind follows its JSON values, as in Python).
 // Responses: the PredictResponse wire format is read by hand as well (values
 // stay in the response's bytes until they are printed), then written in the
 // PrettyWriter layout of services/gateway/tfs_json/predict_response.py.
@@ -501,22 +503,9 @@ class RequestBuilder {
   }
   bool IsElementObject(uint32_t v) const { return json_[v].kind == Kind::kObject && !IsB64Object(v); }
 
- private:
-  bool Walk(uint32_t v, size_t level, const std::vector<int64_t>& shape, int dtype, std::string* out) {
-    const Node& n = json_[v];
-    if (n.kind != Kind::kArray) return level == shape.size() && Leaf(v, dtype, out);
-    if (level >= shape.size() || static_cast<int64_t>(n.count) != shape[level]) return false;
-    uint32_t child = v + 1;
-    for (uint32_t i = 0; i < n.count; ++i) {
-      if (!Walk(child, level + 1, shape, dtype, out)) return false;
-      child = json_[child].end;
-    }
-    return true;
-  }
-
   // float/double inputs (values.py _lossless): ints within int64..uint64 must
   // fit the mantissa; larger ones, and decimals, must fit the range.
-  bool Real(const Node& n, bool single, double* out) {
+  bool Real(const Node& n, bool single, double* out) const {
     std::string_view s = json_.Span(n);
     if (n.kind == Kind::kInt) {
       IntLiteral v = ReadInt(s);
@@ -535,6 +524,19 @@ class RequestBuilder {
       return false;
     }
     return !single || (*out >= -kFltMax && *out <= kFltMax);
+  }
+
+ private:
+  bool Walk(uint32_t v, size_t level, const std::vector<int64_t>& shape, int dtype, std::string* out) {
+    const Node& n = json_[v];
+    if (n.kind != Kind::kArray) return level == shape.size() && Leaf(v, dtype, out);
+    if (level >= shape.size() || static_cast<int64_t>(n.count) != shape[level]) return false;
+    uint32_t child = v + 1;
+    for (uint32_t i = 0; i < n.count; ++i) {
+      if (!Walk(child, level + 1, shape, dtype, out)) return false;
+      child = json_[child].end;
+    }
+    return true;
   }
 
   bool Leaf(uint32_t v, int dtype, std::string* out) {
@@ -624,6 +626,29 @@ void PutTensor(const InputTensor& t, int64_t batch, std::string* out) {
   PutLengthDelimited(2, entry, out);
 }
 
+// http_rest_api_util.cc FillModelSpecWithNameVersionAndLabel (fill_model_spec
+// with the version always set) and the signature name, serialized; an empty
+// signature name is proto3's default, not written.
+void PutModelSpec(const std::string& model_name, int64_t version, const std::string& signame, std::string* out) {
+  std::string spec, wrapped;
+  if (!model_name.empty()) PutLengthDelimited(1, model_name, &spec);
+  if (version) {
+    wrapped.push_back(0x08);
+    PutVarint(static_cast<uint64_t>(version), &wrapped);
+  }
+  PutLengthDelimited(2, wrapped, &spec);
+  if (!signame.empty()) PutLengthDelimited(3, signame, &spec);
+  PutLengthDelimited(1, spec, out);
+}
+
+// predict_request.py _fill_signature_name: the body's "signature_name" must
+// be a string; false too where it is not UTF-8 (protobuf refuses it).
+bool SignatureName(const Json& json, uint32_t node, std::string* out) {
+  if (json[node].kind != Kind::kString) return false;
+  json.Decode(json[node], out);
+  return ValidUtf8(*out);
+}
+
 }  // namespace
 
 bool PredictRequestFromJson(std::string_view body, const Signatures& signatures, const std::string& model_name,
@@ -640,11 +665,7 @@ bool PredictRequestFromJson(std::string_view body, const Signatures& signatures,
     else if (json.KeyIs(json[k], "signature_name")) signame_node = k + 1;
   }
   std::string signame;
-  if (signame_node) {
-    if (json[signame_node].kind != Kind::kString) return false;
-    json.Decode(json[signame_node], &signame);
-    if (!ValidUtf8(signame)) return false;
-  }
+  if (signame_node && !SignatureName(json, signame_node, &signame)) return false;
   if (signame.empty()) signame = "serving_default";
   auto sig = signatures.find(signame);
   if (sig == signatures.end() || sig->second.empty()) return false;
@@ -711,17 +732,152 @@ bool PredictRequestFromJson(std::string_view body, const Signatures& signatures,
   size_t total = 64 + model_name.size() + signame.size();
   for (const auto& t : tensors) total += t.values.size() + t.name.size() + 16 * (t.shape.size() + 4);
   request->reserve(total);
-  std::string spec, wrapped;
-  if (!model_name.empty()) PutLengthDelimited(1, model_name, &spec);
-  if (version) {
-    wrapped.push_back(0x08);
-    PutVarint(static_cast<uint64_t>(version), &wrapped);
-  }
-  PutLengthDelimited(2, wrapped, &spec);
-  PutLengthDelimited(3, signame, &spec);
-  PutLengthDelimited(1, spec, request);
+  PutModelSpec(model_name, version, signame, request);
   for (const auto& t : tensors) PutTensor(t, batch, request);
   return true;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Requests: Classify and Regress bodies -> tf.Examples (tfs_json/classify.py)
+// ---------------------------------------------------------------------------
+
+// tensorflow.Feature's oneof, by field number.
+enum FeatureKind : int { kNoKind = 0, kBytesList = 1, kFloatList = 2, kInt64List = 3 };
+
+// classify.py _example_from_json: the JSON object at node v as a serialized
+// tensorflow.Example in *example (empty for an object without members:
+// Python then never touches `features`, which stays unset). A feature's values
+// are all of one kind: strings and {"b64": ...} objects are bytes, true and
+// false int64 1 and 0, integers in int64 int64, other numbers floats (held
+// losslessly, as values.py _lossless); an empty list is a feature with no
+// kind. false: anything else (the reference raises), a name protobuf would
+// refuse (not UTF-8).
+bool ExampleFromJson(const Json& json, const RequestBuilder& builder, uint32_t v, std::string* example) {
+  const Node& obj = json[v];
+  if (obj.kind != Kind::kObject) return false;
+  std::string features, name, entry, feature, values, scratch;
+  for (uint32_t k = v + 1; k < obj.end; k = json[k + 1].end) {
+    name.clear();
+    json.Decode(json[k], &name);
+    if (!ValidUtf8(name)) return false;
+    uint32_t content = k + 1;
+    bool list = json[content].kind == Kind::kArray;
+    uint32_t count = list ? json[content].count : 1;
+    uint32_t e = list ? content + 1 : content;
+    int kind = kNoKind;
+    values.clear();
+    for (uint32_t i = 0; i < count; ++i, e = json[e].end) {
+      const Node& n = json[e];
+      int want;
+      switch (n.kind) {
+        case Kind::kTrue: case Kind::kFalse:
+          want = kInt64List;
+          PutVarint(n.kind == Kind::kTrue ? 1 : 0, &values);
+          break;
+        case Kind::kString: case Kind::kObject:
+          want = kBytesList;
+          scratch.clear();
+          if (n.kind == Kind::kString) {
+            json.Decode(n, &scratch);
+          } else {
+            if (!builder.IsB64Object(e)) return false;
+            std::string text;
+            json.Decode(json[e + 2], &text);
+            if (!Base64Decode(text, &scratch)) return false;
+          }
+          PutLengthDelimited(1, scratch, &values);
+          break;
+        case Kind::kInt: case Kind::kReal: {
+          // text.py _num_kind: integers within int64..uint64 stay integers,
+          // and past int64 they are an error ("uint64 element").
+          IntLiteral i = n.kind == Kind::kInt ? ReadInt(json.Span(n)) : IntLiteral{};
+          if (n.kind == Kind::kInt && !i.big) {
+            if (!InInt64(i)) return false;
+            want = kInt64List;
+            PutVarint(static_cast<uint64_t>(AsInt64(i)), &values);
+            break;
+          }
+          double d;
+          if (!builder.Real(n, true, &d)) return false;
+          want = kFloatList;
+          PutLittle(static_cast<float>(d), &values);  // protobuf's float field: C's cast
+          break;
+        }
+        default: return false;  // null, and lists within the list
+      }
+      if (kind != kNoKind && kind != want) return false;
+      kind = want;
+    }
+    feature.clear();
+    if (kind == kBytesList) {
+      PutLengthDelimited(kind, values, &feature);
+    } else if (kind != kNoKind) {
+      std::string packed;
+      PutLengthDelimited(1, values, &packed);
+      PutLengthDelimited(kind, packed, &feature);
+    }
+    entry.clear();
+    PutLengthDelimited(1, name, &entry);
+    PutLengthDelimited(2, feature, &entry);
+    PutLengthDelimited(1, entry, &features);
+  }
+  example->clear();
+  if (obj.count) PutLengthDelimited(1, features, example);
+  return true;
+}
+
+// classify.py _fill_classify_regress after fill_model_spec; the two requests
+// share their layout (model_spec = 1, input = 2).
+bool ExamplesRequestFromJson(std::string_view body, const std::string& model_name, int64_t version,
+                             std::string* request) {
+  if (!ValidUtf8(model_name)) return false;
+  Json json(body);
+  if (!json.Parse()) return false;
+  uint32_t examples = 0, context = 0, signame_node = 0;
+  const Node& root = json[0];
+  for (uint32_t k = 1; k < root.end; k = json[k + 1].end) {
+    if (json.KeyIs(json[k], "examples")) examples = k + 1;
+    else if (json.KeyIs(json[k], "context")) context = k + 1;
+    else if (json.KeyIs(json[k], "signature_name")) signame_node = k + 1;
+  }
+  std::string signame;
+  if (signame_node && !SignatureName(json, signame_node, &signame)) return false;
+  if (!examples || json[examples].kind != Kind::kArray || json[examples].count == 0) return false;
+
+  // tensorflow.serving.Input: example_list = 1 {examples = 1}, or
+  // example_list_with_context = 2 {examples = 1, context = 2}.
+  RequestBuilder builder(json);
+  std::string list, example;
+  list.reserve(body.size() + 64);
+  for (uint32_t e = examples + 1; e < json[examples].end; e = json[e].end) {
+    if (!ExampleFromJson(json, builder, e, &example)) return false;
+    PutLengthDelimited(1, example, &list);
+  }
+  if (context) {
+    if (!ExampleFromJson(json, builder, context, &example)) return false;
+    if (!example.empty()) PutLengthDelimited(2, example, &list);  // else unset, as in Python
+  }
+  std::string input;
+  PutLengthDelimited(context ? 2 : 1, list, &input);
+  request->clear();
+  request->reserve(input.size() + model_name.size() + signame.size() + 32);
+  PutModelSpec(model_name, version, signame, request);
+  PutLengthDelimited(2, input, request);
+  return true;
+}
+
+}  // namespace
+
+bool ClassifyRequestFromJson(std::string_view body, const std::string& model_name, int64_t version,
+                             std::string* request) {
+  return ExamplesRequestFromJson(body, model_name, version, request);
+}
+
+bool RegressRequestFromJson(std::string_view body, const std::string& model_name, int64_t version,
+                            std::string* request) {
+  return ExamplesRequestFromJson(body, model_name, version, request);
 }
 
 namespace {

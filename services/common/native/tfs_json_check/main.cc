@@ -8,9 +8,13 @@
 //   u32 signature count, then per signature: u32 name length, name,
 //   u32 input count, then per input: u32 name length, name, i32 dtype
 // or a response record:
-//   'S', u8 row format (0/1), the serialized PredictResponse (the rest).
+//   'S', u8 row format (0/1), the serialized PredictResponse (the rest);
+// or a classify ('C') or regress ('G') request record:
+//   'C' or 'G', u32 body length, body, i64 version, u32 model name length,
+//   model name.
 // Each answer: 'D' (declined), 'R' u8 row format + the serialized
-// PredictRequest, or 'J' + the JSON. A malformed record ends the process
+// PredictRequest, 'R' + the serialized ClassificationRequest or
+// RegressionRequest, or 'J' + the JSON. A malformed record ends the process
 // with status 2.
 #include <cstdint>
 #include <cstdio>
@@ -83,6 +87,17 @@ bool Request(Record* r, std::string* answer) {
   return true;
 }
 
+bool ExamplesRequest(bool classify, Record* r, std::string* answer) {
+  std::string_view body, model;
+  int64_t version;
+  if (!r->Bytes(&body) || !r->Fixed(&version) || !r->Bytes(&model) || !r->Done()) return false;
+  std::string request;
+  bool ok = classify ? cloudml::dataplane::ClassifyRequestFromJson(body, std::string(model), version, &request)
+                     : cloudml::dataplane::RegressRequestFromJson(body, std::string(model), version, &request);
+  *answer = ok ? "R" + request : "D";
+  return true;
+}
+
 bool Response(Record* r, std::string* answer) {
   uint8_t row;
   if (!r->Fixed(&row) || row > 1) return false;
@@ -105,7 +120,13 @@ int main() {
     record.resize(n);
     if (!ReadExactly(record.data(), n) || n == 0) return 2;
     Record r(std::string_view(record).substr(1));
-    bool ok = record[0] == 'Q' ? Request(&r, &answer) : record[0] == 'S' ? Response(&r, &answer) : false;
+    bool ok;
+    switch (record[0]) {
+      case 'Q': ok = Request(&r, &answer); break;
+      case 'S': ok = Response(&r, &answer); break;
+      case 'C': case 'G': ok = ExamplesRequest(record[0] == 'C', &r, &answer); break;
+      default: ok = false;
+    }
     if (!ok) return 2;
     uint32_t size = static_cast<uint32_t>(answer.size());
     std::fwrite(&size, 1, 4, stdout);
