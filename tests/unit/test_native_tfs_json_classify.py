@@ -4,16 +4,18 @@ stands in for (services/gateway/tfs_json/classify.py).
 
 The rule, as for Predict (test_native_tfs_json.py, whose driver process and
 random JSON pieces these tests share): where the C++ codec answers, Python
-succeeds and its answer is the same (the same
+succeeds and its answer is the same (a request: the same
 ClassificationRequest or RegressionRequest, presence of every submessage
-included). The C++ codec may decline anything,
-but not the ordinary requests (MUST_CONVERT below). The cases:
-every body of test_tfs_json_classify.py, and a few thousand
+included; a response: the same bytes). The C++ codec may decline anything,
+but not the ordinary requests and responses (MUST_CONVERT below). The cases:
+every body and response of test_tfs_json_classify.py, and a few thousand
 seeded random ones, hostile ones among them.
 """
 from __future__ import annotations
 
+import math
 import random
+import struct
 
 import numpy as np
 import pytest
@@ -25,9 +27,9 @@ from services.gateway.tfs_json import classify as tj_classify
 from tests.unit import test_tfs_json_classify
 from tests.unit.test_native_tfs_json import (  # noqa: F401 - codec: the shared driver fixture
     BAD_TOKENS, FLOAT_LITERALS, INT_EDGES, NAMES, Codec, Obj, Raw, _run_module_tests, codec, dump, key, mangle,
-    rand_b64, rand_string)
+    mutate, rand_b64, rand_reals, rand_string)
 
-# Per request mode: the request message and the Python conversion.
+# Per request mode: the request message, the Python conversion; per response mode likewise.
 REQUESTS = {b"C": (classification_pb2.ClassificationRequest, tj.classification_request_from_json),
             b"G": (regression_pb2.RegressionRequest, tj.regression_request_from_json)}
 RESPONSES = {b"c": (classification_pb2.ClassificationResponse, tj.classification_response_to_json),
@@ -62,6 +64,20 @@ def check_request(codec: Codec, mode: bytes, body, model="model", version=3) -> 
     return True
 
 
+def check_response(codec: Codec, mode: bytes, raw: bytes) -> bool:
+    got = codec.examples_response(mode, raw)
+    if got is None:
+        return False
+    message, convert = RESPONSES[mode]
+    try:
+        with np.errstate(all="ignore"):
+            want = convert(message.FromString(raw))
+    except Exception as e:  # noqa: BLE001
+        pytest.fail(f"C++ converted what Python refuses ({e!r}): {raw[:300]!r}")
+    assert got == want, f"{raw[:300]!r}\nC++:    {got[:600]!r}\nPython: {want[:600]!r}"
+    return True
+
+
 # ---------------------------------------------------------------------------
 # The Python codec's own test cases
 # ---------------------------------------------------------------------------
@@ -88,6 +104,27 @@ def test_request_bodies_of_the_python_codec_tests(codec, monkeypatch):
             continue
         declined.append(body)
     assert not declined
+
+
+def test_responses_of_the_python_codec_tests(codec, monkeypatch):
+    seen = []
+
+    def record(mode, original):
+        def wrapped(response):
+            # The Python function takes a bare result too; the data plane always has a whole response.
+            message = RESPONSES[mode][0]
+            if not isinstance(response, message):
+                response = message(result=response)
+            seen.append((mode, response.SerializeToString()))
+            return original(response)
+        return wrapped
+
+    for mode, name in ((b"c", "classification_response_to_json"), (b"g", "regression_response_to_json")):
+        _run_module_tests(test_tfs_json_classify, monkeypatch, name, lambda original, m=mode: record(m, original),
+                          (tj,))
+    assert len(seen) > 6
+    converted = sum(check_response(codec, mode, raw) for mode, raw in seen)
+    assert converted == len(seen) - 2  # the two empty results, which Python refuses
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +158,48 @@ def test_ordinary_requests_are_converted(codec, mode):
         assert check_request(codec, mode, MUST_CONVERT_REQUESTS[0], model, version)
 
 
+def classification(*rows, spec=True) -> bytes:
+    r = classification_pb2.ClassificationResponse()
+    if spec:
+        r.model_spec.name = "m"
+        r.model_spec.version.value = 4
+        r.model_spec.signature_name = "serving_default"
+    for row in rows:
+        c = r.result.classifications.add()
+        for label, score in row:
+            c.classes.add(label=label, score=score)
+    return r.SerializeToString()
+
+
+def regression(*values, spec=True) -> bytes:
+    r = regression_pb2.RegressionResponse()
+    if spec:
+        r.model_spec.name = "m"
+        r.model_spec.version.value = 4
+    for v in values:
+        r.result.regressions.add(value=v)
+    return r.SerializeToString()
+
+
+MUST_CONVERT_RESPONSES = [
+    (b"c", classification([("car", 0.2), ("bike", 0.7), ("bus", 0.1)], [("car", 0.7), ("bike", 0.1), ("bus", 0.2)])),
+    (b"c", classification([("", 12.0)], spec=False)),
+    (b"c", classification([], [("0", 0.999999), ("1", 1e-7)], [("\u00e9\"\\\n\x01\x7f", -0.0)])),
+    (b"c", classification([("nan", math.nan), ("inf", math.inf), ("-inf", -math.inf), ("max", 3.4028234663852886e38)])),
+    (b"g", regression(0.2, 0.9, 1.0)),
+    (b"g", regression(0.2, math.inf, 1.0, -math.inf, math.nan, -0.0, 1e-45, 123456.789, spec=False)),
+    (b"g", regression(*np.random.default_rng(5).standard_normal(200).astype(np.float32).tolist())),
+]
+
+
+def test_ordinary_responses_are_converted(codec):
+    for i, (mode, raw) in enumerate(MUST_CONVERT_RESPONSES):
+        assert check_response(codec, mode, raw), f"response {i} declined"
+    rng = np.random.default_rng(9)
+    scores = rng.uniform(0, 1, (50, 10)).astype(np.float32).tolist()
+    assert check_response(codec, b"c", classification(*([(str(k), s) for k, s in enumerate(row)] for row in scores)))
+
+
 # ---------------------------------------------------------------------------
 # What must be declined
 # ---------------------------------------------------------------------------
@@ -149,6 +228,47 @@ MUST_DECLINE_REQUESTS = [
 def test_unusual_requests_are_declined(codec, mode):
     converted = [body for body in MUST_DECLINE_REQUESTS if codec.examples_request(mode, body, "m", 1) is not None]
     assert not converted
+
+
+def field(number: int, wire: int, payload: bytes) -> bytes:
+    """One protobuf field, by hand: a varint tag, then a length for wire type 2."""
+    tag, out = number << 3 | wire, b""
+    for v in ([tag, len(payload)] if wire == 2 else [tag]):
+        while v >= 0x80:
+            out += bytes([v & 0x7F | 0x80])
+            v >>= 7
+        out += bytes([v])
+    return out + payload
+
+
+def klass(label: bytes, score: float, extra: bytes = b"") -> bytes:
+    return field(1, 2, field(1, 2, label) + field(2, 5, struct.pack("<f", score)) + extra)
+
+
+MUST_DECLINE_RESPONSES = [
+    (b"c", classification()), (b"g", regression()),  # Python: "Cannot convert empty ...Results to JSON"
+    (b"c", field(1, 2, field(1, 2, klass(b"a\xffb", 1.0)))),  # not UTF-8: protobuf refuses it
+    (b"c", field(1, 2, field(1, 2, klass(b"a", 1.0, field(1, 2, b"b"))))),  # the label twice
+    (b"c", field(1, 2, field(1, 2, klass(b"a", 1.0, field(2, 0, b"\x01"))))),  # the score with another wire type
+    (b"c", field(1, 2, b"\x0a\x05\x0a\x03")),  # cut short
+    (b"g", field(1, 2, field(1, 2, field(1, 5, b"\0\0\0\0") + field(1, 5, b"\0\0\0\0")))),
+    (b"g", field(1, 2, field(1, 2, field(1, 1, b"\0" * 8)))),
+    (b"g", field(2, 2, field(1, 2, b"\xff")) + field(1, 2, field(1, 2, b""))),  # a model name not UTF-8
+    (b"g", field(1, 3, b"")),  # a group
+]
+
+
+def test_unusual_responses_are_declined(codec):
+    for i, (mode, raw) in enumerate(MUST_DECLINE_RESPONSES):
+        assert codec.examples_response(mode, raw) is None, f"response {i} converted"
+    # A repeated result: protobuf merges the two.
+    assert check_response(codec, b"c", field(1, 2, field(1, 2, b"")) + classification([("a", 1.0)]))
+    assert check_response(codec, b"g", regression(1.0, 2.0) + regression(3.0, spec=False))
+    # Unknown fields are skipped, as protobuf skips them.
+    assert check_response(codec, b"c", field(1, 2, field(1, 2, klass(b"a", 0.5, field(9, 0, b"\x01")))) +
+                          field(7, 2, b"xyz"))
+    assert check_response(codec, b"g", field(1, 2, field(1, 2, field(1, 5, struct.pack("<f", 2.5)) +
+                                                         field(3, 0, b"\x05"))))
 
 
 # ---------------------------------------------------------------------------
@@ -222,5 +342,44 @@ def test_random_requests(codec):
                                    version=rng.choice([1, 0, 7, 1 << 40]))
         total += 1
     print(f"\nrandom classify/regress requests: {total - converted} of {total} declined "
+          f"({100 * (total - converted) / total:.1f}%)")
+    assert converted > total // 2
+
+
+# ---------------------------------------------------------------------------
+# Seeded random responses
+# ---------------------------------------------------------------------------
+
+LABELS = ["car", "", "\u00e9\u2603", "a\"b\\c", "\x00\x01\x1f\x7f", "\n\t\r\b\f", "\U0001F600", "0"]
+
+
+def rand_classification_response(rng: random.Random) -> bytes:
+    rows = []
+    for _ in range(rng.choice([0, 1, 1, 2, 3, 5])):
+        n = rng.choice([0, 1, 2, 3, 5])
+        labels = [rng.choice(LABELS) + rng.choice(LABELS) for _ in range(n)]
+        rows.append(list(zip(labels, rand_reals(rng, n, True))))
+    raw = classification(*rows, spec=rng.random() < 0.7)
+    r = rng.random()
+    if r < 0.03 and rows:  # a label not UTF-8, or an unknown field in a class
+        raw += field(1, 2, field(1, 2, klass(rng.choice([b"\xff", b"\xc3", b"ok"]), 1.0,
+                                             rng.choice([b"", field(5, 0, b"\x01")]))))
+    return mutate(rng, raw)
+
+
+def rand_regression_response(rng: random.Random) -> bytes:
+    return mutate(rng, regression(*rand_reals(rng, rng.choice([0, 1, 1, 2, 3, 8, 40]), True),
+                                  spec=rng.random() < 0.7))
+
+
+def test_random_responses(codec):
+    rng = random.Random(78)
+    converted = total = 0
+    for _ in range(3000):
+        mode = rng.choice([b"c", b"g"])
+        raw = rand_classification_response(rng) if mode == b"c" else rand_regression_response(rng)
+        converted += check_response(codec, mode, raw)
+        total += 1
+    print(f"\nrandom classify/regress responses: {total - converted} of {total} declined "
           f"({100 * (total - converted) / total:.1f}%)")
     assert converted > total // 2

@@ -1198,38 +1198,51 @@ bool ParseBack(const char* s, size_t n, double* out) {
   return true;
 }
 
-// text.py _write_decimal / _float_tokens for one value: six significant
-// digits when they read back as the same value, else 9 (float) or 17
-// (double); ".0" on whole numbers; NaN and infinities as tokens.
-bool AppendDecimal(double v, bool single, std::string* out) {
-  if (std::isnan(v)) { out->append("NaN"); return true; }
-  if (std::isinf(v)) { out->append(v < 0 ? "-Infinity" : "Infinity"); return true; }
-  char buf[48];
-  size_t n = 0;
-  bool sure;
-  if (Candidate(v, single, &sure)) {
-    n = static_cast<size_t>(std::to_chars(buf, buf + sizeof buf, v, std::chars_format::general, 6).ptr - buf);
-    double back;
-    ParseBack(buf, n, &back);
-    bool same = single ? static_cast<float>(back) == static_cast<float>(v) : back == v;
-    if (!same) n = 0;
-  } else if (!sure) {
-    // Not a candidate here; whether it is one for numpy matters only if six
-    // digits would do.
-    n = static_cast<size_t>(std::to_chars(buf, buf + sizeof buf, v, std::chars_format::general, 6).ptr - buf);
-    double back;
-    ParseBack(buf, n, &back);
-    if (single ? static_cast<float>(back) == static_cast<float>(v) : back == v) return false;
-    n = 0;
-  }
-  if (!sure && n) return false;
+// "%.6g" of v in buf when it reads back as v (as a float when single), else 0.
+size_t SixDigits(double v, bool single, char* buf, size_t size) {
+  size_t n = static_cast<size_t>(std::to_chars(buf, buf + size, v, std::chars_format::general, 6).ptr - buf);
+  double back;
+  ParseBack(buf, n, &back);
+  return (single ? static_cast<float>(back) == static_cast<float>(v) : back == v) ? n : 0;
+}
+
+// text.py _write_decimal's writing: the n characters of buf, or (n == 0) v
+// with 9 (float) or 17 (double) significant digits; ".0" on whole numbers;
+// NaN and infinities as tokens.
+void AppendDigits(double v, bool single, char* buf, size_t size, size_t n, std::string* out) {
+  if (std::isnan(v)) { out->append("NaN"); return; }
+  if (std::isinf(v)) { out->append(v < 0 ? "-Infinity" : "Infinity"); return; }
   if (!n) {
-    n = static_cast<size_t>(
-        std::to_chars(buf, buf + sizeof buf, v, std::chars_format::general, single ? 9 : 17).ptr - buf);
+    n = static_cast<size_t>(std::to_chars(buf, buf + size, v, std::chars_format::general, single ? 9 : 17).ptr - buf);
   }
   out->append(buf, n);
   if (!std::memchr(buf, '.', n) && !std::memchr(buf, 'e', n)) out->append(".0");
+}
+
+// text.py _float_tokens for one value (a tensor's, or a regression's): six
+// significant digits where numpy's estimate picks them and they read back as
+// the same value. false where the estimate is not certain and six digits
+// would do (see Candidate).
+bool AppendDecimal(double v, bool single, std::string* out) {
+  char buf[48];
+  size_t n = 0;
+  if (std::isfinite(v)) {
+    bool sure;
+    bool candidate = Candidate(v, single, &sure);
+    // Not a candidate here: whether it is one for numpy matters only if six digits would do.
+    if (candidate || !sure) n = SixDigits(v, single, buf, sizeof buf);
+    if (!sure && n) return false;
+  }
+  AppendDigits(v, single, buf, sizeof buf, n, out);
   return true;
+}
+
+// text.py _write_decimal itself (a class's score): no estimate, six
+// significant digits whenever they read back as the same value.
+void AppendScalarDecimal(double v, bool single, std::string* out) {
+  char buf[48];
+  size_t n = std::isfinite(v) ? SixDigits(v, single, buf, sizeof buf) : 0;
+  AppendDigits(v, single, buf, sizeof buf, n, out);
 }
 
 // strings.py _jstr over raw bytes: quotes, backslashes and control
@@ -1606,6 +1619,115 @@ bool PredictResponseToJson(std::string_view response, bool row_format, std::stri
   }
   if (multi) json->append("\n    }");
   json->append("\n}");
+  return true;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Responses: Classify and Regress results (tfs_json/classify.py)
+// ---------------------------------------------------------------------------
+// A label, a score or a value comes once from TF Serving; a repeat (protobuf
+// keeps the last one) is left to Python. Unknown fields are skipped, as
+// protobuf skips them.
+
+// A ClassificationResponse's or RegressionResponse's top level: the result
+// (field 1), handed to read_result, and the model_spec (2), checked only.
+// A repeated result is read in turn: protobuf merges it into the first,
+// appending its classifications or regressions.
+template <typename Fn>
+bool ResultResponse(std::string_view response, Fn read_result) {
+  return Fields(response, [&](Wire* w, uint32_t field, int wire) {
+    std::string_view bytes;
+    if (field == 1) return Done(wire == 2 && w->Bytes(&bytes) && read_result(bytes));
+    if (field == 2) return Done(wire == 2 && w->Bytes(&bytes) && ValidModelSpec(bytes));
+    return Read::kUnknown;
+  });
+}
+
+// Each element of message d's repeated message field 1, handed to fn.
+template <typename Fn>
+bool Elements(std::string_view d, Fn fn) {
+  return Fields(d, [&](Wire* w, uint32_t field, int wire) {
+    std::string_view bytes;
+    if (field != 1) return Read::kUnknown;
+    return Done(wire == 2 && w->Bytes(&bytes) && fn(bytes));
+  });
+}
+
+// A float field, once.
+Read FloatOnce(Wire* w, int wire, bool* seen, float* out) {
+  const char* at;
+  if (*seen || wire != 5 || !w->Fixed(4, &at)) return Read::kMalformed;
+  *seen = true;
+  std::memcpy(out, at, 4);
+  return Read::kDone;
+}
+
+// tensorflow.serving.Class: label = 1, score = 2.
+bool ParseClass(std::string_view d, std::string_view* label, float* score) {
+  bool has_label = false, has_score = false;
+  return Fields(d, [&](Wire* w, uint32_t field, int wire) {
+    if (field == 1) {
+      if (has_label) return Read::kMalformed;
+      has_label = true;
+      return Utf8Field(w, wire, label);
+    }
+    return field == 2 ? FloatOnce(w, wire, &has_score, score) : Read::kUnknown;
+  });
+}
+
+}  // namespace
+
+// classify.py classification_response_to_json: each Classifications a line
+// of [label, score] pairs, scores as text.py _write_decimal writes one float.
+bool ClassificationResponseToJson(std::string_view response, std::string* json) {
+  json->clear();
+  json->append("{\n    \"results\": [");
+  size_t rows = 0;
+  bool parsed = ResultResponse(response, [&](std::string_view result) {
+    return Elements(result, [&](std::string_view classifications) {
+      json->append(rows++ ? ", [" : "[");
+      size_t classes = 0;
+      bool ok = Elements(classifications, [&](std::string_view c) {
+        std::string_view label;
+        float score = 0;
+        if (!ParseClass(c, &label, &score)) return false;
+        json->append(classes++ ? ", [" : "[");
+        AppendJsonString(label, json);
+        json->append(", ");
+        AppendScalarDecimal(score, true, json);
+        json->push_back(']');
+        return true;
+      });
+      json->push_back(']');
+      return ok;
+    });
+  });
+  if (!parsed || !rows) return false;  // no classifications: Python raises
+  json->append("\n    ]\n}");
+  return true;
+}
+
+// classify.py regression_response_to_json: the values on one line, as
+// text.py _float_tokens writes a float32 array.
+bool RegressionResponseToJson(std::string_view response, std::string* json) {
+  json->clear();
+  json->append("{\n    \"results\": [");
+  size_t values = 0;
+  bool parsed = ResultResponse(response, [&](std::string_view result) {
+    return Elements(result, [&](std::string_view regression) {
+      float value = 0;
+      bool has_value = false;
+      bool ok = Fields(regression, [&](Wire* w, uint32_t field, int wire) {
+        return field == 1 ? FloatOnce(w, wire, &has_value, &value) : Read::kUnknown;
+      });
+      if (values++) json->append(", ");
+      return ok && AppendDecimal(value, true, json);
+    });
+  });
+  if (!parsed || !values) return false;  // no regressions: Python raises
+  json->append("]\n}");
   return true;
 }
 

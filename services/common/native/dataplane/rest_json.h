@@ -57,4 +57,12 @@ bool ClassifyRequestFromJson(std::string_view body, const std::string& model_nam
 bool RegressRequestFromJson(std::string_view body, const std::string& model_name, int64_t version,
                             std::string* request);
 
+// A serialized ClassificationResponse or RegressionResponse -> the JSON the
+// Python gateway answers (tfs_json.classification_response_to_json,
+// regression_response_to_json), byte for byte. false: declined (the
+// reference would raise, or this code is not certain to match it); *json is
+// then unspecified.
+bool ClassificationResponseToJson(std::string_view response, std::string* json);
+bool RegressionResponseToJson(std::string_view response, std::string* json);
+
 }  // namespace cloudml::dataplane

@@ -1,5 +1,5 @@
 // cloudml-tfs-json: the data plane's REST JSON codec (dataplane/rest_json.h)
-// behind stdin and stdout, so tests/unit/test_native_tfs_json.py can hold
+// behind stdin and stdout, so tests/unit/test_native_tfs_json*.py can hold
 // thousands of cases against the Python codec through one process.
 //
 // Every record, both ways, is a 4-byte little-endian length and that many
@@ -11,7 +11,10 @@
 //   'S', u8 row format (0/1), the serialized PredictResponse (the rest);
 // or a classify ('C') or regress ('G') request record:
 //   'C' or 'G', u32 body length, body, i64 version, u32 model name length,
-//   model name.
+//   model name;
+// or a classify ('c') or regress ('g') response record:
+//   'c' or 'g', the serialized ClassificationResponse or RegressionResponse
+//   (the rest).
 // Each answer: 'D' (declined), 'R' u8 row format + the serialized
 // PredictRequest, 'R' + the serialized ClassificationRequest or
 // RegressionRequest, or 'J' + the JSON. A malformed record ends the process
@@ -110,6 +113,14 @@ bool Response(Record* r, std::string* answer) {
   return true;
 }
 
+bool ExamplesResponse(bool classify, Record* r, std::string* answer) {
+  std::string json;
+  bool ok = classify ? cloudml::dataplane::ClassificationResponseToJson(r->Rest(), &json)
+                     : cloudml::dataplane::RegressionResponseToJson(r->Rest(), &json);
+  *answer = ok ? "J" + json : "D";
+  return true;
+}
+
 }  // namespace
 
 int main() {
@@ -125,6 +136,7 @@ int main() {
       case 'Q': ok = Request(&r, &answer); break;
       case 'S': ok = Response(&r, &answer); break;
       case 'C': case 'G': ok = ExamplesRequest(record[0] == 'C', &r, &answer); break;
+      case 'c': case 'g': ok = ExamplesResponse(record[0] == 'c', &r, &answer); break;
       default: ok = false;
     }
     if (!ok) return 2;
