@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import inspect
+import itertools
 import json
 import math
 import os
@@ -45,6 +46,10 @@ REQUEST_DTYPES = ["DT_FLOAT", "DT_DOUBLE", "DT_INT32", "DT_INT64", "DT_INT8", "D
 OTHER_DTYPES = ["DT_HALF", "DT_BFLOAT16", "DT_COMPLEX64", "DT_UINT16", "DT_INVALID", "DT_RESOURCE"]
 
 
+def blob(b: bytes) -> bytes:
+    return struct.pack("<I", len(b)) + b
+
+
 class Codec:
     """The driver process: one record in, one answer out."""
 
@@ -64,8 +69,6 @@ class Codec:
 
     def request(self, body: bytes, signatures: dict[str, dict[str, int]], model: str, version: int):
         """None (declined) or (row_format, serialized PredictRequest)."""
-        def blob(b: bytes) -> bytes:
-            return struct.pack("<I", len(b)) + b
         parts = [b"Q", blob(body), struct.pack("<q", version), blob(model.encode()),
                  struct.pack("<I", len(signatures))]
         for name, inputs in signatures.items():
@@ -80,7 +83,22 @@ class Codec:
 
     def response(self, response: bytes, row: bool):
         """None (declined) or the JSON."""
-        answer = self._call(b"S" + bytes([row]) + response)
+        return self._json(self._call(b"S" + bytes([row]) + response))
+
+    def examples_request(self, mode: bytes, body: bytes, model: str, version: int):
+        """mode b"C" (classify) or b"G" (regress): None (declined) or the serialized request."""
+        answer = self._call(mode + blob(body) + struct.pack("<q", version) + blob(model.encode()))
+        if answer[:1] == b"D":
+            return None
+        assert answer[:1] == b"R", answer[:20]
+        return answer[1:]
+
+    def examples_response(self, mode: bytes, response: bytes):
+        """mode b"c" (a ClassificationResponse) or b"g" (a RegressionResponse): None (declined) or the JSON."""
+        return self._json(self._call(mode + response))
+
+    @staticmethod
+    def _json(answer: bytes):
         if answer[:1] == b"D":
             return None
         assert answer[:1] == b"J", answer[:20]
@@ -179,14 +197,21 @@ def _as_signature_map(source, body) -> dict[str, dict[str, int]] | None:
     return {name: {k: v.dtype for k, v in sig.inputs.items()} for name, sig in source.items()}
 
 
-def _run_module_tests(module, monkeypatch, name: str, record) -> None:
-    """Runs every test of `module` with tfs_json's `name` function wrapped by record(original)."""
-    for target in (tj, tj_predict_request):
+def _run_module_tests(module, monkeypatch, name: str, record, targets=(tj, tj_predict_request)) -> None:
+    """Runs every test of `module` with the `name` function of the `targets` modules wrapped by
+    record(original); a test taking arguments once per value of its one-name parametrize marks
+    (tests taking fixtures are left out)."""
+    for target in targets:
         if hasattr(target, name):
             monkeypatch.setattr(target, name, record(getattr(target, name)))
     for test_name, test in inspect.getmembers(module, inspect.isfunction):
-        if test_name.startswith("test_") and not inspect.signature(test).parameters:
-            test()
+        if not test_name.startswith("test_"):
+            continue
+        marks = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]
+        if {m.args[0] for m in marks} != set(inspect.signature(test).parameters):
+            continue
+        for values in itertools.product(*(m.args[1] for m in marks)):
+            test(**{m.args[0]: v for m, v in zip(marks, values)})
     monkeypatch.undo()
 
 
@@ -524,7 +549,16 @@ def rand_request(rng: random.Random):
     if rng.random() < 0.03:
         pairs.append((top, payload))
     rng.shuffle(pairs)
-    body = dump(Obj(pairs), rng)
+    body = mangle(rng, dump(Obj(pairs), rng))
+    signatures = {"serving_default": {n: dt(d) for n, d in dtypes.items()},
+                  "other": {n: dt(d) for n, d in dtypes.items()}}
+    if rng.random() < 0.02:
+        signatures["serving_default"] = {}
+    return body, signatures
+
+
+def mangle(rng: random.Random, body: bytes) -> bytes:
+    """Now and then the body with random bytes changed, cut short, or another body altogether."""
     r = rng.random()
     if r < 0.08:  # byte mutations
         b = bytearray(body)
@@ -542,11 +576,7 @@ def rand_request(rng: random.Random):
         body = body[:rng.randrange(len(body) + 1)]
     elif r < 0.11:
         body = rng.choice([b"", b"   ", b"[1, 2]", b"\xef\xbb\xbf" + body, b"not json", body + b" x", b"null"])
-    signatures = {"serving_default": {n: dt(d) for n, d in dtypes.items()},
-                  "other": {n: dt(d) for n, d in dtypes.items()}}
-    if rng.random() < 0.02:
-        signatures["serving_default"] = {}
-    return body, signatures
+    return body
 
 
 def test_random_requests(codec):
@@ -567,6 +597,15 @@ def test_deep_nesting_is_declined(codec):
     assert codec.request(deep, sigs, "m", 1) is None
     ok = b'{"inputs": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}"
     assert check_request(codec, ok, sigs)
+
+
+def test_integers_python_cannot_read_are_declined(codec):
+    # json.loads raises ValueError past 4300 digits, even in a member the request ignores.
+    sigs = {"serving_default": {"x": dt("DT_FLOAT")}}
+    body = b'{"inputs": [1.5], "extra": ' + b"7" * 4301 + b"}"
+    assert type(python_request(body, sigs, "m", 1)) is ValueError
+    assert codec.request(body, sigs, "m", 1) is None
+    assert check_request(codec, b'{"inputs": [1.5], "extra": ' + b"7" * 300 + b"}", sigs)
 
 
 # ---------------------------------------------------------------------------
@@ -691,7 +730,11 @@ def rand_response(rng: random.Random) -> bytes:
         if rng.random() < 0.8:
             shape = [batch] + shape[:2]
         r.outputs[name].CopyFrom(rand_output(rng, name, shape))
-    raw = r.SerializeToString()
+    return mutate(rng, r.SerializeToString())
+
+
+def mutate(rng: random.Random, raw: bytes) -> bytes:
+    """Now and then the serialized message with a byte or two changed or dropped."""
     if raw and rng.random() < 0.08:
         b = bytearray(raw)
         for _ in range(rng.randint(1, 2)):

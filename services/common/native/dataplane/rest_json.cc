@@ -1,12 +1,14 @@
-// TF Serving's REST JSON <-> the Predict protos, in C++ (rest_json.h has the
-// contract: the Python codec's result exactly, or a decline).
+// TF Serving's REST JSON <-> the Predict, Classify and Regress protos, in C++
+// (rest_json.h has the contract: the Python codec's result exactly, or a
+// decline).
 //
 // Requests: a strict RFC 8259 parser lays the body out as a flat array of
 // nodes whose numbers and strings stay spans of the body; they are converted
 // only once the input's dtype is known, straight into that input's
 // tensor_content or string_val. The PredictRequest is written by hand: it is
 // a handful of fields around the values, and generated classes would copy
-// every value once more.
+// every value once more. Classify and Regress bodies go the same way into
+// tf.Examples (a feature's kind follows its JSON values, as in Python).
 // Responses: the PredictResponse wire format is read by hand as well (values
 // stay in the response's bytes until they are printed), then written in the
 // PrettyWriter layout of services/gateway/tfs_json/predict_response.py.
@@ -31,8 +33,9 @@ constexpr int kMaxDepth = 64;
 constexpr double kFltMax = 3.4028234663852886e38;  // float's largest finite value, as Python's FLT_MAX
 constexpr uint64_t kFloatMaxInt = (1ull << 24) - 1;  // IsLosslessDecimal<float>
 constexpr uint64_t kDoubleMaxInt = (1ull << 53) - 1;
-// Python's json turns longer integers into a ValueError (int_max_str_digits);
-// far below that, any integer is out of every range but float's and double's.
+// Python's json turns longer integers into a ValueError (int_max_str_digits,
+// 4300), wherever they are in the body; far below that, any integer is out
+// of every range but float's and double's. The parser declines longer ones.
 constexpr size_t kMaxIntDigits = 300;
 // Responses larger than this (in values, or in brackets for zero-size
 // tensors) are left to Python, which may not manage them either.
@@ -248,6 +251,7 @@ class Json {
       while (pos_ < n && text_[pos_] >= '0' && text_[pos_] <= '9') ++pos_;
       if (pos_ == digits) return false;
     }
+    if (!real && pos_ - start > kMaxIntDigits) return false;
     nodes_.push_back(Node{real ? Kind::kReal : Kind::kInt, false, 0, static_cast<uint32_t>(nodes_.size() + 1),
                           static_cast<uint32_t>(start), static_cast<uint32_t>(pos_ - start)});
     return true;
@@ -499,6 +503,29 @@ class RequestBuilder {
   }
   bool IsElementObject(uint32_t v) const { return json_[v].kind == Kind::kObject && !IsB64Object(v); }
 
+  // float/double inputs (values.py _lossless): ints within int64..uint64 must
+  // fit the mantissa; larger ones, and decimals, must fit the range.
+  bool Real(const Node& n, bool single, double* out) const {
+    std::string_view s = json_.Span(n);
+    if (n.kind == Kind::kInt) {
+      IntLiteral v = ReadInt(s);
+      if (!v.big && (!v.negative || v.magnitude <= (1ull << 63))) {
+        if (v.magnitude > (single ? kFloatMaxInt : kDoubleMaxInt)) return false;
+        double d = static_cast<double>(v.magnitude);
+        *out = v.negative && v.magnitude ? -d : d;  // Python's -0 is the int 0
+        return true;
+      }
+      *out = ReadDouble(s);
+      if (!std::isfinite(*out)) return false;  // float(int) raises OverflowError
+    } else if (n.kind == Kind::kReal) {
+      *out = ReadDouble(s);
+      if (!std::isfinite(*out)) return true;  // 1e400: inf, which _lossless lets through
+    } else {
+      return false;
+    }
+    return !single || (*out >= -kFltMax && *out <= kFltMax);
+  }
+
  private:
   bool Walk(uint32_t v, size_t level, const std::vector<int64_t>& shape, int dtype, std::string* out) {
     const Node& n = json_[v];
@@ -510,30 +537,6 @@ class RequestBuilder {
       child = json_[child].end;
     }
     return true;
-  }
-
-  // float/double inputs (values.py _lossless): ints within int64..uint64 must
-  // fit the mantissa; larger ones, and decimals, must fit the range.
-  bool Real(const Node& n, bool single, double* out) {
-    std::string_view s = json_.Span(n);
-    if (n.kind == Kind::kInt) {
-      IntLiteral v = ReadInt(s);
-      if (!v.big && (!v.negative || v.magnitude <= (1ull << 63))) {
-        if (v.magnitude > (single ? kFloatMaxInt : kDoubleMaxInt)) return false;
-        double d = static_cast<double>(v.magnitude);
-        *out = v.negative && v.magnitude ? -d : d;  // Python's -0 is the int 0
-        return true;
-      }
-      if (s.size() > kMaxIntDigits) return false;
-      *out = ReadDouble(s);
-      if (!std::isfinite(*out)) return false;  // float(int) raises OverflowError
-    } else if (n.kind == Kind::kReal) {
-      *out = ReadDouble(s);
-      if (!std::isfinite(*out)) return true;  // 1e400: inf, which _lossless lets through
-    } else {
-      return false;
-    }
-    return !single || (*out >= -kFltMax && *out <= kFltMax);
   }
 
   bool Leaf(uint32_t v, int dtype, std::string* out) {
@@ -623,6 +626,29 @@ void PutTensor(const InputTensor& t, int64_t batch, std::string* out) {
   PutLengthDelimited(2, entry, out);
 }
 
+// http_rest_api_util.cc FillModelSpecWithNameVersionAndLabel (fill_model_spec
+// with the version always set) and the signature name, serialized; an empty
+// signature name is proto3's default, not written.
+void PutModelSpec(const std::string& model_name, int64_t version, const std::string& signame, std::string* out) {
+  std::string spec, wrapped;
+  if (!model_name.empty()) PutLengthDelimited(1, model_name, &spec);
+  if (version) {
+    wrapped.push_back(0x08);
+    PutVarint(static_cast<uint64_t>(version), &wrapped);
+  }
+  PutLengthDelimited(2, wrapped, &spec);
+  if (!signame.empty()) PutLengthDelimited(3, signame, &spec);
+  PutLengthDelimited(1, spec, out);
+}
+
+// predict_request.py _fill_signature_name: the body's "signature_name" must
+// be a string; false too where it is not UTF-8 (protobuf refuses it).
+bool SignatureName(const Json& json, uint32_t node, std::string* out) {
+  if (json[node].kind != Kind::kString) return false;
+  json.Decode(json[node], out);
+  return ValidUtf8(*out);
+}
+
 }  // namespace
 
 bool PredictRequestFromJson(std::string_view body, const Signatures& signatures, const std::string& model_name,
@@ -639,11 +665,7 @@ bool PredictRequestFromJson(std::string_view body, const Signatures& signatures,
     else if (json.KeyIs(json[k], "signature_name")) signame_node = k + 1;
   }
   std::string signame;
-  if (signame_node) {
-    if (json[signame_node].kind != Kind::kString) return false;
-    json.Decode(json[signame_node], &signame);
-    if (!ValidUtf8(signame)) return false;
-  }
+  if (signame_node && !SignatureName(json, signame_node, &signame)) return false;
   if (signame.empty()) signame = "serving_default";
   auto sig = signatures.find(signame);
   if (sig == signatures.end() || sig->second.empty()) return false;
@@ -710,17 +732,152 @@ bool PredictRequestFromJson(std::string_view body, const Signatures& signatures,
   size_t total = 64 + model_name.size() + signame.size();
   for (const auto& t : tensors) total += t.values.size() + t.name.size() + 16 * (t.shape.size() + 4);
   request->reserve(total);
-  std::string spec, wrapped;
-  if (!model_name.empty()) PutLengthDelimited(1, model_name, &spec);
-  if (version) {
-    wrapped.push_back(0x08);
-    PutVarint(static_cast<uint64_t>(version), &wrapped);
-  }
-  PutLengthDelimited(2, wrapped, &spec);
-  PutLengthDelimited(3, signame, &spec);
-  PutLengthDelimited(1, spec, request);
+  PutModelSpec(model_name, version, signame, request);
   for (const auto& t : tensors) PutTensor(t, batch, request);
   return true;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Requests: Classify and Regress bodies -> tf.Examples (tfs_json/classify.py)
+// ---------------------------------------------------------------------------
+
+// tensorflow.Feature's oneof, by field number.
+enum FeatureKind : int { kNoKind = 0, kBytesList = 1, kFloatList = 2, kInt64List = 3 };
+
+// classify.py _example_from_json: the JSON object at node v as a serialized
+// tensorflow.Example in *example (empty for an object without members:
+// Python then never touches `features`, which stays unset). A feature's values
+// are all of one kind: strings and {"b64": ...} objects are bytes, true and
+// false int64 1 and 0, integers in int64 int64, other numbers floats (held
+// losslessly, as values.py _lossless); an empty list is a feature with no
+// kind. false: anything else (the reference raises), a name protobuf would
+// refuse (not UTF-8).
+bool ExampleFromJson(const Json& json, const RequestBuilder& builder, uint32_t v, std::string* example) {
+  const Node& obj = json[v];
+  if (obj.kind != Kind::kObject) return false;
+  std::string features, name, entry, feature, values, scratch;
+  for (uint32_t k = v + 1; k < obj.end; k = json[k + 1].end) {
+    name.clear();
+    json.Decode(json[k], &name);
+    if (!ValidUtf8(name)) return false;
+    uint32_t content = k + 1;
+    bool list = json[content].kind == Kind::kArray;
+    uint32_t count = list ? json[content].count : 1;
+    uint32_t e = list ? content + 1 : content;
+    int kind = kNoKind;
+    values.clear();
+    for (uint32_t i = 0; i < count; ++i, e = json[e].end) {
+      const Node& n = json[e];
+      int want;
+      switch (n.kind) {
+        case Kind::kTrue: case Kind::kFalse:
+          want = kInt64List;
+          PutVarint(n.kind == Kind::kTrue ? 1 : 0, &values);
+          break;
+        case Kind::kString: case Kind::kObject:
+          want = kBytesList;
+          scratch.clear();
+          if (n.kind == Kind::kString) {
+            json.Decode(n, &scratch);
+          } else {
+            if (!builder.IsB64Object(e)) return false;
+            std::string text;
+            json.Decode(json[e + 2], &text);
+            if (!Base64Decode(text, &scratch)) return false;
+          }
+          PutLengthDelimited(1, scratch, &values);
+          break;
+        case Kind::kInt: case Kind::kReal: {
+          // text.py _num_kind: integers within int64..uint64 stay integers,
+          // and past int64 they are an error ("uint64 element").
+          IntLiteral i = n.kind == Kind::kInt ? ReadInt(json.Span(n)) : IntLiteral{};
+          if (n.kind == Kind::kInt && !i.big) {
+            if (!InInt64(i)) return false;
+            want = kInt64List;
+            PutVarint(static_cast<uint64_t>(AsInt64(i)), &values);
+            break;
+          }
+          double d;
+          if (!builder.Real(n, true, &d)) return false;
+          want = kFloatList;
+          PutLittle(static_cast<float>(d), &values);  // protobuf's float field: C's cast
+          break;
+        }
+        default: return false;  // null, and lists within the list
+      }
+      if (kind != kNoKind && kind != want) return false;
+      kind = want;
+    }
+    feature.clear();
+    if (kind == kBytesList) {
+      PutLengthDelimited(kind, values, &feature);
+    } else if (kind != kNoKind) {
+      std::string packed;
+      PutLengthDelimited(1, values, &packed);
+      PutLengthDelimited(kind, packed, &feature);
+    }
+    entry.clear();
+    PutLengthDelimited(1, name, &entry);
+    PutLengthDelimited(2, feature, &entry);
+    PutLengthDelimited(1, entry, &features);
+  }
+  example->clear();
+  if (obj.count) PutLengthDelimited(1, features, example);
+  return true;
+}
+
+// classify.py _fill_classify_regress after fill_model_spec; the two requests
+// share their layout (model_spec = 1, input = 2).
+bool ExamplesRequestFromJson(std::string_view body, const std::string& model_name, int64_t version,
+                             std::string* request) {
+  if (!ValidUtf8(model_name)) return false;
+  Json json(body);
+  if (!json.Parse()) return false;
+  uint32_t examples = 0, context = 0, signame_node = 0;
+  const Node& root = json[0];
+  for (uint32_t k = 1; k < root.end; k = json[k + 1].end) {
+    if (json.KeyIs(json[k], "examples")) examples = k + 1;
+    else if (json.KeyIs(json[k], "context")) context = k + 1;
+    else if (json.KeyIs(json[k], "signature_name")) signame_node = k + 1;
+  }
+  std::string signame;
+  if (signame_node && !SignatureName(json, signame_node, &signame)) return false;
+  if (!examples || json[examples].kind != Kind::kArray || json[examples].count == 0) return false;
+
+  // tensorflow.serving.Input: example_list = 1 {examples = 1}, or
+  // example_list_with_context = 2 {examples = 1, context = 2}.
+  RequestBuilder builder(json);
+  std::string list, example;
+  list.reserve(body.size() + 64);
+  for (uint32_t e = examples + 1; e < json[examples].end; e = json[e].end) {
+    if (!ExampleFromJson(json, builder, e, &example)) return false;
+    PutLengthDelimited(1, example, &list);
+  }
+  if (context) {
+    if (!ExampleFromJson(json, builder, context, &example)) return false;
+    if (!example.empty()) PutLengthDelimited(2, example, &list);  // else unset, as in Python
+  }
+  std::string input;
+  PutLengthDelimited(context ? 2 : 1, list, &input);
+  request->clear();
+  request->reserve(input.size() + model_name.size() + signame.size() + 32);
+  PutModelSpec(model_name, version, signame, request);
+  PutLengthDelimited(2, input, request);
+  return true;
+}
+
+}  // namespace
+
+bool ClassifyRequestFromJson(std::string_view body, const std::string& model_name, int64_t version,
+                             std::string* request) {
+  return ExamplesRequestFromJson(body, model_name, version, request);
+}
+
+bool RegressRequestFromJson(std::string_view body, const std::string& model_name, int64_t version,
+                            std::string* request) {
+  return ExamplesRequestFromJson(body, model_name, version, request);
 }
 
 namespace {
@@ -1041,38 +1198,51 @@ bool ParseBack(const char* s, size_t n, double* out) {
   return true;
 }
 
-// text.py _write_decimal / _float_tokens for one value: six significant
-// digits when they read back as the same value, else 9 (float) or 17
-// (double); ".0" on whole numbers; NaN and infinities as tokens.
-bool AppendDecimal(double v, bool single, std::string* out) {
-  if (std::isnan(v)) { out->append("NaN"); return true; }
-  if (std::isinf(v)) { out->append(v < 0 ? "-Infinity" : "Infinity"); return true; }
-  char buf[48];
-  size_t n = 0;
-  bool sure;
-  if (Candidate(v, single, &sure)) {
-    n = static_cast<size_t>(std::to_chars(buf, buf + sizeof buf, v, std::chars_format::general, 6).ptr - buf);
-    double back;
-    ParseBack(buf, n, &back);
-    bool same = single ? static_cast<float>(back) == static_cast<float>(v) : back == v;
-    if (!same) n = 0;
-  } else if (!sure) {
-    // Not a candidate here; whether it is one for numpy matters only if six
-    // digits would do.
-    n = static_cast<size_t>(std::to_chars(buf, buf + sizeof buf, v, std::chars_format::general, 6).ptr - buf);
-    double back;
-    ParseBack(buf, n, &back);
-    if (single ? static_cast<float>(back) == static_cast<float>(v) : back == v) return false;
-    n = 0;
-  }
-  if (!sure && n) return false;
+// "%.6g" of v in buf when it reads back as v (as a float when single), else 0.
+size_t SixDigits(double v, bool single, char* buf, size_t size) {
+  size_t n = static_cast<size_t>(std::to_chars(buf, buf + size, v, std::chars_format::general, 6).ptr - buf);
+  double back;
+  ParseBack(buf, n, &back);
+  return (single ? static_cast<float>(back) == static_cast<float>(v) : back == v) ? n : 0;
+}
+
+// text.py _write_decimal's writing: the n characters of buf, or (n == 0) v
+// with 9 (float) or 17 (double) significant digits; ".0" on whole numbers;
+// NaN and infinities as tokens.
+void AppendDigits(double v, bool single, char* buf, size_t size, size_t n, std::string* out) {
+  if (std::isnan(v)) { out->append("NaN"); return; }
+  if (std::isinf(v)) { out->append(v < 0 ? "-Infinity" : "Infinity"); return; }
   if (!n) {
-    n = static_cast<size_t>(
-        std::to_chars(buf, buf + sizeof buf, v, std::chars_format::general, single ? 9 : 17).ptr - buf);
+    n = static_cast<size_t>(std::to_chars(buf, buf + size, v, std::chars_format::general, single ? 9 : 17).ptr - buf);
   }
   out->append(buf, n);
   if (!std::memchr(buf, '.', n) && !std::memchr(buf, 'e', n)) out->append(".0");
+}
+
+// text.py _float_tokens for one value (a tensor's, or a regression's): six
+// significant digits where numpy's estimate picks them and they read back as
+// the same value. false where the estimate is not certain and six digits
+// would do (see Candidate).
+bool AppendDecimal(double v, bool single, std::string* out) {
+  char buf[48];
+  size_t n = 0;
+  if (std::isfinite(v)) {
+    bool sure;
+    bool candidate = Candidate(v, single, &sure);
+    // Not a candidate here: whether it is one for numpy matters only if six digits would do.
+    if (candidate || !sure) n = SixDigits(v, single, buf, sizeof buf);
+    if (!sure && n) return false;
+  }
+  AppendDigits(v, single, buf, sizeof buf, n, out);
   return true;
+}
+
+// text.py _write_decimal itself (a class's score): no estimate, six
+// significant digits whenever they read back as the same value.
+void AppendScalarDecimal(double v, bool single, std::string* out) {
+  char buf[48];
+  size_t n = std::isfinite(v) ? SixDigits(v, single, buf, sizeof buf) : 0;
+  AppendDigits(v, single, buf, sizeof buf, n, out);
 }
 
 // strings.py _jstr over raw bytes: quotes, backslashes and control
@@ -1449,6 +1619,115 @@ bool PredictResponseToJson(std::string_view response, bool row_format, std::stri
   }
   if (multi) json->append("\n    }");
   json->append("\n}");
+  return true;
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------
+// Responses: Classify and Regress results (tfs_json/classify.py)
+// ---------------------------------------------------------------------------
+// A label, a score or a value comes once from TF Serving; a repeat (protobuf
+// keeps the last one) is left to Python. Unknown fields are skipped, as
+// protobuf skips them.
+
+// A ClassificationResponse's or RegressionResponse's top level: the result
+// (field 1), handed to read_result, and the model_spec (2), checked only.
+// A repeated result is read in turn: protobuf merges it into the first,
+// appending its classifications or regressions.
+template <typename Fn>
+bool ResultResponse(std::string_view response, Fn read_result) {
+  return Fields(response, [&](Wire* w, uint32_t field, int wire) {
+    std::string_view bytes;
+    if (field == 1) return Done(wire == 2 && w->Bytes(&bytes) && read_result(bytes));
+    if (field == 2) return Done(wire == 2 && w->Bytes(&bytes) && ValidModelSpec(bytes));
+    return Read::kUnknown;
+  });
+}
+
+// Each element of message d's repeated message field 1, handed to fn.
+template <typename Fn>
+bool Elements(std::string_view d, Fn fn) {
+  return Fields(d, [&](Wire* w, uint32_t field, int wire) {
+    std::string_view bytes;
+    if (field != 1) return Read::kUnknown;
+    return Done(wire == 2 && w->Bytes(&bytes) && fn(bytes));
+  });
+}
+
+// A float field, once.
+Read FloatOnce(Wire* w, int wire, bool* seen, float* out) {
+  const char* at;
+  if (*seen || wire != 5 || !w->Fixed(4, &at)) return Read::kMalformed;
+  *seen = true;
+  std::memcpy(out, at, 4);
+  return Read::kDone;
+}
+
+// tensorflow.serving.Class: label = 1, score = 2.
+bool ParseClass(std::string_view d, std::string_view* label, float* score) {
+  bool has_label = false, has_score = false;
+  return Fields(d, [&](Wire* w, uint32_t field, int wire) {
+    if (field == 1) {
+      if (has_label) return Read::kMalformed;
+      has_label = true;
+      return Utf8Field(w, wire, label);
+    }
+    return field == 2 ? FloatOnce(w, wire, &has_score, score) : Read::kUnknown;
+  });
+}
+
+}  // namespace
+
+// classify.py classification_response_to_json: each Classifications a line
+// of [label, score] pairs, scores as text.py _write_decimal writes one float.
+bool ClassificationResponseToJson(std::string_view response, std::string* json) {
+  json->clear();
+  json->append("{\n    \"results\": [");
+  size_t rows = 0;
+  bool parsed = ResultResponse(response, [&](std::string_view result) {
+    return Elements(result, [&](std::string_view classifications) {
+      json->append(rows++ ? ", [" : "[");
+      size_t classes = 0;
+      bool ok = Elements(classifications, [&](std::string_view c) {
+        std::string_view label;
+        float score = 0;
+        if (!ParseClass(c, &label, &score)) return false;
+        json->append(classes++ ? ", [" : "[");
+        AppendJsonString(label, json);
+        json->append(", ");
+        AppendScalarDecimal(score, true, json);
+        json->push_back(']');
+        return true;
+      });
+      json->push_back(']');
+      return ok;
+    });
+  });
+  if (!parsed || !rows) return false;  // no classifications: Python raises
+  json->append("\n    ]\n}");
+  return true;
+}
+
+// classify.py regression_response_to_json: the values on one line, as
+// text.py _float_tokens writes a float32 array.
+bool RegressionResponseToJson(std::string_view response, std::string* json) {
+  json->clear();
+  json->append("{\n    \"results\": [");
+  size_t values = 0;
+  bool parsed = ResultResponse(response, [&](std::string_view result) {
+    return Elements(result, [&](std::string_view regression) {
+      float value = 0;
+      bool has_value = false;
+      bool ok = Fields(regression, [&](Wire* w, uint32_t field, int wire) {
+        return field == 1 ? FloatOnce(w, wire, &has_value, &value) : Read::kUnknown;
+      });
+      if (values++) json->append(", ");
+      return ok && AppendDecimal(value, true, json);
+    });
+  });
+  if (!parsed || !values) return false;  // no regressions: Python raises
+  json->append("]\n}");
   return true;
 }
 

@@ -1,6 +1,7 @@
 // TF Serving's REST JSON for the data plane's native REST path (rest.h):
 // a Predict body to a serialized tensorflow.serving.PredictRequest, and a
-// serialized PredictResponse back to TF Serving's JSON, in C++.
+// serialized PredictResponse back to TF Serving's JSON, in C++; likewise for
+// Classify and Regress (tf.Examples in, classes or values out).
 //
 // The Python gateway's codec (services/gateway/tfs_json/) is the reference:
 // for every input this code accepts, its result is the reference's, byte for
@@ -42,5 +43,26 @@ bool PredictRequestFromJson(std::string_view body, const Signatures& signatures,
 // false: declined (the reference would raise, or this code does not handle
 // a dtype); *json is then unspecified.
 bool PredictResponseToJson(std::string_view response, bool row_format, std::string* json);
+
+// A REST classify or regress body -> the ClassificationRequest or
+// RegressionRequest the Python gateway's path sends
+// (services/gateway/rest.py RestServer._classify_or_regress:
+// tfs_json.classification_request_from_json(body, model_name=model_name,
+// version=version), regression_request_from_json likewise), serialized into
+// *request: tf.Examples from "examples" and the optional "context", the
+// body's "signature_name" if it has one. false: declined; *request is then
+// unspecified.
+bool ClassifyRequestFromJson(std::string_view body, const std::string& model_name, int64_t version,
+                             std::string* request);
+bool RegressRequestFromJson(std::string_view body, const std::string& model_name, int64_t version,
+                            std::string* request);
+
+// A serialized ClassificationResponse or RegressionResponse -> the JSON the
+// Python gateway answers (tfs_json.classification_response_to_json,
+// regression_response_to_json), byte for byte. false: declined (the
+// reference would raise, or this code is not certain to match it); *json is
+// then unspecified.
+bool ClassificationResponseToJson(std::string_view response, std::string* json);
+bool RegressionResponseToJson(std::string_view response, std::string* json);
 
 }  // namespace cloudml::dataplane

@@ -1,5 +1,5 @@
 // cloudml-tfs-json: the data plane's REST JSON codec (dataplane/rest_json.h)
-// behind stdin and stdout, so tests/unit/test_native_tfs_json.py can hold
+// behind stdin and stdout, so tests/unit/test_native_tfs_json*.py can hold
 // thousands of cases against the Python codec through one process.
 //
 // Every record, both ways, is a 4-byte little-endian length and that many
@@ -8,9 +8,16 @@
 //   u32 signature count, then per signature: u32 name length, name,
 //   u32 input count, then per input: u32 name length, name, i32 dtype
 // or a response record:
-//   'S', u8 row format (0/1), the serialized PredictResponse (the rest).
+//   'S', u8 row format (0/1), the serialized PredictResponse (the rest);
+// or a classify ('C') or regress ('G') request record:
+//   'C' or 'G', u32 body length, body, i64 version, u32 model name length,
+//   model name;
+// or a classify ('c') or regress ('g') response record:
+//   'c' or 'g', the serialized ClassificationResponse or RegressionResponse
+//   (the rest).
 // Each answer: 'D' (declined), 'R' u8 row format + the serialized
-// PredictRequest, or 'J' + the JSON. A malformed record ends the process
+// PredictRequest, 'R' + the serialized ClassificationRequest or
+// RegressionRequest, or 'J' + the JSON. A malformed record ends the process
 // with status 2.
 #include <cstdint>
 #include <cstdio>
@@ -83,6 +90,17 @@ bool Request(Record* r, std::string* answer) {
   return true;
 }
 
+bool ExamplesRequest(bool classify, Record* r, std::string* answer) {
+  std::string_view body, model;
+  int64_t version;
+  if (!r->Bytes(&body) || !r->Fixed(&version) || !r->Bytes(&model) || !r->Done()) return false;
+  std::string request;
+  bool ok = classify ? cloudml::dataplane::ClassifyRequestFromJson(body, std::string(model), version, &request)
+                     : cloudml::dataplane::RegressRequestFromJson(body, std::string(model), version, &request);
+  *answer = ok ? "R" + request : "D";
+  return true;
+}
+
 bool Response(Record* r, std::string* answer) {
   uint8_t row;
   if (!r->Fixed(&row) || row > 1) return false;
@@ -92,6 +110,14 @@ bool Response(Record* r, std::string* answer) {
   } else {
     *answer = "J" + json;
   }
+  return true;
+}
+
+bool ExamplesResponse(bool classify, Record* r, std::string* answer) {
+  std::string json;
+  bool ok = classify ? cloudml::dataplane::ClassificationResponseToJson(r->Rest(), &json)
+                     : cloudml::dataplane::RegressionResponseToJson(r->Rest(), &json);
+  *answer = ok ? "J" + json : "D";
   return true;
 }
 
@@ -105,7 +131,14 @@ int main() {
     record.resize(n);
     if (!ReadExactly(record.data(), n) || n == 0) return 2;
     Record r(std::string_view(record).substr(1));
-    bool ok = record[0] == 'Q' ? Request(&r, &answer) : record[0] == 'S' ? Response(&r, &answer) : false;
+    bool ok;
+    switch (record[0]) {
+      case 'Q': ok = Request(&r, &answer); break;
+      case 'S': ok = Response(&r, &answer); break;
+      case 'C': case 'G': ok = ExamplesRequest(record[0] == 'C', &r, &answer); break;
+      case 'c': case 'g': ok = ExamplesResponse(record[0] == 'c', &r, &answer); break;
+      default: ok = false;
+    }
     if (!ok) return 2;
     uint32_t size = static_cast<uint32_t>(answer.size());
     std::fwrite(&size, 1, 4, stdout);
