@@ -251,7 +251,8 @@ class RestServer:
         body = await self._read_body(request, verb, self._body_limit(name, version, label, metadata))
         if verb == "predict":
             return await self._predict(name, version, label, body, metadata, self._from_dataplane(request))
-        return await self._classify_or_regress(verb, name, version, label, body, metadata)
+        return await self._classify_or_regress(verb, name, version, label, body, metadata,
+                                               self._from_dataplane(request))
 
     def _body_limit(self, name, version, label, metadata) -> int:
         """The request limit of the versions that may answer (the gateway's cap
@@ -365,14 +366,18 @@ class RestServer:
         response = json_response(200, tfs_json.predict_response_to_json(
             predict_pb2.PredictResponse.FromString(raw), parsed.row_format))
         if dataplane:
-            try:
-                decision = self._rest_decision(name, version, label, metadata, generation)
-            except Exception:  # noqa: BLE001 - the answer stands; the data plane asks again next time
-                log.exception("no routing decision for the data plane (REST %s)", name)
-                decision = None
-            if decision is not None:
-                response.headers[REST_DECISION_HEADER] = base64.b64encode(decision.SerializeToString()).decode()
+            self._add_decision(response, name, version, label, metadata, generation)
         return response
+
+    def _add_decision(self, response: web.Response, name, version, label, metadata, generation) -> None:
+        """The RestDecision for a call the data plane relayed and that succeeded, in its header."""
+        try:
+            decision = self._rest_decision(name, version, label, metadata, generation)
+        except Exception:  # noqa: BLE001 - the answer stands; the data plane asks again next time
+            log.exception("no routing decision for the data plane (REST %s)", name)
+            decision = None
+        if decision is not None:
+            response.headers[REST_DECISION_HEADER] = base64.b64encode(decision.SerializeToString()).decode()
 
     def _from_dataplane(self, request: web.Request) -> bool:
         """True for a request the native data plane relayed (it carries its secret)."""
@@ -404,17 +409,28 @@ class RestServer:
                 entry.signatures[signame].dtypes.update({k: t.dtype for k, t in sig.inputs.items()})
         return decision
 
-    async def _classify_or_regress(self, verb, name, version, label, body, metadata):
+    async def _classify_or_regress(self, verb, name, version, label, body, metadata, dataplane: bool = False):
+        router = self._router()
+        generation = router.table.generation
+        convert = (tfs_json.classification_request_from_json if verb == "classify"
+                   else tfs_json.regression_request_from_json)
+        request = convert(body, model_name=name, version=version, version_label=label)  # the body's errors first
+        # The version answers as for predict: a label or the traffic split
+        # resolved here (replicas know no labels), the replica told which.
+        _, _, resolved = router.resolve(router.caller(metadata), self._spec(name, version, label))
+        request.model_spec.ClearField("version_label")
+        request.model_spec.version.value = resolved
+        api = verb.capitalize()
+        raw = await router.forward(api, request.SerializeToString(), metadata, DEFAULT_TIMEOUT)
         if verb == "classify":
-            request = tfs_json.classification_request_from_json(body, model_name=name, version=version,
-                                                                 version_label=label)
-            raw = await self._router().forward("Classify", request.SerializeToString(), metadata, DEFAULT_TIMEOUT)
-            return json_response(200, tfs_json.classification_response_to_json(
+            response = json_response(200, tfs_json.classification_response_to_json(
                 classification_pb2.ClassificationResponse.FromString(raw)))
-        request = tfs_json.regression_request_from_json(body, model_name=name, version=version, version_label=label)
-        raw = await self._router().forward("Regress", request.SerializeToString(), metadata, DEFAULT_TIMEOUT)
-        return json_response(200, tfs_json.regression_response_to_json(
-            regression_pb2.RegressionResponse.FromString(raw)))
+        else:
+            response = json_response(200, tfs_json.regression_response_to_json(
+                regression_pb2.RegressionResponse.FromString(raw)))
+        if dataplane:
+            self._add_decision(response, name, version, label, metadata, generation)
+        return response
 
     # --- lifecycle ------------------------------------------------------------------------
 

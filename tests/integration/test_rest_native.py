@@ -4,10 +4,10 @@ whose data plane owns the REST port, one whose Python process serves it,
 `--dataplane-rest off`), and a real model-server replica of TF Serving's
 half_plus_two (TensorFlow), called over plain HTTP.
 
-What is checked: the same request gets the same status and the same bytes
-from both gateways, first call (relayed to the Python gateway) and repeat
-calls (converted in C++, proven by the data plane's `rest` call counter),
-errors included; what a hostile caller might try on the new port (forged
+What is checked: the same request (predict, classify, regress) gets the same
+status and the same bytes from both gateways, first call (relayed to the
+Python gateway) and repeat calls (converted in C++, proven by the data
+plane's `rest` call counter), errors included; what a hostile caller might try on the new port (forged
 platform headers, another tenant's cached route, a revoked token, heads and
 bodies that never end, pipelining); and that everything that is not a
 predict call still works through the relay.
@@ -159,6 +159,15 @@ CASES = [
     (b'{"instances": [1.0]}', f"/v1/models/{MODEL}/labels/nope:predict"),
     (b'{"instances": [1.0]}', "/v1/models/missing:predict"),
     (b'{"instances": [NaN, Infinity]}', None),
+    # Classify and regress (half_plus_two's tf.Example signatures).
+    (b'{"signature_name": "classify_x_to_y", "examples": [{"x": 1.0}, {"x": [2.5]}]}',
+     f"/v1/models/{MODEL}:classify"),
+    (b'{"signature_name": "regress_x_to_y", "examples": [{"x": 3.0}]}', f"/v1/models/{MODEL}:regress"),
+    (b'{"signature_name": "regress_x_to_y", "context": {"x": 1.0}, "examples": [{}]}',
+     f"/v1/models/{MODEL}/labels/stable:regress"),
+    (b'{"signature_name": "regress_x_to_y", "examples": [{"x": "a"}]}', f"/v1/models/{MODEL}:regress"),
+    (b'{"signature_name": "regress_x_to_y", "examples": [1]}', f"/v1/models/{MODEL}:regress"),
+    (b'{"examples": [{"x": 1.0}]}', f"/v1/models/{MODEL}:classify"),
 ]
 
 

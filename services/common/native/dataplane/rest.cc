@@ -41,7 +41,11 @@ constexpr auto kIdleTime = std::chrono::seconds(75);  // aiohttp's keep-alive
 constexpr auto kBodyTime = std::chrono::seconds(5);   // rest.py BODY_READ_TIMEOUT
 constexpr auto kLingerTime = std::chrono::seconds(1);  // rest.py's lingering_time
 constexpr auto kPredictTimeout = std::chrono::seconds(60);  // rest.py DEFAULT_TIMEOUT
-constexpr char kPredictPath[] = "/tensorflow.serving.PredictionService/Predict";
+
+// The model calls converted here: TF Serving's REST verbs and their gRPC methods.
+enum Verb { kPredict, kClassify, kRegress };
+constexpr const char* kVerbs[] = {":predict", ":classify", ":regress"};
+constexpr const char* kApis[] = {"Predict", "Classify", "Regress"};
 
 bool IEquals(std::string_view a, std::string_view b) {
   if (a.size() != b.size()) return false;
@@ -124,18 +128,26 @@ bool ParseLength(const std::string& v, uint64_t* out) {
   return true;
 }
 
-// `/v1/models/NAME[/versions/N|/labels/L]:predict[/]` (rest.py _MODEL_PATH,
-// whose literal parts after /v1/models/ match case-insensitively), the query dropped; false for
-// any other path, and for what the Python gateway would decode first
-// (percent-escapes) or read as a version in ways of its own (not plain digits).
-bool PredictPath(std::string_view target, Spec* spec) {
+// `/v1/models/NAME[/versions/N|/labels/L]:predict|:classify|:regress[/]`
+// (rest.py _MODEL_PATH, whose literal parts after /v1/models/ match
+// case-insensitively), the query dropped; false for any other path, and for
+// what the Python gateway would decode first (percent-escapes) or read as a
+// version in ways of its own (not plain digits).
+bool ModelCallPath(std::string_view target, Spec* spec, Verb* verb) {
   target = target.substr(0, target.find('?'));
   // aiohttp routes /v1/models/ case-sensitively; the rest of the path is rest.py's regex.
   if (target.find('%') != std::string_view::npos || target.compare(0, 11, "/v1/models/") != 0) return false;
   target.remove_prefix(11);
   if (!target.empty() && target.back() == '/') target.remove_suffix(1);
-  if (target.size() < 8 || !IEquals(target.substr(target.size() - 8), ":predict")) return false;
-  target.remove_suffix(8);
+  size_t colon = target.rfind(':');
+  if (colon == std::string_view::npos) return false;
+  std::string_view suffix = target.substr(colon);
+  int found = -1;
+  for (int i = 0; i < 3; i++)
+    if (IEquals(suffix, kVerbs[i])) found = i;
+  if (found < 0) return false;
+  *verb = static_cast<Verb>(found);
+  target.remove_suffix(suffix.size());
   size_t slash = target.find('/');
   std::string_view name = target.substr(0, slash);
   if (name.empty() || name.find(':') != std::string_view::npos) return false;
@@ -277,6 +289,7 @@ struct RestUp {
 // A REST predict call on its way to a replica.
 struct RestCall {
   RestConn* conn = nullptr;
+  Verb verb = kPredict;
   bool row_format = true;
 };
 
@@ -300,6 +313,7 @@ struct RestConn {
   std::string body;
   std::string key;  // a predict call's RestCacheKey ("" for other requests)
   Spec spec;
+  Verb verb = kPredict;
   FastRoute route;
   std::string x_request_id;
   Exchange* call = nullptr;
@@ -536,14 +550,16 @@ struct RestFront::Impl {
     if (expect && !IEquals(*expect, "100-continue")) return false;
     if (h.Count(kAuthorization) > 1 || h.Count("x-request-id") > 1) return false;
     c->spec = Spec();
-    if (!PredictPath(target, &c->spec)) return false;
+    if (!ModelCallPath(target, &c->spec, &c->verb)) return false;
     const std::string* rid = h.Get("x-request-id");
     c->x_request_id = rid ? *rid : "";
     for (char ch : c->x_request_id)
       if (ch < 0x20 || ch > 0x7e) return false;  // not valid gRPC metadata: the Python gateway's rules
     const std::string* auth = h.Get(kAuthorization);
     std::string key = RestCacheKey(auth ? *auth : "", c->spec);
-    if (!plane.Lookup(key, c->spec, "Predict", host.Rng(), &c->route) || !c->route.signatures) {
+    // A predict call's tensors need the version's signatures; classify and regress build tf.Examples.
+    if (!plane.Lookup(key, c->spec, kApis[c->verb], host.Rng(), &c->route) ||
+        (c->verb == kPredict && !c->route.signatures)) {
       c->key = key;  // the Python gateway's answer may bring the decision
       return false;
     }
@@ -553,17 +569,28 @@ struct RestFront::Impl {
     return c->length <= limit;  // else the Python gateway answers 413
   }
 
-  // The predict body is in: converted here, straight to a replica.
+  // The body is in: converted here, straight to a replica.
   void Convert(RestConn* c) {
     std::string request;
-    bool row = true;
+    bool row = true, converted = false;
     uint64_t limit = plane.options.max_request_bytes;
     if (c->route.max_request_bytes) limit = std::min(limit, c->route.max_request_bytes);
-    if (!PredictRequestFromJson(c->body, *c->route.signatures, c->spec.name, c->route.version, &request, &row) ||
-        request.size() > limit)
-      return Relay(c, true);
+    switch (c->verb) {
+      case kPredict:
+        converted = PredictRequestFromJson(c->body, *c->route.signatures, c->spec.name, c->route.version, &request,
+                                           &row);
+        break;
+      case kClassify:
+        converted = ClassifyRequestFromJson(c->body, c->spec.name, c->route.version, &request);
+        break;
+      case kRegress:
+        converted = RegressRequestFromJson(c->body, c->spec.name, c->route.version, &request);
+        break;
+    }
+    if (!converted || request.size() > limit) return Relay(c, true);
     const std::string* picked = &host.GrpcSide();
-    bool coalesce = c->route.coalesce_max > 1 && !picked->empty();
+    // The gRPC side coalesces Predict calls only.
+    bool coalesce = c->verb == kPredict && c->route.coalesce_max > 1 && !picked->empty();
     if (!coalesce) {
       std::vector<const std::string*> candidates;
       for (const auto& a : c->route.addresses) candidates.push_back(&a);
@@ -575,9 +602,10 @@ struct RestFront::Impl {
     auto* x = new Exchange();
     c->rest_call.conn = c;
     c->rest_call.row_format = row;
+    c->rest_call.verb = c->verb;
     x->rest = &c->rest_call;
-    x->api = "Predict";
-    x->path = kPredictPath;
+    x->api = kApis[c->verb];
+    x->path = std::string(kPredictionService) + x->api;
     x->key = c->key;
     x->model = c->spec.name;
     x->version = c->route.version;
@@ -903,6 +931,15 @@ struct RestFront::Impl {
 
   // --- the replica's answer ---
 
+  static bool ResponseToJson(const RestCall& call, std::string_view response, std::string* json) {
+    switch (call.verb) {
+      case kPredict: return PredictResponseToJson(response, call.row_format, json);
+      case kClassify: return ClassificationResponseToJson(response, json);
+      case kRegress: return RegressionResponseToJson(response, json);
+    }
+    return false;
+  }
+
   void Replied(Exchange* x, int code) {
     RestConn* c = x->rest->conn;
     c->call = nullptr;
@@ -922,7 +959,7 @@ struct RestFront::Impl {
                                          uint8_t(r[4])
                                    : 0;
       if (r.size() < 5 || r[0] != 0 || len != r.size() - 5 ||
-          !PredictResponseToJson(std::string_view(r).substr(5), c->rest_call.row_format, &json)) {
+          !ResponseToJson(c->rest_call, std::string_view(r).substr(5), &json)) {
         // The Python gateway answers it (an error of TF Serving's, or a dtype the codec leaves to it).
         delete x;
         Relay(c, true);

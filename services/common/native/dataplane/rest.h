@@ -4,13 +4,14 @@
 //
 // HTTP/1.1 on the gateway's public REST port, on the HTTP/2 front's thread
 // and epoll loop (h2front.h). For each request on a connection, in order:
-// - A predict call (`POST /v1/models/NAME[/versions/N|/labels/L]:predict`
-//   with a Content-Length body, no Content-Encoding) whose route the Python
-//   gateway has handed this process (a RestDecision: the route as for gRPC,
-//   and the input dtypes of the versions' signatures, cached per
+// - A model call (`POST /v1/models/NAME[/versions/N|/labels/L]:predict`,
+//   `:classify` or `:regress`, with a Content-Length body, no
+//   Content-Encoding) whose route the Python gateway has handed this process
+//   (a RestDecision: the route as for gRPC, and the input dtypes of the
+//   versions' signatures, which a predict call's tensors need; cached per
 //   authorization and path, same generation, expiry and limits as
 //   Plane::Lookup) is read whole (at most the model's request limit, within
-//   5 s), converted to a PredictRequest here (rest_json.h), sent straight to
+//   5 s), converted to its request proto here (rest_json.h), sent straight to
 //   a replica over HTTP/2 as the gRPC fast path sends it, and its reply
 //   converted back to TF Serving's JSON here. A replica's error status is
 //   answered as the Python gateway answers it ({"error": ...} with TF
