@@ -146,13 +146,31 @@ def call(env):
 
 
 @pytest.fixture(scope="module")
-def rest(env):
-    """rest(method, path, body=None, token=...) -> (HTTP status, JSON) on the gateway's REST port."""
+def python_rest(env):
+    """A second gateway on the platform whose Python process serves REST (`--dataplane-rest off`)."""
+    gateway, endpoint = env.platform.start_gateway_copy("gateway-python-rest", "--dataplane-rest", "off")
+    yield endpoint
+    gateway.stop()
+
+
+@pytest.fixture(scope="module", params=["native", "python"])
+def rest(request, env):
+    """rest(method, path, body=None, token=...) -> (HTTP status, JSON) on a gateway's REST port:
+    `native` (the platform's gateway: its data plane owns the port; each call is
+    sent twice, the first relayed to the Python gateway, the repeat converted in
+    C++ when the codec takes it, and both answers must agree) or `python`
+    (a gateway whose Python process serves REST, as TF Serving's cases run
+    unchanged against both paths)."""
+    endpoint = env.platform.rest_endpoint if request.param == "native" else request.getfixturevalue("python_rest")
 
     def _rest(method, path, body=None, *, token="admin"):
         if token == "admin":
             token = env.admin_token
-        return env.platform.rest(method, path, body, token=token)
+        answer = env.platform.rest(method, path, body, token=token, endpoint=endpoint)
+        if request.param == "native":
+            again = env.platform.rest(method, path, body, token=token, endpoint=endpoint)
+            assert again == answer, (method, path, answer, again)
+        return answer
 
     return _rest
 
@@ -274,13 +292,16 @@ def test_label_set_with_the_models_api_routes_grpc_and_rest(env, call, rest):
     r = wait_until(lambda: (lambda r: r if r["code"] == "OK" else None)(
         call("Predict", {"modelSpec": spec(versionLabel="canary")}, tensors=x_tensor([[6.0]]))), 10, "label canary")
     assert r["arrays"] == {"y": [[5.0]]} and r["response"]["modelSpec"]["version"] == str(VERSION)
-    status, body = rest("POST", f"/v1/models/{MODEL}/labels/canary:predict", {"instances": [[6.0]]})
-    assert (status, body) == (200, {"predictions": [[5.0]]})
+    # Each gateway watches the registry itself: the REST one may see the label a moment later.
+    answer = wait_until(lambda: (lambda a: a if a[0] == 200 else None)(
+        rest("POST", f"/v1/models/{MODEL}/labels/canary:predict", {"instances": [[6.0]]})), 10, "REST label")
+    assert answer == (200, {"predictions": [[5.0]]})
     client.call(serving.models_stub(client).DeleteLabel, models_pb.DeleteLabelRequest(model=MODEL, label="canary"))
     wait_until(lambda: call("Predict", {"modelSpec": spec(versionLabel="canary")},
                             tensors=x_tensor([[6.0]]))["code"] == "INVALID_ARGUMENT", 10, "label canary gone")
-    status, body = rest("POST", f"/v1/models/{MODEL}/labels/canary:predict", {"instances": [[6.0]]})
-    assert (status, body) == (400, {"error": "Unrecognized servable version label: canary"})
+    answer = wait_until(lambda: (lambda a: a if a[0] == 400 else None)(
+        rest("POST", f"/v1/models/{MODEL}/labels/canary:predict", {"instances": [[6.0]]})), 10, "REST label gone")
+    assert answer == (400, {"error": "Unrecognized servable version label: canary"})
 
 
 # --- gRPC: errors, with TF Serving's codes and messages ----------------------------------------------

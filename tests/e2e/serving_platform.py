@@ -149,15 +149,17 @@ class PlatformClient:
 
     # --- REST, like curl ------------------------------------------------------------------------
 
-    def rest(self, method: str, path: str, body=None, token: str | None = None, timeout: float = 30):
-        """(HTTP status, decoded JSON body) of one call to the gateway's REST port."""
+    def rest(self, method: str, path: str, body=None, token: str | None = None, timeout: float = 30,
+             endpoint: str | None = None):
+        """(HTTP status, decoded JSON body) of one call to the gateway's REST port (or `endpoint`'s)."""
         data = None
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        request = urllib.request.Request(self.rest_endpoint + path, data=data, method=method, headers=headers)
+        request = urllib.request.Request((endpoint or self.rest_endpoint) + path, data=data, method=method,
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as resp:
                 return resp.status, json.loads(resp.read() or b"null")
@@ -208,6 +210,27 @@ class ServingPlatform(PlatformClient):
         assert result.returncode == 0, result.stdout + result.stderr
         # `down` stops the model-server replicas too (they run under shims of their own).
         wait_until(lambda: not self.replica_processes(), 30, "no model-server process left after down")
+
+    def start_gateway_copy(self, name: str, *flags: str):
+        """Another gateway on this platform (its etcd, its services): the running
+        gateway's command line with ports and files of its own, plus `flags`
+        (e.g. "--dataplane-rest", "off"). Returns its ServiceProcess and REST
+        endpoint; the caller stops it (`down` does not know it)."""
+        from deploy.local.service_process import ServiceProcess
+
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "services.gateway" in cmd and any(self.data_dir in a for a in cmd):
+                break
+        else:
+            raise AssertionError("no gateway process of this platform")
+        rest = free_port()
+        port_file = os.path.join(self.data_dir, f"{name}.port")
+        own = {"--listen": "127.0.0.1:0", "--rest-listen": f"127.0.0.1:{rest}", "--port-file": port_file}
+        command = [own.get(prev, arg) for prev, arg in zip(["", *cmd], cmd)]
+        gateway = ServiceProcess(name, [*command, *flags], port_file,
+                                 log_path=os.path.join(self.data_dir, f"{name}.log")).start().wait_serving(30)
+        return gateway, f"http://127.0.0.1:{rest}"
 
     # --- model-server replicas ------------------------------------------------------------------
 
