@@ -331,3 +331,21 @@ def test_calls_to_a_batching_replica_are_coalesced(env):
                                 now.get("coalesced", 0) > before.get("coalesced", 0) else None)(calls()),
                        10, "the data plane to report coalesced REST calls")
     assert after["coalesced"] > before.get("coalesced", 0)
+
+
+def test_http_1_0_callers_keep_alive_only_when_they_ask(env):
+    body = b'{"instances": [2.0]}'
+    head = (f"POST /v1/models/{MODEL}:predict HTTP/1.0\r\nAuthorization: Bearer {env['token']}\r\n"
+            f"Content-Length: {len(body)}\r\n").encode()
+    call(env, "native", body)  # the route is cached
+    before = wait_rest_calls(env, 0)
+    with socket.create_connection(("127.0.0.1", env["ports"]["native"]), timeout=10) as sock:
+        for _ in range(2):  # ApacheBench's `ab -k`
+            sock.sendall(head + b"Connection: keep-alive\r\n\r\n" + body)
+            status, answer, raw = read_answers(sock, 1)[0]
+            assert (status, answer) == (200, b'{\n    "predictions": [3.0\n    ]\n}')
+            assert b"connection: keep-alive" in raw.lower()
+        sock.sendall(head + b"\r\n" + body)  # no keep-alive: answered, then closed
+        assert read_answers(sock, 1)[0][:2] == (200, b'{\n    "predictions": [3.0\n    ]\n}')
+        assert sock.recv(100) == b""
+    assert wait_rest_calls(env, before + 3) >= before + 3

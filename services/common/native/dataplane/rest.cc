@@ -309,6 +309,7 @@ struct RestConn {
   Head head;
   std::string raw_head;  // as it came, for the relay
   std::string method;
+  bool http10 = false;  // an HTTP/1.0 request
   uint64_t length = 0;  // the request's Content-Length
   std::string body;
   std::string key;  // a predict call's RestCacheKey ("" for other requests)
@@ -515,8 +516,10 @@ struct RestFront::Impl {
     if (!ParseHead(std::string_view(c->raw_head).substr(0, end), &c->head)) return Tunnel(c), true;
     const std::string& line = c->head.first;
     size_t sp1 = line.find(' '), sp2 = line.rfind(' ');
-    if (sp1 == std::string::npos || sp2 == sp1 || line.compare(sp2 + 1, std::string::npos, "HTTP/1.1") != 0)
-      return Tunnel(c), true;  // HTTP/1.0 and the like: the Python gateway's framing rules
+    if (sp1 == std::string::npos || sp2 == sp1) return Tunnel(c), true;
+    std::string_view version = std::string_view(line).substr(sp2 + 1);
+    if (version != "HTTP/1.1" && version != "HTTP/1.0") return Tunnel(c), true;  // the Python gateway's rules
+    c->http10 = version == "HTTP/1.0";
     c->method = line.substr(0, sp1);
     std::string target = line.substr(sp1 + 1, sp2 - sp1 - 1);
     const Head& h = c->head;
@@ -525,11 +528,13 @@ struct RestFront::Impl {
     if (h.Get("transfer-encoding") || h.Get("upgrade") || (connection && HasToken(*connection, "upgrade")) ||
         h.Count("content-length") > 1 || (cl && !ParseLength(*cl, &c->length)))
       return Tunnel(c), true;
-    c->close_after = connection && HasToken(*connection, "close");
+    // HTTP/1.0 connections close after each answer unless the caller asks to keep them (ab -k does).
+    c->close_after = c->http10 ? !(connection && HasToken(*connection, "keep-alive"))
+                               : connection && HasToken(*connection, "close");
     if (!stopping && Candidate(c, target)) {
       c->state = RestConn::kBody;
       const std::string* expect = h.Get("expect");
-      if (expect && IEquals(*expect, "100-continue") && c->in.size() < c->length)
+      if (expect && IEquals(*expect, "100-continue") && c->in.size() < c->length && !c->http10)
         c->out += "HTTP/1.1 100 Continue\r\n\r\n";
       return true;
     }
@@ -634,7 +639,9 @@ struct RestFront::Impl {
     c->close_after = c->close_after || close;
     c->out += "HTTP/1.1 " + std::to_string(status) + " " + Reason(status) +
               "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-              (c->close_after ? "\r\nConnection: close\r\n\r\n" : "\r\n\r\n");
+              (c->close_after ? "\r\nConnection: close\r\n\r\n"
+               : c->http10  ? "\r\nConnection: keep-alive\r\n\r\n"
+                            : "\r\n\r\n");
     c->out += body;
     c->state = RestConn::kHead;
     c->since = Clock::now();

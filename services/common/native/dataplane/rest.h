@@ -26,6 +26,7 @@
 //   request carries the data plane's secret; the answer to a relayed predict
 //   call carries the RestDecision for the path, which is cached here and
 //   never passed on. A caller's own `x-cloudml-*` headers are dropped.
+// - HTTP/1.1 and HTTP/1.0 (keep-alive only when asked, as ab -k does).
 // - A request the relay cannot frame (chunked request bodies, Upgrade:
 //   websockets for notebooks and TensorBoard) turns the connection into a
 //   byte tunnel to the Python gateway for the rest of its life.
