@@ -18,6 +18,7 @@ import base64
 import gzip
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import psutil
 import pytest
 
 from cloudml.auth.v1 import auth_service_pb2 as auth_pb
@@ -349,3 +351,42 @@ def test_http_1_0_callers_keep_alive_only_when_they_ask(env):
         assert read_answers(sock, 1)[0][:2] == (200, b'{\n    "predictions": [3.0\n    ]\n}')
         assert sock.recv(100) == b""
     assert wait_rest_calls(env, before + 3) >= before + 3
+
+
+def _dataplane(env):
+    gateway = psutil.Process(env["stack"].gateway.process.pid)
+    return next(c for c in gateway.children() if os.path.basename(c.exe()) == "cloudml-dataplane")
+
+
+def test_garbage_and_abandoned_calls_leave_the_port_serving(env):
+    dataplane = _dataplane(env)
+    call(env, "native", b'{"instances": [1.0]}')
+    fds, rss = dataplane.num_fds(), dataplane.memory_info().rss
+    rng = random.Random(7)
+    port = env["ports"]["native"]
+    good = (f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {env['token']}\r\n"
+            f"Content-Length: 20\r\n\r\n" + '{"instances": [1.0]}').encode()
+    sends = [
+        lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 3000))),  # noise
+        lambda: good[:rng.randrange(1, len(good))],                                 # cut anywhere
+        lambda: good.replace(b"Content-Length: 20", b"Content-Length: 99999999"),  # a body that never comes
+        lambda: good * rng.randrange(2, 20),                                        # pipelined, then dropped
+        lambda: bytearray(good).replace(b"1.0", bytes([rng.randrange(256)]) * 3),  # a mangled body
+        lambda: b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + b"x" * 100,
+        lambda: b"POST /v1/models/x:predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        lambda: b"GET /v1/models HTTP/1.1\r\n" + b"X: " + b"y" * 9000 + b"\r\n\r\n",
+    ]
+    for i in range(240):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(bytes(sends[i % len(sends)]()))
+            if i % 3 == 0:  # read a little of the answer, or none, then go away mid-call
+                sock.settimeout(0.05)
+                try:
+                    sock.recv(10)
+                except OSError:
+                    pass
+    # The same process, answering as before; its connections closed, its memory flat.
+    assert _dataplane(env).pid == dataplane.pid
+    assert call(env, "native", b'{"instances": [1.0]}')[:2] == (200, b'{\n    "predictions": [2.5\n    ]\n}')
+    wait_until(lambda: dataplane.num_fds() <= fds + 2, 15, "the data plane to close the connections it was left with")
+    assert dataplane.memory_info().rss < rss + 4 * 2**20
