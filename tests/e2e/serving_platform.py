@@ -208,8 +208,10 @@ class ServingPlatform(PlatformClient):
         result = subprocess.run([*PLATFORM_CLI, "down", "--data-dir", self.data_dir], capture_output=True,
                                 text=True, timeout=180, env=clean_env(), cwd=ROOT)
         assert result.returncode == 0, result.stdout + result.stderr
-        # `down` stops the model-server replicas too (they run under shims of their own).
-        wait_until(lambda: not self.replica_processes(), 30, "no model-server process left after down")
+        # `down` stops the model-server replicas and dev-environment servers too (they run
+        # under shims of their own, and may still be exiting when it returns).
+        wait_until(lambda: not self.replica_processes() and not self.devenv_processes(), 30,
+                   "no model-server or notebook-server process left after down")
 
     def start_gateway_copy(self, name: str, *flags: str):
         """Another gateway on this platform (its etcd, its services): the running
@@ -248,6 +250,19 @@ class ServingPlatform(PlatformClient):
                     found.append(proc)
             except psutil.NoSuchProcess:
                 pass
+        return found
+
+    def devenv_processes(self) -> list[psutil.Process]:
+        """This platform's dev-environment (notebook) server processes."""
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            cmd = proc.info["cmdline"] or []
+            if "services.jobs.devenv_replica" in cmd and any(self.data_dir in a for a in cmd):
+                try:
+                    if proc.status() != psutil.STATUS_ZOMBIE:
+                        found.append(proc)
+                except psutil.NoSuchProcess:
+                    pass
         return found
 
     def log(self, name: str) -> str:

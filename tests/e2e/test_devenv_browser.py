@@ -206,7 +206,8 @@ def test_stop_frees_resources_and_start_brings_the_notebook_back(platform, brows
 
 
 def test_platform_restart_brings_the_server_back_with_the_notebook(platform, browser, nb):
-    platform.down()  # stops every replica, the notebook server too
+    assert platform.devenv_processes()  # what down() waits for is found while it runs
+    platform.down()  # stops every replica, the notebook server too (and waits until they have exited)
     assert not server_processes(platform)
     platform.start().wait_up()
     wait_until(lambda: platform.cli_json("dev", "describe", "nb", config=platform.acme)["state"]

@@ -1087,7 +1087,11 @@ bool RestFront::Drained() {
   std::vector<RestConn*> idle;
   bool busy = false;
   for (RestConn* c : m.conns) {
-    if (c->state == RestConn::kHead && c->in.empty() && c->out_off == c->out.size())
+    // Idle connections close at once, and tunnels too (a WebSocket has no
+    // end to wait for; aiohttp closes its own at shutdown as well); a
+    // request in progress gets the grace period to finish.
+    if ((c->state == RestConn::kHead && c->in.empty() && c->out_off == c->out.size()) ||
+        c->state == RestConn::kTunnel)
       idle.push_back(c);
     else
       busy = true;
