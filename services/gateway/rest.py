@@ -385,10 +385,10 @@ class RestServer:
         return bool(self.dataplane_secret and got and hmac.compare_digest(got, self.dataplane_secret))
 
     def _rest_decision(self, name, version, label, metadata, generation) -> dataplane_pb2.RestDecision | None:
-        """What the data plane may repeat for this caller's later predict calls
+        """What the data plane may repeat for this caller's later model calls
         to this path: the route, as for gRPC, and the input dtypes of the
-        versions whose signatures are known here (a version without them
-        comes here again, which fetches them)."""
+        versions whose signatures are known here (predict needs them: a
+        version without them comes here again, which fetches them)."""
         router = self._router()
         try:
             caller = router.caller(metadata)

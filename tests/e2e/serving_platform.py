@@ -236,14 +236,12 @@ class ServingPlatform(PlatformClient):
 
     # --- model-server replicas ------------------------------------------------------------------
 
-    def replica_processes(self, replica_id: str | None = None) -> list[psutil.Process]:
-        """This platform's model-server processes (optionally one replica's)."""
+    def _processes(self, module: str, also=lambda cmd: True) -> list[psutil.Process]:
+        """Live processes of `python -m module` with this platform's data dir in their command line."""
         found = []
         for proc in psutil.process_iter(["cmdline"]):
             cmd = proc.info["cmdline"] or []
-            if "services.models.model_server" not in cmd or not any(self.data_dir in a for a in cmd):
-                continue
-            if replica_id is not None and not any(a.endswith(f".{replica_id}/port.json") for a in cmd):
+            if module not in cmd or not any(self.data_dir in a for a in cmd) or not also(cmd):
                 continue
             try:
                 if proc.status() != psutil.STATUS_ZOMBIE:
@@ -252,18 +250,14 @@ class ServingPlatform(PlatformClient):
                 pass
         return found
 
+    def replica_processes(self, replica_id: str | None = None) -> list[psutil.Process]:
+        """This platform's model-server processes (optionally one replica's)."""
+        return self._processes("services.models.model_server", lambda cmd: replica_id is None or any(
+            a.endswith(f".{replica_id}/port.json") for a in cmd))
+
     def devenv_processes(self) -> list[psutil.Process]:
         """This platform's dev-environment (notebook) server processes."""
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            cmd = proc.info["cmdline"] or []
-            if "services.jobs.devenv_replica" in cmd and any(self.data_dir in a for a in cmd):
-                try:
-                    if proc.status() != psutil.STATUS_ZOMBIE:
-                        found.append(proc)
-                except psutil.NoSuchProcess:
-                    pass
-        return found
+        return self._processes("services.jobs.devenv_replica")
 
     def log(self, name: str) -> str:
         try:
