@@ -55,6 +55,8 @@ def env(tmp_path_factory, etcd_server, half_plus_two):
     replica = batch_replica = None
     try:
         _, python_rest = stack.start_gateway("gwpy", env=dict(os.environ, CLOUDML_DATAPLANE_REST="off"))
+        # A data plane without its HTTP/2 front (gRPC's server on the gRPC port) still owns REST.
+        h2off, h2off_rest = stack.start_gateway("gwh2off", env=dict(os.environ, CLOUDML_DATAPLANE_H2_FRONT="off"))
         port_file = str(work / "replica.port")
         replica = subprocess.Popen(
             [sys.executable, "-m", "services.models.model_server", "--model-name", MODEL, "--version", "1",
@@ -93,7 +95,8 @@ def env(tmp_path_factory, etcd_server, half_plus_two):
         stack.etcd.put(f"/cloudml/models/routes/admin/{BATCHED}", models_pb.ModelRoute(
             tenant="admin", model=BATCHED,
             versions=[models_pb.VersionRoute(version=1, state=AVAILABLE)]).SerializeToString())
-        env = {"stack": stack, "ports": {"native": stack.rest_port, "python": python_rest}, "token": token,
+        env = {"stack": stack, "ports": {"native": stack.rest_port, "python": python_rest, "h2off": h2off_rest},
+               "h2off": h2off, "token": token,
                "other": other, "auth": auth, "admin_md": admin_md, "key": key}
         for which in env["ports"]:
             wait_until(lambda w=which: call(env, w, b'{"instances": [1.0]}')[0] == 200, 30, "the gateway to route")
@@ -390,3 +393,16 @@ def test_garbage_and_abandoned_calls_leave_the_port_serving(env):
     assert call(env, "native", b'{"instances": [1.0]}')[:2] == (200, b'{\n    "predictions": [2.5\n    ]\n}')
     wait_until(lambda: dataplane.num_fds() <= fds + 2, 15, "the data plane to close the connections it was left with")
     assert dataplane.memory_info().rss < rss + 4 * 2**20
+
+
+def test_rest_is_native_without_the_http2_front_too(env):
+    path = f"/v1/models/{BATCHED}:predict"
+    for p in (f"/v1/models/{MODEL}:predict", path):
+        answers = [call(env, "h2off", b'{"instances": [1.0, 2.0]}', p)[:2] for _ in range(3)]
+        assert answers == [call(env, "python", b'{"instances": [1.0, 2.0]}', p)[:2]] * 3
+    # Its own data plane's counter (the stack's helper reads the first gateway's): the repeat
+    # calls, two per path, were answered natively.
+    def metrics():
+        return urllib.request.urlopen(f"http://127.0.0.1:{env['ports']['h2off']}/metrics", timeout=5).read().decode()
+    wait_until(lambda: 'cloudml_gateway_dataplane_calls_total{path="rest"} 4.0' in metrics(), 10,
+               "the h2-off data plane to report its 4 native REST calls")
