@@ -146,6 +146,7 @@ struct H2Front::Impl : RestHost {
   nghttp2_session_callbacks* client_callbacks = nullptr;
   nghttp2_option* option = nullptr;
   std::unique_ptr<RestFront> rest;  // the REST port's (rest.h), if this process owns it
+  ListenerPause pause;              // the listener's, while descriptors run out
 
   explicit Impl(Plane& p) : plane(p), internal(p.options.internal) {}
 
@@ -748,7 +749,7 @@ struct H2Front::Impl : RestHost {
   void Accept() {
     for (;;) {
       int fd = accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (fd < 0) return;
+      if (fd < 0) return PauseOnExhaustion(epoll, listener, &pause);
       int one = 1;
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
       Add(fd, true, "");
@@ -761,6 +762,22 @@ H2Front::H2Front(Plane& plane) : impl_(std::make_unique<Impl>(plane)) {
 }
 
 H2Front::~H2Front() = default;
+
+void PauseOnExhaustion(int epoll, int fd, ListenerPause* pause) {
+  if (errno != EMFILE && errno != ENFILE) return;
+  epoll_ctl(epoll, EPOLL_CTL_DEL, fd, nullptr);
+  pause->paused = true;
+  pause->until = std::chrono::steady_clock::now() + std::chrono::milliseconds(100);
+}
+
+void ResumeListener(int epoll, int fd, void* tag, ListenerPause* pause) {
+  if (!pause->paused || std::chrono::steady_clock::now() < pause->until) return;
+  pause->paused = false;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.ptr = tag;
+  epoll_ctl(epoll, EPOLL_CTL_ADD, fd, &ev);
+}
 
 int Bind(const std::string& address, int* port) {
   int fd = -1;
@@ -908,6 +925,7 @@ void H2Front::Run(double grace) {
     }
     m.graveyard.clear();
     if (m.rest) m.rest->Tick();
+    if (!draining && m.listener >= 0) ResumeListener(m.epoll, m.listener, &m.listener, &m.pause);
     m.Sweep();
   }
   // Every connection closes (the gRPC server's shutdown waits for its peers to go).

@@ -28,6 +28,7 @@
 // (decisions, figures) is behind Plane::mu.
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -40,6 +41,19 @@ struct Plane;
 // cannot; *port: the bound port (1 for a Unix socket, as gRPC reports it).
 // The REST port (rest.h) binds its own with it too.
 int Bind(const std::string& address, int* port);
+
+// A listening socket steps out of its epoll set for 100 ms when the process
+// runs out of descriptors (accept4: EMFILE/ENFILE): the connection it could
+// not take stays queued, and its level-triggered event would otherwise spin
+// the loop at 100 % of a core for as long as a hostile caller holds them.
+struct ListenerPause {
+  bool paused = false;
+  std::chrono::steady_clock::time_point until{};
+};
+// After accept4 failed: pauses `fd` if the failure was exhaustion.
+void PauseOnExhaustion(int epoll, int fd, ListenerPause* pause);
+// Once per loop turn: takes `fd` (epoll data `tag`) back once its pause is over.
+void ResumeListener(int epoll, int fd, void* tag, ListenerPause* pause);
 
 class H2Front {
  public:

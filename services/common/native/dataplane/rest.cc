@@ -333,6 +333,7 @@ struct RestFront::Impl {
   RestHost& host;
   std::string upstream;
   int listener = -1;
+  ListenerPause pause;  // while descriptors run out (h2front.h)
   bool stopping = false;
   // What each of this front's epoll data pointers is (closed ones stay until
   // Tick deletes them: an event for them may still be in the loop's batch).
@@ -421,7 +422,7 @@ struct RestFront::Impl {
   void Accept() {
     for (;;) {
       int fd = accept4(listener, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-      if (fd < 0) return;
+      if (fd < 0) return PauseOnExhaustion(host.Epoll(), listener, &pause);
       if (stopping) {
         close(fd);
         continue;
@@ -1001,6 +1002,7 @@ struct RestFront::Impl {
 
   void Tick() {
     auto now = Clock::now();
+    if (!stopping && listener >= 0) ResumeListener(host.Epoll(), listener, &listener, &pause);
     std::vector<RestConn*> expired;
     for (RestConn* c : conns) {
       if (c->state == RestConn::kHead && now - c->since > (c->in.empty() ? kIdleTime : kHeadTime))
