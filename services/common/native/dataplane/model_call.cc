@@ -199,22 +199,8 @@ void ModelCall::Remember() {
   for (const auto& kv : client_->GetServerTrailingMetadata()) {
     if (kv.first != kDecisionHeader) continue;
     cloudml::internal::v1::RouteDecision msg;
-    if (!msg.ParseFromArray(kv.second.data(), static_cast<int>(kv.second.size())) ||
-        msg.generation() != p.generation)
-      return;
-    Decision d;
-    d.generation = msg.generation();
-    d.expires_at = msg.expires_at();
-    d.model = msg.model();
-    for (const auto& c : msg.choices()) {
-      if (c.addresses_size() == 0 || c.weight() <= 0) continue;
-      d.choices.push_back({c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()},
-                           c.coalesce_max(), c.max_request_bytes(), c.batch_timeout_micros()});
-      d.total_weight += c.weight();
-    }
-    std::lock_guard<std::mutex> lock(p.mu);
-    if (p.cache.size() > kCacheLimit) p.cache.clear();
-    if (!d.choices.empty()) p.cache[key_] = std::move(d);
+    if (msg.ParseFromArray(kv.second.data(), static_cast<int>(kv.second.size())))
+      p.Cache(key_, DecisionOf(msg));  // dropped unless of the current generation
     return;
   }
 }

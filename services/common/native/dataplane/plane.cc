@@ -1,5 +1,6 @@
 #include "plane.h"
 
+#include "cloudml/internal/v1/dataplane.pb.h"
 #include "picking.h"
 #include "wire.h"
 
@@ -85,6 +86,20 @@ std::string CacheKey(const std::string& authorization, const Spec& spec) {
   if (spec.has_version) key.append("v").append(std::to_string(spec.version));
   key.append(1, '\0').append(spec.label);
   return key;
+}
+
+Decision DecisionOf(const cloudml::internal::v1::RouteDecision& msg) {
+  Decision d;
+  d.generation = msg.generation();
+  d.expires_at = msg.expires_at();
+  d.model = msg.model();
+  for (const auto& c : msg.choices()) {
+    if (c.addresses_size() == 0 || c.weight() <= 0) continue;
+    d.choices.push_back({c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()},
+                         c.coalesce_max(), c.max_request_bytes(), c.batch_timeout_micros()});
+    d.total_weight += c.weight();
+  }
+  return d;
 }
 
 std::string RestCacheKey(const std::string& authorization, const Spec& spec) {

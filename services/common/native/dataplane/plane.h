@@ -31,6 +31,11 @@ constexpr int kMaxMessage = 64 * 1024 * 1024;  // as the Python services
 constexpr size_t kCacheLimit = 100000;  // entries; the cache starts over beyond it
 
 class Group;
+}  // namespace cloudml::dataplane
+namespace cloudml::internal::v1 {
+class RouteDecision;
+}  // namespace cloudml::internal::v1
+namespace cloudml::dataplane {
 
 struct Options {
   std::string listen = "127.0.0.1:0", upstream, secret;
@@ -72,6 +77,10 @@ struct Decision {
   std::vector<Choice> choices;
   double total_weight = 0;
 };
+
+// The control plane's RouteDecision as the cache holds it (choices without
+// replicas or weight left out).
+Decision DecisionOf(const cloudml::internal::v1::RouteDecision& msg);
 
 // A cached decision, resolved for one call (Plane::Lookup).
 struct FastRoute {

@@ -200,31 +200,11 @@ const char* Reason(int status) {
   }
 }
 
-// tfs_json.error_json: {"error": message} as TF Serving lays it out
-// (strings.py _jstr: raw bytes, the JSON escapes, \u00XX upper-case).
+// tfs_json.error_json: {"error": message} as TF Serving lays it out.
 std::string ErrorJson(const std::string& message) {
-  std::string out = "{\n    \"error\": \"";
-  static const char hex[] = "0123456789ABCDEF";
-  for (unsigned char ch : message) {
-    switch (ch) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (ch < 0x20) {
-          out += "\\u00";
-          out += hex[ch >> 4];
-          out += hex[ch & 15];
-        } else {
-          out += static_cast<char>(ch);
-        }
-    }
-  }
-  out += "\"\n}";
+  std::string out = "{\n    \"error\": ";
+  AppendJsonString(message, &out);
+  out += "\n}";
   return out;
 }
 
@@ -239,30 +219,6 @@ std::string PercentDecode(const std::string& v) {
       i += 2;
     } else {
       out += v[i];
-    }
-  }
-  return out;
-}
-
-std::string Base64Decode(const std::string& in) {
-  static int table[256];
-  static bool ready = false;
-  if (!ready) {
-    std::fill(table, table + 256, -1);
-    const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    for (int i = 0; i < 64; i++) table[static_cast<unsigned char>(alphabet[i])] = i;
-    ready = true;
-  }
-  std::string out;
-  int bits = 0, value = 0;
-  for (unsigned char ch : in) {
-    if (ch == '=') break;
-    if (table[ch] < 0) return "";
-    value = (value << 6) | table[ch];
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out += static_cast<char>((value >> bits) & 0xff);
     }
   }
   return out;
@@ -910,19 +866,12 @@ struct RestFront::Impl {
   // Caches the RestDecision the Python gateway sent for `key`.
   void Learn(const std::string& key, const std::string& encoded) {
     cloudml::internal::v1::RestDecision msg;
-    std::string bytes = Base64Decode(encoded);
-    if (bytes.empty() || !msg.ParseFromString(bytes)) return;
-    const auto& route = msg.route();
-    Decision d;
-    d.generation = route.generation();
-    d.expires_at = route.expires_at();
-    d.model = route.model();
-    for (const auto& c : route.choices()) {
-      if (c.addresses_size() == 0 || c.weight() <= 0) continue;
-      Decision::Choice choice{c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()},
-                              c.coalesce_max(), c.max_request_bytes(), c.batch_timeout_micros()};
+    std::string bytes;
+    if (!Base64Decode(encoded, &bytes) || bytes.empty() || !msg.ParseFromString(bytes)) return;
+    Decision d = DecisionOf(msg.route());
+    for (auto& choice : d.choices)
       for (const auto& v : msg.versions()) {
-        if (v.version() != c.version()) continue;
+        if (v.version() != choice.version) continue;
         auto sigs = std::make_shared<Signatures>();
         for (const auto& [name, inputs] : v.signatures()) {
           SignatureInputs& list = (*sigs)[name];
@@ -931,9 +880,6 @@ struct RestFront::Impl {
         }
         choice.signatures = std::move(sigs);
       }
-      d.choices.push_back(std::move(choice));
-      d.total_weight += c.weight();
-    }
     plane.Cache(key, std::move(d));
   }
 

@@ -437,6 +437,8 @@ int Base64Index(char c) {
   return c == '+' ? 62 : 63;
 }
 
+}  // namespace
+
 // parse.py _b64decode (absl::Base64Unescape): trailing '=' dropped, the
 // standard alphabet only, bits past the last whole byte ignored.
 bool Base64Decode(std::string_view s, std::string* out) {
@@ -460,6 +462,8 @@ bool Base64Decode(std::string_view s, std::string* out) {
   }
   return true;
 }
+
+namespace {
 
 bool Supported(int dtype) {
   switch (dtype) {
@@ -1245,6 +1249,8 @@ void AppendScalarDecimal(double v, bool single, std::string* out) {
   AppendDigits(v, single, buf, sizeof buf, n, out);
 }
 
+}  // namespace
+
 // strings.py _jstr over raw bytes: quotes, backslashes and control
 // characters escaped, everything else (invalid UTF-8 too) as it is.
 void AppendJsonString(std::string_view s, std::string* out) {
@@ -1273,6 +1279,8 @@ void AppendJsonString(std::string_view s, std::string* out) {
   out->append(s.data() + run, s.size() - run);
   out->push_back('"');
 }
+
+namespace {
 
 void AppendBase64(std::string_view s, std::string* out) {
   static const char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

@@ -65,4 +65,11 @@ bool RegressRequestFromJson(std::string_view body, const std::string& model_name
 bool ClassificationResponseToJson(std::string_view response, std::string* json);
 bool RegressionResponseToJson(std::string_view response, std::string* json);
 
+// Shared with the REST front (rest.cc): a JSON string literal as the Python
+// codec writes one (strings.py _jstr: raw bytes, the JSON escapes, \u00XX
+// upper-case), and base64 as parse.py reads it (padding optional; false if
+// not base64).
+void AppendJsonString(std::string_view s, std::string* out);
+bool Base64Decode(std::string_view s, std::string* out);
+
 }  // namespace cloudml::dataplane
