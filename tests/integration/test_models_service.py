@@ -260,6 +260,9 @@ def test_predict_through_the_gateway_follows_routes_and_tenancy(stack, team, dep
 
 
 def test_replica_killed_with_sigkill_is_replaced(stack, team, deployed):
+    # v2 (created above) must hold its replica's reservation before the usage
+    # below can be 2: under load its first replica may still be starting.
+    stack.wait_version(team, "hp", 2, lambda v: v.state == AVAILABLE, "hp v2 AVAILABLE")
     version = stack.wait_version(team, "hp", 1, lambda v: v.state == AVAILABLE, "hp v1 AVAILABLE")
     old = version.replicas[0]
     pid = stack.replica_port(team.name, "hp", 1, old.id)["pid"]
@@ -271,8 +274,13 @@ def test_replica_killed_with_sigkill_is_replaced(stack, team, deployed):
     assert replaced.state == AVAILABLE
     endpoints = stack.etcd.get_prefix(f"/cloudml/models/endpoints/{team.name}/hp/1/")
     assert list(endpoints) == [f"/cloudml/models/endpoints/{team.name}/hp/1/{replaced.replicas[0].id}"]
-    usage = team.client.call("GetQuota", auth_pb.GetQuotaRequest(tenant=team.name)).usage
-    assert usage.model_replicas == 2  # hp v1 and v2, one each: the dead replica's quota is back
+
+    def usage():
+        return team.client.call("GetQuota", auth_pb.GetQuotaRequest(tenant=team.name)).usage.model_replicas
+
+    # hp v1 and v2, one each: the dead replica's reservation is released.
+    wait_for(lambda: usage() == 2, 10, "the tenant's replica usage back at 2")
+    assert usage() == 2
 
 
 def test_scale_up_waits_for_quota_then_scales_down(stack, team, deployed):
