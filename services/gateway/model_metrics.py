@@ -76,7 +76,8 @@ class ModelRequestMetrics:
             self._native = native
             self._paths = {"fast": report.fast_path_calls, "control": report.slow_path_calls,
                            "direct": sum(relay.count for relay in report.relays),
-                           "coalesced": report.coalesced_calls, "rest": report.rest_fast_path_calls}
+                           "coalesced": report.coalesced_calls, "rest": report.rest_fast_path_calls,
+                           "framed": report.framed_calls}
 
     def snapshot(self, models: set[str]) -> dict[tuple[str, str], dict]:
         """Cumulative figures per (model label, version) of the labels in

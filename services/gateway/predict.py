@@ -149,6 +149,7 @@ class Backend:
     coalesce_max: int = 0
     max_request_bytes: int = 0  # 0: not published
     batch_timeout_micros: int = 0
+    frame_address: str = ""  # the replica's framed socket (the data plane's HTTP/2 front uses it)
     outstanding: int = 0
     callables: dict = field(default_factory=dict)
 
@@ -201,9 +202,10 @@ class RoutingTable:
             backend = self._by_key.get(key)
             if (backend is None or backend.address != ep.address or backend.coalesce_max != ep.coalesce_max
                     or backend.max_request_bytes != ep.max_request_bytes
-                    or backend.batch_timeout_micros != ep.batch_timeout_micros):
+                    or backend.batch_timeout_micros != ep.batch_timeout_micros
+                    or backend.frame_address != ep.frame_address):
                 backend = Backend(key, ep.address, ep.version, ep.coalesce_max, ep.max_request_bytes,
-                                  ep.batch_timeout_micros)
+                                  ep.batch_timeout_micros, ep.frame_address)
             by_key[key] = backend
             backends.setdefault((ep.tenant, ep.model, ep.version), []).append(backend)
         self._by_key = by_key
@@ -342,6 +344,7 @@ class PredictRouter:
         for version, weight in choices:
             backends = self.table.backends.get((tenant, model, version), ())
             decision.choices.add(version=version, weight=weight, addresses=[b.address for b in backends],
+                                 frame_addresses=[b.frame_address for b in backends],
                                  coalesce_max=min((b.coalesce_max for b in backends), default=0),
                                  max_request_bytes=self.request_limit(tenant, model, version),
                                  batch_timeout_micros=min((b.batch_timeout_micros for b in backends), default=0))

@@ -133,7 +133,8 @@ class ReplicaObserver:
     def _socket_path(record: store.ReplicaRecord, role: str = "") -> str:
         """`<dir>/<replica id>.sock` (the public address), `.server.sock` (the
         Python server behind a native front; the model server's own naming
-        rule, server_address()), `.metrics.sock`."""
+        rule, server_address()), `.frame.sock` (its framed socket,
+        frame_address()), `.metrics.sock`."""
         base = record.address[len("unix:"):-len(".sock")]
         return f"{base}.{role}.sock" if role else f"{base}.sock"
 
@@ -144,10 +145,20 @@ class ReplicaObserver:
         server = f"unix:{self._socket_path(record, 'server')}"
         return server if port.get("replica_address") == server else record.address
 
+    def _frame_address(self, record: store.ReplicaRecord, port: dict) -> str:
+        """The replica's framed socket (frame.h) if its port file names the one
+        path the reconciler expects (`<dir>/<replica id>.frame.sock`): the port
+        file is written by tenant code, which must not point gateways
+        anywhere else. "" otherwise (gRPC only)."""
+        if not record.address.startswith("unix:"):
+            return ""
+        frame = f"unix:{self._socket_path(record, 'frame')}"
+        return frame if port.get("frame_address") == frame else ""
+
     def _remove_sockets(self, record: store.ReplicaRecord) -> None:
         if not record.address.startswith("unix:"):
             return
-        for role in ("", "server", "metrics"):
+        for role in ("", "server", "frame", "metrics"):
             path = self._socket_path(record, role)
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -234,7 +245,8 @@ class ReplicaObserver:
                     await self._set_endpoint(record, S.MODEL_VERSION_STATE_AVAILABLE, address,
                                              _count(port.get("coalesce_max"), COALESCE_MAX_LIMIT),
                                              _count(port.get("max_request_bytes"), 1 << 62),
-                                             _count(port.get("batch_timeout_micros"), (1 << 32) - 1))
+                                             _count(port.get("batch_timeout_micros"), (1 << 32) - 1),
+                                             self._frame_address(record, port))
                 elif record.available or self._endpoint_state(record) == S.MODEL_VERSION_STATE_AVAILABLE:
                     await self._set_endpoint(record, S.MODEL_VERSION_STATE_UNLOADING)
                     call.cancel()
@@ -243,7 +255,7 @@ class ReplicaObserver:
 
     async def _set_endpoint(self, record: store.ReplicaRecord, state: int | None, address: str = "",
                             coalesce_max: int = 0, max_request_bytes: int = 0,
-                            batch_timeout_micros: int = 0) -> None:
+                            batch_timeout_micros: int = 0, frame_address: str = "") -> None:
         """Writes the replica's endpoints/ entry: AVAILABLE (only while the
         replica is live), UNLOADING (only over an entry there is), or None:
         deleted. One replica's writes never interleave."""
@@ -264,6 +276,7 @@ class ReplicaObserver:
                 if max_request_bytes and "max_request_bytes" in pb.ReplicaEndpoint.DESCRIPTOR.fields_by_name:
                     endpoint.max_request_bytes = max_request_bytes
                 endpoint.batch_timeout_micros = batch_timeout_micros
+                endpoint.frame_address = frame_address
                 if current is not None and _same_endpoint(current, endpoint):
                     return
             else:

@@ -23,18 +23,21 @@ class ControlPlane:
         self.extra = extra or {}  # method -> grpc handler, served besides
         self.generation = 1
         self.address = ""
+        self.frame = ""  # the replica's framed socket, published beside its address when set
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.streams: list[asyncio.Queue] = []
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
 
-    def change(self, address: str) -> int:
-        """A replica endpoint change: a new generation routing to `address`."""
+    def change(self, address: str, frame: str = "") -> int:
+        """A replica endpoint change: a new generation routing to `address`
+        (and its framed socket `frame`, if given)."""
 
         def apply():
             self.generation += 1
             self.address = address
+            self.frame = frame
             for q in self.streams:
                 q.put_nowait(self.generation)
         self.loop.call_soon_threadsafe(apply)
@@ -59,7 +62,8 @@ class ControlPlane:
 
     async def _predict(self, raw: bytes, context):
         decision = dataplane_pb2.RouteDecision(generation=self.generation, model="m")
-        decision.choices.add(version=1, weight=1.0, addresses=[self.address])
+        decision.choices.add(version=1, weight=1.0, addresses=[self.address],
+                             frame_addresses=[self.frame] if self.frame else [])
         context.set_trailing_metadata((("x-cloudml-route-bin", decision.SerializeToString()),))
         _ = raw
         response = predict_pb2.PredictResponse()

@@ -83,20 +83,22 @@ class SignatureInputs(_message.Message):
     def __init__(self, dtypes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class VersionChoice(_message.Message):
-    __slots__ = ("version", "weight", "addresses", "coalesce_max", "max_request_bytes", "batch_timeout_micros")
+    __slots__ = ("version", "weight", "addresses", "coalesce_max", "max_request_bytes", "batch_timeout_micros", "frame_addresses")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     COALESCE_MAX_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCH_TIMEOUT_MICROS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     version: int
     weight: float
     addresses: _containers.RepeatedScalarFieldContainer[str]
     coalesce_max: int
     max_request_bytes: int
     batch_timeout_micros: int
-    def __init__(self, version: _Optional[int] = ..., weight: _Optional[float] = ..., addresses: _Optional[_Iterable[str]] = ..., coalesce_max: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., batch_timeout_micros: _Optional[int] = ...) -> None: ...
+    frame_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., weight: _Optional[float] = ..., addresses: _Optional[_Iterable[str]] = ..., coalesce_max: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., batch_timeout_micros: _Optional[int] = ..., frame_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelRequestStat(_message.Message):
     __slots__ = ("model", "version", "api", "code", "count", "latency_sum_seconds", "latency_buckets")
@@ -117,20 +119,22 @@ class ModelRequestStat(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[str] = ..., code: _Optional[str] = ..., count: _Optional[int] = ..., latency_sum_seconds: _Optional[float] = ..., latency_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DataplaneReport(_message.Message):
-    __slots__ = ("stats", "fast_path_calls", "slow_path_calls", "relays", "coalesced_calls", "rest_fast_path_calls")
+    __slots__ = ("stats", "fast_path_calls", "slow_path_calls", "relays", "coalesced_calls", "rest_fast_path_calls", "framed_calls")
     STATS_FIELD_NUMBER: _ClassVar[int]
     FAST_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
     SLOW_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
     RELAYS_FIELD_NUMBER: _ClassVar[int]
     COALESCED_CALLS_FIELD_NUMBER: _ClassVar[int]
     REST_FAST_PATH_CALLS_FIELD_NUMBER: _ClassVar[int]
+    FRAMED_CALLS_FIELD_NUMBER: _ClassVar[int]
     stats: _containers.RepeatedCompositeFieldContainer[ModelRequestStat]
     fast_path_calls: int
     slow_path_calls: int
     relays: _containers.RepeatedCompositeFieldContainer[RelayStat]
     coalesced_calls: int
     rest_fast_path_calls: int
-    def __init__(self, stats: _Optional[_Iterable[_Union[ModelRequestStat, _Mapping]]] = ..., fast_path_calls: _Optional[int] = ..., slow_path_calls: _Optional[int] = ..., relays: _Optional[_Iterable[_Union[RelayStat, _Mapping]]] = ..., coalesced_calls: _Optional[int] = ..., rest_fast_path_calls: _Optional[int] = ...) -> None: ...
+    framed_calls: int
+    def __init__(self, stats: _Optional[_Iterable[_Union[ModelRequestStat, _Mapping]]] = ..., fast_path_calls: _Optional[int] = ..., slow_path_calls: _Optional[int] = ..., relays: _Optional[_Iterable[_Union[RelayStat, _Mapping]]] = ..., coalesced_calls: _Optional[int] = ..., rest_fast_path_calls: _Optional[int] = ..., framed_calls: _Optional[int] = ...) -> None: ...
 
 class RelayStat(_message.Message):
     __slots__ = ("service", "method", "code", "count")

@@ -168,7 +168,7 @@ class ModelVersion(_message.Message):
     def __init__(self, model: _Optional[str] = ..., tenant: _Optional[str] = ..., version: _Optional[int] = ..., model_uri: _Optional[str] = ..., description: _Optional[str] = ..., resources: _Optional[_Union[_resources_pb2.Resources, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., status: _Optional[_Union[ErrorStatus, _Mapping]] = ..., desired_replicas: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ModelReplica, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., delete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ReplicaEndpoint(_message.Message):
-    __slots__ = ("tenant", "model", "version", "replica_id", "address", "state", "register_time", "coalesce_max", "max_request_bytes", "batch_timeout_micros")
+    __slots__ = ("tenant", "model", "version", "replica_id", "address", "state", "register_time", "coalesce_max", "max_request_bytes", "batch_timeout_micros", "frame_address")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,7 @@ class ReplicaEndpoint(_message.Message):
     COALESCE_MAX_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCH_TIMEOUT_MICROS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model: str
     version: int
@@ -189,7 +190,8 @@ class ReplicaEndpoint(_message.Message):
     coalesce_max: int
     max_request_bytes: int
     batch_timeout_micros: int
-    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., register_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., coalesce_max: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., batch_timeout_micros: _Optional[int] = ...) -> None: ...
+    frame_address: str
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., replica_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[ModelVersionState, str]] = ..., register_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., coalesce_max: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., batch_timeout_micros: _Optional[int] = ..., frame_address: _Optional[str] = ...) -> None: ...
 
 class ModelRoute(_message.Message):
     __slots__ = ("tenant", "model", "public", "default_version", "labels", "traffic_split", "versions")

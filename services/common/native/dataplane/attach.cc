@@ -91,6 +91,7 @@ void Attachment::Tick() {
     report.set_slow_path_calls(p.slow_calls);
     report.set_coalesced_calls(p.coalesced_calls);
     report.set_rest_fast_path_calls(p.rest_calls);
+    report.set_framed_calls(p.frame_calls);
     for (const auto& [key, s] : p.stats) {
       auto* stat = report.add_stats();
       stat->set_model(std::get<0>(key));

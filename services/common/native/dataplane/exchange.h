@@ -38,6 +38,8 @@ struct Exchange {
   bool retried = false;
   bool relayed_started = false;  // the upstream stream to the gRPC side is open (or was)
   std::string api, key, model, address;
+  std::string frame;      // the picked replica's framed socket (frame.h), "" if none
+  uint64_t frame_id = 0;  // sent there: its id on that connection
   int64_t version = 0;
   bool bare = false;
   // A REST call to a batching replica: sent to this process's own gRPC side

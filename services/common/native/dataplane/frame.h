@@ -53,6 +53,8 @@
 #include <cstdint>
 #include <string>
 
+#include "protocol.h"
+
 namespace cloudml::dataplane::frame {
 
 enum Kind : uint8_t { kCall = 1, kCancel = 2, kReply = 3 };

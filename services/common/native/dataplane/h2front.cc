@@ -28,17 +28,23 @@
 #include "plane.h"
 #include "protocol.h"
 #include "exchange.h"
+#include "frame.h"
 #include "rest.h"
 #include "wire.h"
 
 namespace cloudml::dataplane {
 
-// One HTTP/2 connection: a caller's (server) or one upstream (client).
+// One HTTP/2 connection: a caller's (server) or one upstream (client); or a
+// replica's framed socket (frame.h: `framed`, no HTTP/2 session).
 struct Conn {
   H2Front::Impl* front = nullptr;
   int fd = -1;
   bool server = false;
   nghttp2_session* session = nullptr;
+  bool framed = false;
+  std::string in;  // framed: what the replica sent that is not a whole frame yet
+  std::unordered_map<uint64_t, Exchange*> calls;  // framed: by frame id
+  uint64_t next_id = 1;
   std::string out;
   size_t out_off = 0;
   bool connecting = false, dead = false, want_out = false;
@@ -64,6 +70,8 @@ constexpr size_t kMaxHeaderBytes = 64 << 10;
 constexpr int kLoopMs = 1000;                    // the longest the loop sleeps
 // What replicas see as the caller (gRPC's own relays say "grpc-c++/...").
 constexpr char kAgent[] = "cloudml-dataplane-h2 (nghttp2)";
+// The upstreams key of a replica's framed socket ("unix:PATH" behind it).
+constexpr char kFramedScheme[] = "frame:";
 
 
 std::vector<nghttp2_nv> Nva(const std::vector<Nv>& headers) {
@@ -115,6 +123,24 @@ bool ParseTimeout(const std::string& v, std::chrono::nanoseconds* out) {
   }
 }
 
+// A grpc-message value: the status message percent-encoded (the gRPC wire
+// format: every byte outside printable ASCII, and '%').
+std::string PercentEncode(const std::string& v) {
+  static const char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  out.reserve(v.size());
+  for (unsigned char c : v) {
+    if (c >= 0x20 && c <= 0x7e && c != '%') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out.push_back('%');
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 15]);
+    }
+  }
+  return out;
+}
+
 bool IsForwarded(const std::string& path, std::string* api) {
   size_t n = strlen(kPredictionService);
   if (path.compare(0, n, kPredictionService) != 0) return false;
@@ -157,6 +183,7 @@ struct H2Front::Impl : RestHost {
   const std::string& GrpcSide() override { return internal; }
   std::mt19937_64& Rng() override { return rng; }
   void Cancel(Exchange* x) override {
+    if (x->up && x->up->framed) return CancelFramed(x);
     if (x->up && !x->response_ended) {
       nghttp2_submit_rst_stream(x->up->session, NGHTTP2_FLAG_NONE, x->up_id, NGHTTP2_CANCEL);
       dirty.insert(x->up);
@@ -178,16 +205,19 @@ struct H2Front::Impl : RestHost {
     c->fd = fd;
     c->server = server;
     c->address = address;
-    if (server)
-      nghttp2_session_server_new2(&c->session, server_callbacks, c, option);
-    else
-      nghttp2_session_client_new2(&c->session, client_callbacks, c, option);
-    nghttp2_settings_entry settings[] = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, kMaxStreams},
-                                         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, kWindow},
-                                         {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, kMaxHeaderBytes},
-                                         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0}};
-    nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, settings, server ? 3 : 4);
-    nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, kConnectionWindow);
+    c->framed = address.compare(0, strlen(kFramedScheme), kFramedScheme) == 0;
+    if (!c->framed) {
+      if (server)
+        nghttp2_session_server_new2(&c->session, server_callbacks, c, option);
+      else
+        nghttp2_session_client_new2(&c->session, client_callbacks, c, option);
+      nghttp2_settings_entry settings[] = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, kMaxStreams},
+                                           {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, kWindow},
+                                           {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, kMaxHeaderBytes},
+                                           {NGHTTP2_SETTINGS_ENABLE_PUSH, 0}};
+      nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, settings, server ? 3 : 4);
+      nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0, kConnectionWindow);
+    }
     conns[fd] = c;
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLOUT;
@@ -198,14 +228,18 @@ struct H2Front::Impl : RestHost {
     return c;
   }
 
-  // A connection to `address` ("unix:PATH" or "HOST:PORT"); nullptr if it cannot start.
+  // A connection to `address` ("unix:PATH" or "HOST:PORT"; "frame:unix:PATH"
+  // a replica's framed socket); nullptr if it cannot start.
   Conn* Connect(const std::string& address) {
     int fd;
     bool connecting = false;
-    if (address.compare(0, 5, "unix:") == 0) {
+    bool framed = address.compare(0, strlen(kFramedScheme), kFramedScheme) == 0;
+    std::string target = framed ? address.substr(strlen(kFramedScheme)) : address;
+    if (framed && target.compare(0, 5, "unix:") != 0) return nullptr;
+    if (target.compare(0, 5, "unix:") == 0) {
       sockaddr_un sa{};
       sa.sun_family = AF_UNIX;
-      std::string path = address.substr(5);
+      std::string path = target.substr(5);
       if (path.size() >= sizeof(sa.sun_path)) return nullptr;
       memcpy(sa.sun_path, path.data(), path.size());
       fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -245,7 +279,7 @@ struct H2Front::Impl : RestHost {
     auto it = upstreams.find(address);
     if (it != upstreams.end()) {
       Conn* c = it->second;
-      if (!c->dead && nghttp2_session_check_request_allowed(c->session)) return c;
+      if (!c->dead && (c->framed || nghttp2_session_check_request_allowed(c->session))) return c;
       upstreams.erase(it);  // it drains its streams, then closes
     }
     Conn* c = Connect(address);
@@ -278,6 +312,12 @@ struct H2Front::Impl : RestHost {
       ssize_t n = read(c->fd, buf, sizeof(buf));
       if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) return Kill(c);
       if (n < 0) break;
+      if (c->framed) {
+        c->in.append(reinterpret_cast<const char*>(buf), static_cast<size_t>(n));
+        if (!FramedReplies(c)) return Kill(c);
+        if (n < static_cast<ssize_t>(sizeof(buf))) break;
+        continue;
+      }
       if (nghttp2_session_mem_recv(c->session, buf, static_cast<size_t>(n)) < 0) return Kill(c);
       dirty.insert(c);
       if (n < static_cast<ssize_t>(sizeof(buf))) break;
@@ -292,7 +332,7 @@ struct H2Front::Impl : RestHost {
     for (;;) {
       Compact(&c->out, &c->out_off);
       // Some frames are queued by callbacks of the writes themselves: loop until nothing is left.
-      for (;;) {
+      for (; !c->framed;) {
         const uint8_t* data;
         ssize_t n = nghttp2_session_mem_send(c->session, &data);
         if (n < 0) return Kill(c);
@@ -313,7 +353,8 @@ struct H2Front::Impl : RestHost {
       c->want_out = want_out;
       Watch(c);
     }
-    if (!want_out && !nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session)) Kill(c);
+    if (!c->framed && !want_out && !nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session))
+      Kill(c);
   }
 
   // --- streams ---
@@ -377,6 +418,7 @@ struct H2Front::Impl : RestHost {
       // A replica's front (that replica does not batch): every model call
       // straight to it; it checks the model_spec itself.
       x->bare = true;
+      x->frame = plane.options.front_frame;
       return Fast(x, plane.options.front_for);
     }
     std::string request = x->body.substr(5);
@@ -402,10 +444,12 @@ struct H2Front::Impl : RestHost {
         candidates, [this](size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(rng); },
         [this](const std::string& a) { return outstanding[a]; });
     if (!picked) return Relay(x);
+    x->frame = FrameOf(r.addresses, r.frames, picked);
     Fast(x, *picked);
   }
 
   void Fast(Exchange* x, const std::string& address) override {
+    if (!x->frame.empty() && plane.options.frames && !x->to_grpc_side && Framed(x, address)) return;
     Conn* c = Upstream(address);
     if (!c) {
       if (!x->key.empty()) plane.Forget(x->key);
@@ -416,7 +460,7 @@ struct H2Front::Impl : RestHost {
                                {kTe, "trailers"}, {kUserAgent, kAgent}};
     if (x->deadline != Clock::time_point::max()) {
       // The time left now (reading the request took some), never what has passed.
-      auto left = std::chrono::duration_cast<std::chrono::microseconds>(x->deadline - Clock::now()).count();
+      auto left = TimeLeft(x);
       if (left <= 0) return Answer(x, 4, "Deadline Exceeded");
       // At most 8 digits (gRPC's wire format): microseconds up to ~100 s,
       // milliseconds up to ~27 hours, then seconds.
@@ -434,6 +478,95 @@ struct H2Front::Impl : RestHost {
     outstanding[address]++;
     Submit(x, c, headers);
     if (!x->to_grpc_side) plane.Count(&Plane::fast_calls);  // the gRPC side counts its own
+  }
+
+  static int64_t TimeLeft(const Exchange* x) {
+    return std::chrono::duration_cast<std::chrono::microseconds>(x->deadline - Clock::now()).count();
+  }
+
+  // --- a replica's framed socket (frame.h) ---
+
+  // Sends `x` (routed to the replica at `address`) over the replica's framed
+  // socket x->frame; false if it cannot (no connection: the caller then takes
+  // the gRPC path to the same replica).
+  bool Framed(Exchange* x, const std::string& address) {
+    int method = frame::MethodOf(x->api);
+    if (method < 0 || x->body.size() < 5) return false;
+    Conn* c = Upstream(kFramedScheme + x->frame);
+    if (!c) return false;
+    uint64_t timeout_us = 0;
+    if (x->deadline != Clock::time_point::max()) {
+      int64_t left = TimeLeft(x);
+      if (left <= 0) {
+        Answer(x, 4, "Deadline Exceeded");
+        return true;
+      }
+      timeout_us = static_cast<uint64_t>(left);
+    }
+    uint64_t id = c->next_id++;
+    frame::AppendCall(&c->out, id, static_cast<frame::Method>(method), x->bare ? 0 : x->version, timeout_us,
+                      x->body.data() + 5, x->body.size() - 5);
+    c->calls[id] = x;
+    x->frame_id = id;
+    x->fast = true;
+    x->address = address;
+    outstanding[address]++;
+    Attach(x, c, -1);
+    dirty.insert(c);
+    plane.Count(&Plane::fast_calls);
+    plane.Count(&Plane::frame_calls);
+    return true;
+  }
+
+  // The caller of a framed call went away: the replica is told to stop it,
+  // and it is no longer the connection's (a late REPLY is ignored).
+  void CancelFramed(Exchange* x) {
+    Conn* c = x->up;
+    if (!c->dead) {
+      frame::AppendCancel(&c->out, x->frame_id);
+      dirty.insert(c);
+    }
+    c->calls.erase(x->frame_id);
+    c->exchanges.erase(x);
+    x->up = nullptr;
+    outstanding[x->address]--;
+    MaybeDelete(x);
+  }
+
+  // Every whole REPLY in c->in, each to its call; false if the replica sent
+  // bytes that are not (the connection then closes).
+  bool FramedReplies(Conn* c) {
+    size_t at = 0;
+    frame::Reply reply;
+    for (;;) {
+      size_t used = 0;
+      int r = frame::ParseReply(c->in.data() + at, c->in.size() - at, &reply, &used);
+      if (r < 0) return false;
+      if (r == 0) break;
+      at += used;
+      auto it = c->calls.find(reply.id);
+      if (it == c->calls.end()) continue;  // cancelled meanwhile
+      Exchange* x = it->second;
+      c->calls.erase(it);
+      c->exchanges.erase(x);
+      x->up = nullptr;
+      // The reply as the gRPC path reads one from a replica's stream.
+      x->response_headers = {{":status", "200"}, {kContentType, "application/grpc"}};
+      if (reply.code == 0) {
+        uint32_t n = static_cast<uint32_t>(reply.response.size());
+        x->response.assign(1, '\0');
+        for (int shift = 24; shift >= 0; shift -= 8) x->response.push_back(static_cast<char>((n >> shift) & 0xff));
+        x->response += reply.response;
+        x->trailers = {{"grpc-status", "0"}};
+      } else {
+        x->trailers_only = true;
+        x->response_headers.push_back({"grpc-status", std::to_string(reply.code)});
+        x->response_headers.push_back({"grpc-message", PercentEncode(reply.message)});
+      }
+      FastDone(x, true);
+    }
+    c->in.erase(0, at);
+    return true;
   }
 
   // On to the gRPC side as it came, frame by frame.
@@ -628,6 +761,7 @@ struct H2Front::Impl : RestHost {
     x->down_unconsumed = 0;
     x->down = nullptr;
     // The caller went away (or its stream ended before the reply did): the upstream stream too.
+    if (x->up && x->up->framed) return CancelFramed(x);
     if (x->up && !x->response_ended) {
       nghttp2_submit_rst_stream(x->up->session, NGHTTP2_FLAG_NONE, x->up_id, NGHTTP2_CANCEL);
       dirty.insert(x->up);

@@ -104,12 +104,19 @@
 // no tokens; x-cloudml-* headers from callers are dropped, so the replica
 // checks every model_spec itself.
 //
+// Framed replicas (--frames on, the default): the HTTP/2 front sends a call
+// it routed to a replica that publishes a framed socket over the framed
+// protocol (frame.h) rather than gRPC; --frames off keeps gRPC for every
+// call. A non-batching replica's front gets the replica's framed socket as
+// --front-frame unix:PATH.
+//
 // REST (--rest-listen): the gateway's public REST port, served on the HTTP/2
 // front's thread (rest.h); --rest-upstream is the Python gateway's REST
 // server, which answers everything the data plane does not.
 //
 // Files: main.cc (flags, the loop), h2front.h (the public port's HTTP/2),
-// rest.h (the REST port), rest_json.h (TF Serving's JSON), exchange.h (a call through either), plane.h (state: options, channels,
+// rest.h (the REST port), rest_json.h (TF Serving's JSON), exchange.h (a call through either),
+// frame.h (the framed replica protocol), plane.h (state: options, channels,
 // cached decisions, figures), call.h (an accepted call and its role:
 // model_call.h, relay_call.h), group.h (coalescing into PredictBatch),
 // attach.h (the control stream), wire.h (model_spec off the wire),
@@ -160,6 +167,8 @@ bool ParseArgs(int argc, char** argv, Options* o) {
     else if (flag == "--h2-front" && (value == "on" || value == "off")) o->h2 = value == "on";
     else if (flag == "--rest-listen") o->rest_listen = value;
     else if (flag == "--rest-upstream") o->rest_upstream = value;
+    else if (flag == "--frames" && (value == "on" || value == "off")) o->frames = value == "on";
+    else if (flag == "--front-frame") o->front_frame = value;
     else return false;
   }
   const char* secret = getenv(kSecretEnv);
@@ -272,10 +281,10 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &plane.options)) {
     fprintf(stderr,
             "usage: %s --listen HOST:PORT --upstream HOST:PORT [--spin-us N] [--h2-front on|off]\n"
-            "       [--rest-listen HOST:PORT --rest-upstream unix:PATH]\n"
+            "       [--rest-listen HOST:PORT --rest-upstream unix:PATH] [--frames on|off]\n"
             "  (and the control plane's secret in %s)\n"
             "   or: %s --listen HOST:PORT --front-for HOST:PORT --coalesce-max N [--batch-timeout-us N]\n"
-            "       [--spin-us N] [--max-request-bytes N] [--h2-front on|off]\n",
+            "       [--spin-us N] [--max-request-bytes N] [--h2-front on|off] [--front-frame unix:PATH]\n",
             argv[0], kSecretEnv, argv[0]);
     return 2;
   }

@@ -97,6 +97,9 @@ Decision DecisionOf(const cloudml::internal::v1::RouteDecision& msg) {
     if (c.addresses_size() == 0 || c.weight() <= 0) continue;
     d.choices.push_back({c.version(), c.weight(), {c.addresses().begin(), c.addresses().end()},
                          c.coalesce_max(), c.max_request_bytes(), c.batch_timeout_micros()});
+    // Framed sockets only when given for every address, in its order.
+    if (c.frame_addresses_size() == c.addresses_size())
+      d.choices.back().frames.assign(c.frame_addresses().begin(), c.frame_addresses().end());
     d.total_weight += c.weight();
   }
   return d;
@@ -121,6 +124,7 @@ bool Plane::Lookup(const std::string& key, const Spec& spec, const std::string& 
     choice = &PickWeighted(d.choices, std::uniform_real_distribution<double>(0, d.total_weight)(draw));
   out->version = choice->version;
   out->addresses = choice->addresses;
+  out->frames = choice->frames;
   out->coalesce_max = choice->coalesce_max;
   out->max_request_bytes = choice->max_request_bytes;
   out->batch_timeout_us = choice->batch_timeout_us;

@@ -48,6 +48,10 @@ struct Options {
   std::string internal;  // then: where the gRPC server listens (a private Unix socket)
   std::string rest_listen;    // the public REST port (rest.h), if this process owns it
   std::string rest_upstream;  // then: the Python gateway's REST server ("unix:PATH")
+  // The HTTP/2 front sends routed calls to a replica's framed socket
+  // (frame.h) where it has one; off: always gRPC (benches compare the two).
+  bool frames = true;
+  std::string front_frame;  // replica front mode: the replica's framed socket, if any
   bool front() const { return !front_for.empty(); }
 };
 
@@ -73,6 +77,8 @@ struct Decision {
     uint32_t batch_timeout_us;
     // REST decisions: the version's signatures (nullptr: not known yet).
     std::shared_ptr<const Signatures> signatures = nullptr;
+    // Per address: its framed socket (frame.h), "" where it has none.
+    std::vector<std::string> frames = {};
   };
   std::vector<Choice> choices;
   double total_weight = 0;
@@ -86,12 +92,20 @@ Decision DecisionOf(const cloudml::internal::v1::RouteDecision& msg);
 struct FastRoute {
   int64_t version = 0;
   std::vector<std::string> addresses;
+  std::vector<std::string> frames;  // per address, its framed socket ("" where none)
   uint32_t coalesce_max = 0;
   uint64_t max_request_bytes = 0;  // 0: only the process-wide limit
   uint32_t batch_timeout_us = 0;
   bool bare = false;  // the replica resolves the spec to this version by itself (no routed-version header)
   std::shared_ptr<const Signatures> signatures;  // a REST decision's, for this version
 };
+
+// The framed socket of `picked` (a pointer into `addresses`), "" if it has none.
+inline std::string FrameOf(const std::vector<std::string>& addresses, const std::vector<std::string>& frames,
+                           const std::string* picked) {
+  size_t i = static_cast<size_t>(picked - addresses.data());
+  return i < frames.size() && frames.size() == addresses.size() ? frames[i] : std::string();
+}
 
 struct Spec;
 
@@ -131,7 +145,7 @@ struct Plane {
   std::atomic<uint64_t> epochs{0};  // the same, for the HTTP/2 front's thread
   std::vector<double> bucket_bounds;
   std::map<std::tuple<std::string, std::string, std::string, std::string>, Stat> stats;
-  uint64_t fast_calls = 0, slow_calls = 0, coalesced_calls = 0, rest_calls = 0;  // under mu
+  uint64_t fast_calls = 0, slow_calls = 0, coalesced_calls = 0, rest_calls = 0, frame_calls = 0;  // under mu
   std::unordered_map<std::string, Instances> services;  // "/pkg.Service/" -> instances
   std::unordered_set<std::string> public_methods;
   std::unordered_map<std::string, double> vouched;  // authorization -> token expiry (this generation)

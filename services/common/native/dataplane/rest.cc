@@ -587,6 +587,7 @@ struct RestFront::Impl {
     c->call = x;
     c->state = RestConn::kCall;
     plane.Count(&Plane::rest_calls);
+    if (!coalesce) x->frame = FrameOf(c->route.addresses, c->route.frames, picked);
     host.Fast(x, *picked);
   }
 
