@@ -13,7 +13,9 @@ series per (model, version, API, code) whichever process answered:
   `path="coalesced"` counts the fast-path Predict calls it sent to a batching
   replica inside a PredictBatch call (a subset of "fast"), `path="rest"`
   the REST predict calls it answered itself, JSON converted in C++ (a
-  subset of "fast" too).
+  subset of "fast" too), `path="framed"` the fast-path calls it sent to a
+  replica over its framed socket rather than gRPC (dataplane/frame.h; a
+  subset of "fast").
 
 The data plane reports its cumulative figures about once a second, so its
 share of a scrape may lag by that much.
@@ -47,7 +49,7 @@ class ModelRequestMetrics:
         self._lock = threading.Lock()  # scrapes may come from another thread
         self._local: dict[tuple[str, str, str, str], _Series] = {}
         self._native: dict[tuple[str, str, str, str], _Series] = {}
-        self._paths = {"fast": 0, "control": 0, "direct": 0, "coalesced": 0, "rest": 0}
+        self._paths = {"fast": 0, "control": 0, "direct": 0, "coalesced": 0, "rest": 0, "framed": 0}
         if registry is not None:
             registry.register(self)
 
