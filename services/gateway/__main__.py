@@ -26,6 +26,10 @@ def _arguments(parser) -> None:
                         default=os.environ.get("CLOUDML_DATAPLANE_REST", "on"),
                         help="on (default): with the native data plane, it owns the REST port too and converts "
                              "repeat predict calls' JSON itself; off: this process serves the REST port")
+    parser.add_argument("--dataplane-frames", choices=("on", "off"),
+                        default=os.environ.get("CLOUDML_DATAPLANE_FRAMES", "on"),
+                        help="on (default): the data plane's HTTP/2 front sends routed model calls to a replica "
+                             "over its framed socket where it publishes one (no gRPC hop); off: always gRPC")
     parser.add_argument("--max-request-bytes", type=int,
                         default=int(os.environ.get("CLOUDML_MAX_REQUEST_BYTES") or GatewaySettings.max_request_bytes),
                         help="platform-wide cap on a model call's request size in bytes (default 64 MiB); each "
@@ -38,5 +42,6 @@ if __name__ == "__main__":
     run(settings, functools.partial(GatewayApp, settings=GatewaySettings(
         rest_listen=args.rest_listen, dataplane=args.dataplane, dataplane_spin_us=args.dataplane_spin_us,
         dataplane_h2_front=args.dataplane_h2_front == "on", dataplane_rest=args.dataplane_rest == "on",
+        dataplane_frames=args.dataplane_frames == "on",
         max_request_bytes=args.max_request_bytes or GatewaySettings.max_request_bytes,
     )))

@@ -73,7 +73,8 @@ class NativeDataplane:
     def __init__(self, table: RoutingTable, metrics: ModelRequestMetrics, directory: Directory,
                  verifier: TokenVerifier, services: dict[str, str], public_methods: frozenset[str],
                  server_metrics: ServerMetrics | None, spin_us: int = DEFAULT_SPIN_US,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, h2_front: bool = True):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, h2_front: bool = True,
+                 frames: bool = True):
         """`services`: full gRPC service name -> the platform service that owns it;
         `public_methods`: platform methods that need no token."""
         self.table = table
@@ -87,6 +88,7 @@ class NativeDataplane:
         self.spin_us = spin_us
         self.max_request_bytes = max_request_bytes
         self.h2_front = h2_front  # the public port spoken as HTTP/2 by the data plane itself (h2front.h)
+        self.frames = frames  # routed calls over replicas' framed sockets (frame.h)
         self.secret = secrets.token_urlsafe(32)
         #: (public REST address, this process's REST server's private address) when the
         #: data plane owns the REST port too (set by the gateway app before start)
@@ -109,6 +111,7 @@ class NativeDataplane:
         port = await self.native.start(["--listen", listen, "--upstream", upstream, "--spin-us", str(self.spin_us),
                                         "--max-request-bytes", str(self.max_request_bytes),
                                         "--h2-front", "on" if self.h2_front else "off",
+                                        "--frames", "on" if self.frames else "off",
                                         *(("--rest-listen", self.rest[0], "--rest-upstream", self.rest[1])
                                           if self.rest else ())], env)
         log.info("native data plane (pid %d) on port %d, in front of %s", self.native.process.pid, port, upstream)

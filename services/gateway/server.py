@@ -59,6 +59,8 @@ class GatewaySettings:
     dataplane_h2_front: bool = True
     #: the data plane owns the REST port too (False: this process serves it, as with --dataplane python)
     dataplane_rest: bool = True
+    #: the data plane's HTTP/2 front calls replicas over their framed sockets (False: always gRPC)
+    dataplane_frames: bool = True
     #: platform-wide cap on a model call's request size, bytes (see predict.py)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
@@ -87,6 +89,7 @@ class GatewayApp(ServiceApp):
                                              owners, self.public_methods - TFS_METHODS - {ATTACH},
                                              platform.server_metrics, max_request_bytes=max_request_bytes,
                                              h2_front=settings.dataplane_h2_front,
+                                             frames=settings.dataplane_frames,
                                              **({"spin_us": spin_us} if spin_us is not None else {}))
             platform.verifier.listeners.append(self.table.changed)
             self.proxy.vouch = self.dataplane.vouch
