@@ -33,10 +33,14 @@ import os
 import socket
 import stat
 import struct
+from typing import TYPE_CHECKING
 
 import grpc
 
-from services.models.model_server.servicer import CANCEL_DEADLINE, Servicer
+from services.models.model_server.status import CANCEL_DEADLINE
+
+if TYPE_CHECKING:  # servicer.py imports TensorFlow; this module stays importable without it
+    from services.models.model_server.servicer import Servicer
 
 log = logging.getLogger(__name__)
 

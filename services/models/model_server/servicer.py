@@ -46,9 +46,6 @@ MODEL_SERVICE = "tensorflow.serving.ModelService"
 REPLICA_SERVICE = "cloudml.internal.v1.ReplicaService"
 #: Set by the gateway: the model version it routed this request to (see core.py).
 ROUTED_VERSION_KEY = "x-cloudml-resolved-version"
-#: The cancellation message (`Task.cancel(msg)`) of a call whose deadline passed
-#: (frames.py enforces deadlines by cancelling): counted as DEADLINE_EXCEEDED.
-CANCEL_DEADLINE = "deadline exceeded"
 _OK = grpc.StatusCode.OK
 
 
@@ -158,7 +155,7 @@ class Servicer:
         `(code, message, body)`: a grpc.StatusCode, its status message, and
         the serialized response ("" and b"" unless OK). A cancelled call
         (its caller went away, or the framed server's deadline passed: a
-        `CANCEL_DEADLINE` cancellation) re-raises CancelledError, counted as
+        `status.CANCEL_DEADLINE` cancellation) re-raises CancelledError, counted as
         CANCELLED or DEADLINE_EXCEEDED.
         """
         metrics = self.metrics
@@ -176,7 +173,7 @@ class Servicer:
             code = err.code.name
             return err.code, err.message, b""
         except asyncio.CancelledError as err:
-            code = "DEADLINE_EXCEEDED" if CANCEL_DEADLINE in err.args else "CANCELLED"
+            code = "DEADLINE_EXCEEDED" if status.CANCEL_DEADLINE in err.args else "CANCELLED"
             raise
         except Exception:  # noqa: BLE001 - INTERNAL to the caller, the traceback to the log
             code = "INTERNAL"
