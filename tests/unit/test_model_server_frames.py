@@ -241,3 +241,15 @@ def test_drain_cancels_what_outlives_the_grace():
         await asyncio.sleep(0.01)
         assert h.servicer.cancelled == [()] and h.servicer.finished == 0
     run(test)
+
+
+def test_a_call_reusing_an_id_in_flight_closes_the_connection_and_cancels_its_calls():
+    async def test(h):
+        reader, writer = await h.connect()
+        writer.write(call_frame(61, b"slow"))
+        await asyncio.wait_for(h.servicer.started.wait(), 5)
+        writer.write(call_frame(61, b"fast"))
+        assert await read_reply(reader) is None
+        await asyncio.sleep(0.01)
+        assert h.servicer.cancelled == [()] and not h.frames.connections
+    run(test)
