@@ -108,7 +108,6 @@ class FrameConnection(asyncio.Protocol):
         self.buffer = bytearray()
         self.calls: dict[int, _Call] = {}
         self.closed = False
-        self._writable = True
 
     # --- asyncio.Protocol --------------------------------------------------------------------
 
@@ -124,12 +123,10 @@ class FrameConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The peer is not reading its replies: take no more calls until it does.
-        self._writable = False
         if not self.closed:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._writable = True
         if not self.closed:
             self.transport.resume_reading()
 
