@@ -10,13 +10,25 @@ encode the PredictResponse) served three ways, each server in a process of its o
               handler (what a model-server replica is), grpc.aio client;
     framed    an asyncio.Protocol on a Unix socket, a 4-byte length before
               each message both ways (the least a server process can be),
-              asyncio streams client.
+              asyncio streams client;
+
+and the real thing, one model-server replica process (`python -m
+services.models.model_server`, `--listen unix:...`, no native front) called
+end to end both ways it serves:
+
+    replica_grpc    its grpc.aio server (what gateways call today), grpc.aio
+                    client;
+    replica_frames  its framed-protocol socket (frames.py, frame.h: what the
+                    data plane calls instead), asyncio streams client.
 
 Per server: p50/p99 and the server process's CPU per call (its threads'
 run time from /proc/<pid>/task/*/schedstat); rounds alternate. The
 difference between grpc_aio and framed is what gRPC's Python server costs
 per call on this machine, the floor any cheaper replica protocol starts
-from; inproc is the handler's own cost.
+from; inproc is the handler's own cost. replica_grpc against replica_frames
+is what the framed protocol saves a real replica (which also parses and
+checks the ModelSpec, counts metrics, and runs each framed call as a task
+with its deadline).
 
     .venv/bin/python bench/bench_replica_floor.py [--seconds 3] [--rounds 3]
 """
@@ -144,6 +156,54 @@ async def framed_turn(address: str, body: bytes, seconds: float) -> list[float]:
     return out
 
 
+async def replica_frames_turn(address: str, body: bytes, seconds: float) -> list[float]:
+    """Predict over a replica's framed protocol (frame.h): one CALL, its REPLY."""
+    reader, writer = await asyncio.open_unix_connection(address[len("unix:"):])
+    payload = struct.pack("<BQBqQ", 1, 1, 0, 0, 0) + body  # CALL id 1, Predict, no routed version or deadline
+    frame = struct.pack("<I", len(payload)) + payload
+
+    async def one():
+        writer.write(frame)
+        (n,) = struct.unpack("<I", await reader.readexactly(4))
+        reply = await reader.readexactly(n)
+        if reply[9:13] != bytes(4):  # the status code
+            raise RuntimeError(f"the replica answered {reply!r}")
+
+    for _ in range(50):
+        await one()
+    out, stop = [], time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        t = time.perf_counter()
+        await one()
+        out.append(time.perf_counter() - t)
+    writer.close()
+    return out
+
+
+def start_replica(path: str, directory: str) -> tuple[subprocess.Popen, dict]:
+    """A model-server replica of the model at `path` on a Unix socket, SERVING; its port file."""
+    port_file = os.path.join(directory, "replica.port")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.models.model_server", "--model-name", "hpt", "--version", "1",
+         "--base-path", path, "--listen", f"unix:{directory}/replica.sock", "--native-front", "off",
+         "--port-file", port_file, "--log-level", "WARNING"],
+        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with open(port_file) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            info = {}
+        if "error" in info or proc.poll() is not None:
+            raise RuntimeError(f"the replica failed: {info}")
+        if "max_request_bytes" in info:  # written once AVAILABLE
+            return proc, info
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the replica did not start")
+
+
 def inproc_turn(handle, body: bytes, seconds: float) -> list[float]:
     for _ in range(50):
         handle(body)
@@ -187,23 +247,27 @@ def main() -> None:
                                 text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         assert proc.stdout.readline().strip() == "ready"
         servers[kind] = proc
+    replica, info = start_replica(path, d)
+    servers["replica_grpc"] = servers["replica_frames"] = replica
+    addresses.update(replica_grpc=info["address"], replica_frames=info["frame_address"])
+    turns = {"grpc_aio": grpc_turn, "framed": framed_turn, "replica_grpc": grpc_turn,
+             "replica_frames": replica_frames_turn}
     handle = make_handler(path)
-    samples: dict[str, list[float]] = {"inproc": [], "grpc_aio": [], "framed": []}
-    cpu: dict[str, list[float]] = {"grpc_aio": [], "framed": []}
+    order = ["inproc", *turns]
+    samples: dict[str, list[float]] = {kind: [] for kind in order}
+    cpu: dict[str, list[float]] = {kind: [] for kind in turns}
     try:
-        order = ["inproc", "grpc_aio", "framed"]
         for r in range(args.rounds):
-            for kind in order[r % 3:] + order[:r % 3]:
+            for kind in order[r % len(order):] + order[:r % len(order)]:
                 if kind == "inproc":
                     samples[kind] += inproc_turn(handle, body, args.seconds)
                     continue
                 before = thread_cpu_ns(servers[kind].pid)
-                turn = asyncio.run((grpc_turn if kind == "grpc_aio" else framed_turn)(
-                    addresses[kind], body, args.seconds))
+                turn = asyncio.run(turns[kind](addresses[kind], body, args.seconds))
                 cpu[kind].append((thread_cpu_ns(servers[kind].pid) - before) / (len(turn) + 50) / 1000)
                 samples[kind] += turn
     finally:
-        for proc in servers.values():
+        for proc in set(servers.values()):
             proc.kill()
     results = {}
     for kind, values in samples.items():
@@ -215,6 +279,10 @@ def main() -> None:
     results["grpc_aio_minus_framed_p50_ms"] = round(results["grpc_aio"]["p50_ms"] - results["framed"]["p50_ms"], 3)
     results["grpc_aio_over_framed_server_cpu"] = round(results["grpc_aio"]["server_cpu_us_per_call"]
                                                       / results["framed"]["server_cpu_us_per_call"], 2)
+    results["replica_grpc_minus_replica_frames_p50_ms"] = round(
+        results["replica_grpc"]["p50_ms"] - results["replica_frames"]["p50_ms"], 3)
+    results["replica_grpc_over_replica_frames_server_cpu"] = round(
+        results["replica_grpc"]["server_cpu_us_per_call"] / results["replica_frames"]["server_cpu_us_per_call"], 2)
     results["load_average"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(results, indent=2))
 

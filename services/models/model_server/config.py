@@ -72,6 +72,8 @@ class Settings:
     inline_group_max_micros: int = 2000
     #: the native front for direct callers (batching on or off): auto (if built), on (required), off
     native_front: str = "auto"
+    #: serve the data plane's framed protocol (frames.py) beside a unix: listen
+    frames: bool = True
     #: the replica's memory limit in bytes (0: none known)
     memory_limit_bytes: int = 0
     #: the platform-wide cap on a request's size
@@ -145,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:0",
                    help="gRPC address to bind: unix:/path/replica.sock, or host:port (port 0: any free port)")
     p.add_argument("--port-file", help='JSON written once listening: {"pid", "address"} (and "grpc": port on '
-                                       'TCP); once serving also "coalesce_max" and "max_request_bytes"; '
+                                       'TCP, "frame_address" with --frames on a unix: listen); once serving also "coalesce_max" and "max_request_bytes"; '
                                        'on a load failure {"error": ...}')
     p.add_argument("--batching-config", help="server-side batching as JSON (or a JSON file): enabled, "
                                              "max_batch_size, batch_timeout_micros, max_enqueued_batches, "
@@ -176,6 +178,9 @@ def parser() -> argparse.ArgumentParser:
                         "so that direct callers get the native fast path (with batching on, their concurrent "
                         "Predict calls are also coalesced as the gateway coalesces its own); this process then "
                         "listens beside it; auto: if it is built")
+    p.add_argument("--frames", default="on", choices=("on", "off"),
+                   help="on a unix:DIR/NAME.sock listen, also serve the data plane's framed protocol on "
+                        "unix:DIR/NAME.frame.sock (its port-file key: frame_address); never on TCP")
     p.add_argument("--memory-limit-bytes", type=int, default=None,
                    help="this replica's memory limit, from which its request size limit is derived (default: "
                         "$CLOUDML_MEMORY_LIMIT_BYTES, else the cgroup's limit; 0: none)")
@@ -215,6 +220,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         inline_max_micros=max(0, args.inline_max_micros),
         inline_group_max_micros=max(0, args.inline_group_max_micros),
         native_front=args.native_front,
+        frames=args.frames == "on",
         memory_limit_bytes=max(0, memory_limit),
         max_request_bytes_cap=args.max_request_bytes_cap,
     )

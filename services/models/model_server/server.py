@@ -11,7 +11,10 @@ gateways.
    health is NOT_SERVING and GetModelStatus answers LOADING meanwhile.
    `--listen` is `unix:/path/replica.sock` when the models service starts it
    (only the platform can reach the socket's directory), or `host:port`
-   (port 0 allowed) when run by hand.
+   (port 0 allowed) when run by hand. On a unix: listen (and `--frames on`,
+   the default) this process also serves the data plane's framed protocol
+   (frames.py, frame.h) on `unix:/path/replica.frame.sock` (mode 0600), and
+   the port file has `"frame_address"` too.
 2. Load the SavedModel (on its own thread; SIGTERM still works) and replay
    the warmup file. A failure is logged, written to the port file as
    `{"error": "...", "code": <gRPC code number>, "pid": pid}` (the models
@@ -24,6 +27,9 @@ gateways.
    replica it has already marked its endpoint UNLOADING); after
    `--drain-delay` (so gateways stop routing here) the server refuses new
    calls and in-flight ones get `--grace` seconds; then the process exits 0.
+   The frame server stops at the same moment: no new connections, new
+   calls answered UNAVAILABLE, in-flight ones finish within the same grace,
+   then its connections close and its socket is removed.
 
 Every replica, batching or not, puts the native front (the gateway's
 data-plane binary in replica front mode, `--native-front`) on the
@@ -62,6 +68,7 @@ from services.models.model_server import servable as servable_lib
 from services.models.model_server.batching import TFExecutor
 from services.models.model_server.config import Settings, resident_bytes
 from services.models.model_server.core import ServedModel, State
+from services.models.model_server.frames import FrameServer
 from services.models.model_server.metrics import Metrics, serve_metrics
 from services.models.model_server.servicer import MODEL_SERVICE, PREDICTION_SERVICE, Servicer
 from services.models.model_server.warmup import WarmupError, run_warmup
@@ -85,6 +92,19 @@ def server_address(listen: str) -> str:
         stem = path[:-len(".sock")] if path.endswith(".sock") else path
         return f"unix:{stem}.server.sock"
     return "127.0.0.1:0"
+
+
+def frame_address(listen: str) -> str | None:
+    """Where this process serves the framed protocol (frames.py) for a
+    `unix:DIR/NAME.sock` listen: `unix:DIR/NAME.frame.sock` (the same
+    directory, so the same access rules; frame.h names it so). None on a
+    TCP listen: the protocol has no authentication, only a Unix socket in
+    the platform's directory keeps others out."""
+    if not listen.startswith("unix:"):
+        return None
+    path = listen[len("unix:"):]
+    stem = path[:-len(".sock")] if path.endswith(".sock") else path
+    return f"unix:{stem}.frame.sock"
 
 
 def bound_address(listen: str, port: int) -> str:
@@ -168,6 +188,7 @@ class ModelServer:
         self.port = 0
         self.ports: dict = {}
         self.front: native.NativeProcess | None = None
+        self.frames: FrameServer | None = None
         self.failed = False
 
     async def set_health(self, serving: bool) -> None:
@@ -194,6 +215,11 @@ class ModelServer:
         ports = {"pid": os.getpid(), "address": self.address}
         if not listen.startswith("unix:"):
             ports["grpc"] = self.port
+        framed = frame_address(self.settings.listen) if self.settings.frames else None
+        if framed:
+            self.frames = FrameServer(self.servicer, framed[len("unix:"):])
+            await self.frames.start()
+            ports["frame_address"] = framed
         if front:
             self.front = native.NativeProcess("the replica's native front")
             port = await self.front.start(["--listen", self.settings.listen, "--front-for", self.address,
@@ -260,6 +286,8 @@ class ModelServer:
             write_port_file(self.settings.port_file, {"error": f"cannot listen on {self.settings.listen}: {err}",
                                                       "code": 14, "pid": os.getpid()})
             await self.server.stop(0)
+            if self.frames is not None:
+                await self.frames.stop(0)
             if self.front is not None:
                 await self.front.stop()
             return 1
@@ -318,7 +346,9 @@ class ModelServer:
         await self.set_health(False)
         if drain and self.settings.drain_delay > 0:
             await asyncio.sleep(self.settings.drain_delay)
-        await self.server.stop(self.settings.grace_seconds if drain else 0)
+        # Both servers stop taking calls at once and share the grace.
+        grace = self.settings.grace_seconds if drain else 0
+        await asyncio.gather(self.server.stop(grace), *([self.frames.stop(grace)] if self.frames else []))
         if self.front is not None:  # after the drain: in-flight calls came through it
             await self.front.stop()
         self.model.set_state(State.END)

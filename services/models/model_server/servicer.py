@@ -2,8 +2,10 @@
 
 Thin: read the routed version from the metadata, call `ServedModel`, turn a
 `ServingError` into its status (the one place that does), count the call.
-Predict's handler returns the response already serialized (built from
-numpy buffers in `tensors.py`), so its response serializer is the identity.
+`Servicer.invoke` does this for the gRPC handlers and for the framed
+protocol's server (frames.py) alike, so both run a call the same way.
+Handlers return the response serialized (Predict's is built from numpy
+buffers in `tensors.py`), so no response serializer is registered.
 
 Requests arrive as bytes and are parsed here: a body that is not the
 method's message is INVALID_ARGUMENT (gRPC's own deserializer would answer
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -42,6 +46,20 @@ MODEL_SERVICE = "tensorflow.serving.ModelService"
 REPLICA_SERVICE = "cloudml.internal.v1.ReplicaService"
 #: Set by the gateway: the model version it routed this request to (see core.py).
 ROUTED_VERSION_KEY = "x-cloudml-resolved-version"
+_OK = grpc.StatusCode.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Rpc:
+    """One unary method as its front ends (the gRPC server, frames.py) call it."""
+
+    service: str
+    method: str
+    #: `await call(request message, routed version or None)`: the response
+    call: Callable[[Any, int | None], Awaitable[Any]]
+    request_cls: type
+    #: the call returns its response serialized already (Predict, see tensors.py)
+    returns_bytes: bool = False
 
 
 def routed_version(context) -> int | None:
@@ -96,6 +114,22 @@ class Servicer:
         self.metrics = metrics
         #: the largest request taken (config.Settings.max_request_bytes, set again once the model is loaded)
         self.max_request_bytes = max_request_bytes
+        #: PredictionService's methods (the ones the data plane forwards, also over frames.py)
+        self.prediction_rpcs = {
+            "Predict": Rpc(PREDICTION_SERVICE, "Predict", self._predict, predict_pb2.PredictRequest, True),
+            "Classify": Rpc(PREDICTION_SERVICE, "Classify", self._classify, classification_pb2.ClassificationRequest),
+            "Regress": Rpc(PREDICTION_SERVICE, "Regress", self._regress, regression_pb2.RegressionRequest),
+            "MultiInference": Rpc(PREDICTION_SERVICE, "MultiInference", self._multi_inference,
+                                  inference_pb2.MultiInferenceRequest),
+            "GetModelMetadata": Rpc(PREDICTION_SERVICE, "GetModelMetadata", self._metadata,
+                                    get_model_metadata_pb2.GetModelMetadataRequest),
+        }
+        self.model_rpcs = {
+            "GetModelStatus": Rpc(MODEL_SERVICE, "GetModelStatus", self._status,
+                                  get_model_status_pb2.GetModelStatusRequest),
+            "HandleReloadConfigRequest": Rpc(MODEL_SERVICE, "HandleReloadConfigRequest", self._reload,
+                                             model_management_pb2.ReloadConfigRequest),
+        }
 
     def parse(self, method: str, request_cls, raw: bytes):
         """The request message of `raw`; raises ServingError when too large or undecodable."""
@@ -109,33 +143,56 @@ class Servicer:
             predict_lib.check_input_sizes(request, self.max_request_bytes)
         return request
 
-    def _wrap(self, service: str, method: str, call, request_cls):
-        metrics = self.metrics
-        servicer = self
+    async def invoke(self, rpc: Rpc, raw: bytes, routed: int | None = None, context=None):
+        """Runs one call of `rpc` as every front end runs it: parse `raw`
+        (`parse`), call the model, turn a ServingError into its status and
+        any other exception into INTERNAL (its traceback to the log, never
+        to the caller), count it (`metrics.inflight`, `metrics.observe`).
 
-        inflight = metrics.inflight if metrics is not None else None
+        The routed version is `routed` (the framed server, frames.py, reads
+        it from its CALL header), or read from `context`'s
+        x-cloudml-resolved-version metadata (the gRPC handler). Returns
+        `(code, message, body)`: a grpc.StatusCode, its status message, and
+        the serialized response ("" and b"" unless OK). A cancelled call
+        (its caller went away, or the framed server's deadline passed: a
+        `status.CANCEL_DEADLINE` cancellation) re-raises CancelledError, counted as
+        CANCELLED or DEADLINE_EXCEEDED.
+        """
+        metrics = self.metrics
+        start = time.perf_counter()
+        code = "OK"
+        if metrics is not None:
+            metrics.inflight.inc()
+        try:
+            request = self.parse(rpc.method, rpc.request_cls, raw)
+            if context is not None:
+                routed = routed_version(context)
+            response = await rpc.call(request, routed)
+            return _OK, "", response if rpc.returns_bytes else response.SerializeToString()
+        except status.ServingError as err:
+            code = err.code.name
+            return err.code, err.message, b""
+        except asyncio.CancelledError as err:
+            code = "DEADLINE_EXCEEDED" if status.CANCEL_DEADLINE in err.args else "CANCELLED"
+            raise
+        except Exception:  # noqa: BLE001 - INTERNAL to the caller, the traceback to the log
+            code = "INTERNAL"
+            log.exception("%s/%s failed", rpc.service, rpc.method)
+            return grpc.StatusCode.INTERNAL, f"Internal error in {rpc.method} (see the model server log)", b""
+        finally:
+            if metrics is not None:
+                metrics.inflight.dec()
+                metrics.observe(rpc.service, rpc.method, code, time.perf_counter() - start)
+
+    def _handler(self, rpc: Rpc):
+        """The gRPC handler of `rpc`: `invoke`, then the body or the status."""
+        invoke = self.invoke
 
         async def handler(raw, context):
-            start = time.perf_counter()
-            code = "OK"
-            if inflight is not None:
-                inflight.inc()
-            try:
-                return await call(servicer.parse(method, request_cls, raw), routed_version(context))
-            except status.ServingError as err:
-                code = err.code.name
-                await context.abort(err.code, err.message)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception:  # noqa: BLE001 - INTERNAL to the caller, the traceback to the log
-                code = "INTERNAL"
-                log.exception("%s/%s failed", service, method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"Internal error in {method} (see the model server log)")
-            finally:
-                if metrics is not None:
-                    inflight.dec()
-                    metrics.observe(service, method, code, time.perf_counter() - start)
+            code, message, body = await invoke(rpc, raw, None, context)
+            if code is _OK:
+                return body
+            await context.abort(code, message)
 
         return handler
 
@@ -234,40 +291,17 @@ class Servicer:
     # --- registration ----------------------------------------------------------------------------
 
     def generic_handlers(self) -> list[grpc.GenericRpcHandler]:
-        def unary(service, method, call, request_cls, response_cls):
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap(service, method, call, request_cls),
-                request_deserializer=None,  # parsed by the handler (Servicer.parse)
-                response_serializer=response_cls.SerializeToString if response_cls else None,
-            )
+        def unary(rpcs):
+            # Handlers return the response serialized (`invoke`): no serializer.
+            return {name: grpc.unary_unary_rpc_method_handler(self._handler(rpc), request_deserializer=None)
+                    for name, rpc in rpcs.items()}
 
-        prediction = {
-            # The Predict handler returns bytes: no serializer.
-            "Predict": unary(PREDICTION_SERVICE, "Predict", self._predict, predict_pb2.PredictRequest, None),
-            "Classify": unary(PREDICTION_SERVICE, "Classify", self._classify,
-                              classification_pb2.ClassificationRequest, classification_pb2.ClassificationResponse),
-            "Regress": unary(PREDICTION_SERVICE, "Regress", self._regress,
-                             regression_pb2.RegressionRequest, regression_pb2.RegressionResponse),
-            "MultiInference": unary(PREDICTION_SERVICE, "MultiInference", self._multi_inference,
-                                    inference_pb2.MultiInferenceRequest, inference_pb2.MultiInferenceResponse),
-            "GetModelMetadata": unary(PREDICTION_SERVICE, "GetModelMetadata", self._metadata,
-                                      get_model_metadata_pb2.GetModelMetadataRequest,
-                                      get_model_metadata_pb2.GetModelMetadataResponse),
-        }
-        model = {
-            "GetModelStatus": unary(MODEL_SERVICE, "GetModelStatus", self._status,
-                                    get_model_status_pb2.GetModelStatusRequest,
-                                    get_model_status_pb2.GetModelStatusResponse),
-            "HandleReloadConfigRequest": unary(MODEL_SERVICE, "HandleReloadConfigRequest", self._reload,
-                                               model_management_pb2.ReloadConfigRequest,
-                                               model_management_pb2.ReloadConfigResponse),
-        }
         replica = {
             "PredictBatch": grpc.unary_unary_rpc_method_handler(
                 self._predict_batch, request_deserializer=None),
         }
         return [
-            grpc.method_handlers_generic_handler(PREDICTION_SERVICE, prediction),
-            grpc.method_handlers_generic_handler(MODEL_SERVICE, model),
+            grpc.method_handlers_generic_handler(PREDICTION_SERVICE, unary(self.prediction_rpcs)),
+            grpc.method_handlers_generic_handler(MODEL_SERVICE, unary(self.model_rpcs)),
             grpc.method_handlers_generic_handler(REPLICA_SERVICE, replica),
         ]

@@ -10,6 +10,10 @@ from __future__ import annotations
 import grpc
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+#: The cancellation message (`Task.cancel(msg)`) of a call whose deadline passed
+#: (frames.py enforces deadlines by cancelling): `Servicer.invoke` counts it
+#: as DEADLINE_EXCEEDED rather than CANCELLED.
+CANCEL_DEADLINE = "deadline exceeded"
 
 
 class ServingError(Exception):
