@@ -457,7 +457,7 @@ class Platform:
             info = read_port_file(proc.port_file)
             await store.put_endpoint(client, store.make_endpoint(
                 "bench", name, 1, f"{name}-0", info.get("replica_address", info["address"]),
-                models_pb.MODEL_VERSION_STATE_AVAILABLE, info.get("coalesce_max", 0)))
+                models_pb.MODEL_VERSION_STATE_AVAILABLE, info.get("coalesce_max", 0), info.get("frame_address", "")))
             route = models_pb.ModelRoute(tenant="bench", model=name, versions=[
                 models_pb.VersionRoute(version=1, state=models_pb.MODEL_VERSION_STATE_AVAILABLE)])
             await client.put(f"/cloudml/models/routes/bench/{name}", route.SerializeToString())

@@ -272,11 +272,10 @@ class ReplicaObserver:
                 if not self._live(record):
                     return
                 endpoint = store.make_endpoint(record.tenant, record.model, record.version, record.replica_id,
-                                               address, state, coalesce_max)
+                                               address, state, coalesce_max, frame_address)
                 if max_request_bytes and "max_request_bytes" in pb.ReplicaEndpoint.DESCRIPTOR.fields_by_name:
                     endpoint.max_request_bytes = max_request_bytes
                 endpoint.batch_timeout_micros = batch_timeout_micros
-                endpoint.frame_address = frame_address
                 if current is not None and _same_endpoint(current, endpoint):
                     return
             else:

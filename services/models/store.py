@@ -268,12 +268,12 @@ def decode_kv_endpoint(kv: KV) -> pb.ReplicaEndpoint:
 
 
 def make_endpoint(tenant: str, model: str, version: int, replica_id: str, address: str, state: int,
-                  coalesce_max: int = 0) -> pb.ReplicaEndpoint:
+                  coalesce_max: int = 0, frame_address: str = "") -> pb.ReplicaEndpoint:
     """A replica's entry in endpoints/, stamped now."""
     now = time.time()
     return pb.ReplicaEndpoint(
         tenant=tenant, model=model, version=version, replica_id=replica_id, address=address, state=state,
-        coalesce_max=coalesce_max,
+        coalesce_max=coalesce_max, frame_address=frame_address,
         register_time=timestamp_pb2.Timestamp(seconds=int(now), nanos=int(now % 1 * 1e9)),
     )
 

@@ -37,7 +37,8 @@ data-plane binary in replica front mode, `--native-front`) on the
 (`server_address()`: a socket beside the front's, or a loopback port), so
 direct callers get the native fast path: the per-call cost of a Python gRPC
 hop is paid by this process only, once per call (batching off: the front
-relays every call as is, `--coalesce-max 0`) or once per group (batching on:
+relays every call as is, `--coalesce-max 0`, its model calls over the
+framed socket when there is one) or once per group (batching on:
 concurrent Predict calls reach it as PredictBatch groups, as the gateway's
 do; every other call is relayed as is). The endpoint published for gateways
 is this process's own address (the gateway has the same fast path and
@@ -225,7 +226,10 @@ class ModelServer:
             port = await self.front.start(["--listen", self.settings.listen, "--front-for", self.address,
                                            "--coalesce-max", str(self.coalesce_max()), "--spin-us", "0",
                                            "--batch-timeout-us", str(self.batch_timeout_micros()),
-                                           "--max-request-bytes", str(self.settings.max_request_bytes())])
+                                           "--max-request-bytes", str(self.settings.max_request_bytes()),
+                                           # Without batching its HTTP/2 front sends model calls here framed.
+                                           *(("--front-frame", framed) if framed and not self.coalesce_max()
+                                             else ())])
             self.front.watch(self._front_failed)
             public = bound_address(self.settings.listen, port)
             ports.update(address=public, replica_address=self.address)
