@@ -14,13 +14,17 @@ built in a subprocess; Predict uses the project's own TF Serving protos).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -257,6 +261,35 @@ def test_predict_through_the_gateway_follows_routes_and_tenancy(stack, team, dep
     # (A public model named <tenant>.hp by others, and Predict by label, need the
     # gateway to hand the replica the version it resolved, x-cloudml-resolved-version;
     # the gateway's own routing tests cover them.)
+
+
+def test_replicas_publish_their_framed_socket_and_the_gateway_calls_it(stack, team, deployed):
+    """The reconciler publishes the replica's framed socket (dataplane/frame.h)
+    beside its gRPC address; the gateway's data plane then sends repeat calls,
+    gRPC and REST, over it."""
+    version = stack.wait_version(team, "hp", 1, lambda v: v.state == AVAILABLE, "hp v1 AVAILABLE")
+    key = f"/cloudml/models/endpoints/{team.name}/hp/1/{version.replicas[0].id}"
+    endpoint = pb.ReplicaEndpoint.FromString(stack.etcd.get_prefix(key)[key])
+    assert endpoint.address.endswith(".server.sock")
+    assert endpoint.frame_address == endpoint.address[:-len(".server.sock")] + ".frame.sock"
+    mode = os.stat(endpoint.frame_address[len("unix:"):]).st_mode
+    assert stat.S_ISSOCK(mode) and mode & 0o077 == 0, oct(mode)
+
+    def framed() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{stack.rest_port}/metrics", timeout=5).read().decode()
+        found = re.search(r'cloudml_gateway_dataplane_calls_total\{path="framed"\} ([0-9.e+]+)', text)
+        return float(found.group(1)) if found else 0.0
+
+    before = framed()
+    for _ in range(5):
+        assert predict(stack.gateway.address, "hp", 3.0, metadata=team.md) == pytest.approx(3.5)
+    body = json.dumps({"instances": [1.0, 2.0]}).encode()
+    for _ in range(3):
+        request = urllib.request.Request(f"http://127.0.0.1:{stack.rest_port}/v1/models/hp:predict", data=body,
+                                         headers={"Authorization": team.md[0][1]})
+        assert json.loads(urllib.request.urlopen(request, timeout=10).read()) == {"predictions": [2.5, 3.0]}
+    # At least the repeat calls (4 gRPC, 2 REST) went framed; the figures lag by about a second.
+    wait_for(lambda: framed() >= before + 6, 10, "the data plane to report the framed calls")
 
 
 def test_replica_killed_with_sigkill_is_replaced(stack, team, deployed):
