@@ -26,6 +26,11 @@ pacing (default, ~1.5 min): half_plus_two at concurrency 1, one call at a
   `--dataplane-binary PATH` runs another build of the data plane in the
   gateway (the replica's front keeps the tree's), and `--h2-front off` the
   gateway's data plane without its HTTP/2 front (its gRPC server on the port).
+  Replicas listen on Unix sockets, as the models service starts them, so
+  they serve the framed protocol (dataplane/frame.h) too, and the gateway's
+  data plane and the replica's front call them over it; `--frames off`
+  turns that off on both sides (gRPC only, as before it). Each target's
+  row also has the replica's Python process's CPU per call.
 
 models: for half_plus_two and a 3-layer MLP (1,000-wide layers), at client
   concurrency 1 and 32: gRPC through the gateway vs. gRPC direct to one
@@ -55,6 +60,7 @@ sent as bytes by a grpc.aio client, so client-side Python work stays small.
 
     .venv/bin/python bench/bench_serving.py [--sections pacing,models,batching] [--seconds 2] [--rounds 3]
                                             [--spin-us N] [--dataplane-binary PATH] [--h2-front on|off]
+                                            [--frames on|off]
 """
 from __future__ import annotations
 
@@ -298,8 +304,9 @@ async def c1_turn(call, body: bytes, metadata, how: tuple, seconds: float, laten
 
 
 async def pacing_table(targets: dict, body: bytes, seconds: float, rounds: int, cpu_pids: dict,
-                       idle_seconds: float, dataplane_pid: int) -> dict:
-    """targets: name -> (address, metadata); cpu_pids: target name -> pid whose CPU its turns are charged."""
+                       idle_seconds: float, dataplane_pid: int, replica_pid: int) -> dict:
+    """targets: name -> (address, metadata); cpu_pids: target name -> pid whose CPU its turns are charged;
+    replica_pid: the replica's Python process, which every target's calls end at (its CPU per call too)."""
     channels = {name: grpc.aio.insecure_channel(address) for name, (address, _) in targets.items()}
     names = list(targets)
     try:
@@ -313,23 +320,28 @@ async def pacing_table(targets: dict, body: bytes, seconds: float, rounds: int, 
             latencies: dict[str, list[float]] = {name: [] for name in names}
             counts = dict.fromkeys(names, 0)
             cpu = {name: [0, 0] for name in cpu_pids}
+            replica_cpu = dict.fromkeys(names, 0)
             wall = dict.fromkeys(names, 0.0)
             machine0, t0 = psutil.cpu_times(), time.perf_counter()
             for r in range(rounds):
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     pid = cpu_pids.get(name)
                     before = cpu_ns(pid) if pid else None
+                    replica_before = cpu_ns(replica_pid)[0]
                     t = time.perf_counter()
                     counts[name] += await c1_turn(calls[name], body, targets[name][1], how,
                                                   seconds * share / rounds, latencies[name])
                     wall[name] += time.perf_counter() - t
+                    replica_cpu[name] += cpu_ns(replica_pid)[0] - replica_before
                     if pid:
                         after = cpu_ns(pid)
                         cpu[name][0] += after[0] - before[0]
                         cpu[name][1] += after[1] - before[1]
             row = {name: {"calls": counts[name], "calls_per_s": round(counts[name] / wall[name], 1),
                           "p50_ms": round(pct(latencies[name], 0.5) * 1e3, 3),
-                          "p99_ms": round(pct(latencies[name], 0.99) * 1e3, 3)} for name in names}
+                          "p99_ms": round(pct(latencies[name], 0.99) * 1e3, 3),
+                          "replica_cpu_us_per_call": round(replica_cpu[name] / 1e3 / max(1, counts[name]), 1)}
+                   for name in names}
             for name, (run, stat) in cpu.items():
                 row[name]["cpu_us_per_call"] = round(run / 1e3 / max(1, counts[name]), 1)
                 row[name]["cpu_us_per_call_stat"] = round(stat / 1e3 / max(1, counts[name]), 1)
@@ -358,15 +370,17 @@ async def pacing_table(targets: dict, body: bytes, seconds: float, rounds: int, 
 
 
 def print_pacing(table: dict) -> None:
-    print("\nhalf_plus_two at c=1 / open loop: p50 / p99 ms; ratio p50 to direct; data plane (front) CPU per call")
+    print("\nhalf_plus_two at c=1 / open loop: p50 / p99 ms; ratio p50 to direct; data plane (front) CPU per call;"
+          " the replica's Python process's CPU per call, direct / gateway")
     print(f"  {'pacing':16s} {'direct':>15s} {'front':>15s} {'gateway':>15s} {'gw/dir':>7s} {'fr/dir':>7s} "
-          f"{'dp us/call':>10s} {'front us/call':>13s} {'machine':>7s}")
+          f"{'dp us/call':>10s} {'front us/call':>13s} {'replica us/call':>15s} {'machine':>7s}")
     for pacing, _, _ in PACINGS:
         row = table[pacing]
         cell = {name: f"{row[name]['p50_ms']:.3f} / {row[name]['p99_ms']:.3f}" for name in ("direct", "front", "gateway")}
         print(f"  {pacing:16s} {cell['direct']:>15s} {cell['front']:>15s} {cell['gateway']:>15s} "
               f"x{row['gateway_vs_direct_p50']:<6.3f} x{row['front_vs_direct_p50']:<6.3f} "
               f"{row['gateway']['cpu_us_per_call']:>10.1f} {row['front']['cpu_us_per_call']:>13.1f} "
+              f"{row['direct']['replica_cpu_us_per_call']:>7.1f} / {row['gateway']['replica_cpu_us_per_call']:<5.1f} "
               f"{row['machine_busy_cores']:>7.2f}")
     print(f"  data plane at idle: {table['dataplane_idle_cpu_percent']:.3f} % of a core "
           "(machine: CPU cores busy meanwhile, all processes)")
@@ -392,12 +406,14 @@ class Platform:
     access key: `token`, and `md` its gRPC metadata. `gateway_env`: variables
     only the gateway (and auth) start with."""
 
-    def __init__(self, directory: str, replicas: list[tuple[str, str, bool]], gateway_env: dict | None = None):
+    def __init__(self, directory: str, replicas: list[tuple[str, str, bool]], gateway_env: dict | None = None,
+                 replica_flags: tuple[str, ...] = ()):
         from deploy.local.stack import AuthGatewayStack
 
         self.directory = directory
         self.replicas = replicas
         self.gateway_env = gateway_env or {}
+        self.replica_flags = replica_flags
         self.stack = AuthGatewayStack(directory, admin=ADMIN, service=SERVICE, flags=["--log-level", "WARNING"])
         self.procs: list = []
         self.servers: dict = {}  # model name -> its replica's ServiceProcess
@@ -423,9 +439,12 @@ class Platform:
         self.gateway, self.rest_port = self.stack.gateway, self.stack.rest_port
         for name, path, batching in self.replicas:
             port_file = os.path.join(self.directory, f"{name}.port")
+            # On a Unix socket, as the models service starts replicas: the
+            # replica then serves the framed protocol beside gRPC too.
             cmd = [sys.executable, "-m", "services.models.model_server", "--model-name", name, "--version", "1",
-                   "--base-path", path, "--port-file", port_file,
-                   "--batching-config", BATCHING_ON if batching else BATCHING_OFF, "--log-level", "WARNING"]
+                   "--base-path", path, "--port-file", port_file, "--listen", f"unix:{self.directory}/{name}.sock",
+                   "--batching-config", BATCHING_ON if batching else BATCHING_OFF, "--log-level", "WARNING",
+                   *self.replica_flags]
             proc = ServiceProcess(name, cmd, port_file, log_path=os.path.join(self.directory, f"{name}.log"))
             self.procs.append(proc)
             self.servers[name] = proc.start().wait_serving(120)
@@ -492,6 +511,9 @@ def main() -> None:
     parser.add_argument("--spin-us", type=int, default=None, help="the gateway's --dataplane-spin-us (its default: "
                         "the data plane's)")
     parser.add_argument("--dataplane-binary", default=None, help="the gateway's data-plane binary (default: the tree's)")
+    parser.add_argument("--frames", choices=("on", "off"), default="on",
+                        help="on (default): replicas serve the framed protocol (dataplane/frame.h) and the "
+                             "gateway's data plane and each replica's front call them over it; off: gRPC only")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
 
@@ -510,7 +532,8 @@ def main() -> None:
         replicas.append(("mlp-batch", mlp_path, True))
     platform = Platform(d, replicas, {"CLOUDML_DATAPLANE_SPIN_US": args.spin_us,
                                       "CLOUDML_DATAPLANE_BINARY": args.dataplane_binary,
-                                      "CLOUDML_DATAPLANE_H2_FRONT": args.h2_front})
+                                      "CLOUDML_DATAPLANE_H2_FRONT": args.h2_front,
+                                      "CLOUDML_DATAPLANE_FRAMES": args.frames}, replica_flags=("--frames", args.frames))
 
     try:
         platform.start()
@@ -528,7 +551,7 @@ def main() -> None:
                        "gateway": (gateway.address, md)}
             table = asyncio.run(pacing_table(targets, predict_bytes("hpt", hpt_inputs), args.seconds, args.rounds,
                                              {"gateway": dataplane_pid, "front": front_pid}, args.idle_seconds,
-                                             dataplane_pid))
+                                             dataplane_pid, servers["hpt"].process.pid))
             table["spin_us"] = args.spin_us
             results["hpt_c1_pacing"] = table
 
