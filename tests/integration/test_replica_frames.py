@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
+from cloudml.internal.v1 import replica_pb2
 from cloudml.tfs.tensorflow.core.example import example_pb2
 from cloudml.tfs.tensorflow_serving.apis import (
     classification_pb2,
@@ -50,11 +51,12 @@ SERVICE = "tensorflow.serving.PredictionService"
 # --- frame.h, spelled out again here -----------------------------------------------------------
 
 CALL, CANCEL, REPLY = 1, 2, 3
-METHOD = {"Predict": 0, "Classify": 1, "Regress": 2, "MultiInference": 3, "GetModelMetadata": 4}
+METHOD = {"Predict": 0, "Classify": 1, "Regress": 2, "MultiInference": 3, "GetModelMetadata": 4, "PredictBatch": 5}
 CALL_HEADER = 1 + 8 + 8
+BATCH_SLACK = 128 << 10
 MAX_MESSAGE = 64 << 10
 MAX_REPLY = (64 << 20) + 4096
-OK, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, UNAVAILABLE = 0, 3, 4, 5, 14
+OK, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE = 0, 3, 4, 5, 8, 14
 
 
 def encode_call(call_id: int, method: int, request: bytes, resolved_version: int = 0, timeout_us: int = 0) -> bytes:
@@ -146,7 +148,8 @@ def grpc_call(address: str, method: str, request: bytes, resolved_version: int |
     """The same call over the replica's gRPC server, as a Reply (id 0)."""
     metadata = (("x-cloudml-resolved-version", str(resolved_version)),) if resolved_version is not None else None
     with grpc.insecure_channel(address) as channel:
-        call = channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
+        service = "cloudml.internal.v1.ReplicaService" if method == "PredictBatch" else SERVICE
+        call = channel.unary_unary(f"/{service}/{method}", request_serializer=None, response_deserializer=None)
         try:
             return Reply(0, OK, "", call(request, timeout=timeout, metadata=metadata))
         except grpc.RpcError as err:
@@ -402,12 +405,17 @@ def test_many_interleaved_calls_on_one_connection_are_matched_by_id(main, client
     assert handled(main, "Predict", "OK") - before == 160  # counted as gRPC calls are
 
 
-def test_a_request_of_max_request_bytes_is_taken_one_byte_more_closes(main, client):
+def test_request_sizes_are_answered_as_over_grpc_and_past_the_slack_close(main, client):
     limit = main.read_port_file()["max_request_bytes"]
     assert client.roundtrip("Predict", b"\xff" * limit) == Reply(client.next_id - 1, INVALID_ARGUMENT,
                                                                  "Could not parse the PredictRequest", b"")
+    # Over the limit but within the slack a PredictBatch group's framing gets: refused as the gRPC server does.
+    over = grpc_call(main.server_address, "Predict", b"\xff" * (limit + 1))
+    assert over.code == RESOURCE_EXHAUSTED
+    assert client.roundtrip("Predict", b"\xff" * (limit + 1)) == Reply(client.next_id - 1, RESOURCE_EXHAUSTED,
+                                                                       over.message, b"")
     try:
-        client.call("Predict", b"\xff" * (limit + 1))
+        client.call("Predict", b"\xff" * (limit + BATCH_SLACK + 1))
     except (BrokenPipeError, ConnectionResetError):
         pass  # closed on the length prefix, before the rest was sent
     else:
@@ -467,7 +475,7 @@ def _hostile(limit: int) -> dict[str, bytes]:
         "oversize_length": (limit + 1).to_bytes(4, "little") + bytes([CALL]) + call_id,
         "unknown_kind": (9).to_bytes(4, "little") + bytes([9]) + call_id,
         "reply_from_the_peer": (17).to_bytes(4, "little") + bytes([REPLY]) + call_id + bytes(8),
-        "unknown_method": encode_call(5, 5, predict(1.0)),
+        "unknown_method": encode_call(5, 6, predict(1.0)),
         "truncated_call_header": (9 + CALL_HEADER - 1).to_bytes(4, "little") + bytes([CALL]) + call_id
         + bytes(CALL_HEADER - 1),
         "cancel_with_a_payload": (10).to_bytes(4, "little") + bytes([CANCEL]) + call_id + b"\x00",
@@ -478,7 +486,7 @@ def _hostile(limit: int) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("case", list(_hostile(0)))
 def test_a_hostile_frame_closes_only_its_connection(main, client, case):
-    frame = _hostile(main.read_port_file()["max_request_bytes"] + 1 + 8 + CALL_HEADER)[case]
+    frame = _hostile(main.read_port_file()["max_request_bytes"] + BATCH_SLACK + 1 + 8 + CALL_HEADER)[case]
     assert client.roundtrip("Predict", predict(1.0)).code == OK  # a bystander, open before
     hostile = FrameClient(main.info["frame_address"])
     hostile.send(frame)
@@ -532,3 +540,21 @@ def test_sigterm_drains_the_call_in_flight_refuses_new_ones_and_removes_the_sock
     assert c.closed(timeout=10)
     assert slow.proc.wait(20) == 0
     c.close()
+
+
+def test_a_predict_batch_group_answers_each_member_as_over_grpc(main, client):
+    """The data plane's coalesced groups (frame.h kPredictBatch): a result per
+    member, each checked on its own, the same as ReplicaService.PredictBatch."""
+    group = replica_pb2.PredictBatchRequest(resolved_version=VERSION, members=[
+        replica_pb2.PredictMember(request=predict(1.0), timeout_micros=5_000_000),
+        replica_pb2.PredictMember(request=b"\xff\xff\xff"),
+        replica_pb2.PredictMember(request=predict(2.0, 3.0),
+                                  metadata=[replica_pb2.MetadataEntry(key="x-tag", value=b"t")]),
+    ]).SerializeToString()
+    framed = client.roundtrip("PredictBatch", group)
+    over_grpc = grpc_call(main.server_address, "PredictBatch", group)
+    assert framed.code == over_grpc.code == OK
+    results = replica_pb2.PredictBatchResponse.FromString(framed.body).results
+    assert results == replica_pb2.PredictBatchResponse.FromString(over_grpc.body).results
+    assert [r.code for r in results] == [OK, INVALID_ARGUMENT, OK]
+    assert y_of(results[0].response) == [2.5] and y_of(results[2].response) == [3.0, 3.5]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from services.models.model_server.frames import MAX_MESSAGE, METHODS, FrameServer
+from services.models.model_server.frames import BATCH_SLACK, MAX_MESSAGE, METHODS, FrameServer
 from services.models.model_server.status import CANCEL_DEADLINE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -39,7 +39,7 @@ class StandIn:
 
     def __init__(self):
         self.max_request_bytes = 1 << 20
-        self.prediction_rpcs = {name: Rpc(name) for name in METHODS}
+        self.framed_rpcs = {name: Rpc(name) for name in METHODS}
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self.cancelled: list[tuple] = []  # each cancellation's arguments
@@ -115,6 +115,7 @@ def test_constants_match_frame_h():
     assert frames.PREFIX.size == constant("kPrefix") and frames.CALL_HEADER.size == constant("kCallHeader")
     assert frames.REPLY_HEAD.size - frames.PREFIX.size == constant("kReplyHeader")
     assert frames.MAX_MESSAGE == constant("kMaxMessage")
+    assert frames.BATCH_SLACK == constant("kBatchSlack")
     kinds = re.search(r"enum Kind : uint8_t \{ kCall = (\d+), kCancel = (\d+), kReply = (\d+) \}", text)
     assert (frames.KIND_CALL, frames.KIND_CANCEL, frames.KIND_REPLY) == tuple(map(int, kinds.groups()))
     methods = re.search(r"enum Method : uint8_t \{([^}]+)\}", text).group(1)
@@ -131,7 +132,7 @@ def test_socket_is_owner_only():
 def test_methods_and_routed_versions_reach_the_servicer_whole_even_byte_by_byte():
     async def test(h):
         reader, writer = await h.connect()
-        wire = b"".join(call_frame(100 + i, b"req%d" % i, method=i, routed=[0, 7, -3, 2**62, 1][i])
+        wire = b"".join(call_frame(100 + i, b"req%d" % i, method=i, routed=[0, 7, -3, 2**62, 1, 5][i])
                         for i in range(len(METHODS)))
         for i in range(len(wire)):  # one byte per read: frames straddle reads
             writer.write(wire[i:i + 1])
@@ -140,7 +141,7 @@ def test_methods_and_routed_versions_reach_the_servicer_whole_even_byte_by_byte(
         replies = sorted([await read_reply(reader) for _ in METHODS])
         assert replies == [(100, OK, "", b"Predict None req0"), (101, OK, "", b"Classify 7 req1"),
                            (102, OK, "", b"Regress -3 req2"), (103, OK, "", f"MultiInference {2**62} req3".encode()),
-                           (104, OK, "", b"GetModelMetadata 1 req4")]
+                           (104, OK, "", b"GetModelMetadata 1 req4"), (105, OK, "", b"PredictBatch 5 req5")]
         writer.close()
     run(test)
 
@@ -191,13 +192,13 @@ def test_frame_limit_follows_max_request_bytes_as_it_changes():
     async def test(h):
         h.servicer.max_request_bytes = 100
         reader, writer = await h.connect()
-        writer.write(call_frame(1, b"a" * 100))
+        writer.write(call_frame(1, b"a" * (100 + BATCH_SLACK)))  # the servicer answers an oversize request
         assert (await read_reply(reader))[:2] == (1, OK)
-        writer.write(call_frame(2, b"a" * 101))
+        writer.write(call_frame(2, b"a" * (101 + BATCH_SLACK)))
         assert await read_reply(reader) is None  # closed, unanswered
         h.servicer.max_request_bytes = 200  # as once the model is loaded
         reader, writer = await h.connect()
-        writer.write(call_frame(3, b"a" * 101))
+        writer.write(call_frame(3, b"a" * (101 + BATCH_SLACK)))
         assert (await read_reply(reader))[:2] == (3, OK)
         writer.close()
     run(test)

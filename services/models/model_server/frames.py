@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 KIND_CALL, KIND_CANCEL, KIND_REPLY = 1, 2, 3
 #: frame.h `Method`, in its order: a CALL's method byte indexes this.
-METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata")
+METHODS = ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata", "PredictBatch")
 #: length, kind, id
 PREFIX = struct.Struct("<IBQ")
 #: method, resolved_version, timeout_us
@@ -57,6 +57,8 @@ REPLY_HEAD = struct.Struct("<IBQII")
 KIND_ID = PREFIX.size - 4
 #: frame.h kMaxMessage: the data plane closes the connection on a longer status message
 MAX_MESSAGE = 64 << 10
+#: frame.h kBatchSlack
+BATCH_SLACK = 128 << 10
 #: replies at least this large are written in two parts rather than copied behind their header
 _JOIN_MAX = 64 << 10
 
@@ -65,12 +67,13 @@ SHUTTING_DOWN = "The model server is shutting down"
 
 
 def frame_limit(max_request_bytes: int) -> int:
-    """The largest length a CALL may declare: a request of `max_request_bytes`
-    behind the kind, the id and the call header (frame.h: the replica's
-    max_request_bytes plus kCallHeader slack; the slack also covers the
-    kind and id that the length counts, so a request of exactly the limit
-    still reaches `Servicer.parse`)."""
-    return max_request_bytes + KIND_ID + CALL_HEADER.size
+    """The largest length a CALL may declare (frame.h): `max_request_bytes`
+    plus BATCH_SLACK (a PredictBatch group's framing and its members'
+    metadata: the data plane counts them against max_request_bytes but
+    always lets one member in), behind the kind, the id and the call
+    header. A single call over max_request_bytes still reaches
+    `Servicer.parse`, which answers RESOURCE_EXHAUSTED as over gRPC."""
+    return max_request_bytes + BATCH_SLACK + KIND_ID + CALL_HEADER.size
 
 
 def status_bytes(message: str) -> bytes:
@@ -102,7 +105,7 @@ class FrameConnection(asyncio.Protocol):
     def __init__(self, server: FrameServer):
         self.server = server
         self.servicer: Servicer = server.servicer
-        self.rpcs = tuple(server.servicer.prediction_rpcs[name] for name in METHODS)
+        self.rpcs = tuple(server.servicer.framed_rpcs[name] for name in METHODS)
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()

@@ -38,7 +38,8 @@ data-plane binary in replica front mode, `--native-front`) on the
 direct callers get the native fast path: the per-call cost of a Python gRPC
 hop is paid by this process only, once per call (batching off: the front
 relays every call as is, `--coalesce-max 0`, its model calls over the
-framed socket when there is one) or once per group (batching on:
+framed socket when there is one) or once per group (batching on, over the
+framed socket too when there is one:
 concurrent Predict calls reach it as PredictBatch groups, as the gateway's
 do; every other call is relayed as is). The endpoint published for gateways
 is this process's own address (the gateway has the same fast path and
@@ -227,9 +228,9 @@ class ModelServer:
                                            "--coalesce-max", str(self.coalesce_max()), "--spin-us", "0",
                                            "--batch-timeout-us", str(self.batch_timeout_micros()),
                                            "--max-request-bytes", str(self.settings.max_request_bytes()),
-                                           # Without batching its HTTP/2 front sends model calls here framed.
-                                           *(("--front-frame", framed) if framed and not self.coalesce_max()
-                                             else ())])
+                                           # Its HTTP/2 front sends model calls here framed (with
+                                           # batching, Predict calls coalesced into PredictBatch groups).
+                                           *(("--front-frame", framed) if framed else ())])
             self.front.watch(self._front_failed)
             public = bound_address(self.settings.listen, port)
             ports.update(address=public, replica_address=self.address)

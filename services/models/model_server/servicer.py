@@ -57,7 +57,8 @@ class Rpc:
     method: str
     #: `await call(request message, routed version or None)`: the response
     call: Callable[[Any, int | None], Awaitable[Any]]
-    request_cls: type
+    #: None: the call takes the raw bytes and parses and counts them itself (PredictBatch)
+    request_cls: type | None
     #: the call returns its response serialized already (Predict, see tensors.py)
     returns_bytes: bool = False
 
@@ -124,6 +125,9 @@ class Servicer:
             "GetModelMetadata": Rpc(PREDICTION_SERVICE, "GetModelMetadata", self._metadata,
                                     get_model_metadata_pb2.GetModelMetadataRequest),
         }
+        #: what the framed protocol (frames.py) serves: these, and the data plane's coalesced groups
+        self.framed_rpcs = {**self.prediction_rpcs, "PredictBatch": Rpc(
+            REPLICA_SERVICE, "PredictBatch", lambda raw, _routed: self.predict_batch(raw), None, True)}
         self.model_rpcs = {
             "GetModelStatus": Rpc(MODEL_SERVICE, "GetModelStatus", self._status,
                                   get_model_status_pb2.GetModelStatusRequest),
@@ -158,6 +162,8 @@ class Servicer:
         `status.CANCEL_DEADLINE` cancellation) re-raises CancelledError, counted as
         CANCELLED or DEADLINE_EXCEEDED.
         """
+        if rpc.request_cls is None:
+            return await self._invoke_raw(rpc, raw)
         metrics = self.metrics
         start = time.perf_counter()
         code = "OK"
@@ -184,6 +190,18 @@ class Servicer:
                 metrics.inflight.dec()
                 metrics.observe(rpc.service, rpc.method, code, time.perf_counter() - start)
 
+    async def _invoke_raw(self, rpc: Rpc, raw: bytes):
+        """`invoke` of a call that parses and counts its request itself (PredictBatch: per member)."""
+        try:
+            return _OK, "", await rpc.call(raw, None)
+        except status.ServingError as err:
+            return err.code, err.message, b""
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - INTERNAL to the caller, the traceback to the log
+            log.exception("%s/%s failed", rpc.service, rpc.method)
+            return grpc.StatusCode.INTERNAL, f"Internal error in {rpc.method} (see the model server log)", b""
+
     def _handler(self, rpc: Rpc):
         """The gRPC handler of `rpc`: `invoke`, then the body or the status."""
         invoke = self.invoke
@@ -198,8 +216,19 @@ class Servicer:
 
     # --- the gateway's coalesced Predict calls (replica.proto) ---------------------------------
 
-    async def _predict_batch(self, raw: bytes, context) -> bytes:
-        """Each member is a Predict call of its own: checked on its own, given
+    async def _predict_batch_handler(self, raw: bytes, context) -> bytes:
+        """PredictBatch over gRPC: `predict_batch`, or its status."""
+        try:
+            return await self.predict_batch(raw)
+        except status.ServingError as err:
+            await context.abort(err.code, err.message)
+
+    async def predict_batch(self, raw: bytes) -> bytes:
+        """A PredictBatchRequest's answer, serialized (the gRPC handler and the
+        framed protocol's PredictBatch method call this); a body that is not
+        one raises INVALID_ARGUMENT.
+
+        Each member is a Predict call of its own: checked on its own, given
         its own answer or error, its caller's metadata and deadline, and
         counted as a Predict call; its trailers go back in its result. A member
         whose deadline has passed on arrival is not run; one whose deadline
@@ -210,7 +239,7 @@ class Servicer:
         try:
             request = replica_pb2.PredictBatchRequest.FromString(raw)
         except (DecodeError, ValueError, RecursionError):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Could not parse the PredictBatchRequest")
+            raise status.invalid("Could not parse the PredictBatchRequest") from None
         # `requests`: a data plane that predates `members` (no deadline, no metadata).
         members = list(request.members) or [replica_pb2.PredictMember(request=r) for r in request.requests]
         metrics = self.metrics
@@ -298,7 +327,7 @@ class Servicer:
 
         replica = {
             "PredictBatch": grpc.unary_unary_rpc_method_handler(
-                self._predict_batch, request_deserializer=None),
+                self._predict_batch_handler, request_deserializer=None),
         }
         return [
             grpc.method_handlers_generic_handler(PREDICTION_SERVICE, unary(self.prediction_rpcs)),

@@ -12,8 +12,9 @@
 
 namespace cloudml::dataplane {
 
-struct Conn;      // an HTTP/2 connection (h2front.cc)
-struct RestCall;  // a REST request waiting for its replica (rest.cc)
+struct Conn;        // an HTTP/2 connection (h2front.cc)
+struct RestCall;    // a REST request waiting for its replica (rest.cc)
+struct FrameGroup;  // Predict calls coalesced for a replica's framed socket (h2front.cc)
 
 struct Nv {
   std::string name, value;
@@ -40,6 +41,13 @@ struct Exchange {
   std::string api, key, model, address;
   std::string frame;      // the picked replica's framed socket (frame.h), "" if none
   uint64_t frame_id = 0;  // sent there: its id on that connection
+  // A Predict call to a batching replica (its route's coalesce_max > 1): how
+  // it may be coalesced there (frame.h), and the group it waits in or went
+  // with; `batching`: sent alone, counted in the replica's calls in flight.
+  uint32_t coalesce_max = 0, batch_timeout_us = 0;
+  uint64_t limit = 0;  // a group's request bytes at most
+  FrameGroup* group = nullptr;
+  bool batching = false;
   int64_t version = 0;
   bool bare = false;
   // A REST call to a batching replica: sent to this process's own gRPC side

@@ -39,14 +39,22 @@
 //            the serialized response message (code 0 only)
 //
 // Each side treats the other as untrusted: a frame longer than its limit (the
-// replica: its max_request_bytes + kCallHeader slack; the data plane:
-// kMaxReply), an unknown kind or method, a payload shorter than its fixed
+// replica: kind, id, call header, its max_request_bytes and kBatchSlack; the
+// data plane: kMaxReply), an unknown kind or method, a payload shorter than its fixed
 // part, a code above 16 or a message over kMaxMessage closes the connection.
 // The data plane then answers the calls it held there UNAVAILABLE, which
 // sends each once more the slow way (through its gRPC side, as a broken
 // HTTP/2 stream does). The replica enforces each call's deadline itself
 // (DEADLINE_EXCEEDED, "Deadline Exceeded") and runs calls as its gRPC
 // handlers do: same checks, same errors, same metrics.
+//
+// Batching replicas: the data plane's HTTP/2 front coalesces Predict calls
+// to a replica with coalesce_max > 1 as the gRPC side does (group.h: a call
+// that finds another in flight waits at most the batch timeout for company;
+// any number of groups in flight), and sends each group as one kPredictBatch
+// CALL: each member with its own request, time left and metadata; resolved
+// version in the PredictBatchRequest; the CALL's timeout the latest
+// member's. The REPLY's PredictBatchResponse has a result per member.
 #pragma once
 
 #include <cstddef>
@@ -59,13 +67,20 @@ namespace cloudml::dataplane::frame {
 
 enum Kind : uint8_t { kCall = 1, kCancel = 2, kReply = 3 };
 // The forwarded methods (protocol.h kForwardedMethods), in this order.
-enum Method : uint8_t { kPredict = 0, kClassify = 1, kRegress = 2, kMultiInference = 3, kGetModelMetadata = 4 };
+// kPredictBatch: a coalesced group (replica.proto PredictBatchRequest ->
+// PredictBatchResponse), as ReplicaService.PredictBatch over gRPC.
+enum Method : uint8_t {
+  kPredict = 0, kClassify = 1, kRegress = 2, kMultiInference = 3, kGetModelMetadata = 4, kPredictBatch = 5 };
 
 constexpr size_t kPrefix = 4 + 1 + 8;             // length, kind, id
 constexpr size_t kCallHeader = 1 + 8 + 8;         // method, resolved_version, timeout_us
 constexpr size_t kReplyHeader = 4 + 4;            // code, message_length
 constexpr size_t kMaxMessage = 64 << 10;          // a status message
 constexpr size_t kMaxReply = (64 << 20) + 4096;   // a replica's largest answer (its gRPC send limit) and slack
+// What a replica takes beyond its max_request_bytes: a PredictBatch group's
+// framing and its members' metadata (the data plane counts them against
+// max_request_bytes, but a group always takes its first member).
+constexpr size_t kBatchSlack = 128 << 10;
 
 // The method index of a forwarded method's name ("Predict", ...); -1 if none.
 int MethodOf(const std::string& api);

@@ -12,6 +12,7 @@
 #include <nghttp2/nghttp2.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -23,6 +24,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "cloudml/internal/v1/replica.pb.h"
 #include "metadata.h"
 #include "picking.h"
 #include "plane.h"
@@ -44,6 +46,7 @@ struct Conn {
   bool framed = false;
   std::string in;  // framed: what the replica sent that is not a whole frame yet
   std::unordered_map<uint64_t, Exchange*> calls;  // framed: by frame id
+  std::unordered_map<uint64_t, FrameGroup*> groups;  // framed: coalesced groups sent, by frame id
   uint64_t next_id = 1;
   std::string out;
   size_t out_off = 0;
@@ -54,8 +57,24 @@ struct Conn {
   uint64_t used = 0;  // Plane::epoch when a stream last opened on it
 };
 
+// Predict calls to one batching replica that go as one kPredictBatch CALL
+// (frame.h): waiting (open, `conn` null) or sent.
+struct FrameGroup {
+  std::string address, frame;  // the replica's gRPC address (outstanding's key) and framed socket
+  int64_t version = 0;
+  uint32_t coalesce_max = 0;
+  uint64_t limit = 0, bytes = 0;
+  Clock::time_point due;           // sent by then at the latest (its batch timeout)
+  std::vector<Exchange*> members;  // once sent, nullptr for a member whose caller left
+  Conn* conn = nullptr;
+  uint64_t id = 0;
+};
+
 namespace {
 
+// Predict calls (alone, or groups) in flight to a batching replica before
+// others wait to be coalesced, as the gRPC side's (model_call.cc).
+constexpr int kRpcsBeforeCoalescing = 1;
 constexpr int32_t kWindow = 1 << 20;            // per stream, both directions
 constexpr int32_t kConnectionWindow = 16 << 20;  // per connection
 constexpr uint32_t kMaxStreams = 4096;           // a caller's concurrent streams
@@ -173,6 +192,13 @@ struct H2Front::Impl : RestHost {
   nghttp2_option* option = nullptr;
   std::unique_ptr<RestFront> rest;  // the REST port's (rest.h), if this process owns it
   ListenerPause pause;              // the listener's, while descriptors run out
+  // Coalescing for batching replicas' framed sockets: the group waiting per
+  // replica address, their Predict calls and groups in flight, and a timer
+  // armed to the earliest waiting group's due time.
+  std::unordered_map<std::string, FrameGroup*> open_groups;
+  std::unordered_map<std::string, int> batch_rpcs;
+  int timer = -1;
+  Clock::time_point armed = Clock::time_point::max();
 
   explicit Impl(Plane& p) : plane(p), internal(p.options.internal) {}
 
@@ -183,6 +209,7 @@ struct H2Front::Impl : RestHost {
   const std::string& GrpcSide() override { return internal; }
   std::mt19937_64& Rng() override { return rng; }
   void Cancel(Exchange* x) override {
+    if (x->group) return LeaveGroup(x);
     if (x->up && x->up->framed) return CancelFramed(x);
     if (x->up && !x->response_ended) {
       nghttp2_submit_rst_stream(x->up->session, NGHTTP2_FLAG_NONE, x->up_id, NGHTTP2_CANCEL);
@@ -295,6 +322,16 @@ struct H2Front::Impl : RestHost {
     epoll_ctl(epoll, EPOLL_CTL_DEL, c->fd, nullptr);
     conns.erase(c->fd);
     close(c->fd);
+    // Its sent groups: each member ends as a broken call (below), the groups here.
+    std::vector<std::string> flush;
+    for (auto& [id, g] : c->groups) {
+      for (Exchange* m : g->members)
+        if (m) m->group = nullptr;
+      batch_rpcs[g->address]--;
+      flush.push_back(g->address);
+      delete g;
+    }
+    c->groups.clear();
     // Its streams end as if reset.
     std::vector<Exchange*> xs(c->exchanges.begin(), c->exchanges.end());
     for (Exchange* x : xs) {
@@ -303,6 +340,7 @@ struct H2Front::Impl : RestHost {
       else
         UpClosed(x, NGHTTP2_INTERNAL_ERROR);
     }
+    for (const auto& address : flush) FlushOpen(address);
     graveyard.push_back(c);
   }
 
@@ -415,10 +453,14 @@ struct H2Front::Impl : RestHost {
                    uint8_t(x->body[4]);
     if (len != x->body.size() - 5) return Relay(x);
     if (plane.options.front()) {
-      // A replica's front (that replica does not batch): every model call
-      // straight to it; it checks the model_spec itself.
+      // A replica's front: every model call straight to it (a batching
+      // replica's Predict calls coalesced over its framed socket); it checks
+      // the model_spec itself.
       x->bare = true;
       x->frame = plane.options.front_frame;
+      x->coalesce_max = plane.options.coalesce_max;
+      x->batch_timeout_us = plane.options.batch_timeout_us;
+      x->limit = plane.options.max_request_bytes;
       return Fast(x, plane.options.front_for);
     }
     std::string request = x->body.substr(5);
@@ -431,7 +473,7 @@ struct H2Front::Impl : RestHost {
     if (auths > 1) return Relay(x);
     x->key = CacheKey(auth, spec);
     FastRoute r;
-    if (!plane.Lookup(x->key, spec, x->api, rng, &r) || r.coalesce_max > 1) return Relay(x);
+    if (!plane.Lookup(x->key, spec, x->api, rng, &r)) return Relay(x);
     uint64_t limit = plane.options.max_request_bytes;
     if (r.max_request_bytes) limit = std::min(limit, r.max_request_bytes);
     if (request.size() > limit) return Relay(x);  // the gRPC side answers RESOURCE_EXHAUSTED
@@ -445,11 +487,26 @@ struct H2Front::Impl : RestHost {
         [this](const std::string& a) { return outstanding[a]; });
     if (!picked) return Relay(x);
     x->frame = FrameOf(r.addresses, r.frames, picked);
+    if (r.coalesce_max > 1) {
+      // A batching replica: coalesced here over its framed socket, else by the gRPC side.
+      if (x->frame.empty() || !plane.options.frames) return Relay(x);
+      x->coalesce_max = r.coalesce_max;
+      x->batch_timeout_us = r.batch_timeout_us;
+      x->limit = limit;
+    }
     Fast(x, *picked);
   }
 
   void Fast(Exchange* x, const std::string& address) override {
-    if (!x->frame.empty() && plane.options.frames && !x->to_grpc_side && Framed(x, address)) return;
+    if (!x->frame.empty() && plane.options.frames && !x->to_grpc_side) {
+      if (x->coalesce_max > 1 && x->api == "Predict") {
+        if (Coalesce(x, address)) return;
+        // Its framed socket cannot be reached: the gRPC side coalesces it.
+        if (!x->key.empty()) plane.Forget(x->key);
+        return x->rest ? rest->Slow(x) : Relay(x);
+      }
+      if (Framed(x, address)) return;
+    }
     Conn* c = Upstream(address);
     if (!c) {
       if (!x->key.empty()) plane.Forget(x->key);
@@ -530,6 +587,7 @@ struct H2Front::Impl : RestHost {
     c->exchanges.erase(x);
     x->up = nullptr;
     outstanding[x->address]--;
+    if (x->batching) BatchReturned(x);
     MaybeDelete(x);
   }
 
@@ -544,29 +602,262 @@ struct H2Front::Impl : RestHost {
       if (r < 0) return false;
       if (r == 0) break;
       at += used;
+      auto group = c->groups.find(reply.id);
+      if (group != c->groups.end()) {
+        FrameGroup* g = group->second;
+        c->groups.erase(group);
+        GroupReplied(g, reply);
+        continue;
+      }
       auto it = c->calls.find(reply.id);
       if (it == c->calls.end()) continue;  // cancelled meanwhile
       Exchange* x = it->second;
       c->calls.erase(it);
       c->exchanges.erase(x);
       x->up = nullptr;
-      // The reply as the gRPC path reads one from a replica's stream.
-      x->response_headers = {{":status", "200"}, {kContentType, "application/grpc"}};
-      if (reply.code == 0) {
-        uint32_t n = static_cast<uint32_t>(reply.response.size());
-        x->response.assign(1, '\0');
-        for (int shift = 24; shift >= 0; shift -= 8) x->response.push_back(static_cast<char>((n >> shift) & 0xff));
-        x->response += reply.response;
-        x->trailers = {{"grpc-status", "0"}};
-      } else {
-        x->trailers_only = true;
-        x->response_headers.push_back({"grpc-status", std::to_string(reply.code)});
-        x->response_headers.push_back({"grpc-message", PercentEncode(reply.message)});
-      }
-      FastDone(x, true);
+      FramedAnswer(x, reply.code, reply.message, reply.response, {});
     }
     c->in.erase(0, at);
     return true;
+  }
+
+  // A framed call's answer, as the gRPC path reads one from a replica's stream.
+  void FramedAnswer(Exchange* x, uint32_t code, const std::string& message, const std::string& response,
+                    std::vector<Nv> trailers) {
+    x->response_headers = {{":status", "200"}, {kContentType, "application/grpc"}};
+    if (code == 0) {
+      uint32_t n = static_cast<uint32_t>(response.size());
+      x->response.assign(1, '\0');
+      for (int shift = 24; shift >= 0; shift -= 8) x->response.push_back(static_cast<char>((n >> shift) & 0xff));
+      x->response += response;
+      x->trailers = {{"grpc-status", "0"}};
+      for (auto& t : trailers) x->trailers.push_back(std::move(t));
+    } else {
+      x->trailers_only = true;
+      x->response_headers.push_back({"grpc-status", std::to_string(code)});
+      x->response_headers.push_back({"grpc-message", PercentEncode(message)});
+      for (auto& t : trailers) x->response_headers.push_back(std::move(t));
+    }
+    FastDone(x, true);
+  }
+
+  // --- coalescing for a batching replica's framed socket (frame.h) ---
+
+  // A Predict call to a batching replica: alone if nothing is in flight to
+  // it, else into its waiting group (a new one if there is none or the call
+  // does not fit), which goes at the first of: full, its batch timeout
+  // (TimerFired), or the return of any call to the replica (FlushOpen).
+  // false if the framed socket cannot be reached.
+  bool Coalesce(Exchange* x, const std::string& address) {
+    auto open = open_groups.find(address);
+    int& rpcs = batch_rpcs[address];
+    if (rpcs < kRpcsBeforeCoalescing && open == open_groups.end()) {
+      if (!Framed(x, address)) return false;
+      x->batching = true;
+      rpcs++;
+      return true;
+    }
+    if (!Upstream(kFramedScheme + x->frame)) return false;
+    FrameGroup* g = open == open_groups.end() ? nullptr : open->second;
+    size_t size = MemberBytes(x);
+    if (g && (g->members.size() >= g->coalesce_max || g->bytes + size > g->limit)) {
+      SendGroup(g);
+      g = nullptr;
+    }
+    if (!g) {
+      g = new FrameGroup();
+      g->address = address;
+      g->frame = x->frame;
+      g->version = x->version;
+      g->coalesce_max = x->coalesce_max;
+      g->limit = x->limit;
+      g->due = Clock::now() + std::chrono::microseconds(x->batch_timeout_us);
+      open_groups[address] = g;
+      if (g->due < armed) Arm(g->due);
+    }
+    g->members.push_back(x);
+    g->bytes += size;
+    x->group = g;
+    x->fast = true;
+    x->address = address;
+    outstanding[address]++;
+    plane.Count(&Plane::fast_calls);
+    if (g->members.size() >= g->coalesce_max) SendGroup(g);
+    return true;
+  }
+
+  // What a member adds to a PredictBatchRequest (counted against the group's limit).
+  static size_t MemberBytes(const Exchange* x) {
+    size_t n = x->body.size() + 16;
+    for (const auto& h : x->request_headers) n += h.name.size() + h.value.size() + 8;
+    return n;
+  }
+
+  // Sends a waiting group: members whose deadline has passed are answered
+  // DEADLINE_EXCEEDED instead; each other carries its time left and its
+  // caller's metadata; the CALL's timeout is the latest member's.
+  void SendGroup(FrameGroup* g) {
+    auto open = open_groups.find(g->address);
+    if (open != open_groups.end() && open->second == g) open_groups.erase(open);
+    auto now = Clock::now();
+    cloudml::internal::v1::PredictBatchRequest request;
+    request.set_resolved_version(g->version);
+    std::vector<Exchange*> members, expired;
+    int64_t timeout_us = 0;
+    bool unbounded = false;
+    for (Exchange* m : g->members) {
+      if (m->deadline != Clock::time_point::max() && m->deadline <= now) {
+        expired.push_back(m);
+        continue;
+      }
+      members.push_back(m);
+      auto* member = request.add_members();
+      member->set_request(m->body.data() + 5, m->body.size() - 5);
+      if (m->deadline == Clock::time_point::max()) {
+        unbounded = true;
+      } else {
+        int64_t left = std::max<int64_t>(1, TimeLeft(m));
+        member->set_timeout_micros(left);
+        timeout_us = std::max(timeout_us, left);
+      }
+      for (const auto& h : m->request_headers) {
+        if (h.name.empty() || h.name[0] == ':' || IsHopHeader(h.name) || h.name == kAuthorization) continue;
+        auto* entry = member->add_metadata();
+        entry->set_key(h.name);
+        entry->set_value(h.value);
+      }
+    }
+    g->members = members;
+    for (Exchange* m : expired) {
+      m->group = nullptr;
+      FramedAnswer(m, 4, "Deadline Exceeded", "", {});
+    }
+    Conn* c = members.empty() ? nullptr : Upstream(kFramedScheme + g->frame);
+    if (!c) {
+      // Nothing left, or the socket went: each member the way a broken call goes (the slow path).
+      for (Exchange* m : members) {
+        m->group = nullptr;
+        FastDone(m, false);
+      }
+      delete g;
+      return;
+    }
+    std::string bytes = request.SerializeAsString();
+    g->conn = c;
+    g->id = c->next_id++;
+    frame::AppendCall(&c->out, g->id, frame::kPredictBatch, g->version, unbounded ? 0 : timeout_us, bytes.data(),
+                      bytes.size());
+    c->groups[g->id] = g;
+    for (Exchange* m : members) Attach(m, c, -1);
+    batch_rpcs[g->address]++;
+    dirty.insert(c);
+    plane.Count(&Plane::coalesced_calls, members.size());
+    plane.Count(&Plane::frame_calls, members.size());
+  }
+
+  // A sent group's REPLY: each member its own result, status and trailers.
+  void GroupReplied(FrameGroup* g, const frame::Reply& reply) {
+    cloudml::internal::v1::PredictBatchResponse response;
+    bool parsed = reply.code == 0 && response.ParseFromString(reply.response) &&
+                  response.results_size() == static_cast<int>(g->members.size());
+    for (size_t i = 0; i < g->members.size(); i++) {
+      Exchange* m = g->members[i];
+      if (!m) continue;
+      g->conn->exchanges.erase(m);
+      m->up = nullptr;
+      m->group = nullptr;
+      if (!parsed) {
+        FramedAnswer(m, reply.code ? reply.code : 13, reply.code ? reply.message : "malformed PredictBatch response",
+                     "", {});
+        continue;
+      }
+      const auto& r = response.results(static_cast<int>(i));
+      std::vector<Nv> trailers;
+      for (const auto& t : r.trailers())
+        if (!IsHopHeader(t.key()) && ValidMetadata(t.key(), t.value())) trailers.push_back({t.key(), t.value()});
+      uint32_t code = r.code() <= 16 ? static_cast<uint32_t>(r.code()) : 2;
+      FramedAnswer(m, code, r.message().substr(0, frame::kMaxMessage), code ? "" : r.response(),
+                   std::move(trailers));
+    }
+    std::string address = g->address;
+    delete g;
+    batch_rpcs[address]--;
+    FlushOpen(address);
+  }
+
+  // A member's caller went away: out of its waiting group; or, once sent, its
+  // slot empties (the group is cancelled when no member is left).
+  void LeaveGroup(Exchange* x) {
+    FrameGroup* g = x->group;
+    x->group = nullptr;
+    auto it = std::find(g->members.begin(), g->members.end(), x);
+    outstanding[x->address]--;
+    if (!g->conn) {
+      if (it != g->members.end()) g->members.erase(it);
+      g->bytes -= std::min(g->bytes, MemberBytes(x));
+      if (g->members.empty()) {
+        auto open = open_groups.find(g->address);
+        if (open != open_groups.end() && open->second == g) open_groups.erase(open);
+        delete g;
+      }
+    } else {
+      if (it != g->members.end()) *it = nullptr;
+      g->conn->exchanges.erase(x);
+      x->up = nullptr;
+      if (std::all_of(g->members.begin(), g->members.end(), [](Exchange* m) { return m == nullptr; })) {
+        Conn* c = g->conn;
+        frame::AppendCancel(&c->out, g->id);
+        dirty.insert(c);
+        c->groups.erase(g->id);
+        std::string address = g->address;
+        delete g;
+        batch_rpcs[address]--;
+        FlushOpen(address);
+      }
+    }
+    MaybeDelete(x);
+  }
+
+  // A Predict call sent alone to a batching replica returned.
+  void BatchReturned(Exchange* x) {
+    x->batching = false;
+    batch_rpcs[x->address]--;
+    FlushOpen(x->address);
+  }
+
+  // A call to the replica returned: its waiting group goes now.
+  void FlushOpen(const std::string& address) {
+    auto open = open_groups.find(address);
+    if (open != open_groups.end()) SendGroup(open->second);
+  }
+
+  void Arm(Clock::time_point due) {
+    armed = due;
+    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(due.time_since_epoch()).count();
+    itimerspec spec{};
+    spec.it_value.tv_sec = ns / 1000000000;
+    spec.it_value.tv_nsec = ns % 1000000000;
+    if (spec.it_value.tv_sec == 0 && spec.it_value.tv_nsec == 0) spec.it_value.tv_nsec = 1;
+    timerfd_settime(timer, TFD_TIMER_ABSTIME, &spec, nullptr);
+  }
+
+  // The timer: every waiting group that is due goes; then the next due time.
+  void TimerFired() {
+    uint64_t expirations;
+    while (read(timer, &expirations, sizeof(expirations)) > 0) {
+    }
+    armed = Clock::time_point::max();
+    auto now = Clock::now();
+    std::vector<FrameGroup*> due;
+    auto next = Clock::time_point::max();
+    for (auto& [address, g] : open_groups) {
+      if (g->due <= now)
+        due.push_back(g);
+      else
+        next = std::min(next, g->due);
+    }
+    for (FrameGroup* g : due) SendGroup(g);
+    if (next != Clock::time_point::max()) Arm(next);
   }
 
   // On to the gRPC side as it came, frame by frame.
@@ -724,6 +1015,7 @@ struct H2Front::Impl : RestHost {
 
   void FastDone(Exchange* x, bool complete) {
     outstanding[x->address]--;
+    if (x->batching) BatchReturned(x);
     if (!x->down && !x->rest) return MaybeDelete(x);
     const std::string* status = Find(x->trailers_only ? x->response_headers : x->trailers, "grpc-status");
     int code = complete && status ? atoi(status->c_str()) : 14;
@@ -761,6 +1053,7 @@ struct H2Front::Impl : RestHost {
     x->down_unconsumed = 0;
     x->down = nullptr;
     // The caller went away (or its stream ended before the reply did): the upstream stream too.
+    if (x->group) return LeaveGroup(x);
     if (x->up && x->up->framed) return CancelFramed(x);
     if (x->up && !x->response_ended) {
       nghttp2_submit_rst_stream(x->up->session, NGHTTP2_FLAG_NONE, x->up_id, NGHTTP2_CANCEL);
@@ -878,6 +1171,8 @@ struct H2Front::Impl : RestHost {
     for (Conn* c : idle) Kill(c);
     for (auto it = outstanding.begin(); it != outstanding.end();)
       it = it->second == 0 && !upstreams.count(it->first) ? outstanding.erase(it) : std::next(it);
+    for (auto it = batch_rpcs.begin(); it != batch_rpcs.end();)
+      it = it->second == 0 && !open_groups.count(it->first) ? batch_rpcs.erase(it) : std::next(it);
   }
 
   void Accept() {
@@ -966,6 +1261,10 @@ bool H2Front::Setup() {
   ev.events = EPOLLIN;
   ev.data.ptr = &m.wake;
   epoll_ctl(m.epoll, EPOLL_CTL_ADD, m.wake[0], &ev);
+  m.timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (m.timer < 0) return false;
+  ev.data.ptr = &m.timer;
+  epoll_ctl(m.epoll, EPOLL_CTL_ADD, m.timer, &ev);
   return true;
 }
 
@@ -1025,6 +1324,10 @@ void H2Front::Run(double grace) {
       if (m.rest && m.rest->Event(p, events[i].events)) continue;
       if (p == &m.listener) {
         m.Accept();
+        continue;
+      }
+      if (p == &m.timer) {
+        m.TimerFired();
         continue;
       }
       if (p == &m.wake) {

@@ -178,8 +178,9 @@ bool ParseArgs(int argc, char** argv, Options* o) {
       (!o->rest_upstream.empty() && o->rest_upstream.compare(0, 5, "unix:") != 0))
     return false;
   if (o->front()) {
-    // A batching replica's front coalesces Predict calls: gRPC's side does that.
-    if (o->coalesce_max > 1) o->h2 = false;
+    // A batching replica's front coalesces Predict calls: over the replica's
+    // framed socket on the HTTP/2 front, else on gRPC's side.
+    if (o->coalesce_max > 1 && (o->front_frame.empty() || !o->frames)) o->h2 = false;
     return o->upstream.empty() && o->rest_listen.empty();
   }
   return !o->upstream.empty() && !o->secret.empty();

@@ -550,17 +550,19 @@ struct RestFront::Impl {
         break;
     }
     if (!converted || request.size() > limit) return Relay(c, true);
-    const std::string* picked = &host.GrpcSide();
-    // The gRPC side coalesces Predict calls only.
-    bool coalesce = c->verb == kPredict && c->route.coalesce_max > 1 && !picked->empty();
-    if (!coalesce) {
-      std::vector<const std::string*> candidates;
-      for (const auto& a : c->route.addresses) candidates.push_back(&a);
-      picked = PickTwo(
-          candidates, [this](size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(host.Rng()); },
-          [this](const std::string& a) { return host.Outstanding(a); });
-      if (!picked) return Relay(c, true);
-    }
+    std::vector<const std::string*> candidates;
+    for (const auto& a : c->route.addresses) candidates.push_back(&a);
+    const std::string* picked = PickTwo(
+        candidates, [this](size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(host.Rng()); },
+        [this](const std::string& a) { return host.Outstanding(a); });
+    if (!picked) return Relay(c, true);
+    std::string frame = FrameOf(c->route.addresses, c->route.frames, picked);
+    // A batching replica's Predict calls are coalesced: by the HTTP/2 front
+    // over its framed socket (h2front.cc), else by the gRPC side.
+    bool batching = c->verb == kPredict && c->route.coalesce_max > 1;
+    bool framed = !frame.empty() && plane.options.frames;
+    bool coalesce = batching && !framed && !host.GrpcSide().empty();
+    if (coalesce) picked = &host.GrpcSide();
     auto* x = new Exchange();
     c->rest_call.conn = c;
     c->rest_call.row_format = row;
@@ -587,7 +589,12 @@ struct RestFront::Impl {
     c->call = x;
     c->state = RestConn::kCall;
     plane.Count(&Plane::rest_calls);
-    if (!coalesce) x->frame = FrameOf(c->route.addresses, c->route.frames, picked);
+    if (!coalesce) x->frame = frame;
+    if (batching && framed) {
+      x->coalesce_max = c->route.coalesce_max;
+      x->batch_timeout_us = c->route.batch_timeout_us;
+      x->limit = limit;
+    }
     host.Fast(x, *picked);
   }
 
