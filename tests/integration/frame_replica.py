@@ -12,6 +12,13 @@ says (tags as tests/integration/batching_replica.py's):
 - anything else: at once, the tag echoed as output "tag" and the model
   version `version`.
 
+A PredictBatch CALL (method 5, the data plane's coalesced group) is
+recorded member by member (`Call.group`: the group's size; `timeout_us`
+and `metadata` the member's own) and answered when its slowest member is,
+each member's result per its tag ("hostile:" tags: a PredictBatchResponse
+with the wrong number of results), with trailer `x-echo` set to the
+member's `x-tag` metadata plus trailers no replica may send (HOSTILE_TRAILERS).
+
 Every frame is recorded (`calls`, `cancels`), and so is each connection
 the data plane closed (`closed`)."""
 from __future__ import annotations
@@ -23,7 +30,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from cloudml.internal.v1 import replica_pb2
 from cloudml.tfs.tensorflow_serving.apis import predict_pb2
+from tests.integration.batching_replica import HOSTILE_TRAILERS, Received
 
 CALL, CANCEL, REPLY = 1, 2, 3
 
@@ -46,6 +55,8 @@ class Call:
     timeout_us: int
     tag: str
     at: float
+    group: int = 0  # the size of the PredictBatch group it came in (0: alone)
+    metadata: dict | None = None
 
 
 def reply(frame_id: int, code: int = 0, message: bytes = b"", body: bytes = b"") -> bytes:
@@ -74,6 +85,18 @@ class FrameReplica:
 
     def tags(self) -> list[str]:
         return [c.tag for c in list(self.calls)]
+
+    # --- as BatchingReplica records calls (tests written for either) ---
+
+    def get(self, tag: str) -> Received | None:
+        call = next((c for c in list(self.calls) if c.tag == tag), None)
+        if call is None:
+            return None
+        return Received(call.tag, "group" if call.group else "predict", call.at,
+                        call.timeout_us / 1e6 if call.timeout_us else None, call.metadata or {}, call.group or 1)
+
+    def wait_received(self, tag: str, timeout: float = 5.0) -> Received:
+        return self.wait(lambda: self.get(tag), f"{tag!r} arrives", timeout)
 
     def wait(self, predicate, what: str, timeout: float = 5.0):
         deadline = time.monotonic() + timeout
@@ -129,10 +152,52 @@ class FrameReplica:
                     continue
                 assert kind == CALL, kind
                 method, version, timeout_us = struct.unpack_from("<BqQ", frame, 9)
+                if method == 5:
+                    self._group(send, frame_id, version, replica_pb2.PredictBatchRequest.FromString(frame[9 + 17:]))
+                    continue
                 request = predict_pb2.PredictRequest.FromString(frame[9 + 17:])
                 tag = request.inputs["tag"].string_val[0].decode()
                 self.calls.append(Call(frame_id, method, version, timeout_us, tag, time.monotonic()))
                 threading.Thread(target=self._answer, args=(send, frame_id, request, tag), daemon=True).start()
+
+    def _group(self, send, frame_id: int, version: int, batch: replica_pb2.PredictBatchRequest) -> None:
+        members = []
+        for m in batch.members:
+            request = predict_pb2.PredictRequest.FromString(m.request)
+            tag = request.inputs["tag"].string_val[0].decode()
+            metadata = {e.key: e.value.decode() for e in m.metadata}
+            self.calls.append(Call(frame_id, 5, batch.resolved_version, m.timeout_micros, tag, time.monotonic(),
+                                   len(batch.members), metadata))
+            members.append((request, tag, metadata))
+
+        def answer() -> None:
+            if any(tag.startswith("slow") for _, tag, _ in members):
+                time.sleep(self.slow_seconds)
+            results = []
+            for request, tag, metadata in members:
+                trailers = [replica_pb2.MetadataEntry(key="x-echo", value=metadata["x-tag"].encode())] \
+                    if "x-tag" in metadata else []
+                trailers += [replica_pb2.MetadataEntry(key=k, value=v) for k, v in HOSTILE_TRAILERS]
+                if tag.startswith("error:"):
+                    _, code, message = tag.split(":", 2)
+                    results.append(replica_pb2.PredictResult(code=int(code), message=message, trailers=trailers))
+                else:
+                    results.append(replica_pb2.PredictResult(response=self._response(request, tag),
+                                                             trailers=trailers))
+            if any(tag.startswith("hostile:") for _, tag, _ in members):
+                results.append(replica_pb2.PredictResult())
+            send(reply(frame_id, 0, b"", replica_pb2.PredictBatchResponse(results=results).SerializeToString()))
+
+        threading.Thread(target=answer, daemon=True).start()
+
+    def _response(self, request: predict_pb2.PredictRequest, tag: str) -> bytes:
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.version.value = self.version
+        response.outputs["tag"].dtype = 7
+        response.outputs["tag"].tensor_shape.dim.add(size=1)
+        response.outputs["tag"].string_val.append(tag.encode())
+        return response.SerializeToString()
 
     def _answer(self, send, frame_id: int, request: predict_pb2.PredictRequest, tag: str) -> None:
         if tag.startswith("slow"):
@@ -149,13 +214,7 @@ class FrameReplica:
             return send(HOSTILE[what])
         if tag == "stray":
             send(reply(frame_id + 1000, 0, b"", b"not for anyone"))
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = request.model_spec.name
-        response.model_spec.version.value = self.version
-        response.outputs["tag"].dtype = 7
-        response.outputs["tag"].tensor_shape.dim.add(size=1)
-        response.outputs["tag"].string_val.append(tag.encode())
-        send(reply(frame_id, 0, b"", response.SerializeToString()))
+        send(reply(frame_id, 0, b"", self._response(request, tag)))
 
     def close(self) -> None:
         self._stop = True

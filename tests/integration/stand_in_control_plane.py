@@ -24,20 +24,23 @@ class ControlPlane:
         self.generation = 1
         self.address = ""
         self.frame = ""  # the replica's framed socket, published beside its address when set
+        self.batching = (0, 0)  # the replica's coalesce_max and batch_timeout_micros
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.streams: list[asyncio.Queue] = []
         self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
 
-    def change(self, address: str, frame: str = "") -> int:
+    def change(self, address: str, frame: str = "", coalesce_max: int = 0, batch_timeout_micros: int = 0) -> int:
         """A replica endpoint change: a new generation routing to `address`
-        (and its framed socket `frame`, if given)."""
+        (and its framed socket `frame`, if given; a batching replica's
+        coalesce_max and batch timeout)."""
 
         def apply():
             self.generation += 1
             self.address = address
             self.frame = frame
+            self.batching = (coalesce_max, batch_timeout_micros)
             for q in self.streams:
                 q.put_nowait(self.generation)
         self.loop.call_soon_threadsafe(apply)
@@ -63,7 +66,8 @@ class ControlPlane:
     async def _predict(self, raw: bytes, context):
         decision = dataplane_pb2.RouteDecision(generation=self.generation, model="m")
         decision.choices.add(version=1, weight=1.0, addresses=[self.address],
-                             frame_addresses=[self.frame] if self.frame else [])
+                             frame_addresses=[self.frame] if self.frame else [],
+                             coalesce_max=self.batching[0], batch_timeout_micros=self.batching[1])
         context.set_trailing_metadata((("x-cloudml-route-bin", decision.SerializeToString()),))
         _ = raw
         response = predict_pb2.PredictResponse()

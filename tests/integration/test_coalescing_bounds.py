@@ -1,7 +1,9 @@
 """Bounds on the native data plane's Predict coalescing
 (services/common/native/dataplane/), in replica front mode and through a
 full gateway, against a stand-in batching replica whose "slow" calls take 1 s
-(tests/integration/batching_replica.py).
+(tests/integration/batching_replica.py): over gRPC (the data plane's gRPC
+side coalesces, PredictBatch), and over the replica's framed socket
+(tests/integration/frame_replica.py; the HTTP/2 front coalesces, frame.h).
 
 - A call that finds a slow call in flight to the replica waits at most the
   batch timeout for company, never for the slow call to return.
@@ -28,6 +30,7 @@ from deploy.local.stack import AuthGatewayStack
 from services.common.native import binary_path
 from services.models import store
 from tests.integration.batching_replica import HOSTILE_TRAILERS, BatchingReplica, request, tag_of
+from tests.integration.frame_replica import FrameReplica
 
 SLACK = 0.05  # seconds over the batch timeout a waiting call may take on a busy machine
 AVAILABLE = models_pb.MODEL_VERSION_STATE_AVAILABLE
@@ -35,21 +38,43 @@ ADMIN = ("AKCOALESCEBOUNDSADM0", "admin-secret")
 SERVICE = ("AKCOALESCEBOUNDSSVC0", "service-secret")
 
 
-@pytest.fixture(scope="module")
-def replica():
+class Replica:
+    """The stand-in replica: its gRPC server, and (`framed`) its framed
+    socket, which then gets the calls; what arrived is read from the one
+    that gets them (`get`, `wait_received`, `tags`)."""
+
+    def __init__(self, framed: bool, directory):
+        self.grpc = BatchingReplica(slow_seconds=1.0)
+        self.frames = FrameReplica(str(directory / "r.frame.sock"), slow_seconds=1.0) if framed else None
+        self.address = self.grpc.address
+        self.frame = self.frames.address if self.frames else ""
+        recorder = self.frames or self.grpc
+        self.get, self.wait_received, self.tags = recorder.get, recorder.wait_received, recorder.tags
+
+    def close(self) -> None:
+        self.grpc.close()
+        if self.frames:
+            self.frames.close()
+
+
+@pytest.fixture(scope="module", params=["grpc", "framed"])
+def replica(request, tmp_path_factory):
     assert os.access(binary_path(), os.X_OK), "the native data plane is not built: run scripts/build_native.sh"
-    r = BatchingReplica(slow_seconds=1.0)
+    r = Replica(request.param == "framed", tmp_path_factory.mktemp("replica"))
     yield r
+    if r.frames:  # (the gateway's first call goes through its Python side, which calls over gRPC)
+        assert not [t for t in r.grpc.tags() if not t.startswith("warm")], "a call took gRPC, not the framed socket"
     r.close()
 
 
 class Front:
     """The data plane in replica front mode before `replica`."""
 
-    def __init__(self, replica: BatchingReplica, batch_timeout_us: int, coalesce_max: int = 8):
+    def __init__(self, replica: Replica, batch_timeout_us: int, coalesce_max: int = 8):
         self.process = subprocess.Popen(
             [binary_path(), "--listen", "127.0.0.1:0", "--front-for", replica.address,
-             "--coalesce-max", str(coalesce_max), "--batch-timeout-us", str(batch_timeout_us), "--spin-us", "0"],
+             "--coalesce-max", str(coalesce_max), "--batch-timeout-us", str(batch_timeout_us), "--spin-us", "0",
+             *(("--front-frame", replica.frame) if replica.frame else ())],
             stdout=subprocess.PIPE, text=True)
         self.address = f"127.0.0.1:{int(self.process.stdout.readline())}"
         self.channel = grpc.insecure_channel(self.address)
@@ -78,7 +103,7 @@ def unique(name: str) -> str:
     return f"{name}-{time.monotonic_ns()}"
 
 
-def start_slow(stub, replica: BatchingReplica, metadata=()):
+def start_slow(stub, replica: Replica, metadata=()):
     """A slow call, in flight at the replica when this returns."""
     tag = unique("slow")
     future = stub.Predict.future(request(tag), metadata=metadata, timeout=10)
@@ -178,7 +203,7 @@ def gateway(tmp_path_factory, replica, etcd_server):
 
     async def route():
         etcd = await stack.etcd.connect()
-        endpoint = store.make_endpoint("team-b", "m", 1, "m-0", replica.address, AVAILABLE, 8)
+        endpoint = store.make_endpoint("team-b", "m", 1, "m-0", replica.address, AVAILABLE, 8, replica.frame)
         endpoint.batch_timeout_micros = 20_000
         await store.put_endpoint(etcd, endpoint)
         await etcd.put("/cloudml/models/routes/team-b/m", models_pb.ModelRoute(

@@ -37,11 +37,11 @@ SECRET = "frames-test-secret"
 class Plane:
     """The data plane in gateway mode before a gRPC and a framed stand-in of one replica."""
 
-    def __init__(self, tmp_path, *flags: str, frame: bool = True):
+    def __init__(self, tmp_path, *flags: str, frame: bool = True, batching: tuple[int, int] = (0, 0)):
         self.replica = BatchingReplica(slow_seconds=1.0)
         self.frames = FrameReplica(str(tmp_path / "r.frame.sock"), slow_seconds=1.0)
         self.control = ControlPlane()
-        self.control.change(self.replica.address, self.frames.address if frame else "")
+        self.control.change(self.replica.address, self.frames.address if frame else "", *batching)
         self.process = subprocess.Popen(
             [binary_path(), "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{self.control.port}", *flags],
             stdout=subprocess.PIPE, text=True, env=dict(os.environ, CLOUDML_DATAPLANE_SECRET=SECRET))
@@ -189,3 +189,52 @@ def test_a_replica_front_sends_every_model_call_to_its_framed_socket(tmp_path):
         process.wait()
         replica.close()
         frames.close()
+
+
+# --- a batching replica: groups over the framed socket ------------------------------------------
+
+@pytest.fixture
+def batching(tmp_path):
+    p = Plane(tmp_path, batching=(8, 100_000))  # coalesce_max 8, batch timeout 100 ms
+    p.warm()
+    yield p
+    p.close()
+
+
+def test_calls_behind_one_in_flight_go_as_one_group_each_with_its_own_status(batching):
+    slow = batching.stub.Predict.future(request("slow-first"), timeout=10)
+    batching.frames.call("slow-first")
+    futures = {tag: batching.stub.Predict.future(request(tag), timeout=10)
+               for tag in ("g-1", "g-2", "error:3:bad member", "g-3")}
+    assert tag_of(futures["g-1"].result()) == "g-1" and tag_of(futures["g-3"].result()) == "g-3"
+    with pytest.raises(grpc.RpcError) as err:
+        futures["error:3:bad member"].result()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == "bad member"
+    got = [batching.frames.call(t) for t in ("g-1", "g-2", "error:3:bad member", "g-3")]
+    assert {c.group for c in got} == {4} and len({c.id for c in got}) == 1, got
+    assert got[0].method == 5 and got[0].resolved_version == 1
+    assert tag_of(slow.result()) == "slow-first"
+    assert not [t for t in batching.replica.tags() if not t.startswith("warm")]
+
+
+def test_a_group_reply_without_a_result_per_member_is_an_internal_error_for_each(batching):
+    slow = batching.stub.Predict.future(request("slow-first"), timeout=10)
+    batching.frames.call("slow-first")
+    futures = [batching.stub.Predict.future(request(tag), timeout=10) for tag in ("hostile:count", "bystander")]
+    for f in futures:
+        with pytest.raises(grpc.RpcError) as err:
+            f.result()
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert err.value.details() == "malformed PredictBatch response"
+    slow.result()
+    assert batching.predict("after") == "after"  # the connection serves on
+
+
+def test_a_group_whose_connection_breaks_is_answered_the_slow_way(batching):
+    slow = batching.stub.Predict.future(request("slow-first"), timeout=10)
+    batching.frames.call("slow-first")
+    waiting = batching.stub.Predict.future(request("slow-member"), timeout=10)
+    batching.frames.call("slow-member")  # the group is at the replica
+    batching.frames.close()  # and the replica goes away
+    # Both the lone call and the group's member: the control plane answers them.
+    assert tag_of(slow.result()) == "control" and tag_of(waiting.result()) == "control"

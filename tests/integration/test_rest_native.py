@@ -57,7 +57,9 @@ def env(tmp_path_factory, etcd_server, half_plus_two):
     try:
         _, python_rest = stack.start_gateway("gwpy", env=dict(os.environ, CLOUDML_DATAPLANE_REST="off"))
         # A data plane without its HTTP/2 front (gRPC's server on the gRPC port) still owns REST.
-        h2off, h2off_rest = stack.start_gateway("gwh2off", env=dict(os.environ, CLOUDML_DATAPLANE_H2_FRONT="off"))
+        # (Frames off there too: its REST calls to the batching replica are coalesced by its gRPC side.)
+        h2off, h2off_rest = stack.start_gateway("gwh2off", env=dict(os.environ, CLOUDML_DATAPLANE_H2_FRONT="off",
+                                                                    CLOUDML_DATAPLANE_FRAMES="off"))
         port_file = str(work / "replica.port")
         replica = subprocess.Popen(
             [sys.executable, "-m", "services.models.model_server", "--model-name", MODEL, "--version", "1",
@@ -68,7 +70,9 @@ def env(tmp_path_factory, etcd_server, half_plus_two):
                                "max_enqueued_batches": 100, "num_batch_threads": 2})
         batch_replica = subprocess.Popen(
             [sys.executable, "-m", "services.models.model_server", "--model-name", BATCHED, "--version", "1",
-             "--base-path", half_plus_two, "--port-file", batch_port_file, "--batching-config", batching],
+             "--base-path", half_plus_two, "--port-file", batch_port_file, "--batching-config", batching,
+             # On a Unix socket, as the models service starts replicas: it has a framed socket too.
+             "--listen", f"unix:{work}/batch.sock"],
             cwd=ROOT, env=clean_env(), stdout=open(work / "batch.log", "w"), stderr=subprocess.STDOUT)
         ports = wait_until(lambda: _ready(port_file), 120, "the replica to load")
         batch_ports = wait_until(lambda: _ready(batch_port_file), 120, "the batching replica to load")
@@ -92,7 +96,7 @@ def env(tmp_path_factory, etcd_server, half_plus_two):
             tenant="admin", model=BATCHED, version=1, replica_id="r1",
             address=batch_ports.get("replica_address", batch_ports["address"]), state=AVAILABLE,
             max_request_bytes=batch_ports["max_request_bytes"],
-            coalesce_max=batch_ports["coalesce_max"]).SerializeToString())
+            coalesce_max=batch_ports["coalesce_max"], frame_address=batch_ports["frame_address"]).SerializeToString())
         stack.etcd.put(f"/cloudml/models/routes/admin/{BATCHED}", models_pb.ModelRoute(
             tenant="admin", model=BATCHED,
             versions=[models_pb.VersionRoute(version=1, state=AVAILABLE)]).SerializeToString())
@@ -332,11 +336,12 @@ def test_calls_to_a_batching_replica_are_coalesced(env):
     with ThreadPoolExecutor(16) as pool:
         for (status, body), x in pool.map(one, range(160)):
             assert status == 200 and json.loads(body) == {"predictions": [x / 2 + 2]}
-    # Converted here, then grouped by this process's gRPC side into PredictBatch calls.
+    # Converted here, then grouped by the HTTP/2 front into PredictBatch calls over the replica's framed socket.
     after = wait_until(lambda: (lambda now: now if now.get("rest", 0) >= before.get("rest", 0) + 150 and
                                 now.get("coalesced", 0) > before.get("coalesced", 0) else None)(calls()),
                        10, "the data plane to report coalesced REST calls")
     assert after["coalesced"] > before.get("coalesced", 0)
+    assert after["framed"] - before.get("framed", 0) >= 150
 
 
 def test_http_1_0_callers_keep_alive_only_when_they_ask(env):
