@@ -178,6 +178,7 @@ struct H2Front::Impl : RestHost {
   Plane& plane;
   const std::string& internal;  // Options::internal, set before Listen
   int epoll = -1, listener = -1;
+  std::string listen_path;  // the listener's socket file, on a unix: address
   std::atomic<bool> stopping{false};
   int wake[2] = {-1, -1};
   std::unordered_map<int, Conn*> conns;
@@ -1274,6 +1275,7 @@ int H2Front::Listen(const std::string& address) {
   if (!Setup()) return 0;
   m.listener = Bind(address, &port);
   if (m.listener < 0) return 0;
+  if (address.compare(0, 5, "unix:") == 0) m.listen_path = address.substr(5);
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.ptr = &m.listener;
@@ -1306,6 +1308,8 @@ void H2Front::Run(double grace) {
       if (m.listener >= 0) {
         epoll_ctl(m.epoll, EPOLL_CTL_DEL, m.listener, nullptr);
         close(m.listener);
+        // Its socket file goes with it, as gRPC's servers remove theirs.
+        if (!m.listen_path.empty()) unlink(m.listen_path.c_str());
       }
       for (auto& [fd, c] : m.conns)
         if (c->server) nghttp2_submit_goaway(c->session, NGHTTP2_FLAG_NONE,
