@@ -474,9 +474,13 @@ class Platform:
         for name, proc in self.servers.items():
             # The endpoint the models service's reconciler would publish for this replica.
             info = read_port_file(proc.port_file)
-            await store.put_endpoint(client, store.make_endpoint(
+            endpoint = store.make_endpoint(
                 "bench", name, 1, f"{name}-0", info.get("replica_address", info["address"]),
-                models_pb.MODEL_VERSION_STATE_AVAILABLE, info.get("coalesce_max", 0), info.get("frame_address", "")))
+                models_pb.MODEL_VERSION_STATE_AVAILABLE, info.get("coalesce_max", 0), info.get("frame_address", ""))
+            # As the reconciler publishes them too: how long a call may wait for company, the request limit.
+            endpoint.batch_timeout_micros = info.get("batch_timeout_micros", 0)
+            endpoint.max_request_bytes = info.get("max_request_bytes", 0)
+            await store.put_endpoint(client, endpoint)
             route = models_pb.ModelRoute(tenant="bench", model=name, versions=[
                 models_pb.VersionRoute(version=1, state=models_pb.MODEL_VERSION_STATE_AVAILABLE)])
             await client.put(f"/cloudml/models/routes/bench/{name}", route.SerializeToString())
