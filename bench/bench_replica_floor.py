@@ -145,6 +145,11 @@ async def framed_turn(address: str, body: bytes, seconds: float) -> list[float]:
         (n,) = struct.unpack(">I", await reader.readexactly(4))
         await reader.readexactly(n)
 
+    return await timed_turn(one, writer, seconds)
+
+
+async def timed_turn(one, writer, seconds: float) -> list[float]:
+    """50 warm-up calls of `one`, then its latencies for `seconds`; closes `writer`."""
     for _ in range(50):
         await one()
     out, stop = [], time.perf_counter() + seconds
@@ -169,15 +174,7 @@ async def replica_frames_turn(address: str, body: bytes, seconds: float) -> list
         if reply[9:13] != bytes(4):  # the status code
             raise RuntimeError(f"the replica answered {reply!r}")
 
-    for _ in range(50):
-        await one()
-    out, stop = [], time.perf_counter() + seconds
-    while time.perf_counter() < stop:
-        t = time.perf_counter()
-        await one()
-        out.append(time.perf_counter() - t)
-    writer.close()
-    return out
+    return await timed_turn(one, writer, seconds)
 
 
 def start_replica(path: str, directory: str) -> tuple[subprocess.Popen, dict]:
