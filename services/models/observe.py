@@ -158,8 +158,9 @@ class ReplicaObserver:
     def _remove_sockets(self, record: store.ReplicaRecord) -> None:
         if not record.address.startswith("unix:"):
             return
-        for role in ("", "server", "frame", "metrics"):
-            path = self._socket_path(record, role)
+        # (`.sock.grpc`: its native front's private gRPC socket, dataplane/main.cc.)
+        paths = [self._socket_path(record, role) for role in ("", "server", "frame", "metrics")]
+        for path in paths + [f"{paths[0]}.grpc"]:
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.lstat(path).st_mode):
                     os.unlink(path)
