@@ -63,7 +63,7 @@ from services.common import errors, validation
 from services.common.etcd import Etcd, cmp_absent, op_put
 from services.common.runtime.base import (
     Amount, CapacityBusy, ReplicaPhase, ReplicaRequest, Runtime, Unschedulable)
-from services.common.sockets import socket_root, tenant_socket_dir
+from services.common.sockets import pinned_address, socket_root, tenant_socket_dir
 from services.common.tokens import Principal
 from services.jobs.devenv_kube import pod_request, read_config, server_json
 from services.jobs.devenv_records import RUNTIME_PREFIX, DevEnvSettings, Env, S, quota_error, socket_name
@@ -235,7 +235,11 @@ class DevEnvironments:
         if now - max(env.last_activity, self._accessed.get(env.replica_id, 0.0)) >= ACCESS_WRITE_SECONDS:
             self._accessed[env.replica_id] = now
             await self._touch(env, now)
-        return env.address, f"token {self.jupyter_token(env)}"
+        # The platform's own link to its socket (services.common.sockets.pin_socket), as for TensorBoards.
+        address = await pinned_address(env.address, socket_root(self.settings.data_dir), env.tenant, self.tenancy)
+        if address is None:
+            raise errors.Unavailable(f"dev environment {name!r} cannot be reached: its socket is not its tenant's")
+        return address, f"token {self.jupyter_token(env)}"
 
     async def _touch(self, env: Env, when: float) -> None:
         def touch(kv):

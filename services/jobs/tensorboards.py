@@ -51,7 +51,7 @@ from services.common.confine import Confiner
 from services.common.etcd import Etcd, cmp_absent, op_put
 from services.common.runtime.base import (
     Amount, CapacityBusy, ReplicaPhase, ReplicaRequest, Runtime, Unschedulable)
-from services.common.sockets import socket_root, tenant_socket_dir
+from services.common.sockets import pinned_address, socket_root, tenant_socket_dir
 from services.common.tokens import Principal
 from services.jobs.logs import timestamp
 from services.jobs.page_records import PageRecord
@@ -279,7 +279,12 @@ class TensorBoards:
 
             with contextlib.suppress(errors.CloudMLError):
                 await self.etcd.update(key, touch)
-        return board.address
+        # The platform's own link to its socket, never the name in the tenant's directory (which
+        # anything running as the tenant can rename: services.common.sockets.pin_socket).
+        address = await pinned_address(board.address, socket_root(self.settings.data_dir), board.tenant, self.tenancy)
+        if address is None:
+            raise errors.Unavailable(f"tensorboard {name!r} cannot be reached: its socket is not its tenant's")
+        return address
 
     def message(self, board: Board) -> pb.TensorBoard:
         out = pb.TensorBoard(

@@ -52,7 +52,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common.runtime.base import ReplicaPhase, ReplicaStatus
-from services.common.sockets import tenant_socket_dir
+from services.common.sockets import pinned_address, tenant_socket_dir, unpin_socket
 from services.models import store
 
 log = logging.getLogger(__name__)
@@ -161,9 +161,22 @@ class ReplicaObserver:
         # (`.sock.grpc`: its native front's private gRPC socket, dataplane/main.cc.)
         paths = [self._socket_path(record, role) for role in ("", "server", "frame", "metrics")]
         for path in paths + [f"{paths[0]}.grpc"]:
+            unpin_socket(self.settings.socket_root, path)
             with contextlib.suppress(OSError):
                 if stat.S_ISSOCK(os.lstat(path).st_mode):
                     os.unlink(path)
+
+    async def _pinned(self, record: store.ReplicaRecord, address: str) -> str | None:
+        """The address gateways and this service call a replica's socket by:
+        for `unix:PATH` in the tenant's directory, the platform's own link to
+        the socket there (`services.common.sockets.pin_socket`: the tenant can
+        rename entries in its directory, not in the platform's), or None if
+        PATH is not a socket of the tenant's user; any other address as is."""
+        pinned = await pinned_address(address, self.settings.socket_root, record.tenant,
+                                      getattr(self.runtime, "tenancy", None))
+        if pinned is None:
+            log.warning("replica %s: %s is not a socket of its tenant's; not published", record.runtime_id, address)
+        return pinned
 
     def _monitor(self, record: store.ReplicaRecord) -> None:
         """Follows a started replica's health until it ends or is stopped."""
@@ -202,7 +215,10 @@ class ReplicaObserver:
             if not port.get("address"):
                 await asyncio.sleep(0.05)  # still importing TensorFlow
                 continue
-            address = self._serving_address(record, port)
+            address = await self._pinned(record, self._serving_address(record, port))
+            if address is None:
+                await asyncio.sleep(0.2)
+                continue
             try:
                 if await self._follow_health(record, address, port_path):
                     return
@@ -243,11 +259,12 @@ class ReplicaObserver:
             async for reply in call:
                 if reply.status == SERVING:
                     port = read_port_file(port_path)
+                    frame = self._frame_address(record, port)
                     await self._set_endpoint(record, S.MODEL_VERSION_STATE_AVAILABLE, address,
                                              _count(port.get("coalesce_max"), COALESCE_MAX_LIMIT),
                                              _count(port.get("max_request_bytes"), 1 << 62),
                                              _count(port.get("batch_timeout_micros"), (1 << 32) - 1),
-                                             self._frame_address(record, port))
+                                             (await self._pinned(record, frame) or "") if frame else "")
                 elif record.available or self._endpoint_state(record) == S.MODEL_VERSION_STATE_AVAILABLE:
                     await self._set_endpoint(record, S.MODEL_VERSION_STATE_UNLOADING)
                     call.cancel()

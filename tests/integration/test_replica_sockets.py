@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket as socket_module
 import stat
 import threading
 import time
@@ -66,6 +67,15 @@ def gateway_predict(stack, team, x: float) -> float:
     return predict(stack.gateway.address, MODEL, x, metadata=team.md)
 
 
+def tenant_socket(endpoint_address: str, team) -> str:
+    """The socket in the tenant's directory that a published address (the platform's link to it) names."""
+    pinned = endpoint_address[len("unix:"):]
+    if not os.path.basename(pinned).startswith(f"{team.name}."):
+        return pinned  # (not a link of the platform's)
+    root = os.path.dirname(os.path.dirname(pinned))
+    return os.path.join(root, team.name, os.path.basename(pinned)[len(team.name) + 1:])
+
+
 def test_endpoints_are_unix_sockets_in_the_tenants_private_directory(stack, team):
     version = stack.version(team, MODEL, 1)
     found = endpoints(stack, team)
@@ -76,9 +86,15 @@ def test_endpoints_are_unix_sockets_in_the_tenants_private_directory(stack, team
         path = endpoint.address[len("unix:"):]
         assert len(path.encode()) < 100
         # With the native front on the replica's own socket, gateways get the Python server's, beside it.
-        assert os.path.basename(path) == f"{replica_id}.server.sock" if native.built() else f"{replica_id}.sock"
-        assert stat.S_ISSOCK(os.stat(path).st_mode)
-        directory = os.path.dirname(path)
+        name = f"{replica_id}.server.sock" if native.built() else f"{replica_id}.sock"
+        # Published as the platform's own link (its 0700 directory) to the socket in the tenant's.
+        assert os.path.basename(path) == f"{team.name}.{name}"
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        assert os.stat(os.path.dirname(path)).st_uid == os.geteuid()
+        socket = tenant_socket(endpoint.address, team)
+        assert os.path.basename(socket) == name
+        assert stat.S_ISSOCK(os.lstat(socket).st_mode) and os.lstat(socket).st_ino == os.lstat(path).st_ino
+        directory = os.path.dirname(socket)
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(os.path.dirname(directory)).st_mode) == 0o711
         assert os.path.basename(directory) == team.name
@@ -111,6 +127,54 @@ def test_predict_through_the_gateway_grpc_and_rest(stack, team):
         assert json.loads(response.read()) == {"predictions": [[2.5], [3.5]]}
 
 
+def test_a_tenant_that_renames_its_replicas_sockets_reaches_nothing_else(stack, team, tmp_path):
+    """Anything running as the tenant (a trainer, a notebook) can rename the
+    entries of its socket directory: here its replicas' sockets become
+    symbolic links to a socket of another user's (a stand-in for another
+    tenant's replica, which records who connects). The platform calls the
+    replicas by its own links to their sockets: calls are answered by the
+    tenant's replicas, and nothing reaches the other socket."""
+    decoy_path = str(tmp_path / "other-tenants-replica.sock")
+    decoy = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
+    decoy.bind(decoy_path)
+    decoy.listen(16)
+    decoy.settimeout(0.2)
+    reached: list = []
+
+    def accept():
+        while True:
+            try:
+                reached.append(decoy.accept()[0])
+            except socket_module.timeout:
+                continue
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    planted = []
+    try:
+        for endpoint in endpoints(stack, team).values():
+            for address in (endpoint.address, endpoint.frame_address):
+                name = tenant_socket(address, team)
+                os.rename(name, f"{name}.moved")
+                os.symlink(decoy_path, name)
+                planted.append(name)
+        # The data plane's calls (framed, and over HTTP/2 to the gRPC server) ...
+        for x in (1.0, 2.0, 3.0, 4.0):
+            assert gateway_predict(stack, team, x) == pytest.approx(0.5 * x + 2)
+        # ... and the Python gateway's (REST metadata goes through it, over gRPC).
+        request = urllib.request.Request(f"http://127.0.0.1:{stack.rest_port}/v1/models/{MODEL}/metadata",
+                                         headers={"Authorization": dict(team.md)["authorization"]})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["model_spec"]["name"] == MODEL
+        time.sleep(0.5)
+        assert not reached, "the platform followed the tenant's symbolic link"
+    finally:
+        decoy.close()
+        for name in planted:
+            os.unlink(name)
+            os.rename(f"{name}.moved", name)
+
+
 def test_killed_replica_leaves_the_registry_within_two_seconds(stack, team):
     before = endpoints(stack, team)
     victim = sorted(before)[0]
@@ -124,8 +188,10 @@ def test_killed_replica_leaves_the_registry_within_two_seconds(stack, team):
                        and victim not in [r.id for r in v.replicas], "the killed replica replaced")
     # Its sockets went with it; its front died with it.
     assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    socket_dir = os.path.dirname(before[victim].address[len("unix:"):])
+    socket_dir = os.path.dirname(tenant_socket(before[victim].address, team))
     assert not [n for n in os.listdir(socket_dir) if n.startswith(victim)]
+    pinned_dir = os.path.dirname(before[victim].address[len("unix:"):])
+    assert not [n for n in os.listdir(pinned_dir) if n.startswith(f"{team.name}.{victim}")]
 
 
 def test_stopped_replica_is_unloading_before_it_is_signalled(stack, team):

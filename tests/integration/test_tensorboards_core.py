@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 
 import pytest
 
@@ -260,3 +261,31 @@ async def test_bad_runs_create_nothing(env, runs, error):
     with pytest.raises(error):
         await env["boards"].create(ACME, "", "study", "", "", runs)
     assert await env["boards"].list(ACME, "") == []
+
+
+async def test_resolve_answers_the_platforms_link_never_a_name_the_tenant_renamed(env, tmp_path):
+    """A board's socket is in its tenant's directory, where anything running as
+    the tenant can rename entries: the gateway gets the platform's own link to
+    the socket (services.common.sockets.pin_socket), and a socket the tenant
+    replaced with a symbolic link (to another tenant's page server, say) is
+    never handed out."""
+    boards = env["boards"]
+    await boards.create(ACME, "", "board", env["logdir"], "")
+    assert (await running(boards)).state == S.TENSORBOARD_STATE_RUNNING
+    pinned = (await boards.resolve(ACME, "acme", "board"))[len("unix:"):]
+    assert os.path.basename(os.path.dirname(pinned)) == ".platform"
+    name = os.path.join(os.path.dirname(os.path.dirname(pinned)), "acme", os.path.basename(pinned)[len("acme."):])
+    assert os.lstat(name).st_ino == os.lstat(pinned).st_ino
+    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    decoy.bind(str(tmp_path / "elsewhere.sock"))
+    decoy.listen(1)
+    os.rename(name, f"{name}.moved")
+    os.symlink(str(tmp_path / "elsewhere.sock"), name)
+    try:
+        with pytest.raises(errors.Unavailable):
+            await boards.resolve(ACME, "acme", "board")
+    finally:
+        os.unlink(name)
+        os.rename(f"{name}.moved", name)
+        decoy.close()
+    assert (await boards.resolve(ACME, "acme", "board"))[len("unix:"):] == pinned
