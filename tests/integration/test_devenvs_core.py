@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 
 import pytest
 
@@ -259,3 +260,29 @@ def test_socket_paths_fit_the_limit_for_the_longest_names():
     env = Env(tenant="t" * 63, name="a" * 63, uid="01234567")
     path = os.path.join(socket_root("/" + "d" * 200), "t" * 40, socket_name(env))
     assert len(path.encode()) <= 107, len(path)
+
+
+async def test_resolve_never_hands_out_a_socket_the_tenant_replaced(env, tmp_path):
+    """As for TensorBoards: the gateway gets the platform's own link to the
+    notebook server's socket; one the tenant replaced with a symbolic link
+    (to another tenant's server, say) is never handed out."""
+    envs = env["envs"]
+    await envs.create(ACME, "", "nb", resources_pb2.Resources(cpu_millis=500), "")
+    assert (await settle(envs)).state == S.DEV_ENVIRONMENT_STATE_RUNNING
+    address, _ = await envs.resolve(ACME, "acme", "nb")
+    pinned = address[len("unix:"):]
+    assert os.path.basename(os.path.dirname(pinned)) == ".platform"
+    name = os.path.join(os.path.dirname(os.path.dirname(pinned)), "acme", os.path.basename(pinned)[len("acme."):])
+    assert os.lstat(name).st_ino == os.lstat(pinned).st_ino
+    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    decoy.bind(str(tmp_path / "elsewhere.sock"))
+    decoy.listen(1)
+    os.rename(name, f"{name}.moved")
+    os.symlink(str(tmp_path / "elsewhere.sock"), name)
+    try:
+        with pytest.raises(errors.Unavailable):
+            await envs.resolve(ACME, "acme", "nb")
+    finally:
+        os.unlink(name)
+        os.rename(f"{name}.moved", name)
+        decoy.close()
