@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 
@@ -23,6 +22,7 @@ from services.common.runtime.base import ReplicaPhase, ReplicaStatus, Unschedula
 from services.common.sockets import socket_root
 from services.common.tokens import ROLE_MEMBER, Principal
 from services.jobs.devenvs import DevEnvironments, DevEnvSettings, Env, socket_name
+from tests.integration.planted_links import planted, reached, tenant_name
 from tests.integration.test_tensorboards_core import Clock, Runtime
 
 S = pb.DevEnvironmentState
@@ -272,17 +272,9 @@ async def test_resolve_never_hands_out_a_socket_the_tenant_replaced(env, tmp_pat
     address, _ = await envs.resolve(ACME, "acme", "nb")
     pinned = address[len("unix:"):]
     assert os.path.basename(os.path.dirname(pinned)) == ".platform"
-    name = os.path.join(os.path.dirname(os.path.dirname(pinned)), "acme", os.path.basename(pinned)[len("acme."):])
+    name = tenant_name(pinned, "acme")
     assert os.lstat(name).st_ino == os.lstat(pinned).st_ino
-    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    decoy.bind(str(tmp_path / "elsewhere.sock"))
-    decoy.listen(1)
-    os.rename(name, f"{name}.moved")
-    os.symlink(str(tmp_path / "elsewhere.sock"), name)
-    try:
+    with planted([name], str(tmp_path / "elsewhere.sock")) as decoy:
         with pytest.raises(errors.Unavailable):
             await envs.resolve(ACME, "acme", "nb")
-    finally:
-        os.unlink(name)
-        os.rename(f"{name}.moved", name)
-        decoy.close()
+        assert not reached(decoy)

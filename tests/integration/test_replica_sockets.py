@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket as socket_module
 import stat
 import threading
 import time
@@ -24,6 +23,7 @@ import pytest
 
 from cloudml.models.v1 import models_service_pb2 as pb
 from services.common import native
+from tests.integration.planted_links import planted, reached, tenant_name
 from tests.integration.models_stack import AVAILABLE, REPLICA, file_uri, open_stack, predict, wait_for
 
 UNLOADING = pb.MODEL_VERSION_STATE_UNLOADING
@@ -72,8 +72,7 @@ def tenant_socket(endpoint_address: str, team) -> str:
     pinned = endpoint_address[len("unix:"):]
     if not os.path.basename(pinned).startswith(f"{team.name}."):
         return pinned  # (not a link of the platform's)
-    root = os.path.dirname(os.path.dirname(pinned))
-    return os.path.join(root, team.name, os.path.basename(pinned)[len(team.name) + 1:])
+    return tenant_name(pinned, team.name)
 
 
 def test_endpoints_are_unix_sockets_in_the_tenants_private_directory(stack, team):
@@ -134,30 +133,9 @@ def test_a_tenant_that_renames_its_replicas_sockets_reaches_nothing_else(stack, 
     tenant's replica, which records who connects). The platform calls the
     replicas by its own links to their sockets: calls are answered by the
     tenant's replicas, and nothing reaches the other socket."""
-    decoy_path = str(tmp_path / "other-tenants-replica.sock")
-    decoy = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_STREAM)
-    decoy.bind(decoy_path)
-    decoy.listen(16)
-    decoy.settimeout(0.2)
-    reached: list = []
-
-    def accept():
-        while True:
-            try:
-                reached.append(decoy.accept()[0])
-            except socket_module.timeout:
-                continue
-            except OSError:
-                return
-    threading.Thread(target=accept, daemon=True).start()
-    planted = []
-    try:
-        for endpoint in endpoints(stack, team).values():
-            for address in (endpoint.address, endpoint.frame_address):
-                name = tenant_socket(address, team)
-                os.rename(name, f"{name}.moved")
-                os.symlink(decoy_path, name)
-                planted.append(name)
+    names = [tenant_socket(address, team) for endpoint in endpoints(stack, team).values()
+             for address in (endpoint.address, endpoint.frame_address)]
+    with planted(names, str(tmp_path / "other-tenants-replica.sock")) as decoy:
         # The data plane's calls (framed, and over HTTP/2 to the gRPC server) ...
         for x in (1.0, 2.0, 3.0, 4.0):
             assert gateway_predict(stack, team, x) == pytest.approx(0.5 * x + 2)
@@ -167,12 +145,7 @@ def test_a_tenant_that_renames_its_replicas_sockets_reaches_nothing_else(stack, 
         with urllib.request.urlopen(request, timeout=10) as response:
             assert json.loads(response.read())["model_spec"]["name"] == MODEL
         time.sleep(0.5)
-        assert not reached, "the platform followed the tenant's symbolic link"
-    finally:
-        decoy.close()
-        for name in planted:
-            os.unlink(name)
-            os.rename(f"{name}.moved", name)
+        assert not reached(decoy), "the platform followed the tenant's symbolic link"
 
 
 def test_killed_replica_leaves_the_registry_within_two_seconds(stack, team):

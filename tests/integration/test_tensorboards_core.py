@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 
 import pytest
 
@@ -16,6 +15,7 @@ from cloudml.jobs.v1 import tensorboards_pb2 as tb_pb
 from services.common import errors
 from services.common.confine import Confiner
 from services.common.etcd import Etcd
+from tests.integration.planted_links import planted, reached, tenant_name
 from tests.integration.standins import Clock, Quota
 from services.common.runtime.base import ReplicaPhase, ReplicaStatus
 from services.common.tokens import ROLE_MEMBER, Principal
@@ -274,18 +274,10 @@ async def test_resolve_answers_the_platforms_link_never_a_name_the_tenant_rename
     assert (await running(boards)).state == S.TENSORBOARD_STATE_RUNNING
     pinned = (await boards.resolve(ACME, "acme", "board"))[len("unix:"):]
     assert os.path.basename(os.path.dirname(pinned)) == ".platform"
-    name = os.path.join(os.path.dirname(os.path.dirname(pinned)), "acme", os.path.basename(pinned)[len("acme."):])
+    name = tenant_name(pinned, "acme")
     assert os.lstat(name).st_ino == os.lstat(pinned).st_ino
-    decoy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    decoy.bind(str(tmp_path / "elsewhere.sock"))
-    decoy.listen(1)
-    os.rename(name, f"{name}.moved")
-    os.symlink(str(tmp_path / "elsewhere.sock"), name)
-    try:
+    with planted([name], str(tmp_path / "elsewhere.sock")) as decoy:
         with pytest.raises(errors.Unavailable):
             await boards.resolve(ACME, "acme", "board")
-    finally:
-        os.unlink(name)
-        os.rename(f"{name}.moved", name)
-        decoy.close()
+        assert not reached(decoy)
     assert (await boards.resolve(ACME, "acme", "board"))[len("unix:"):] == pinned
