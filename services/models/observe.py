@@ -19,7 +19,13 @@ The reconciler publishes `endpoints/<tenant>/<model>/<version>/<replica id>`
   model is loaded and warmed up; the port file then holds `coalesce_max` and
   `max_request_bytes`, copied into the record). The address is the one the
   reconciler chose (the `.server.sock` one when the port file says the front
-  took the public one), never an address the replica names;
+  took the public one), never an address the replica names, and published
+  as the platform's own hard link to that socket (`<root>/.platform/`,
+  `services.common.sockets.pin_socket`): the tenant's directory is the
+  tenant's, so anything running as the tenant could otherwise rename a
+  symbolic link to another tenant's socket into its place. The replica's
+  framed socket (`.frame.sock`, dataplane/frame.h) is published the same
+  way beside it (`frame_address`) when the port file names that path;
 - UNLOADING before the reconciler sends SIGTERM (gateways stop routing to it
   while it drains; the replica's `--drain-delay` covers their reaction), or
   when the replica's health turns NOT_SERVING on its own;
