@@ -160,17 +160,16 @@ class Servicer:
         the serialized response ("" and b"" unless OK). A cancelled call
         (its caller went away, or the framed server's deadline passed: a
         `status.CANCEL_DEADLINE` cancellation) re-raises CancelledError, counted as
-        CANCELLED or DEADLINE_EXCEEDED.
+        CANCELLED or DEADLINE_EXCEEDED. An rpc without a request class
+        (PredictBatch) gets `raw` as is, and parses and counts it itself.
         """
-        if rpc.request_cls is None:
-            return await self._invoke_raw(rpc, raw)
-        metrics = self.metrics
+        metrics = self.metrics if rpc.request_cls is not None else None
         start = time.perf_counter()
         code = "OK"
         if metrics is not None:
             metrics.inflight.inc()
         try:
-            request = self.parse(rpc.method, rpc.request_cls, raw)
+            request = raw if rpc.request_cls is None else self.parse(rpc.method, rpc.request_cls, raw)
             if context is not None:
                 routed = routed_version(context)
             response = await rpc.call(request, routed)
@@ -189,18 +188,6 @@ class Servicer:
             if metrics is not None:
                 metrics.inflight.dec()
                 metrics.observe(rpc.service, rpc.method, code, time.perf_counter() - start)
-
-    async def _invoke_raw(self, rpc: Rpc, raw: bytes):
-        """`invoke` of a call that parses and counts its request itself (PredictBatch: per member)."""
-        try:
-            return _OK, "", await rpc.call(raw, None)
-        except status.ServingError as err:
-            return err.code, err.message, b""
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - INTERNAL to the caller, the traceback to the log
-            log.exception("%s/%s failed", rpc.service, rpc.method)
-            return grpc.StatusCode.INTERNAL, f"Internal error in {rpc.method} (see the model server log)", b""
 
     def _handler(self, rpc: Rpc):
         """The gRPC handler of `rpc`: `invoke`, then the body or the status."""

@@ -113,7 +113,7 @@ void Group::Answer() {
                              &r.trailers());
     } else {
       members_[i]->BatchDone(
-          status_.ok() ? grpc::Status(grpc::StatusCode::INTERNAL, "malformed PredictBatch response") : status_, "",
+          status_.ok() ? grpc::Status(grpc::StatusCode::INTERNAL, kMalformedBatch) : status_, "",
           nullptr);
     }
   }

@@ -72,9 +72,6 @@ struct FrameGroup {
 
 namespace {
 
-// Predict calls (alone, or groups) in flight to a batching replica before
-// others wait to be coalesced, as the gRPC side's (model_call.cc).
-constexpr int kRpcsBeforeCoalescing = 1;
 constexpr int32_t kWindow = 1 << 20;            // per stream, both directions
 constexpr int32_t kConnectionWindow = 16 << 20;  // per connection
 constexpr uint32_t kMaxStreams = 4096;           // a caller's concurrent streams
@@ -140,24 +137,6 @@ bool ParseTimeout(const std::string& v, std::chrono::nanoseconds* out) {
     case 'n': *out = nanoseconds(n); return true;
     default: return false;
   }
-}
-
-// A grpc-message value: the status message percent-encoded (the gRPC wire
-// format: every byte outside printable ASCII, and '%').
-std::string PercentEncode(const std::string& v) {
-  static const char kHex[] = "0123456789ABCDEF";
-  std::string out;
-  out.reserve(v.size());
-  for (unsigned char c : v) {
-    if (c >= 0x20 && c <= 0x7e && c != '%') {
-      out.push_back(static_cast<char>(c));
-    } else {
-      out.push_back('%');
-      out.push_back(kHex[c >> 4]);
-      out.push_back(kHex[c & 15]);
-    }
-  }
-  return out;
 }
 
 bool IsForwarded(const std::string& path, std::string* api) {
@@ -627,10 +606,7 @@ struct H2Front::Impl : RestHost {
                     std::vector<Nv> trailers) {
     x->response_headers = {{":status", "200"}, {kContentType, "application/grpc"}};
     if (code == 0) {
-      uint32_t n = static_cast<uint32_t>(response.size());
-      x->response.assign(1, '\0');
-      for (int shift = 24; shift >= 0; shift -= 8) x->response.push_back(static_cast<char>((n >> shift) & 0xff));
-      x->response += response;
+      x->response = GrpcMessage(response);
       x->trailers = {{"grpc-status", "0"}};
       for (auto& t : trailers) x->trailers.push_back(std::move(t));
     } else {
@@ -768,7 +744,7 @@ struct H2Front::Impl : RestHost {
       m->up = nullptr;
       m->group = nullptr;
       if (!parsed) {
-        FramedAnswer(m, reply.code ? reply.code : 13, reply.code ? reply.message : "malformed PredictBatch response",
+        FramedAnswer(m, reply.code ? reply.code : 13, reply.code ? reply.message : kMalformedBatch,
                      "", {});
         continue;
       }

@@ -29,6 +29,14 @@ namespace cloudml::dataplane {
 
 constexpr int kMaxMessage = 64 * 1024 * 1024;  // as the Python services
 constexpr size_t kCacheLimit = 100000;  // entries; the cache starts over beyond it
+// Predict calls (alone, or groups) in flight to a batching replica before
+// others wait to be coalesced, by the gRPC side (model_call.cc) and by the
+// HTTP/2 front over a framed socket (h2front.cc). On the MLP at concurrency
+// 32 (2 CPUs, alternating rounds): 1 served 8,256 rps against 7,338 with 2;
+// larger groups cost the replica less per call.
+constexpr int kRpcsBeforeCoalescing = 1;
+// A PredictBatch answer without one result per member.
+constexpr char kMalformedBatch[] = "malformed PredictBatch response";
 
 class Group;
 }  // namespace cloudml::dataplane

@@ -208,22 +208,6 @@ std::string ErrorJson(const std::string& message) {
   return out;
 }
 
-// A grpc-message value, percent-decoded (the gRPC wire format).
-std::string PercentDecode(const std::string& v) {
-  std::string out;
-  out.reserve(v.size());
-  for (size_t i = 0; i < v.size(); i++) {
-    if (v[i] == '%' && i + 2 < v.size() && isxdigit(static_cast<unsigned char>(v[i + 1])) &&
-        isxdigit(static_cast<unsigned char>(v[i + 2]))) {
-      out += static_cast<char>(std::stoi(v.substr(i + 1, 2), nullptr, 16));
-      i += 2;
-    } else {
-      out += v[i];
-    }
-  }
-  return out;
-}
-
 }  // namespace
 
 struct RestConn;
@@ -579,11 +563,7 @@ struct RestFront::Impl {
     x->deadline = x->started + kPredictTimeout;
     if (!c->x_request_id.empty()) x->request_headers.push_back({"x-request-id", c->x_request_id});
     if (coalesce && c->head.Get(kAuthorization)) x->request_headers.push_back({kAuthorization, *c->head.Get(kAuthorization)});
-    uint32_t n = static_cast<uint32_t>(request.size());
-    x->body.reserve(request.size() + 5);
-    x->body.push_back('\0');
-    for (int shift = 24; shift >= 0; shift -= 8) x->body.push_back(static_cast<char>((n >> shift) & 0xff));
-    x->body += request;
+    x->body = GrpcMessage(request);
     x->request_ended = true;
     x->whole = true;
     c->call = x;

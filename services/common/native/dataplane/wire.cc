@@ -1,5 +1,6 @@
 #include "wire.h"
 
+#include <cctype>
 #include <vector>
 
 namespace cloudml::dataplane {
@@ -10,6 +11,47 @@ std::string Flatten(const grpc::ByteBuffer& buffer) {
   if (!buffer.Dump(&slices).ok()) return out;
   out.reserve(buffer.Length());
   for (const auto& s : slices) out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return out;
+}
+
+std::string GrpcMessage(const char* message, size_t size) {
+  std::string out;
+  out.reserve(size + 5);
+  out.push_back('\0');
+  uint32_t n = static_cast<uint32_t>(size);
+  for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<char>((n >> shift) & 0xff));
+  out.append(message, size);
+  return out;
+}
+
+std::string PercentEncode(const std::string& message) {
+  static const char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  out.reserve(message.size());
+  for (unsigned char c : message) {
+    if (c >= 0x20 && c <= 0x7e && c != '%') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out.push_back('%');
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 15]);
+    }
+  }
+  return out;
+}
+
+std::string PercentDecode(const std::string& value) {
+  std::string out;
+  out.reserve(value.size());
+  for (size_t i = 0; i < value.size(); i++) {
+    if (value[i] == '%' && i + 2 < value.size() && isxdigit(static_cast<unsigned char>(value[i + 1])) &&
+        isxdigit(static_cast<unsigned char>(value[i + 2]))) {
+      out += static_cast<char>(std::stoi(value.substr(i + 1, 2), nullptr, 16));
+      i += 2;
+    } else {
+      out += value[i];
+    }
+  }
   return out;
 }
 

@@ -14,6 +14,16 @@ std::string Flatten(const grpc::ByteBuffer& buffer);
 // One-slice buffer holding a copy of `bytes`.
 grpc::ByteBuffer ToBuffer(const std::string& bytes);
 
+// `message` as one uncompressed gRPC message on an HTTP/2 stream: the 5-byte
+// prefix (flag 0, big-endian length), then the bytes.
+std::string GrpcMessage(const char* message, size_t size);
+inline std::string GrpcMessage(const std::string& message) { return GrpcMessage(message.data(), message.size()); }
+
+// A status message as the grpc-message header carries it (percent-encoded:
+// every byte outside printable ASCII, and '%'), and back.
+std::string PercentEncode(const std::string& message);
+std::string PercentDecode(const std::string& value);
+
 inline bool Varint(const std::string& d, size_t* pos, uint64_t* out) {
   uint64_t v = 0;
   for (int shift = 0; shift < 64 && *pos < d.size(); shift += 7) {
