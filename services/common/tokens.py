@@ -5,18 +5,28 @@ A verifier holds the public keys and the revoked access-key ids that the auth
 service streams (`WatchVerificationKeys`). Verified tokens are cached until
 they expire, so a repeated token costs a dict lookup plus the revocation check
 rather than an Ed25519 verification.
+
+Tokens are decoded here (`decode`) rather than by PyJWT, which imports
+`cryptography` (~8 MB per process; see `ed25519.py`). The checks are PyJWT's
+for the options the verifier used: compact JWS with three base64url parts,
+`alg` EdDSA only (no `none`, no HMAC, no `crit` extensions), the signature
+first, then the required claims, `iat` and `nbf` not in the future, `exp` in
+the future, issuer, audience, and `sub` and `jti` strings. The auth service
+still signs with PyJWT; a test checks the two agree.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import contextvars
+import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
 
-import jwt
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
 from services.common import errors
+from services.common.ed25519 import PublicKey
 
 ISSUER = "cloudml-auth"
 AUDIENCE = "cloudml"
@@ -73,7 +83,7 @@ class TokenVerifier:
 
     def update(self, public_keys: dict[str, str], revoked_access_key_ids: set[str] | frozenset[str]) -> None:
         """Replaces the key set (kid -> PEM) and the revocation list."""
-        keys = {kid: load_pem_public_key(pem.encode()) for kid, pem in public_keys.items()}
+        keys = {kid: PublicKey.from_pem(pem) for kid, pem in public_keys.items()}
         self._keys = keys
         self._revoked = frozenset(revoked_access_key_ids)
         # Tokens signed by a retired key must verify again (and fail).
@@ -85,8 +95,8 @@ class TokenVerifier:
     @staticmethod
     def _kid_of(token: str) -> str:
         try:
-            return jwt.get_unverified_header(token).get("kid", "")
-        except jwt.PyJWTError:
+            return _parts(token)[0].get("kid", "")
+        except InvalidToken:
             return ""
 
     def verify(self, token: str) -> Principal:
@@ -106,26 +116,19 @@ class TokenVerifier:
 
     def _verify_signature(self, token: str) -> Principal:
         try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+            header = _parts(token)[0]
+        except InvalidToken:
             raise errors.Unauthenticated("malformed bearer token") from None
         key = self._keys.get(header.get("kid", ""))
         if key is None:
             raise errors.Unauthenticated("token signed by an unknown key")
         try:
-            claims = jwt.decode(
-                token,
-                key=key,
-                algorithms=["EdDSA"],
-                audience=self.audience,
-                issuer=self.issuer,
-                options={"require": ["exp", "iat", "sub", "aud", "iss"]},
-            )
-        except jwt.ExpiredSignatureError:
+            claims = decode(token, key, audience=self.audience, issuer=self.issuer)
+        except ExpiredToken:
             raise errors.Unauthenticated("token expired; get a new one") from None
-        except jwt.InvalidAudienceError:
+        except WrongAudience:
             raise errors.Unauthenticated("token is not meant for this platform (audience)") from None
-        except jwt.PyJWTError as err:
+        except InvalidToken as err:
             raise errors.Unauthenticated(f"invalid token: {err}") from None
         try:
             return Principal(
@@ -136,6 +139,103 @@ class TokenVerifier:
             )
         except (KeyError, TypeError, ValueError):
             raise errors.Unauthenticated("invalid token claims") from None
+
+
+# --- the JWT itself ---------------------------------------------------------------------------
+
+MAX_TOKEN_CHARS = 16 * 1024
+REQUIRED_CLAIMS = ("exp", "iat", "sub", "aud", "iss")
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class InvalidToken(Exception):
+    """The token is not one this platform accepts (the message says why)."""
+
+
+class ExpiredToken(InvalidToken):
+    pass
+
+
+class WrongAudience(InvalidToken):
+    pass
+
+
+def _segment(text: str) -> bytes:
+    if not _SEGMENT.fullmatch(text) or len(text) % 4 == 1:
+        raise InvalidToken("not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidToken("not base64url") from None
+
+
+def _json_object(raw: bytes, what: str) -> dict:
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidToken(f"{what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidToken(f"{what} is not a JSON object")
+    return value
+
+
+def _parts(token: str) -> tuple[dict, str, bytes]:
+    """The header, the signed text and the signature of a compact JWS,
+    nothing verified yet."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+        raise InvalidToken("not a token")
+    pieces = token.split(".")
+    if len(pieces) != 3:
+        raise InvalidToken("not three parts")
+    header = _json_object(_segment(pieces[0]), "header")
+    return header, f"{pieces[0]}.{pieces[1]}", _segment(pieces[2])
+
+
+def _number(claims: dict, name: str) -> int:
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidToken(f"{name} is not a number")
+    try:
+        return int(value)
+    except (ValueError, OverflowError):
+        raise InvalidToken(f"{name} is not a number") from None
+
+
+def decode(token: str, key: PublicKey, audience: str, issuer: str, now: float | None = None) -> dict:
+    """The claims of an EdDSA JWT signed by `key`, checked; InvalidToken
+    (ExpiredToken, WrongAudience) otherwise."""
+    header, signed, signature = _parts(token)
+    if header.get("alg") != "EdDSA":
+        raise InvalidToken("the algorithm is not EdDSA")
+    if "crit" in header:
+        raise InvalidToken("unsupported critical header parameters")
+    if not key.verify(signature, signed.encode("ascii")):
+        raise InvalidToken("Signature verification failed")
+    claims = _json_object(_segment(signed.partition(".")[2]), "payload")
+    for name in REQUIRED_CLAIMS:
+        if claims.get(name) is None:
+            raise InvalidToken(f'Token is missing the "{name}" claim')
+    now = time.time() if now is None else now
+    if _number(claims, "iat") > now:
+        raise InvalidToken("The token is not yet valid (iat)")
+    if "nbf" in claims and _number(claims, "nbf") > now:
+        raise InvalidToken("The token is not yet valid (nbf)")
+    if _number(claims, "exp") <= now:
+        raise ExpiredToken("Signature has expired")
+    if claims["iss"] != issuer:
+        raise InvalidToken("Invalid issuer")
+    aud = claims["aud"]
+    if isinstance(aud, str):
+        aud = [aud]
+    if not isinstance(aud, list) or not all(isinstance(a, str) for a in aud):
+        raise InvalidToken("Invalid claim format in token")
+    if audience not in aud:
+        raise WrongAudience("Audience doesn't match")
+    if not isinstance(claims["sub"], str):
+        raise InvalidToken("Subject must be a string")
+    if "jti" in claims and not isinstance(claims["jti"], str):
+        raise InvalidToken("JWT ID must be a string")
+    return claims
 
 
 def bearer_from_metadata(metadata) -> str | None:

@@ -103,3 +103,127 @@ def test_retired_signing_key_stops_cached_tokens(verifier, key):
 ])
 def test_bearer_from_metadata(metadata, expected):
     assert bearer_from_metadata(metadata) == expected
+
+
+# --- the decoder itself (services/common/tokens.py `decode`), as a forger would try it -----------
+
+def _b64(data: bytes) -> str:
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _signed(key, header: bytes, payload: bytes) -> str:
+    """A compact JWS of exactly these header and payload bytes, signed by `key`."""
+    signed = f"{_b64(header)}.{_b64(payload)}"
+    return f"{signed}.{_b64(key.sign(signed.encode()))}"
+
+
+def _claims(**changes):
+    now = int(time.time())
+    body = {"iss": "cloudml-auth", "aud": "cloudml", "sub": "team-a", "role": 1, "akid": "AK1",
+            "iat": now, "exp": now + 60}
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _json(value) -> bytes:
+    import json
+    return json.dumps(value).encode()
+
+
+def test_agrees_with_pyjwt_on_a_valid_token(verifier, key):
+    token = _token(key, jti="abc", nbf=int(time.time()) - 1)
+    pem = _pem(key)
+    expected = jwt.decode(token, key=serialization.load_pem_public_key(pem.encode()), algorithms=["EdDSA"],
+                          audience="cloudml", issuer="cloudml-auth")
+    from services.common.ed25519 import PublicKey
+    from services.common.tokens import decode
+    assert decode(token, PublicKey.from_pem(pem), audience="cloudml", issuer="cloudml-auth") == expected
+
+
+@pytest.mark.parametrize("header", [
+    {"alg": "none", "kid": "k1"},
+    {"alg": "HS256", "kid": "k1"},
+    {"alg": "ES256", "kid": "k1"},
+    {"kid": "k1"},
+    {"alg": "EdDSA", "kid": "k1", "crit": ["exp"]},
+])
+def test_only_plain_eddsa_headers_are_accepted(verifier, key, header):
+    with pytest.raises(errors.Unauthenticated, match="invalid token"):
+        verifier.verify(_signed(key, _json(header), _json(_claims())))
+
+
+def test_unsigned_and_hmac_forgeries_are_refused(verifier, key):
+    import hashlib
+    import hmac
+    header, payload = _json({"alg": "none", "kid": "k1"}), _json(_claims(role=ROLE_ADMIN, sub="admin"))
+    body = f"{_b64(header)}.{_b64(payload)}"
+    with pytest.raises(errors.Unauthenticated):
+        verifier.verify(body + ".")
+    # HS256 keyed with the public key's PEM: the classic algorithm confusion
+    header = _json({"alg": "HS256", "kid": "k1"})
+    body = f"{_b64(header)}.{_b64(payload)}"
+    mac = hmac.new(_pem(key).encode(), body.encode(), hashlib.sha256).digest()
+    with pytest.raises(errors.Unauthenticated):
+        verifier.verify(f"{body}.{_b64(mac)}")
+
+
+@pytest.mark.parametrize("token", [
+    "", "a", "a.b", "a.b.c.d", "..", "!!!.e30.AAAA", "e30.e30.e30", "e30.e30.A",
+    "eyJhbGciOiJFZERTQSIsImtpZCI6ImsxIn0.e30." + "A" * 86 + "==",
+])
+def test_malformed_tokens_are_unauthenticated(verifier, token):
+    with pytest.raises(errors.Unauthenticated):
+        verifier.verify(token)
+
+
+def test_oversize_token_is_refused_before_parsing(verifier, key):
+    with pytest.raises(errors.Unauthenticated):
+        verifier.verify(_signed(key, _json({"alg": "EdDSA", "kid": "k1"}), _json(_claims(pad="x" * 20_000))))
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"[1, 2]", "invalid token"),
+    (b"not json", "invalid token"),
+    (b"\xff\xfe", "invalid token"),
+    *[(_json(_claims(**{name: None})), f'missing the "{name}"') for name in ("exp", "iat", "sub", "aud", "iss")],
+    (_json(_claims(iat=int(time.time()) + 3600)), "not yet valid"),
+    (_json(_claims(nbf=int(time.time()) + 3600)), "not yet valid"),
+    (_json(_claims(exp=True)), "invalid token"),
+    (_json(_claims(exp="9999999999")), "invalid token"),
+    (_json(_claims(iat="0")), "invalid token"),
+    (_json(_claims(aud=["other", "else"])), "audience"),
+    (_json(_claims(aud=[1])), "invalid token"),
+    (_json(_claims(aud={"cloudml": 1})), "invalid token"),
+    (_json(_claims(sub=7)), "invalid token"),
+    (_json(_claims(jti=7)), "invalid token"),
+    (_json(_claims(iss=["cloudml-auth"])), "invalid token"),
+])
+def test_signed_but_unacceptable_claims(verifier, key, payload, message):
+    with pytest.raises(errors.Unauthenticated, match=message):
+        verifier.verify(_signed(key, _json({"alg": "EdDSA", "kid": "k1"}), payload))
+
+
+def test_audience_list_naming_the_platform_is_accepted(verifier, key):
+    token = _signed(key, _json({"alg": "EdDSA", "kid": "k1"}), _json(_claims(aud=["other", "cloudml"])))
+    assert verifier.verify(token).tenant == "team-a"
+
+
+def test_token_issued_by_the_auth_service_signer_verifies(verifier, key):
+    """The auth service signs with PyJWT (services/auth/core.py): what it writes, the decoder reads."""
+    token = jwt.encode(_claims(jti="0123456789abcdef"), key, algorithm="EdDSA", headers={"kid": "k1"})
+    assert verifier.verify(token).access_key_id == "AK1"
+
+
+def test_services_do_not_load_cryptography_pyjwt_or_numpy():
+    """What every service but auth imports at start: token checks by libcrypto,
+    TF Serving's JSON codec without numpy until a conversion needs it."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "import services.jobs.server, services.models.server, services.tuner.server, services.gateway.server\n"
+            "from services.gateway import tfs_json\n"
+            "tfs_json.model_status_to_json, tfs_json.model_metadata_to_json, tfs_json.signature_map_from_metadata\n"
+            "print(sorted(m for m in ('cryptography', 'jwt', 'numpy') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

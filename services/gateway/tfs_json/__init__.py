@@ -52,44 +52,49 @@ Modules, one per part of the codec:
 """
 from __future__ import annotations
 
-from services.gateway.tfs_json.dtypes import DEFAULT_SIGNATURE
+import importlib
+
 from services.gateway.tfs_json.errors import JsonError, error_json, http_status_for_grpc
-from services.gateway.tfs_json.signatures import signature_map_from_metadata
-from services.gateway.tfs_json.predict_request import (
-    ParsedPredict,
-    predict_request_from_json,
-    parse_predict_request,
-    load_request_json,
-    fill_model_spec,
-)
-from services.gateway.tfs_json.ndarray import tensor_to_ndarray
-from services.gateway.tfs_json.predict_response import predict_response_to_json, tensors_to_json
-from services.gateway.tfs_json.classify import (
-    classification_request_from_json,
-    regression_request_from_json,
-    classification_response_to_json,
-    regression_response_to_json,
-)
-from services.gateway.tfs_json.model_status import model_status_to_json, model_metadata_to_json
+
+# Everything else loads numpy (~11 MB resident), so it is imported on first
+# use (PEP 562): a gateway whose REST predict calls the native data plane
+# converts (every call but a token's first) does not carry it until then.
+_LAZY = {
+    "DEFAULT_SIGNATURE": "dtypes",
+    "signature_map_from_metadata": "signatures",
+    "ParsedPredict": "predict_request",
+    "predict_request_from_json": "predict_request",
+    "parse_predict_request": "predict_request",
+    "load_request_json": "predict_request",
+    "fill_model_spec": "predict_request",
+    "tensor_to_ndarray": "ndarray",
+    "predict_response_to_json": "predict_response",
+    "tensors_to_json": "predict_response",
+    "classification_request_from_json": "classify",
+    "regression_request_from_json": "classify",
+    "classification_response_to_json": "classify",
+    "regression_response_to_json": "classify",
+    "model_status_to_json": "model_status",
+    "model_metadata_to_json": "model_status",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "JsonError",
-    "ParsedPredict",
-    "DEFAULT_SIGNATURE",
-    "predict_request_from_json",
-    "parse_predict_request",
-    "load_request_json",
-    "predict_response_to_json",
-    "tensors_to_json",
-    "tensor_to_ndarray",
-    "classification_request_from_json",
-    "regression_request_from_json",
-    "classification_response_to_json",
-    "regression_response_to_json",
-    "model_status_to_json",
-    "model_metadata_to_json",
-    "signature_map_from_metadata",
-    "fill_model_spec",
     "error_json",
     "http_status_for_grpc",
+    *_LAZY,
 ]

@@ -1,7 +1,7 @@
 """TF dtype enum values and the numeric limits TF Serving's JSON checks use."""
 from __future__ import annotations
 
-import numpy as np
+import struct
 
 from cloudml.tfs.tensorflow.core.framework import types_pb2
 
@@ -30,7 +30,7 @@ INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 UINT32_MAX = (1 << 32) - 1
 UINT64_MAX = (1 << 64) - 1
-FLT_MAX = float(np.finfo(np.float32).max)
+FLT_MAX = struct.unpack("<f", b"\xff\xff\x7f\x7f")[0]  # numpy's finfo(float32).max, without numpy
 FLOAT_MAX_INT = (1 << 24) - 1   # IsLosslessDecimal<float>: (1 << digits) - 1
 DOUBLE_MAX_INT = (1 << 53) - 1
 RJ_FLOAT_RANGE = 3.4028234e38   # rapidjson's Value::IsFloat() bound
