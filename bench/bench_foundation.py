@@ -125,14 +125,15 @@ def bench_reservations(stub, metadata, clients: int, seconds: float) -> dict:
     }
 
 
-def process_memory(pid: int) -> dict:
+def process_memory(pid: int, children: bool = True, only_children: bool = False) -> dict:
     """RSS of a service's process and its children (the gateway's native data
     plane), and their PSS: RSS counts the shared libraries' pages (gRPC's,
     Python's: ~30 MB) in full in every process; PSS shares them out among the
     processes that map them, so the PSS of all components adds up to what the
-    platform costs the machine."""
+    platform costs the machine. `children=False`: the process alone;
+    `only_children`: its children alone (the models service's replicas)."""
     p = psutil.Process(pid)
-    procs = [p, *p.children(recursive=True)]
+    procs = p.children(recursive=True) if only_children else [p, *p.children(recursive=True)] if children else [p]
     tf_loaded = False
     for q in procs:
         with open(f"/proc/{q.pid}/maps") as f:

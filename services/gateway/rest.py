@@ -52,7 +52,7 @@ from cloudml.tfs.tensorflow_serving.apis import (
 )
 from cloudml.internal.v1 import dataplane_pb2
 from services.common import errors
-from services.common.native.protocol import REST_DECISION_HEADER, SECRET_HEADER
+from services.common.native.protocol import REST_DECISION_HEADER, REST_RESOLVE_HEADER, SECRET_HEADER
 from services.gateway import tfs_json
 from services.gateway.pages import BrowserPages
 from services.gateway.predict import PredictRouter, RequestTooLarge, too_large
@@ -248,6 +248,8 @@ class RestServer:
             return self._get_status(name, version, label, metadata)
         if request.method != "POST" or not verb:
             raise web.HTTPNotFound()
+        if request.headers.get(REST_RESOLVE_HEADER) == "1" and self._from_dataplane(request):
+            return await self._resolve_for_dataplane(verb, name, version, label, metadata)
         body = await self._read_body(request, verb, self._body_limit(name, version, label, metadata))
         if verb == "predict":
             return await self._predict(name, version, label, body, metadata, self._from_dataplane(request))
@@ -378,6 +380,31 @@ class RestServer:
             decision = None
         if decision is not None:
             response.headers[REST_DECISION_HEADER] = base64.b64encode(decision.SerializeToString()).decode()
+
+    async def _resolve_for_dataplane(self, verb, name, version, label, metadata) -> web.Response:
+        """The data plane's question before a token's first REST model call:
+        may it convert and route this call itself? 204, with the RestDecision
+        (the signatures of every version that may answer, fetched if need be)
+        when it may; 204 without one for anything else (not authorized, no
+        such model, a replica that does not answer): the data plane then
+        relays the call here, which answers it, errors included, as before.
+        So this process converts JSON only for calls the data plane's codec
+        declines (and needs numpy only then), and a first call costs what a
+        repeat call does plus this round trip."""
+        router = self._router()
+        generation = router.table.generation  # before any routing: a change since voids the decision
+        response = web.Response(status=204)
+        try:
+            caller = router.caller(metadata)
+            _, _, choices = router.candidates(caller, self._spec(name, version, label))
+            if verb == "predict":  # its tensors' dtypes come from each version's signatures
+                for v, _ in choices:
+                    await self._fetch_metadata(name, v, None, metadata)
+        except (errors.CloudMLError, grpc.aio.AioRpcError) as err:
+            log.debug("no REST decision for %s (%s)", name, err)
+            return response
+        self._add_decision(response, name, version, label, metadata, generation)
+        return response
 
     def _from_dataplane(self, request: web.Request) -> bool:
         """True for a request the native data plane relayed (it carries its secret)."""

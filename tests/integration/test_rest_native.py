@@ -5,9 +5,10 @@ whose data plane owns the REST port, one whose Python process serves it,
 half_plus_two (TensorFlow), called over plain HTTP.
 
 What is checked: the same request (predict, classify, regress) gets the same
-status and the same bytes from both gateways, first call (relayed to the
-Python gateway) and repeat calls (converted in C++, proven by the data
-plane's `rest` call counter), errors included; what a hostile caller might try on the new port (forged
+status and the same bytes from both gateways, first call (the data plane asks
+the Python gateway for the route alone, then converts it in C++, or relays
+what its codec declines) and repeat calls (converted in C++, proven by the
+data plane's `rest` call counter), errors included; what a hostile caller might try on the new port (forged
 platform headers, another tenant's cached route, a revoked token, heads and
 bodies that never end, pipelining); and that everything that is not a
 predict call still works through the relay.
@@ -37,7 +38,7 @@ from cloudml.auth.v1 import auth_service_pb2_grpc as auth_grpc
 from cloudml.internal.v1 import dataplane_pb2
 from cloudml.models.v1 import models_service_pb2 as models_pb
 from deploy.local.stack import AuthGatewayStack
-from services.common.native.protocol import REST_DECISION_HEADER, SECRET_HEADER
+from services.common.native.protocol import REST_DECISION_HEADER, REST_RESOLVE_HEADER, SECRET_HEADER
 from tests.e2e.serving_platform import clean_env, wait_until
 from tests.integration.test_predict_limits import _ready  # the replica's port file, once its model is loaded
 
@@ -204,6 +205,60 @@ def test_ordinary_predict_is_answered_natively(env):
         assert status == 200 and body == b'{\n    "predictions": [2.5, 3.5\n    ]\n}'
         assert headers["Content-Type"] == "application/json"
     assert wait_rest_calls(env, before + 20) >= before + 20
+
+
+def test_a_tokens_first_call_is_converted_natively_too(env):
+    """No cached route for a new token: the data plane asks the Python gateway
+    for the route alone (no body) and converts the call itself."""
+    for path in (f"/v1/models/{MODEL}:predict", f"/v1/models/{MODEL}/labels/stable:predict"):
+        token = env["stack"].issue_token(ADMIN)
+        before = wait_rest_calls(env, 0)
+        status, body, _ = call(env, "native", b'{"instances": [1.0, 3.0]}', path=path, token=token)
+        assert status == 200 and body == b'{\n    "predictions": [2.5, 3.5\n    ]\n}'
+        assert wait_rest_calls(env, before + 1) == before + 1, path
+    token = env["stack"].issue_token(ADMIN)
+    before = wait_rest_calls(env, 0)
+    body = b'{"signature_name": "regress_x_to_y", "examples": [{"x": 3.0}]}'
+    assert call(env, "native", body, path=f"/v1/models/{MODEL}:regress", token=token)[:2] == \
+        call(env, "python", body, path=f"/v1/models/{MODEL}:regress", token=token)[:2]
+    assert wait_rest_calls(env, before + 1) == before + 1
+
+
+def test_the_route_question_is_the_data_planes_alone(env):
+    """A caller's own route question gets an ordinary answer: the data plane
+    drops the header, and the Python gateway heeds it only with the data
+    plane's secret."""
+    for which in ("native", "python", "h2off"):
+        for headers in ({REST_RESOLVE_HEADER: "1"}, {REST_RESOLVE_HEADER: "1", SECRET_HEADER: "guess"}):
+            token = env["stack"].issue_token(ADMIN)
+            status, body, answer = call(env, which, b'{"instances": [1.0]}', token=token, headers=headers)
+            assert (status, body) == (200, b'{\n    "predictions": [2.5\n    ]\n}'), (which, headers)
+            assert REST_DECISION_HEADER not in answer
+
+
+def _numpy_loaded(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as maps:
+        return "_multiarray_umath" in maps.read()
+
+
+def test_the_python_gateway_converts_only_what_the_codec_declines(env):
+    """Its JSON codec (and numpy, ~11 MB) loads only for a call the data
+    plane's codec leaves to it, not for a token's first call."""
+    gateway, rest = env["stack"].start_gateway("gwlean")
+    lean = {**env, "ports": {"lean": rest}}
+    try:
+        token = env["stack"].issue_token(ADMIN)
+        wait_until(lambda: call(lean, "lean", b'{"instances": [1.0]}', token=token)[0] == 200, 30,
+                   "the new gateway to route")
+        for path in (f"/v1/models/{MODEL}/versions/1:predict", f"/v1/models/{MODEL}"):
+            assert call(lean, "lean", b'{"instances": [1.0]}' if ":" in path else None, path=path,
+                        method="POST" if ":" in path else "GET", token=env["stack"].issue_token(ADMIN))[0] == 200
+        assert not _numpy_loaded(gateway.process.pid)
+        status, body, _ = call(lean, "lean", b'{"instances": ["a"]}', token=token)  # declined: Python answers
+        assert (status, body) == call(env, "python", b'{"instances": ["a"]}')[:2] and status == 400
+        assert _numpy_loaded(gateway.process.pid)
+    finally:
+        gateway.stop()
 
 
 def test_pipelined_requests_and_expect_continue_on_one_connection(env):

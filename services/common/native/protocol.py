@@ -34,6 +34,11 @@ RESOLVED_VERSION_HEADER = "x-cloudml-resolved-version"
 #: HTTP response header from the gateway to the data plane on a REST predict
 #: it relayed: the RestDecision, base64 (never passed on to the caller).
 REST_DECISION_HEADER = "x-cloudml-rest-route"
+#: HTTP request header from the data plane to the gateway (with its secret):
+#: "1" asks only for the RestDecision of a REST model call the data plane
+#: has no route for, answered 204 with REST_DECISION_HEADER (or without it:
+#: then the data plane relays the call itself). The body is not sent.
+REST_RESOLVE_HEADER = "x-cloudml-rest-resolve"
 #: Only the platform sets these: a caller's own values are always dropped.
 PLATFORM_HEADERS = (SECRET_HEADER, ROUTE_DECISION_HEADER, AUTH_DECISION_HEADER, RESOLVED_VERSION_HEADER)
 #: The prefix of every platform header: on the REST port, the data plane
@@ -144,6 +149,7 @@ def render_header() -> str:
         f"constexpr char kContentType[] = {_c(CONTENT_TYPE)};",
         f"constexpr char kSecretEnv[] = {_c(SECRET_ENV)};",
         f"constexpr char kRestDecisionHeader[] = {_c(REST_DECISION_HEADER)};",
+        f"constexpr char kRestResolveHeader[] = {_c(REST_RESOLVE_HEADER)};",
         f"constexpr char kPlatformPrefix[] = {_c(PLATFORM_PREFIX)};",
         "",
         "// Metadata never forwarded: these keys and keys with these prefixes (IsHopHeader).",

@@ -16,6 +16,7 @@ constexpr char kTe[] = "te";
 constexpr char kContentType[] = "content-type";
 constexpr char kSecretEnv[] = "CLOUDML_DATAPLANE_SECRET";
 constexpr char kRestDecisionHeader[] = "x-cloudml-rest-route";
+constexpr char kRestResolveHeader[] = "x-cloudml-rest-resolve";
 constexpr char kPlatformPrefix[] = "x-cloudml-";
 
 // Metadata never forwarded: these keys and keys with these prefixes (IsHopHeader).

@@ -40,6 +40,7 @@ constexpr auto kHeadTime = std::chrono::seconds(10);
 constexpr auto kIdleTime = std::chrono::seconds(75);  // aiohttp's keep-alive
 constexpr auto kBodyTime = std::chrono::seconds(5);   // rest.py BODY_READ_TIMEOUT
 constexpr auto kLingerTime = std::chrono::seconds(1);  // rest.py's lingering_time
+constexpr auto kResolveTime = std::chrono::seconds(5);  // then the call is relayed as it came
 constexpr auto kPredictTimeout = std::chrono::seconds(60);  // rest.py DEFAULT_TIMEOUT
 
 // The model calls converted here: TF Serving's REST verbs and their gRPC methods.
@@ -220,7 +221,9 @@ struct RestUp {
   size_t out_off = 0;
   bool want_out = false, reading = true, dead = false;
   // Reading the answer: its head, then its body as framed.
-  enum State { kHead, kLength, kChunkLine, kChunkData, kChunkEnd, kTrailers, kUntilClose, kTunnel } state = kHead;
+  // kResolve: the answer to a route question (Resolve), which never reaches the caller.
+  enum State { kHead, kLength, kChunkLine, kChunkData, kChunkEnd, kTrailers, kUntilClose, kTunnel, kResolve } state =
+      kHead;
   std::string in;  // a head or a chunk-size line being read
   uint64_t left = 0;
   bool close = false;  // the gateway closes it after this answer
@@ -245,9 +248,14 @@ struct RestConn {
   // kLinger: answered and half-closed; what the caller still sends is read
   // and dropped for a second (closing with unread bytes would reset the
   // connection and lose the answer: an early 413 or 408).
-  enum State { kHead, kBody, kCall, kRelay, kTunnel, kLinger } state = kHead;
+  // kResolve: a model call with no cached route, while the Python gateway
+  // is asked for one (Resolve); its body waits unread.
+  enum State { kHead, kBody, kCall, kRelay, kTunnel, kLinger, kResolve } state = kHead;
   Head head;
   std::string raw_head;  // as it came, for the relay
+  std::string target;    // its request target
+  bool resolve = false;   // Candidate: no cached route, ask for one
+  bool resolved = false;  // this request's route was asked for already
   std::string method;
   bool http10 = false;  // an HTTP/1.0 request
   uint64_t length = 0;  // the request's Content-Length
@@ -298,7 +306,8 @@ struct RestFront::Impl {
     if (c->dead) return;
     bool want_out = c->out_off < c->out.size();
     // Stop reading a caller whose bytes its relay cannot take yet.
-    bool reading = !(c->up && c->up->out.size() - c->up->out_off > kBacklog) && c->in.size() < kBacklog + c->length;
+    bool reading = !(c->up && c->up->out.size() - c->up->out_off > kBacklog) &&
+                   c->in.size() < kBacklog + (c->state == RestConn::kResolve ? 0 : c->length);
     if (want_out != c->want_out || reading != c->reading) {
       c->want_out = want_out;
       c->reading = reading;
@@ -454,6 +463,7 @@ struct RestFront::Impl {
     c->key.clear();
     c->body.clear();
     c->length = 0;
+    c->resolved = false;
     if (!ParseHead(std::string_view(c->raw_head).substr(0, end), &c->head)) return Tunnel(c), true;
     const std::string& line = c->head.first;
     size_t sp1 = line.find(' '), sp2 = line.rfind(' ');
@@ -472,15 +482,19 @@ struct RestFront::Impl {
     // HTTP/1.0 connections close after each answer unless the caller asks to keep them (ab -k does).
     c->close_after = c->http10 ? !(connection && HasToken(*connection, "keep-alive"))
                                : connection && HasToken(*connection, "close");
-    if (!stopping && Candidate(c, target)) {
-      c->state = RestConn::kBody;
-      const std::string* expect = h.Get("expect");
-      if (expect && IEquals(*expect, "100-continue") && c->in.size() < c->length && !c->http10)
-        c->out += "HTTP/1.1 100 Continue\r\n\r\n";
-      return true;
-    }
+    c->target = target;
+    if (!stopping && Candidate(c, target)) return ReadBody(c), true;
+    if (!stopping && c->resolve) return Resolve(c), true;
     Relay(c, false);
     return true;
+  }
+
+  void ReadBody(RestConn* c) {
+    c->state = RestConn::kBody;
+    c->since = Clock::now();
+    const std::string* expect = c->head.Get("expect");
+    if (expect && IEquals(*expect, "100-continue") && c->in.size() < c->length && !c->http10)
+      c->out += "HTTP/1.1 100 Continue\r\n\r\n";
   }
 
   // A predict call this process may answer: its route is cached and its body within the model's limit.
@@ -488,6 +502,7 @@ struct RestFront::Impl {
     const Head& h = c->head;
     // aiohttp refuses a request line or header longer than 8190 bytes (400):
     // such heads always get the Python gateway's answer.
+    c->resolve = false;
     if (c->raw_head.size() > kAiohttpLine || c->method != "POST" || !h.Get("content-length") || c->length == 0)
       return false;
     const std::string* encoding = h.Get("content-encoding");
@@ -507,6 +522,7 @@ struct RestFront::Impl {
     if (!plane.Lookup(key, c->spec, kApis[c->verb], host.Rng(), &c->route) ||
         (c->verb == kPredict && !c->route.signatures)) {
       c->key = key;  // the Python gateway's answer may bring the decision
+      c->resolve = !c->resolved;
       return false;
     }
     c->key = key;
@@ -633,6 +649,54 @@ struct RestFront::Impl {
     return out;
   }
 
+  // A model call with no cached route (a token's first): asks the Python
+  // gateway for the route alone (its head, kRestResolveHeader, no body). With
+  // one, the call is converted here like a repeat call (Resumed), and the
+  // Python gateway converts JSON only for what this codec declines; without,
+  // the call is relayed as it came and the Python gateway answers it.
+  void Resolve(RestConn* c) {
+    RestUp* u = Up(c);
+    if (!u) return Relay(c, false);  // which answers 503
+    u->state = RestUp::kResolve;
+    u->in.clear();
+    std::string out = "POST " + c->target + " HTTP/1.1\r\n";
+    for (const auto& h : c->head.headers) {
+      if (IStartsWith(h.name, kPlatformPrefix) || IEquals(h.name, "content-length") || IEquals(h.name, "expect") ||
+          IEquals(h.name, "content-encoding") || IEquals(h.name, "connection") || IEquals(h.name, "keep-alive"))
+        continue;
+      out += h.name + ": " + h.value + "\r\n";
+    }
+    u->out += out + kRestResolveHeader + ": 1\r\ncontent-length: 0\r\n" + kSecretHeader + ": " +
+              plane.options.secret + "\r\n\r\n";
+    c->resolved = true;
+    c->state = RestConn::kResolve;
+    c->since = Clock::now();
+  }
+
+  // The Python gateway's answer to Resolve: 204, with the decision or not.
+  void Resolved(RestUp* u, RestConn* c, const std::string& text, bool more) {
+    Head head;
+    bool keep = !more && ParseHead(text, &head) && head.first.size() >= 12 && atoi(head.first.c_str() + 9) == 204;
+    if (keep) {
+      for (const auto& h : head.headers)
+        if (IEquals(h.name, kRestDecisionHeader) && !c->key.empty()) Learn(c->key, h.value);
+      const std::string* connection = head.Get("connection");
+      keep = !(connection && HasToken(*connection, "close"));
+    }
+    if (keep)
+      u->state = RestUp::kHead;
+    else
+      CloseUp(u);  // an answer with a body, or none the front understands: the relay takes a new connection
+    Resumed(c);
+  }
+
+  // After Resolve: converted here if the route is cached now, else relayed.
+  void Resumed(RestConn* c) {
+    if (c->dead || c->state != RestConn::kResolve) return;
+    if (!stopping && Candidate(c, c->target)) return ReadBody(c);
+    Relay(c, false);
+  }
+
   // Sends the current request to the Python gateway; `whole`: its body has been read (c->body).
   void Relay(RestConn* c, bool whole) {
     RestUp* u = Up(c);
@@ -712,6 +776,9 @@ struct RestFront::Impl {
     if (!c || c->dead) return;
     if (c->state == RestConn::kTunnel) {
       c->closing = true;
+    } else if (c->state == RestConn::kResolve) {
+      Resumed(c);  // relayed on a new connection
+      return Advance(c);
     } else if (c->state == RestConn::kRelay && !c->answered) {
       if (state == RestUp::kUntilClose) {  // the answer's end
         c->answered = true;
@@ -730,6 +797,19 @@ struct RestFront::Impl {
   void Answer(RestUp* u, RestConn* c, std::string_view data) {
     while (!data.empty() && !u->dead) {
       switch (u->state) {
+        case RestUp::kResolve: {
+          size_t before = u->in.size();
+          u->in.append(data);
+          size_t end = u->in.find("\r\n\r\n", before > 3 ? before - 3 : 0);
+          if (end == std::string::npos) {
+            if (u->in.size() > kMaxHead) Resolved(u, c, "", true);
+            return;
+          }
+          bool more = u->in.size() > end + 4;
+          std::string text = u->in.substr(0, end);
+          u->in.clear();
+          return Resolved(u, c, text, more);
+        }
         case RestUp::kTunnel:
         case RestUp::kUntilClose:
           c->out.append(data);
@@ -945,10 +1025,16 @@ struct RestFront::Impl {
         expired.push_back(c);
       else if (c->state == RestConn::kLinger && now - c->since > kLingerTime)
         expired.push_back(c);
+      else if (c->state == RestConn::kResolve && now - c->since > kResolveTime)
+        expired.push_back(c);
     }
     for (RestConn* c : expired) {
       if (c->dead) continue;
-      if (c->state == RestConn::kBody) {
+      if (c->state == RestConn::kResolve) {
+        if (c->up) CloseUp(c->up);
+        Resumed(c);  // relayed as it came (no route was learnt)
+        Advance(c);
+      } else if (c->state == RestConn::kBody) {
         c->in.clear();
         Respond(c, 408, ErrorJson("the request body did not arrive within 5 seconds"), true);
         Finish(c);
