@@ -142,6 +142,18 @@ def wait_rest_calls(env, at_least: int) -> int:
     return wait_until(reported, 10, f"the data plane to report {at_least} REST calls")[0]
 
 
+def settled_rest_calls(env) -> int:
+    """The data plane's REST call count once its reports (about one a second) stop changing."""
+    last = rest_calls(env)
+    for _ in range(10):
+        time.sleep(1.2)
+        now = rest_calls(env)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("the data plane's REST call count did not settle")
+
+
 #: Bodies and paths answered alike by TF Serving's REST API on both gateways.
 CASES = [
     (b'{"instances": [1.0, 2.0, 5.0]}', None),
@@ -212,16 +224,18 @@ def test_a_tokens_first_call_is_converted_natively_too(env):
     for the route alone (no body) and converts the call itself."""
     for path in (f"/v1/models/{MODEL}:predict", f"/v1/models/{MODEL}/labels/stable:predict"):
         token = env["stack"].issue_token(ADMIN)
-        before = wait_rest_calls(env, 0)
+        before = settled_rest_calls(env)
         status, body, _ = call(env, "native", b'{"instances": [1.0, 3.0]}', path=path, token=token)
         assert status == 200 and body == b'{\n    "predictions": [2.5, 3.5\n    ]\n}'
-        assert wait_rest_calls(env, before + 1) == before + 1, path
+        wait_rest_calls(env, before + 1)
+        assert settled_rest_calls(env) == before + 1, path
     token = env["stack"].issue_token(ADMIN)
-    before = wait_rest_calls(env, 0)
+    before = settled_rest_calls(env)
     body = b'{"signature_name": "regress_x_to_y", "examples": [{"x": 3.0}]}'
     assert call(env, "native", body, path=f"/v1/models/{MODEL}:regress", token=token)[:2] == \
         call(env, "python", body, path=f"/v1/models/{MODEL}:regress", token=token)[:2]
-    assert wait_rest_calls(env, before + 1) == before + 1
+    wait_rest_calls(env, before + 1)
+    assert settled_rest_calls(env) == before + 1
 
 
 def test_the_route_question_is_the_data_planes_alone(env):
@@ -278,6 +292,29 @@ def test_pipelined_requests_and_expect_continue_on_one_connection(env):
         assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
         sock.sendall(body)
         assert read_answers(sock, 1)[0][:2] == (200, b'{\n    "predictions": [3.0\n    ]\n}')
+
+
+def test_a_first_call_pipelined_or_expecting_continue(env):
+    """A new token's first call waits for its route (Resolve) with its body
+    unread: pipelined requests behind it and Expect: 100-continue still work."""
+    body = b'{"instances": [4.0]}'
+    expected = (200, b'{\n    "predictions": [4.0\n    ]\n}')
+
+    def head(token):
+        return (f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                f"Content-Length: {len(body)}\r\n").encode()
+
+    with socket.create_connection(("127.0.0.1", env["ports"]["native"]), timeout=10) as sock:
+        first = head(env["stack"].issue_token(ADMIN))
+        before = settled_rest_calls(env)
+        sock.sendall(first + b"\r\n" + body + first + b"\r\n" + body + first + b"\r\n" + body)
+        assert [a[:2] for a in read_answers(sock, 3)] == [expected] * 3
+        wait_rest_calls(env, before + 3)
+        assert settled_rest_calls(env) == before + 3  # all three converted here
+        sock.sendall(head(env["stack"].issue_token(ADMIN)) + b"Expect: 100-continue\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        assert read_answers(sock, 1)[0][:2] == expected
 
 
 def read_answers(sock, n):
