@@ -253,7 +253,8 @@ class LiveStudy:
                 break  # every grid point has a trial
             trial = study.ask(fixed_distributions=self.dists)
             attrs = dict(storage.get_trial(trial._trial_id).system_attrs)
-            out.append(Suggestion({k: _plain(trial.params[k]) for k in self.dists}, attrs))
+            params = trial.params  # a deep copy each time it is read
+            out.append(Suggestion({k: _plain(params[k]) for k in self.dists}, attrs))
             self.last += 1
             self.trials[self.last] = (trial._trial_id, _RUNNING)
         self.state = pickle.dumps(self.sampler)
