@@ -19,6 +19,13 @@
      under the service.
    Each measured suggestion's trial then completes (as Optuna's are told),
    so every side grows from n to n + repeat trials.
+   These figures are back to back: each side suggests again as soon as the
+   previous one is told, so Optuna's ask() runs in a hot loop while the
+   service's is separated by etcd round trips. With `--pause-ms P` the run
+   measures a paced variant too, as users' trials take time: both sides (and
+   the durable write) idle P ms before each timed suggestion, untimed, on
+   their own studies starting from the same n trials. On a machine with few
+   shared cores an idle gap alone makes Optuna's ask() markedly slower.
 2. Study overhead: the wall time of a 20-trial study of an instant trainer
    (the plain trainer, one step, no sleep), one trial at a time, against the
    sum of its trials' run times (replica process start to exit, as the jobs
@@ -26,7 +33,7 @@
    trainer package is uploaded (JobsService/UploadPackage) into the admin's
    storage first, as a user's is.
 
-    .venv/bin/python bench/bench_tuner.py [--repeat 20] [--trials 20] [--skip-study]
+    .venv/bin/python bench/bench_tuner.py [--repeat 20] [--trials 20] [--skip-study] [--pause-ms 20]
 """
 from __future__ import annotations
 
@@ -100,9 +107,10 @@ def bench_rebuild(sizes, repeat: int) -> dict:
     return out
 
 
-def bench_optuna(sizes, repeat: int) -> dict:
+def bench_optuna(sizes, repeat: int, pause_ms: float = 0) -> dict:
     """Optuna alone: an in-memory study with n completed trials, then
-    `repeat` times ask() (timed), tell() (timed with it for ask_tell)."""
+    `repeat` times ask() (timed), tell() (timed with it for ask_tell), each
+    after an untimed pause of `pause_ms`."""
     import optuna
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
@@ -117,6 +125,8 @@ def bench_optuna(sizes, repeat: int) -> dict:
                           for params, value in _completed(n, rng)])
         asks, ask_tells = [], []
         for _ in range(repeat):
+            if pause_ms:
+                time.sleep(pause_ms / 1000)
             start = time.perf_counter()
             trial = study.ask(fixed_distributions=dists)
             asked = time.perf_counter()
@@ -129,7 +139,7 @@ def bench_optuna(sizes, repeat: int) -> dict:
     return out
 
 
-async def _bench_service(endpoint: str, sizes, repeat: int) -> dict:
+async def _bench_service(endpoint: str, sizes, repeat: int, pause_ms: float = 0, suffix: str = "") -> dict:
     from cloudml.jobs.v1 import jobs_service_pb2 as jobs_pb
     from services.common.etcd import Etcd
     from services.common.tokens import ROLE_ADMIN, Principal
@@ -156,7 +166,7 @@ async def _bench_service(endpoint: str, sizes, repeat: int) -> dict:
     out = {}
     try:
         for n in sizes:
-            name = f"bench-{n}"
+            name = f"bench-{n}{suffix}"
             await core.create_study(admin, "bench", name, branin_spec())
             # n completed trials at random points, written straight to the store
             # (as if suggested and run), in transactions of 40
@@ -171,31 +181,37 @@ async def _bench_service(endpoint: str, sizes, repeat: int) -> dict:
                 assert await core.store.add_trials(snap, new, snap.algorithm)
             times = []
             for i in range(repeat):
+                if pause_ms:
+                    await asyncio.sleep(pause_ms / 1000)
                 start = time.perf_counter()
                 (trial,) = await core.suggest("bench", name, 1, f"measure-{i}")
                 times.append((time.perf_counter() - start) * 1000)
                 await core.end_trial("bench", name, trial.number, pb.TRIAL_STATE_SUCCEEDED, "Succeeded", "",
                                      objective=(branin(**spec_mod_params(trial)), 0))
             out[n] = {"p50_ms": round(pct(times, 0.5), 2), "p90_ms": round(pct(times, 0.9), 2)}
-        out["etcd"] = await _etcd_floor(etcd, core.store, "bench", "bench-100" if 100 in sizes else name)
+        out["etcd"] = await _etcd_floor(etcd, core.store, "bench", f"bench-100{suffix}" if 100 in sizes else name,
+                                        pause_ms=pause_ms)
     finally:
         await etcd.close()
     return out
 
 
-async def _etcd_floor(etcd, store, tenant: str, name: str, repeat: int = 100) -> dict:
+async def _etcd_floor(etcd, store, tenant: str, name: str, repeat: int = 100, pause_ms: float = 0) -> dict:
     """What a suggestion's etcd work costs alone: a read round trip, and a
     durable write (raft commit + WAL fsync) of the same size as its
-    transaction (a trial, its job spec, the sampler state, the study record)."""
+    transaction (a trial, its job spec, the sampler state, the study record),
+    each write after an untimed pause of `pause_ms` (then `repeat` // 2)."""
     from services.common.etcd import op_put
 
     snap = await store.snapshot(tenant, name)
     sizes = (len(snap.trials[-1].encode()), 200, len(snap.algorithm or b""), len(snap.record.encode()))
     reads, writes = [], []
-    for i in range(repeat):
+    for i in range(repeat // 2 if pause_ms else repeat):
         start = time.perf_counter()
         await etcd.get("/bench-floor/read")
         reads.append((time.perf_counter() - start) * 1000)
+        if pause_ms:
+            await asyncio.sleep(pause_ms / 1000)
         start = time.perf_counter()
         await etcd.txn([], [op_put(f"/bench-floor/{k}/{i}", b"x" * size) for k, size in enumerate(sizes)])
         writes.append((time.perf_counter() - start) * 1000)
@@ -207,7 +223,17 @@ def spec_mod_params(trial) -> dict:
     return {k: getattr(v, v.WhichOneof("kind")) for k, v in trial.params.items()}
 
 
-def bench_suggestions(sizes, repeat: int) -> dict:
+def _side_by_side(sizes, optuna_figures: dict, service: dict) -> dict:
+    out = {"etcd": service.pop("etcd")}
+    for n in sizes:
+        out[n] = {"optuna": optuna_figures[n], "service": service[n],
+                  "service_over_optuna_ask": round(service[n]["p50_ms"] / optuna_figures[n]["ask_p50_ms"], 2),
+                  "service_over_optuna_ask_tell": round(service[n]["p50_ms"] / optuna_figures[n]["ask_tell_p50_ms"],
+                                                        2)}
+    return out
+
+
+def bench_suggestions(sizes, repeat: int, pause_ms: float = 0) -> dict:
     from deploy.local.etcd import EtcdProcess
 
     with tempfile.TemporaryDirectory(prefix="bench-tuner-etcd-") as tmp:
@@ -215,32 +241,38 @@ def bench_suggestions(sizes, repeat: int) -> dict:
         try:
             optuna_figures = bench_optuna(sizes, repeat)
             service = asyncio.run(_bench_service(etcd.endpoint, sizes, repeat))
+            if pause_ms:
+                paced_optuna = bench_optuna(sizes, repeat, pause_ms)
+                paced_service = asyncio.run(_bench_service(etcd.endpoint, sizes, repeat, pause_ms, "-paced"))
         finally:
             etcd.stop()
-    out = {"etcd": service.pop("etcd")}
-    for n in sizes:
-        out[n] = {"optuna": optuna_figures[n], "service": service[n],
-                  "service_over_optuna_ask": round(service[n]["p50_ms"] / optuna_figures[n]["ask_p50_ms"], 2),
-                  "service_over_optuna_ask_tell": round(service[n]["p50_ms"] / optuna_figures[n]["ask_tell_p50_ms"],
-                                                        2)}
+    out = _side_by_side(sizes, optuna_figures, service)
     for n, row in bench_rebuild(sizes, repeat).items():
         out[n]["rebuild"] = row
+    if pause_ms:
+        out["paced"] = {"pause_ms": pause_ms, **_side_by_side(sizes, paced_optuna, paced_service)}
     return out
 
 
 def print_suggestions(figures: dict) -> None:
     print(f"\nTPE suggestion p50, ms (load {os.getloadavg()[0]:.2f})")
-    print(f"  {'completed':>9s} {'optuna ask':>10s} {'ask+tell':>9s} {'service':>8s} {'/ask':>6s} {'/ask+tell':>9s} "
-          f"{'rebuild':>8s}")
-    for n, row in figures.items():
-        if n == "etcd":
+    for label, rows in (("back to back", figures), ("paced", figures.get("paced"))):
+        if rows is None:
             continue
-        print(f"  {n:>9d} {row['optuna']['ask_p50_ms']:>10.2f} {row['optuna']['ask_tell_p50_ms']:>9.2f} "
-              f"{row['service']['p50_ms']:>8.2f} x{row['service_over_optuna_ask']:<5.2f} "
-              f"x{row['service_over_optuna_ask_tell']:<8.2f} {row['rebuild']['p50_ms']:>8.2f}")
-    floor = figures["etcd"]
-    print(f"  etcd alone: a read round trip {floor['read_p50_ms']:.2f} ms, the suggestion's durable write "
-          f"({floor['write_bytes']:,} bytes in one transaction) {floor['write_p50_ms']:.2f} ms")
+        if label == "paced":
+            print(f"  paced: {rows['pause_ms']:g} ms idle before each suggestion and each durable write")
+        print(f"  {'completed':>9s} {'optuna ask':>10s} {'ask+tell':>9s} {'service':>8s} {'/ask':>6s} "
+              f"{'/ask+tell':>9s} {'rebuild' if label != 'paced' else '':>8s}".rstrip())
+        for n, row in rows.items():
+            if not isinstance(n, int):
+                continue
+            rebuild = f"{row['rebuild']['p50_ms']:>8.2f}" if "rebuild" in row else ""
+            print(f"  {n:>9d} {row['optuna']['ask_p50_ms']:>10.2f} {row['optuna']['ask_tell_p50_ms']:>9.2f} "
+                  f"{row['service']['p50_ms']:>8.2f} x{row['service_over_optuna_ask']:<5.2f} "
+                  f"x{row['service_over_optuna_ask_tell']:<8.2f} {rebuild}".rstrip())
+        floor = rows["etcd"]
+        print(f"  etcd alone: a read round trip {floor['read_p50_ms']:.2f} ms, the suggestion's durable write "
+              f"({floor['write_bytes']:,} bytes in one transaction) {floor['write_p50_ms']:.2f} ms")
 
 
 # --- 2. study overhead ------------------------------------------------------------------------
@@ -308,8 +340,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 500])
     parser.add_argument("--trials", type=int, default=20, help="trials of the overhead study")
     parser.add_argument("--skip-study", action="store_true", help="only the suggestion latency")
+    parser.add_argument("--pause-ms", type=float, default=0,
+                        help="also measure suggestions paced by this idle time (0: back to back only)")
     args = parser.parse_args(argv)
-    figures = {"tpe_suggestion_latency": bench_suggestions(args.sizes, args.repeat)}
+    figures = {"tpe_suggestion_latency": bench_suggestions(args.sizes, args.repeat, args.pause_ms)}
     print(json.dumps(figures, indent=2))
     print_suggestions(figures["tpe_suggestion_latency"])
     sys.stdout.flush()
