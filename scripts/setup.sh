@@ -5,6 +5,7 @@
 #     TensorFlow included (model servers, trainers and tests need it),
 #   - Debian's chromium + chromium-driver for the browser tests (nothing
 #     downloads a browser: Selenium is pointed at /usr/bin/chromium),
+#   - Debian's nftables (a job's cluster ports kept to its tenant) and iproute2,
 #   - the gateway's native data plane (scripts/build_native.sh: Debian's g++,
 #     gRPC C++ and protobuf; compiled into build/native/),
 #   - a real kube-apiserver and kubectl for the kubernetes runtime's tests
@@ -32,6 +33,19 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
     log "installing chromium and chromium-driver (apt)"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+fi
+
+# nftables: with tenant isolation (root), the local runtime keeps a job's
+# cluster ports to its tenant (services/common/runtime/port_guard.py);
+# iproute2: the tests play a host outside the machine in a network namespace.
+if ! command -v nft >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
+  if [ "$(id -u)" != 0 ]; then
+    log "nftables or iproute2 is missing and this is not root (tenant isolation is off without root anyway)"
+  else
+    log "installing nftables and iproute2 (apt)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null
   fi
 fi
 

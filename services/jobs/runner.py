@@ -29,6 +29,7 @@ from cloudml.jobs.v1 import jobs_service_pb2 as pb
 from services.common import errors
 from services.common.confine import Confiner
 from services.common.runtime.base import ReplicaPhase, ReplicaRequest, ReplicaStatus
+from services.common.runtime.port_guard import IsolationUnavailable
 from services.jobs import policy, records
 from services.jobs.core import confine_spec
 from services.jobs.envs import FetchFailed, InstallFailed, fetch
@@ -377,7 +378,12 @@ class JobRunner:
         await self._clear_attempt(attempt)
         spec = self.job.spec
         group = records.group_of(self.job)
-        addresses = assign_addresses(self.replicas, await self.s.runtime.addresses(group, members(self.replicas)))
+        try:  # on `local` with tenant isolation, the ports are the tenant's alone from here on
+            addresses = assign_addresses(self.replicas, await self.s.runtime.addresses(
+                group, members(self.replicas), tenant=self.tenant))
+        except IsolationUnavailable as err:
+            await self._transition(pb.JOB_STATE_FAILED, "StartFailed", str(err))
+            return
         cluster = cluster_spec(addresses)
         try:  # every attempt: a restart re-checks the paths too (a link planted since)
             await asyncio.to_thread(self._confined)

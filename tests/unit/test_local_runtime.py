@@ -414,16 +414,22 @@ async def test_replicas_of_one_group_get_different_gpus(state_dir, tmp_path):
 
 async def test_addresses_are_distinct_free_loopback_ports(rt):
     keys = [("chief", 0), ("ps", 0), ("worker", 0), ("worker", 1)]
-    first = await rt.addresses("g", keys)
-    second = await rt.addresses("h", keys)
-    assert set(first) == set(second) == set(keys)
-    hosts_ports = [a.rsplit(":", 1) for a in [*first.values(), *second.values()]]
-    assert {h for h, _ in hosts_ports} == {"127.0.0.1"}
-    ports = [int(p) for _, p in hosts_ports]
-    assert len(set(ports)) == 8
-    for port in ports:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", port))
+    for group in ("g", "h"):
+        rt.reserve(group, [Amount(100)] * len(keys))
+    try:
+        first = await rt.addresses("g", keys, tenant="t1")
+        second = await rt.addresses("h", keys, tenant="t1")
+        assert set(first) == set(second) == set(keys)
+        hosts_ports = [a.rsplit(":", 1) for a in [*first.values(), *second.values()]]
+        assert {h for h, _ in hosts_ports} == {"127.0.0.1"}
+        ports = [int(p) for _, p in hosts_ports]
+        assert len(set(ports)) == 8
+        for port in ports:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))
+    finally:
+        for group in ("g", "h"):
+            rt.release(group)  # and their ports' rules (tests/integration/test_job_ports.py)
 
 
 # ---------------------------------------------------------------- start latency, concurrency

@@ -177,11 +177,13 @@ class Runtime(abc.ABC):
         """Returns a group's capacity (idempotent). Its replicas must have ended."""
 
     @abc.abstractmethod
-    async def addresses(self, group: str, replicas: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    async def addresses(self, group: str, replicas: list[tuple[str, int]],
+                        tenant: str = "") -> dict[tuple[str, int], str]:
         """"host:port" where each (role, index) replica of a group will listen
         (what TF_CONFIG names), before any of them starts: a free loopback port
-        each on `local`, the Pod's stable DNS name on `kubernetes`. The
-        replicas are then started with the same role and index."""
+        each on `local` (its `tenant`'s alone with tenant isolation on), the
+        Pod's stable DNS name on `kubernetes` (only the group's own Pods may
+        reach it). The replicas are then started with the same role and index."""
 
     @abc.abstractmethod
     async def start(self, request: ReplicaRequest) -> ReplicaStatus:

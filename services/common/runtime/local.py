@@ -44,6 +44,15 @@ GPUs are chosen at reserve() time (groups never share one) and handed out
 whole to its replicas at start() (CUDA_VISIBLE_DEVICES, "" without GPUs). CPU
 and memory are accounted, not pinned; the memory limit is per replica.
 
+Cluster ports
+-------------
+A job's replicas listen on free loopback ports (`addresses`). With tenant
+isolation on, those ports are its tenant's alone (`port_guard.py`: no other
+user may connect to them or listen on them, nothing outside the machine
+reaches them), recorded with the group's reservation and guarded until
+`release`; the rules are rebuilt from the reservations whenever they change
+and when a runtime starts.
+
 File I/O here is on small local files (a few hundred bytes) and done inline.
 Shims are started with subprocess.Popen in a small thread pool (start() waits
 for the shim's first record without blocking the event loop), not with
@@ -56,7 +65,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
+import hashlib
 import json
+import logging
 import marshal
 import os
 import re
@@ -70,6 +81,7 @@ from typing import Iterator, Mapping
 
 from services.common import tenancy as _tenancy
 from services.common.runtime import shim as _shim
+from services.common.runtime.port_guard import IsolationUnavailable, PortGuard
 from services.common.runtime.base import (
     Amount,
     CapacityBusy,
@@ -97,6 +109,8 @@ PORT_QUARANTINE_SECONDS = 60.0
 #: Variables of the service's environment that replicas inherit (under request.env).
 BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE",
                  "TZ", "TMPDIR", "SYSTEMROOT")
+log = logging.getLogger(__name__)
+
 _REPLICA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}$")
 
 
@@ -145,6 +159,11 @@ def _amount_from(d: Mapping) -> Amount:
     return Amount(int(d.get("cpu_millis", 0)), int(d.get("memory_bytes", 0)), int(d.get("gpus", 0)))
 
 
+def _grants(groups: Mapping[str, dict]) -> dict[int, int]:
+    """port -> the uid whose replicas may use it, of every reserved group."""
+    return {int(p): int(g["uid"]) for g in groups.values() for p in g.get("ports", ())}
+
+
 class LocalRuntime(Runtime):
     name = "local"
 
@@ -188,8 +207,16 @@ class LocalRuntime(Runtime):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._recent_ports: dict[int, float] = {}
         self._boot_id = _shim.boot_id()
-        with self._capacity(write=False):
-            pass
+        self._guard = PortGuard("cloudml_" + hashlib.sha256(self.state_dir.encode()).hexdigest()[:12]) \
+            if self.tenancy.enabled else None
+        with self._capacity(write=False) as groups:
+            if self._guard is not None:
+                try:  # after a restart or a reboot: exactly the reservations' ports
+                    self._guard.apply(_grants(groups))
+                except IsolationUnavailable as err:
+                    if _grants(groups):
+                        raise
+                    log.warning("%s (jobs with cluster ports will not start)", err)
 
     def __del__(self):
         fd = getattr(self, "_lock_fd", None)
@@ -274,7 +301,12 @@ class LocalRuntime(Runtime):
 
     def release(self, group: str) -> None:
         with self._capacity() as groups:
-            groups.pop(group, None)
+            released = groups.pop(group, None)
+            if released and released.get("ports") and self._guard is not None:
+                try:
+                    self._guard.apply(_grants(groups))
+                except IsolationUnavailable as err:  # its ports stay its tenant's until the next change
+                    log.warning("the ports of %s stay guarded: %s", group, err)
 
     def _assign_gpus(self, request: ReplicaRequest) -> list[int]:
         with self._capacity() as groups:
@@ -302,13 +334,35 @@ class LocalRuntime(Runtime):
                 g.get("assigned", {}).pop(replica_id, None)
 
     # ------------------------------------------------------------------ ports
-    async def addresses(self, group: str, replicas: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    async def addresses(self, group: str, replicas: list[tuple[str, int]],
+                        tenant: str = "") -> dict[tuple[str, int], str]:
         if len(set(replicas)) != len(replicas):
             raise ValueError(f"replicas named twice in {replicas}")
-        ports = self._free_ports(len(replicas))
+        if self._guard is None:
+            ports = self._free_ports(len(replicas))
+        else:
+            if not tenant:
+                raise ValueError(f"group {group} names no tenant: with tenant isolation on, its cluster "
+                                 "ports are kept to its tenant")
+            loop = asyncio.get_running_loop()
+            account = self.tenancy.cached(tenant) or await loop.run_in_executor(None, self.tenancy.account, tenant)
+            ports = await loop.run_in_executor(None, self._guarded_ports, group, len(replicas), account.uid)
         return {key: f"127.0.0.1:{port}" for key, port in zip(replicas, ports)}
 
-    def _free_ports(self, count: int) -> list[int]:
+    def _guarded_ports(self, group: str, count: int, uid: int) -> list[int]:
+        """`count` free ports for `group`, its tenant's (`uid`) alone before
+        any replica of it starts (blocking: nft)."""
+        with self._capacity() as groups:
+            g = groups.get(group)
+            if g is None:
+                raise ValueError(f"group {group!r} has no reservation on the local runtime; reserve() it "
+                                 "before addresses()")
+            ports = self._free_ports(count, exclude=set(_grants(groups)))
+            g["ports"], g["uid"] = ports, uid
+            self._guard.apply(_grants(groups))  # refused: the reservation is left as it was
+            return ports
+
+    def _free_ports(self, count: int, exclude: set[int] = frozenset()) -> list[int]:
         now = time.monotonic()
         self._recent_ports = {p: t for p, t in self._recent_ports.items()
                               if now - t < PORT_QUARANTINE_SECONDS}
@@ -322,7 +376,7 @@ class LocalRuntime(Runtime):
                 socks.append(s)  # held open until the end: no duplicates within a call
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-                if port not in self._recent_ports:
+                if port not in self._recent_ports and port not in exclude:
                     ports.append(port)
             else:
                 raise RuntimeError(f"could not find {count} free loopback ports")
