@@ -73,16 +73,28 @@ def test_production_runs_three_etcd_members_and_two_replicas_per_service():
     assert tokens == {"auth": False, "jobs": True, "tuner": False, "models": True, "gateway": False}
 
 
-def test_the_role_grants_only_pods_logs_services_and_secrets_in_the_namespace():
+def test_the_role_grants_only_pods_logs_services_secrets_and_network_policies_in_the_namespace():
     rendered = objects(kustomize("base"))
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"])
              for r in rendered[("Role", "cloudml-runtime")]["rules"]}
     assert rules == {(("",), ("pods",)): {"get", "list", "watch", "create", "delete"},
                      (("",), ("pods/log",)): {"get"},
                      (("",), ("services",)): {"get", "create", "delete"},
-                     (("",), ("secrets",)): {"create", "delete"}}
+                     (("",), ("secrets",)): {"create", "delete"},
+                     (("networking.k8s.io",), ("networkpolicies",)): {"create", "delete"}}
     [cluster_rule] = rendered[("ClusterRole", "cloudml-node-reader")]["rules"]
     assert (cluster_rule["resources"], set(cluster_rule["verbs"])) == (["nodes"], {"get", "list", "watch"})
+
+
+def test_no_base_policy_opens_a_replicas_tf_port_to_other_replicas():
+    """Only each group's own NetworkPolicy (made by the runtime) lets Pods of
+    that group reach its TF port: the base lets no tenant workload in."""
+    rendered = objects(kustomize("base"))
+    policy = rendered[("NetworkPolicy", "replicas")]
+    sources = [peer.get("podSelector", {}).get("matchLabels", {}) for rule in policy["spec"]["ingress"]
+               for peer in rule.get("from", ())]
+    assert {"app.kubernetes.io/managed-by": "cloudml"} not in sources, sources
+    assert all(labels.get("app.kubernetes.io/component") in ("gateway", "jobs") for labels in sources), sources
 
 
 def _apply(kube, text: str) -> subprocess.CompletedProcess:
@@ -152,9 +164,11 @@ def test_the_runtime_works_with_only_the_service_accounts_token(kube, tmp_path, 
         job = admin.wait("rbac", timeout=60)
         assert job.state == pb.JOB_STATE_SUCCEEDED, [(e.reason, e.message) for e in job.events]
         deadline = time.monotonic() + 30
+        networking = client.NetworkingV1Api(kube.api_client())
         while kube.core.list_namespaced_pod(NAMESPACE, label_selector=SELECTOR).items or \
-                kube.core.list_namespaced_service(NAMESPACE, label_selector=SELECTOR).items:
-            assert time.monotonic() < deadline, "the job's Pods or Service are left behind"
+                kube.core.list_namespaced_service(NAMESPACE, label_selector=SELECTOR).items or \
+                networking.list_namespaced_network_policy(NAMESPACE, label_selector=SELECTOR).items:
+            assert time.monotonic() < deadline, "the job's Pods, Service or NetworkPolicy are left behind"
             time.sleep(0.2)
     finally:
         stack.stop()

@@ -96,8 +96,15 @@ async def _forget_all(rt, requests):
     rt.release(requests[0].group)
 
 
+def _network_policies(env, ns) -> list:
+    from kubernetes import client
+
+    return client.NetworkingV1Api(env.core.api_client).list_namespaced_network_policy(ns).items
+
+
 def _empty(env, ns) -> bool:
-    return not env.core.list_namespaced_pod(ns).items and not env.core.list_namespaced_service(ns).items
+    return (not env.core.list_namespaced_pod(ns).items and not env.core.list_namespaced_service(ns).items
+            and not _network_policies(env, ns))
 
 
 async def test_distributed_group_creates_its_pods_and_headless_service(kube_env, ns, rt):
@@ -108,6 +115,16 @@ async def test_distributed_group_creates_its_pods_and_headless_service(kube_env,
     assert len(services) == 1
     svc = services[0]
     assert svc.spec.cluster_ip == "None" and svc.metadata.annotations["cloudml.io/group"] == "linear"
+    # Only the group's own Pods reach its TF port (TensorFlow's server authenticates no one).
+    [policy] = _network_policies(kube_env, ns)
+    assert policy.metadata.name == svc.metadata.name
+    [owner] = policy.metadata.owner_references
+    assert (owner.kind, owner.name, owner.uid) == ("Service", svc.metadata.name, svc.metadata.uid)
+    group_labels = {"cloudml.io/group": svc.metadata.name}
+    assert policy.spec.pod_selector.match_labels == group_labels and policy.spec.policy_types == ["Ingress"]
+    [rule] = policy.spec.ingress
+    assert [peer.pod_selector.match_labels for peer in rule._from] == [group_labels]
+    assert [(port.protocol, port.port) for port in rule.ports] == [("TCP", 2222)]
     for request in requests:
         pod = pods[request.replica_id]
         labels = pod.metadata.labels
@@ -337,15 +354,16 @@ async def test_a_running_pods_log_is_followed_into_its_log_file(kube_env, ns, rt
 
 
 def _grant(env, ns: str, account: str) -> None:
-    """What the runtime needs: Pods, their logs and Services in its namespace;
-    reading Nodes (capacity) cluster-wide."""
+    """What the runtime needs: Pods, their logs, Services and NetworkPolicies
+    in its namespace; reading Nodes (capacity) cluster-wide."""
     from kubernetes import client
 
     rbac = client.RbacAuthorizationV1Api(env.core.api_client)
     verbs = ["get", "list", "watch", "create", "delete"]
     rbac.create_namespaced_role(ns, {"metadata": {"name": "cloudml-runtime"}, "rules": [
         {"apiGroups": [""], "resources": ["pods", "services"], "verbs": verbs},
-        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]}]})
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+        {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "delete"]}]})
     subject = [{"kind": "ServiceAccount", "name": account, "namespace": ns}]
     rbac.create_namespaced_role_binding(ns, {"metadata": {"name": "cloudml-runtime"}, "subjects": subject,
                                              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",

@@ -138,6 +138,24 @@ def service_body(group: str, tenant: str) -> dict:
                      "ports": [{"name": "tf", "port": PORT, "targetPort": PORT}]}}
 
 
+def network_policy_body(group: str, tenant: str, service_uid: str) -> dict:
+    """Who may reach the group's Pods on the TF port: the group's own Pods
+    only (TensorFlow's distributed runtime authenticates no one and runs any
+    graph it is sent as the Pod). deploy/kubernetes/base/network.yaml denies
+    every other ingress to replicas but the gateway's and the jobs service's;
+    NetworkPolicies add up, so this one, made with the group's Service and
+    owned by it, is the only way in to port PORT."""
+    svc = object_name(group)
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": svc, "labels": {**MANAGED, PREFIX + "group": svc, PREFIX + "tenant": label(tenant)},
+                         "annotations": {PREFIX + "group": group},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": svc,
+                                              "uid": service_uid}]},
+            "spec": {"podSelector": {"matchLabels": {PREFIX + "group": svc}}, "policyTypes": ["Ingress"],
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {PREFIX + "group": svc}}}],
+                                  "ports": [{"protocol": "TCP", "port": PORT}]}]}}
+
+
 @dataclass(frozen=True)
 class PodVolumes:
     """Volumes of the platform that replicas' Pods mount, each Pod only its

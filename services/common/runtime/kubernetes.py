@@ -98,6 +98,7 @@ from services.common.runtime.kube_objects import (
     api_message,
     describe,
     names,
+    network_policy_body,
     object_name,
     pod_body,
     pod_status,
@@ -125,6 +126,7 @@ class KubernetesRuntime(PodLogs, PodSecrets, Runtime):
         self.server = server or api_client.configuration.host
         self._api = api_client
         self.core = client.CoreV1Api(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
         self._lock = threading.Lock()
         self._pods: dict[str, Any] = {}          # pod name -> V1Pod (the platform's, in the namespace)
         self._by_replica: dict[str, str] = {}    # replica id -> pod name (of `_pods`)
@@ -389,7 +391,8 @@ class KubernetesRuntime(PodLogs, PodSecrets, Runtime):
             self._reserved.pop(group, None)
 
     # ------------------------------------------------------------------ names
-    async def addresses(self, group: str, replicas: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    async def addresses(self, group: str, replicas: list[tuple[str, int]],
+                        tenant: str = "") -> dict[tuple[str, int], str]:
         if len(set(replicas)) != len(replicas):
             raise ValueError(f"replicas named twice in {replicas}")
         out = {}
@@ -413,6 +416,12 @@ class KubernetesRuntime(PodLogs, PodSecrets, Runtime):
                 raise api_error(f"cannot create the Service of group {group}", err) from None
             made = await self._call(self.core.read_namespaced_service, svc, self.namespace,
                                            _request_timeout=REQUEST_TIMEOUT)
+        try:  # only the group's own Pods reach its TF port (kube_objects.network_policy_body)
+            await self._call(self.networking.create_namespaced_network_policy, self.namespace,
+                             network_policy_body(group, tenant, made.metadata.uid), _request_timeout=REQUEST_TIMEOUT)
+        except ApiException as err:
+            if err.status != 409:
+                raise api_error(f"cannot create the NetworkPolicy of group {group}", err) from None
         self._services[group] = made.metadata.uid
         return svc, made.metadata.uid
 
@@ -568,13 +577,17 @@ class KubernetesRuntime(PodLogs, PodSecrets, Runtime):
         if left.items:
             return
         self._services.pop(group, None)
-        try:
-            # (1.20 answers a Status the client cannot read as a Service: not parsed)
-            await self._call(self.core.delete_namespaced_service, svc, self.namespace,
-                                    _request_timeout=REQUEST_TIMEOUT, _preload_content=False)
-        except ApiException as err:
-            if err.status != 404:
-                raise api_error(f"cannot delete the Service of group {group}", err) from None
+        # Its NetworkPolicy is the Service's (ownerReferences) but deleted here
+        # too: a cluster's garbage collector may be slow, or not run at all.
+        for kind, delete in (("Service", self.core.delete_namespaced_service),
+                             ("NetworkPolicy", self.networking.delete_namespaced_network_policy)):
+            try:
+                # (1.20 answers a Status the client cannot read as a Service: not parsed)
+                await self._call(delete, svc, self.namespace, _request_timeout=REQUEST_TIMEOUT,
+                                 _preload_content=False)
+            except ApiException as err:
+                if err.status != 404:
+                    raise api_error(f"cannot delete the {kind} of group {group}", err) from None
 
 
 class _Gone(Exception):
