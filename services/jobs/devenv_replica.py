@@ -2,7 +2,8 @@
 `--base-url /dev/<tenant>/<name>/`, with the tenant's storage as its root.
 
 Started by the jobs service (`services.jobs.devenvs`) through the runtime,
-as the tenant's own unprivileged user; on `local` it opens no TCP port. Only
+as the tenant's own unprivileged user; on `local` it opens no TCP port, and
+neither do its kernels (ZeroMQ over Unix sockets beside the server's). Only
 the platform (the gateway, as the platform's user) reaches the socket, in
 the tenant's 0700 directory, and it presents Jupyter's token, which this
 process takes from CLOUDML_JUPYTER_TOKEN and removes from its environment before
@@ -25,8 +26,16 @@ the kernels' access key comes as CLOUDML_ACCESS_KEY/CLOUDML_SECRET_KEY.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
+
+
+def kernel_ipc_prefix(socket: str) -> str:
+    """Where the server's kernels put their channels' sockets (`<this>-N`):
+    beside `socket`, under a short name (a Unix socket's path is at most 107
+    bytes; `socket` may take ~102 of them)."""
+    return os.path.join(os.path.dirname(socket), "k-" + hashlib.sha256(os.path.basename(socket).encode()).hexdigest()[:8])
 
 
 def jupyter_argv(socket: str, base_url: str, root_dir: str, token: str, listen: str = "") -> list[str]:
@@ -35,7 +44,14 @@ def jupyter_argv(socket: str, base_url: str, root_dir: str, token: str, listen: 
         host, _, port = listen.rpartition(":")
         where = [f"--ServerApp.ip={host}", f"--ServerApp.port={int(port)}", "--ServerApp.port_retries=0"]
     else:
-        where = [f"--ServerApp.sock={socket}", "--ServerApp.sock_mode=0600"]
+        # Its kernels too talk over Unix sockets beside it (ZeroMQ's ipc, in the
+        # tenant's 0700 directory): over TCP (the default) any user of the
+        # machine could subscribe to a kernel's iopub port and read every output
+        # of the tenant's notebooks (the shell and control channels want the
+        # connection file's key; iopub publishes to anyone). In a Pod, TCP on
+        # 127.0.0.1 is the Pod's own.
+        where = [f"--ServerApp.sock={socket}", "--ServerApp.sock_mode=0600",
+                 "--KernelManager.transport=ipc", f"--KernelManager.ip={kernel_ipc_prefix(socket)}"]
     return [
         *where, f"--ServerApp.base_url={base_url}", f"--ServerApp.root_dir={root_dir}",
         f"--IdentityProvider.token={token}", "--ServerApp.password=",

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
 import time
 import uuid
 
 import aiohttp
+import psutil
 import jwt
 import pytest
 from aiohttp import web
@@ -29,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cloudml.jobs.v1 import dev_environments_pb2 as dev_pb
 from services.common.tokens import AUDIENCE, ISSUER, ROLE_ADMIN, ROLE_MEMBER, TokenVerifier
 from services.gateway.pages import COOKIE, BrowserPages
+from services.jobs.devenv_replica import kernel_ipc_prefix
 from services.jobs.devenvs import DevEnvironments, DevEnvSettings, Env
 from tests.integration.jupyter_kernel import execute, message, start_server, wait_answers
 
@@ -48,7 +52,7 @@ def server(tmp_path_factory):
     TOKEN = devenvs.jupyter_token(env)
     sock, proc = start_server(str(workdir), BASE, TOKEN)
     env.address = "unix:" + sock
-    yield {"sock": sock, "workdir": workdir, "devenvs": devenvs, "env": env}
+    yield {"sock": sock, "workdir": workdir, "devenvs": devenvs, "env": env, "proc": proc}
     proc.terminate()
     proc.wait(15)
 
@@ -130,6 +134,27 @@ async def test_kernel_websocket_through_the_gateway_runs_code(env):
                 headers=good) as socket:
             text, reply = await execute(socket, "import os; print(6 * 7, os.getcwd())", session_id)
             assert reply["status"] == "ok" and text.split()[0] == "42", text
+            # The kernel's channels are Unix sockets beside the server's (over TCP, any user of the
+            # machine could subscribe to its iopub port and read every output). The server listens on
+            # no TCP port; the kernel on one at most: ipykernel's pipe for its subprocesses' output,
+            # which takes only messages that start with its random key and sends nothing.
+            server = psutil.Process(env["server"]["proc"].pid)
+            kernels = [p for p in server.children(recursive=True) if "ipykernel_launcher" in p.cmdline()]
+            assert len(kernels) == 1, [p.cmdline() for p in server.children(recursive=True)]
+            cmdline = kernels[0].cmdline()
+            with open(cmdline[cmdline.index("-f") + 1]) as f:
+                connection = json.load(f)
+            sock = env["server"]["sock"]
+            prefix = kernel_ipc_prefix(sock)
+            assert (connection["transport"], connection["ip"]) == ("ipc", prefix), connection
+            assert os.path.dirname(prefix) == os.path.dirname(sock)
+            for channel in ("shell", "iopub", "stdin", "control", "hb"):
+                assert stat.S_ISSOCK(os.stat(f"{prefix}-{connection[channel + '_port']}").st_mode)
+
+            def listening(process):
+                return [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+
+            assert not listening(server) and len(listening(kernels[0])) <= 1, listening(kernels[0])
             # The idle probe of the jobs service (its own token, straight to the socket): a kernel
             # busy with a silent cell counts as activity now.
             devenvs, dev_env = env["server"]["devenvs"], env["server"]["env"]
