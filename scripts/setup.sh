@@ -17,37 +17,29 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-if ! command -v etcd >/dev/null 2>&1; then
+# apt_need REQUIRED "COMMANDS" PACKAGES...: installs PACKAGES unless every
+# command in COMMANDS is there; without root, says what to run (and stops if REQUIRED).
+apt_need() {
+  local required="$1" commands="$2" missing=0 c
+  shift 2
+  for c in $commands; do command -v "$c" >/dev/null 2>&1 || missing=1; done
+  [ "$missing" = 1 ] || return 0
   if [ "$(id -u)" != 0 ]; then
-    log "etcd is missing and this is not root: run 'apt-get install -y etcd-server' as root"; exit 1
+    log "$* missing and this is not root: run 'apt-get install -y $*' as root"
+    [ "$required" = required ] && exit 1
+    return 0
   fi
-  log "installing etcd-server (apt)"
+  log "installing $* (apt)"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
-fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
 
-if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
-  if [ "$(id -u)" != 0 ]; then
-    log "chromium is missing and this is not root: run 'apt-get install -y chromium chromium-driver' as root"
-  else
-    log "installing chromium and chromium-driver (apt)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
-  fi
-fi
-
+apt_need required "etcd" etcd-server
+apt_need optional "chromium chromedriver" chromium chromium-driver
 # nftables: with tenant isolation (root), the local runtime keeps a job's
 # cluster ports to its tenant (services/common/runtime/port_guard.py);
 # iproute2: the tests play a host outside the machine in a network namespace.
-if ! command -v nft >/dev/null 2>&1 || ! command -v ip >/dev/null 2>&1; then
-  if [ "$(id -u)" != 0 ]; then
-    log "nftables or iproute2 is missing and this is not root (tenant isolation is off without root anyway)"
-  else
-    log "installing nftables and iproute2 (apt)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2 >/dev/null
-  fi
-fi
+apt_need optional "nft ip" nftables iproute2
 
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
