@@ -127,6 +127,7 @@ def stop_replicas(data_dir: str, grace: float = STOP_GRACE) -> int:
         for status in running:
             log.info("stopping replica %s (pid %d)", status.replica_id, status.pid)
         await asyncio.gather(*(runtime.stop(s.replica_id, grace) for s in running), return_exceptions=True)
+        runtime.unguard()  # no job holds its cluster ports now
         return len(running)
 
     try:

@@ -526,3 +526,59 @@ def test_a_resource_not_asked_for_fits_even_when_free_capacity_is_negative():
     assert not Amount(500, MiB, 1).fits_in(free)
     assert not Amount(1500, MiB, 0).fits_in(free)
     assert Amount(0, 0, 0).fits_in(Amount(-1, -1, -1))
+
+
+async def test_cluster_ports_that_cannot_be_guarded_are_refused_unless_the_operator_accepts(rt, state_dir,
+                                                                                             monkeypatch):
+    """Without nftables a job gets no cluster ports while tenant isolation is on
+    (the jobs service fails it, StartFailed, with this message); with
+    CLOUDML_UNGUARDED_CLUSTER_PORTS=1 it gets them, unguarded."""
+    from services.common.runtime.local import UNGUARDED_PORTS_ENV
+    from services.common.runtime.port_guard import IsolationUnavailable, PortGuard
+
+    assert rt.tenancy.enabled  # the suite runs as root
+    rt._guard = PortGuard(rt._guard.table, nft="/nonexistent/nft")
+    rt.reserve("g", [Amount(100)])
+    try:
+        with pytest.raises(IsolationUnavailable, match="nftables.*CLOUDML_UNGUARDED_CLUSTER_PORTS"):
+            await rt.addresses("g", [("master", 0)], tenant="t1")
+        with rt._capacity(write=False) as groups:
+            assert "ports" not in groups["g"]  # nothing recorded as guarded
+        monkeypatch.setenv(UNGUARDED_PORTS_ENV, "1")
+        unguarded = LocalRuntime(state_dir, total=Amount(4000, 8 * GiB, 0))
+        assert unguarded._guard is None
+        (address,) = (await unguarded.addresses("g", [("master", 0)], tenant="t1")).values()
+        assert address.startswith("127.0.0.1:")
+    finally:
+        rt.release("g")
+
+
+def _table_ports(table: str) -> set[int]:
+    import json as _json
+    import subprocess as _subprocess
+
+    done = _subprocess.run(["nft", "-j", "list", "set", "inet", table, "ports"], capture_output=True, text=True)
+    if done.returncode != 0:
+        return set()
+    return {p for item in _json.loads(done.stdout)["nftables"] for p in (item.get("set") or {}).get("elem", ())}
+
+
+async def test_other_runtimes_ports_are_never_handed_out_and_down_drops_the_rules(rt, state_dir):
+    from services.common.runtime.port_guard import PortGuard
+
+    other = PortGuard("cloudml_unittestother")
+    other.apply({45123: 4242})
+    try:
+        assert 45123 in rt._guard.elsewhere() and 45123 not in other.elsewhere()
+        rt.reserve("g", [Amount(100)] * 2)
+        addresses = await rt.addresses("g", [("ps", 0), ("worker", 0)], tenant="t1")
+        ports = {int(a.rsplit(":", 1)[1]) for a in addresses.values()}
+        assert _table_ports(rt._guard.table) == ports
+        # `cloudml-platform down` stops every replica, then drops the rules (deploy/local/supervisor.py).
+        LocalRuntime(state_dir, total=Amount(4000, 8 * GiB, 0)).unguard()
+        assert _table_ports(rt._guard.table) == set()
+        with rt._capacity(write=False) as groups:
+            assert "ports" not in groups["g"] and "uid" not in groups["g"]
+    finally:
+        other.apply({})
+        rt.release("g")

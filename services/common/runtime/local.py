@@ -81,7 +81,7 @@ from typing import Iterator, Mapping
 
 from services.common import tenancy as _tenancy
 from services.common.runtime import shim as _shim
-from services.common.runtime.port_guard import IsolationUnavailable, PortGuard
+from services.common.runtime.port_guard import TABLE_PREFIX, IsolationUnavailable, PortGuard
 from services.common.runtime.base import (
     Amount,
     CapacityBusy,
@@ -110,6 +110,11 @@ PORT_QUARANTINE_SECONDS = 60.0
 BASE_ENV_KEYS = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE",
                  "TZ", "TMPDIR", "SYSTEMROOT")
 log = logging.getLogger(__name__)
+
+#: "1": with tenant isolation on, give jobs cluster ports without guarding
+#: them (where nftables cannot run, e.g. a container without CAP_NET_ADMIN,
+#: and every tenant trusts the others); the default is to refuse such jobs.
+UNGUARDED_PORTS_ENV = "CLOUDML_UNGUARDED_CLUSTER_PORTS"
 
 _REPLICA_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,199}$")
 
@@ -207,8 +212,12 @@ class LocalRuntime(Runtime):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._recent_ports: dict[int, float] = {}
         self._boot_id = _shim.boot_id()
-        self._guard = PortGuard("cloudml_" + hashlib.sha256(self.state_dir.encode()).hexdigest()[:12]) \
+        self._guard = PortGuard(TABLE_PREFIX + hashlib.sha256(self.state_dir.encode()).hexdigest()[:12]) \
             if self.tenancy.enabled else None
+        if self._guard is not None and os.environ.get(UNGUARDED_PORTS_ENV) == "1":
+            log.warning("%s=1: jobs' cluster ports are NOT kept to their tenants (any user of this machine can "
+                        "run graphs on a job's TensorFlow servers)", UNGUARDED_PORTS_ENV)
+            self._guard = None
         with self._capacity(write=False) as groups:
             if self._guard is not None:
                 try:  # after a restart or a reboot: exactly the reservations' ports
@@ -308,6 +317,17 @@ class LocalRuntime(Runtime):
                 except IsolationUnavailable as err:  # its ports stay its tenant's until the next change
                     log.warning("the ports of %s stay guarded: %s", group, err)
 
+    def unguard(self) -> None:
+        """Drops every group's cluster-port rules, its replicas all stopped
+        (`cloudml-platform down`; a restarted job asks for ports again)."""
+        with self._capacity() as groups:
+            had = False
+            for g in groups.values():
+                had = bool(g.pop("ports", None)) or had
+                g.pop("uid", None)
+            if had and self._guard is not None:
+                self._guard.apply({})
+
     def _assign_gpus(self, request: ReplicaRequest) -> list[int]:
         with self._capacity() as groups:
             g = groups.get(request.group)
@@ -357,7 +377,7 @@ class LocalRuntime(Runtime):
             if g is None:
                 raise ValueError(f"group {group!r} has no reservation on the local runtime; reserve() it "
                                  "before addresses()")
-            ports = self._free_ports(count, exclude=set(_grants(groups)))
+            ports = self._free_ports(count, exclude=set(_grants(groups)) | self._guard.elsewhere())
             g["ports"], g["uid"] = ports, uid
             self._guard.apply(_grants(groups))  # refused: the reservation is left as it was
             return ports

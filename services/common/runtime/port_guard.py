@@ -20,17 +20,22 @@ atomic transaction, so a restart or a crash leaves no stale rule behind):
 - nothing from outside the machine reaches it (any interface but loopback).
 
 Packets the kernel sends for no socket (a reset for a closed port) are left
-alone. Without nftables (or not as root) no port is guarded: the local
-runtime then refuses to give a job cluster ports while tenant isolation is
-on (`IsolationUnavailable`).
+alone. Without nftables (or without CAP_NET_ADMIN) no port can be guarded:
+the local runtime then refuses to give a job cluster ports while tenant
+isolation is on (`IsolationUnavailable`: the job fails, StartFailed, saying
+so), unless its operator sets CLOUDML_UNGUARDED_CLUSTER_PORTS=1 and accepts
+the exposure.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from typing import Mapping
 
 NFT = shutil.which("nft") or "/usr/sbin/nft"
+TABLE_PREFIX = "cloudml_"
+NFT_TIMEOUT = 10.0  # seconds; nft answers in ~15 ms
 
 
 class IsolationUnavailable(RuntimeError):
@@ -69,14 +74,37 @@ class PortGuard:
         self.table = table
         self.nft = nft
 
+    def elsewhere(self) -> set[int]:
+        """Ports that another runtime's table guards (another platform on this
+        machine, or one that died with jobs running): never handed out here,
+        since only that table's user could listen on them."""
+        try:
+            done = subprocess.run([self.nft, "-j", "list", "sets", "inet"], capture_output=True, text=True,
+                                  timeout=NFT_TIMEOUT)
+            listed = json.loads(done.stdout) if done.returncode == 0 else {}
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            return set()
+        ports = set()
+        for item in listed.get("nftables", ()):
+            found = item.get("set") or {}
+            if (found.get("name") == "ports" and str(found.get("table", "")).startswith(TABLE_PREFIX)
+                    and found.get("table") != self.table):
+                ports.update(p for p in found.get("elem", ()) if isinstance(p, int))
+        return ports
+
     def apply(self, grants: Mapping[int, int]) -> None:
         """Guards exactly `grants` (port -> the uid that may use it), at once."""
         try:
             done = subprocess.run([self.nft, "-f", "-"], input=ruleset(self.table, grants), capture_output=True,
-                                  text=True, timeout=30)
+                                  text=True, timeout=NFT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise IsolationUnavailable(f"nft did not answer within {NFT_TIMEOUT:g} s") from None
         except FileNotFoundError:
             raise IsolationUnavailable(
                 "tenant isolation keeps a job's cluster ports to its tenant with nftables, which is not "
-                "installed: apt-get install -y nftables") from None
+                "installed: apt-get install -y nftables (or CLOUDML_UNGUARDED_CLUSTER_PORTS=1 on the jobs "
+                "service to run jobs with their ports open to every user of the machine)") from None
         if done.returncode != 0:
-            raise IsolationUnavailable(f"nft refused the job port rules: {done.stderr.strip()[-500:]}")
+            raise IsolationUnavailable(f"nft refused the job port rules: {done.stderr.strip()[-500:]} "
+                                       "(or CLOUDML_UNGUARDED_CLUSTER_PORTS=1 on the jobs service to run jobs "
+                                       "with their ports open to every user of the machine)")
