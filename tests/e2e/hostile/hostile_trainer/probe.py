@@ -36,8 +36,8 @@ def try_read(path: str) -> bytes | None:
         return None
 
 
-def listening_tcp_ports() -> list[int]:
-    ports = set()
+def tcp_listeners():
+    """(port, uid) of every listening TCP socket the kernel lists."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = open(table).read().splitlines()[1:]
@@ -45,24 +45,17 @@ def listening_tcp_ports() -> list[int]:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A":  # LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
+            if len(fields) > 7 and fields[3] == "0A":  # LISTEN
+                yield int(fields[1].rsplit(":", 1)[1], 16), int(fields[7])
+
+
+def listening_tcp_ports() -> list[int]:
+    return sorted({port for port, _ in tcp_listeners()})
 
 
 def others_listeners() -> dict[int, int]:
     """port -> uid of every TCP listener of another user than this one and root."""
-    out = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 7 and fields[3] == "0A" and int(fields[7]) not in (0, os.getuid()):
-                out[int(fields[1].rsplit(":", 1)[1], 16)] = int(fields[7])
-    return out
+    return {port: uid for port, uid in tcp_listeners() if uid not in (0, os.getuid())}
 
 
 def tensorflow_lists(port: int, pattern: str) -> str:
