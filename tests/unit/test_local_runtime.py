@@ -582,3 +582,21 @@ async def test_other_runtimes_ports_are_never_handed_out_and_down_drops_the_rule
     finally:
         other.apply({})
         rt.release("g")
+
+
+def test_reservations_from_many_threads_of_one_process_are_never_lost(rt):
+    """flock serializes processes, not the threads of one (addresses() works on
+    a thread beside the event loop's): without the runtime's own lock, two
+    threads' read-modify-writes of the capacity file lost a group or failed
+    renaming the same temporary file."""
+    import concurrent.futures
+
+    groups = [f"t{i}" for i in range(64)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda g: rt.reserve(g, [Amount(10)]), groups))
+    with rt._capacity(write=False) as reserved:
+        assert sorted(reserved) == sorted(groups)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(rt.release, groups))
+    with rt._capacity(write=False) as reserved:
+        assert reserved == {}

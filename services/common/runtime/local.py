@@ -76,6 +76,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Iterator, Mapping
 
@@ -206,6 +207,9 @@ class LocalRuntime(Runtime):
         self._groups: dict[str, dict] = {}
         self._lock_fd = os.open(os.path.join(self.state_dir, LOCK_FILE),
                                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # flock serializes processes, not this process's threads (they share
+        # the descriptor): addresses() works on a thread beside the loop's.
+        self._capacity_lock = threading.RLock()
         # Shims started by this instance, reaped by poll(); a Popen dropped
         # while its shim runs is reaped by the subprocess module later.
         self._procs: dict[str, subprocess.Popen] = {}
@@ -238,6 +242,10 @@ class LocalRuntime(Runtime):
     def _capacity(self, write: bool = True) -> Iterator[dict[str, dict]]:
         """The groups' reservations, fresh from disk, under an exclusive
         flock; saved atomically on exit when `write`."""
+        with self._capacity_lock:
+            yield from self._capacity_locked(write)
+
+    def _capacity_locked(self, write: bool) -> Iterator[dict[str, dict]]:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             path = os.path.join(self.state_dir, CAPACITY_FILE)
