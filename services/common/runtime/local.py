@@ -227,9 +227,9 @@ class LocalRuntime(Runtime):
                 try:  # after a restart or a reboot: exactly the reservations' ports
                     self._guard.apply(_grants(groups))
                 except IsolationUnavailable as err:
-                    if _grants(groups):
-                        raise
-                    log.warning("%s (jobs with cluster ports will not start)", err)
+                    # Not fatal here: the models service shares this state and starts no job; jobs
+                    # asking for ports now are refused (addresses), and rules already in the kernel stay.
+                    log.error("%s (jobs with cluster ports will not start)", err)
 
     def __del__(self):
         fd = getattr(self, "_lock_fd", None)
@@ -334,7 +334,10 @@ class LocalRuntime(Runtime):
                 had = bool(g.pop("ports", None)) or had
                 g.pop("uid", None)
             if had and self._guard is not None:
-                self._guard.apply({})
+                try:
+                    self._guard.apply({})
+                except IsolationUnavailable as err:  # the rules stay until the next change or a reboot
+                    log.warning("the cluster ports stay guarded: %s", err)
 
     def _assign_gpus(self, request: ReplicaRequest) -> list[int]:
         with self._capacity() as groups:
