@@ -9,6 +9,10 @@ import contextlib
 import os
 import socket
 
+import pytest
+
+from services.common import errors
+
 
 def tenant_name(pinned: str, tenant: str) -> str:
     """The socket in the tenant's directory that the platform's link `pinned`
@@ -48,3 +52,19 @@ def reached(decoy: socket.socket) -> bool:
         return True
     except BlockingIOError:
         return False
+
+
+async def resolve_refuses_a_planted_link(resolve, tenant: str, decoy_path: str) -> str:
+    """`resolve()` (-> "unix:<path>") hands out the platform's own link to a
+    replica's socket in `<root>/.platform/`, and, once the tenant has replaced
+    its socket by a link to a decoy, answers UNAVAILABLE without touching the
+    decoy. Returns the pinned path."""
+    pinned = (await resolve())[len("unix:"):]
+    assert os.path.basename(os.path.dirname(pinned)) == ".platform"
+    name = tenant_name(pinned, tenant)
+    assert os.lstat(name).st_ino == os.lstat(pinned).st_ino
+    with planted([name], decoy_path) as decoy:
+        with pytest.raises(errors.Unavailable):
+            await resolve()
+        assert not reached(decoy)
+    return pinned

@@ -22,7 +22,7 @@ from services.common.runtime.base import ReplicaPhase, ReplicaStatus, Unschedula
 from services.common.sockets import socket_root
 from services.common.tokens import ROLE_MEMBER, Principal
 from services.jobs.devenvs import DevEnvironments, DevEnvSettings, Env, socket_name
-from tests.integration.planted_links import planted, reached, tenant_name
+from tests.integration.planted_links import resolve_refuses_a_planted_link
 from tests.integration.test_tensorboards_core import Clock, Runtime
 
 S = pb.DevEnvironmentState
@@ -269,12 +269,7 @@ async def test_resolve_never_hands_out_a_socket_the_tenant_replaced(env, tmp_pat
     envs = env["envs"]
     await envs.create(ACME, "", "nb", resources_pb2.Resources(cpu_millis=500), "")
     assert (await settle(envs)).state == S.DEV_ENVIRONMENT_STATE_RUNNING
-    address, _ = await envs.resolve(ACME, "acme", "nb")
-    pinned = address[len("unix:"):]
-    assert os.path.basename(os.path.dirname(pinned)) == ".platform"
-    name = tenant_name(pinned, "acme")
-    assert os.lstat(name).st_ino == os.lstat(pinned).st_ino
-    with planted([name], str(tmp_path / "elsewhere.sock")) as decoy:
-        with pytest.raises(errors.Unavailable):
-            await envs.resolve(ACME, "acme", "nb")
-        assert not reached(decoy)
+    async def resolve():
+        return (await envs.resolve(ACME, "acme", "nb"))[0]
+
+    await resolve_refuses_a_planted_link(resolve, "acme", str(tmp_path / "elsewhere.sock"))

@@ -15,7 +15,7 @@ from cloudml.jobs.v1 import tensorboards_pb2 as tb_pb
 from services.common import errors
 from services.common.confine import Confiner
 from services.common.etcd import Etcd
-from tests.integration.planted_links import planted, reached, tenant_name
+from tests.integration.planted_links import resolve_refuses_a_planted_link
 from tests.integration.standins import Clock, Quota
 from services.common.runtime.base import ReplicaPhase, ReplicaStatus
 from services.common.tokens import ROLE_MEMBER, Principal
@@ -272,12 +272,6 @@ async def test_resolve_answers_the_platforms_link_never_a_name_the_tenant_rename
     boards = env["boards"]
     await boards.create(ACME, "", "board", env["logdir"], "")
     assert (await running(boards)).state == S.TENSORBOARD_STATE_RUNNING
-    pinned = (await boards.resolve(ACME, "acme", "board"))[len("unix:"):]
-    assert os.path.basename(os.path.dirname(pinned)) == ".platform"
-    name = tenant_name(pinned, "acme")
-    assert os.lstat(name).st_ino == os.lstat(pinned).st_ino
-    with planted([name], str(tmp_path / "elsewhere.sock")) as decoy:
-        with pytest.raises(errors.Unavailable):
-            await boards.resolve(ACME, "acme", "board")
-        assert not reached(decoy)
+    pinned = await resolve_refuses_a_planted_link(lambda: boards.resolve(ACME, "acme", "board"), "acme",
+                                                  str(tmp_path / "elsewhere.sock"))
     assert (await boards.resolve(ACME, "acme", "board"))[len("unix:"):] == pinned
